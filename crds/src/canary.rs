@@ -1,0 +1,314 @@
+//! `Canary`: the resource a user applies to roll a new version out step by step.
+//!
+//! The spec keeps Flagger's field names and meaning (`targetRef`, `service`, `analysis` with
+//! `interval`/`threshold`/`maxWeight`/`stepWeight`/`stepWeights`/`stepWeightPromotion`/`iterations`,
+//! `metrics[].thresholdRange`, `webhooks[].type`, `progressDeadlineSeconds`, `skipAnalysis`,
+//! `suspend`). The schema rejects what cannot work (weights outside 0..=100, a step above the
+//! maximum, an unparseable interval) before anything is stored. This is the first cut; the
+//! rollout controller adds the per-gate analysis results to the status.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Durations are written the way Flagger and Kubernetes users write them: `30s`, `1m`, `500ms`.
+const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
+
+/// The desired rollout of a new version of a workload.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "rollouts.mesh.dev",
+    version = "v1alpha1",
+    kind = "Canary",
+    plural = "canaries",
+    namespaced,
+    status = "CanaryStatus",
+    category = "mesh",
+    doc = "A progressive rollout of a new version, judged against the stable primary.",
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Weight","type":"integer","jsonPath":".status.canaryWeight"}"#,
+    printcolumn = r#"{"name":"FailedChecks","type":"integer","jsonPath":".status.failedChecks","priority":1}"#,
+    printcolumn = r#"{"name":"LastTransitionTime","type":"date","jsonPath":".status.lastTransitionTime"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CanarySpec {
+    /// The traffic provider. Accepted for Flagger compatibility; the mesh is always its own
+    /// provider, so the only meaningful values are empty, `mesh` and `gatewayapi:v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+
+    /// The workload being rolled out. In Kubernetes this is the Deployment that holds the new
+    /// version (the canary); in the embedded mesh it is a service in `mesh.yaml`.
+    pub target_ref: TargetRef,
+
+    /// An autoscaler to copy to the primary, as in Flagger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler_ref: Option<TargetRef>,
+
+    /// The service whose traffic is split between primary and canary.
+    pub service: CanaryService,
+
+    /// How the rollout advances and how the canary is judged.
+    pub analysis: CanaryAnalysis,
+
+    /// Seconds the rollout may make no progress before it is rolled back (Flagger default 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub progress_deadline_seconds: Option<i32>,
+
+    /// Promote without running the analysis.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_analysis: bool,
+
+    /// Stop acting on this canary until it is resumed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+
+    /// On deletion, route all traffic back to the target before the primary goes away.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revert_on_deletion: bool,
+}
+
+/// A reference to a workload or autoscaler in the canary's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRef {
+    /// API version of the referent, e.g. `apps/v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    /// Kind of the referent, e.g. `Deployment`.
+    #[schemars(length(min = 1))]
+    pub kind: String,
+    /// Name of the referent.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// The service fronting primary and canary.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryService {
+    /// Name of the apex service; defaults to the target's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Port the service listens on.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Container port (number or name) the service forwards to; defaults to `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<IntOrString>,
+    /// Name of the service port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_name: Option<String>,
+    /// Per-request timeout applied on the route, e.g. `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub timeout: Option<String>,
+}
+
+/// How the rollout advances and how the canary is judged.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.stepWeight) || !has(self.maxWeight) || self.stepWeight <= self.maxWeight")
+        .message("stepWeight must not exceed maxWeight"),
+    validation = Rule::new("!has(self.stepWeights) || self.stepWeights.all(w, !has(self.maxWeight) || w <= self.maxWeight)")
+        .message("every stepWeights entry must be at most maxWeight"),
+    validation = Rule::new("has(self.stepWeight) || has(self.stepWeights) || has(self.iterations)")
+        .message("one of stepWeight, stepWeights or iterations is required")
+)]
+pub struct CanaryAnalysis {
+    /// Time between analysis ticks, e.g. `1m` (Flagger's default).
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub interval: String,
+    /// Failed checks tolerated before the canary is rolled back.
+    #[schemars(range(min = 1))]
+    pub threshold: i32,
+    /// Highest canary weight before promotion, in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_weight: Option<i32>,
+    /// Weight added to the canary at each successful tick, in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub step_weight: Option<i32>,
+    /// Explicit weight steps, in percent, used instead of `stepWeight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 100))]
+    #[x_kube(validation = Rule::new("self.all(w, w >= 1 && w <= 100)").message("stepWeights entries must be between 1 and 100"))]
+    pub step_weights: Option<Vec<i32>>,
+    /// Weight moved to the primary at each tick while promoting, in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub step_weight_promotion: Option<i32>,
+    /// Fixed number of analysis ticks, for blue/green style rollouts without weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub iterations: Option<i32>,
+    /// The gates checked at every tick.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub metrics: Vec<CanaryMetric>,
+    /// Hooks called at the rollout's milestones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub webhooks: Vec<CanaryWebhook>,
+}
+
+/// A metric gate. `request-success-rate` and `request-duration` are built in; other names need
+/// a `templateRef`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.name in ['request-success-rate', 'request-duration'] || has(self.templateRef)")
+        .message("metrics other than request-success-rate and request-duration need a templateRef")
+)]
+pub struct CanaryMetric {
+    /// Gate name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Window the metric is computed over, e.g. `1m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub interval: Option<String>,
+    /// Accepted range of the canary's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold_range: Option<ThresholdRange>,
+    /// The MetricTemplate holding the query for a custom gate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_ref: Option<TemplateRef>,
+    /// Values substituted into the template's query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_variables: Option<BTreeMap<String, String>>,
+}
+
+/// Accepted range of a metric value; either bound may be left open.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("!has(self.min) || !has(self.max) || self.min <= self.max")
+        .message("thresholdRange.min must not exceed thresholdRange.max")
+)]
+pub struct ThresholdRange {
+    /// Lowest accepted value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    /// Highest accepted value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+}
+
+/// A reference to a MetricTemplate.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct TemplateRef {
+    /// Template name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Template namespace; defaults to the canary's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// When a webhook is called, with Flagger's names.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum WebhookType {
+    /// Before any traffic shifts; a failure blocks the rollout.
+    PreRollout,
+    /// At every analysis tick, as a gate.
+    Rollout,
+    /// Before the rollout starts; waits until it answers 200.
+    ConfirmRollout,
+    /// Before each weight increase; waits until it answers 200.
+    ConfirmTrafficIncrease,
+    /// Before promotion; waits until it answers 200.
+    ConfirmPromotion,
+    /// After promotion or rollback.
+    PostRollout,
+    /// Polled during analysis; a 200 rolls the canary back.
+    Rollback,
+    /// Told of every event.
+    Event,
+}
+
+/// A webhook called at a rollout milestone.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryWebhook {
+    /// When the hook is called; Flagger's default is `rollout`.
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub type_: Option<WebhookType>,
+    /// Hook name, shown in events and status.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// URL the payload is POSTed to.
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub url: String,
+    /// Request timeout, e.g. `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub timeout: Option<String>,
+    /// Extra fields passed in the payload's `metadata`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// Flagger's rollout phases.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum CanaryPhase {
+    /// The controller has seen the canary and is creating the primary.
+    #[default]
+    Initializing,
+    /// The primary serves all traffic; waiting for a new revision.
+    Initialized,
+    /// Waiting for confirmation before starting.
+    Waiting,
+    /// Shifting traffic and analysing the canary.
+    Progressing,
+    /// Analysis passed; waiting for confirmation to promote.
+    WaitingPromotion,
+    /// Copying the canary's version into the primary.
+    Promoting,
+    /// Routing all traffic back to the primary after promotion.
+    Finalising,
+    /// The new version is the primary.
+    Succeeded,
+    /// The canary was rolled back.
+    Failed,
+}
+
+/// What the controller has observed and done; all rollout progress lives here, so a restarted
+/// controller resumes from it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryStatus {
+    /// Current phase.
+    #[serde(default)]
+    pub phase: CanaryPhase,
+    /// Current canary weight, in percent.
+    #[serde(default)]
+    pub canary_weight: i32,
+    /// Failed checks in the current rollout.
+    #[serde(default)]
+    pub failed_checks: i32,
+    /// Analysis ticks done in the current rollout.
+    #[serde(default)]
+    pub iterations: i32,
+    /// Hash of the target revision the rollout is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_applied_spec: Option<String>,
+    /// Hash of the last promoted revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_promoted_spec: Option<String>,
+    /// When the phase last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+    /// Standard conditions, including `Promoted`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

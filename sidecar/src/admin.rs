@@ -1,0 +1,118 @@
+//! The admin server: liveness, readiness and metrics on their own port, apart from app traffic,
+//! so probes and scrapes keep working when the proxying listeners are saturated.
+
+use std::{convert::Infallible, sync::Arc};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+/// OpenMetrics text, the format prometheus-client writes.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// State the admin endpoints read.
+#[derive(Debug)]
+pub struct Admin {
+    registry: Registry,
+}
+
+impl Admin {
+    /// An admin server exposing `registry` at `/metrics`.
+    pub fn new(registry: Registry) -> Self {
+        Self { registry }
+    }
+
+    /// Answers one admin request.
+    pub fn handle<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+            // Until the proxy has listeners and config to wait for, being up is being ready.
+            (&Method::GET, "/ready") => text(StatusCode::OK, "ready\n"),
+            (&Method::GET, "/metrics") => {
+                let mut body = String::new();
+                match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
+                    Ok(()) => Response::builder()
+                        .header(header::CONTENT_TYPE, OPENMETRICS)
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap_or_default(),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+                }
+            }
+            (_, "/live" | "/ready" | "/metrics") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    /// Serves admin requests on `listener` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (io, peer) = listener.accept().await?;
+            let admin = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let rsp = admin.handle(&req);
+                    async move { Ok::<_, Infallible>(rsp) }
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                if let Err(error) = builder.serve_connection(TokioIo::new(io), svc).await {
+                    tracing::debug!(%peer, %error, "admin connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
+    rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+    use prometheus_client::metrics::counter::Counter;
+
+    use super::*;
+
+    fn get(path: &str) -> Request<()> {
+        Request::get(path).body(()).unwrap()
+    }
+
+    async fn body(rsp: Response<Full<Bytes>>) -> String {
+        String::from_utf8(rsp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn probes_answer_ok() {
+        let admin = Admin::new(Registry::default());
+        assert_eq!(admin.handle(&get("/live")).status(), StatusCode::OK);
+        assert_eq!(admin.handle(&get("/ready")).status(), StatusCode::OK);
+        assert_eq!(admin.handle(&get("/nope")).status(), StatusCode::NOT_FOUND);
+        let post = Request::post("/live").body(()).unwrap();
+        assert_eq!(admin.handle(&post).status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[tokio::test]
+    async fn metrics_render_the_registry() {
+        let mut registry = Registry::default();
+        let c = Counter::<u64>::default();
+        c.inc_by(3);
+        registry.register("probe", "A test counter", c);
+        let rsp = Admin::new(registry).handle(&get("/metrics"));
+        assert_eq!(rsp.headers()[header::CONTENT_TYPE], OPENMETRICS);
+        let text = body(rsp).await;
+        assert!(text.contains("probe_total 3"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

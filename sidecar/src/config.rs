@@ -1,0 +1,49 @@
+//! The proxy's configuration, read from `MESH_PROXY_*` variables.
+
+use std::net::SocketAddr;
+
+use mesh_core::config::{ConfigError, Env};
+
+/// Address of the admin server (`/live`, `/ready`, `/metrics`).
+pub const ENV_ADMIN_ADDR: &str = "MESH_PROXY_ADMIN_ADDR";
+
+/// Linkerd's admin port, so existing scrape configs and probes keep working.
+pub const DEFAULT_ADMIN_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 4191);
+
+/// Typed proxy configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Where the admin server listens; port 0 lets the kernel choose (announced on stdout).
+    pub admin_addr: SocketAddr,
+}
+
+impl Config {
+    /// Reads the configuration from `env`.
+    pub fn from_env(env: &impl Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            admin_addr: env.parse_or(ENV_ADMIN_ADDR, DEFAULT_ADMIN_ADDR)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn defaults_to_linkerd_admin_port() {
+        let cfg = Config::from_env(&BTreeMap::new()).unwrap();
+        assert_eq!(cfg.admin_addr.port(), 4191);
+    }
+
+    #[test]
+    fn rejects_a_bad_admin_addr() {
+        let env = BTreeMap::from([(ENV_ADMIN_ADDR.to_string(), "localhost".to_string())]);
+        let err = Config::from_env(&env).unwrap_err();
+        assert_eq!(err.name, ENV_ADMIN_ADDR);
+        assert_eq!(err.value, "localhost");
+    }
+}

@@ -1,0 +1,94 @@
+//! The mesh's test harness: it starts real components on 127.0.0.1 so integration tests exercise
+//! the product the way users run it. [`kube::KubeApiServer`] brings up etcd and kube-apiserver
+//! with generated certificates and our CRDs installed; [`prometheus::Prometheus`] runs a real
+//! Prometheus against a scrape config; [`process::MeshProcess`] starts one of our binaries on
+//! port 0 and reads back the addresses it bound; [`assert_eventually!`] waits for a condition
+//! with a patience taken from `MESH_TEST_PATIENCE`. Everything started is killed when its handle
+//! drops, so a failing test leaves no processes behind.
+
+pub mod certs;
+pub mod eventually;
+pub mod kube;
+pub mod ports;
+pub mod process;
+pub mod prometheus;
+
+pub use eventually::patience;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use tokio;
+}
+
+/// Why a component could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// A program the harness needs is not installed or built.
+    #[error("{program} not found: {hint}")]
+    Missing {
+        /// The program.
+        program: String,
+        /// How to get it.
+        hint: String,
+    },
+    /// The program started but did not become ready in time.
+    #[error(
+        "{what} did not become ready within {waited:?}: {detail}\n--- last lines of {log} ---\n{tail}"
+    )]
+    NotReady {
+        /// The component.
+        what: String,
+        /// How long the harness waited.
+        waited: std::time::Duration,
+        /// The last error seen while waiting.
+        detail: String,
+        /// The component's log file.
+        log: String,
+        /// Its last lines.
+        tail: String,
+    },
+    /// I/O around starting a component failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the harness was doing.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Certificate generation failed.
+    #[error("generating test certificates: {0}")]
+    Certs(#[from] rcgen::Error),
+    /// A Kubernetes API call made by the harness failed.
+    #[error("{context}: {source}")]
+    Kube {
+        /// What the harness was doing.
+        context: String,
+        /// The underlying error.
+        source: ::kube::Error,
+    },
+}
+
+impl HarnessError {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let context = context.into();
+        move |source| Self::Io { context, source }
+    }
+
+    pub(crate) fn kube(context: impl Into<String>) -> impl FnOnce(::kube::Error) -> Self {
+        let context = context.into();
+        move |source| Self::Kube { context, source }
+    }
+}
+
+/// Result of harness operations.
+pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
+
+/// An HTTP client for talking to components. The workspace builds rustls with the ring provider
+/// only (one crypto stack), so the process-wide provider is installed before the first client.
+pub fn http_client() -> reqwest::Client {
+    // Err means a provider is already installed, which is all we need.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().build().unwrap_or_else(|e| {
+        unreachable!("a default reqwest client always builds with a provider: {e}")
+    })
+}

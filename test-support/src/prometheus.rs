@@ -1,0 +1,201 @@
+//! A real Prometheus on loopback, scraping what a test tells it to.
+//!
+//! The rollout controller's Prometheus metric source is tested against this, never against a
+//! fake HTTP API: PromQL semantics (rate windows, staleness, histogram_quantile) are the point.
+//! The binary is Debian's `prometheus` package (`MESH_PROMETHEUS_BIN` overrides the path).
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    HarnessError, Result,
+    certs::write,
+    ports::free_port,
+    process::{ChildGuard, startup_timeout},
+};
+
+/// Path of the Prometheus binary; defaults to `prometheus` on `PATH`.
+pub const ENV_PROMETHEUS_BIN: &str = "MESH_PROMETHEUS_BIN";
+
+/// A scrape job.
+#[derive(Clone, Debug)]
+pub struct ScrapeJob {
+    name: String,
+    targets: Vec<SocketAddr>,
+    metrics_path: String,
+    interval: Duration,
+}
+
+impl ScrapeJob {
+    /// A job `name` scraping `/metrics` on `targets` every second.
+    pub fn new(name: &str, targets: impl IntoIterator<Item = SocketAddr>) -> Self {
+        Self {
+            name: name.to_string(),
+            targets: targets.into_iter().collect(),
+            metrics_path: "/metrics".to_string(),
+            interval: Duration::from_secs(1),
+        }
+    }
+
+    /// Scrapes `path` instead of `/metrics`.
+    pub fn metrics_path(mut self, path: &str) -> Self {
+        self.metrics_path = path.to_string();
+        self
+    }
+
+    /// Scrapes every `interval` (whole milliseconds).
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    fn render(&self) -> String {
+        let targets: Vec<String> = self.targets.iter().map(|t| format!("\"{t}\"")).collect();
+        format!(
+            "  - job_name: \"{}\"\n    scrape_interval: {}ms\n    scrape_timeout: {}ms\n    metrics_path: \"{}\"\n    static_configs:\n      - targets: [{}]\n",
+            self.name,
+            self.interval.as_millis(),
+            self.interval.as_millis(),
+            self.metrics_path,
+            targets.join(", ")
+        )
+    }
+}
+
+/// A builder for a Prometheus server.
+#[derive(Clone, Debug, Default)]
+pub struct PrometheusBuilder {
+    jobs: Vec<ScrapeJob>,
+}
+
+impl PrometheusBuilder {
+    /// Adds a scrape job.
+    pub fn scrape(mut self, job: ScrapeJob) -> Self {
+        self.jobs.push(job);
+        self
+    }
+
+    /// The configuration file Prometheus will be given.
+    pub fn config_yaml(&self) -> String {
+        let mut out = String::from(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n",
+        );
+        for job in &self.jobs {
+            out.push_str(&job.render());
+        }
+        out
+    }
+
+    /// Starts Prometheus and waits until `/-/ready` answers.
+    pub async fn start(self) -> Result<Prometheus> {
+        let bin = std::env::var_os(ENV_PROMETHEUS_BIN)
+            .map_or_else(|| PathBuf::from("prometheus"), PathBuf::from);
+        let dir = tempfile::Builder::new()
+            .prefix("mesh-prometheus-")
+            .tempdir()
+            .map_err(HarnessError::io("creating Prometheus's directory"))?;
+        let config = write(dir.path(), "prometheus.yml", &self.config_yaml())?;
+        let port = free_port()?;
+        let mut cmd = Command::new(&bin);
+        cmd.args([
+            format!("--config.file={}", config.display()),
+            format!("--storage.tsdb.path={}", dir.path().join("data").display()),
+            format!("--web.listen-address=127.0.0.1:{port}"),
+            "--log.level=warn".to_string(),
+        ]);
+        let child = ChildGuard::spawn("prometheus", cmd, &dir.path().join("prometheus.log"))
+            .map_err(|e| match e {
+                HarnessError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                    HarnessError::Missing {
+                        program: bin.display().to_string(),
+                        hint: format!(
+                            "install Debian's prometheus package (scripts/test does) or set {ENV_PROMETHEUS_BIN}"
+                        ),
+                    }
+                }
+                other => other,
+            })?;
+        let url = format!("http://127.0.0.1:{port}");
+        let mut prometheus = Prometheus {
+            child,
+            url,
+            _dir: dir,
+        };
+        prometheus.wait_ready().await?;
+        Ok(prometheus)
+    }
+}
+
+/// A running Prometheus server.
+#[derive(Debug)]
+pub struct Prometheus {
+    child: ChildGuard,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// A builder; add scrape jobs, then `start()`.
+    pub fn builder() -> PrometheusBuilder {
+        PrometheusBuilder::default()
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let http = crate::http_client();
+        let waited = startup_timeout();
+        let start = Instant::now();
+        let mut last = String::from("not polled yet");
+        while start.elapsed() < waited {
+            self.child
+                .check_running()
+                .map_err(|e| self.child.not_ready(waited, e))?;
+            match http.get(format!("{}/-/ready", self.url)).send().await {
+                Ok(rsp) if rsp.status().is_success() => return Ok(()),
+                Ok(rsp) => last = format!("/-/ready answered {}", rsp.status()),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(self.child.not_ready(waited, last))
+    }
+
+    /// The base URL, e.g. `http://127.0.0.1:39111`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A PromQL client for this server.
+    pub fn client(&self) -> prometheus_http_query::Client {
+        prometheus_http_query::Client::from(crate::http_client(), &self.url)
+            .unwrap_or_else(|e| unreachable!("{} is a valid URL: {e}", self.url))
+    }
+
+    /// The Prometheus process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_scrape_jobs() {
+        let cfg = Prometheus::builder()
+            .scrape(
+                ScrapeJob::new("proxies", ["127.0.0.1:4191".parse().unwrap()])
+                    .interval(Duration::from_millis(500)),
+            )
+            .config_yaml();
+        let doc: serde_yaml::Value = serde_yaml::from_str(&cfg).unwrap();
+        let job = &doc["scrape_configs"][0];
+        assert_eq!(job["job_name"], "proxies");
+        assert_eq!(job["scrape_interval"], "500ms");
+        assert_eq!(job["static_configs"][0]["targets"][0], "127.0.0.1:4191");
+    }
+}
