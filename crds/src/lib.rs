@@ -10,6 +10,10 @@ pub mod metric_template;
 pub use canary::{Canary, CanaryPhase, CanarySpec, CanaryStatus};
 pub use metric_template::{MetricTemplate, MetricTemplateSpec};
 
+/// Traffic splitting uses the standard Gateway API HTTPRoute with a Service parentRef (GAMMA);
+/// it is re-exported so every crate names one version of it.
+pub use gateway_api::apis::standard::httproutes::{HttpRoute, HttpRouteSpec};
+
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 

@@ -63,8 +63,9 @@ pub enum HarnessError {
     Kube {
         /// What the harness was doing.
         context: String,
-        /// The underlying error.
-        source: ::kube::Error,
+        /// The underlying error, boxed because kube's error is large and would bloat every
+        /// harness `Result`.
+        source: Box<::kube::Error>,
     },
 }
 
@@ -76,7 +77,10 @@ impl HarnessError {
 
     pub(crate) fn kube(context: impl Into<String>) -> impl FnOnce(::kube::Error) -> Self {
         let context = context.into();
-        move |source| Self::Kube { context, source }
+        move |source| Self::Kube {
+            context,
+            source: Box::new(source),
+        }
     }
 }
 

@@ -1,0 +1,435 @@
+//! The control-plane <-> proxy protocol: what a proxy is told (route tables, endpoints) and how
+//! it asks for its identity and registers its workload.
+//!
+//! Discovery travels as long-lived HTTP/2 watch streams from the control plane's proxy listener.
+//! Each stream is newline-delimited JSON; every line is an [`Update`] carrying the *whole* current
+//! value for the watched key plus a version that only grows. A proxy therefore never merges deltas:
+//! it swaps in the newest value, which keeps a reconnect (resync) identical to a first connect.
+//! The same types, in YAML, form the proxy's static config file ([`StaticConfig`]).
+//!
+//! | stream | path | key |
+//! |---|---|---|
+//! | routes | `GET /v1/watch/routes?authority=<name>.<namespace>:<port>` | an authority |
+//! | endpoints | `GET /v1/watch/endpoints?service=<name>.<namespace>:<port>` | a backend service |
+//!
+//! Identity and registration are unary JSON calls on the same listener:
+//! `POST /v1/identity/certify` ([`CertifyRequest`] -> [`CertifyResponse`]),
+//! `POST /v1/workloads` ([`WorkloadRegistration`] -> [`WorkloadLease`]) and
+//! `POST /v1/workloads/<lease id>/heartbeat` (empty body, 204; 404 once the lease expired).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Path of the routes watch stream.
+pub const WATCH_ROUTES_PATH: &str = "/v1/watch/routes";
+/// Path of the endpoints watch stream.
+pub const WATCH_ENDPOINTS_PATH: &str = "/v1/watch/endpoints";
+/// Path of the certificate-signing call.
+pub const CERTIFY_PATH: &str = "/v1/identity/certify";
+/// Path of workload registration; heartbeats go to `<this>/<lease id>/heartbeat`.
+pub const WORKLOADS_PATH: &str = "/v1/workloads";
+/// Content type of a watch stream: one JSON [`Update`] per line.
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// One message of a watch stream: the whole current value of the watched key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Update<T> {
+    /// Grows with every change the control plane makes to anything it serves; a proxy ignores an
+    /// update whose version is not newer than the one it holds.
+    pub version: u64,
+    /// The value; `None` when the key does not exist (an unknown authority or service).
+    pub value: Option<T>,
+}
+
+/// A Kubernetes-style service port: `<name>.<namespace>:<port>`, the unit that routes attach to
+/// (an HTTPRoute parentRef) and that backends name (a backendRef).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ServiceRef {
+    /// Service name.
+    pub name: String,
+    /// Namespace; `default` in the embedded mesh unless a resource says otherwise.
+    pub namespace: String,
+    /// Service port.
+    pub port: u16,
+}
+
+/// Why a string is not a `<name>.<namespace>:<port>` service reference.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid service reference {input:?}: expected <name>.<namespace>:<port>")]
+pub struct ServiceRefError {
+    input: String,
+}
+
+impl ServiceRef {
+    /// A service reference.
+    pub fn new(name: impl Into<String>, namespace: impl Into<String>, port: u16) -> Self {
+        Self {
+            name: name.into(),
+            namespace: namespace.into(),
+            port,
+        }
+    }
+
+    /// The authority clients use to reach this service: `<name>.<namespace>:<port>`.
+    pub fn authority(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}:{}", self.name, self.namespace, self.port)
+    }
+}
+
+impl FromStr for ServiceRef {
+    type Err = ServiceRefError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ServiceRefError { input: s.into() };
+        let (host, port) = s.rsplit_once(':').ok_or_else(err)?;
+        let port = port.parse().map_err(|_| err())?;
+        let (name, namespace) = host.split_once('.').ok_or_else(err)?;
+        if name.is_empty() || namespace.is_empty() || namespace.contains('.') {
+            return Err(err());
+        }
+        Ok(Self::new(name, namespace, port))
+    }
+}
+
+impl TryFrom<String> for ServiceRef {
+    type Error = ServiceRefError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<ServiceRef> for String {
+    fn from(s: ServiceRef) -> Self {
+        s.to_string()
+    }
+}
+
+/// The outbound routes of one authority, in the Gateway API HTTPRoute model. Rules are tried in
+/// order; the first whose match succeeds handles the request. No rule matching is a 404 from the
+/// proxy; an authority with no HTTPRoute gets one catch-all rule to its own service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteTable {
+    /// The service these routes are attached to (the HTTPRoute parentRef).
+    pub parent: ServiceRef,
+    /// Rules, in precedence order (the control plane sorts them as Gateway API says).
+    pub rules: Vec<RouteRule>,
+}
+
+/// One HTTPRoute rule.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteRule {
+    /// Route name for metrics (`<httproute name>` or `default`); bounded by the number of routes.
+    #[serde(default)]
+    pub name: String,
+    /// Any match selects the rule; an empty list matches every request.
+    #[serde(default)]
+    pub matches: Vec<RouteMatch>,
+    /// Filters applied in order before a backend is picked.
+    #[serde(default)]
+    pub filters: Vec<RouteFilter>,
+    /// Backends picked per request in proportion to weight.
+    pub backends: Vec<WeightedBackend>,
+    /// Timeout for the whole request including retries, in milliseconds; none means no timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Retry policy; none means no retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+}
+
+/// Conditions that must all hold for a request to match.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteMatch {
+    /// Path condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatch>,
+    /// Header conditions (names case-insensitive).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<ValueMatch>,
+    /// Query-parameter conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<ValueMatch>,
+    /// HTTP method, upper case.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+/// A path condition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "value")]
+pub enum PathMatch {
+    /// The path equals the value.
+    Exact(String),
+    /// The path starts with the value, at a `/` boundary (Gateway API semantics).
+    PathPrefix(String),
+    /// The whole path matches the regular expression.
+    RegularExpression(String),
+}
+
+/// A header or query-parameter condition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ValueMatch {
+    /// Header or parameter name.
+    pub name: String,
+    /// Exact value, or a regular expression when `regex` is true.
+    pub value: String,
+    /// Treat `value` as a regular expression matching the whole value.
+    #[serde(default)]
+    pub regex: bool,
+}
+
+/// A rule filter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum RouteFilter {
+    /// Gateway API RequestHeaderModifier.
+    RequestHeaderModifier {
+        /// Headers set (replacing existing values).
+        #[serde(default)]
+        set: BTreeMap<String, String>,
+        /// Headers added (kept beside existing values).
+        #[serde(default)]
+        add: BTreeMap<String, String>,
+        /// Header names removed.
+        #[serde(default)]
+        remove: Vec<String>,
+    },
+    /// Fault injection for testing resilience: abort and/or delay a share of requests.
+    Fault {
+        /// Answer this share of requests with a status instead of forwarding them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        abort: Option<FaultAbort>,
+        /// Delay this share of requests before forwarding them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delay: Option<FaultDelay>,
+    },
+}
+
+/// The abort half of a fault filter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    /// Status returned.
+    pub status: u16,
+    /// Share of requests aborted, 0-100.
+    pub percent: f64,
+}
+
+/// The delay half of a fault filter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    /// Added delay in milliseconds.
+    pub delay_ms: u64,
+    /// Share of requests delayed, 0-100.
+    pub percent: f64,
+}
+
+/// A backend and its weight. Weights are relative; 0 receives nothing, and a backend with no
+/// ready endpoints is treated as weight 0 for that pick.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightedBackend {
+    /// The backend service.
+    pub service: ServiceRef,
+    /// Relative weight.
+    pub weight: u32,
+}
+
+/// Retries of one rule, bounded by a budget so retries cannot multiply load during an outage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Response statuses that are retried (connection failures always are).
+    pub statuses: Vec<u16>,
+    /// Most retries of one request.
+    #[serde(default = "default_attempts")]
+    pub max_retries: u32,
+    /// The retry budget.
+    #[serde(default)]
+    pub budget: RetryBudget,
+}
+
+fn default_attempts() -> u32 {
+    2
+}
+
+/// Linkerd's retry budget: retries may add at most `ratio` of the original requests seen over
+/// `ttl_ms`, plus `min_per_second` regardless of traffic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudget {
+    /// Extra load retries may add, as a share of requests (0.2 = 20 %).
+    pub ratio: f64,
+    /// Retries always allowed per second.
+    pub min_per_second: u32,
+    /// Window over which requests are counted, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            ratio: 0.2,
+            min_per_second: 10,
+            ttl_ms: 10_000,
+        }
+    }
+}
+
+/// The ready endpoints of one backend service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoints {
+    /// The service.
+    pub service: ServiceRef,
+    /// Its ready endpoints; empty means the backend is unavailable.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// One endpoint of a service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// Where to connect: the peer proxy's inbound listener when `identity` is set (meshed), else
+    /// the app itself.
+    pub addr: SocketAddr,
+    /// SPIFFE ID the peer must present over mTLS; none means plaintext (unmeshed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Workload labels (for example `version`), shown in `/config` and metrics.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A proxy's static configuration file (`mesh-proxy --config FILE`), used standalone and in tests
+/// instead of the control plane's streams.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StaticConfig {
+    /// Route tables by authority.
+    #[serde(default)]
+    pub routes: Vec<RouteTable>,
+    /// Endpoints by service.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoints>,
+}
+
+/// A proxy asks for a certificate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertifyRequest {
+    /// Bootstrap token: in the embedded mesh the token file the control plane wrote at start; in
+    /// Kubernetes a projected ServiceAccount token.
+    pub token: String,
+    /// PEM PKCS#10 CSR; its key never leaves the proxy. The SAN is set by the control plane.
+    pub csr_pem: String,
+    /// The identity asked for, `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`; the control plane
+    /// checks the token allows it.
+    pub identity: String,
+}
+
+/// The control plane's answer to a [`CertifyRequest`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertifyResponse {
+    /// Leaf certificate followed by any intermediates, PEM.
+    pub certificate_chain_pem: String,
+    /// Trust roots proxies verify peers against, PEM.
+    pub trust_roots_pem: String,
+    /// Expiry of the leaf, RFC 3339.
+    pub not_after: String,
+    /// Seconds of validity at issue; the proxy renews at 70 % of it.
+    pub lifetime_seconds: u64,
+}
+
+/// A sidecar registers the workload next to it; endpoints of a service are derived from these.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRegistration {
+    /// The service whose endpoints this workload joins (for a canary, `<svc>-canary`).
+    pub service: ServiceRef,
+    /// Address peers connect to (the sidecar's inbound listener).
+    pub addr: SocketAddr,
+    /// The workload's SPIFFE ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Labels, such as `version`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The control plane's answer to a registration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadLease {
+    /// Lease id used in heartbeat paths.
+    pub id: String,
+    /// The workload drops out of endpoints if no heartbeat arrives for this long.
+    pub ttl_seconds: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_refs_round_trip_and_reject_garbage() {
+        let s: ServiceRef = "web.default:8080".parse().unwrap();
+        assert_eq!(s, ServiceRef::new("web", "default", 8080));
+        assert_eq!(s.to_string(), "web.default:8080");
+        for bad in [
+            "web:80",
+            "web.default",
+            "web.default:http",
+            ".default:80",
+            "a.b.c:80",
+        ] {
+            assert!(bad.parse::<ServiceRef>().is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn static_config_reads_from_yaml_shape() {
+        let json = r#"{
+          "routes": [{"parent": "web.default:80", "rules": [{
+            "matches": [{"path": {"type": "PathPrefix", "value": "/api"}, "method": "GET"}],
+            "filters": [{"type": "fault", "abort": {"status": 503, "percent": 10.0}}],
+            "backends": [{"service": "web-primary.default:80", "weight": 90},
+                         {"service": "web-canary.default:80", "weight": 10}],
+            "timeoutMs": 2000,
+            "retry": {"statuses": [503]}
+          }]}],
+          "endpoints": [{"service": "web-primary.default:80",
+                         "endpoints": [{"addr": "127.0.0.1:9000", "labels": {"version": "v1"}}]}]
+        }"#;
+        let cfg: StaticConfig = serde_json::from_str(json).unwrap();
+        let rule = &cfg.routes[0].rules[0];
+        assert_eq!(rule.backends[1].weight, 10);
+        assert_eq!(rule.retry.as_ref().unwrap().max_retries, 2);
+        assert_eq!(rule.retry.as_ref().unwrap().budget, RetryBudget::default());
+        assert_eq!(
+            rule.matches[0].path,
+            Some(PathMatch::PathPrefix("/api".into()))
+        );
+        let back: StaticConfig =
+            serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+    }
+}
