@@ -4,8 +4,9 @@
 //! `interval`/`threshold`/`maxWeight`/`stepWeight`/`stepWeights`/`stepWeightPromotion`/`iterations`,
 //! `metrics[].thresholdRange`, `webhooks[].type`, `progressDeadlineSeconds`, `skipAnalysis`,
 //! `suspend`). The schema rejects what cannot work (weights outside 0..=100, a step above the
-//! maximum, an unparseable interval) before anything is stored. This is the first cut; the
-//! rollout controller adds the per-gate analysis results to the status.
+//! maximum, an unparseable interval) before anything is stored. The status carries
+//! everything the rollout controller needs to resume after a crash, and the numbers behind each
+//! verdict.
 
 use std::collections::BTreeMap;
 
@@ -189,7 +190,7 @@ pub struct CanaryMetric {
 }
 
 /// Accepted range of a metric value; either bound may be left open.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[x_kube(
     validation = Rule::new("!has(self.min) || !has(self.max) || self.min <= self.max")
         .message("thresholdRange.min must not exceed thresholdRange.max")
@@ -311,4 +312,82 @@ pub struct CanaryStatus {
     /// Standard conditions, including `Promoted`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// When the last analysis tick ran; the next runs one `analysis.interval` later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_analysis_time: Option<Time>,
+    /// When the rollout last moved forward (started, or stepped its weight); waiting longer than
+    /// `progressDeadlineSeconds` since then, for readiness or for a conclusive verdict, fails it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_time: Option<Time>,
+    /// The last analysis result for each gate, with the numbers behind the verdict.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub analysis: Vec<GateResult>,
+    /// Request counts accumulated since the rollout started, which the sequential tests read;
+    /// kept in status so a restarted controller keeps its evidence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals: Option<AnalysisTotals>,
+}
+
+/// How a gate judged the canary at one analysis tick.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Verdict {
+    /// The canary is no worse than allowed.
+    Pass,
+    /// The canary is worse than allowed; counts as a failed check.
+    Fail,
+    /// Too little traffic to tell; neither a pass nor a failure.
+    Inconclusive,
+}
+
+/// One gate's result: the numbers, the test and the verdict.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GateResult {
+    /// Gate name: a metric name from `analysis.metrics`, or a sequential comparison.
+    pub name: String,
+    /// The canary's value (success rate in percent, latency in ms, or a failure share).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<f64>,
+    /// The primary's value, same unit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<f64>,
+    /// Canary requests the value was computed from.
+    pub canary_samples: u64,
+    /// Primary requests the value was computed from.
+    pub primary_samples: u64,
+    /// The test applied, e.g. `threshold min 99` or `msprt one-sided alpha 0.05`.
+    pub test: String,
+    /// Always-valid p-value of a sequential test, when one was run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p_value: Option<f64>,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// One sentence a person can read.
+    pub message: String,
+}
+
+/// Requests of one side since the rollout started.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ArmTotals {
+    /// Requests answered.
+    pub requests: u64,
+    /// Requests that failed (5xx or a mesh error).
+    pub failures: u64,
+    /// Requests slower than `AnalysisTotals::slow_ms`.
+    pub slow: u64,
+}
+
+/// Accumulated evidence for the sequential canary-vs-primary tests.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisTotals {
+    /// The canary's requests.
+    pub canary: ArmTotals,
+    /// The primary's requests over the same windows.
+    pub primary: ArmTotals,
+    /// Latency bound, in ms, that makes a request "slow"; frozen at the first window with
+    /// primary traffic (the primary's p95 histogram bucket) so counts stay comparable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_ms: Option<f64>,
 }

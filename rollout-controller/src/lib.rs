@@ -1,8 +1,13 @@
 //! The rollout controller: it moves traffic from a stable primary to a canary step by step,
-//! judges the canary against the primary from the proxies' own golden metrics (absolute
-//! thresholds plus an anytime-valid sequential test), and promotes or rolls back on its own.
-//! The state machine is pure; metric sources (a direct proxy scrape, or Prometheus) and drivers
-//! (the embedded supervisor, or Kubernetes Deployments and HTTPRoutes) are thin adapters around
-//! it. Empty until the rollout-controller work lands; the resource types live in `mesh-crds`.
+//! judges the canary against the primary from the proxies' own golden metrics (Flagger's absolute
+//! thresholds plus anytime-valid sequential tests), and promotes or rolls back on its own.
+//! [`machine`] is the pure state machine (spec + status + observations in, next status + actions
+//! out) and [`judge`] the statistics it calls; metric sources (a direct proxy scrape, or
+//! Prometheus) and drivers (the embedded supervisor, or Kubernetes Deployments and HTTPRoutes)
+//! are thin adapters around them. The resource types live in `mesh-crds`.
+
+pub mod duration;
+pub mod judge;
+pub mod machine;
 
 pub use mesh_crds::{Canary, CanaryPhase, CanarySpec, CanaryStatus};

@@ -1,0 +1,626 @@
+//! The Canary state machine: given the spec, the stored status and what was just observed, it
+//! returns the next status and the actions to carry out. It does no I/O and reads no clock, so
+//! every transition is unit-tested, and a controller that crashes resumes from the stored status.
+//!
+//! The phases and their meaning are Flagger's:
+//!
+//! ```text
+//! Initializing ─primary ready─► Initialized ─new revision─► Progressing ─┬─ max weight + pass ─► Promoting ─► Finalising ─► Succeeded
+//!                                   ▲      (Waiting while confirm-rollout says no)          │ (WaitingPromotion while confirm-promotion says no)
+//!                                   └──────────────── new revision ◄── Failed ◄── failedChecks >= threshold, deadline, rollback hook
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use mesh_crds::canary::{AnalysisTotals, GateResult, Verdict, WebhookType};
+use mesh_crds::{CanaryPhase, CanarySpec, CanaryStatus};
+
+use crate::duration;
+use crate::judge::{self, JudgeConfig, Window};
+
+/// The condition `kubectl wait --for=condition=Promoted` waits on.
+pub const PROMOTED: &str = "Promoted";
+/// Flagger's default progress deadline.
+pub const DEFAULT_PROGRESS_DEADLINE: Duration = Duration::from_secs(600);
+
+/// What the controller saw just before this step.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observations {
+    /// The time of the observation.
+    pub now: DateTime<Utc>,
+    /// Checksum of the canary target's current template (the revision under test).
+    pub revision: String,
+    /// The primary has all its replicas ready.
+    pub primary_ready: bool,
+    /// The canary has all its replicas ready.
+    pub canary_ready: bool,
+    /// Traffic since the last analysis tick, when it is time for one.
+    pub window: Option<Window>,
+    /// Values of MetricTemplate-backed metrics, by metric name.
+    pub custom_metrics: BTreeMap<String, Option<f64>>,
+    /// Outcomes of the gating webhooks named by [`due_webhooks`], by hook name: `true` when the
+    /// hook answered 2xx in time.
+    pub webhooks: BTreeMap<String, bool>,
+}
+
+/// Something the driver must do. Actions are idempotent: repeating one after a crash is safe.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Create (or keep) the primary running the current revision.
+    InitializePrimary,
+    /// Route traffic: weights in percent, summing to 100.
+    SetWeights {
+        /// The primary's share.
+        primary: i32,
+        /// The canary's share.
+        canary: i32,
+    },
+    /// Run the canary (new revision detected).
+    ScaleCanaryUp,
+    /// Stop the canary (after promotion or rollback).
+    ScaleCanaryDown,
+    /// Make the primary run the canary's revision.
+    Promote,
+    /// Tell notification hooks of the given type (post-rollout, event) what happened.
+    Notify(WebhookType),
+    /// Record an event for people.
+    Event {
+        /// Machine-readable reason, e.g. `Promoted`.
+        reason: &'static str,
+        /// What happened.
+        message: String,
+        /// Whether it is a warning.
+        warning: bool,
+    },
+}
+
+/// The outcome of one step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    /// The status to store.
+    pub status: CanaryStatus,
+    /// The actions to carry out, in order.
+    pub actions: Vec<Action>,
+}
+
+/// A spec the machine cannot run.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SpecError {
+    /// `analysis.interval` does not parse.
+    #[error("spec.analysis.interval: {0}")]
+    Interval(#[from] duration::DurationError),
+    /// No way to step weights.
+    #[error("spec.analysis: one of stepWeight, stepWeights or iterations is required")]
+    NoSteps,
+}
+
+/// Which gating webhooks the driver should call before [`step`], given the phase the canary is
+/// in and whether it is an analysis tick. The driver passes their outcomes in
+/// [`Observations::webhooks`].
+pub fn due_webhooks(
+    spec: &CanarySpec,
+    status: &CanaryStatus,
+    revision: &str,
+    now: DateTime<Utc>,
+) -> Vec<(WebhookType, String)> {
+    let kinds: &[WebhookType] = match status.phase {
+        CanaryPhase::Initialized | CanaryPhase::Succeeded | CanaryPhase::Failed
+            if status.last_applied_spec.as_deref() != Some(revision) =>
+        {
+            &[WebhookType::ConfirmRollout]
+        }
+        CanaryPhase::Waiting => &[WebhookType::ConfirmRollout],
+        CanaryPhase::Progressing if analysis_due(spec, status, now) => &[
+            WebhookType::PreRollout,
+            WebhookType::Rollout,
+            WebhookType::Rollback,
+            WebhookType::ConfirmTrafficIncrease,
+            WebhookType::ConfirmPromotion,
+        ],
+        CanaryPhase::WaitingPromotion => &[WebhookType::ConfirmPromotion],
+        _ => &[],
+    };
+    spec.analysis
+        .webhooks
+        .iter()
+        .filter(|h| kinds.contains(&h.type_.unwrap_or(WebhookType::Rollout)))
+        .filter(|h| {
+            // Pre-rollout hooks run once, before the first weight step.
+            h.type_ != Some(WebhookType::PreRollout) || status.iterations == 0
+        })
+        .map(|h| (h.type_.unwrap_or(WebhookType::Rollout), h.name.clone()))
+        .collect()
+}
+
+fn analysis_due(spec: &CanarySpec, status: &CanaryStatus, now: DateTime<Utc>) -> bool {
+    let interval = duration::parse(&spec.analysis.interval).unwrap_or(Duration::from_secs(60));
+    match &status.last_analysis_time {
+        None => true,
+        Some(t) => elapsed(t, now) >= interval,
+    }
+}
+
+/// A Kubernetes timestamp for a chrono time (the status uses Kubernetes' `Time`).
+pub fn time(t: DateTime<Utc>) -> Time {
+    let nanos = i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0);
+    Time(Timestamp::new(t.timestamp(), nanos).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+/// A chrono time for a Kubernetes timestamp.
+pub fn chrono_time(t: &Time) -> DateTime<Utc> {
+    DateTime::from_timestamp(
+        t.0.as_second(),
+        u32::try_from(t.0.subsec_nanosecond()).unwrap_or(0),
+    )
+    .unwrap_or_default()
+}
+
+/// Time from `since` to `now`; zero if `since` is in the future (clock skew after a restart).
+fn elapsed(since: &Time, now: DateTime<Utc>) -> Duration {
+    now.signed_duration_since(chrono_time(since))
+        .to_std()
+        .unwrap_or_default()
+}
+
+fn hooks_pass(spec: &CanarySpec, obs: &Observations, kind: WebhookType) -> bool {
+    spec.analysis
+        .webhooks
+        .iter()
+        .filter(|h| h.type_.unwrap_or(WebhookType::Rollout) == kind)
+        .all(|h| obs.webhooks.get(&h.name).copied().unwrap_or(false))
+}
+
+fn any_hook_fired(spec: &CanarySpec, obs: &Observations, kind: WebhookType) -> Option<String> {
+    spec.analysis
+        .webhooks
+        .iter()
+        .filter(|h| h.type_ == Some(kind))
+        .find(|h| obs.webhooks.get(&h.name).copied().unwrap_or(false))
+        .map(|h| h.name.clone())
+}
+
+/// The weights a rollout steps through, ending at the maximum.
+pub fn weight_steps(spec: &CanarySpec) -> Result<Vec<i32>, SpecError> {
+    let a = &spec.analysis;
+    if let Some(steps) = a.step_weights.as_ref().filter(|s| !s.is_empty()) {
+        return Ok(steps.clone());
+    }
+    if let Some(step) = a.step_weight.filter(|s| *s > 0) {
+        let max = a.max_weight.unwrap_or(50);
+        let mut w = Vec::new();
+        let mut next = step;
+        while next < max {
+            w.push(next);
+            next += step;
+        }
+        w.push(max);
+        return Ok(w);
+    }
+    if a.iterations.is_some() {
+        // Blue/green: the canary is analysed on test traffic, at weight 0, then promoted.
+        return Ok(Vec::new());
+    }
+    Err(SpecError::NoSteps)
+}
+
+/// Advances the rollout by one step.
+pub fn step(
+    spec: &CanarySpec,
+    status: &CanaryStatus,
+    obs: &Observations,
+    config: &JudgeConfig,
+) -> Result<Step, SpecError> {
+    let interval = duration::parse(&spec.analysis.interval)?;
+    let steps = weight_steps(spec)?;
+    let mut m = Machine {
+        spec,
+        obs,
+        config,
+        status: status.clone(),
+        actions: Vec::new(),
+        interval,
+        steps,
+    };
+    m.run();
+    Ok(Step {
+        status: m.status,
+        actions: m.actions,
+    })
+}
+
+struct Machine<'a> {
+    spec: &'a CanarySpec,
+    obs: &'a Observations,
+    config: &'a JudgeConfig,
+    status: CanaryStatus,
+    actions: Vec<Action>,
+    interval: Duration,
+    steps: Vec<i32>,
+}
+
+impl Machine<'_> {
+    fn run(&mut self) {
+        if self.spec.suspend {
+            return;
+        }
+        let new_revision = self.status.last_applied_spec.as_deref() != Some(&self.obs.revision);
+        match self.status.phase {
+            CanaryPhase::Initializing => self.initializing(),
+            CanaryPhase::Initialized | CanaryPhase::Succeeded | CanaryPhase::Failed
+                if new_revision =>
+            {
+                self.start();
+            }
+            CanaryPhase::Waiting => self.start(),
+            CanaryPhase::Progressing | CanaryPhase::WaitingPromotion if new_revision => {
+                self.event(
+                    "RevisionChanged",
+                    format!(
+                        "new revision {} detected during the rollout; restarting analysis",
+                        self.obs.revision
+                    ),
+                    false,
+                );
+                self.start();
+            }
+            CanaryPhase::Progressing => self.progressing(),
+            CanaryPhase::WaitingPromotion => {
+                if hooks_pass(self.spec, self.obs, WebhookType::ConfirmPromotion) {
+                    self.promote();
+                }
+            }
+            CanaryPhase::Promoting => self.promoting(),
+            CanaryPhase::Finalising => self.finalising(),
+            CanaryPhase::Initialized | CanaryPhase::Succeeded | CanaryPhase::Failed => {}
+        }
+    }
+
+    fn initializing(&mut self) {
+        self.actions.push(Action::InitializePrimary);
+        self.actions.push(Action::SetWeights {
+            primary: 100,
+            canary: 0,
+        });
+        if self.status.last_progress_time.is_none() {
+            self.status.last_progress_time = Some(time(self.obs.now));
+        }
+        if self.obs.primary_ready {
+            self.actions.push(Action::ScaleCanaryDown);
+            self.status.last_applied_spec = Some(self.obs.revision.clone());
+            self.status.last_promoted_spec = Some(self.obs.revision.clone());
+            self.status.canary_weight = 0;
+            self.transition(CanaryPhase::Initialized);
+            self.event(
+                "Initialized",
+                "primary is ready and serves all traffic".into(),
+                false,
+            );
+        }
+    }
+
+    /// A new revision: start (or restart) a rollout.
+    fn start(&mut self) {
+        if !hooks_pass(self.spec, self.obs, WebhookType::ConfirmRollout) {
+            if self.status.phase != CanaryPhase::Waiting {
+                self.transition(CanaryPhase::Waiting);
+                self.event(
+                    "Waiting",
+                    "waiting for confirm-rollout webhooks to approve".into(),
+                    false,
+                );
+            }
+            return;
+        }
+        self.status.last_applied_spec = Some(self.obs.revision.clone());
+        self.status.canary_weight = 0;
+        self.status.failed_checks = 0;
+        self.status.iterations = 0;
+        self.status.analysis.clear();
+        self.status.totals = Some(AnalysisTotals::default());
+        self.status.last_analysis_time = None;
+        self.status.last_progress_time = Some(time(self.obs.now));
+        self.actions.push(Action::ScaleCanaryUp);
+        self.actions.push(Action::SetWeights {
+            primary: 100,
+            canary: 0,
+        });
+        if self.spec.skip_analysis {
+            self.event(
+                "SkipAnalysis",
+                format!("skipAnalysis is set: promoting {}", self.obs.revision),
+                false,
+            );
+            self.promote();
+            return;
+        }
+        self.transition(CanaryPhase::Progressing);
+        self.event(
+            "Progressing",
+            format!(
+                "new revision {} detected; starting the analysis",
+                self.obs.revision
+            ),
+            false,
+        );
+    }
+
+    fn deadline(&self) -> Duration {
+        self.spec
+            .progress_deadline_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .map_or(DEFAULT_PROGRESS_DEADLINE, Duration::from_secs)
+    }
+
+    fn since_progress(&self) -> Duration {
+        self.status
+            .last_progress_time
+            .as_ref()
+            .map(|t| elapsed(t, self.obs.now))
+            .unwrap_or_default()
+    }
+
+    fn progressing(&mut self) {
+        if !self.obs.canary_ready {
+            if self.since_progress() > self.deadline() {
+                self.rollback(format!(
+                    "canary not ready within progressDeadlineSeconds ({}s)",
+                    self.deadline().as_secs()
+                ));
+            }
+            return;
+        }
+        let due = self
+            .status
+            .last_analysis_time
+            .as_ref()
+            .is_none_or(|t| elapsed(t, self.obs.now) >= self.interval);
+        if !due {
+            return;
+        }
+        self.status.last_analysis_time = Some(time(self.obs.now));
+        if let Some(name) = any_hook_fired(self.spec, self.obs, WebhookType::Rollback) {
+            self.rollback(format!("rollback webhook {name} asked for a rollback"));
+            return;
+        }
+
+        let verdict = self.analyse();
+        match verdict {
+            Verdict::Fail => {
+                self.status.failed_checks += 1;
+                let failing: Vec<&str> = self
+                    .status
+                    .analysis
+                    .iter()
+                    .filter(|g| g.verdict == Verdict::Fail)
+                    .map(|g| g.message.as_str())
+                    .collect();
+                let msg = format!(
+                    "check failed ({}/{}): {}",
+                    self.status.failed_checks,
+                    self.spec.analysis.threshold,
+                    failing.join("; ")
+                );
+                self.event("CheckFailed", msg.clone(), true);
+                if self.status.failed_checks >= self.spec.analysis.threshold {
+                    self.rollback(msg);
+                }
+            }
+            Verdict::Inconclusive => {
+                if self.since_progress() > self.deadline() {
+                    self.rollback(format!(
+                        "no conclusive analysis within progressDeadlineSeconds ({}s)",
+                        self.deadline().as_secs()
+                    ));
+                }
+            }
+            Verdict::Pass => self.advance(),
+        }
+    }
+
+    /// Runs every gate on this tick's observations, storing the results in the status.
+    fn analyse(&mut self) -> Verdict {
+        let mut gates: Vec<GateResult> = Vec::new();
+        let window = self.obs.window.clone().unwrap_or_default();
+        let mut totals = self.status.totals.clone().unwrap_or_default();
+        judge::accumulate(&mut totals, &window, self.config);
+        gates.extend(judge::threshold_gates(
+            &self.spec.analysis.metrics,
+            &window,
+            &self.obs.custom_metrics,
+            self.config,
+        ));
+        gates.extend(judge::sequential_gates(
+            &totals,
+            &self.status.analysis,
+            self.config,
+        ));
+        for (kind, label) in [
+            (WebhookType::PreRollout, "pre-rollout"),
+            (WebhookType::Rollout, "rollout"),
+        ] {
+            for hook in self
+                .spec
+                .analysis
+                .webhooks
+                .iter()
+                .filter(|h| h.type_.unwrap_or(WebhookType::Rollout) == kind)
+            {
+                if kind == WebhookType::PreRollout && self.status.iterations > 0 {
+                    continue;
+                }
+                let ok = self.obs.webhooks.get(&hook.name).copied().unwrap_or(false);
+                gates.push(GateResult {
+                    name: hook.name.clone(),
+                    canary: None,
+                    primary: None,
+                    canary_samples: 0,
+                    primary_samples: 0,
+                    test: format!("{label} webhook answers 2xx"),
+                    p_value: None,
+                    verdict: if ok { Verdict::Pass } else { Verdict::Fail },
+                    message: if ok {
+                        format!("{label} webhook {} passed", hook.name)
+                    } else {
+                        format!("{label} webhook {} failed or timed out", hook.name)
+                    },
+                });
+            }
+        }
+        self.status.totals = Some(totals);
+        let verdict = judge::overall(&gates);
+        self.status.analysis = gates;
+        verdict
+    }
+
+    fn advance(&mut self) {
+        self.status.iterations += 1;
+        let current = self.status.canary_weight;
+        let next = self.steps.iter().copied().find(|w| *w > current);
+        match next {
+            Some(w) => {
+                if !hooks_pass(self.spec, self.obs, WebhookType::ConfirmTrafficIncrease) {
+                    self.event(
+                        "Halted",
+                        "confirm-traffic-increase webhooks have not approved the next step".into(),
+                        false,
+                    );
+                    return;
+                }
+                self.status.canary_weight = w;
+                self.status.last_progress_time = Some(time(self.obs.now));
+                self.actions.push(Action::SetWeights {
+                    primary: 100 - w,
+                    canary: w,
+                });
+                self.event("WeightStepped", format!("canary weight {w}"), false);
+            }
+            None => {
+                let needed = self.spec.analysis.iterations.unwrap_or(0);
+                if self.steps.is_empty() && self.status.iterations < needed {
+                    self.status.last_progress_time = Some(time(self.obs.now));
+                    return;
+                }
+                if hooks_pass(self.spec, self.obs, WebhookType::ConfirmPromotion) {
+                    self.promote();
+                } else if self.status.phase != CanaryPhase::WaitingPromotion {
+                    self.transition(CanaryPhase::WaitingPromotion);
+                    self.event(
+                        "WaitingPromotion",
+                        "analysis passed; waiting for confirm-promotion webhooks".into(),
+                        false,
+                    );
+                }
+            }
+        }
+    }
+
+    fn promote(&mut self) {
+        self.actions.push(Action::Promote);
+        self.status.last_progress_time = Some(time(self.obs.now));
+        self.transition(CanaryPhase::Promoting);
+        self.event(
+            "Promoting",
+            format!("copying revision {} to the primary", self.obs.revision),
+            false,
+        );
+    }
+
+    fn promoting(&mut self) {
+        // The primary must run the new revision before traffic leaves the canary.
+        if !self.obs.primary_ready {
+            if self.since_progress() > self.deadline() {
+                self.rollback(format!(
+                    "primary not ready with the promoted revision within progressDeadlineSeconds ({}s)",
+                    self.deadline().as_secs()
+                ));
+            }
+            return;
+        }
+        match self.spec.analysis.step_weight_promotion.filter(|s| *s > 0) {
+            Some(step) if self.status.canary_weight > 0 => {
+                let w = (self.status.canary_weight - step).max(0);
+                self.status.canary_weight = w;
+                self.actions.push(Action::SetWeights {
+                    primary: 100 - w,
+                    canary: w,
+                });
+                if w == 0 {
+                    self.transition(CanaryPhase::Finalising);
+                }
+            }
+            _ => {
+                self.status.canary_weight = 0;
+                self.actions.push(Action::SetWeights {
+                    primary: 100,
+                    canary: 0,
+                });
+                self.transition(CanaryPhase::Finalising);
+            }
+        }
+    }
+
+    fn finalising(&mut self) {
+        self.actions.push(Action::SetWeights {
+            primary: 100,
+            canary: 0,
+        });
+        self.actions.push(Action::ScaleCanaryDown);
+        self.status.canary_weight = 0;
+        self.status.last_promoted_spec = Some(self.obs.revision.clone());
+        self.transition(CanaryPhase::Succeeded);
+        self.event(
+            "Succeeded",
+            format!("revision {} promoted", self.obs.revision),
+            false,
+        );
+        self.actions.push(Action::Notify(WebhookType::PostRollout));
+    }
+
+    fn rollback(&mut self, why: impl std::fmt::Display) {
+        self.status.canary_weight = 0;
+        self.actions.push(Action::SetWeights {
+            primary: 100,
+            canary: 0,
+        });
+        self.actions.push(Action::ScaleCanaryDown);
+        self.transition(CanaryPhase::Failed);
+        self.event("RolledBack", format!("rolled back: {why}"), true);
+        self.actions.push(Action::Notify(WebhookType::PostRollout));
+    }
+
+    fn transition(&mut self, phase: CanaryPhase) {
+        if self.status.phase == phase {
+            return;
+        }
+        self.status.phase = phase;
+        self.status.last_transition_time = Some(time(self.obs.now));
+        let promoted = phase == CanaryPhase::Succeeded;
+        let condition = Condition {
+            type_: PROMOTED.into(),
+            status: if promoted { "True" } else { "False" }.into(),
+            reason: format!("{phase:?}"),
+            message: match phase {
+                CanaryPhase::Succeeded => "canary analysis completed successfully".into(),
+                CanaryPhase::Failed => "canary analysis failed; rolled back".into(),
+                _ => format!("rollout is {phase:?}"),
+            },
+            last_transition_time: time(self.obs.now),
+            observed_generation: None,
+        };
+        self.status.conditions.retain(|c| c.type_ != PROMOTED);
+        self.status.conditions.push(condition);
+    }
+
+    fn event(&mut self, reason: &'static str, message: String, warning: bool) {
+        self.actions.push(Action::Event {
+            reason,
+            message,
+            warning,
+        });
+        self.actions.push(Action::Notify(WebhookType::Event));
+    }
+}

@@ -1,0 +1,478 @@
+//! Every phase transition of the Canary state machine, driven tick by tick with synthetic
+//! observations. No I/O: the machine is pure.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::needless_pass_by_value
+)]
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use mesh_crds::canary::{Verdict, WebhookType};
+use mesh_crds::{CanaryPhase, CanarySpec, CanaryStatus};
+use mesh_rollout_controller::judge::{ArmWindow, Histogram, JudgeConfig, Window};
+use mesh_rollout_controller::machine::{Action, Observations, PROMOTED, Step, step};
+use serde_json::json;
+
+fn mk_spec(analysis: serde_json::Value) -> CanarySpec {
+    let mut a = json!({
+        "interval": "30s",
+        "threshold": 3,
+        "maxWeight": 50,
+        "stepWeight": 10,
+        "metrics": [
+            {"name": "request-success-rate", "thresholdRange": {"min": 99}},
+            {"name": "request-duration", "thresholdRange": {"max": 500}}
+        ]
+    });
+    for (k, v) in analysis.as_object().unwrap() {
+        a[k] = v.clone();
+    }
+    serde_json::from_value(json!({
+        "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "podinfo"},
+        "service": {"port": 9898},
+        "analysis": a,
+        "progressDeadlineSeconds": 120
+    }))
+    .unwrap()
+}
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 24, 12, 0, 0).unwrap()
+}
+
+fn hist(fast: u64, slow: u64) -> Histogram {
+    Histogram {
+        buckets: vec![
+            (10.0, fast),
+            (1000.0, fast + slow),
+            (f64::INFINITY, fast + slow),
+        ],
+    }
+}
+
+/// A window with `n` canary and `4n` primary requests.
+fn mk_window(n: u64, canary_failures: u64, canary_slow: u64) -> Window {
+    Window {
+        canary: ArmWindow {
+            requests: n,
+            failures: canary_failures,
+            latency: hist(n - canary_slow, canary_slow),
+        },
+        primary: ArmWindow {
+            requests: 4 * n,
+            failures: 0,
+            latency: hist(4 * n, 0),
+        },
+    }
+}
+
+fn healthy() -> Window {
+    mk_window(500, 0, 0)
+}
+
+/// Drives the machine: each `tick` advances the clock and steps once.
+struct Rollout {
+    spec: CanarySpec,
+    status: CanaryStatus,
+    now: DateTime<Utc>,
+    revision: String,
+    primary_ready: bool,
+    canary_ready: bool,
+    hooks: Vec<(String, bool)>,
+    last: Vec<Action>,
+}
+
+impl Rollout {
+    fn new(spec: CanarySpec) -> Self {
+        Self {
+            spec,
+            status: CanaryStatus::default(),
+            now: t0(),
+            revision: "rev-1".into(),
+            primary_ready: true,
+            canary_ready: true,
+            hooks: Vec::new(),
+            last: Vec::new(),
+        }
+    }
+
+    /// Initialized on rev-1, then rev-2 deployed and the rollout started.
+    fn started(spec: CanarySpec) -> Self {
+        let mut r = Self::new(spec);
+        r.tick(0, None);
+        assert_eq!(r.status.phase, CanaryPhase::Initialized);
+        r.revision = "rev-2".into();
+        r.tick(1, None);
+        assert_eq!(r.status.phase, CanaryPhase::Progressing);
+        r
+    }
+
+    fn tick(&mut self, secs: i64, window: Option<Window>) {
+        self.now += Duration::seconds(secs);
+        let obs = Observations {
+            now: self.now,
+            revision: self.revision.clone(),
+            primary_ready: self.primary_ready,
+            canary_ready: self.canary_ready,
+            window,
+            custom_metrics: Default::default(),
+            webhooks: self.hooks.iter().cloned().collect(),
+        };
+        let s: Step = step(&self.spec, &self.status, &obs, &JudgeConfig::default()).unwrap();
+        // Round-trip through JSON every tick, as the store does: a restarted controller sees
+        // exactly this.
+        self.status = serde_json::from_value(serde_json::to_value(&s.status).unwrap()).unwrap();
+        self.last = s.actions;
+    }
+
+    fn weights(&self) -> Option<(i32, i32)> {
+        self.last.iter().rev().find_map(|a| match a {
+            Action::SetWeights { primary, canary } => Some((*primary, *canary)),
+            _ => None,
+        })
+    }
+
+    fn has(&self, action: &Action) -> bool {
+        self.last.contains(action)
+    }
+
+    fn promoted(&self) -> Option<String> {
+        self.status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == PROMOTED)
+            .map(|c| c.status.clone())
+    }
+}
+
+#[test]
+fn initializing_waits_for_the_primary_then_routes_all_traffic_to_it() {
+    let mut r = Rollout::new(mk_spec(json!({})));
+    r.primary_ready = false;
+    r.tick(0, None);
+    assert_eq!(r.status.phase, CanaryPhase::Initializing);
+    assert!(r.has(&Action::InitializePrimary));
+    assert_eq!(r.weights(), Some((100, 0)));
+    r.primary_ready = true;
+    r.tick(5, None);
+    assert_eq!(r.status.phase, CanaryPhase::Initialized);
+    assert!(r.has(&Action::ScaleCanaryDown));
+    assert_eq!(r.status.last_applied_spec.as_deref(), Some("rev-1"));
+    assert_eq!(r.promoted().as_deref(), Some("False"));
+    // Nothing new: nothing happens.
+    r.tick(60, Some(healthy()));
+    assert_eq!(r.status.phase, CanaryPhase::Initialized);
+    assert!(r.last.is_empty());
+}
+
+#[test]
+fn a_new_revision_starts_the_analysis() {
+    let r = Rollout::started(mk_spec(json!({})));
+    assert!(r.has(&Action::ScaleCanaryUp));
+    assert_eq!(r.weights(), Some((100, 0)));
+    assert_eq!(r.status.canary_weight, 0);
+    assert_eq!(r.status.last_applied_spec.as_deref(), Some("rev-2"));
+}
+
+#[test]
+fn a_healthy_canary_steps_to_max_weight_then_is_promoted() {
+    let mut r = Rollout::started(mk_spec(json!({})));
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        r.tick(30, Some(healthy()));
+        seen.push(r.status.canary_weight);
+        assert_eq!(
+            r.weights(),
+            Some((100 - r.status.canary_weight, r.status.canary_weight))
+        );
+    }
+    assert_eq!(seen, [10, 20, 30, 40, 50]);
+    assert!(r.status.analysis.iter().all(|g| g.verdict == Verdict::Pass));
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.phase, CanaryPhase::Promoting);
+    assert!(r.has(&Action::Promote));
+    r.tick(5, None);
+    assert_eq!(r.status.phase, CanaryPhase::Finalising);
+    assert_eq!(r.weights(), Some((100, 0)));
+    r.tick(5, None);
+    assert_eq!(r.status.phase, CanaryPhase::Succeeded);
+    assert!(r.has(&Action::ScaleCanaryDown));
+    assert!(r.has(&Action::Notify(WebhookType::PostRollout)));
+    assert_eq!(r.status.last_promoted_spec.as_deref(), Some("rev-2"));
+    assert_eq!(r.promoted().as_deref(), Some("True"));
+}
+
+#[test]
+fn ticks_before_the_interval_do_nothing() {
+    let mut r = Rollout::started(mk_spec(json!({})));
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.canary_weight, 10);
+    r.tick(29, Some(healthy()));
+    assert_eq!(
+        r.status.canary_weight, 10,
+        "stepped before the 30s interval"
+    );
+    assert!(r.last.is_empty());
+    r.tick(1, Some(healthy()));
+    assert_eq!(r.status.canary_weight, 20);
+}
+
+#[test]
+fn failed_checks_freeze_the_weight_and_roll_back_at_threshold() {
+    let mut r = Rollout::started(mk_spec(json!({})));
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.canary_weight, 10);
+    // 10 % errors: fails request-success-rate (min 99).
+    r.tick(30, Some(mk_window(500, 50, 0)));
+    assert_eq!(r.status.failed_checks, 1);
+    assert_eq!(r.status.canary_weight, 10, "weight moved while failing");
+    assert_eq!(r.status.phase, CanaryPhase::Progressing);
+    let gate = r
+        .status
+        .analysis
+        .iter()
+        .find(|g| g.name == "request-success-rate")
+        .unwrap();
+    assert_eq!(gate.verdict, Verdict::Fail);
+    assert_eq!(gate.canary, Some(90.0));
+    r.tick(30, Some(mk_window(500, 50, 0)));
+    assert_eq!(r.status.failed_checks, 2);
+    r.tick(30, Some(mk_window(500, 50, 0)));
+    assert_eq!(r.status.phase, CanaryPhase::Failed);
+    assert_eq!(r.status.canary_weight, 0);
+    assert_eq!(r.weights(), Some((100, 0)));
+    assert!(r.has(&Action::ScaleCanaryDown));
+    assert_eq!(r.promoted().as_deref(), Some("False"));
+    // Failed stays failed until another revision.
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.phase, CanaryPhase::Failed);
+    r.revision = "rev-3".into();
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Progressing);
+    assert_eq!(r.status.failed_checks, 0);
+}
+
+#[test]
+fn the_sequential_comparison_catches_a_regression_within_thresholds() {
+    // 0.8 % errors passes Flagger's 99 % gate, but the primary has none.
+    let mut r = Rollout::started(mk_spec(json!({"threshold": 1})));
+    r.tick(30, Some(mk_window(2_000, 16, 0)));
+    let cmp = r
+        .status
+        .analysis
+        .iter()
+        .find(|g| g.name == "canary-vs-primary-errors")
+        .unwrap();
+    assert_eq!(cmp.verdict, Verdict::Fail, "{}", cmp.message);
+    assert!(cmp.p_value.unwrap() <= 0.05);
+    assert_eq!(r.status.phase, CanaryPhase::Failed);
+}
+
+#[test]
+fn slow_canaries_fail_the_latency_comparison() {
+    let mut r = Rollout::started(mk_spec(json!({"threshold": 1, "metrics": []})));
+    // 20 % of canary requests land in the slow bucket; none of the primary's do.
+    r.tick(30, Some(mk_window(1_000, 0, 200)));
+    let cmp = r
+        .status
+        .analysis
+        .iter()
+        .find(|g| g.name == "canary-vs-primary-latency")
+        .unwrap();
+    assert_eq!(cmp.verdict, Verdict::Fail, "{}", cmp.message);
+    assert_eq!(r.status.phase, CanaryPhase::Failed);
+}
+
+#[test]
+fn too_little_traffic_is_inconclusive_and_counts_toward_the_deadline() {
+    let mut r = Rollout::started(mk_spec(json!({})));
+    for _ in 0..4 {
+        r.tick(30, Some(mk_window(2, 0, 0)));
+        assert_eq!(r.status.phase, CanaryPhase::Progressing);
+        assert_eq!(r.status.failed_checks, 0, "inconclusive counted as failure");
+        assert_eq!(r.status.canary_weight, 0, "inconclusive counted as pass");
+        assert!(
+            r.status
+                .analysis
+                .iter()
+                .any(|g| g.verdict == Verdict::Inconclusive)
+        );
+    }
+    // 150 s since the rollout started; the deadline is 120 s.
+    r.tick(30, Some(mk_window(2, 0, 0)));
+    assert_eq!(r.status.phase, CanaryPhase::Failed);
+}
+
+#[test]
+fn a_canary_that_never_gets_ready_fails_at_the_deadline() {
+    let mut r = Rollout::started(mk_spec(json!({})));
+    r.canary_ready = false;
+    r.tick(60, Some(healthy()));
+    assert_eq!(r.status.phase, CanaryPhase::Progressing);
+    assert!(r.last.is_empty());
+    r.tick(61, Some(healthy()));
+    assert_eq!(r.status.phase, CanaryPhase::Failed);
+}
+
+#[test]
+fn explicit_step_weights_are_followed() {
+    let mut r = Rollout::started(mk_spec(
+        json!({"stepWeights": [1, 5, 25, 60], "maxWeight": 60}),
+    ));
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        r.tick(30, Some(healthy()));
+        seen.push(r.status.canary_weight);
+    }
+    assert_eq!(seen, [1, 5, 25, 60]);
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.phase, CanaryPhase::Promoting);
+}
+
+#[test]
+fn step_weight_promotion_moves_traffic_back_in_steps() {
+    let mut r = Rollout::started(mk_spec(json!({"stepWeightPromotion": 20})));
+    for _ in 0..6 {
+        r.tick(30, Some(healthy()));
+    }
+    assert_eq!(r.status.phase, CanaryPhase::Promoting);
+    assert_eq!(r.status.canary_weight, 50);
+    r.tick(30, None);
+    assert_eq!(r.weights(), Some((70, 30)));
+    r.tick(30, None);
+    assert_eq!(r.weights(), Some((90, 10)));
+    r.tick(30, None);
+    assert_eq!(r.weights(), Some((100, 0)));
+    assert_eq!(r.status.phase, CanaryPhase::Finalising);
+}
+
+fn hook(kind: &str, name: &str) -> serde_json::Value {
+    json!({"type": kind, "name": name, "url": "http://127.0.0.1:1/"})
+}
+
+#[test]
+fn confirm_promotion_holds_the_rollout_in_waiting_promotion() {
+    let mut r = Rollout::started(mk_spec(json!({
+        "webhooks": [hook("confirm-promotion", "gate")]
+    })));
+    for _ in 0..6 {
+        r.tick(30, Some(healthy()));
+    }
+    assert_eq!(r.status.phase, CanaryPhase::WaitingPromotion);
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.phase, CanaryPhase::WaitingPromotion);
+    r.hooks = vec![("gate".into(), true)];
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.phase, CanaryPhase::Promoting);
+}
+
+#[test]
+fn confirm_traffic_increase_halts_weight_steps() {
+    let mut r = Rollout::started(mk_spec(json!({
+        "webhooks": [hook("confirm-traffic-increase", "step-gate")]
+    })));
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.canary_weight, 0);
+    r.hooks = vec![("step-gate".into(), true)];
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.canary_weight, 10);
+}
+
+#[test]
+fn a_rollback_webhook_answering_ok_rolls_back() {
+    let mut r = Rollout::started(mk_spec(json!({"webhooks": [hook("rollback", "manual")]})));
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.canary_weight, 10);
+    r.hooks = vec![("manual".into(), true)];
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.phase, CanaryPhase::Failed);
+}
+
+#[test]
+fn failing_rollout_and_pre_rollout_hooks_are_failed_checks() {
+    let mut r = Rollout::started(mk_spec(json!({
+        "threshold": 2,
+        "webhooks": [hook("pre-rollout", "smoke"), hook("rollout", "load")]
+    })));
+    r.hooks = vec![("load".into(), true)];
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.failed_checks, 1, "failed pre-rollout not counted");
+    r.hooks = vec![("smoke".into(), true)];
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.phase, CanaryPhase::Failed);
+}
+
+#[test]
+fn a_new_revision_mid_rollout_restarts_the_analysis() {
+    let mut r = Rollout::started(mk_spec(json!({})));
+    r.tick(30, Some(healthy()));
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.canary_weight, 20);
+    r.revision = "rev-3".into();
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Progressing);
+    assert_eq!(r.status.canary_weight, 0);
+    assert_eq!(r.status.iterations, 0);
+    assert_eq!(r.weights(), Some((100, 0)));
+    assert_eq!(r.status.last_applied_spec.as_deref(), Some("rev-3"));
+}
+
+#[test]
+fn skip_analysis_promotes_at_once() {
+    let mut spec = mk_spec(json!({}));
+    spec.skip_analysis = true;
+    let mut r = Rollout::new(spec);
+    r.tick(0, None);
+    r.revision = "rev-2".into();
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Promoting);
+    assert!(r.has(&Action::Promote));
+}
+
+#[test]
+fn suspend_freezes_everything() {
+    let mut r = Rollout::started(mk_spec(json!({})));
+    r.spec.suspend = true;
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.canary_weight, 0);
+    assert!(r.last.is_empty());
+}
+
+#[test]
+fn confirm_rollout_keeps_a_new_revision_waiting() {
+    let mut r = Rollout::new(mk_spec(
+        json!({"webhooks": [hook("confirm-rollout", "go")]}),
+    ));
+    r.tick(0, None);
+    r.revision = "rev-2".into();
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Waiting);
+    r.hooks = vec![("go".into(), true)];
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Progressing);
+}
+
+#[test]
+fn iterations_without_weights_is_blue_green() {
+    let mut r = Rollout::started(mk_spec(json!({
+        "stepWeight": null, "maxWeight": null, "iterations": 3
+    })));
+    for i in 1..=3 {
+        r.tick(30, Some(healthy()));
+        assert_eq!(r.status.canary_weight, 0);
+        assert_eq!(r.status.iterations, i);
+    }
+    assert_eq!(r.status.phase, CanaryPhase::Promoting);
+}
+
+#[test]
+fn evidence_survives_a_restart_through_the_status() {
+    let mut r = Rollout::started(mk_spec(json!({})));
+    r.tick(30, Some(healthy()));
+    let totals = r.status.totals.clone().unwrap();
+    assert_eq!(totals.canary.requests, 500);
+    assert_eq!(totals.primary.requests, 2_000);
+    // The test's tick already round-trips the status through JSON; the next tick adds to it.
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.totals.unwrap().canary.requests, 1_000);
+}
