@@ -9,5 +9,6 @@
 pub mod duration;
 pub mod judge;
 pub mod machine;
+pub mod scrape;
 
 pub use mesh_crds::{Canary, CanaryPhase, CanarySpec, CanaryStatus};
