@@ -10,5 +10,6 @@ pub mod duration;
 pub mod judge;
 pub mod machine;
 pub mod scrape;
+pub mod webhooks;
 
 pub use mesh_crds::{Canary, CanaryPhase, CanarySpec, CanaryStatus};
