@@ -10,6 +10,7 @@ pub mod duration;
 pub mod judge;
 pub mod machine;
 pub mod scrape;
+pub mod sources;
 pub mod webhooks;
 
 pub use mesh_crds::{Canary, CanaryPhase, CanarySpec, CanaryStatus};

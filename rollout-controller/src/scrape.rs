@@ -201,7 +201,7 @@ fn increase(before: f64, after: f64) -> u64 {
 /// Counter values are non-negative integers carried as floats; clamping makes the conversion
 /// total (NaN and negatives become 0, huge values saturate).
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-fn to_u64(x: f64) -> u64 {
+pub(crate) fn to_u64(x: f64) -> u64 {
     if x.is_nan() || x <= 0.0 {
         0
     } else {

@@ -1,0 +1,289 @@
+//! Where the judge's numbers come from, behind one trait:
+//! - [`DirectScrape`], the embedded default: GET every proxy's `/metrics` and difference the
+//!   counters between ticks;
+//! - [`PrometheusSource`]: PromQL over a Prometheus that scrapes the proxies, through
+//!   prometheus-http-query, with built-in queries and user MetricTemplates.
+//!
+//! Both deliver the same [`Window`] of canary and primary traffic.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use prometheus_http_query::Client as PromClient;
+
+use crate::judge::{ArmWindow, Histogram, Window};
+use crate::scrape::{self, ArmCounters};
+
+/// Which traffic to measure.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Target {
+    /// Namespace of the services.
+    pub namespace: String,
+    /// Backend service the canary serves as (`<svc>-canary`).
+    pub canary: String,
+    /// Backend service the primary serves as (`<svc>-primary`).
+    pub primary: String,
+}
+
+/// Failures of a metric source, naming what was asked of whom.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A proxy's `/metrics` could not be read.
+    #[error("scraping {addr}: {source}")]
+    Scrape {
+        /// The proxy admin address.
+        addr: SocketAddr,
+        /// What went wrong.
+        source: reqwest::Error,
+    },
+    /// A proxy's `/metrics` did not parse.
+    #[error("scraping {addr}: {source}")]
+    Parse {
+        /// The proxy admin address.
+        addr: SocketAddr,
+        /// The parse error.
+        source: scrape::ParseError,
+    },
+    /// A PromQL query failed.
+    #[error("prometheus query {query:?}: {source}")]
+    Query {
+        /// The query.
+        query: String,
+        /// What went wrong.
+        source: prometheus_http_query::Error,
+    },
+    /// A MetricTemplate query names a variable nobody set.
+    #[error("metric template query {query:?}: unknown variable {{{{ {name} }}}}")]
+    Variable {
+        /// The query.
+        query: String,
+        /// The variable.
+        name: String,
+    },
+}
+
+/// A source of canary-vs-primary windows.
+pub trait MetricSource {
+    /// The traffic since the previous call for this target (or over `interval`, for sources that
+    /// can look back). The first call of a stateful source returns an empty window.
+    fn window(
+        &mut self,
+        target: &Target,
+        interval: Duration,
+    ) -> impl Future<Output = Result<Window, SourceError>> + Send;
+}
+
+/// Scrapes proxies directly; the embedded mesh's default.
+#[derive(Debug)]
+pub struct DirectScrape {
+    client: reqwest::Client,
+    proxies: Vec<SocketAddr>,
+    last: BTreeMap<Target, (ArmCounters, ArmCounters)>,
+}
+
+impl DirectScrape {
+    /// A source reading the admin servers at `proxies` (those whose outbound traffic reaches
+    /// the canary and primary: the callers' proxies).
+    pub fn new(client: reqwest::Client, proxies: Vec<SocketAddr>) -> Self {
+        Self {
+            client,
+            proxies,
+            last: BTreeMap::new(),
+        }
+    }
+
+    /// Replaces the proxies to scrape (workloads come and go).
+    pub fn set_proxies(&mut self, proxies: Vec<SocketAddr>) {
+        self.proxies = proxies;
+    }
+
+    /// Forgets the previous scrape of `target`, so the next window starts afresh.
+    pub fn reset(&mut self, target: &Target) {
+        self.last.remove(target);
+    }
+
+    async fn counters(&self, target: &Target) -> Result<(ArmCounters, ArmCounters), SourceError> {
+        let mut canary = ArmCounters::default();
+        let mut primary = ArmCounters::default();
+        for &addr in &self.proxies {
+            let text = self
+                .client
+                .get(format!("http://{addr}/metrics"))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .map_err(|source| SourceError::Scrape { addr, source })?
+                .text()
+                .await
+                .map_err(|source| SourceError::Scrape { addr, source })?;
+            let samples =
+                scrape::parse(&text).map_err(|source| SourceError::Parse { addr, source })?;
+            scrape::merge(&mut canary, &scrape::counters(&samples, &target.canary));
+            scrape::merge(&mut primary, &scrape::counters(&samples, &target.primary));
+        }
+        Ok((canary, primary))
+    }
+}
+
+impl MetricSource for DirectScrape {
+    async fn window(
+        &mut self,
+        target: &Target,
+        _interval: Duration,
+    ) -> Result<Window, SourceError> {
+        let now = self.counters(target).await?;
+        let window = match self.last.get(target) {
+            Some(before) => scrape::window(before, &now),
+            None => Window::default(),
+        };
+        self.last.insert(target.clone(), now);
+        Ok(window)
+    }
+}
+
+/// Reads windows from Prometheus.
+#[derive(Clone)]
+pub struct PrometheusSource {
+    client: PromClient,
+}
+
+impl std::fmt::Debug for PrometheusSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrometheusSource").finish_non_exhaustive()
+    }
+}
+
+impl PrometheusSource {
+    /// A source querying the Prometheus behind `client`.
+    pub fn new(client: PromClient) -> Self {
+        Self { client }
+    }
+
+    async fn scalar(&self, query: String) -> Result<Option<f64>, SourceError> {
+        let result =
+            self.client
+                .query(&query)
+                .get()
+                .await
+                .map_err(|source| SourceError::Query {
+                    query: query.clone(),
+                    source,
+                })?;
+        Ok(result
+            .data()
+            .as_vector()
+            .and_then(|v| v.first())
+            .map(|s| s.sample().value()))
+    }
+
+    async fn arm(&self, ns: &str, service: &str, range: &str) -> Result<ArmWindow, SourceError> {
+        let sel = format!(r#"direction="outbound",dst_namespace="{ns}",dst_service="{service}""#);
+        let requests = self
+            .scalar(format!("sum(increase(response_total{{{sel}}}[{range}]))"))
+            .await?
+            .unwrap_or(0.0);
+        let failures = self
+            .scalar(format!(
+                r#"sum(increase(response_total{{{sel},classification="failure"}}[{range}]))"#
+            ))
+            .await?
+            .unwrap_or(0.0);
+        let query = format!("sum by (le) (increase(response_latency_ms_bucket{{{sel}}}[{range}]))");
+        let result =
+            self.client
+                .query(&query)
+                .get()
+                .await
+                .map_err(|source| SourceError::Query {
+                    query: query.clone(),
+                    source,
+                })?;
+        let mut buckets: Vec<(f64, u64)> = result
+            .data()
+            .as_vector()
+            .map(|v| v.iter())
+            .into_iter()
+            .flatten()
+            .filter_map(|s| {
+                let le = s.metric().get("le")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, scrape::to_u64(s.sample().value())))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Ok(ArmWindow {
+            requests: scrape::to_u64(requests),
+            failures: scrape::to_u64(failures),
+            latency: Histogram { buckets },
+        })
+    }
+
+    /// Runs a MetricTemplate query with Flagger's variables (`namespace`, `target`, `service`,
+    /// `interval`, and `variables.*` from the Canary's templateVariables).
+    pub async fn template(
+        &self,
+        query: &str,
+        vars: &BTreeMap<String, String>,
+    ) -> Result<Option<f64>, SourceError> {
+        self.scalar(render(query, vars)?).await
+    }
+}
+
+/// Fills `{{ name }}` placeholders; an unknown name is an error, never an empty string.
+pub fn render(query: &str, vars: &BTreeMap<String, String>) -> Result<String, SourceError> {
+    let mut out = String::new();
+    let mut rest = query;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find("}}").ok_or_else(|| SourceError::Variable {
+            query: query.into(),
+            name: after.trim().into(),
+        })?;
+        let name = after[..end].trim();
+        let value = vars.get(name).ok_or_else(|| SourceError::Variable {
+            query: query.into(),
+            name: name.into(),
+        })?;
+        out.push_str(value);
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl MetricSource for PrometheusSource {
+    async fn window(&mut self, target: &Target, interval: Duration) -> Result<Window, SourceError> {
+        let range = format!("{}s", interval.as_secs().max(1));
+        Ok(Window {
+            canary: self.arm(&target.namespace, &target.canary, &range).await?,
+            primary: self.arm(&target.namespace, &target.primary, &range).await?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_render_known_variables_and_name_unknown_ones() {
+        let vars = BTreeMap::from([
+            ("namespace".to_string(), "test".to_string()),
+            ("interval".to_string(), "1m".to_string()),
+        ]);
+        assert_eq!(
+            render("rate(x{ns=\"{{ namespace }}\"}[{{interval}}])", &vars).unwrap(),
+            "rate(x{ns=\"test\"}[1m])"
+        );
+        let e = render("x{{ target }}", &vars).unwrap_err();
+        assert!(e.to_string().contains("target"), "{e}");
+    }
+}
