@@ -131,7 +131,7 @@ async fn prometheus_windows_come_from_what_prometheus_scraped() {
         prometheus.url()
     );
     *body.lock().unwrap() = exposition(900, 100, 4000);
-    let mut w = Default::default();
+    let mut w: mesh_rollout_controller::judge::Window;
     assert_eventually!(
         {
             w = source
