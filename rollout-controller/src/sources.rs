@@ -162,21 +162,28 @@ impl PrometheusSource {
         Self { client }
     }
 
-    async fn scalar(&self, query: String) -> Result<Option<f64>, SourceError> {
-        let result =
-            self.client
-                .query(&query)
-                .get()
-                .await
-                .map_err(|source| SourceError::Query {
-                    query: query.clone(),
-                    source,
-                })?;
+    /// Runs an instant query; its vector result as (labels, value) pairs.
+    async fn vector(
+        &self,
+        query: String,
+    ) -> Result<Vec<(BTreeMap<String, String>, f64)>, SourceError> {
+        let result = self.client.query(&query).get().await;
+        let result = result.map_err(|source| SourceError::Query { query, source })?;
         Ok(result
             .data()
             .as_vector()
-            .and_then(|v| v.first())
-            .map(|s| s.sample().value()))
+            .map(|v| v.iter())
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                let labels = s.metric().iter().map(|(k, v)| (k.clone(), v.clone()));
+                (labels.collect(), s.sample().value())
+            })
+            .collect())
+    }
+
+    async fn scalar(&self, query: String) -> Result<Option<f64>, SourceError> {
+        Ok(self.vector(query).await?.first().map(|(_, v)| *v))
     }
 
     async fn arm(&self, ns: &str, service: &str, range: &str) -> Result<ArmWindow, SourceError> {
@@ -192,29 +199,16 @@ impl PrometheusSource {
             .await?
             .unwrap_or(0.0);
         let query = format!("sum by (le) (increase(response_latency_ms_bucket{{{sel}}}[{range}]))");
-        let result =
-            self.client
-                .query(&query)
-                .get()
-                .await
-                .map_err(|source| SourceError::Query {
-                    query: query.clone(),
-                    source,
-                })?;
-        let mut buckets: Vec<(f64, u64)> = result
-            .data()
-            .as_vector()
-            .map(|v| v.iter())
+        let mut buckets: Vec<(f64, u64)> = self
+            .vector(query)
+            .await?
             .into_iter()
-            .flatten()
-            .filter_map(|s| {
-                let le = s.metric().get("le")?;
-                let le = if le == "+Inf" {
-                    f64::INFINITY
-                } else {
-                    le.parse().ok()?
+            .filter_map(|(labels, value)| {
+                let le = match labels.get("le")?.as_str() {
+                    "+Inf" => f64::INFINITY,
+                    le => le.parse().ok()?,
                 };
-                Some((le, scrape::to_u64(s.sample().value())))
+                Some((le, scrape::to_u64(value)))
             })
             .collect();
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
