@@ -8,6 +8,7 @@ pub mod announce;
 pub mod config;
 pub mod identity;
 pub mod proxy_api;
+pub mod routing;
 
 pub use announce::Listening;
 pub use identity::SpiffeId;

@@ -1,0 +1,372 @@
+//! Pure routing decisions over a [`RouteTable`]: which rule a request matches, and which backend
+//! it goes to. The proxy calls these per request; they allocate nothing on the hot path except
+//! compiled regexes, which are built once per table by [`CompiledRoutes`].
+
+use crate::proxy_api::{PathMatch, RouteMatch, RouteRule, RouteTable, ValueMatch, WeightedBackend};
+
+/// The parts of a request that routing reads.
+#[derive(Clone, Copy)]
+pub struct RequestParts<'a> {
+    /// Method, upper case.
+    pub method: &'a str,
+    /// Path, without the query.
+    pub path: &'a str,
+    /// Raw query string, without `?`.
+    pub query: Option<&'a str>,
+    /// Header lookup: all values of a header (name lower case).
+    pub headers: &'a dyn Fn(&str) -> Vec<&'a str>,
+}
+
+impl std::fmt::Debug for RequestParts<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestParts")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("query", &self.query)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A regex in a route that does not compile.
+#[derive(Debug, thiserror::Error)]
+#[error("route {parent} rule {rule}: invalid regular expression {pattern:?}: {source}")]
+pub struct RouteRegexError {
+    parent: String,
+    rule: usize,
+    pattern: String,
+    source: regex::Error,
+}
+
+/// A route table with its regular expressions compiled.
+#[derive(Clone, Debug)]
+pub struct CompiledRoutes {
+    table: RouteTable,
+    /// Per rule, per match: compiled (path, headers, query) regexes where the match uses them.
+    regexes: Vec<Vec<MatchRegexes>>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct MatchRegexes {
+    path: Option<regex::Regex>,
+    headers: Vec<Option<regex::Regex>>,
+    query: Vec<Option<regex::Regex>>,
+}
+
+fn anchored(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!("^(?:{pattern})$"))
+}
+
+impl CompiledRoutes {
+    /// Compiles a table; a bad regex is an error naming the route and rule.
+    pub fn new(table: RouteTable) -> Result<Self, RouteRegexError> {
+        let mut regexes = Vec::with_capacity(table.rules.len());
+        for (i, rule) in table.rules.iter().enumerate() {
+            let err = |pattern: &str, source| RouteRegexError {
+                parent: table.parent.to_string(),
+                rule: i,
+                pattern: pattern.to_string(),
+                source,
+            };
+            let compile_values = |values: &[ValueMatch]| {
+                values
+                    .iter()
+                    .map(|v| {
+                        v.regex
+                            .then(|| anchored(&v.value).map_err(|e| err(&v.value, e)))
+                            .transpose()
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            let mut per_match = Vec::with_capacity(rule.matches.len());
+            for m in &rule.matches {
+                let path = match &m.path {
+                    Some(PathMatch::RegularExpression(p)) => {
+                        Some(anchored(p).map_err(|e| err(p, e))?)
+                    }
+                    _ => None,
+                };
+                per_match.push(MatchRegexes {
+                    path,
+                    headers: compile_values(&m.headers)?,
+                    query: compile_values(&m.query_params)?,
+                });
+            }
+            regexes.push(per_match);
+        }
+        Ok(Self { table, regexes })
+    }
+
+    /// The table.
+    pub fn table(&self) -> &RouteTable {
+        &self.table
+    }
+
+    /// The first rule matching the request, with its index.
+    pub fn route(&self, req: &RequestParts<'_>) -> Option<(usize, &RouteRule)> {
+        self.table.rules.iter().enumerate().find(|(i, rule)| {
+            rule.matches.is_empty()
+                || rule
+                    .matches
+                    .iter()
+                    .zip(&self.regexes[*i])
+                    .any(|(m, re)| matches(m, re, req))
+        })
+    }
+}
+
+fn value_ok(want: &ValueMatch, re: Option<&regex::Regex>, got: &str) -> bool {
+    match re {
+        Some(re) => re.is_match(got),
+        None => want.value == got,
+    }
+}
+
+fn matches(m: &RouteMatch, re: &MatchRegexes, req: &RequestParts<'_>) -> bool {
+    if m.method
+        .as_ref()
+        .is_some_and(|method| !method.eq_ignore_ascii_case(req.method))
+    {
+        return false;
+    }
+    let path_ok = match &m.path {
+        None => true,
+        Some(PathMatch::Exact(p)) => req.path == p,
+        Some(PathMatch::PathPrefix(p)) => prefix_matches(p, req.path),
+        Some(PathMatch::RegularExpression(_)) => {
+            re.path.as_ref().is_some_and(|r| r.is_match(req.path))
+        }
+    };
+    if !path_ok {
+        return false;
+    }
+    let headers_ok = m.headers.iter().zip(&re.headers).all(|(h, r)| {
+        (req.headers)(&h.name.to_ascii_lowercase())
+            .iter()
+            .any(|v| value_ok(h, r.as_ref(), v))
+    });
+    if !headers_ok {
+        return false;
+    }
+    m.query_params.iter().zip(&re.query).all(|(q, r)| {
+        req.query
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+            .any(|(k, v)| k == q.name && value_ok(q, r.as_ref(), v))
+    })
+}
+
+/// Gateway API PathPrefix: element-wise, so `/api` matches `/api` and `/api/x` but not `/apix`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.is_empty() {
+        return true;
+    }
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Picks a backend by weight. `available(i)` says whether backend `i` has ready endpoints; an
+/// unavailable backend counts as weight 0 for this pick. `roll` is uniform in `[0, 1)`. Returns
+/// `None` when no backend has weight and endpoints.
+pub fn pick_backend(
+    backends: &[WeightedBackend],
+    available: impl Fn(usize) -> bool,
+    roll: f64,
+) -> Option<usize> {
+    let weight = |i: usize, b: &WeightedBackend| if available(i) { u64::from(b.weight) } else { 0 };
+    let total: u64 = backends.iter().enumerate().map(|(i, b)| weight(i, b)).sum();
+    if total == 0 {
+        return None;
+    }
+    // Integer arithmetic keeps weights 0 and 100 exact: a zero-weight backend never owns a slot.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let mut slot = ((roll.clamp(0.0, 1.0) * total as f64) as u64).min(total - 1);
+    for (i, b) in backends.iter().enumerate() {
+        let w = weight(i, b);
+        if slot < w {
+            return Some(i);
+        }
+        slot -= w;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy_api::ServiceRef;
+
+    fn mk_backend(name: &str, weight: u32) -> WeightedBackend {
+        WeightedBackend {
+            service: ServiceRef::new(name, "default", 80),
+            weight,
+        }
+    }
+
+    fn mk_rule(name: &str, matches: Vec<RouteMatch>) -> RouteRule {
+        RouteRule {
+            name: name.into(),
+            matches,
+            backends: vec![mk_backend(name, 1)],
+            ..Default::default()
+        }
+    }
+
+    fn mk_table(rules: Vec<RouteRule>) -> CompiledRoutes {
+        CompiledRoutes::new(RouteTable {
+            parent: ServiceRef::new("web", "default", 80),
+            rules,
+        })
+        .unwrap()
+    }
+
+    fn route<'a>(
+        t: &'a CompiledRoutes,
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+        headers: &[(&'static str, &'static str)],
+    ) -> Option<&'a str> {
+        let headers = headers.to_vec();
+        let lookup = move |name: &str| {
+            headers
+                .iter()
+                .filter(|(k, _)| *k == name)
+                .map(|(_, v)| *v)
+                .collect::<Vec<&'static str>>()
+        };
+        let req = RequestParts {
+            method,
+            path,
+            query,
+            headers: &lookup,
+        };
+        t.route(&req).map(|(_, r)| r.name.as_str())
+    }
+
+    #[test]
+    fn first_matching_rule_wins_with_gateway_api_semantics() {
+        let t = mk_table(vec![
+            mk_rule(
+                "exact",
+                vec![RouteMatch {
+                    path: Some(PathMatch::Exact("/login".into())),
+                    method: Some("POST".into()),
+                    ..Default::default()
+                }],
+            ),
+            mk_rule(
+                "prefix",
+                vec![RouteMatch {
+                    path: Some(PathMatch::PathPrefix("/api/".into())),
+                    ..Default::default()
+                }],
+            ),
+            mk_rule(
+                "regex",
+                vec![RouteMatch {
+                    path: Some(PathMatch::RegularExpression("/v[0-9]+/.*".into())),
+                    ..Default::default()
+                }],
+            ),
+            mk_rule(
+                "header",
+                vec![RouteMatch {
+                    headers: vec![ValueMatch {
+                        name: "X-Canary".into(),
+                        value: "always".into(),
+                        regex: false,
+                    }],
+                    ..Default::default()
+                }],
+            ),
+            mk_rule(
+                "query",
+                vec![RouteMatch {
+                    query_params: vec![ValueMatch {
+                        name: "debug".into(),
+                        value: "1|true".into(),
+                        regex: true,
+                    }],
+                    ..Default::default()
+                }],
+            ),
+        ]);
+        assert_eq!(route(&t, "POST", "/login", None, &[]), Some("exact"));
+        assert_eq!(route(&t, "GET", "/login", None, &[]), None);
+        assert_eq!(route(&t, "GET", "/api", None, &[]), Some("prefix"));
+        assert_eq!(route(&t, "GET", "/api/users", None, &[]), Some("prefix"));
+        assert_eq!(route(&t, "GET", "/apix", None, &[]), None);
+        assert_eq!(route(&t, "GET", "/v2/x", None, &[]), Some("regex"));
+        assert_eq!(
+            route(&t, "GET", "/xv2/x", None, &[]),
+            None,
+            "regex is anchored"
+        );
+        assert_eq!(
+            route(&t, "GET", "/", None, &[("x-canary", "always")]),
+            Some("header")
+        );
+        assert_eq!(
+            route(&t, "GET", "/", Some("a=b&debug=true"), &[]),
+            Some("query")
+        );
+        assert_eq!(route(&t, "GET", "/", Some("debug=2"), &[]), None);
+    }
+
+    #[test]
+    fn a_rule_without_matches_matches_everything() {
+        let t = mk_table(vec![mk_rule("all", vec![])]);
+        assert_eq!(route(&t, "DELETE", "/anything", None, &[]), Some("all"));
+    }
+
+    #[test]
+    fn bad_regexes_are_named() {
+        let e = CompiledRoutes::new(RouteTable {
+            parent: ServiceRef::new("web", "default", 80),
+            rules: vec![mk_rule(
+                "r",
+                vec![RouteMatch {
+                    path: Some(PathMatch::RegularExpression("(".into())),
+                    ..Default::default()
+                }],
+            )],
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("web.default:80 rule 0"), "{e}");
+    }
+
+    #[test]
+    fn weights_split_traffic_and_zero_and_hundred_are_exact() {
+        let b = [mk_backend("primary", 80), mk_backend("canary", 20)];
+        let mut counts = [0; 2];
+        for i in 0..1000 {
+            let roll = f64::from(i) / 1000.0;
+            counts[pick_backend(&b, |_| true, roll).unwrap()] += 1;
+        }
+        assert_eq!(counts, [800, 200]);
+
+        let b = [mk_backend("primary", 100), mk_backend("canary", 0)];
+        for roll in [0.0, 0.5, 0.999_999, 1.0] {
+            assert_eq!(pick_backend(&b, |_| true, roll), Some(0));
+        }
+        let b = [mk_backend("primary", 0), mk_backend("canary", 100)];
+        for roll in [0.0, 0.5, 1.0] {
+            assert_eq!(pick_backend(&b, |_| true, roll), Some(1));
+        }
+    }
+
+    #[test]
+    fn backends_without_endpoints_get_weight_zero() {
+        let b = [mk_backend("primary", 90), mk_backend("canary", 10)];
+        for roll in [0.0, 0.5, 0.99] {
+            assert_eq!(pick_backend(&b, |i| i == 1, roll), Some(1));
+        }
+        assert_eq!(pick_backend(&b, |_| false, 0.5), None);
+    }
+}
