@@ -1,4 +1,5 @@
-//! The admin server: liveness, readiness and metrics on their own port, apart from app traffic,
+//! The admin server: liveness, readiness, metrics and the current route and endpoint tables
+//! (`/config`) on their own port, apart from app traffic,
 //! so probes and scrapes keep working when the proxying listeners are saturated.
 
 use std::{convert::Infallible, sync::Arc};
@@ -11,6 +12,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use crate::tables::SharedTables;
+
 /// OpenMetrics text, the format prometheus-client writes.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -18,12 +21,13 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 #[derive(Debug)]
 pub struct Admin {
     registry: Registry,
+    tables: SharedTables,
 }
 
 impl Admin {
-    /// An admin server exposing `registry` at `/metrics`.
-    pub fn new(registry: Registry) -> Self {
-        Self { registry }
+    /// An admin server exposing `registry` at `/metrics` and `tables` at `/config`.
+    pub fn new(registry: Registry, tables: SharedTables) -> Self {
+        Self { registry, tables }
     }
 
     /// Answers one admin request.
@@ -42,7 +46,17 @@ impl Admin {
                     Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
                 }
             }
-            (_, "/live" | "/ready" | "/metrics") => {
+            (&Method::GET, "/config") => {
+                let config = self.tables.borrow().to_config();
+                match serde_json::to_string_pretty(&config) {
+                    Ok(body) => Response::builder()
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap_or_default(),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+                }
+            }
+            (_, "/live" | "/ready" | "/metrics" | "/config") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -85,6 +99,10 @@ mod tests {
 
     use super::*;
 
+    fn tables() -> SharedTables {
+        tokio::sync::watch::channel(std::sync::Arc::default()).1
+    }
+
     fn get(path: &str) -> Request<()> {
         Request::get(path).body(()).unwrap()
     }
@@ -95,7 +113,7 @@ mod tests {
 
     #[tokio::test]
     async fn probes_answer_ok() {
-        let admin = Admin::new(Registry::default());
+        let admin = Admin::new(Registry::default(), tables());
         assert_eq!(admin.handle(&get("/live")).status(), StatusCode::OK);
         assert_eq!(admin.handle(&get("/ready")).status(), StatusCode::OK);
         assert_eq!(admin.handle(&get("/nope")).status(), StatusCode::NOT_FOUND);
@@ -109,7 +127,7 @@ mod tests {
         let c = Counter::<u64>::default();
         c.inc_by(3);
         registry.register("probe", "A test counter", c);
-        let rsp = Admin::new(registry).handle(&get("/metrics"));
+        let rsp = Admin::new(registry, tables()).handle(&get("/metrics"));
         assert_eq!(rsp.headers()[header::CONTENT_TYPE], OPENMETRICS);
         let text = body(rsp).await;
         assert!(text.contains("probe_total 3"), "{text}");

@@ -11,11 +11,26 @@ pub const ENV_ADMIN_ADDR: &str = "MESH_PROXY_ADMIN_ADDR";
 pub const DEFAULT_ADMIN_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 4191);
 
+/// Address of the outbound listener the local app sends its requests to.
+pub const ENV_OUTBOUND_ADDR: &str = "MESH_PROXY_OUTBOUND_ADDR";
+
+/// Linkerd's outbound port.
+pub const DEFAULT_OUTBOUND_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 4140);
+
+/// Static route and endpoint tables (YAML), instead of the control plane's streams; the
+/// `--config FILE` flag sets the same.
+pub const ENV_CONFIG_FILE: &str = "MESH_PROXY_CONFIG";
+
 /// Typed proxy configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// Where the admin server listens; port 0 lets the kernel choose (announced on stdout).
     pub admin_addr: SocketAddr,
+    /// Where the outbound listener listens.
+    pub outbound_addr: SocketAddr,
+    /// Static config file, if any.
+    pub config_file: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -23,6 +38,8 @@ impl Config {
     pub fn from_env(env: &impl Env) -> Result<Self, ConfigError> {
         Ok(Self {
             admin_addr: env.parse_or(ENV_ADMIN_ADDR, DEFAULT_ADMIN_ADDR)?,
+            outbound_addr: env.parse_or(ENV_OUTBOUND_ADDR, DEFAULT_OUTBOUND_ADDR)?,
+            config_file: env.parse(ENV_CONFIG_FILE)?,
         })
     }
 }

@@ -3,11 +3,14 @@
 use std::{process::ExitCode, sync::Arc};
 
 use anyhow::Context;
+use mesh_core::proxy_api::StaticConfig;
 use mesh_core::{
     Listening,
     config::{EXIT_CONFIG, ProcessEnv},
 };
-use mesh_sidecar::{admin::Admin, config::Config};
+use mesh_sidecar::{
+    admin::Admin, config::Config, metrics::Metrics, outbound::Outbound, tables::Tables,
+};
 use prometheus_client::registry::Registry;
 
 fn main() -> ExitCode {
@@ -15,10 +18,27 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
-    let config = match Config::from_env(&ProcessEnv) {
+    let mut config = match Config::from_env(&ProcessEnv) {
         Ok(config) => config,
         Err(error) => {
             tracing::error!("{error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match (arg.as_str(), args.next()) {
+            ("--config", Some(file)) => config.config_file = Some(file.into()),
+            _ => {
+                tracing::error!("usage: mesh-proxy [--config FILE]; got {arg:?}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    let tables = match load_tables(&config) {
+        Ok(tables) => tables,
+        Err(error) => {
+            tracing::error!("{error:#}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -26,7 +46,7 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .context("starting the runtime")
-        .and_then(|rt| rt.block_on(run(config)));
+        .and_then(|rt| rt.block_on(run(config, tables)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -36,23 +56,48 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.admin_addr)
-        .await
-        .with_context(|| format!("binding admin server to {}", config.admin_addr))?;
-    let admin_addr = listener.local_addr()?;
+/// Reads the static config file, if one is set; errors name the file and the field.
+fn load_tables(config: &Config) -> anyhow::Result<Tables> {
+    let Some(path) = &config.config_file else {
+        return Ok(Tables::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    let de = serde_yaml::Deserializer::from_str(&text);
+    let parsed: StaticConfig = serde_path_to_error::deserialize(de)
+        .with_context(|| format!("config file {}", path.display()))?;
+    Tables::from_config(&parsed).with_context(|| format!("config file {}", path.display()))
+}
+
+fn announce(name: &str, addr: std::net::SocketAddr) {
     #[allow(
         clippy::print_stdout,
         reason = "the start-up announcement goes to stdout"
     )]
     {
-        println!("{}", Listening::new("admin", admin_addr));
+        println!("{}", Listening::new(name, addr));
     }
-    tracing::info!(%admin_addr, "admin server listening");
+}
 
-    let admin = Arc::new(Admin::new(Registry::default()));
+async fn run(config: Config, tables: Tables) -> anyhow::Result<()> {
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_addr)
+        .await
+        .with_context(|| format!("binding admin server to {}", config.admin_addr))?;
+    let outbound_listener = tokio::net::TcpListener::bind(config.outbound_addr)
+        .await
+        .with_context(|| format!("binding outbound listener to {}", config.outbound_addr))?;
+    announce("admin", admin_listener.local_addr()?);
+    announce("outbound", outbound_listener.local_addr()?);
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    // The sender stays alive for the life of the process; control-plane watches will feed it.
+    let (_tables_tx, tables_rx) = tokio::sync::watch::channel(Arc::new(tables));
+    let admin = Arc::new(Admin::new(registry, tables_rx.clone()));
+    let outbound = Arc::new(Outbound::new(tables_rx, metrics));
     tokio::select! {
-        res = admin.serve(listener) => res.context("admin server failed"),
+        res = admin.serve(admin_listener) => res.context("admin server failed"),
+        res = outbound.serve(outbound_listener) => res.context("outbound listener failed"),
         _ = tokio::signal::ctrl_c() => {
             tracing::info!("shutting down");
             Ok(())

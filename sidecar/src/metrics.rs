@@ -1,0 +1,121 @@
+//! Golden metrics with Linkerd's names and labels, so Flagger queries and dashboards written for
+//! Linkerd work unchanged, plus `route` and `dst_service` labels the canary judge reads. Every
+//! label value is bounded: directions and classifications are fixed words, authorities and
+//! services come from the route tables (not from arbitrary Host headers, which are folded into
+//! `unknown`), and status codes are at most a few hundred.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Linkerd's latency buckets, in milliseconds.
+pub const LATENCY_BUCKETS_MS: [f64; 25] = [
+    1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 100.0, 200.0, 300.0, 400.0, 500.0,
+    1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 10000.0, 20000.0, 30000.0, 40000.0, 50000.0,
+];
+
+/// Labels of a request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `outbound` or `inbound`.
+    pub direction: &'static str,
+    /// The authority the request was routed by.
+    pub authority: String,
+    /// Route (HTTPRoute rule) name.
+    pub route: String,
+    /// Backend service.
+    pub dst_service: String,
+    /// Backend namespace.
+    pub dst_namespace: String,
+}
+
+/// Labels of a response: the request's plus status and classification.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseLabels {
+    /// `outbound` or `inbound`.
+    pub direction: &'static str,
+    /// The authority the request was routed by.
+    pub authority: String,
+    /// Route (HTTPRoute rule) name.
+    pub route: String,
+    /// Backend service.
+    pub dst_service: String,
+    /// Backend namespace.
+    pub dst_namespace: String,
+    /// HTTP status code; empty when no response was received.
+    pub status_code: String,
+    /// `success`, or `failure` for 5xx and proxy errors.
+    pub classification: &'static str,
+    /// Where a failure came from: `upstream` (the app answered 5xx), `mesh` (the proxy could not
+    /// reach or timed out on the backend), or empty for successes.
+    pub error: &'static str,
+}
+
+/// The proxy's metric families.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// `request_total`.
+    pub requests: Family<RequestLabels, Counter>,
+    /// `response_total`.
+    pub responses: Family<ResponseLabels, Counter>,
+    /// `response_latency_ms`.
+    pub latency: Family<ResponseLabels, Histogram>,
+}
+
+impl Metrics {
+    /// Creates the families and registers them.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            responses: Family::default(),
+            latency: Family::new_with_constructor(|| {
+                Histogram::new(LATENCY_BUCKETS_MS.iter().copied())
+            }),
+        };
+        registry.register("request", "Requests sent or received", m.requests.clone());
+        registry.register(
+            "response",
+            "Responses sent or received",
+            m.responses.clone(),
+        );
+        registry.register(
+            "response_latency_ms",
+            "Time from request to response headers, in milliseconds",
+            m.latency.clone(),
+        );
+        m
+    }
+
+    /// Records a finished request.
+    pub fn record(
+        &self,
+        req: &RequestLabels,
+        status: Option<u16>,
+        mesh_error: bool,
+        took: Duration,
+    ) {
+        let failure = mesh_error || status.is_none_or(|s| s >= 500);
+        let labels = ResponseLabels {
+            direction: req.direction,
+            authority: req.authority.clone(),
+            route: req.route.clone(),
+            dst_service: req.dst_service.clone(),
+            dst_namespace: req.dst_namespace.clone(),
+            status_code: status.map(|s| s.to_string()).unwrap_or_default(),
+            classification: if failure { "failure" } else { "success" },
+            error: match (failure, mesh_error) {
+                (false, _) => "",
+                (true, true) => "mesh",
+                (true, false) => "upstream",
+            },
+        };
+        self.responses.get_or_create(&labels).inc();
+        self.latency
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64() * 1000.0);
+    }
+}

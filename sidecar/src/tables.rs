@@ -1,0 +1,104 @@
+//! The proxy's view of the mesh: route tables by authority and endpoints by service, swapped as a
+//! whole whenever the control plane (or the static config) changes them, and read lock-free per
+//! request through a `tokio::sync::watch` receiver.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mesh_core::proxy_api::{Endpoint, Endpoints, RouteTable, ServiceRef, StaticConfig};
+use mesh_core::routing::{CompiledRoutes, RouteRegexError};
+
+/// Everything the outbound path routes by.
+#[derive(Clone, Debug, Default)]
+pub struct Tables {
+    /// Route tables by parent service.
+    pub routes: BTreeMap<ServiceRef, CompiledRoutes>,
+    /// Ready endpoints by service.
+    pub endpoints: BTreeMap<ServiceRef, Vec<Endpoint>>,
+}
+
+impl Tables {
+    /// Builds tables from a static config; a bad regex is an error naming its route.
+    pub fn from_config(config: &StaticConfig) -> Result<Self, RouteRegexError> {
+        let mut t = Self::default();
+        for table in &config.routes {
+            t.routes
+                .insert(table.parent.clone(), CompiledRoutes::new(table.clone())?);
+        }
+        for e in &config.endpoints {
+            t.endpoints.insert(e.service.clone(), e.endpoints.clone());
+        }
+        Ok(t)
+    }
+
+    /// The tables in their wire form, for `/config`.
+    pub fn to_config(&self) -> StaticConfig {
+        StaticConfig {
+            routes: self
+                .routes
+                .values()
+                .map(|r| r.table().clone())
+                .collect::<Vec<RouteTable>>(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|(service, endpoints)| Endpoints {
+                    service: service.clone(),
+                    endpoints: endpoints.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether `service` has at least one ready endpoint.
+    pub fn available(&self, service: &ServiceRef) -> bool {
+        self.endpoints.get(service).is_some_and(|e| !e.is_empty())
+    }
+}
+
+/// The shared, swappable tables.
+pub type SharedTables = tokio::sync::watch::Receiver<Arc<Tables>>;
+
+/// Turns what a client put in Host (or an absolute-form URI) into the service it means:
+/// `name:port` is in namespace `default`; `name.ns`, `name.ns.svc` and
+/// `name.ns.svc.cluster.local` all name service `name` in `ns`. Port 80 is implied when absent.
+pub fn parse_authority(authority: &str) -> Option<ServiceRef> {
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse().ok()?),
+        None => (authority, 80),
+    };
+    let host = host
+        .trim_end_matches('.')
+        .trim_end_matches(".cluster.local")
+        .trim_end_matches(".svc");
+    let mut parts = host.split('.');
+    let name = parts.next().filter(|n| !n.is_empty())?;
+    let namespace = parts.next().unwrap_or("default");
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(ServiceRef::new(name, namespace, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities_name_services_the_kubernetes_way() {
+        let web = ServiceRef::new("web", "default", 8080);
+        assert_eq!(parse_authority("web:8080"), Some(web.clone()));
+        assert_eq!(parse_authority("web.default:8080"), Some(web.clone()));
+        assert_eq!(parse_authority("web.default.svc:8080"), Some(web.clone()));
+        assert_eq!(
+            parse_authority("web.default.svc.cluster.local:8080"),
+            Some(web)
+        );
+        assert_eq!(
+            parse_authority("web.shop"),
+            Some(ServiceRef::new("web", "shop", 80))
+        );
+        assert_eq!(parse_authority("example.com.evil.org:80"), None);
+        assert_eq!(parse_authority("web:http"), None);
+    }
+}
