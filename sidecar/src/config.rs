@@ -22,6 +22,14 @@ pub const DEFAULT_OUTBOUND_ADDR: SocketAddr =
 /// `--config FILE` flag sets the same.
 pub const ENV_CONFIG_FILE: &str = "MESH_PROXY_CONFIG";
 
+/// The control plane's proxy API (`host:port`); when set, routes and endpoints come from its
+/// watch streams.
+pub const ENV_CONTROL_PLANE_ADDR: &str = "MESH_PROXY_CONTROL_PLANE_ADDR";
+
+/// Authorities to watch from the start (comma-separated `name.namespace:port`); others are
+/// watched on their first request.
+pub const ENV_WATCH: &str = "MESH_PROXY_WATCH";
+
 /// Typed proxy configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -31,6 +39,10 @@ pub struct Config {
     pub outbound_addr: SocketAddr,
     /// Static config file, if any.
     pub config_file: Option<std::path::PathBuf>,
+    /// Control plane proxy API address, if any.
+    pub control_plane: Option<String>,
+    /// Authorities watched from the start.
+    pub watch: Vec<mesh_core::proxy_api::ServiceRef>,
 }
 
 impl Config {
@@ -40,6 +52,23 @@ impl Config {
             admin_addr: env.parse_or(ENV_ADMIN_ADDR, DEFAULT_ADMIN_ADDR)?,
             outbound_addr: env.parse_or(ENV_OUTBOUND_ADDR, DEFAULT_OUTBOUND_ADDR)?,
             config_file: env.parse(ENV_CONFIG_FILE)?,
+            control_plane: env.parse(ENV_CONTROL_PLANE_ADDR)?,
+            watch: match env.var(ENV_WATCH) {
+                None => Vec::new(),
+                Some(list) => list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| {
+                        a.parse()
+                            .map_err(|e: mesh_core::proxy_api::ServiceRefError| ConfigError {
+                                name: ENV_WATCH,
+                                value: list.clone(),
+                                reason: e.to_string(),
+                            })
+                    })
+                    .collect::<Result<_, _>>()?,
+            },
         })
     }
 }

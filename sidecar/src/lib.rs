@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod discovery;
 pub mod metrics;
 pub mod outbound;
 pub mod tables;

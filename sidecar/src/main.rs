@@ -9,7 +9,8 @@ use mesh_core::{
     config::{EXIT_CONFIG, ProcessEnv},
 };
 use mesh_sidecar::{
-    admin::Admin, config::Config, metrics::Metrics, outbound::Outbound, tables::Tables,
+    admin::Admin, config::Config, discovery::Discovery, metrics::Metrics, outbound::Outbound,
+    tables::Tables,
 };
 use prometheus_client::registry::Registry;
 
@@ -91,10 +92,23 @@ async fn run(config: Config, tables: Tables) -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
-    // The sender stays alive for the life of the process; control-plane watches will feed it.
-    let (_tables_tx, tables_rx) = tokio::sync::watch::channel(Arc::new(tables));
+    // The sender lives as long as the process: discovery (if any) publishes through it.
+    let (tables_tx, tables_rx) = tokio::sync::watch::channel(Arc::new(tables));
+    let discovery = config.control_plane.as_ref().map(|addr| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap_or_default();
+        Discovery::new(addr, client, tables_tx.clone())
+    });
+    if let Some(d) = &discovery {
+        for authority in &config.watch {
+            d.watch_authority(authority);
+        }
+    }
     let admin = Arc::new(Admin::new(registry, tables_rx.clone()));
-    let outbound = Arc::new(Outbound::new(tables_rx, metrics));
+    let outbound = Arc::new(Outbound::new(tables_rx, metrics, discovery));
     tokio::select! {
         res = admin.serve(admin_listener) => res.context("admin server failed"),
         res = outbound.serve(outbound_listener) => res.context("outbound listener failed"),

@@ -19,6 +19,7 @@ use mesh_core::proxy_api::{RouteFilter, RouteRule, ServiceRef};
 use mesh_core::routing::{RequestParts, pick_backend};
 use tokio::net::TcpListener;
 
+use crate::discovery::Discovery;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::tables::{SharedTables, Tables, parse_authority};
 
@@ -34,13 +35,14 @@ type Body = BoxBody<Bytes, hyper::Error>;
 #[derive(Debug)]
 pub struct Outbound {
     tables: SharedTables,
+    discovery: Option<Discovery>,
     metrics: Metrics,
     client: Client<HttpConnector, Incoming>,
 }
 
 impl Outbound {
     /// A proxy routing by `tables` and recording into `metrics`.
-    pub fn new(tables: SharedTables, metrics: Metrics) -> Self {
+    pub fn new(tables: SharedTables, metrics: Metrics, discovery: Option<Discovery>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
@@ -49,6 +51,7 @@ impl Outbound {
             .build(connector);
         Self {
             tables,
+            discovery,
             metrics,
             client,
         }
@@ -95,7 +98,7 @@ impl Outbound {
                 &format!("authority {authority:?} is not a service name"),
             );
         };
-        let tables = self.tables.borrow().clone();
+        let tables = self.discover(&service).await;
         let Some((rule, route_name)) = select_rule(&tables, &service, &req) else {
             return error(
                 StatusCode::NOT_FOUND,
@@ -211,6 +214,31 @@ impl Outbound {
         }
     }
 }
+
+impl Outbound {
+    /// The tables, after making sure discovery watches `service`: the first request to an
+    /// authority starts its watches and waits (briefly) for their first answer.
+    async fn discover(&self, service: &ServiceRef) -> Arc<Tables> {
+        let current = self.tables.borrow().clone();
+        let Some(discovery) = &self.discovery else {
+            return current;
+        };
+        if current.resolved(service) {
+            return current;
+        }
+        discovery.watch_authority(service);
+        let mut rx = self.tables.clone();
+        let wait = rx.wait_for(|t| t.resolved(service));
+        match tokio::time::timeout(DISCOVERY_WAIT, wait).await {
+            Ok(Ok(t)) => t.clone(),
+            _ => self.tables.borrow().clone(),
+        }
+    }
+}
+
+/// How long a request to a new authority waits for discovery before it is answered from what
+/// is known (a 404 or 503 naming the authority).
+pub const DISCOVERY_WAIT: Duration = Duration::from_secs(2);
 
 /// The rule a request takes and its metrics name. A service with no route table gets one
 /// catch-all rule to itself, as Linkerd does for unrouted services.

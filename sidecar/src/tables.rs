@@ -13,8 +13,10 @@ use mesh_core::routing::{CompiledRoutes, RouteRegexError};
 pub struct Tables {
     /// Route tables by parent service.
     pub routes: BTreeMap<ServiceRef, CompiledRoutes>,
-    /// Ready endpoints by service.
+    /// Ready endpoints by service; an empty list means "known to have none".
     pub endpoints: BTreeMap<ServiceRef, Vec<Endpoint>>,
+    /// Authorities whose route watch has answered at least once (with or without a table).
+    pub answered_routes: std::collections::BTreeSet<ServiceRef>,
 }
 
 impl Tables {
@@ -47,6 +49,22 @@ impl Tables {
                     endpoints: endpoints.clone(),
                 })
                 .collect(),
+        }
+    }
+
+    /// Whether discovery has answered everything a request to `authority` needs: its route table
+    /// (or that it has none) and the endpoints of every backend the table names.
+    pub fn resolved(&self, authority: &ServiceRef) -> bool {
+        match self.routes.get(authority) {
+            Some(r) => r
+                .table()
+                .rules
+                .iter()
+                .flat_map(|rule| &rule.backends)
+                .all(|b| self.endpoints.contains_key(&b.service)),
+            None => {
+                self.answered_routes.contains(authority) && self.endpoints.contains_key(authority)
+            }
         }
     }
 

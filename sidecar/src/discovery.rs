@@ -1,0 +1,168 @@
+//! Discovery from the control plane: long-lived watch streams of route tables (per authority)
+//! and endpoints (per backend service), merged into the proxy's [`Tables`].
+//!
+//! Each stream is newline-delimited JSON, one whole value per line (see
+//! `mesh_core::proxy_api`). A broken stream keeps the last value it delivered (fail static) and
+//! reconnects with backoff; the first line after a reconnect replaces whatever was held, so a
+//! resync needs no special case. Route tables name backends, and watching a table starts
+//! watches of its backends' endpoints.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_core::proxy_api::{
+    Endpoints, RouteTable, ServiceRef, Update, WATCH_ENDPOINTS_PATH, WATCH_ROUTES_PATH,
+};
+use mesh_core::routing::CompiledRoutes;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::tables::Tables;
+
+/// Longest wait between reconnects.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Starts and owns the watches.
+#[derive(Clone, Debug)]
+pub struct Discovery {
+    base: String,
+    client: reqwest::Client,
+    tables: watch::Sender<Arc<Tables>>,
+    watched_routes: Arc<Mutex<BTreeSet<ServiceRef>>>,
+    watched_endpoints: Arc<Mutex<BTreeSet<ServiceRef>>>,
+}
+
+impl Discovery {
+    /// Discovery from the control plane at `addr` (`host:port`), publishing into `tables`.
+    pub fn new(addr: &str, client: reqwest::Client, tables: watch::Sender<Arc<Tables>>) -> Self {
+        Self {
+            base: format!("http://{addr}"),
+            client,
+            tables,
+            watched_routes: Arc::default(),
+            watched_endpoints: Arc::default(),
+        }
+    }
+
+    /// Watches the routes of `authority` (idempotent), and the endpoints it leads to.
+    pub fn watch_authority(&self, authority: &ServiceRef) {
+        let fresh = self
+            .watched_routes
+            .lock()
+            .map(|mut w| w.insert(authority.clone()))
+            .unwrap_or(false);
+        if !fresh {
+            return;
+        }
+        // An authority with no HTTPRoute is served by its own endpoints.
+        self.watch_endpoints(authority);
+        let this = self.clone();
+        let key = authority.clone();
+        let url = format!("{}{WATCH_ROUTES_PATH}?authority={key}", self.base);
+        tokio::spawn(async move {
+            this.stream::<RouteTable>(url, |this, update| {
+                let key = key.clone();
+                if let Some(table) = &update.value {
+                    for rule in &table.rules {
+                        for b in &rule.backends {
+                            this.watch_endpoints(&b.service);
+                        }
+                    }
+                }
+                let compiled = update
+                    .value
+                    .map(CompiledRoutes::new)
+                    .transpose()
+                    .map_err(|e| tracing::warn!(%key, error = %e, "ignoring route table"));
+                if let Ok(compiled) = compiled {
+                    this.tables.send_modify(|t| {
+                        let t = Arc::make_mut(t);
+                        t.answered_routes.insert(key.clone());
+                        match compiled {
+                            Some(c) => t.routes.insert(key, c),
+                            None => t.routes.remove(&key),
+                        };
+                    });
+                }
+            })
+            .await;
+        });
+    }
+
+    fn watch_endpoints(&self, service: &ServiceRef) {
+        let fresh = self
+            .watched_endpoints
+            .lock()
+            .map(|mut w| w.insert(service.clone()))
+            .unwrap_or(false);
+        if !fresh {
+            return;
+        }
+        let this = self.clone();
+        let key = service.clone();
+        let url = format!("{}{WATCH_ENDPOINTS_PATH}?service={key}", self.base);
+        tokio::spawn(async move {
+            this.stream::<Endpoints>(url, |this, update| {
+                let key = key.clone();
+                this.tables.send_modify(|t| {
+                    let t = Arc::make_mut(t);
+                    // An unknown service is known to have no endpoints: the entry stays, empty.
+                    let endpoints = update.value.map(|e| e.endpoints).unwrap_or_default();
+                    t.endpoints.insert(key, endpoints);
+                });
+            })
+            .await;
+        });
+    }
+
+    /// Follows one stream forever, reconnecting with backoff; `apply` sees each newer update.
+    async fn stream<T: DeserializeOwned>(&self, url: String, apply: impl Fn(&Self, Update<T>)) {
+        let mut version = 0u64;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.follow(&url, &mut version, &apply).await {
+                Ok(()) => tracing::info!(%url, "watch ended; reconnecting"),
+                Err(error) => tracing::warn!(%url, %error, "watch failed; keeping last config"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn follow<T: DeserializeOwned>(
+        &self,
+        url: &str,
+        version: &mut u64,
+        apply: &impl Fn(&Self, Update<T>),
+    ) -> Result<(), String> {
+        let mut rsp = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        let mut first = true;
+        while let Some(chunk) = rsp.chunk().await.map_err(|e| e.to_string())? {
+            buf.extend_from_slice(&chunk);
+            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let update: Update<T> = serde_json::from_slice(&line)
+                    .map_err(|e| format!("bad update from {url}: {e}"))?;
+                // After a reconnect the control plane may have restarted with a lower version;
+                // its first message is the truth.
+                if first || update.version > *version {
+                    *version = update.version;
+                    first = false;
+                    apply(self, update);
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,207 @@
+//! `mesh-proxy` fed by watch streams: a weight change reaches it, it keeps serving its last
+//! config while the control plane is gone (fail static), and resyncs when it comes back.
+//!
+//! The control plane here is a small stand-in speaking the proxy API (NDJSON watch streams over
+//! h2c, `mesh_core::proxy_api`); the real control plane has its own end-to-end test of the same
+//! streams.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{Full, channel::Channel};
+use hyper::{Request, Response, body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_core::proxy_api::{
+    Endpoint, Endpoints, RouteRule, RouteTable, ServiceRef, Update, WeightedBackend,
+};
+use mesh_test_support::assert_eventually;
+use mesh_test_support::process::MeshBinary;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+#[derive(Clone)]
+struct State {
+    version: u64,
+    weights: (u32, u32),
+    v1: SocketAddr,
+    v2: SocketAddr,
+}
+
+fn svc(name: &str) -> ServiceRef {
+    ServiceRef::new(name, "default", 80)
+}
+
+fn line<T: serde::Serialize>(version: u64, value: Option<T>) -> Bytes {
+    let mut s = serde_json::to_string(&Update { version, value }).unwrap();
+    s.push('\n');
+    Bytes::from(s)
+}
+
+fn answer(path: &str, query: &str, st: &State) -> Bytes {
+    if path == "/v1/watch/routes" {
+        assert_eq!(query, "authority=web.default:80");
+        let table = RouteTable {
+            parent: svc("web"),
+            rules: vec![RouteRule {
+                name: "split".into(),
+                backends: vec![
+                    WeightedBackend {
+                        service: svc("web-primary"),
+                        weight: st.weights.0,
+                    },
+                    WeightedBackend {
+                        service: svc("web-canary"),
+                        weight: st.weights.1,
+                    },
+                ],
+                ..Default::default()
+            }],
+        };
+        line(st.version, Some(table))
+    } else {
+        let service: ServiceRef = query.trim_start_matches("service=").parse().unwrap();
+        let addr = match service.name.as_str() {
+            "web-primary" => Some(st.v1),
+            "web-canary" => Some(st.v2),
+            _ => None,
+        };
+        line(
+            st.version,
+            addr.map(|addr| Endpoints {
+                service,
+                endpoints: vec![Endpoint {
+                    addr,
+                    identity: None,
+                    labels: Default::default(),
+                }],
+            }),
+        )
+    }
+}
+
+/// Serves watch streams from `state` on `listener` until the returned set is dropped.
+fn control_plane(listener: tokio::net::TcpListener, state: watch::Receiver<State>) -> JoinSet<()> {
+    let mut set = JoinSet::new();
+    let conns = Arc::new(std::sync::Mutex::new(JoinSet::new()));
+    let keep = conns.clone();
+    set.spawn(async move {
+        let _keep = keep;
+        loop {
+            let (io, _) = listener.accept().await.unwrap();
+            let state = state.clone();
+            conns.lock().unwrap().spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let mut state = state.clone();
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let query = req.uri().query().unwrap_or("").to_string();
+                        let (mut tx, body) = Channel::<Bytes, Infallible>::new(4);
+                        tokio::spawn(async move {
+                            loop {
+                                let st = state.borrow_and_update().clone();
+                                if tx.send_data(answer(&path, &query, &st)).await.is_err() {
+                                    return;
+                                }
+                                if state.changed().await.is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                        Ok::<_, Infallible>(Response::new(body))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(io), svc)
+                    .await;
+            });
+        }
+    });
+    set
+}
+
+async fn app(version: &'static str) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (io, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: Request<Incoming>| async move {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(version))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(io), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn versions(client: &reqwest::Client, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let rsp = client.get("http://web.default:80/").send().await.unwrap();
+        out.push(rsp.text().await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn weight_changes_reach_the_proxy_and_it_fails_static() {
+    let (v1, v2) = (app("v1").await, app("v2").await);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cp_addr = listener.local_addr().unwrap();
+    let (state_tx, state_rx) = watch::channel(State {
+        version: 1,
+        weights: (100, 0),
+        v1,
+        v2,
+    });
+    let cp = control_plane(listener, state_rx.clone());
+
+    let proxy = MeshBinary::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+        .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
+        .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
+        .env("MESH_PROXY_CONTROL_PLANE_ADDR", cp_addr.to_string())
+        .listener("admin")
+        .listener("outbound")
+        .run()
+        .unwrap();
+    let _ = mesh_test_support::http_client();
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{}", proxy.addr("outbound"))).unwrap())
+        .build()
+        .unwrap();
+
+    // The first request to the authority starts discovery and waits for it.
+    assert!(versions(&client, 20).await.iter().all(|v| v == "v1"));
+
+    state_tx.send_modify(|s| {
+        s.version = 2;
+        s.weights = (0, 100);
+    });
+    assert_eventually!(
+        versions(&client, 10).await.iter().all(|v| v == "v2"),
+        "weight change 0/100 never reached the proxy"
+    );
+
+    // Control plane gone: the proxy keeps its last config.
+    drop(cp);
+    assert!(versions(&client, 20).await.iter().all(|v| v == "v2"));
+
+    // It comes back (a restart, with a lower version): the proxy resyncs to what it says.
+    state_tx.send_modify(|s| {
+        s.version = 1;
+        s.weights = (100, 0);
+    });
+    let listener = tokio::net::TcpListener::bind(cp_addr).await.unwrap();
+    let _cp = control_plane(listener, state_rx);
+    assert_eventually!(
+        versions(&client, 10).await.iter().all(|v| v == "v1"),
+        "the proxy did not resync after the control plane returned"
+    );
+}
