@@ -1,7 +1,159 @@
 //! The control plane, `mesh-controlplane`: the single source of truth that tells every proxy
 //! where traffic goes and who it is. It stores resources (an embedded transactional store, or
-//! the Kubernetes API through reflectors), turns them into per-authority route tables,
-//! per-backend endpoint sets and per-port inbound policy in pure indexes, streams those to the
-//! sidecars over long-lived mTLS watches, and acts as the CA that issues workload certificates.
-//! Empty until the control-plane work lands; the crate exists so the workspace has its final
-//! shape.
+//! the Kubernetes API through reflectors) behind one [`store::ResourceStore`] trait and serves
+//! them over a kubectl-style HTTP API ([`api`]); a pure [`index`] turns HTTPRoutes and workload
+//! registrations into per-authority route tables and per-service endpoint sets, which long-lived
+//! watch streams ([`proxy`]) carry to the sidecars; and it is the CA ([`identity`]) that issues
+//! workload certificates.
+
+pub mod api;
+pub mod config;
+pub mod http;
+pub mod identity;
+pub mod index;
+pub mod proxy;
+pub mod store;
+pub mod workloads;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use mesh_crds::validate::ResourceKind;
+use tokio::net::TcpListener;
+
+use crate::{
+    config::Config,
+    identity::{Ca, IdentityError},
+    index::Index,
+    proxy::Shared,
+    store::{
+        EventType, ObjectKey, ResourceStore, Selector, StoreError, Watcher, embedded::EmbeddedStore,
+    },
+    workloads::Leases,
+};
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be opened.
+    #[error("opening the resource store: {0}")]
+    Store(#[from] StoreError),
+    /// The CA could not be loaded or created.
+    #[error("loading the identity CA: {0}")]
+    Identity(#[from] IdentityError),
+}
+
+/// A control plane with its state opened, ready to serve.
+pub struct ControlPlane {
+    store: EmbeddedStore,
+    shared: Arc<Shared>,
+}
+
+impl ControlPlane {
+    /// Opens the store and the CA in the configured state directory.
+    pub fn open(config: &Config) -> Result<Self, StartError> {
+        let store = EmbeddedStore::open(&config.state_dir, config.watch_history)?;
+        let ca = Ca::load_or_create(
+            &config.state_dir,
+            &config.trust_domain,
+            config.cert_lifetime,
+        )?;
+        // Versions proxies see start from the clock, so they keep growing across restarts of
+        // the control plane and a proxy never mistakes a fresh value for a stale one.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
+            .unwrap_or_default();
+        Ok(Self {
+            store,
+            shared: Arc::new(Shared {
+                index: Mutex::new(Index::new(seed)),
+                leases: Mutex::new(Leases::new(config.workload_ttl)),
+                ca,
+            }),
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &EmbeddedStore {
+        &self.store
+    }
+
+    /// Serves the resource API and the proxy API until the process ends.
+    pub async fn serve(self, api: TcpListener, proxy: TcpListener) {
+        let store = Arc::new(self.store.clone());
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(feed_index(self.store.clone(), Arc::clone(&self.shared)));
+        tokio::spawn(sweep_workloads(Arc::clone(&self.shared)));
+        let api_server = http::serve(api, "api", move |req| api::handle(Arc::clone(&store), req));
+        let proxy_server = http::serve(proxy, "proxy", move |req| {
+            proxy::handle(Arc::clone(&shared), req)
+        });
+        tokio::join!(api_server, proxy_server);
+    }
+}
+
+/// Keeps the index in step with the store's HTTPRoutes: a snapshot resets it, deltas follow, and
+/// a watch that falls out of the store's history starts over with a fresh snapshot.
+async fn feed_index<S: ResourceStore>(store: S, shared: Arc<Shared>) {
+    let selector = Selector::kind(ResourceKind::HttpRoute, None);
+    loop {
+        let mut watcher = match store.watch(selector.clone(), None) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch HTTPRoutes; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut snapshot = Vec::new();
+        let mut synced = false;
+        loop {
+            let event = match watcher.next().await {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTPRoute watch ended; relisting");
+                    break;
+                }
+            };
+            let route = index::parse_route(&event.object);
+            match (event.kind, synced) {
+                (EventType::Bookmark, false) => {
+                    shared.index().reset_routes(&snapshot);
+                    snapshot.clear();
+                    synced = true;
+                }
+                (EventType::Bookmark, true) => {}
+                (EventType::Added | EventType::Modified, false) => snapshot.extend(route),
+                (EventType::Added | EventType::Modified, true) => {
+                    if let Some(route) = route {
+                        shared.index().apply_route(&route);
+                    }
+                }
+                (EventType::Deleted, _) => {
+                    let key = ObjectKey::of(ResourceKind::HttpRoute, &event.object);
+                    shared.index().delete_route(&key.namespace, &key.name);
+                }
+            }
+        }
+    }
+}
+
+async fn sweep_workloads(shared: Arc<Shared>) {
+    let ttl = shared
+        .leases
+        .lock()
+        .map(|l| l.ttl())
+        .unwrap_or(Duration::from_secs(30));
+    // Sweep a few times per TTL so a dead workload leaves within about 1.25 TTL.
+    let mut tick = tokio::time::interval((ttl / 4).max(Duration::from_millis(50)));
+    loop {
+        tick.tick().await;
+        let expired = shared.expire_workloads(Instant::now());
+        if expired > 0 {
+            tracing::info!(expired, "workload leases expired");
+        }
+    }
+}

@@ -6,6 +6,7 @@
 
 pub mod canary;
 pub mod metric_template;
+pub mod validate;
 
 pub use canary::{Canary, CanaryPhase, CanarySpec, CanaryStatus};
 pub use metric_template::{MetricTemplate, MetricTemplateSpec};

@@ -1,0 +1,467 @@
+//! `mesh apply`, `mesh get` and `mesh delete`: kubectl-style commands against the control
+//! plane's resource API.
+//!
+//! Files are parsed here, so a malformed YAML document is reported with its file and line before
+//! anything is sent; everything else (types, required fields, rules such as `stepWeight <=
+//! maxWeight`) is checked by the control plane, which rejects the whole batch and names the
+//! field at fault. The error is mapped back to the file and document it came from.
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context, anyhow, bail};
+use mesh_crds::validate::ResourceKind;
+use serde_json::{Value, json};
+
+/// Where the control plane is and which namespace to work in.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Conn {
+    /// The control plane's resource API.
+    #[arg(long, env = "MESH_SERVER", default_value = "http://127.0.0.1:4180")]
+    pub server: String,
+    /// Namespace of the resources.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+}
+
+/// Output formats of `mesh get`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Output {
+    /// Whole objects as YAML.
+    Yaml,
+    /// Whole objects as JSON.
+    Json,
+}
+
+/// What to do.
+#[derive(Debug)]
+pub enum Action {
+    /// `mesh apply -f ...`.
+    Apply(Vec<PathBuf>),
+    /// `mesh get KIND [NAME]`.
+    Get {
+        /// The kind as typed.
+        kind: String,
+        /// One name, or all.
+        name: Option<String>,
+        /// Output format; a table when none.
+        output: Option<Output>,
+    },
+    /// `mesh delete KIND NAME`.
+    Delete {
+        /// The kind as typed.
+        kind: String,
+        /// The name.
+        name: String,
+    },
+}
+
+/// Runs a resource command, printing its result or its error.
+#[allow(clippy::print_stderr, reason = "the CLI talks to its user")]
+pub fn run(conn: &Conn, action: Action) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(conn, action)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn client() -> anyhow::Result<reqwest::Client> {
+    // One crypto stack in the workspace: rustls with ring, installed before the first client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .context("building the HTTP client")
+}
+
+async fn execute(conn: &Conn, action: Action) -> anyhow::Result<()> {
+    let client = client()?;
+    let server = conn.server.trim_end_matches('/');
+    match action {
+        Action::Apply(paths) => apply(&client, server, &conn.namespace, &paths).await,
+        Action::Get { kind, name, output } => {
+            let kind = parse_kind(&kind)?;
+            get(
+                &client,
+                server,
+                &conn.namespace,
+                kind,
+                name.as_deref(),
+                output,
+            )
+            .await
+        }
+        Action::Delete { kind, name } => {
+            let kind = parse_kind(&kind)?;
+            let url = object_url(server, kind, &conn.namespace, &name);
+            let resp = send(client.delete(&url), server).await?;
+            check(resp).await?;
+            print_out(&format!(
+                "{}.{} \"{name}\" deleted",
+                kind.kind().to_ascii_lowercase(),
+                kind.group()
+            ));
+            Ok(())
+        }
+    }
+}
+
+#[allow(clippy::print_stdout, reason = "the CLI talks to its user")]
+fn print_out(text: &str) {
+    println!("{text}");
+}
+
+fn parse_kind(kind: &str) -> anyhow::Result<ResourceKind> {
+    ResourceKind::from_user(kind).ok_or_else(|| {
+        anyhow!(
+            "the mesh serves no kind {kind:?}: use canary (canaries), metrictemplate (mt) or \
+             httproute"
+        )
+    })
+}
+
+fn collection_url(server: &str, kind: ResourceKind, namespace: &str) -> String {
+    format!(
+        "{server}/apis/{}/{}/namespaces/{namespace}/{}",
+        kind.group(),
+        kind.version(),
+        kind.plural()
+    )
+}
+
+fn object_url(server: &str, kind: ResourceKind, namespace: &str, name: &str) -> String {
+    format!("{}/{name}", collection_url(server, kind, namespace))
+}
+
+async fn send(req: reqwest::RequestBuilder, server: &str) -> anyhow::Result<reqwest::Response> {
+    req.send().await.with_context(|| {
+        format!("cannot reach the control plane at {server} (set --server or MESH_SERVER)")
+    })
+}
+
+/// The response's JSON when it succeeded; its `Status` message as the error otherwise.
+async fn check(resp: reqwest::Response) -> anyhow::Result<Value> {
+    let status = resp.status();
+    let body: Value = resp
+        .json()
+        .await
+        .with_context(|| format!("reading the control plane's answer ({status})"))?;
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(ServerError(body).into())
+    }
+}
+
+/// A `Status` the control plane answered with.
+#[derive(Debug)]
+struct ServerError(Value);
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let reason = self.0["reason"].as_str().unwrap_or("Error");
+        let message = self.0["message"].as_str().unwrap_or("(no message)");
+        write!(f, "from server ({reason}): {message}")
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// One document to apply and where it came from.
+struct Source {
+    file: PathBuf,
+    document: usize,
+}
+
+fn files_of(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("reading directory {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn read_documents(file: &Path) -> anyhow::Result<Vec<Value>> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut docs = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let value: Value = serde::Deserialize::deserialize(doc).map_err(|e| {
+            anyhow!(
+                "{} (document {}): malformed YAML: {e}",
+                file.display(),
+                i + 1
+            )
+        })?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+async fn apply(
+    client: &reqwest::Client,
+    server: &str,
+    namespace: &str,
+    paths: &[PathBuf],
+) -> anyhow::Result<()> {
+    let mut items = Vec::new();
+    let mut sources = Vec::new();
+    for path in paths {
+        for file in files_of(path)? {
+            for (i, doc) in read_documents(&file)?.into_iter().enumerate() {
+                items.push(doc);
+                sources.push(Source {
+                    file: file.clone(),
+                    document: i + 1,
+                });
+            }
+        }
+    }
+    if items.is_empty() {
+        bail!("no objects to apply in {paths:?}");
+    }
+    let body = json!({"apiVersion": "v1", "kind": "List", "items": items});
+    let resp = send(
+        client
+            .post(format!("{server}/apply"))
+            .query(&[("namespace", namespace)])
+            .json(&body),
+        server,
+    )
+    .await?;
+    let result = match check(resp).await {
+        Ok(v) => v,
+        Err(e) => {
+            // Point at the file and document the control plane rejected.
+            if let Some(ServerError(status)) = e.downcast_ref::<ServerError>()
+                && let Some(index) = status["details"]["index"].as_u64()
+                && let Some(source) = usize::try_from(index).ok().and_then(|i| sources.get(i))
+            {
+                let field = status["details"]["causes"][0]["field"].as_str();
+                let message = status["message"].as_str().unwrap_or_default();
+                let message = message
+                    .split_once(": ")
+                    .filter(|(head, _)| head.starts_with("document "))
+                    .map_or(message, |(_, rest)| rest);
+                bail!(
+                    "{} (document {}): {}{message}\nnothing was applied",
+                    source.file.display(),
+                    source.document,
+                    field.map(|f| format!("field {f}: ")).unwrap_or_default(),
+                );
+            }
+            return Err(e.context("nothing was applied"));
+        }
+    };
+    for item in result["items"].as_array().into_iter().flatten() {
+        let object = &item["object"];
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let group = object["apiVersion"]
+            .as_str()
+            .and_then(|v| v.split_once('/'))
+            .map_or("", |(g, _)| g);
+        print_out(&format!(
+            "{}.{group}/{} {}",
+            kind.to_ascii_lowercase(),
+            object["metadata"]["name"].as_str().unwrap_or_default(),
+            item["action"].as_str().unwrap_or_default()
+        ));
+    }
+    Ok(())
+}
+
+async fn get(
+    client: &reqwest::Client,
+    server: &str,
+    namespace: &str,
+    kind: ResourceKind,
+    name: Option<&str>,
+    output: Option<Output>,
+) -> anyhow::Result<()> {
+    let url = match name {
+        Some(name) => object_url(server, kind, namespace, name),
+        None => collection_url(server, kind, namespace),
+    };
+    let body = check(send(client.get(&url), server).await?).await?;
+    match output {
+        Some(Output::Json) => print_out(&serde_json::to_string_pretty(&body)?),
+        Some(Output::Yaml) => print_out(serde_yaml::to_string(&body)?.trim_end()),
+        None => {
+            let items = match name {
+                Some(_) => vec![body],
+                None => body["items"].as_array().cloned().unwrap_or_default(),
+            };
+            if items.is_empty() {
+                #[allow(clippy::print_stderr, reason = "kubectl says this on stderr too")]
+                {
+                    eprintln!("No resources found in {namespace} namespace.");
+                }
+                return Ok(());
+            }
+            print_out(table(kind, &items, chrono::Utc::now()).trim_end());
+        }
+    }
+    Ok(())
+}
+
+fn age(object: &Value, now: chrono::DateTime<chrono::Utc>) -> String {
+    let Some(created) = object["metadata"]["creationTimestamp"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    else {
+        return "<unknown>".into();
+    };
+    let secs = (now - created.with_timezone(&chrono::Utc))
+        .num_seconds()
+        .max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn table(kind: ResourceKind, items: &[Value], now: chrono::DateTime<chrono::Utc>) -> String {
+    let str_of = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
+    let (header, rows): (Vec<&str>, Vec<Vec<String>>) = match kind {
+        ResourceKind::Canary => (
+            vec!["NAME", "STATUS", "WEIGHT", "AGE"],
+            items
+                .iter()
+                .map(|o| {
+                    vec![
+                        str_of(&o["metadata"]["name"]),
+                        o["status"]["phase"].as_str().unwrap_or("").to_string(),
+                        o["status"]["canaryWeight"]
+                            .as_i64()
+                            .unwrap_or(0)
+                            .to_string(),
+                        age(o, now),
+                    ]
+                })
+                .collect(),
+        ),
+        ResourceKind::MetricTemplate => (
+            vec!["NAME", "PROVIDER", "AGE"],
+            items
+                .iter()
+                .map(|o| {
+                    vec![
+                        str_of(&o["metadata"]["name"]),
+                        str_of(&o["spec"]["provider"]["type"]),
+                        age(o, now),
+                    ]
+                })
+                .collect(),
+        ),
+        ResourceKind::HttpRoute => (
+            vec!["NAME", "PARENTS", "BACKENDS", "AGE"],
+            items
+                .iter()
+                .map(|o| {
+                    let parents: Vec<String> = o["spec"]["parentRefs"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| str_of(&p["name"]))
+                        .collect();
+                    let backends: Vec<String> = o["spec"]["rules"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|r| r["backendRefs"].as_array().cloned().unwrap_or_default())
+                        .map(|b| {
+                            format!(
+                                "{}={}",
+                                str_of(&b["name"]),
+                                b["weight"].as_i64().unwrap_or(1)
+                            )
+                        })
+                        .collect();
+                    vec![
+                        str_of(&o["metadata"]["name"]),
+                        parents.join(","),
+                        backends.join(","),
+                        age(o, now),
+                    ]
+                })
+                .collect(),
+        ),
+    };
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = header.iter().map(|h| (*h).to_string()).collect();
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_tables_show_weights() {
+        let now = chrono::Utc::now();
+        let created = (now - chrono::Duration::seconds(90)).to_rfc3339();
+        let route = json!({
+            "metadata": {"name": "web", "creationTimestamp": created},
+            "spec": {"parentRefs": [{"name": "web"}],
+                     "rules": [{"backendRefs": [{"name": "web-primary", "weight": 90},
+                                                {"name": "web-canary", "weight": 10}]}]}
+        });
+        let t = table(ResourceKind::HttpRoute, &[route], now);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("NAME"), "{t}");
+        assert!(lines[1].contains("web-primary=90,web-canary=10"), "{t}");
+        assert!(lines[1].ends_with("90s"), "{t}");
+    }
+
+    #[test]
+    fn kinds_are_named_like_kubectl() {
+        assert!(parse_kind("canaries").is_ok());
+        assert!(parse_kind("HTTPRoute").is_ok());
+        assert!(parse_kind("pods").unwrap_err().to_string().contains("pods"));
+    }
+}

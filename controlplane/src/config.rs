@@ -1,0 +1,137 @@
+//! The control plane's configuration, from `MESH_CONTROLPLANE_*` variables.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use mesh_core::config::{ConfigError, Env};
+
+/// Directory holding the store, the CA and the bootstrap token.
+pub const ENV_STATE_DIR: &str = "MESH_CONTROLPLANE_STATE_DIR";
+/// Address of the resource API (kubectl-style, plain HTTP; keep it on loopback).
+pub const ENV_API_ADDR: &str = "MESH_CONTROLPLANE_API_ADDR";
+/// Address of the proxy API (discovery watches, identity, workload registration).
+pub const ENV_PROXY_ADDR: &str = "MESH_CONTROLPLANE_PROXY_ADDR";
+/// Lifetime of issued leaf certificates, e.g. `24h`.
+pub const ENV_CERT_LIFETIME: &str = "MESH_CONTROLPLANE_CERT_LIFETIME";
+/// The SPIFFE trust domain certificates are issued in.
+pub const ENV_TRUST_DOMAIN: &str = "MESH_CONTROLPLANE_TRUST_DOMAIN";
+/// How long a registered workload stays without a heartbeat, e.g. `30s`.
+pub const ENV_WORKLOAD_TTL: &str = "MESH_CONTROLPLANE_WORKLOAD_TTL";
+/// How many store events watches can resume from.
+pub const ENV_WATCH_HISTORY: &str = "MESH_CONTROLPLANE_WATCH_HISTORY";
+
+/// A duration written like `30s`, `24h` or `500ms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+/// Why a duration did not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("not a positive duration: write it like 30s, 5m, 24h or 500ms")]
+pub struct DurationError;
+
+impl FromStr for HumanDuration {
+    type Err = DurationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match mesh_crds::validate::parse_duration_ms(s) {
+            Some(ms) if ms > 0 => Ok(Self(Duration::from_millis(ms))),
+            _ => Err(DurationError),
+        }
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}ms", self.0.as_millis())
+    }
+}
+
+/// Parsed configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// See [`ENV_STATE_DIR`].
+    pub state_dir: PathBuf,
+    /// See [`ENV_API_ADDR`].
+    pub api_addr: SocketAddr,
+    /// See [`ENV_PROXY_ADDR`].
+    pub proxy_addr: SocketAddr,
+    /// See [`ENV_CERT_LIFETIME`].
+    pub cert_lifetime: Duration,
+    /// See [`ENV_TRUST_DOMAIN`].
+    pub trust_domain: String,
+    /// See [`ENV_WORKLOAD_TTL`].
+    pub workload_ttl: Duration,
+    /// See [`ENV_WATCH_HISTORY`].
+    pub watch_history: usize,
+}
+
+impl Config {
+    /// Reads the configuration from `env`.
+    pub fn from_env(env: &impl Env) -> Result<Self, ConfigError> {
+        let trust_domain: String = env.parse_or(ENV_TRUST_DOMAIN, "cluster.local".to_string())?;
+        if mesh_core::SpiffeId::new(&trust_domain, "x", "x").is_err() {
+            return Err(ConfigError {
+                name: ENV_TRUST_DOMAIN,
+                value: trust_domain,
+                reason: "use lowercase letters, digits, '-' and '.'".into(),
+            });
+        }
+        let watch_history: usize = env.parse_or(ENV_WATCH_HISTORY, 10_000)?;
+        if watch_history == 0 {
+            return Err(ConfigError {
+                name: ENV_WATCH_HISTORY,
+                value: "0".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(Self {
+            state_dir: env.parse_or(ENV_STATE_DIR, PathBuf::from(".mesh/controlplane"))?,
+            api_addr: env.parse_or(ENV_API_ADDR, SocketAddr::from(([127, 0, 0, 1], 4180)))?,
+            proxy_addr: env.parse_or(ENV_PROXY_ADDR, SocketAddr::from(([0, 0, 0, 0], 4181)))?,
+            cert_lifetime: env
+                .parse_or(
+                    ENV_CERT_LIFETIME,
+                    HumanDuration(Duration::from_secs(24 * 3600)),
+                )?
+                .0,
+            trust_domain,
+            workload_ttl: env
+                .parse_or(ENV_WORKLOAD_TTL, HumanDuration(Duration::from_secs(30)))?
+                .0,
+            watch_history,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Config::from_env(&env(&[])).unwrap();
+        assert_eq!(c.api_addr, "127.0.0.1:4180".parse().unwrap());
+        assert_eq!(c.proxy_addr, "0.0.0.0:4181".parse().unwrap());
+        assert_eq!(c.cert_lifetime, Duration::from_secs(86_400));
+        let c = Config::from_env(&env(&[(ENV_CERT_LIFETIME, "90s")])).unwrap();
+        assert_eq!(c.cert_lifetime, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let e = Config::from_env(&env(&[(ENV_CERT_LIFETIME, "forever")])).unwrap_err();
+        assert_eq!(e.name, ENV_CERT_LIFETIME);
+        let e = Config::from_env(&env(&[(ENV_API_ADDR, "nowhere")])).unwrap_err();
+        assert_eq!(e.name, ENV_API_ADDR);
+        let e = Config::from_env(&env(&[(ENV_TRUST_DOMAIN, "Bad Domain")])).unwrap_err();
+        assert_eq!(e.name, ENV_TRUST_DOMAIN);
+    }
+}

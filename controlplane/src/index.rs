@@ -1,0 +1,732 @@
+//! The discovery index: a pure structure that turns HTTPRoutes and workload registrations into
+//! what proxies are told, a [`RouteTable`] per authority and [`Endpoints`] per service.
+//!
+//! Store events and registrations come in through `apply`/`delete`/`reset`; every watched key is
+//! recomputed and republished through a `tokio::sync::watch` channel only when its value
+//! changed, stamped with a version that grows with every change. A watch channel keeps just the
+//! newest value, which is exactly the protocol's promise (each update carries the whole value),
+//! so a slow proxy skips intermediate states instead of queueing them.
+//!
+//! Routing follows Gateway API's GAMMA profile: an HTTPRoute attaches to a Service through a
+//! parentRef of kind `Service`; without a port it applies to every port of the service. Rules
+//! are expanded to one entry per match and ordered by Gateway API precedence (exact path, then
+//! longest prefix, then method, header and query-parameter counts), ties going to the older
+//! route, then to the route's namespace/name, then to rule order.
+
+use std::{cmp::Reverse, collections::BTreeMap};
+
+use mesh_core::proxy_api::{
+    Endpoint, Endpoints, PathMatch, RouteFilter, RouteMatch, RouteRule, RouteTable, ServiceRef,
+    Update, ValueMatch, WeightedBackend, WorkloadRegistration,
+};
+use mesh_crds::HttpRoute;
+use serde_json::Value;
+use tokio::sync::watch;
+
+#[derive(Clone, Debug, PartialEq)]
+struct Parent {
+    name: String,
+    namespace: String,
+    port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Backend {
+    name: String,
+    namespace: String,
+    port: Option<u16>,
+    weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Rule {
+    matches: Vec<RouteMatch>,
+    filters: Vec<RouteFilter>,
+    backends: Vec<Backend>,
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct IndexedRoute {
+    name: String,
+    created: String,
+    parents: Vec<Parent>,
+    rules: Vec<Rule>,
+}
+
+/// The discovery index.
+#[derive(Debug)]
+pub struct Index {
+    version: u64,
+    routes: BTreeMap<(String, String), IndexedRoute>,
+    workloads: BTreeMap<String, WorkloadRegistration>,
+    route_watches: BTreeMap<ServiceRef, watch::Sender<Published<RouteTable>>>,
+    endpoint_watches: BTreeMap<ServiceRef, watch::Sender<Published<Endpoints>>>,
+}
+
+/// A published value and its NDJSON line, encoded once however many streams send it: with a
+/// thousand proxies on one authority, encoding per stream would dominate propagation time.
+#[derive(Clone, Debug)]
+pub struct Published<T> {
+    /// The update.
+    pub update: Update<T>,
+    /// `update` as one JSON line, newline included.
+    pub line: bytes::Bytes,
+}
+
+impl<T: serde::Serialize> Published<T> {
+    fn new(version: u64, value: Option<T>) -> Self {
+        let update = Update { version, value };
+        let line = crate::http::json_line(&update);
+        Self { update, line }
+    }
+}
+
+impl<T> std::ops::Deref for Published<T> {
+    type Target = Update<T>;
+
+    fn deref(&self) -> &Update<T> {
+        &self.update
+    }
+}
+
+fn is_core_service(group: Option<&str>, kind: Option<&str>, default_kind: &str) -> bool {
+    group.is_none_or(str::is_empty) && kind.unwrap_or(default_kind) == "Service"
+}
+
+fn port(p: Option<i32>) -> Option<u16> {
+    p.and_then(|p| u16::try_from(p).ok())
+}
+
+fn convert(route: &HttpRoute) -> IndexedRoute {
+    let namespace = route.metadata.namespace.clone().unwrap_or_default();
+    let parents = route
+        .spec
+        .parent_refs
+        .iter()
+        .flatten()
+        // A parentRef's kind defaults to Gateway; only Service parents are mesh routes.
+        .filter(|p| is_core_service(p.group.as_deref(), p.kind.as_deref(), "Gateway"))
+        .map(|p| Parent {
+            name: p.name.clone(),
+            namespace: p.namespace.clone().unwrap_or_else(|| namespace.clone()),
+            port: port(p.port),
+        })
+        .collect();
+    let rules = route
+        .spec
+        .rules
+        .iter()
+        .flatten()
+        .map(|rule| Rule {
+            matches: rule
+                .matches
+                .iter()
+                .flatten()
+                .map(|m| convert_match(m, &namespace))
+                .collect(),
+            filters: rule
+                .filters
+                .iter()
+                .flatten()
+                .filter_map(|f| {
+                    let m = f.request_header_modifier.as_ref()?;
+                    let pairs = |v: Option<Vec<(String, String)>>| -> BTreeMap<String, String> {
+                        v.unwrap_or_default().into_iter().collect()
+                    };
+                    Some(RouteFilter::RequestHeaderModifier {
+                        set: pairs(m.set.as_ref().map(|s| {
+                            s.iter()
+                                .map(|h| (h.name.clone(), h.value.clone()))
+                                .collect()
+                        })),
+                        add: pairs(m.add.as_ref().map(|s| {
+                            s.iter()
+                                .map(|h| (h.name.clone(), h.value.clone()))
+                                .collect()
+                        })),
+                        remove: m.remove.clone().unwrap_or_default(),
+                    })
+                })
+                .collect(),
+            backends: rule
+                .backend_refs
+                .iter()
+                .flatten()
+                .filter(|b| is_core_service(b.group.as_deref(), b.kind.as_deref(), "Service"))
+                .map(|b| Backend {
+                    name: b.name.clone(),
+                    namespace: b.namespace.clone().unwrap_or_else(|| namespace.clone()),
+                    port: port(b.port),
+                    weight: b.weight.map_or(1, |w| u32::try_from(w).unwrap_or(0)),
+                })
+                .collect(),
+            timeout_ms: rule
+                .timeouts
+                .as_ref()
+                .and_then(|t| t.request.as_deref())
+                .and_then(mesh_crds::validate::parse_duration_ms)
+                // Gateway API: a zero timeout disables it.
+                .filter(|ms| *ms > 0),
+        })
+        .collect();
+    IndexedRoute {
+        name: route.metadata.name.clone().unwrap_or_default(),
+        created: route
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| serde_json::to_value(t).ok())
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        parents,
+        rules,
+    }
+}
+
+fn convert_match(m: &gateway_api_types::HttpRouteRulesMatches, _namespace: &str) -> RouteMatch {
+    use gateway_api_types::{
+        HttpRouteRulesMatchesHeadersType as H, HttpRouteRulesMatchesPathType as P,
+        HttpRouteRulesMatchesQueryParamsType as Q,
+    };
+    let path = m.path.as_ref().map(|p| {
+        let value = p.value.clone().unwrap_or_else(|| "/".into());
+        match p.r#type {
+            Some(P::Exact) => PathMatch::Exact(value),
+            Some(P::RegularExpression) => PathMatch::RegularExpression(value),
+            Some(P::PathPrefix) | None => PathMatch::PathPrefix(value),
+        }
+    });
+    RouteMatch {
+        path,
+        headers: m
+            .headers
+            .iter()
+            .flatten()
+            .map(|h| ValueMatch {
+                name: h.name.clone(),
+                value: h.value.clone(),
+                regex: matches!(h.r#type, Some(H::RegularExpression)),
+            })
+            .collect(),
+        query_params: m
+            .query_params
+            .iter()
+            .flatten()
+            .map(|q| ValueMatch {
+                name: q.name.clone(),
+                value: q.value.clone(),
+                regex: matches!(q.r#type, Some(Q::RegularExpression)),
+            })
+            .collect(),
+        method: m.method.as_ref().and_then(|method| {
+            serde_json::to_value(method)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+        }),
+    }
+}
+
+/// The generated HTTPRoute types, named once.
+mod gateway_api_types {
+    pub use gateway_api::apis::standard::httproutes::{
+        HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
+        HttpRouteRulesMatchesQueryParamsType,
+    };
+}
+
+/// Gateway API precedence of a match: larger sorts first.
+fn precedence(m: Option<&RouteMatch>) -> (u8, usize, bool, usize, usize) {
+    let Some(m) = m else {
+        return (2, 1, false, 0, 0);
+    };
+    let (rank, len) = match &m.path {
+        Some(PathMatch::Exact(p)) => (3, p.len()),
+        Some(PathMatch::PathPrefix(p)) => (2, p.len()),
+        Some(PathMatch::RegularExpression(p)) => (1, p.len()),
+        None => (2, 1),
+    };
+    (
+        rank,
+        len,
+        m.method.is_some(),
+        m.headers.len(),
+        m.query_params.len(),
+    )
+}
+
+impl Index {
+    /// An empty index whose first published version is `initial_version + 1`. The control plane
+    /// seeds it from the clock so versions keep growing across its restarts, which proxies rely
+    /// on to tell new values from old.
+    pub fn new(initial_version: u64) -> Self {
+        Self {
+            version: initial_version,
+            routes: BTreeMap::new(),
+            workloads: BTreeMap::new(),
+            route_watches: BTreeMap::new(),
+            endpoint_watches: BTreeMap::new(),
+        }
+    }
+
+    /// The version of the latest change.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Adds or replaces an HTTPRoute.
+    pub fn apply_route(&mut self, route: &HttpRoute) {
+        let key = (
+            route.metadata.namespace.clone().unwrap_or_default(),
+            route.metadata.name.clone().unwrap_or_default(),
+        );
+        self.routes.insert(key, convert(route));
+        self.publish();
+    }
+
+    /// Removes an HTTPRoute.
+    pub fn delete_route(&mut self, namespace: &str, name: &str) {
+        if self
+            .routes
+            .remove(&(namespace.to_string(), name.to_string()))
+            .is_some()
+        {
+            self.publish();
+        }
+    }
+
+    /// Replaces every HTTPRoute, as after a relist.
+    pub fn reset_routes(&mut self, routes: &[HttpRoute]) {
+        self.routes = routes
+            .iter()
+            .map(|r| {
+                (
+                    (
+                        r.metadata.namespace.clone().unwrap_or_default(),
+                        r.metadata.name.clone().unwrap_or_default(),
+                    ),
+                    convert(r),
+                )
+            })
+            .collect();
+        self.publish();
+    }
+
+    /// Adds or replaces a workload registration.
+    pub fn apply_workload(&mut self, id: &str, registration: WorkloadRegistration) {
+        self.workloads.insert(id.to_string(), registration);
+        self.publish();
+    }
+
+    /// Removes a workload registration.
+    pub fn delete_workload(&mut self, id: &str) {
+        if self.workloads.remove(id).is_some() {
+            self.publish();
+        }
+    }
+
+    /// Follows the route table of `authority`.
+    pub fn watch_routes(
+        &mut self,
+        authority: &ServiceRef,
+    ) -> watch::Receiver<Published<RouteTable>> {
+        if let Some(tx) = self.route_watches.get(authority) {
+            return tx.subscribe();
+        }
+        let update = Published::new(self.version, self.route_table(authority));
+        let (tx, rx) = watch::channel(update);
+        self.route_watches.insert(authority.clone(), tx);
+        rx
+    }
+
+    /// Follows the endpoints of `service`.
+    pub fn watch_endpoints(
+        &mut self,
+        service: &ServiceRef,
+    ) -> watch::Receiver<Published<Endpoints>> {
+        if let Some(tx) = self.endpoint_watches.get(service) {
+            return tx.subscribe();
+        }
+        let update = Published::new(self.version, self.endpoints(service));
+        let (tx, rx) = watch::channel(update);
+        self.endpoint_watches.insert(service.clone(), tx);
+        rx
+    }
+
+    fn has_workloads(&self, service: &ServiceRef) -> bool {
+        self.workloads.values().any(|w| &w.service == service)
+    }
+
+    /// The route table proxies get for `authority`: its HTTPRoutes' rules in precedence order,
+    /// a catch-all to the service itself when it has workloads but no routes, else `None`.
+    pub fn route_table(&self, authority: &ServiceRef) -> Option<RouteTable> {
+        let mut routes: Vec<&IndexedRoute> = self
+            .routes
+            .values()
+            .filter(|r| {
+                r.parents.iter().any(|p| {
+                    p.name == authority.name
+                        && p.namespace == authority.namespace
+                        && p.port.is_none_or(|port| port == authority.port)
+                })
+            })
+            .collect();
+        // BTreeMap order is namespace/name already; a stable sort by age keeps it for ties.
+        routes.sort_by(|a, b| a.created.cmp(&b.created));
+        let mut rules = Vec::new();
+        for route in routes {
+            for rule in &route.rules {
+                let backends: Vec<WeightedBackend> = rule
+                    .backends
+                    .iter()
+                    .map(|b| WeightedBackend {
+                        service: ServiceRef::new(
+                            b.name.clone(),
+                            b.namespace.clone(),
+                            b.port.unwrap_or(authority.port),
+                        ),
+                        weight: b.weight,
+                    })
+                    .collect();
+                let matches: Vec<Option<&RouteMatch>> = if rule.matches.is_empty() {
+                    vec![None]
+                } else {
+                    rule.matches.iter().map(Some).collect()
+                };
+                for m in matches {
+                    rules.push((
+                        precedence(m),
+                        RouteRule {
+                            name: route.name.clone(),
+                            matches: m.cloned().into_iter().collect(),
+                            filters: rule.filters.clone(),
+                            backends: backends.clone(),
+                            timeout_ms: rule.timeout_ms,
+                            retry: None,
+                        },
+                    ));
+                }
+            }
+        }
+        if rules.is_empty() {
+            return self.has_workloads(authority).then(|| RouteTable {
+                parent: authority.clone(),
+                rules: vec![RouteRule {
+                    name: "default".into(),
+                    backends: vec![WeightedBackend {
+                        service: authority.clone(),
+                        weight: 1,
+                    }],
+                    ..RouteRule::default()
+                }],
+            });
+        }
+        rules.sort_by_key(|(p, _)| Reverse(*p));
+        Some(RouteTable {
+            parent: authority.clone(),
+            rules: rules.into_iter().map(|(_, r)| r).collect(),
+        })
+    }
+
+    /// The endpoints of `service`: its registered workloads, ordered by address. `None` when no
+    /// workload registered for it and no route sends traffic to it.
+    pub fn endpoints(&self, service: &ServiceRef) -> Option<Endpoints> {
+        let mut endpoints: Vec<Endpoint> = self
+            .workloads
+            .values()
+            .filter(|w| &w.service == service)
+            .map(|w| Endpoint {
+                addr: w.addr,
+                identity: w.identity.clone(),
+                labels: w.labels.clone(),
+            })
+            .collect();
+        endpoints.sort_by_key(|e| e.addr);
+        endpoints.dedup_by_key(|e| e.addr);
+        let referenced = self.routes.values().any(|r| {
+            r.rules.iter().any(|rule| {
+                rule.backends
+                    .iter()
+                    .any(|b| b.name == service.name && b.namespace == service.namespace)
+            })
+        });
+        (!endpoints.is_empty() || referenced).then(|| Endpoints {
+            service: service.clone(),
+            endpoints,
+        })
+    }
+
+    /// Recomputes every watched key and sends the ones that changed, all under one new version.
+    fn publish(&mut self) {
+        // Drop channels nobody follows any more.
+        self.route_watches.retain(|_, tx| tx.receiver_count() > 0);
+        self.endpoint_watches
+            .retain(|_, tx| tx.receiver_count() > 0);
+        let next = self.version + 1;
+        let mut changed = false;
+        let tables: Vec<_> = self
+            .route_watches
+            .keys()
+            .map(|a| (a.clone(), self.route_table(a)))
+            .collect();
+        for (authority, value) in tables {
+            if let Some(tx) = self.route_watches.get(&authority) {
+                changed |= tx.send_if_modified(|u| {
+                    if u.value == value {
+                        return false;
+                    }
+                    *u = Published::new(next, value);
+                    true
+                });
+            }
+        }
+        let sets: Vec<_> = self
+            .endpoint_watches
+            .keys()
+            .map(|s| (s.clone(), self.endpoints(s)))
+            .collect();
+        for (service, value) in sets {
+            if let Some(tx) = self.endpoint_watches.get(&service) {
+                changed |= tx.send_if_modified(|u| {
+                    if u.value == value {
+                        return false;
+                    }
+                    *u = Published::new(next, value);
+                    true
+                });
+            }
+        }
+        // Unwatched keys change too; the version still moves so a later watcher never sees an
+        // older version for a newer value.
+        let _ = changed;
+        self.version = next;
+    }
+}
+
+/// Parses a stored HTTPRoute object for the index.
+pub fn parse_route(object: &Value) -> Option<HttpRoute> {
+    serde_json::from_value(object.clone()).ok()
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "builders read better taking json! values"
+)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn svc(s: &str) -> ServiceRef {
+        s.parse().unwrap()
+    }
+
+    fn mk_route(name: &str, parent: &str, rules: Value) -> HttpRoute {
+        serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {
+                "parentRefs": [{"name": parent, "kind": "Service", "group": "", "port": 80}],
+                "rules": rules
+            }
+        }))
+        .unwrap()
+    }
+
+    fn mk_split(name: &str, primary: i32, canary: i32) -> HttpRoute {
+        mk_route(
+            name,
+            "web",
+            json!([{"backendRefs": [
+                {"name": "web-primary", "port": 80, "weight": primary},
+                {"name": "web-canary", "port": 80, "weight": canary}
+            ]}]),
+        )
+    }
+
+    fn mk_workload(service: &str, addr: &str, version: &str) -> WorkloadRegistration {
+        WorkloadRegistration {
+            service: svc(service),
+            addr: addr.parse().unwrap(),
+            identity: Some("spiffe://cluster.local/ns/default/sa/web".into()),
+            labels: [("version".to_string(), version.to_string())].into(),
+        }
+    }
+
+    fn weights(t: &RouteTable) -> Vec<(String, u32)> {
+        t.rules[0]
+            .backends
+            .iter()
+            .map(|b| (b.service.name.clone(), b.weight))
+            .collect()
+    }
+
+    #[test]
+    fn weights_reach_watchers_with_growing_versions() {
+        let mut index = Index::new(100);
+        let mut rx = index.watch_routes(&svc("web.default:80"));
+        assert_eq!(rx.borrow_and_update().value, None);
+        index.apply_route(&mk_split("web", 90, 10));
+        assert!(rx.has_changed().unwrap());
+        let first = rx.borrow_and_update().update.clone();
+        assert!(first.version > 100);
+        let table = first.value.unwrap();
+        assert_eq!(
+            weights(&table),
+            [("web-primary".into(), 90), ("web-canary".into(), 10)]
+        );
+        assert_eq!(
+            table.rules[0].backends[0].service,
+            svc("web-primary.default:80")
+        );
+
+        index.apply_route(&mk_split("web", 50, 50));
+        let second = rx.borrow_and_update().update.clone();
+        assert!(second.version > first.version);
+        assert_eq!(weights(&second.value.unwrap())[1].1, 50);
+
+        // Re-applying the same route publishes nothing new.
+        index.apply_route(&mk_split("web", 50, 50));
+        assert!(!rx.has_changed().unwrap());
+    }
+
+    #[test]
+    fn routes_attach_only_to_their_parent_port_and_kind() {
+        let mut index = Index::new(0);
+        index.apply_route(&mk_split("web", 90, 10));
+        assert!(index.route_table(&svc("web.default:8080")).is_none());
+        assert!(index.route_table(&svc("web.other:80")).is_none());
+        let gateway: HttpRoute = serde_json::from_value(json!({
+            "metadata": {"name": "gw", "namespace": "default"},
+            "spec": {"parentRefs": [{"name": "web"}],
+                     "rules": [{"backendRefs": [{"name": "x", "port": 80}]}]}
+        }))
+        .unwrap();
+        index.apply_route(&gateway);
+        assert_eq!(
+            index
+                .route_table(&svc("web.default:80"))
+                .unwrap()
+                .rules
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn rules_follow_gateway_api_precedence() {
+        let mut index = Index::new(0);
+        index.apply_route(&mk_route(
+            "web",
+            "web",
+            json!([
+                {"backendRefs": [{"name": "catchall", "port": 80}]},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                 "backendRefs": [{"name": "api", "port": 80}]},
+                {"matches": [{"path": {"type": "Exact", "value": "/api/health"}},
+                             {"path": {"type": "PathPrefix", "value": "/api/v2"}, "method": "POST"}],
+                 "backendRefs": [{"name": "special", "port": 80}]}
+            ]),
+        ));
+        let table = index.route_table(&svc("web.default:80")).unwrap();
+        let order: Vec<String> = table
+            .rules
+            .iter()
+            .map(|r| format!("{:?}", r.matches.first().and_then(|m| m.path.clone())))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "Some(Exact(\"/api/health\"))",
+                "Some(PathPrefix(\"/api/v2\"))",
+                "Some(PathPrefix(\"/api\"))",
+                "None"
+            ]
+        );
+        assert_eq!(table.rules[1].matches[0].method.as_deref(), Some("POST"));
+        assert_eq!(table.rules[3].backends[0].weight, 1, "weight defaults to 1");
+    }
+
+    #[test]
+    fn filters_and_timeouts_are_carried() {
+        let mut index = Index::new(0);
+        index.apply_route(&mk_route(
+            "web",
+            "web",
+            json!([{
+                "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                    "set": [{"name": "x-canary", "value": "1"}], "remove": ["x-debug"]}}],
+                "timeouts": {"request": "1500ms"},
+                "matches": [{"headers": [{"name": "x-user", "value": "^a.*", "type": "RegularExpression"}]}],
+                "backendRefs": [{"name": "web-canary", "port": 80}]
+            }]),
+        ));
+        let rule = &index.route_table(&svc("web.default:80")).unwrap().rules[0];
+        assert_eq!(rule.timeout_ms, Some(1500));
+        assert!(rule.matches[0].headers[0].regex);
+        match &rule.filters[0] {
+            RouteFilter::RequestHeaderModifier { set, remove, .. } => {
+                assert_eq!(set.get("x-canary").map(String::as_str), Some("1"));
+                assert_eq!(remove, &["x-debug".to_string()]);
+            }
+            other => panic!("unexpected filter {other:?}"),
+        }
+    }
+
+    #[test]
+    fn endpoints_follow_registrations() {
+        let mut index = Index::new(0);
+        let mut rx = index.watch_endpoints(&svc("web-canary.default:80"));
+        assert_eq!(rx.borrow_and_update().value, None);
+        index.apply_workload(
+            "a",
+            mk_workload("web-canary.default:80", "127.0.0.1:9002", "v2"),
+        );
+        index.apply_workload(
+            "b",
+            mk_workload("web-canary.default:80", "127.0.0.1:9001", "v2"),
+        );
+        index.apply_workload(
+            "c",
+            mk_workload("web-primary.default:80", "127.0.0.1:9000", "v1"),
+        );
+        let eps = rx.borrow_and_update().value.clone().unwrap();
+        let addrs: Vec<String> = eps.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(addrs, ["127.0.0.1:9001", "127.0.0.1:9002"]);
+        assert_eq!(eps.endpoints[0].labels["version"], "v2");
+        index.delete_workload("a");
+        index.delete_workload("b");
+        assert_eq!(rx.borrow_and_update().value, None);
+        // A service a route sends traffic to exists even with no workloads: it is unavailable.
+        index.apply_route(&mk_split("web", 90, 10));
+        assert_eq!(
+            rx.borrow_and_update()
+                .value
+                .as_ref()
+                .map(|e| e.endpoints.len()),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn services_without_routes_get_a_catch_all_and_reset_replaces_routes() {
+        let mut index = Index::new(0);
+        index.apply_workload("a", mk_workload("web.default:80", "127.0.0.1:9000", "v1"));
+        let table = index.route_table(&svc("web.default:80")).unwrap();
+        assert_eq!(table.rules[0].name, "default");
+        assert_eq!(table.rules[0].backends[0].service, svc("web.default:80"));
+        index.apply_route(&mk_split("web", 90, 10));
+        index.reset_routes(&[mk_split("other", 1, 1)]);
+        assert_eq!(
+            index.route_table(&svc("web.default:80")).unwrap().rules[0].name,
+            "other"
+        );
+        index.delete_route("default", "other");
+        assert_eq!(
+            index.route_table(&svc("web.default:80")).unwrap().rules[0].name,
+            "default"
+        );
+    }
+}

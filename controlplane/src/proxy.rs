@@ -1,0 +1,191 @@
+//! The proxy API (see `mesh_core::proxy_api`): discovery watch streams, certificate signing and
+//! workload registration, on the proxy listener.
+//!
+//! A watch stream subscribes to the index's channel for its key and writes the whole current
+//! value as one NDJSON line, then one line per change. The channel keeps only the newest value,
+//! so a proxy that reads slowly gets the latest state rather than a backlog.
+
+#![allow(
+    clippy::result_large_err,
+    reason = "the error is the early response to a request, built once per request"
+)]
+
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::{Instant, SystemTime},
+};
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use mesh_core::proxy_api::{
+    CERTIFY_PATH, CertifyRequest, NDJSON, ServiceRef, WATCH_ENDPOINTS_PATH, WATCH_ROUTES_PATH,
+    WORKLOADS_PATH, WorkloadRegistration,
+};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::{
+    http::{
+        Body, full, json_response, ndjson_response, percent_decode, query_param, read_body,
+        status_error,
+    },
+    identity::{Ca, IdentityError},
+    index::{Index, Published},
+    workloads::{Leases, new_lease_id},
+};
+
+/// What the proxy API works on.
+#[derive(Debug)]
+pub struct Shared {
+    /// The discovery index.
+    pub index: Mutex<Index>,
+    /// Workload leases.
+    pub leases: Mutex<Leases>,
+    /// The CA.
+    pub ca: Ca,
+}
+
+impl Shared {
+    /// Locks the index. Its methods leave it consistent even if a panic interrupts a publish,
+    /// so a poisoned lock is used as is.
+    pub fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, Leases> {
+        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Drops expired workloads from the endpoints; returns how many.
+    pub fn expire_workloads(&self, now: Instant) -> usize {
+        let expired = self.leases().expire(now);
+        if !expired.is_empty() {
+            let mut index = self.index();
+            for id in &expired {
+                index.delete_workload(id);
+            }
+        }
+        expired.len()
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> Response<Body> {
+    status_error(StatusCode::BAD_REQUEST, "BadRequest", message, None)
+}
+
+/// Handles one proxy API request.
+pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/ready") => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        (&Method::GET, WATCH_ROUTES_PATH) => match service_param(query.as_deref(), "authority") {
+            Ok(authority) => stream(shared.index().watch_routes(&authority)),
+            Err(resp) => resp,
+        },
+        (&Method::GET, WATCH_ENDPOINTS_PATH) => match service_param(query.as_deref(), "service") {
+            Ok(service) => stream(shared.index().watch_endpoints(&service)),
+            Err(resp) => resp,
+        },
+        (&Method::POST, CERTIFY_PATH) => {
+            let request: CertifyRequest = match json_body(req).await {
+                Ok(r) => r,
+                Err(resp) => return resp,
+            };
+            match shared.ca.certify(&request, SystemTime::now()) {
+                Ok(resp) => json_response(StatusCode::OK, &resp),
+                Err(e @ IdentityError::BadToken) => {
+                    status_error(StatusCode::FORBIDDEN, "Forbidden", e.to_string(), None)
+                }
+                Err(e @ (IdentityError::BadIdentity { .. } | IdentityError::BadCsr(_))) => {
+                    bad_request(e.to_string())
+                }
+                Err(e) => status_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    e.to_string(),
+                    None,
+                ),
+            }
+        }
+        (&Method::POST, WORKLOADS_PATH) => {
+            let registration: WorkloadRegistration = match json_body(req).await {
+                Ok(r) => r,
+                Err(resp) => return resp,
+            };
+            let id = new_lease_id();
+            let (lease, replaced) =
+                shared
+                    .leases()
+                    .register(id.clone(), registration.clone(), Instant::now());
+            let mut index = shared.index();
+            if let Some(old) = replaced {
+                index.delete_workload(&old);
+            }
+            index.apply_workload(&id, registration);
+            drop(index);
+            json_response(StatusCode::CREATED, &lease)
+        }
+        (&Method::POST, p) if p.starts_with(WORKLOADS_PATH) => {
+            let Some(id) = p
+                .strip_prefix(WORKLOADS_PATH)
+                .and_then(|r| r.strip_prefix('/'))
+                .and_then(|r| r.strip_suffix("/heartbeat"))
+            else {
+                return status_error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("no API at {p}"),
+                    None,
+                );
+            };
+            if shared.leases().heartbeat(id, Instant::now()) {
+                let mut resp = Response::new(full(""));
+                *resp.status_mut() = StatusCode::NO_CONTENT;
+                resp
+            } else {
+                status_error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("lease {id:?} does not exist or expired; register again"),
+                    None,
+                )
+            }
+        }
+        _ => status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("no API at {path}"),
+            None,
+        ),
+    }
+}
+
+fn service_param(query: Option<&str>, name: &str) -> Result<ServiceRef, Response<Body>> {
+    let raw = query_param(query, name)
+        .map(percent_decode)
+        .ok_or_else(|| bad_request(format!("{name}: required, as <name>.<namespace>:<port>")))?;
+    raw.parse().map_err(|e| bad_request(format!("{name}: {e}")))
+}
+
+async fn json_body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Body>> {
+    let body = read_body(req.into_body()).await?;
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    serde_path_to_error::deserialize(de)
+        .map_err(|e| bad_request(format!("{}: {}", e.path(), e.inner())))
+}
+
+fn stream<T>(rx: watch::Receiver<Published<T>>) -> Response<Body>
+where
+    T: Send + Sync + 'static,
+{
+    let lines = futures_util::stream::unfold((rx, true), |(mut rx, first)| async move {
+        if !first && rx.changed().await.is_err() {
+            return None;
+        }
+        let line = rx.borrow_and_update().line.clone();
+        Some((line, (rx, false)))
+    });
+    ndjson_response(NDJSON, lines)
+}

@@ -1,0 +1,238 @@
+//! The resource store: one trait, written the way the Kubernetes API behaves, so the control
+//! plane's API, its indexes and the rollout controller work the same over the embedded store
+//! ([`embedded::EmbeddedStore`]) and, later, over the Kubernetes API through reflectors.
+//!
+//! Objects are Kubernetes objects in their JSON form (`apiVersion`, `kind`, `metadata`, `spec`,
+//! `status`), keyed by kind, namespace and name. Every write takes the next value of one global
+//! `resourceVersion` counter; watches start from a version, replay what happened after it and
+//! then follow live changes, or fail with [`StoreError::Gone`] once that history is no longer
+//! kept, after which a client lists again.
+
+pub mod embedded;
+
+use std::{fmt, future::Future, sync::Arc};
+
+use mesh_crds::validate::{ResourceKind, ValidationError};
+use serde::Serialize;
+use serde_json::Value;
+
+/// Identifies one object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    /// Its kind.
+    pub kind: ResourceKind,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// A key.
+    pub fn new(kind: ResourceKind, namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            kind,
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The key of a validated object (its namespace must be set).
+    pub fn of(kind: ResourceKind, object: &Value) -> Self {
+        let field = |f: &str| {
+            object
+                .pointer(f)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        Self::new(kind, field("/metadata/namespace"), field("/metadata/name"))
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}.{} {}/{}",
+            self.kind.plural(),
+            self.kind.group(),
+            self.namespace,
+            self.name
+        )
+    }
+}
+
+/// Which objects a list or watch covers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selector {
+    /// Only this kind.
+    pub kind: Option<ResourceKind>,
+    /// Only this namespace.
+    pub namespace: Option<String>,
+    /// Only this name.
+    pub name: Option<String>,
+}
+
+impl Selector {
+    /// Every object of `kind`, optionally in one namespace.
+    pub fn kind(kind: ResourceKind, namespace: Option<String>) -> Self {
+        Self {
+            kind: Some(kind),
+            namespace,
+            name: None,
+        }
+    }
+
+    /// Whether `key` is selected.
+    pub fn matches(&self, key: &ObjectKey) -> bool {
+        self.kind.is_none_or(|k| k == key.kind)
+            && self.namespace.as_deref().is_none_or(|n| n == key.namespace)
+            && self.name.as_deref().is_none_or(|n| n == key.name)
+    }
+}
+
+/// What an apply did to one object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyAction {
+    /// It did not exist.
+    Created,
+    /// It existed and changed.
+    Configured,
+    /// It existed and the apply changed nothing; no version was used.
+    Unchanged,
+}
+
+/// The outcome of applying one object.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Applied {
+    /// What happened.
+    pub action: ApplyAction,
+    /// The object as stored, with the metadata the store sets.
+    pub object: Arc<Value>,
+}
+
+/// A list and the version it was taken at; a watch from that version misses nothing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listed {
+    /// The store's version when the list was taken.
+    pub resource_version: u64,
+    /// The objects, ordered by kind, namespace and name.
+    pub items: Vec<Arc<Value>>,
+}
+
+/// Kinds of watch events, with Kubernetes' names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum EventType {
+    /// The object was created (or existed when a watch started without a version).
+    Added,
+    /// The object changed.
+    Modified,
+    /// The object was deleted; the event carries its last state.
+    Deleted,
+    /// No object changed; `metadata.resourceVersion` of the event's object says how far the
+    /// watch has read, so a client can resume from there.
+    Bookmark,
+}
+
+/// One event of a watch.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WatchEvent {
+    /// What happened.
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// The object after the change (before it, for a deletion).
+    pub object: Arc<Value>,
+    /// The version of the change.
+    #[serde(skip)]
+    pub resource_version: u64,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A document failed validation; nothing of the request was stored.
+    #[error("document {index}: {source}")]
+    Invalid {
+        /// Position of the document in the request, from 0.
+        index: usize,
+        /// What was wrong with it.
+        source: ValidationError,
+    },
+    /// The document's `metadata.resourceVersion` is not the stored one.
+    #[error(
+        "{key}: the object has been modified (resourceVersion {given} given, {current} stored); \
+         get it again and reapply"
+    )]
+    Conflict {
+        /// The object.
+        key: ObjectKey,
+        /// The version the client sent.
+        given: String,
+        /// The stored version (0 when the object does not exist).
+        current: u64,
+    },
+    /// No such object.
+    #[error("{0} not found")]
+    NotFound(ObjectKey),
+    /// A watch asked for history that is no longer kept.
+    #[error(
+        "resourceVersion {requested} is too old: history starts after {oldest}; list again and \
+         watch from the list's resourceVersion"
+    )]
+    Gone {
+        /// The version asked for.
+        requested: u64,
+        /// The oldest version a watch can start from.
+        oldest: u64,
+    },
+    /// The database failed.
+    #[error("store database at {path}: {message}")]
+    Database {
+        /// The database file.
+        path: String,
+        /// The error.
+        message: String,
+    },
+    /// The store is shutting down.
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// A running watch.
+pub trait Watcher: Send {
+    /// The next event; waits until there is one.
+    fn next(&mut self) -> impl Future<Output = Result<WatchEvent, StoreError>> + Send;
+}
+
+/// A store of mesh resources with Kubernetes semantics.
+pub trait ResourceStore: Send + Sync + 'static {
+    /// The watch type.
+    type Watcher: Watcher + 'static;
+
+    /// Creates or replaces each object after validating all of them; a batch is atomic: either
+    /// every object is stored or none is. Objects must carry their namespace.
+    fn apply(
+        &self,
+        objects: Vec<Value>,
+    ) -> impl Future<Output = Result<Vec<Applied>, StoreError>> + Send;
+
+    /// The stored object, if any.
+    fn get(&self, key: &ObjectKey) -> Result<Option<Arc<Value>>, StoreError>;
+
+    /// The selected objects and the version they were read at.
+    fn list(&self, selector: &Selector) -> Result<Listed, StoreError>;
+
+    /// Deletes an object, returning its last state.
+    fn delete(
+        &self,
+        key: &ObjectKey,
+    ) -> impl Future<Output = Result<Arc<Value>, StoreError>> + Send;
+
+    /// Watches the selected objects. Without a version (or with 0) the watch first sends every
+    /// selected object as `ADDED` and a `BOOKMARK` carrying the snapshot's version; with a
+    /// version it sends what changed after it.
+    fn watch(&self, selector: Selector, from: Option<u64>) -> Result<Self::Watcher, StoreError>;
+}
