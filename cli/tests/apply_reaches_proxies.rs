@@ -1,0 +1,179 @@
+//! The whole discovery path with real processes: `mesh apply` of an HTTPRoute weight change on a
+//! real `mesh-controlplane` reaches several real `mesh-proxy` processes watching it, and traffic
+//! through each of them follows. Workloads are registered the way sidecars register them.
+//!
+//! Needs the workspace's binaries built (`cargo test --workspace` builds them).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use mesh_core::proxy_api::{WORKLOADS_PATH, WorkloadRegistration};
+use mesh_test_support::{
+    assert_eventually, http_client,
+    process::{MeshBinary, MeshProcess},
+};
+
+async fn app(version: &'static str) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (io, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: Request<Incoming>| async move {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(version))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(io), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn route(primary: u32, canary: u32) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: web
+spec:
+  parentRefs: [{{name: web, kind: Service, group: \"\", port: 80}}]
+  rules:
+    - backendRefs:
+        - {{name: web-primary, port: 80, weight: {primary}}}
+        - {{name: web-canary, port: 80, weight: {canary}}}
+"
+    )
+}
+
+fn apply(server: &str, dir: &std::path::Path, yaml: &str) {
+    let file = dir.join("route.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh"))
+        .args(["apply", "-f"])
+        .arg(&file)
+        .env("MESH_SERVER", server)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mesh apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The canary weight a proxy's `/config` shows for web.default:80.
+async fn canary_weight(proxy: &MeshProcess) -> Option<u64> {
+    let cfg: serde_json::Value = http_client()
+        .get(format!("http://{}/config", proxy.addr("admin")))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    cfg["routes"]
+        .as_array()?
+        .iter()
+        .find(|r| r["parent"] == "web.default:80")?["rules"][0]["backends"]
+        .as_array()?
+        .iter()
+        .find(|b| b["service"] == "web-canary.default:80")?["weight"]
+        .as_u64()
+}
+
+async fn versions(proxy: &MeshProcess, n: usize) -> Vec<String> {
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{}", proxy.addr("outbound"))).unwrap())
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        match client.get("http://web.default:80/").send().await {
+            Ok(rsp) => out.push(rsp.text().await.unwrap_or_default()),
+            Err(e) => out.push(e.to_string()),
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_weight_change_applied_with_mesh_reaches_every_proxy() {
+    let state = tempfile::tempdir().unwrap();
+    let cp = MeshBinary::workspace("mesh-controlplane")
+        .unwrap()
+        .env("MESH_CONTROLPLANE_STATE_DIR", state.path())
+        .env("MESH_CONTROLPLANE_API_ADDR", "127.0.0.1:0")
+        .env("MESH_CONTROLPLANE_PROXY_ADDR", "127.0.0.1:0")
+        .env("MESH_CONTROLPLANE_WORKLOAD_TTL", "600s")
+        .listener("api")
+        .listener("proxy")
+        .run()
+        .unwrap();
+    let api = format!("http://{}", cp.addr("api"));
+    let proxy_api = cp.addr("proxy");
+
+    let (v1, v2) = (app("v1").await, app("v2").await);
+    for (service, addr) in [("web-primary", v1), ("web-canary", v2)] {
+        let reg = WorkloadRegistration {
+            service: format!("{service}.default:80").parse().unwrap(),
+            addr,
+            identity: None,
+            labels: Default::default(),
+        };
+        let rsp = http_client()
+            .post(format!("http://{proxy_api}{WORKLOADS_PATH}"))
+            .json(&reg)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            rsp.status().is_success(),
+            "registering {service}: {}",
+            rsp.status()
+        );
+    }
+    apply(&api, state.path(), &route(100, 0));
+
+    let proxies: Vec<MeshProcess> = (0..3)
+        .map(|_| {
+            MeshBinary::workspace("mesh-proxy")
+                .unwrap()
+                .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
+                .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
+                .env("MESH_PROXY_CONTROL_PLANE_ADDR", proxy_api.to_string())
+                .env("MESH_PROXY_WATCH", "web.default:80")
+                .listener("admin")
+                .listener("outbound")
+                .run()
+                .unwrap()
+        })
+        .collect();
+    for p in &proxies {
+        assert_eventually!(
+            canary_weight(p).await == Some(0),
+            "proxy never got the route"
+        );
+        let seen = versions(p, 10).await;
+        assert!(seen.iter().all(|v| v == "v1"), "{seen:?}");
+    }
+
+    apply(&api, state.path(), &route(0, 100));
+    for p in &proxies {
+        assert_eventually!(
+            canary_weight(p).await == Some(100),
+            "proxy {} never saw the weight change",
+            p.addr("admin")
+        );
+        let seen = versions(p, 10).await;
+        assert!(seen.iter().all(|v| v == "v2"), "{seen:?}");
+    }
+}
