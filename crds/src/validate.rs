@@ -308,44 +308,8 @@ fn check_range(field: &str, value: Option<i32>, min: i32, max: i32) -> Result<()
 /// A duration as Flagger and Kubernetes users write them (`30s`, `1m30s`, `500ms`), in
 /// milliseconds. `None` when the text is not such a duration.
 pub fn parse_duration_ms(text: &str) -> Option<u64> {
-    let mut rest = text.trim();
-    if rest.is_empty() {
-        return None;
-    }
-    let mut total = 0f64;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return None;
-        }
-        let value: f64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let (unit_ms, len) = if rest.starts_with("ms") {
-            (1.0, 2)
-        } else if rest.starts_with('s') {
-            (1_000.0, 1)
-        } else if rest.starts_with('m') {
-            (60_000.0, 1)
-        } else if rest.starts_with('h') {
-            (3_600_000.0, 1)
-        } else {
-            return None;
-        };
-        rest = &rest[len..];
-        total += value * unit_ms;
-    }
-    if (0.0..1e15).contains(&total) {
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "checked finite, non-negative and below 2^53 just above"
-        )]
-        Some(total.round() as u64)
-    } else {
-        None
-    }
+    let d = mesh_core::duration::parse(text).ok()?;
+    u64::try_from(d.as_millis()).ok()
 }
 
 fn check_duration(field: &str, value: Option<&str>) -> Result<(), FieldError> {

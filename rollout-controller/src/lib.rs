@@ -6,7 +6,7 @@
 //! Prometheus) and drivers (the embedded supervisor, or Kubernetes Deployments and HTTPRoutes)
 //! are thin adapters around them. The resource types live in `mesh-crds`.
 
-pub mod duration;
+pub use mesh_core::duration;
 pub mod judge;
 pub mod machine;
 pub mod scrape;
