@@ -6,37 +6,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
 use mesh_core::proxy_api::{WORKLOADS_PATH, WorkloadRegistration};
 use mesh_test_support::{
+    apps::app,
     assert_eventually, http_client,
     process::{MeshBinary, MeshProcess},
 };
-
-async fn app(version: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (io, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let svc = service_fn(move |_req: Request<Incoming>| async move {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(version))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(io), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 fn route(primary: u32, canary: u32) -> String {
     format!(
@@ -121,7 +96,7 @@ async fn a_weight_change_applied_with_mesh_reaches_every_proxy() {
     let api = format!("http://{}", cp.addr("api"));
     let proxy_api = cp.addr("proxy");
 
-    let (v1, v2) = (app("v1").await, app("v2").await);
+    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
     for (service, addr) in [("web-primary", v1), ("web-canary", v2)] {
         let reg = WorkloadRegistration {
             service: format!("{service}.default:80").parse().unwrap(),

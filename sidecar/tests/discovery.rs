@@ -11,12 +11,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{Full, channel::Channel};
+use http_body_util::channel::Channel;
 use hyper::{Request, Response, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_core::proxy_api::{
     Endpoint, Endpoints, RouteRule, RouteTable, ServiceRef, Update, WeightedBackend,
 };
+use mesh_test_support::apps::app;
 use mesh_test_support::assert_eventually;
 use mesh_test_support::process::MeshBinary;
 use tokio::sync::watch;
@@ -122,25 +123,6 @@ fn control_plane(listener: tokio::net::TcpListener, state: watch::Receiver<State
     set
 }
 
-async fn app(version: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (io, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let svc = service_fn(move |_req: Request<Incoming>| async move {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(version))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(io), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
 async fn versions(client: &reqwest::Client, n: usize) -> Vec<String> {
     let mut out = Vec::new();
     for _ in 0..n {
@@ -152,7 +134,7 @@ async fn versions(client: &reqwest::Client, n: usize) -> Vec<String> {
 
 #[tokio::test]
 async fn weight_changes_reach_the_proxy_and_it_fails_static() {
-    let (v1, v2) = (app("v1").await, app("v2").await);
+    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cp_addr = listener.local_addr().unwrap();
     let (state_tx, state_rx) = watch::channel(State {

@@ -3,52 +3,11 @@
 //! fault injection, routing errors, `/config` and the golden metrics the canary judge reads.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
 use mesh_rollout_controller::scrape;
+use mesh_test_support::apps::{SEEN_ADDED, SEEN_HOST, app};
 use mesh_test_support::process::{MeshBinary, MeshProcess};
-
-/// An upstream app answering its `version`; `/slow` takes 3 s; echoes the `x-added` header.
-async fn app(version: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (io, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| async move {
-                    if req.uri().path() == "/slow" {
-                        tokio::time::sleep(Duration::from_secs(3)).await;
-                    }
-                    let added = req
-                        .headers()
-                        .get("x-added")
-                        .map(|v| v.to_str().unwrap().to_string())
-                        .unwrap_or_default();
-                    let host = req
-                        .headers()
-                        .get("host")
-                        .map(|v| v.to_str().unwrap().to_string())
-                        .unwrap_or_default();
-                    let body = format!("{version} host={host} added={added}");
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(TokioIo::new(io), svc)
-                .await;
-            });
-        }
-    });
-    addr
-}
 
 fn config(primary: SocketAddr, canary: SocketAddr, weights: (u32, u32)) -> String {
     format!(
@@ -106,26 +65,21 @@ fn via(proxy: &MeshProcess) -> reqwest::Client {
 #[tokio::test]
 async fn weights_split_requests_and_metrics_count_them_per_backend() {
     let dir = tempfile::tempdir().unwrap();
-    let (v1, v2) = (app("v1").await, app("v2").await);
+    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
     let p = proxy(&config(v1, v2, (80, 20)), &dir);
     let client = via(&p);
     let mut canary = 0;
     for _ in 0..1000 {
-        let body = client
-            .get("http://web.default:80/")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let rsp = client.get("http://web.default:80/").send().await.unwrap();
         // The app sees the name the client used, not the endpoint address.
-        assert!(body.contains("host=web.default"), "{body}");
-        assert!(
-            body.contains("added=yes"),
-            "header filter not applied: {body}"
+        let host = rsp.headers()[SEEN_HOST].to_str().unwrap().to_string();
+        assert!(host.starts_with("web.default"), "{host}");
+        assert_eq!(
+            rsp.headers()[SEEN_ADDED],
+            "yes",
+            "header filter not applied"
         );
-        if body.starts_with("v2") {
+        if rsp.text().await.unwrap() == "v2" {
             canary += 1;
         }
     }
@@ -156,7 +110,7 @@ async fn weights_split_requests_and_metrics_count_them_per_backend() {
 #[tokio::test]
 async fn weights_of_zero_and_one_hundred_are_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let (v1, v2) = (app("v1").await, app("v2").await);
+    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
     for (weights, want) in [((100, 0), "v1"), ((0, 100), "v2")] {
         let p = proxy(&config(v1, v2, weights), &dir);
         let client = via(&p);
@@ -177,7 +131,7 @@ async fn weights_of_zero_and_one_hundred_are_exact() {
 #[tokio::test]
 async fn origin_form_and_h2c_clients_are_routed() {
     let dir = tempfile::tempdir().unwrap();
-    let (v1, v2) = (app("v1").await, app("v2").await);
+    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
     let p = proxy(&config(v1, v2, (100, 0)), &dir);
     let outbound = p.addr("outbound");
     for extra in [&[][..], &["--http2-prior-knowledge"][..]] {
@@ -201,7 +155,7 @@ async fn origin_form_and_h2c_clients_are_routed() {
 #[tokio::test]
 async fn timeouts_faults_and_unknown_routes_answer_from_the_proxy() {
     let dir = tempfile::tempdir().unwrap();
-    let (v1, v2) = (app("v1").await, app("v2").await);
+    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
     let p = proxy(&config(v1, v2, (100, 0)), &dir);
     let client = via(&p);
 
@@ -250,7 +204,7 @@ async fn timeouts_faults_and_unknown_routes_answer_from_the_proxy() {
 #[tokio::test]
 async fn config_endpoint_shows_the_tables() {
     let dir = tempfile::tempdir().unwrap();
-    let (v1, v2) = (app("v1").await, app("v2").await);
+    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
     let p = proxy(&config(v1, v2, (70, 30)), &dir);
     let cfg: serde_json::Value = mesh_test_support::http_client()
         .get(format!("http://{}/config", p.addr("admin")))

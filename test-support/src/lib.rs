@@ -6,6 +6,7 @@
 //! with a patience taken from `MESH_TEST_PATIENCE`. Everything started is killed when its handle
 //! drops, so a failing test leaves no processes behind.
 
+pub mod apps;
 pub mod certs;
 pub mod eventually;
 pub mod kube;
