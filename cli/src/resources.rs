@@ -189,7 +189,7 @@ struct Source {
     document: usize,
 }
 
-fn files_of(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub(crate) fn files_of(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     if !path.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
@@ -207,7 +207,7 @@ fn files_of(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn read_documents(file: &Path) -> anyhow::Result<Vec<Value>> {
+pub(crate) fn read_documents(file: &Path) -> anyhow::Result<Vec<Value>> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let mut docs = Vec::new();
@@ -411,6 +411,29 @@ fn table(kind: ResourceKind, items: &[Value], now: chrono::DateTime<chrono::Utc>
                         str_of(&o["metadata"]["name"]),
                         parents.join(","),
                         backends.join(","),
+                        age(o, now),
+                    ]
+                })
+                .collect(),
+        ),
+        ResourceKind::Workload => (
+            vec!["NAME", "PORT", "VERSION", "PRIMARY", "CANARY", "AGE"],
+            items
+                .iter()
+                .map(|o| {
+                    let or_none = |v: &Value| {
+                        if v.is_null() {
+                            "<none>".to_string()
+                        } else {
+                            str_of(v)
+                        }
+                    };
+                    vec![
+                        str_of(&o["metadata"]["name"]),
+                        or_none(&o["spec"]["port"]),
+                        str_of(&o["spec"]["version"]),
+                        or_none(&o["status"]["primary"]),
+                        or_none(&o["status"]["canary"]),
                         age(o, now),
                     ]
                 })

@@ -1,6 +1,10 @@
 //! The proxy API (see `mesh_core::proxy_api`): discovery watch streams, certificate signing and
 //! workload registration, on the proxy listener.
 //!
+//! Workloads register (`POST /v1/workloads`), heartbeat (`POST /v1/workloads/<id>/heartbeat`)
+//! and deregister (`DELETE /v1/workloads/<id>`); a deregistered workload leaves its service's
+//! endpoints at once rather than after the lease TTL.
+//!
 //! A watch stream subscribes to the index's channel for its key and writes the whole current
 //! value as one NDJSON line, then one line per change. The channel keeps only the newest value,
 //! so a proxy that reads slowly gets the latest state rather than a backlog.
@@ -55,6 +59,17 @@ impl Shared {
 
     fn leases(&self) -> std::sync::MutexGuard<'_, Leases> {
         self.leases.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Ends the lease `id` and withdraws its endpoint at once; false when the lease is unknown.
+    pub fn deregister_workload(&self, id: &str) -> bool {
+        // The leases lock is released before the index is taken, as everywhere else, so the two
+        // locks are never held together.
+        let removed = self.leases().remove(id);
+        if removed {
+            self.index().delete_workload(id);
+        }
+        removed
     }
 
     /// Drops expired workloads from the endpoints; returns how many.
@@ -149,6 +164,32 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
                     StatusCode::NOT_FOUND,
                     "NotFound",
                     format!("lease {id:?} does not exist or expired; register again"),
+                    None,
+                )
+            }
+        }
+        (&Method::DELETE, p) if p.starts_with(WORKLOADS_PATH) => {
+            let Some(id) = p
+                .strip_prefix(WORKLOADS_PATH)
+                .and_then(|r| r.strip_prefix('/'))
+                .filter(|id| !id.is_empty() && !id.contains('/'))
+            else {
+                return status_error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("no API at {p}"),
+                    None,
+                );
+            };
+            if shared.deregister_workload(id) {
+                let mut resp = Response::new(full(""));
+                *resp.status_mut() = StatusCode::NO_CONTENT;
+                resp
+            } else {
+                status_error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("lease {id:?} does not exist or expired"),
                     None,
                 )
             }

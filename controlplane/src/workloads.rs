@@ -1,5 +1,6 @@
 //! Workload leases: a sidecar registers its workload and keeps the lease alive with heartbeats;
-//! a workload that stops heartbeating drops out of its service's endpoints after the TTL.
+//! a workload that stops heartbeating drops out of its service's endpoints after the TTL, and
+//! one that shuts down cleanly deregisters so it drops out at once.
 //!
 //! The table is pure (time comes in as an argument) so expiry is tested without waiting; the
 //! control plane's sweeper feeds it the clock and carries expiries into the index.
@@ -80,6 +81,11 @@ impl Leases {
         }
     }
 
+    /// Ends a lease at once (a workload shutting down); false when it does not exist.
+    pub fn remove(&mut self, id: &str) -> bool {
+        self.leases.remove(id).is_some()
+    }
+
     /// Removes and returns the ids of leases that expired by `now`.
     pub fn expire(&mut self, now: Instant) -> Vec<String> {
         let expired: Vec<String> = self
@@ -158,5 +164,19 @@ mod tests {
         assert_eq!(replaced.as_deref(), Some("a"));
         assert!(leases.get("a").is_none());
         assert!(new_lease_id() != new_lease_id());
+    }
+
+    #[test]
+    fn removed_leases_are_gone_at_once() {
+        let t0 = Instant::now();
+        let mut leases = Leases::new(Duration::from_secs(60));
+        leases.register("a".into(), mk_registration("127.0.0.1:1"), t0);
+        leases.register("b".into(), mk_registration("127.0.0.1:2"), t0);
+        assert!(leases.remove("a"));
+        assert!(!leases.remove("a"), "a second delete finds nothing");
+        assert!(leases.get("a").is_none());
+        assert!(!leases.heartbeat("a", t0));
+        assert!(leases.get("b").is_some());
+        assert_eq!(leases.expire(t0 + Duration::from_secs(61)), ["b"]);
     }
 }

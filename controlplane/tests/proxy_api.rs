@@ -1,6 +1,6 @@
-//! The proxy API of a real `mesh-controlplane` process: workload registration with heartbeats
-//! and TTL expiry feeding the endpoints stream, and certificate signing with the bootstrap
-//! token from the state directory.
+//! The proxy API of a real `mesh-controlplane` process: workload registration with heartbeats,
+//! TTL expiry and deregistration feeding the endpoints stream, and certificate signing with the
+//! bootstrap token from the state directory.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
@@ -128,6 +128,92 @@ async fn registered_workloads_become_endpoints_until_their_lease_expires() {
         .await
         .unwrap();
     assert_eq!(expired.status(), 404);
+    stream.abort();
+}
+
+#[tokio::test]
+async fn a_deregistered_workload_leaves_the_endpoints_at_once() {
+    let state = tempfile::tempdir().unwrap();
+    // A TTL far longer than the test's patience: only the DELETE can remove the endpoint.
+    let (_cp, proxy) = start(state.path(), "600s");
+    let client = http_client();
+    let endpoints = format!("{proxy}{WATCH_ENDPOINTS_PATH}?service=web.default:80");
+    let mut resp = client.get(&endpoints).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let latest: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stream = {
+        let latest = Arc::clone(&latest);
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            while let Ok(Some(chunk)) = resp.chunk().await {
+                buf.extend_from_slice(&chunk);
+                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    let update: Update<Endpoints> = serde_json::from_slice(&line).unwrap();
+                    *latest.lock().unwrap() = update
+                        .value
+                        .map(|e| e.endpoints.iter().map(|e| e.addr.to_string()).collect())
+                        .unwrap_or_default();
+                }
+            }
+        })
+    };
+
+    let mut leases = Vec::new();
+    for addr in ["127.0.0.1:9001", "127.0.0.1:9002"] {
+        let registration = WorkloadRegistration {
+            service: "web.default:80".parse().unwrap(),
+            addr: addr.parse().unwrap(),
+            identity: None,
+            labels: BTreeMap::new(),
+        };
+        let resp = client
+            .post(format!("{proxy}{WORKLOADS_PATH}"))
+            .json(&registration)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        leases.push(resp.json::<WorkloadLease>().await.unwrap());
+    }
+    assert_eventually!(
+        *latest.lock().unwrap() == ["127.0.0.1:9001", "127.0.0.1:9002"],
+        "registered workloads never showed up: {:?}",
+        latest.lock().unwrap()
+    );
+
+    let lease = format!("{proxy}{WORKLOADS_PATH}/{}", leases[0].id);
+    let deleted = client.delete(&lease).send().await.unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert_eventually!(
+        *latest.lock().unwrap() == ["127.0.0.1:9002"],
+        "the deregistered workload is still an endpoint: {:?}",
+        latest.lock().unwrap()
+    );
+    // The lease is gone: a second delete and a heartbeat both find nothing.
+    assert_eq!(client.delete(&lease).send().await.unwrap().status(), 404);
+    let heartbeat = client
+        .post(format!("{lease}/heartbeat"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(heartbeat.status(), 404);
+    let unknown = client
+        .delete(format!("{proxy}{WORKLOADS_PATH}/no-such-lease"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    // The other workload's lease is untouched.
+    let other = client
+        .post(format!(
+            "{proxy}{WORKLOADS_PATH}/{}/heartbeat",
+            leases[1].id
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 204);
     stream.abort();
 }
 

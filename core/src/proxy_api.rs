@@ -14,8 +14,10 @@
 //!
 //! Identity and registration are unary JSON calls on the same listener:
 //! `POST /v1/identity/certify` ([`CertifyRequest`] -> [`CertifyResponse`]),
-//! `POST /v1/workloads` ([`WorkloadRegistration`] -> [`WorkloadLease`]) and
-//! `POST /v1/workloads/<lease id>/heartbeat` (empty body, 204; 404 once the lease expired).
+//! `POST /v1/workloads` ([`WorkloadRegistration`] -> [`WorkloadLease`]),
+//! `POST /v1/workloads/<lease id>/heartbeat` (empty body, 204; 404 once the lease expired) and
+//! `DELETE /v1/workloads/<lease id>` (204; 404 if unknown), which a proxy sends as it shuts down
+//! so its endpoint leaves the service at once instead of after the lease TTL.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -30,7 +32,8 @@ pub const WATCH_ROUTES_PATH: &str = "/v1/watch/routes";
 pub const WATCH_ENDPOINTS_PATH: &str = "/v1/watch/endpoints";
 /// Path of the certificate-signing call.
 pub const CERTIFY_PATH: &str = "/v1/identity/certify";
-/// Path of workload registration; heartbeats go to `<this>/<lease id>/heartbeat`.
+/// Path of workload registration; heartbeats go to `<this>/<lease id>/heartbeat`, and
+/// deregistration is a `DELETE` of `<this>/<lease id>`.
 pub const WORKLOADS_PATH: &str = "/v1/workloads";
 /// Content type of a watch stream: one JSON [`Update`] per line.
 pub const NDJSON: &str = "application/x-ndjson";

@@ -326,6 +326,28 @@ pub struct CanaryStatus {
     /// kept in status so a restarted controller keeps its evidence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub totals: Option<AnalysisTotals>,
+    /// What happened in the latest rollouts, oldest first, newest last; the controller keeps the
+    /// last [`HISTORY_LIMIT`] entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryEntry>,
+}
+
+/// How many [`HistoryEntry`]s a status keeps.
+pub const HISTORY_LIMIT: usize = 40;
+
+/// One thing that happened during a rollout, as an event records it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    /// When.
+    pub time: Time,
+    /// Machine-readable reason, e.g. `WeightStepped`, `CheckFailed`, `RolledBack`.
+    pub reason: String,
+    /// What happened.
+    pub message: String,
+    /// Whether it is a warning.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warning: bool,
 }
 
 /// How a gate judged the canary at one analysis tick.

@@ -1,5 +1,6 @@
 //! The mesh's Kubernetes custom resources as Rust types: `Canary` and `MetricTemplate` in
-//! `rollouts.mesh.dev/v1alpha1`. The rollout controller reads and writes them, the embedded
+//! `rollouts.mesh.dev/v1alpha1`, and `Workload` (`workloads.mesh.dev/v1alpha1`), the embedded
+//! mesh's stand-in for a Deployment. The rollout controller reads and writes them, the embedded
 //! control plane stores them in the same YAML form, and the `crdgen` binary renders their
 //! OpenAPI schemas into `crds/yaml/`, which installers apply and a test keeps in step with these
 //! types. Field names follow Flagger's, so a Flagger manifest works once its apiVersion changes.
@@ -7,9 +8,11 @@
 pub mod canary;
 pub mod metric_template;
 pub mod validate;
+pub mod workload;
 
 pub use canary::{Canary, CanaryPhase, CanarySpec, CanaryStatus};
 pub use metric_template::{MetricTemplate, MetricTemplateSpec};
+pub use workload::{Workload, WorkloadSpec, WorkloadStatus, WorkloadVersion};
 
 /// Traffic splitting uses the standard Gateway API HTTPRoute with a Service parentRef (GAMMA);
 /// it is re-exported so every crate names one version of it.

@@ -13,7 +13,7 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::{Canary, HttpRoute, MetricTemplate};
+use crate::{Canary, HttpRoute, MetricTemplate, Workload};
 
 /// A kind of resource the mesh serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -24,11 +24,18 @@ pub enum ResourceKind {
     MetricTemplate,
     /// `gateway.networking.k8s.io/v1` HTTPRoute.
     HttpRoute,
+    /// `workloads.mesh.dev/v1alpha1` Workload (embedded mesh only).
+    Workload,
 }
 
 impl ResourceKind {
     /// Every served kind.
-    pub const ALL: [Self; 3] = [Self::Canary, Self::MetricTemplate, Self::HttpRoute];
+    pub const ALL: [Self; 4] = [
+        Self::Canary,
+        Self::MetricTemplate,
+        Self::HttpRoute,
+        Self::Workload,
+    ];
 
     /// The `kind` field.
     pub fn kind(self) -> &'static str {
@@ -36,6 +43,7 @@ impl ResourceKind {
             Self::Canary => "Canary",
             Self::MetricTemplate => "MetricTemplate",
             Self::HttpRoute => "HTTPRoute",
+            Self::Workload => "Workload",
         }
     }
 
@@ -44,13 +52,14 @@ impl ResourceKind {
         match self {
             Self::Canary | Self::MetricTemplate => crate::ROLLOUTS_GROUP,
             Self::HttpRoute => "gateway.networking.k8s.io",
+            Self::Workload => crate::workload::WORKLOADS_GROUP,
         }
     }
 
     /// The API version within the group.
     pub fn version(self) -> &'static str {
         match self {
-            Self::Canary | Self::MetricTemplate => "v1alpha1",
+            Self::Canary | Self::MetricTemplate | Self::Workload => "v1alpha1",
             Self::HttpRoute => "v1",
         }
     }
@@ -66,6 +75,7 @@ impl ResourceKind {
             Self::Canary => "canaries",
             Self::MetricTemplate => "metrictemplates",
             Self::HttpRoute => "httproutes",
+            Self::Workload => "workloads",
         }
     }
 
@@ -75,6 +85,7 @@ impl ResourceKind {
             Self::Canary => &["canary", "canaries"],
             Self::MetricTemplate => &["metrictemplate", "metrictemplates", "mt"],
             Self::HttpRoute => &["httproute", "httproutes"],
+            Self::Workload => &["workload", "workloads", "wl"],
         }
     }
 
@@ -141,7 +152,8 @@ pub enum ValidationError {
     /// The mesh serves no such kind.
     #[error(
         "unknown kind {kind:?} in apiVersion {api_version:?}: served kinds are Canary and \
-         MetricTemplate (rollouts.mesh.dev/v1alpha1) and HTTPRoute (gateway.networking.k8s.io/v1)"
+         MetricTemplate (rollouts.mesh.dev/v1alpha1), HTTPRoute (gateway.networking.k8s.io/v1) \
+         and Workload (workloads.mesh.dev/v1alpha1)"
     )]
     UnknownKind {
         /// The document's `apiVersion`.
@@ -181,6 +193,8 @@ pub enum Validated {
     MetricTemplate(Box<MetricTemplate>),
     /// An HTTPRoute.
     HttpRoute(Box<HttpRoute>),
+    /// A Workload.
+    Workload(Box<Workload>),
 }
 
 /// The kind a document declares, without validating the rest.
@@ -230,6 +244,11 @@ pub fn validate(object: &Value) -> Result<Validated, ValidationError> {
             let r: HttpRoute = parse(object).map_err(fail)?;
             validate_http_route(&r).map_err(fail)?;
             Validated::HttpRoute(Box::new(r))
+        }
+        ResourceKind::Workload => {
+            let w: Workload = parse(object).map_err(fail)?;
+            validate_workload(&w).map_err(fail)?;
+            Validated::Workload(Box::new(w))
         }
     })
 }
@@ -503,6 +522,47 @@ pub fn validate_http_route(route: &HttpRoute) -> Result<(), FieldError> {
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// The rules of a Workload: the version to run is one it declares, each version has a command,
+/// and the port and replica count are in range.
+pub fn validate_workload(w: &Workload) -> Result<(), FieldError> {
+    let spec = &w.spec;
+    check_range("spec.port", spec.port, 1, 65535)?;
+    check_range("spec.replicas", spec.replicas, 1, 16)?;
+    if spec.versions.is_empty() {
+        return Err(FieldError::new(
+            "spec.versions",
+            "declare at least one version, e.g. v1: {command: [my-app]}",
+        ));
+    }
+    for (name, v) in &spec.versions {
+        check_dns_name(&format!("spec.versions.{name}"), name, 63)?;
+        if v.command.first().is_none_or(|c| c.trim().is_empty()) {
+            return Err(FieldError::new(
+                format!("spec.versions.{name}.command"),
+                "required: the program to run and its arguments",
+            ));
+        }
+        if let Some(k) = v.env.keys().find(|k| k.is_empty() || k.contains('=')) {
+            return Err(FieldError::new(
+                format!("spec.versions.{name}.env"),
+                format!("{k:?} is not a valid environment variable name"),
+            ));
+        }
+    }
+    if !spec.versions.contains_key(&spec.version) {
+        let known: Vec<&str> = spec.versions.keys().map(String::as_str).collect();
+        return Err(FieldError::new(
+            "spec.version",
+            format!(
+                "{:?} is not one of the declared versions ({})",
+                spec.version,
+                known.join(", ")
+            ),
+        ));
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! are thin adapters around them. The resource types live in `mesh-crds`.
 
 pub use mesh_core::duration;
+pub mod controller;
 pub mod judge;
 pub mod machine;
 pub mod scrape;

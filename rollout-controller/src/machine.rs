@@ -409,6 +409,15 @@ impl Machine<'_> {
                     self.rollback(msg);
                 }
             }
+            // At weight 0 the canary has no traffic to judge, so, as in Flagger, the first
+            // step only needs the gates that can answer (webhooks) not to fail.
+            Verdict::Inconclusive
+                if self.status.canary_weight == 0
+                    && self.status.iterations == 0
+                    && !self.steps.is_empty() =>
+            {
+                self.advance();
+            }
             Verdict::Inconclusive => {
                 if self.since_progress() > self.deadline() {
                     self.rollback(format!(

@@ -73,6 +73,10 @@ pub trait MetricSource {
         target: &Target,
         interval: Duration,
     ) -> impl Future<Output = Result<Window, SourceError>> + Send;
+
+    /// Forgets what the source remembers of `target`, so the next window covers only traffic
+    /// from now on (a new rollout must not be judged on the previous one's requests).
+    fn reset(&mut self, _target: &Target) {}
 }
 
 /// Scrapes proxies directly; the embedded mesh's default.
@@ -97,11 +101,6 @@ impl DirectScrape {
     /// Replaces the proxies to scrape (workloads come and go).
     pub fn set_proxies(&mut self, proxies: Vec<SocketAddr>) {
         self.proxies = proxies;
-    }
-
-    /// Forgets the previous scrape of `target`, so the next window starts afresh.
-    pub fn reset(&mut self, target: &Target) {
-        self.last.remove(target);
     }
 
     async fn counters(&self, target: &Target) -> Result<(ArmCounters, ArmCounters), SourceError> {
@@ -129,6 +128,10 @@ impl DirectScrape {
 }
 
 impl MetricSource for DirectScrape {
+    fn reset(&mut self, target: &Target) {
+        self.last.remove(target);
+    }
+
     async fn window(
         &mut self,
         target: &Target,

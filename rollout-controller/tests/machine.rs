@@ -286,11 +286,14 @@ fn slow_canaries_fail_the_latency_comparison() {
 #[test]
 fn too_little_traffic_is_inconclusive_and_counts_toward_the_deadline() {
     let mut r = Rollout::started(mk_spec(json!({})));
+    // The first step (from weight 0) needs no canary traffic; see the test below.
+    r.tick(30, Some(mk_window(2, 0, 0)));
+    assert_eq!(r.status.canary_weight, 10);
     for _ in 0..4 {
         r.tick(30, Some(mk_window(2, 0, 0)));
         assert_eq!(r.status.phase, CanaryPhase::Progressing);
         assert_eq!(r.status.failed_checks, 0, "inconclusive counted as failure");
-        assert_eq!(r.status.canary_weight, 0, "inconclusive counted as pass");
+        assert_eq!(r.status.canary_weight, 10, "inconclusive counted as pass");
         assert!(
             r.status
                 .analysis
@@ -298,7 +301,7 @@ fn too_little_traffic_is_inconclusive_and_counts_toward_the_deadline() {
                 .any(|g| g.verdict == Verdict::Inconclusive)
         );
     }
-    // 150 s since the rollout started; the deadline is 120 s.
+    // 150 s since the last step; the deadline is 120 s.
     r.tick(30, Some(mk_window(2, 0, 0)));
     assert_eq!(r.status.phase, CanaryPhase::Failed);
 }
@@ -475,4 +478,16 @@ fn evidence_survives_a_restart_through_the_status() {
     // The test's tick already round-trips the status through JSON; the next tick adds to it.
     r.tick(30, Some(healthy()));
     assert_eq!(r.status.totals.unwrap().canary.requests, 1_000);
+}
+
+#[test]
+fn the_first_step_needs_no_canary_traffic() {
+    // At weight 0 the canary gets no requests, so waiting for evidence there would never end.
+    let mut r = Rollout::started(mk_spec(json!({})));
+    r.tick(30, Some(Window::default()));
+    assert_eq!(r.status.canary_weight, 10, "stuck at weight 0");
+    // From then on, no traffic is inconclusive again: the weight holds.
+    r.tick(30, Some(Window::default()));
+    assert_eq!(r.status.canary_weight, 10, "inconclusive counted as pass");
+    assert_eq!(r.status.failed_checks, 0);
 }

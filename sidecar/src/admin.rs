@@ -11,31 +11,64 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::tables::SharedTables;
 
 /// OpenMetrics text, the format prometheus-client writes.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// What `/ready` answers: whether the workload behind this proxy should get traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// Serving (200).
+    Ready,
+    /// The workload is not registered with the control plane yet, so peers cannot reach it
+    /// (503).
+    Registering,
+    /// Shutting down: deregistered and finishing requests in flight (503).
+    Draining,
+}
+
 /// State the admin endpoints read.
 #[derive(Debug)]
 pub struct Admin {
     registry: Registry,
     tables: SharedTables,
+    readiness: watch::Receiver<Readiness>,
 }
 
 impl Admin {
-    /// An admin server exposing `registry` at `/metrics` and `tables` at `/config`.
+    /// An admin server exposing `registry` at `/metrics` and `tables` at `/config`, always ready.
     pub fn new(registry: Registry, tables: SharedTables) -> Self {
-        Self { registry, tables }
+        // The sender is dropped: the receiver keeps answering its last value.
+        let readiness = watch::channel(Readiness::Ready).1;
+        Self {
+            registry,
+            tables,
+            readiness,
+        }
+    }
+
+    /// Answers `/ready` from `readiness` (registration and shutdown move it).
+    pub fn with_readiness(mut self, readiness: watch::Receiver<Readiness>) -> Self {
+        self.readiness = readiness;
+        self
     }
 
     /// Answers one admin request.
     pub fn handle<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
-            // Until the proxy has listeners and config to wait for, being up is being ready.
-            (&Method::GET, "/ready") => text(StatusCode::OK, "ready\n"),
+            // Without registration to wait for, being up is being ready.
+            (&Method::GET, "/ready") => match *self.readiness.borrow() {
+                Readiness::Ready => text(StatusCode::OK, "ready\n"),
+                Readiness::Registering => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "registering with the control plane\n",
+                ),
+                Readiness::Draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+            },
             (&Method::GET, "/metrics") => {
                 let mut body = String::new();
                 match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
@@ -119,6 +152,23 @@ mod tests {
         assert_eq!(admin.handle(&get("/nope")).status(), StatusCode::NOT_FOUND);
         let post = Request::post("/live").body(()).unwrap();
         assert_eq!(admin.handle(&post).status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[tokio::test]
+    async fn ready_follows_readiness() {
+        let (tx, rx) = watch::channel(Readiness::Registering);
+        let admin = Admin::new(Registry::default(), tables()).with_readiness(rx);
+        let rsp = admin.handle(&get("/ready"));
+        assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body(rsp).await, "registering with the control plane\n");
+        tx.send_replace(Readiness::Ready);
+        assert_eq!(admin.handle(&get("/ready")).status(), StatusCode::OK);
+        tx.send_replace(Readiness::Draining);
+        let rsp = admin.handle(&get("/ready"));
+        assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body(rsp).await, "draining\n");
+        // Liveness is not readiness: a draining proxy is still alive.
+        assert_eq!(admin.handle(&get("/live")).status(), StatusCode::OK);
     }
 
     #[tokio::test]

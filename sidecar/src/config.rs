@@ -1,8 +1,10 @@
 //! The proxy's configuration, read from `MESH_PROXY_*` variables.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use mesh_core::config::{ConfigError, Env};
+use mesh_core::proxy_api::ServiceRef;
 
 /// Address of the admin server (`/live`, `/ready`, `/metrics`).
 pub const ENV_ADMIN_ADDR: &str = "MESH_PROXY_ADMIN_ADDR";
@@ -30,6 +32,31 @@ pub const ENV_CONTROL_PLANE_ADDR: &str = "MESH_PROXY_CONTROL_PLANE_ADDR";
 /// watched on their first request.
 pub const ENV_WATCH: &str = "MESH_PROXY_WATCH";
 
+/// The local app the inbound listener hands requests to (`ip:port`); the inbound listener is
+/// bound only when this is set.
+pub const ENV_APP_ADDR: &str = "MESH_PROXY_APP_ADDR";
+
+/// Address of the inbound listener, where peers' requests for the local app arrive.
+pub const ENV_INBOUND_ADDR: &str = "MESH_PROXY_INBOUND_ADDR";
+
+/// Linkerd's inbound port; on every interface, since peers connect to it from elsewhere.
+pub const DEFAULT_INBOUND_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 4143);
+
+/// The service (`name.namespace:port`) whose endpoints the local workload joins; with the
+/// control plane set, the proxy registers the workload there.
+pub const ENV_WORKLOAD_SERVICE: &str = "MESH_PROXY_WORKLOAD_SERVICE";
+
+/// Labels of the registered workload, `key=value` pairs separated by commas.
+pub const ENV_WORKLOAD_LABELS: &str = "MESH_PROXY_WORKLOAD_LABELS";
+
+/// The address registered for the workload (`ip:port`), when peers must use another address
+/// than the inbound listener's own (NAT, a published port).
+pub const ENV_WORKLOAD_ADDR: &str = "MESH_PROXY_WORKLOAD_ADDR";
+
+/// The workload's SPIFFE ID, sent with its registration.
+pub const ENV_IDENTITY: &str = "MESH_PROXY_IDENTITY";
+
 /// Typed proxy configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -42,13 +69,32 @@ pub struct Config {
     /// Control plane proxy API address, if any.
     pub control_plane: Option<String>,
     /// Authorities watched from the start.
-    pub watch: Vec<mesh_core::proxy_api::ServiceRef>,
+    pub watch: Vec<ServiceRef>,
+    /// The local app; the inbound listener exists only when this is set.
+    pub app_addr: Option<SocketAddr>,
+    /// Where the inbound listener listens.
+    pub inbound_addr: SocketAddr,
+    /// The local workload, as registered with the control plane.
+    pub workload: Workload,
+}
+
+/// What the proxy knows of the workload beside it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Workload {
+    /// The service it serves; labels inbound metrics, and with a control plane, registers it.
+    pub service: Option<ServiceRef>,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// The address registered instead of the inbound listener's.
+    pub addr: Option<SocketAddr>,
+    /// Its SPIFFE ID.
+    pub identity: Option<String>,
 }
 
 impl Config {
     /// Reads the configuration from `env`.
     pub fn from_env(env: &impl Env) -> Result<Self, ConfigError> {
-        Ok(Self {
+        let config = Self {
             admin_addr: env.parse_or(ENV_ADMIN_ADDR, DEFAULT_ADMIN_ADDR)?,
             outbound_addr: env.parse_or(ENV_OUTBOUND_ADDR, DEFAULT_OUTBOUND_ADDR)?,
             config_file: env.parse(ENV_CONFIG_FILE)?,
@@ -69,8 +115,60 @@ impl Config {
                     })
                     .collect::<Result<_, _>>()?,
             },
-        })
+            app_addr: env.parse(ENV_APP_ADDR)?,
+            inbound_addr: env.parse_or(ENV_INBOUND_ADDR, DEFAULT_INBOUND_ADDR)?,
+            workload: Workload {
+                service: env.parse(ENV_WORKLOAD_SERVICE)?,
+                labels: match env.var(ENV_WORKLOAD_LABELS) {
+                    None => BTreeMap::new(),
+                    Some(list) => parse_labels(&list).map_err(|reason| ConfigError {
+                        name: ENV_WORKLOAD_LABELS,
+                        value: list.clone(),
+                        reason,
+                    })?,
+                },
+                addr: env.parse(ENV_WORKLOAD_ADDR)?,
+                identity: env.parse(ENV_IDENTITY)?,
+            },
+        };
+        // Registering announces the inbound listener to peers; without it they would be sent
+        // to a port nobody listens on.
+        if let Some(service) = config.registration()
+            && config.app_addr.is_none()
+        {
+            return Err(ConfigError {
+                name: ENV_WORKLOAD_SERVICE,
+                value: service.to_string(),
+                reason: format!(
+                    "registering the workload with the control plane needs the inbound \
+                     listener; set {ENV_APP_ADDR} to the local app's address"
+                ),
+            });
+        }
+        Ok(config)
     }
+
+    /// The service to register the workload in, when registration is configured: a workload
+    /// service and a control plane.
+    pub fn registration(&self) -> Option<&ServiceRef> {
+        self.control_plane
+            .as_ref()
+            .and(self.workload.service.as_ref())
+    }
+}
+
+/// Parses `key=value,key=value`; blanks around entries are ignored, an empty key is not.
+fn parse_labels(list: &str) -> Result<BTreeMap<String, String>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| match entry.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => Err(format!("{entry:?} is not key=value")),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -83,6 +181,86 @@ mod tests {
     fn defaults_to_linkerd_admin_port() {
         let cfg = Config::from_env(&BTreeMap::new()).unwrap();
         assert_eq!(cfg.admin_addr.port(), 4191);
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn inbound_is_off_until_an_app_is_named() {
+        let cfg = Config::from_env(&BTreeMap::new()).unwrap();
+        assert_eq!(cfg.app_addr, None);
+        assert_eq!(cfg.inbound_addr, DEFAULT_INBOUND_ADDR);
+        assert_eq!(cfg.registration(), None);
+        let cfg = Config::from_env(&env(&[
+            (ENV_APP_ADDR, "127.0.0.1:8080"),
+            (ENV_INBOUND_ADDR, "127.0.0.1:0"),
+        ]))
+        .unwrap();
+        assert_eq!(cfg.app_addr, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(cfg.inbound_addr.port(), 0);
+    }
+
+    #[test]
+    fn reads_the_workload() {
+        let cfg = Config::from_env(&env(&[
+            (ENV_APP_ADDR, "127.0.0.1:8080"),
+            (ENV_CONTROL_PLANE_ADDR, "127.0.0.1:8091"),
+            (ENV_WORKLOAD_SERVICE, "web-canary.shop:80"),
+            (ENV_WORKLOAD_LABELS, "version=v2, track = canary,"),
+            (ENV_WORKLOAD_ADDR, "10.0.0.7:4143"),
+            (ENV_IDENTITY, "spiffe://cluster.local/ns/shop/sa/web"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            cfg.registration(),
+            Some(&ServiceRef::new("web-canary", "shop", 80))
+        );
+        assert_eq!(
+            cfg.workload.labels,
+            BTreeMap::from([
+                ("track".to_string(), "canary".to_string()),
+                ("version".to_string(), "v2".to_string()),
+            ])
+        );
+        assert_eq!(cfg.workload.addr, Some("10.0.0.7:4143".parse().unwrap()));
+        assert_eq!(
+            cfg.workload.identity.as_deref(),
+            Some("spiffe://cluster.local/ns/shop/sa/web")
+        );
+    }
+
+    #[test]
+    fn rejects_bad_workload_values() {
+        for (name, value) in [
+            (ENV_WORKLOAD_SERVICE, "web:80"),
+            (ENV_WORKLOAD_LABELS, "version"),
+            (ENV_WORKLOAD_LABELS, "=v1"),
+            (ENV_WORKLOAD_ADDR, "web:80"),
+            (ENV_APP_ADDR, "localhost:8080"),
+            (ENV_INBOUND_ADDR, "4143"),
+        ] {
+            let err = Config::from_env(&env(&[(name, value)])).unwrap_err();
+            assert_eq!((err.name, err.value.as_str()), (name, value));
+        }
+    }
+
+    #[test]
+    fn registration_needs_the_inbound_listener() {
+        let err = Config::from_env(&env(&[
+            (ENV_CONTROL_PLANE_ADDR, "127.0.0.1:8091"),
+            (ENV_WORKLOAD_SERVICE, "web.default:80"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.name, ENV_WORKLOAD_SERVICE);
+        assert!(err.reason.contains(ENV_APP_ADDR), "{err}");
+        // Without a control plane nothing is registered, so nothing is missing.
+        let cfg = Config::from_env(&env(&[(ENV_WORKLOAD_SERVICE, "web.default:80")])).unwrap();
+        assert_eq!(cfg.registration(), None);
     }
 
     #[test]

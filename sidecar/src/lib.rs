@@ -4,11 +4,17 @@
 //! authorized and handed to the local app; both directions record golden metrics that the
 //! rollout controller judges canaries by. Today: the outbound listener (HTTP/1.1 and h2c,
 //! HTTPRoute matching, weighted backends, timeouts, filters, golden metrics) driven by a static
-//! config file, and the admin server (`/live`, `/ready`, `/metrics`, `/config`).
+//! config file or the control plane's watch streams; the inbound listener, which hands peers'
+//! requests to the local app (plaintext, not yet authorized); registration of the local workload
+//! with the control plane, which makes it an endpoint of its service; graceful drain on
+//! shutdown; and the admin server (`/live`, `/ready`, `/metrics`, `/config`).
 
 pub mod admin;
 pub mod config;
 pub mod discovery;
+pub mod drain;
+pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod registration;
 pub mod tables;

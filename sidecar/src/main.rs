@@ -1,15 +1,23 @@
-//! `mesh-proxy`: parses `MESH_PROXY_*` configuration and runs the proxy.
+//! `mesh-proxy`: parses `MESH_PROXY_*` configuration and runs the proxy until SIGTERM or
+//! Ctrl-C, then deregisters the workload, drains its listeners and exits 0.
 
-use std::{process::ExitCode, sync::Arc};
+use std::{net::SocketAddr, process::ExitCode, sync::Arc};
 
 use anyhow::Context;
-use mesh_core::proxy_api::StaticConfig;
+use mesh_core::proxy_api::{StaticConfig, WorkloadRegistration};
 use mesh_core::{
     Listening,
     config::{EXIT_CONFIG, ProcessEnv},
 };
 use mesh_sidecar::{
-    admin::Admin, config::Config, discovery::Discovery, metrics::Metrics, outbound::Outbound,
+    admin::{Admin, Readiness},
+    config::Config,
+    discovery::Discovery,
+    drain::{self, DRAIN_TIMEOUT},
+    inbound::Inbound,
+    metrics::Metrics,
+    outbound::Outbound,
+    registration::{DEREGISTER_TIMEOUT, Registrar, advertised_addr},
     tables::Tables,
 };
 use prometheus_client::registry::Registry;
@@ -81,40 +89,182 @@ fn announce(name: &str, addr: std::net::SocketAddr) {
 }
 
 async fn run(config: Config, tables: Tables) -> anyhow::Result<()> {
+    // Installed before any listener is announced, so a supervisor that stops the proxy right
+    // after start-up still gets a drain rather than the default action of the signal.
+    let mut stop = StopSignal::install().context("installing signal handlers")?;
     let admin_listener = tokio::net::TcpListener::bind(config.admin_addr)
         .await
         .with_context(|| format!("binding admin server to {}", config.admin_addr))?;
     let outbound_listener = tokio::net::TcpListener::bind(config.outbound_addr)
         .await
         .with_context(|| format!("binding outbound listener to {}", config.outbound_addr))?;
+    let inbound_listener = match config.app_addr {
+        Some(_) => Some(
+            tokio::net::TcpListener::bind(config.inbound_addr)
+                .await
+                .with_context(|| format!("binding inbound listener to {}", config.inbound_addr))?,
+        ),
+        None => None,
+    };
     announce("admin", admin_listener.local_addr()?);
     announce("outbound", outbound_listener.local_addr()?);
+    let inbound_bound = match &inbound_listener {
+        Some(l) => {
+            let addr = l.local_addr()?;
+            announce("inbound", addr);
+            Some(addr)
+        }
+        None => None,
+    };
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
-    // The sender lives as long as the process: discovery (if any) publishes through it.
-    let (tables_tx, tables_rx) = tokio::sync::watch::channel(Arc::new(tables));
-    let discovery = config.control_plane.as_ref().map(|addr| {
+    // One client for every control-plane call: discovery streams and registration share its
+    // HTTP/2 connection.
+    let client = config.control_plane.as_ref().map(|_| {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
+        reqwest::Client::builder()
             .http2_prior_knowledge()
             .build()
-            .unwrap_or_default();
-        Discovery::new(addr, client, tables_tx.clone())
+            .unwrap_or_default()
     });
+    // The sender lives as long as the process: discovery (if any) publishes through it.
+    let (tables_tx, tables_rx) = tokio::sync::watch::channel(Arc::new(tables));
+    let discovery = config
+        .control_plane
+        .as_ref()
+        .zip(client.clone())
+        .map(|(addr, client)| Discovery::new(addr, client, tables_tx.clone()));
     if let Some(d) = &discovery {
         for authority in &config.watch {
             d.watch_authority(authority);
         }
     }
-    let admin = Arc::new(Admin::new(registry, tables_rx.clone()));
-    let outbound = Arc::new(Outbound::new(tables_rx, metrics, discovery));
+
+    let registration = registration_target(&config, inbound_bound, client);
+    let (readiness_tx, readiness_rx) = tokio::sync::watch::channel(match registration {
+        Some(_) => Readiness::Registering,
+        None => Readiness::Ready,
+    });
+    let registration = registration.map(|(addr, client, workload)| {
+        Registrar::new(&addr, client, workload, readiness_tx.clone()).spawn()
+    });
+
+    let (drain_signal, drain_watch) = drain::channel();
+    let admin = Arc::new(Admin::new(registry, tables_rx.clone()).with_readiness(readiness_rx));
+    // The admin server keeps answering probes and scrapes while the listeners drain.
+    let mut admin_task = tokio::spawn(admin.serve(admin_listener));
+    let outbound = Arc::new(Outbound::new(tables_rx, metrics.clone(), discovery));
+    let mut outbound_task = tokio::spawn(outbound.serve(outbound_listener, drain_watch.clone()));
+    let mut inbound_task = tokio::spawn(async move {
+        match (inbound_listener, config.app_addr) {
+            (Some(listener), Some(app)) => {
+                let service = config.workload.service.as_ref();
+                Arc::new(Inbound::new(app, service, metrics))
+                    .serve(listener, drain_watch)
+                    .await
+            }
+            _ => Ok(()),
+        }
+    });
+
     tokio::select! {
-        res = admin.serve(admin_listener) => res.context("admin server failed"),
-        res = outbound.serve(outbound_listener) => res.context("outbound listener failed"),
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("shutting down");
-            Ok(())
+        res = &mut admin_task => return flatten(res).context("admin server failed"),
+        res = &mut outbound_task => return flatten(res).context("outbound listener failed"),
+        res = &mut inbound_task, if inbound_bound.is_some() => {
+            return flatten(res).context("inbound listener failed");
+        }
+        signal = stop.recv() => tracing::info!(signal, "shutting down"),
+    }
+
+    // Out of the route first, so peers stop choosing this workload while it drains.
+    readiness_tx.send_replace(Readiness::Draining);
+    if let Some(registration) = registration {
+        match tokio::time::timeout(DEREGISTER_TIMEOUT, registration.deregister()).await {
+            Ok(Ok(Some(lease))) => tracing::info!(%lease, "workload deregistered"),
+            Ok(Ok(None)) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "deregistering failed; the lease will expire"),
+            Err(_) => tracing::warn!("deregistering timed out; the lease will expire"),
+        }
+    }
+    drain_signal.drain();
+    let drained = async {
+        let (outbound, inbound) = tokio::join!(outbound_task, inbound_task);
+        flatten(outbound).context("outbound listener failed")?;
+        flatten(inbound).context("inbound listener failed")
+    };
+    tokio::select! {
+        res = tokio::time::timeout(DRAIN_TIMEOUT, drained) => match res {
+            Ok(res) => res?,
+            Err(_) => tracing::warn!(
+                timeout = ?DRAIN_TIMEOUT,
+                "requests still in flight after the drain timeout; exiting anyway"
+            ),
+        },
+        // A second signal skips the rest of the drain.
+        signal = stop.recv() => tracing::warn!(signal, "stopping without finishing the drain"),
+    }
+    admin_task.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// What to register, where and with which client, when registration is configured.
+fn registration_target(
+    config: &Config,
+    inbound: Option<SocketAddr>,
+    client: Option<reqwest::Client>,
+) -> Option<(String, reqwest::Client, WorkloadRegistration)> {
+    let service = config.registration()?;
+    // `Config` refuses registration without an app, so the inbound listener is bound here.
+    let addr = config
+        .workload
+        .addr
+        .or_else(|| inbound.map(advertised_addr))?;
+    Some((
+        config.control_plane.clone()?,
+        client?,
+        WorkloadRegistration {
+            service: service.clone(),
+            addr,
+            identity: config.workload.identity.clone(),
+            labels: config.workload.labels.clone(),
+        },
+    ))
+}
+
+/// A task's result with its panic or cancellation folded into the error.
+fn flatten(res: Result<std::io::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    res.context("task ended abnormally")?.map_err(Into::into)
+}
+
+/// SIGTERM (how supervisors and Kubernetes stop a process) and Ctrl-C.
+struct StopSignal {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+        })
+    }
+
+    /// The next stop signal's name.
+    async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
         }
     }
 }

@@ -4,22 +4,22 @@
 //! weighted backend pick -> endpoint -> forward with a pooled client, under the rule's timeout.
 //! Golden metrics are recorded per request with the rule and backend as labels.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HOST, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use mesh_core::proxy_api::{RouteFilter, RouteRule, ServiceRef};
 use mesh_core::routing::{RequestParts, pick_backend};
 use tokio::net::TcpListener;
 
 use crate::discovery::Discovery;
+use crate::drain::{Body, Watch};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::tables::{SharedTables, Tables, parse_authority};
 
@@ -29,7 +29,16 @@ pub const PROXY_ERROR_HEADER: &str = "mesh-proxy-error";
 /// Connect timeout to endpoints.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-type Body = BoxBody<Bytes, hyper::Error>;
+/// The pooled HTTP/1.1 client the proxy forwards with, outbound to endpoints and inbound to the
+/// local app.
+pub(crate) fn client() -> Client<HttpConnector, Incoming> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector)
+}
 
 /// The outbound proxy.
 #[derive(Debug)]
@@ -43,37 +52,25 @@ pub struct Outbound {
 impl Outbound {
     /// A proxy routing by `tables` and recording into `metrics`.
     pub fn new(tables: SharedTables, metrics: Metrics, discovery: Option<Discovery>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
         Self {
             tables,
             discovery,
             metrics,
-            client,
+            client: client(),
         }
     }
 
-    /// Serves the outbound listener until the task is dropped.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
-        loop {
-            let (io, peer) = listener.accept().await?;
-            let _ = io.set_nodelay(true);
+    /// Serves the outbound listener until `drain` fires and its requests in flight finish.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        drain: Watch,
+    ) -> std::io::Result<()> {
+        crate::drain::serve(listener, "outbound", drain, move |req| {
             let this = self.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.handle(req).await) }
-                });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                if let Err(error) = builder.serve_connection(TokioIo::new(io), svc).await {
-                    tracing::debug!(%peer, %error, "outbound connection ended with an error");
-                }
-            });
-        }
+            async move { this.handle(req).await }
+        })
+        .await
     }
 
     /// Routes and forwards one request.
@@ -314,7 +311,7 @@ fn modify_headers(
 }
 
 /// A response the proxy makes itself, with the reason in a header and the body.
-fn error(status: StatusCode, why: &str) -> Response<Body> {
+pub(crate) fn error(status: StatusCode, why: &str) -> Response<Body> {
     let mut rsp = Response::new(
         Full::new(Bytes::from(format!("{why}\n")))
             .map_err(|never| match never {})

@@ -1,0 +1,372 @@
+//! `mesh rollout status NAME`: where a Canary's rollout stands, for people and for CI.
+//!
+//! Exit codes, so a pipeline can gate on them:
+//! - 0: succeeded (or no rollout has started: the primary serves);
+//! - 1: failed, rolled back;
+//! - 2: timed out: still in progress when `--timeout` ran out (at once without `--watch`);
+//! - 3: waiting for promotion (a confirm-promotion webhook holds it).
+//!
+//! `--output github` also writes workflow annotations to stdout and a markdown summary to
+//! `$GITHUB_STEP_SUMMARY`.
+
+use std::{
+    io::Write,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use mesh_crds::{
+    Canary, CanaryPhase,
+    canary::{GateResult, Verdict},
+};
+use serde_json::json;
+
+use crate::resources::Conn;
+
+/// Exit code: the rollout succeeded.
+pub const EXIT_SUCCEEDED: u8 = 0;
+/// Exit code: the rollout failed and was rolled back.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: still in progress when the timeout ran out.
+pub const EXIT_TIMED_OUT: u8 = 2;
+/// Exit code: analysis passed; waiting for promotion to be confirmed.
+pub const EXIT_WAITING_PROMOTION: u8 = 3;
+
+/// Output formats.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// One JSON object.
+    Json,
+    /// Text, plus GitHub Actions annotations and a step summary.
+    Github,
+}
+
+/// Flags of `mesh rollout status`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// The Canary.
+    pub name: String,
+    /// Follow the rollout until it ends (or `--timeout`), printing each change.
+    #[arg(short = 'w', long)]
+    pub watch: bool,
+    /// With --watch, how long to wait for the end (30s, 10m); exit 2 when it runs out.
+    #[arg(long, default_value = "15m")]
+    pub timeout: String,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `mesh rollout` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Show a rollout: phase, step, weights, each gate's numbers and verdict, history.
+    Status(StatusArgs),
+}
+
+/// The exit code a Canary's state means; `None` while it is in progress.
+pub fn exit_code(c: &Canary) -> Option<u8> {
+    let s = c.status.clone().unwrap_or_default();
+    match s.phase {
+        CanaryPhase::Succeeded | CanaryPhase::Initialized => Some(EXIT_SUCCEEDED),
+        CanaryPhase::Failed => Some(EXIT_FAILED),
+        CanaryPhase::WaitingPromotion => Some(EXIT_WAITING_PROMOTION),
+        _ => None,
+    }
+}
+
+fn verdict(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Pass => "pass",
+        Verdict::Fail => "FAIL",
+        Verdict::Inconclusive => "inconclusive",
+    }
+}
+
+fn num(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.2}"))
+}
+
+fn gate_brief(g: &GateResult) -> String {
+    format!(
+        "{} {}/{} {}",
+        g.name,
+        num(g.canary),
+        num(g.primary),
+        verdict(g.verdict)
+    )
+}
+
+/// One line: phase, weight, failed checks, each gate's canary/primary values and verdict.
+pub fn progress_line(c: &Canary) -> String {
+    let s = c.status.clone().unwrap_or_default();
+    let gates: Vec<String> = s.analysis.iter().map(gate_brief).collect();
+    format!(
+        "{:<16} canary {:>3}%  failed checks {}/{}  {}",
+        format!("{:?}", s.phase),
+        s.canary_weight,
+        s.failed_checks,
+        c.spec.analysis.threshold,
+        if gates.is_empty() {
+            String::new()
+        } else {
+            format!("[{}]", gates.join(" | "))
+        }
+    )
+}
+
+fn steps(c: &Canary) -> Vec<i32> {
+    mesh_rollout_controller::machine::weight_steps(&c.spec).unwrap_or_default()
+}
+
+/// The full text report.
+pub fn render(c: &Canary) -> String {
+    let s = c.status.clone().unwrap_or_default();
+    let name = c.metadata.name.clone().unwrap_or_default();
+    let ns = c.metadata.namespace.clone().unwrap_or_default();
+    let steps = steps(c);
+    let step = steps.iter().filter(|w| **w <= s.canary_weight).count();
+    let mut out = format!(
+        "Canary {name} (namespace {ns})\n  phase:     {:?}\n  weights:   primary {}% / canary {}%  \
+         (step {step} of {})\n  checks:    {} failed of threshold {}; {} analysis ticks\n  \
+         revision:  {} (last promoted: {})\n",
+        s.phase,
+        100 - s.canary_weight,
+        s.canary_weight,
+        steps.len(),
+        s.failed_checks,
+        c.spec.analysis.threshold,
+        s.iterations,
+        s.last_applied_spec.as_deref().unwrap_or("-"),
+        s.last_promoted_spec.as_deref().unwrap_or("-"),
+    );
+    if !s.analysis.is_empty() {
+        out.push_str("  gates:\n");
+        out.push_str(&format!(
+            "    {:<28} {:>10} {:>10} {:>14}  {:<13} test\n",
+            "NAME", "CANARY", "PRIMARY", "SAMPLES c/p", "VERDICT"
+        ));
+        for g in &s.analysis {
+            out.push_str(&format!(
+                "    {:<28} {:>10} {:>10} {:>14}  {:<13} {}{}\n",
+                g.name,
+                num(g.canary),
+                num(g.primary),
+                format!("{}/{}", g.canary_samples, g.primary_samples),
+                verdict(g.verdict),
+                g.test,
+                g.p_value
+                    .map(|p| format!(" (p={p:.4})"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    if !s.history.is_empty() {
+        out.push_str("  history:\n");
+        for h in &s.history {
+            out.push_str(&format!(
+                "    {}  {:<16} {}\n",
+                h.time.0.strftime("%H:%M:%S"),
+                h.reason,
+                h.message
+            ));
+        }
+    }
+    out
+}
+
+/// The JSON report.
+pub fn to_json(c: &Canary, exit: u8) -> serde_json::Value {
+    let s = c.status.clone().unwrap_or_default();
+    json!({
+        "name": c.metadata.name,
+        "namespace": c.metadata.namespace,
+        "phase": format!("{:?}", s.phase),
+        "canaryWeight": s.canary_weight,
+        "primaryWeight": 100 - s.canary_weight,
+        "steps": steps(c),
+        "failedChecks": s.failed_checks,
+        "threshold": c.spec.analysis.threshold,
+        "iterations": s.iterations,
+        "revision": s.last_applied_spec,
+        "lastPromotedRevision": s.last_promoted_spec,
+        "gates": s.analysis,
+        "history": s.history,
+        "exitCode": exit,
+    })
+}
+
+/// The markdown step summary for GitHub Actions.
+pub fn github_summary(c: &Canary) -> String {
+    let s = c.status.clone().unwrap_or_default();
+    let name = c.metadata.name.clone().unwrap_or_default();
+    let mut md = format!(
+        "### Canary `{name}`: {:?}\n\n| | |\n|---|---|\n| weights | primary {}% / canary {}% \
+         |\n| failed checks | {} of {} |\n| revision | `{}` |\n\n",
+        s.phase,
+        100 - s.canary_weight,
+        s.canary_weight,
+        s.failed_checks,
+        c.spec.analysis.threshold,
+        s.last_applied_spec.as_deref().unwrap_or("-"),
+    );
+    if !s.analysis.is_empty() {
+        md.push_str("| gate | canary | primary | samples c/p | verdict | test |\n|---|---:|---:|---:|---|---|\n");
+        for g in &s.analysis {
+            md.push_str(&format!(
+                "| {} | {} | {} | {}/{} | {} | {} |\n",
+                g.name,
+                num(g.canary),
+                num(g.primary),
+                g.canary_samples,
+                g.primary_samples,
+                verdict(g.verdict),
+                g.test
+            ));
+        }
+    }
+    md
+}
+
+/// GitHub workflow commands for the outcome.
+pub fn github_annotations(c: &Canary, exit: u8) -> String {
+    let s = c.status.clone().unwrap_or_default();
+    let name = c.metadata.name.clone().unwrap_or_default();
+    let last = s
+        .history
+        .last()
+        .map(|h| h.message.clone())
+        .unwrap_or_default()
+        .replace('\n', " ");
+    let level = match exit {
+        EXIT_SUCCEEDED => "notice",
+        EXIT_WAITING_PROMOTION => "warning",
+        _ => "error",
+    };
+    format!(
+        "::{level} title=Canary {name} {:?}::weight {}%, failed checks {}/{}: {last}\n",
+        s.phase, s.canary_weight, s.failed_checks, c.spec.analysis.threshold
+    )
+}
+
+/// Runs a `mesh rollout` command.
+#[allow(clippy::print_stderr, reason = "the CLI talks to its user")]
+pub fn run(command: Command) -> ExitCode {
+    let Command::Status(args) = command;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(status(args)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            // Not one of the rollout's outcomes: a usage or connection problem.
+            ExitCode::from(4)
+        }
+    }
+}
+
+async fn fetch(client: &reqwest::Client, args: &StatusArgs) -> anyhow::Result<Canary> {
+    let url = format!(
+        "{}/apis/rollouts.mesh.dev/v1alpha1/namespaces/{}/canaries/{}",
+        args.conn.server.trim_end_matches('/'),
+        args.conn.namespace,
+        args.name
+    );
+    let rsp = client
+        .get(&url)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the control plane at {}", args.conn.server))?;
+    if rsp.status() == reqwest::StatusCode::NOT_FOUND {
+        anyhow::bail!(
+            "canary {:?} not found in namespace {:?}",
+            args.name,
+            args.conn.namespace
+        );
+    }
+    let rsp = rsp.error_for_status()?;
+    rsp.json().await.context("reading the Canary")
+}
+
+/// The revision the Canary's target asks for, when the target is an embedded Workload; a
+/// rollout whose status has not caught up with it yet is still in progress, however its phase
+/// reads (right after `mesh apply`, the controller has not seen the new version yet).
+async fn target_revision(
+    client: &reqwest::Client,
+    args: &StatusArgs,
+    c: &Canary,
+) -> Option<String> {
+    let url = format!(
+        "{}/apis/workloads.mesh.dev/v1alpha1/namespaces/{}/workloads/{}",
+        args.conn.server.trim_end_matches('/'),
+        args.conn.namespace,
+        c.spec.target_ref.name
+    );
+    let rsp = client
+        .get(&url)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .ok()?;
+    let w: mesh_crds::Workload = rsp.error_for_status().ok()?.json().await.ok()?;
+    w.spec.revision()
+}
+
+#[allow(clippy::print_stdout, reason = "the report is the output")]
+async fn status(args: StatusArgs) -> anyhow::Result<u8> {
+    let timeout = mesh_core::duration::parse(&args.timeout)
+        .map_err(|e| anyhow::anyhow!("--timeout {:?}: {e}", args.timeout))?;
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let mut last = String::new();
+    let (canary, code) = loop {
+        let c = fetch(&client, &args).await?;
+        let wanted = target_revision(&client, &args, &c).await;
+        let applied = c.status.as_ref().and_then(|s| s.last_applied_spec.clone());
+        let caught_up = wanted.is_none() || wanted == applied;
+        let done = exit_code(&c).filter(|_| caught_up);
+        if args.watch && args.output != Output::Json {
+            let line = progress_line(&c);
+            if line != last {
+                println!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
+                last = line;
+            }
+        }
+        match done {
+            Some(code) => break (c, code),
+            None if !args.watch || started.elapsed() >= timeout => break (c, EXIT_TIMED_OUT),
+            None => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    };
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&to_json(&canary, code))?),
+        Output::Text => print!("{}", render(&canary)),
+        Output::Github => {
+            print!("{}", render(&canary));
+            print!("{}", github_annotations(&canary, code));
+            if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY") {
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .with_context(|| format!("opening $GITHUB_STEP_SUMMARY {path:?}"))?;
+                f.write_all(github_summary(&canary).as_bytes())?;
+            }
+        }
+    }
+    Ok(code)
+}

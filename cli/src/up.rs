@@ -1,0 +1,113 @@
+//! `mesh up -f mesh.yaml`: runs the embedded mesh in the foreground, with the workloads and
+//! resources the file declares, until Ctrl-C.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use mesh_controlplane::store::ResourceStore;
+use mesh_core::Listening;
+
+use crate::embedded::{self, Mesh, Settings};
+
+/// Flags of `mesh up`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// mesh.yaml: Workloads, and any Canary, HTTPRoute or MetricTemplate; a file or a
+    /// directory, repeatable. Applied at every start, like `mesh apply -f`.
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<PathBuf>,
+    /// Where the store, the CA and the process logs live; `.mesh/` beside the first file by
+    /// default. A restart with the same directory resumes where the mesh stopped.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// The resource API, which `mesh apply`, `mesh get` and `mesh rollout status` talk to.
+    #[arg(long, default_value = "127.0.0.1:4180")]
+    pub api_addr: SocketAddr,
+    /// The proxy API, which the sidecars watch and register with.
+    #[arg(long, default_value = "127.0.0.1:4181")]
+    pub proxy_addr: SocketAddr,
+    /// Namespace for documents that name none.
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+}
+
+/// Runs `mesh up`.
+#[allow(clippy::print_stderr, reason = "the CLI talks to its user")]
+pub fn run(args: Args) -> ExitCode {
+    crate::init_logging("info");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(up(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "announcements go to stdout, messages to the user on stderr"
+)]
+async fn up(args: Args) -> anyhow::Result<()> {
+    // Read every file before starting anything: a typo is reported with its file and line.
+    let docs = embedded::read_manifests(&args.files, &args.namespace)?;
+    let state_dir = args.state_dir.clone().unwrap_or_else(|| {
+        embedded::default_state_dir(args.files.first().map_or(&PathBuf::new(), |f| f))
+    });
+    let mesh = Mesh::start(&Settings {
+        state_dir: state_dir.clone(),
+        api_addr: args.api_addr,
+        proxy_addr: args.proxy_addr,
+    })
+    .await?;
+    if let Err(e) = mesh.store.apply(docs).await {
+        mesh.shutdown().await;
+        return Err(anyhow::anyhow!(
+            "{}: {e}; nothing was applied",
+            args.files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    println!("{}", Listening::new("api", mesh.api_addr));
+    println!("{}", Listening::new("proxy", mesh.proxy_addr));
+    eprintln!(
+        "mesh is up: resource API http://{} (state in {}). Ctrl-C stops everything.",
+        mesh.api_addr,
+        state_dir.display()
+    );
+    wait_for_signal().await;
+    eprintln!("stopping the workloads...");
+    mesh.shutdown().await;
+    eprintln!(
+        "stopped; `mesh up` again resumes from {}",
+        state_dir.display()
+    );
+    Ok(())
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+}
