@@ -185,26 +185,9 @@ pub struct After {
 }
 
 /// Runs `mesh demo`.
-#[allow(clippy::print_stderr, reason = "the CLI talks to its user")]
 pub fn run(args: Args) -> ExitCode {
     crate::init_logging("error");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(demo(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::block_on(true, demo(args)).map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
 }
 
 struct Say(Output);

@@ -81,6 +81,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs `fut` to completion on a new runtime (a multi-thread one for long-running commands);
+/// an error is printed as `error: ...` and gives `None`.
+#[allow(clippy::print_stderr, reason = "the CLI talks to its user")]
+fn block_on<T>(
+    multi_thread: bool,
+    fut: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> Option<T> {
+    let runtime = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let result = match runtime {
+        Ok(r) => r.block_on(fut),
+        Err(e) => Err(anyhow::anyhow!("starting the runtime: {e}")),
+    };
+    result.map_err(|e| eprintln!("error: {e:#}")).ok()
+}
+
 /// Logs go to stderr; `RUST_LOG` overrides `default`.
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -60,25 +60,8 @@ pub enum Action {
 }
 
 /// Runs a resource command, printing its result or its error.
-#[allow(clippy::print_stderr, reason = "the CLI talks to its user")]
 pub fn run(conn: &Conn, action: Action) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(execute(conn, action)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::block_on(false, execute(conn, action)).map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
 }
 
 fn client() -> anyhow::Result<reqwest::Client> {

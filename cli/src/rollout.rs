@@ -255,27 +255,10 @@ pub fn github_annotations(c: &Canary, exit: u8) -> String {
 }
 
 /// Runs a `mesh rollout` command.
-#[allow(clippy::print_stderr, reason = "the CLI talks to its user")]
 pub fn run(command: Command) -> ExitCode {
     let Command::Status(args) = command;
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(status(args)) {
-        Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            // Not one of the rollout's outcomes: a usage or connection problem.
-            ExitCode::from(4)
-        }
-    }
+    // 4 is none of the rollout's outcomes: a usage or connection problem.
+    crate::block_on(false, status(args)).map_or(ExitCode::from(4), ExitCode::from)
 }
 
 async fn fetch(client: &reqwest::Client, args: &StatusArgs) -> anyhow::Result<Canary> {
