@@ -1,4 +1,5 @@
-//! `mesh rollout status NAME`: where a Canary's rollout stands, for people and for CI.
+//! `mesh rollout status NAME`: where a Canary's rollout stands, for people and for CI; and
+//! `mesh rollout promote|abort|pause|resume|history NAME` to steer and review it.
 //!
 //! Exit codes, so a pipeline can gate on them:
 //! - 0: succeeded (or no rollout has started: the primary serves);
@@ -62,11 +63,42 @@ pub struct StatusArgs {
     pub conn: Conn,
 }
 
+/// Flags of the commands that act on one Canary.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NameArgs {
+    /// The Canary.
+    pub name: String,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// Flags of `mesh rollout history`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct HistoryArgs {
+    /// The Canary.
+    pub name: String,
+    /// Output format (`github` prints the same table as `text`).
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
 /// `mesh rollout` subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
     /// Show a rollout: phase, step, weights, each gate's numbers and verdict, history.
     Status(StatusArgs),
+    /// Promote the canary now, skipping the rest of its analysis and any confirm-promotion gate.
+    Promote(NameArgs),
+    /// Roll the canary back now.
+    Abort(NameArgs),
+    /// Freeze the rollout where it is (sets `spec.suspend`).
+    Pause(NameArgs),
+    /// Let a paused rollout go on (clears `spec.suspend`).
+    Resume(NameArgs),
+    /// List the rollout's recorded events, oldest first.
+    History(HistoryArgs),
 }
 
 /// The exit code a Canary's state means; `None` while it is in progress.
@@ -256,47 +288,204 @@ pub fn github_annotations(c: &Canary, exit: u8) -> String {
 
 /// Runs a `mesh rollout` command.
 pub fn run(command: Command) -> ExitCode {
-    let Command::Status(args) = command;
     // 4 is none of the rollout's outcomes: a usage or connection problem.
-    crate::block_on(false, status(args)).map_or(ExitCode::from(4), ExitCode::from)
+    let code = match command {
+        Command::Status(args) => crate::block_on(false, status(args)),
+        Command::Promote(args) => crate::block_on(false, request(args, Request::Promote)),
+        Command::Abort(args) => crate::block_on(false, request(args, Request::Abort)),
+        Command::Pause(args) => crate::block_on(false, suspend(args, true)),
+        Command::Resume(args) => crate::block_on(false, suspend(args, false)),
+        Command::History(args) => crate::block_on(false, history(args)),
+    };
+    code.map_or(ExitCode::from(4), ExitCode::from)
 }
 
-async fn fetch(client: &reqwest::Client, args: &StatusArgs) -> anyhow::Result<Canary> {
-    let url = format!(
-        "{}/apis/rollouts.mesh.dev/v1alpha1/namespaces/{}/canaries/{}",
-        args.conn.server.trim_end_matches('/'),
-        args.conn.namespace,
-        args.name
-    );
+fn canary_url(conn: &Conn, name: &str) -> String {
+    format!(
+        "{}/apis/rollouts.mesh.dev/v1alpha1/namespaces/{}/canaries/{name}",
+        conn.server.trim_end_matches('/'),
+        conn.namespace,
+    )
+}
+
+/// The Canary as stored, as JSON.
+async fn fetch_value(
+    client: &reqwest::Client,
+    conn: &Conn,
+    name: &str,
+) -> anyhow::Result<serde_json::Value> {
     let rsp = client
-        .get(&url)
+        .get(canary_url(conn, name))
         .timeout(Duration::from_secs(10))
         .send()
         .await
-        .with_context(|| format!("cannot reach the control plane at {}", args.conn.server))?;
+        .with_context(|| format!("cannot reach the control plane at {}", conn.server))?;
     if rsp.status() == reqwest::StatusCode::NOT_FOUND {
         anyhow::bail!(
-            "canary {:?} not found in namespace {:?}",
-            args.name,
-            args.conn.namespace
+            "canary {name:?} not found in namespace {:?}",
+            conn.namespace
         );
     }
     let rsp = rsp.error_for_status()?;
     rsp.json().await.context("reading the Canary")
 }
 
+async fn fetch(client: &reqwest::Client, conn: &Conn, name: &str) -> anyhow::Result<Canary> {
+    let v = fetch_value(client, conn, name).await?;
+    serde_json::from_value(v).context("reading the Canary")
+}
+
+/// Changes the stored Canary with `edit` (which sees the typed Canary and edits its JSON),
+/// leaving the status alone. The write names the resourceVersion it read, so a concurrent
+/// change (the controller writes status every tick) makes it start over instead of losing one.
+async fn edit_canary(
+    conn: &Conn,
+    name: &str,
+    mut edit: impl FnMut(&Canary, &mut serde_json::Value) -> anyhow::Result<()>,
+) -> anyhow::Result<Canary> {
+    let client = reqwest::Client::new();
+    for _ in 0..10 {
+        let mut v = fetch_value(&client, conn, name).await?;
+        let typed: Canary = serde_json::from_value(v.clone()).context("reading the Canary")?;
+        edit(&typed, &mut v)?;
+        if let Some(o) = v.as_object_mut() {
+            o.remove("status");
+        }
+        let rsp = client
+            .put(canary_url(conn, name))
+            .json(&v)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the control plane at {}", conn.server))?;
+        if rsp.status() == reqwest::StatusCode::CONFLICT {
+            continue;
+        }
+        if !rsp.status().is_success() {
+            let code = rsp.status();
+            let body: serde_json::Value = rsp.json().await.unwrap_or_default();
+            let message = body["message"].as_str().unwrap_or("no message").to_string();
+            anyhow::bail!("the control plane refused the change ({code}): {message}");
+        }
+        return rsp.json().await.context("reading the updated Canary");
+    }
+    anyhow::bail!("canary {name:?} kept changing under us; try again")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Request {
+    Promote,
+    Abort,
+}
+
+/// `mesh rollout promote|abort`: annotate the Canary with the revision to act on; the
+/// controller carries it out on its next tick.
+#[allow(clippy::print_stdout, reason = "the confirmation is the output")]
+async fn request(args: NameArgs, what: Request) -> anyhow::Result<u8> {
+    let client = reqwest::Client::new();
+    let c = fetch(&client, &args.conn, &args.name).await?;
+    let phase = c.status.as_ref().map(|s| s.phase).unwrap_or_default();
+    let revision = match target_revision(&client, &args.conn, &c).await {
+        Some(r) => r,
+        None => c
+            .status
+            .as_ref()
+            .and_then(|s| s.last_applied_spec.clone())
+            .ok_or_else(|| anyhow::anyhow!("canary {:?} has no revision yet", args.name))?,
+    };
+    let applied = c.status.as_ref().and_then(|s| s.last_applied_spec.clone());
+    let (verb, key, allowed): (&str, &str, &[CanaryPhase]) = match what {
+        Request::Promote => (
+            "promote",
+            mesh_crds::canary::PROMOTE_ANNOTATION,
+            &[CanaryPhase::Progressing, CanaryPhase::WaitingPromotion],
+        ),
+        Request::Abort => (
+            "abort",
+            mesh_crds::canary::ABORT_ANNOTATION,
+            &[
+                CanaryPhase::Waiting,
+                CanaryPhase::Progressing,
+                CanaryPhase::WaitingPromotion,
+            ],
+        ),
+    };
+    // Right after `mesh apply` the controller may not have started the new revision yet;
+    // the request names it anyway, and waits in the annotation until it applies.
+    let pending = applied.as_deref() != Some(revision.as_str());
+    if !pending && !allowed.contains(&phase) {
+        anyhow::bail!(
+            "canary {:?} is {phase:?}; there is no rollout in progress to {verb}",
+            args.name
+        );
+    }
+    edit_canary(&args.conn, &args.name, |_, v| {
+        v["metadata"]["annotations"][key] = revision.clone().into();
+        Ok(())
+    })
+    .await?;
+    println!(
+        "canary {} : {verb} of revision {revision} requested; follow it with `mesh rollout status {} --watch`",
+        args.name, args.name
+    );
+    Ok(EXIT_SUCCEEDED)
+}
+
+/// `mesh rollout pause|resume`.
+#[allow(clippy::print_stdout, reason = "the confirmation is the output")]
+async fn suspend(args: NameArgs, on: bool) -> anyhow::Result<u8> {
+    let c = edit_canary(&args.conn, &args.name, |_, v| {
+        v["spec"]["suspend"] = on.into();
+        Ok(())
+    })
+    .await?;
+    let phase = c.status.as_ref().map(|s| s.phase).unwrap_or_default();
+    if on {
+        println!(
+            "canary {} paused at {phase:?}; `mesh rollout resume {}` lets it go on",
+            args.name, args.name
+        );
+    } else {
+        println!("canary {} resumed ({phase:?})", args.name);
+    }
+    Ok(EXIT_SUCCEEDED)
+}
+
+/// `mesh rollout history`.
+#[allow(clippy::print_stdout, reason = "the history is the output")]
+async fn history(args: HistoryArgs) -> anyhow::Result<u8> {
+    let client = reqwest::Client::new();
+    let c = fetch(&client, &args.conn, &args.name).await?;
+    let h = c.status.map(|s| s.history).unwrap_or_default();
+    if args.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&h)?);
+        return Ok(EXIT_SUCCEEDED);
+    }
+    if h.is_empty() {
+        println!("canary {} has no recorded events yet", args.name);
+        return Ok(EXIT_SUCCEEDED);
+    }
+    println!("{:<20}  {:<7} {:<16} MESSAGE", "TIME", "TYPE", "REASON");
+    for e in &h {
+        println!(
+            "{:<20}  {:<7} {:<16} {}",
+            e.time.0.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            if e.warning { "Warning" } else { "Normal" },
+            e.reason,
+            e.message
+        );
+    }
+    Ok(EXIT_SUCCEEDED)
+}
+
 /// The revision the Canary's target asks for, when the target is an embedded Workload; a
 /// rollout whose status has not caught up with it yet is still in progress, however its phase
 /// reads (right after `mesh apply`, the controller has not seen the new version yet).
-async fn target_revision(
-    client: &reqwest::Client,
-    args: &StatusArgs,
-    c: &Canary,
-) -> Option<String> {
+async fn target_revision(client: &reqwest::Client, conn: &Conn, c: &Canary) -> Option<String> {
     let url = format!(
         "{}/apis/workloads.mesh.dev/v1alpha1/namespaces/{}/workloads/{}",
-        args.conn.server.trim_end_matches('/'),
-        args.conn.namespace,
+        conn.server.trim_end_matches('/'),
+        conn.namespace,
         c.spec.target_ref.name
     );
     let rsp = client
@@ -317,8 +506,8 @@ async fn status(args: StatusArgs) -> anyhow::Result<u8> {
     let started = Instant::now();
     let mut last = String::new();
     let (canary, code) = loop {
-        let c = fetch(&client, &args).await?;
-        let wanted = target_revision(&client, &args, &c).await;
+        let c = fetch(&client, &args.conn, &args.name).await?;
+        let wanted = target_revision(&client, &args.conn, &c).await;
         let applied = c.status.as_ref().and_then(|s| s.last_applied_spec.clone());
         let caught_up = wanted.is_none() || wanted == applied;
         let done = exit_code(&c).filter(|_| caught_up);

@@ -230,3 +230,282 @@ async fn mesh_up_rolls_out_with_apply_gates_with_rollout_status_and_resumes() {
     let status = mesh_up.child().exited_within(Duration::from_secs(30)).await;
     assert_eq!(status.and_then(|s| s.code()), Some(0));
 }
+
+/// examples/mesh.yaml with backend v2 failing 5 % of requests and a healthy v3 added.
+fn manifest_with(dir: &std::path::Path, version: &str) -> std::path::PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mesh.yaml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let v1 = "  version: v1\n  versions:\n    v1:\n      command: [mesh-demo-app, --version, v1, --latency-ms";
+    let edited = text
+        .replacen(v1, &v1.replacen("version: v1", &format!("version: {version}"), 1), 1)
+        .replacen("DEMO_ERROR_RATE: \"0.1\"", "DEMO_ERROR_RATE: \"0.05\"", 1)
+        .replacen(
+            "    v2:\n",
+            "    v3:\n      command: [mesh-demo-app, --version, v3, --latency-ms, \"5\", --latency-p99-ms, \"20\"]\n    v2:\n",
+            1,
+        );
+    assert!(
+        edited.contains("    v3:
+"),
+        "the example changed; update this test"
+    );
+    assert!(
+        edited.contains("\"0.05\""),
+        "the example changed; update this test"
+    );
+    let path = dir.join(format!("mesh-{version}.yaml"));
+    std::fs::write(&path, edited).unwrap();
+    path
+}
+
+fn canary(server: &str) -> Value {
+    let out = mesh(server, &["get", "canary", "backend", "-o", "json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// Polls the Canary until `done` holds, for up to `limit`.
+async fn wait_for(
+    server: &str,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let c = canary(server);
+        if done(&c) {
+            return c;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{what}: not after {limit:?}; the canary is {:#}",
+            c["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn phase(c: &Value) -> &str {
+    c["status"]["phase"].as_str().unwrap_or("")
+}
+
+fn apply(server: &str, file: &std::path::Path) {
+    let out = mesh(server, &["apply", "-f", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
+/// The PIDs `mesh up` listed in its state dir's `run/`.
+fn listed_pids(state: &std::path::Path) -> Vec<u32> {
+    std::fs::read_dir(state.join("run"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.path().file_stem()?.to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_controller_resumes_mid_rollout_and_rolls_back_a_5pct_canary() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut mesh_up = up(&state, &manifest_with(dir.path(), "v1"));
+    let server = format!("http://{}", mesh_up.addr("api"));
+    wait_for(&server, Duration::from_secs(60), "initialized", |c| {
+        phase(c) == "Initialized"
+    })
+    .await;
+
+    // v2 fails 5 % of requests. Kill `mesh up` outright once the canary takes traffic, before
+    // the analysis has decided.
+    apply(&server, &manifest_with(dir.path(), "v2"));
+    let before = wait_for(&server, Duration::from_secs(60), "canary at 10 %", |c| {
+        phase(c) == "Progressing" && c["status"]["canaryWeight"].as_i64() >= Some(10)
+    })
+    .await;
+    assert!(
+        before["status"]["failedChecks"].as_i64() < Some(3),
+        "decided before the kill: {:#}",
+        before["status"]
+    );
+    let orphans = listed_pids(&state);
+    mesh_up.child().kill();
+    assert!(
+        orphans.len() >= 6,
+        "expected apps and sidecars listed, got {orphans:?}"
+    );
+    assert!(
+        orphans.iter().all(|p| pid_alive(*p)),
+        "SIGKILL should leave the children running: {orphans:?}"
+    );
+
+    // The restart stops what the killed run left behind, then carries on from the stored status.
+    let mut mesh_up = up(&state, &manifest_with(dir.path(), "v2"));
+    let server = format!("http://{}", mesh_up.addr("api"));
+    assert!(
+        orphans.iter().all(|p| !pid_alive(*p)),
+        "left-over processes still run: {orphans:?}"
+    );
+    let resumed = canary(&server);
+    assert_eq!(phase(&resumed), "Progressing", "{:#}", resumed["status"]);
+    assert_eq!(
+        resumed["status"]["lastTransitionTime"], before["status"]["lastTransitionTime"],
+        "the rollout restarted instead of resuming"
+    );
+    let done = wait_for(&server, Duration::from_secs(120), "a decision", |c| {
+        matches!(phase(c), "Failed" | "Succeeded")
+    })
+    .await;
+    let s = &done["status"];
+    assert_eq!(phase(&done), "Failed", "{s:#}");
+    assert_eq!(s["canaryWeight"], 0);
+    // The judge's numbers are in the status: the canary's success rate, from its own traffic.
+    let gate = s["analysis"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "request-success-rate")
+        .unwrap_or_else(|| panic!("no success-rate gate in {s:#}"));
+    assert!(gate["canarySamples"].as_u64() > Some(0), "{gate:#}");
+    let rate = gate["canary"].as_f64().unwrap();
+    assert!(
+        (80.0..99.0).contains(&rate),
+        "canary success rate {rate}: {gate:#}"
+    );
+    let starts = s["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["reason"] == "Progressing")
+        .count();
+    assert_eq!(starts, 1, "the analysis started twice: {:#}", s["history"]);
+
+    terminate(&mut mesh_up);
+    let status = mesh_up.child().exited_within(Duration::from_secs(30)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    assert!(
+        listed_pids(&state).is_empty(),
+        "a clean stop leaves no PID files"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rollout_pause_resume_promote_abort_and_history() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut mesh_up = up(&state, &manifest_with(dir.path(), "v1"));
+    let server = format!("http://{}", mesh_up.addr("api"));
+    wait_for(&server, Duration::from_secs(60), "initialized", |c| {
+        phase(c) == "Initialized"
+    })
+    .await;
+    let refused = mesh(&server, &["rollout", "promote", "backend"]);
+    assert_eq!(refused.status.code(), Some(4));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no rollout in progress"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // A healthy v3: pause freezes it mid-way, resume lets it go on, promote ends it at once.
+    apply(&server, &manifest_with(dir.path(), "v3"));
+    wait_for(&server, Duration::from_secs(60), "canary at 10 %", |c| {
+        phase(c) == "Progressing" && c["status"]["canaryWeight"].as_i64() >= Some(10)
+    })
+    .await;
+    let paused = mesh(&server, &["rollout", "pause", "backend"]);
+    assert!(
+        paused.status.success(),
+        "{}",
+        String::from_utf8_lossy(&paused.stderr)
+    );
+    let held = canary(&server)["status"]["canaryWeight"].clone();
+    tokio::time::sleep(Duration::from_secs(12)).await; // more than two analysis intervals
+    let c = canary(&server);
+    assert_eq!(c["spec"]["suspend"], true);
+    assert_eq!(c["status"]["canaryWeight"], held, "a paused rollout moved");
+    let resumed = mesh(&server, &["rollout", "resume", "backend"]);
+    assert!(resumed.status.success());
+    assert_eq!(canary(&server)["spec"]["suspend"], false);
+
+    let promoted = mesh(&server, &["rollout", "promote", "backend"]);
+    assert!(
+        promoted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&promoted.stderr)
+    );
+    let c = wait_for(&server, Duration::from_secs(60), "promotion", |c| {
+        phase(c) == "Succeeded"
+    })
+    .await;
+    assert!(
+        c["status"]["canaryWeight"] == 0
+            && c["status"]["lastPromotedSpec"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("v3-")),
+        "{:#}",
+        c["status"]
+    );
+    let history = mesh(&server, &["rollout", "history", "backend"]);
+    let history = String::from_utf8_lossy(&history.stdout);
+    assert!(history.contains("ManualPromotion"), "{history}");
+    assert!(history.contains("Succeeded"), "{history}");
+
+    // v2 is aborted by hand before the judge gets to it.
+    apply(&server, &manifest_with(dir.path(), "v2"));
+    wait_for(&server, Duration::from_secs(60), "v2 progressing", |c| {
+        phase(c) == "Progressing"
+            && c["status"]["lastAppliedSpec"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("v2-"))
+    })
+    .await;
+    let aborted = mesh(&server, &["rollout", "abort", "backend"]);
+    assert!(
+        aborted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&aborted.stderr)
+    );
+    let c = wait_for(&server, Duration::from_secs(30), "abort", |c| {
+        phase(c) == "Failed"
+    })
+    .await;
+    let json = mesh(&server, &["rollout", "history", "backend", "-o", "json"]);
+    let events: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["reason"] == "RolledBack"
+                && e["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("aborted by request")),
+        "{events:#}"
+    );
+    assert_eq!(
+        c["status"]["lastPromotedSpec"].as_str().map(|r| &r[..3]),
+        Some("v3-")
+    );
+    let w = mesh(&server, &["get", "workload", "backend", "-o", "json"]);
+    let w: Value = serde_json::from_slice(&w.stdout).unwrap();
+    assert_eq!(w["status"]["primary"], "v3", "{w:#}");
+
+    terminate(&mut mesh_up);
+    let status = mesh_up.child().exited_within(Duration::from_secs(30)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+}

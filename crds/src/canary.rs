@@ -335,6 +335,13 @@ pub struct CanaryStatus {
 /// How many [`HistoryEntry`]s a status keeps.
 pub const HISTORY_LIMIT: usize = 40;
 
+/// Annotation set by `mesh rollout promote`: the revision to promote now, skipping the rest of
+/// its analysis. It names a revision so that a leftover annotation never promotes a later one.
+pub const PROMOTE_ANNOTATION: &str = "rollouts.mesh.dev/promote";
+
+/// Annotation set by `mesh rollout abort`: the revision to roll back now.
+pub const ABORT_ANNOTATION: &str = "rollouts.mesh.dev/abort";
+
 /// One thing that happened during a rollout, as an event records it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -11,12 +11,14 @@ use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use mesh_crds::canary::{HISTORY_LIMIT, HistoryEntry, WebhookType};
+use mesh_crds::canary::{
+    ABORT_ANNOTATION, HISTORY_LIMIT, HistoryEntry, PROMOTE_ANNOTATION, WebhookType,
+};
 use mesh_crds::{Canary, CanaryPhase, CanaryStatus};
 
 use crate::duration;
 use crate::judge::JudgeConfig;
-use crate::machine::{self, Action, Observations};
+use crate::machine::{self, Action, Observations, UserRequest};
 use crate::sources::{MetricSource, Target};
 use crate::webhooks::{self, Payload};
 
@@ -152,6 +154,7 @@ pub async fn reconcile<D: Driver, S: MetricSource>(
         window,
         custom_metrics: BTreeMap::new(),
         webhooks: hooks,
+        request: user_request(canary, &target.revision),
     };
     let step = machine::step(spec, &status, &obs, judge)?;
     let mut next = step.status;
@@ -204,6 +207,25 @@ pub async fn reconcile<D: Driver, S: MetricSource>(
         status: next,
         actions: step.actions,
     })
+}
+
+/// The promote/abort annotation that names `revision`, if any; abort wins over promote.
+pub fn user_request(canary: &Canary, revision: &str) -> Option<UserRequest> {
+    let names = |key: &str| {
+        canary
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .is_some_and(|v| v == revision)
+    };
+    if names(ABORT_ANNOTATION) {
+        Some(UserRequest::Abort)
+    } else if names(PROMOTE_ANNOTATION) {
+        Some(UserRequest::Promote)
+    } else {
+        None
+    }
 }
 
 /// Calls the notification hooks of `kind`; their failures are logged, never fatal.

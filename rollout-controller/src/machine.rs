@@ -45,6 +45,17 @@ pub struct Observations {
     /// Outcomes of the gating webhooks named by [`due_webhooks`], by hook name: `true` when the
     /// hook answered 2xx in time.
     pub webhooks: BTreeMap<String, bool>,
+    /// What a person asked for this revision (`mesh rollout promote|abort`).
+    pub request: Option<UserRequest>,
+}
+
+/// A person's request about the rollout of the current revision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UserRequest {
+    /// Promote now, skipping the rest of the analysis and any confirm-promotion gate.
+    Promote,
+    /// Roll back now.
+    Abort,
 }
 
 /// Something the driver must do. Actions are idempotent: repeating one after a crash is safe.
@@ -248,6 +259,9 @@ impl Machine<'_> {
             return;
         }
         let new_revision = self.status.last_applied_spec.as_deref() != Some(&self.obs.revision);
+        if self.user_request(new_revision) {
+            return;
+        }
         match self.status.phase {
             CanaryPhase::Initializing => self.initializing(),
             CanaryPhase::Initialized | CanaryPhase::Succeeded | CanaryPhase::Failed
@@ -276,6 +290,36 @@ impl Machine<'_> {
             CanaryPhase::Promoting => self.promoting(),
             CanaryPhase::Finalising => self.finalising(),
             CanaryPhase::Initialized | CanaryPhase::Succeeded | CanaryPhase::Failed => {}
+        }
+    }
+
+    /// Carries out `mesh rollout promote|abort`; `true` when it did.
+    fn user_request(&mut self, new_revision: bool) -> bool {
+        use CanaryPhase::{Progressing, Waiting, WaitingPromotion};
+        match (self.obs.request, self.status.phase) {
+            (Some(UserRequest::Abort), Waiting | Progressing | WaitingPromotion)
+                if self.status.phase == Waiting || !new_revision =>
+            {
+                self.status.last_applied_spec = Some(self.obs.revision.clone());
+                self.rollback(format!(
+                    "rollout of {} aborted by request",
+                    self.obs.revision
+                ));
+                true
+            }
+            (Some(UserRequest::Promote), Progressing | WaitingPromotion) if !new_revision => {
+                self.event(
+                    "ManualPromotion",
+                    format!(
+                        "promotion of {} requested at canary weight {}; skipping the rest of the analysis",
+                        self.obs.revision, self.status.canary_weight
+                    ),
+                    false,
+                );
+                self.promote();
+                true
+            }
+            _ => false,
         }
     }
 

@@ -10,7 +10,7 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use mesh_crds::canary::{Verdict, WebhookType};
 use mesh_crds::{CanaryPhase, CanarySpec, CanaryStatus};
 use mesh_rollout_controller::judge::{ArmWindow, Histogram, JudgeConfig, Window};
-use mesh_rollout_controller::machine::{Action, Observations, PROMOTED, Step, step};
+use mesh_rollout_controller::machine::{Action, Observations, PROMOTED, Step, UserRequest, step};
 use serde_json::json;
 
 fn mk_spec(analysis: serde_json::Value) -> CanarySpec {
@@ -79,6 +79,7 @@ struct Rollout {
     primary_ready: bool,
     canary_ready: bool,
     hooks: Vec<(String, bool)>,
+    request: Option<UserRequest>,
     last: Vec<Action>,
 }
 
@@ -92,6 +93,7 @@ impl Rollout {
             primary_ready: true,
             canary_ready: true,
             hooks: Vec::new(),
+            request: None,
             last: Vec::new(),
         }
     }
@@ -117,6 +119,7 @@ impl Rollout {
             window,
             custom_metrics: Default::default(),
             webhooks: self.hooks.iter().cloned().collect(),
+            request: self.request,
         };
         let s: Step = step(&self.spec, &self.status, &obs, &JudgeConfig::default()).unwrap();
         // Round-trip through JSON every tick, as the store does: a restarted controller sees
@@ -439,6 +442,100 @@ fn suspend_freezes_everything() {
     r.tick(30, Some(healthy()));
     assert_eq!(r.status.canary_weight, 0);
     assert!(r.last.is_empty());
+}
+
+#[test]
+fn a_promote_request_skips_the_rest_of_the_analysis() {
+    let mut r = Rollout::started(mk_spec(json!({})));
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.canary_weight, 10);
+    r.request = Some(UserRequest::Promote);
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Promoting);
+    assert!(r.has(&Action::Promote));
+    r.tick(1, None);
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Succeeded);
+    assert_eq!(r.status.last_promoted_spec.as_deref(), Some("rev-2"));
+    // The request names rev-2; once that is promoted it does nothing more.
+    r.tick(30, None);
+    assert_eq!(r.status.phase, CanaryPhase::Succeeded);
+    assert!(!r.has(&Action::Promote));
+}
+
+#[test]
+fn a_promote_request_passes_a_confirm_promotion_gate() {
+    let mut r = Rollout::started(mk_spec(json!({
+        "webhooks": [hook("confirm-promotion", "gate")]
+    })));
+    for _ in 0..7 {
+        r.tick(30, Some(healthy()));
+    }
+    assert_eq!(r.status.phase, CanaryPhase::WaitingPromotion);
+    r.request = Some(UserRequest::Promote);
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Promoting);
+}
+
+#[test]
+fn an_abort_request_rolls_back_and_a_new_revision_starts_again() {
+    let mut r = Rollout::started(mk_spec(json!({})));
+    r.tick(30, Some(healthy()));
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.canary_weight, 20);
+    r.request = Some(UserRequest::Abort);
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Failed);
+    assert_eq!(r.weights(), Some((100, 0)));
+    assert!(r.has(&Action::ScaleCanaryDown));
+    assert_eq!(r.status.last_promoted_spec.as_deref(), Some("rev-1"));
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.phase, CanaryPhase::Failed, "an abort is final");
+    // The next revision rolls out normally; the controller stops passing the old request.
+    r.request = None;
+    r.revision = "rev-3".into();
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Progressing);
+}
+
+#[test]
+fn an_abort_request_ends_a_rollout_waiting_for_confirmation() {
+    let mut r = Rollout::new(mk_spec(json!({
+        "webhooks": [hook("confirm-rollout", "go")]
+    })));
+    r.tick(0, None);
+    r.revision = "rev-2".into();
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Waiting);
+    r.request = Some(UserRequest::Abort);
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Failed);
+    assert_eq!(r.status.last_applied_spec.as_deref(), Some("rev-2"));
+    r.tick(1, None);
+    assert_eq!(
+        r.status.phase,
+        CanaryPhase::Failed,
+        "no restart of the aborted revision"
+    );
+}
+
+#[test]
+fn requests_wait_while_suspended_and_do_nothing_once_final() {
+    let mut r = Rollout::started(mk_spec(json!({})));
+    r.spec.suspend = true;
+    r.request = Some(UserRequest::Abort);
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.phase, CanaryPhase::Progressing);
+    r.spec.suspend = false;
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Failed);
+
+    let mut done = Rollout::new(mk_spec(json!({})));
+    done.tick(0, None);
+    done.request = Some(UserRequest::Promote);
+    done.tick(1, None);
+    assert_eq!(done.status.phase, CanaryPhase::Initialized);
+    assert!(!done.has(&Action::Promote));
 }
 
 #[test]

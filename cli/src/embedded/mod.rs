@@ -9,6 +9,7 @@
 //!   that HTTPRoute and what each arm runs in the Workload's status, so all progress lives in
 //!   the store and a restarted `mesh up` resumes where it stopped.
 
+mod pids;
 pub mod supervisor;
 
 use std::{
@@ -32,6 +33,7 @@ use mesh_rollout_controller::{
     machine::Action,
     sources::DirectScrape,
 };
+use pids::PidFiles;
 use serde_json::{Value, json};
 use supervisor::{Arm, ArmSpec, Programs, Supervisor, WorkloadKey};
 use tokio::net::TcpListener;
@@ -80,6 +82,18 @@ impl Mesh {
             .with_context(|| format!("creating {}", config.state_dir.display()))?;
         let control_plane = ControlPlane::open(&config)
             .with_context(|| format!("opening the state in {}", config.state_dir.display()))?;
+        // Holding the store's lock, we own the state dir. A `mesh up` killed outright leaves
+        // its apps and sidecars running: stop them before starting anything, or an old
+        // sidecar would re-register its instance with us.
+        let pids = PidFiles::new(settings.state_dir.join("run"));
+        let reaped = pids.reap().await;
+        if !reaped.is_empty() {
+            tracing::warn!(
+                count = reaped.len(),
+                "stopped processes left running by a previous mesh up that did not shut down: {}",
+                reaped.join(", ")
+            );
+        }
         let api = TcpListener::bind(settings.api_addr)
             .await
             .with_context(|| format!("binding the resource API on {}", settings.api_addr))?;
@@ -93,6 +107,7 @@ impl Mesh {
             programs,
             proxy_addr,
             settings.state_dir.join("logs"),
+            pids,
         ));
         let tasks = vec![
             tokio::spawn(control_plane.serve(api, proxy)),

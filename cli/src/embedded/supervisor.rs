@@ -27,6 +27,8 @@ use std::{
 };
 
 use mesh_core::Listening;
+
+use super::pids::PidFiles;
 use mesh_crds::{WorkloadSpec, WorkloadVersion};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -183,17 +185,24 @@ pub struct Supervisor {
     programs: Programs,
     control_plane: SocketAddr,
     logs: PathBuf,
+    pids: PidFiles,
 }
 
 impl Supervisor {
-    /// A supervisor whose sidecars talk to the control plane's proxy API at `control_plane`
-    /// and whose processes log under `logs`.
-    pub fn new(programs: Programs, control_plane: SocketAddr, logs: PathBuf) -> Self {
+    /// A supervisor whose sidecars talk to the control plane's proxy API at `control_plane`,
+    /// whose processes log under `logs` and are listed in `pids`.
+    pub fn new(
+        programs: Programs,
+        control_plane: SocketAddr,
+        logs: PathBuf,
+        pids: PidFiles,
+    ) -> Self {
         Self {
             arms: Mutex::new(BTreeMap::new()),
             programs,
             control_plane,
             logs,
+            pids,
         }
     }
 
@@ -270,6 +279,7 @@ impl Supervisor {
                     programs: self.programs.clone(),
                     control_plane: self.control_plane,
                     logs: self.logs.clone(),
+                    pids: self.pids.clone(),
                     probe: Arc::clone(&probe),
                 };
                 let task = tokio::spawn(ctx.run(stopped));
@@ -327,12 +337,16 @@ struct InstanceCtx {
     programs: Programs,
     control_plane: SocketAddr,
     logs: PathBuf,
+    pids: PidFiles,
     probe: Arc<Probe>,
 }
 
 struct Pair {
     app: Child,
     sidecar: Child,
+    pids: PidFiles,
+    /// The (app, sidecar) PIDs as spawned; `Child::id` forgets them once the child is reaped.
+    ids: [Option<u32>; 2],
 }
 
 impl InstanceCtx {
@@ -468,6 +482,7 @@ impl InstanceCtx {
         let mut app = app
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting {program}: {e}"))?;
+        self.pids.record(app.id(), &format!("{} app", self.label()));
         if self.spec.port.is_some() {
             let deadline = tokio::time::Instant::now() + APP_START_TIMEOUT;
             loop {
@@ -535,6 +550,8 @@ impl InstanceCtx {
                 anyhow::bail!("starting {}: {e}", self.programs.proxy.display());
             }
         };
+        self.pids
+            .record(sidecar.id(), &format!("{} sidecar", self.label()));
         let admin = match self.read_admin(&mut sidecar).await {
             Ok(a) => a,
             Err(e) => {
@@ -547,7 +564,13 @@ impl InstanceCtx {
             *a = Some(admin);
         }
         tracing::debug!(instance = %self.label(), %admin, app_port, "started");
-        Ok(Pair { app, sidecar })
+        let ids = [app.id(), sidecar.id()];
+        Ok(Pair {
+            app,
+            sidecar,
+            pids: self.pids.clone(),
+            ids,
+        })
     }
 
     /// Reads the sidecar's announcements until its admin listener, then copies the rest of its
@@ -608,6 +631,9 @@ fn describe(s: std::io::Result<std::process::ExitStatus>) -> String {
 async fn stop_pair(pair: &mut Pair) {
     terminate(&mut pair.sidecar).await;
     terminate(&mut pair.app).await;
+    for pid in pair.ids {
+        pair.pids.forget(pid);
+    }
 }
 
 /// SIGTERM, then SIGKILL after [`STOP_GRACE`].
