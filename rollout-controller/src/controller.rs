@@ -14,12 +14,12 @@ use chrono::{DateTime, Utc};
 use mesh_crds::canary::{
     ABORT_ANNOTATION, HISTORY_LIMIT, HistoryEntry, PROMOTE_ANNOTATION, WebhookType,
 };
-use mesh_crds::{Canary, CanaryPhase, CanaryStatus};
+use mesh_crds::{Canary, CanaryPhase, CanaryStatus, MetricTemplate};
 
 use crate::duration;
 use crate::judge::JudgeConfig;
 use crate::machine::{self, Action, Observations, UserRequest};
-use crate::sources::{MetricSource, Target};
+use crate::sources::{self, MetricSource, Target};
 use crate::webhooks::{self, Payload};
 
 /// What a driver sees of a Canary's target.
@@ -45,6 +45,16 @@ pub trait Driver {
         &mut self,
         canary: &Canary,
     ) -> impl Future<Output = Result<TargetState, DriverError>> + Send;
+
+    /// The MetricTemplate `namespace/name`, for metrics with a `templateRef`; `None` when
+    /// there is none.
+    fn metric_template(
+        &mut self,
+        _namespace: &str,
+        _name: &str,
+    ) -> impl Future<Output = Result<Option<MetricTemplate>, DriverError>> + Send {
+        async { Ok(None) }
+    }
 
     /// Carries out one action for `revision`. Must be idempotent.
     fn act(
@@ -146,13 +156,18 @@ pub async fn reconcile<D: Driver, S: MetricSource>(
         None
     };
 
+    let custom_metrics = if analysing {
+        custom_metrics(canary, driver, source, &spec.analysis.interval).await
+    } else {
+        BTreeMap::new()
+    };
     let obs = Observations {
         now,
         revision: target.revision.clone(),
         primary_ready: target.primary_ready,
         canary_ready: target.canary_ready,
         window,
-        custom_metrics: BTreeMap::new(),
+        custom_metrics,
         webhooks: hooks,
         request: user_request(canary, &target.revision),
     };
@@ -207,6 +222,59 @@ pub async fn reconcile<D: Driver, S: MetricSource>(
         status: next,
         actions: step.actions,
     })
+}
+
+/// Values of the metrics read through MetricTemplates, by metric name. A template that is
+/// missing or whose query fails gives `None`: its gate is inconclusive for the tick, and the
+/// reason is logged.
+async fn custom_metrics<D: Driver, S: MetricSource>(
+    canary: &Canary,
+    driver: &mut D,
+    source: &mut S,
+    analysis_interval: &str,
+) -> BTreeMap<String, Option<f64>> {
+    let ns = canary.metadata.namespace.clone().unwrap_or_default();
+    let target = metric_target(canary);
+    let mut values = BTreeMap::new();
+    for metric in &canary.spec.analysis.metrics {
+        let Some(tref) = &metric.template_ref else {
+            continue;
+        };
+        let tns = tref.namespace.clone().unwrap_or_else(|| ns.clone());
+        let mut vars = BTreeMap::from([
+            ("namespace".to_string(), ns.clone()),
+            ("target".to_string(), canary.spec.target_ref.name.clone()),
+            (
+                "service".to_string(),
+                target.canary.trim_end_matches("-canary").to_string(),
+            ),
+            (
+                "interval".to_string(),
+                metric
+                    .interval
+                    .clone()
+                    .unwrap_or_else(|| analysis_interval.to_string()),
+            ),
+        ]);
+        for (k, v) in metric.template_variables.iter().flatten() {
+            vars.insert(format!("variables.{k}"), v.clone());
+        }
+        let value = match driver.metric_template(&tns, &tref.name).await {
+            Ok(Some(t)) => match &t.spec.provider.address {
+                Some(address) => sources::template_at(address, &t.spec.query, &vars).await,
+                None => source.template(&t.spec.query, &vars).await,
+            }
+            .map_err(|e| e.to_string()),
+            Ok(None) => Err(format!("MetricTemplate {tns}/{} not found", tref.name)),
+            Err(e) => Err(e.to_string()),
+        };
+        let value = value.unwrap_or_else(|e| {
+            tracing::warn!(canary = ?canary.metadata.name, metric = %metric.name, "{e}");
+            None
+        });
+        values.insert(metric.name.clone(), value);
+    }
+    values
 }
 
 /// The promote/abort annotation that names `revision`, if any; abort wins over promote.

@@ -54,6 +54,23 @@ pub enum SourceError {
         /// What went wrong.
         source: prometheus_http_query::Error,
     },
+    /// A MetricTemplate without a provider address, and a source that cannot run queries.
+    #[error(
+        "metric template query {query:?}: its provider has no address, and the metric source (a \
+         direct scrape of the proxies) cannot run queries; set spec.provider.address"
+    )]
+    NoQueryEngine {
+        /// The query.
+        query: String,
+    },
+    /// A MetricTemplate's provider address is not a usable URL.
+    #[error("metric template provider address {address:?}: {source}")]
+    Address {
+        /// The address.
+        address: String,
+        /// What is wrong with it.
+        source: prometheus_http_query::Error,
+    },
     /// A MetricTemplate query names a variable nobody set.
     #[error("metric template query {query:?}: unknown variable {{{{ {name} }}}}")]
     Variable {
@@ -77,6 +94,17 @@ pub trait MetricSource {
     /// Forgets what the source remembers of `target`, so the next window covers only traffic
     /// from now on (a new rollout must not be judged on the previous one's requests).
     fn reset(&mut self, _target: &Target) {}
+
+    /// Runs a MetricTemplate query that names no provider address of its own. Only a source
+    /// backed by a query engine can; the direct scrape says so.
+    fn template(
+        &mut self,
+        query: &str,
+        _vars: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<Option<f64>, SourceError>> + Send {
+        let query = query.to_string();
+        async move { Err(SourceError::NoQueryEngine { query }) }
+    }
 }
 
 /// Scrapes proxies directly; the embedded mesh's default.
@@ -264,6 +292,29 @@ impl MetricSource for PrometheusSource {
             primary: self.arm(&target.namespace, &target.primary, &range).await?,
         })
     }
+
+    async fn template(
+        &mut self,
+        query: &str,
+        vars: &BTreeMap<String, String>,
+    ) -> Result<Option<f64>, SourceError> {
+        PrometheusSource::template(self, query, vars).await
+    }
+}
+
+/// Runs a MetricTemplate query at the Prometheus its provider names.
+pub async fn template_at(
+    address: &str,
+    query: &str,
+    vars: &BTreeMap<String, String>,
+) -> Result<Option<f64>, SourceError> {
+    let client = address
+        .parse::<PromClient>()
+        .map_err(|source| SourceError::Address {
+            address: address.to_string(),
+            source,
+        })?;
+    PrometheusSource::new(client).template(query, vars).await
 }
 
 #[cfg(test)]

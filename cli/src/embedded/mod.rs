@@ -26,7 +26,9 @@ use mesh_controlplane::{
     config::Config as ControlPlaneConfig,
     store::{ObjectKey, ResourceStore, Selector, StoreError, embedded::EmbeddedStore},
 };
-use mesh_crds::{Canary, Workload, validate::ResourceKind, workload::version_of_revision};
+use mesh_crds::{
+    Canary, MetricTemplate, Workload, validate::ResourceKind, workload::version_of_revision,
+};
 use mesh_rollout_controller::{
     controller::{self, Driver, DriverError, TargetState},
     judge::JudgeConfig,
@@ -371,6 +373,24 @@ impl EmbeddedDriver {
 }
 
 impl Driver for EmbeddedDriver {
+    async fn metric_template(
+        &mut self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<MetricTemplate>, DriverError> {
+        let key = ObjectKey::new(ResourceKind::MetricTemplate, namespace, name);
+        match self
+            .store
+            .get(&key)
+            .map_err(|e| DriverError(e.to_string()))?
+        {
+            Some(found) => typed(&found).map(Some).ok_or_else(|| {
+                DriverError(format!("MetricTemplate {namespace}/{name} does not parse"))
+            }),
+            None => Ok(None),
+        }
+    }
+
     async fn observe(&mut self, canary: &Canary) -> Result<TargetState, DriverError> {
         let w = self.workload(canary)?;
         let revision = w.spec.revision().ok_or_else(|| {
