@@ -542,3 +542,54 @@ async fn status(args: StatusArgs) -> anyhow::Result<u8> {
     }
     Ok(code)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn canary_in(phase: CanaryPhase) -> Canary {
+        let mut c: Canary = serde_json::from_value(json!({
+            "apiVersion": "rollouts.mesh.dev/v1alpha1",
+            "kind": "Canary",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {
+                "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                "service": {"port": 80},
+                "analysis": {"interval": "10s", "threshold": 2, "stepWeight": 10},
+            },
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        c.status = Some(mesh_crds::CanaryStatus {
+            phase,
+            ..Default::default()
+        });
+        c
+    }
+
+    #[test]
+    fn exit_codes_follow_the_phase() {
+        let code = |p| exit_code(&canary_in(p));
+        assert_eq!(code(CanaryPhase::Succeeded), Some(EXIT_SUCCEEDED));
+        assert_eq!(code(CanaryPhase::Initialized), Some(EXIT_SUCCEEDED));
+        assert_eq!(code(CanaryPhase::Failed), Some(EXIT_FAILED));
+        assert_eq!(
+            code(CanaryPhase::WaitingPromotion),
+            Some(EXIT_WAITING_PROMOTION)
+        );
+        for p in [
+            CanaryPhase::Initializing,
+            CanaryPhase::Waiting,
+            CanaryPhase::Progressing,
+            CanaryPhase::Promoting,
+            CanaryPhase::Finalising,
+        ] {
+            assert_eq!(code(p), None, "{p:?} is in progress");
+        }
+        let waiting = canary_in(CanaryPhase::WaitingPromotion);
+        assert!(
+            github_annotations(&waiting, EXIT_WAITING_PROMOTION).starts_with("::warning "),
+            "{}",
+            github_annotations(&waiting, EXIT_WAITING_PROMOTION)
+        );
+    }
+}

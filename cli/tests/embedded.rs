@@ -245,8 +245,10 @@ fn manifest_with(dir: &std::path::Path, version: &str) -> std::path::PathBuf {
             1,
         );
     assert!(
-        edited.contains("    v3:
-"),
+        edited.contains(
+            "    v3:
+"
+        ),
         "the example changed; update this test"
     );
     assert!(
@@ -437,6 +439,19 @@ async fn rollout_pause_resume_promote_abort_and_history() {
     let c = canary(&server);
     assert_eq!(c["spec"]["suspend"], true);
     assert_eq!(c["status"]["canaryWeight"], held, "a paused rollout moved");
+    // In progress: without --watch that is "timed out" at once, and so is a short --timeout.
+    let now = mesh(&server, &["rollout", "status", "backend"]);
+    assert_eq!(
+        now.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&now.stdout)
+    );
+    let short = mesh(
+        &server,
+        &["rollout", "status", "backend", "--watch", "--timeout", "2s"],
+    );
+    assert_eq!(short.status.code(), Some(2));
     let resumed = mesh(&server, &["rollout", "resume", "backend"]);
     assert!(resumed.status.success());
     assert_eq!(canary(&server)["spec"]["suspend"], false);
