@@ -124,6 +124,11 @@ fn up(state: &std::path::Path, file: &std::path::Path) -> mesh_test_support::pro
         .listener("api")
         .listener("proxy")
         .run()
+        .map(|mut p| {
+            // A failing test must not leave the workloads running.
+            p.child().set_stop_grace(Duration::from_secs(20));
+            p
+        })
         .unwrap()
 }
 

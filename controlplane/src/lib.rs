@@ -37,11 +37,12 @@ use crate::{
 /// Why the control plane could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The store could not be opened.
-    #[error("opening the resource store: {0}")]
+    /// The store could not be opened. (The message leaves the cause to the error chain, so
+    /// `{:#}` does not print it twice.)
+    #[error("opening the resource store")]
     Store(#[from] StoreError),
     /// The CA could not be loaded or created.
-    #[error("loading the identity CA: {0}")]
+    #[error("loading the identity CA")]
     Identity(#[from] IdentityError),
 }
 

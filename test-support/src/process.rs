@@ -21,12 +21,13 @@ use mesh_core::Listening;
 
 use crate::{HarnessError, Result};
 
-/// A running child process, killed when dropped.
+/// A running child process, killed when dropped (after a grace period, if one is set).
 #[derive(Debug)]
 pub struct ChildGuard {
     name: String,
     child: Child,
     log: PathBuf,
+    stop_grace: Option<Duration>,
 }
 
 impl ChildGuard {
@@ -50,7 +51,14 @@ impl ChildGuard {
             name: name.to_string(),
             child,
             log: log.to_path_buf(),
+            stop_grace: None,
         })
+    }
+
+    /// On drop, send SIGTERM and wait up to `grace` before SIGKILL. For a supervisor such as
+    /// `mesh up`, whose children outlive a SIGKILL: a test that panics then still stops them.
+    pub fn set_stop_grace(&mut self, grace: Duration) {
+        self.stop_grace = Some(grace);
     }
 
     /// The process ID.
@@ -124,6 +132,18 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
+        if let Some(grace) = self.stop_grace
+            && let Ok(None) = self.child.try_wait()
+        {
+            self.terminate();
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         self.kill();
     }
 }

@@ -117,7 +117,13 @@ impl EmbeddedStore {
             message: e.to_string(),
         };
         std::fs::create_dir_all(state_dir).map_err(|e| db_err(&e))?;
-        let db = Database::create(&path).map_err(|e| db_err(&e))?;
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => db_err(
+                &"another process (a running `mesh up` or control plane?) has it open; stop that \
+                  one, or give this one its own --state-dir",
+            ),
+            e => db_err(&e),
+        })?;
         let mut state = State::default();
         {
             // Create the tables on first start so reads never see them missing.
