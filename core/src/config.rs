@@ -44,6 +44,24 @@ pub trait Env {
     {
         Ok(self.parse(name)?.unwrap_or(default))
     }
+
+    /// Parses `name` as a duration written the Flagger way (`500ms`, `1s`, `1m30s`; see
+    /// [`crate::duration`]), falling back to `default` when it is unset or empty.
+    fn duration_or(
+        &self,
+        name: &'static str,
+        default: std::time::Duration,
+    ) -> Result<std::time::Duration, ConfigError> {
+        match self.var(name) {
+            None => Ok(default),
+            Some(v) if v.trim().is_empty() => Ok(default),
+            Some(value) => crate::duration::parse(value.trim()).map_err(|e| ConfigError {
+                name,
+                reason: e.to_string(),
+                value,
+            }),
+        }
+    }
 }
 
 /// The process environment.
@@ -93,6 +111,20 @@ mod tests {
             env(&[("X_PORT", "8080")]).parse_or("X_PORT", 7u16),
             Ok(8080)
         );
+    }
+
+    #[test]
+    fn durations_are_read_the_flagger_way() {
+        use std::time::Duration;
+        let d = Duration::from_secs(1);
+        assert_eq!(env(&[]).duration_or("X_T", d), Ok(d));
+        assert_eq!(env(&[("X_T", "")]).duration_or("X_T", d), Ok(d));
+        assert_eq!(
+            env(&[("X_T", "250ms")]).duration_or("X_T", d),
+            Ok(Duration::from_millis(250))
+        );
+        let err = env(&[("X_T", "5")]).duration_or("X_T", d).unwrap_err();
+        assert_eq!((err.name, err.value.as_str()), ("X_T", "5"));
     }
 
     #[test]

@@ -2,7 +2,21 @@
 //! it goes to. The proxy calls these per request; they allocate nothing on the hot path except
 //! compiled regexes, which are built once per table by [`CompiledRoutes`].
 
-use crate::proxy_api::{PathMatch, RouteMatch, RouteRule, RouteTable, ValueMatch, WeightedBackend};
+use crate::proxy_api::{
+    PathMatch, RetryPolicy, RouteMatch, RouteRule, RouteTable, ValueMatch, WeightedBackend,
+};
+
+/// Statuses a control plane should put in a retry policy whose HTTPRoute names no codes: the
+/// gateway errors that mean the request did not get a real answer (Linkerd's default too).
+pub const DEFAULT_RETRY_STATUSES: [u16; 3] = [502, 503, 504];
+
+impl RetryPolicy {
+    /// Whether a response with `status` is retried. Connection failures (nothing was sent) are
+    /// always retried, whatever the statuses say.
+    pub fn retries_status(&self, status: u16) -> bool {
+        self.statuses.contains(&status)
+    }
+}
 
 /// The parts of a request that routing reads.
 #[derive(Clone, Copy)]
@@ -359,6 +373,18 @@ mod tests {
         for roll in [0.0, 0.5, 1.0] {
             assert_eq!(pick_backend(&b, |_| true, roll), Some(1));
         }
+    }
+
+    #[test]
+    fn retry_policies_retry_the_statuses_they_name() {
+        let policy = RetryPolicy {
+            statuses: DEFAULT_RETRY_STATUSES.to_vec(),
+            max_retries: 2,
+            budget: crate::proxy_api::RetryBudget::default(),
+        };
+        assert!(policy.retries_status(503));
+        assert!(!policy.retries_status(500));
+        assert!(!policy.retries_status(200));
     }
 
     #[test]

@@ -2,8 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use mesh_core::config::{ConfigError, Env};
+
+use crate::balance::{self, BalanceConfig, FailureAccrual};
 use mesh_core::proxy_api::ServiceRef;
 
 /// Address of the admin server (`/live`, `/ready`, `/metrics`).
@@ -57,6 +60,29 @@ pub const ENV_WORKLOAD_ADDR: &str = "MESH_PROXY_WORKLOAD_ADDR";
 /// The workload's SPIFFE ID, sent with its registration.
 pub const ENV_IDENTITY: &str = "MESH_PROXY_IDENTITY";
 
+/// How long the outbound proxy waits for a connection to an endpoint (`500ms`, `1s`); a
+/// connection that takes longer fails the attempt (502, retryable).
+pub const ENV_OUTBOUND_CONNECT_TIMEOUT: &str = "MESH_PROXY_OUTBOUND_CONNECT_TIMEOUT";
+
+/// Linkerd's outbound connect timeout.
+pub const DEFAULT_OUTBOUND_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Latency assumed for an endpoint the balancer has not measured yet.
+pub const ENV_BALANCER_DEFAULT_RTT: &str = "MESH_PROXY_BALANCER_DEFAULT_RTT";
+
+/// Time constant of the balancer's peak-EWMA latency estimate.
+pub const ENV_BALANCER_DECAY: &str = "MESH_PROXY_BALANCER_DECAY";
+
+/// Consecutive failures that take an endpoint out of the pick; 0 turns failure accrual off.
+pub const ENV_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES: &str =
+    "MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES";
+
+/// Wait before a failing endpoint is first probed.
+pub const ENV_FAILURE_ACCRUAL_MIN_BACKOFF: &str = "MESH_PROXY_FAILURE_ACCRUAL_MIN_BACKOFF";
+
+/// Longest wait between probes of a failing endpoint.
+pub const ENV_FAILURE_ACCRUAL_MAX_BACKOFF: &str = "MESH_PROXY_FAILURE_ACCRUAL_MAX_BACKOFF";
+
 /// Typed proxy configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -76,6 +102,10 @@ pub struct Config {
     pub inbound_addr: SocketAddr,
     /// The local workload, as registered with the control plane.
     pub workload: Workload,
+    /// Connect timeout to endpoints (outbound).
+    pub connect_timeout: Duration,
+    /// Endpoint selection and failure accrual.
+    pub balance: BalanceConfig,
 }
 
 /// What the proxy knows of the workload beside it.
@@ -130,7 +160,52 @@ impl Config {
                 addr: env.parse(ENV_WORKLOAD_ADDR)?,
                 identity: env.parse(ENV_IDENTITY)?,
             },
+            connect_timeout: env.duration_or(
+                ENV_OUTBOUND_CONNECT_TIMEOUT,
+                DEFAULT_OUTBOUND_CONNECT_TIMEOUT,
+            )?,
+            balance: BalanceConfig {
+                default_rtt: env.duration_or(ENV_BALANCER_DEFAULT_RTT, balance::DEFAULT_RTT)?,
+                decay: env.duration_or(ENV_BALANCER_DECAY, balance::DEFAULT_DECAY)?,
+                accrual: FailureAccrual {
+                    consecutive_failures: env.parse_or(
+                        ENV_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES,
+                        balance::DEFAULT_CONSECUTIVE_FAILURES,
+                    )?,
+                    min_backoff: env.duration_or(
+                        ENV_FAILURE_ACCRUAL_MIN_BACKOFF,
+                        balance::DEFAULT_MIN_BACKOFF,
+                    )?,
+                    max_backoff: env.duration_or(
+                        ENV_FAILURE_ACCRUAL_MAX_BACKOFF,
+                        balance::DEFAULT_MAX_BACKOFF,
+                    )?,
+                },
+            },
         };
+        for (name, value) in [
+            (ENV_OUTBOUND_CONNECT_TIMEOUT, config.connect_timeout),
+            (ENV_BALANCER_DECAY, config.balance.decay),
+            (
+                ENV_FAILURE_ACCRUAL_MIN_BACKOFF,
+                config.balance.accrual.min_backoff,
+            ),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError {
+                    name,
+                    value: env.var(name).unwrap_or_default(),
+                    reason: "must be longer than zero".into(),
+                });
+            }
+        }
+        if config.balance.accrual.max_backoff < config.balance.accrual.min_backoff {
+            return Err(ConfigError {
+                name: ENV_FAILURE_ACCRUAL_MAX_BACKOFF,
+                value: env.var(ENV_FAILURE_ACCRUAL_MAX_BACKOFF).unwrap_or_default(),
+                reason: format!("shorter than {ENV_FAILURE_ACCRUAL_MIN_BACKOFF}"),
+            });
+        }
         // Registering announces the inbound listener to peers; without it they would be sent
         // to a port nobody listens on.
         if let Some(service) = config.registration()
@@ -261,6 +336,34 @@ mod tests {
         // Without a control plane nothing is registered, so nothing is missing.
         let cfg = Config::from_env(&env(&[(ENV_WORKLOAD_SERVICE, "web.default:80")])).unwrap();
         assert_eq!(cfg.registration(), None);
+    }
+
+    #[test]
+    fn reads_connect_timeout_and_balancer_tunables() {
+        let cfg = Config::from_env(&BTreeMap::new()).unwrap();
+        assert_eq!(cfg.connect_timeout, Duration::from_secs(1));
+        assert_eq!(cfg.balance, BalanceConfig::default());
+        let cfg = Config::from_env(&env(&[
+            (ENV_OUTBOUND_CONNECT_TIMEOUT, "250ms"),
+            (ENV_BALANCER_DEFAULT_RTT, "10ms"),
+            (ENV_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES, "3"),
+            (ENV_FAILURE_ACCRUAL_MIN_BACKOFF, "100ms"),
+            (ENV_FAILURE_ACCRUAL_MAX_BACKOFF, "2s"),
+        ]))
+        .unwrap();
+        assert_eq!(cfg.connect_timeout, Duration::from_millis(250));
+        assert_eq!(cfg.balance.default_rtt, Duration::from_millis(10));
+        assert_eq!(cfg.balance.accrual.consecutive_failures, 3);
+        assert_eq!(cfg.balance.accrual.max_backoff, Duration::from_secs(2));
+        for (name, value) in [
+            (ENV_OUTBOUND_CONNECT_TIMEOUT, "1"),
+            (ENV_OUTBOUND_CONNECT_TIMEOUT, "0s"),
+            (ENV_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES, "-1"),
+            (ENV_FAILURE_ACCRUAL_MAX_BACKOFF, "10ms"),
+        ] {
+            let err = Config::from_env(&env(&[(name, value)])).unwrap_err();
+            assert_eq!((err.name, err.value.as_str()), (name, value));
+        }
     }
 
     #[test]

@@ -46,7 +46,7 @@ impl Inbound {
             app,
             metrics,
             labels,
-            client: crate::outbound::client(),
+            client: crate::outbound::client(crate::outbound::CONNECT_TIMEOUT),
         }
     }
 

@@ -3,13 +3,16 @@
 //! tables to weighted backends and load-balanced endpoints over mTLS; inbound connections are
 //! authorized and handed to the local app; both directions record golden metrics that the
 //! rollout controller judges canaries by. Today: the outbound listener (HTTP/1.1 and h2c,
-//! HTTPRoute matching, weighted backends, timeouts, filters, golden metrics) driven by a static
-//! config file or the control plane's watch streams; the inbound listener, which hands peers'
-//! requests to the local app (plaintext, not yet authorized); registration of the local workload
-//! with the control plane, which makes it an endpoint of its service; graceful drain on
-//! shutdown; and the admin server (`/live`, `/ready`, `/metrics`, `/config`).
+//! HTTPRoute matching, weighted backends, P2C/peak-EWMA endpoint selection with failure accrual,
+//! pooled connections with connect timeouts, route timeouts, retries under a retry budget,
+//! filters, golden metrics) driven by a static config file or the control plane's watch streams;
+//! the inbound listener, which hands peers' requests to the local app (plaintext, not yet
+//! authorized); registration of the local workload with the control plane, which makes it an
+//! endpoint of its service; graceful drain on shutdown; and the admin server (`/live`, `/ready`,
+//! `/metrics`, `/config`).
 
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod discovery;
 pub mod drain;
@@ -17,4 +20,5 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod registration;
+pub mod retry;
 pub mod tables;

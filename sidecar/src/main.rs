@@ -16,7 +16,7 @@ use mesh_sidecar::{
     drain::{self, DRAIN_TIMEOUT},
     inbound::Inbound,
     metrics::Metrics,
-    outbound::Outbound,
+    outbound::{Outbound, Settings as OutboundSettings},
     registration::{DEREGISTER_TIMEOUT, Registrar, advertised_addr},
     tables::Tables,
 };
@@ -154,7 +154,16 @@ async fn run(config: Config, tables: Tables) -> anyhow::Result<()> {
     let admin = Arc::new(Admin::new(registry, tables_rx.clone()).with_readiness(readiness_rx));
     // The admin server keeps answering probes and scrapes while the listeners drain.
     let mut admin_task = tokio::spawn(admin.serve(admin_listener));
-    let outbound = Arc::new(Outbound::new(tables_rx, metrics.clone(), discovery));
+    let settings = OutboundSettings {
+        connect_timeout: Some(config.connect_timeout),
+        balance: config.balance,
+    };
+    let outbound = Arc::new(Outbound::with_settings(
+        tables_rx,
+        metrics.clone(),
+        discovery,
+        settings,
+    ));
     let mut outbound_task = tokio::spawn(outbound.serve(outbound_listener, drain_watch.clone()));
     let mut inbound_task = tokio::spawn(async move {
         match (inbound_listener, config.app_addr) {

@@ -55,6 +55,15 @@ pub struct ResponseLabels {
     pub error: &'static str,
 }
 
+/// Labels of per-route series: the authority and the HTTPRoute rule.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The authority the request was routed by.
+    pub authority: String,
+    /// Route (HTTPRoute rule) name.
+    pub route: String,
+}
+
 /// The proxy's metric families.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -64,6 +73,15 @@ pub struct Metrics {
     pub responses: Family<ResponseLabels, Counter>,
     /// `response_latency_ms`.
     pub latency: Family<ResponseLabels, Histogram>,
+    /// `outbound_http_route_retry_requests_total`: retries sent.
+    pub retry_requests: Family<RouteLabels, Counter>,
+    /// `outbound_http_route_retry_successes_total`: requests that succeeded after a retry.
+    pub retry_successes: Family<RouteLabels, Counter>,
+    /// `outbound_http_route_retry_limit_exceeded_total`: requests that still failed in a
+    /// retryable way after their last allowed retry.
+    pub retry_limit_exceeded: Family<RouteLabels, Counter>,
+    /// `outbound_http_route_retry_overflow_total`: retries not sent because the budget was spent.
+    pub retry_overflow: Family<RouteLabels, Counter>,
 }
 
 impl Metrics {
@@ -75,6 +93,10 @@ impl Metrics {
             latency: Family::new_with_constructor(|| {
                 Histogram::new(LATENCY_BUCKETS_MS.iter().copied())
             }),
+            retry_requests: Family::default(),
+            retry_successes: Family::default(),
+            retry_limit_exceeded: Family::default(),
+            retry_overflow: Family::default(),
         };
         registry.register("request", "Requests sent or received", m.requests.clone());
         registry.register(
@@ -86,6 +108,26 @@ impl Metrics {
             "response_latency_ms",
             "Time from request to response headers, in milliseconds",
             m.latency.clone(),
+        );
+        registry.register(
+            "outbound_http_route_retry_requests",
+            "Retries sent, per route",
+            m.retry_requests.clone(),
+        );
+        registry.register(
+            "outbound_http_route_retry_successes",
+            "Requests that succeeded after at least one retry, per route",
+            m.retry_successes.clone(),
+        );
+        registry.register(
+            "outbound_http_route_retry_limit_exceeded",
+            "Requests that failed in a retryable way after their last allowed retry, per route",
+            m.retry_limit_exceeded.clone(),
+        );
+        registry.register(
+            "outbound_http_route_retry_overflow",
+            "Retries not sent because the route's retry budget was spent",
+            m.retry_overflow.clone(),
         );
         m
     }

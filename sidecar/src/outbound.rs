@@ -1,43 +1,82 @@
 //! The outbound listener: every request the local app sends to another service. It accepts
 //! HTTP/1.1 (origin-form with Host, and absolute-form so apps can use `HTTP_PROXY`) and HTTP/2
 //! with prior knowledge, then: authority -> route table -> first matching rule -> filters ->
-//! weighted backend pick -> endpoint -> forward with a pooled client, under the rule's timeout.
-//! Golden metrics are recorded per request with the rule and backend as labels.
+//! [under the rule's timeout: weighted backend pick -> endpoint pick (P2C over peak-EWMA, skipping
+//! endpoints failure accrual took out) -> forward with a pooled client -> retry while the rule's
+//! policy and retry budget allow]. Golden metrics are recorded per attempt with the rule and
+//! backend as labels; retries are counted per route.
+//!
+//! The timeout wraps the retries rather than each attempt because Gateway API's request timeout
+//! bounds what the client waits for; the backend is picked again per attempt so a retry can land
+//! on a healthy backend or endpoint.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HOST, HeaderName, HeaderValue};
+use http::header::{CONTENT_LENGTH, HOST, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::TokioExecutor;
-use mesh_core::proxy_api::{RouteFilter, RouteRule, ServiceRef};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use mesh_core::proxy_api::{RetryBudget, RouteFilter, RouteRule, ServiceRef};
 use mesh_core::routing::{RequestParts, pick_backend};
 use tokio::net::TcpListener;
 
+use crate::balance::{BalanceConfig, Balancer, InFlight, Outcome};
 use crate::discovery::Discovery;
 use crate::drain::{Body, Watch};
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+use crate::retry::{Budget, ReplayBody, Replayable};
 use crate::tables::{SharedTables, Tables, parse_authority};
 
 /// Header on responses the proxy made itself, saying why (as Linkerd's `l5d-proxy-error`).
 pub const PROXY_ERROR_HEADER: &str = "mesh-proxy-error";
 
-/// Connect timeout to endpoints.
+/// Default connect timeout to endpoints and to the local app (Linkerd's).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The pooled HTTP/1.1 client the proxy forwards with, outbound to endpoints and inbound to the
-/// local app.
-pub(crate) fn client() -> Client<HttpConnector, Incoming> {
+/// How long an idle pooled connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A pooled HTTP/1.1 client, as the proxy forwards with: outbound to endpoints and inbound to
+/// the local app. Connections are pooled per endpoint address and reused across requests; a
+/// connection not made within `connect_timeout` fails the attempt as a connect error.
+pub(crate) fn client<B>(connect_timeout: Duration) -> Client<HttpConnector, B>
+where
+    B: hyper::body::Body + Send,
+    B::Data: Send,
+{
     let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    connector.set_connect_timeout(Some(connect_timeout));
     connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        // Without a timer the pool never evicts idle connections on its own.
+        .pool_timer(TokioTimer::new())
         .build(connector)
+}
+
+/// Tunables of the outbound path.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Settings {
+    /// Connect timeout to endpoints; [`CONNECT_TIMEOUT`] when unset.
+    pub connect_timeout: Option<Duration>,
+    /// Endpoint selection and failure accrual.
+    pub balance: BalanceConfig,
+}
+
+/// A retry budget, per route.
+type Budgets = BTreeMap<(ServiceRef, String), Arc<Mutex<Budget>>>;
+
+/// The attempt in flight, so a route timeout can record it against its backend.
+type Current = Mutex<Option<(RequestLabels, Instant)>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The outbound proxy.
@@ -46,17 +85,34 @@ pub struct Outbound {
     tables: SharedTables,
     discovery: Option<Discovery>,
     metrics: Metrics,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, ReplayBody>,
+    balancer: Balancer,
+    budgets: Mutex<Budgets>,
+    /// The tables that per-endpoint and per-route state was last pruned against.
+    pruned: Mutex<Weak<Tables>>,
 }
 
 impl Outbound {
-    /// A proxy routing by `tables` and recording into `metrics`.
+    /// A proxy routing by `tables` and recording into `metrics`, with default settings.
     pub fn new(tables: SharedTables, metrics: Metrics, discovery: Option<Discovery>) -> Self {
+        Self::with_settings(tables, metrics, discovery, Settings::default())
+    }
+
+    /// A proxy routing by `tables` and recording into `metrics`.
+    pub fn with_settings(
+        tables: SharedTables,
+        metrics: Metrics,
+        discovery: Option<Discovery>,
+        settings: Settings,
+    ) -> Self {
         Self {
             tables,
             discovery,
             metrics,
-            client: client(),
+            client: client(settings.connect_timeout.unwrap_or(CONNECT_TIMEOUT)),
+            balancer: Balancer::new(settings.balance),
+            budgets: Mutex::default(),
+            pruned: Mutex::default(),
         }
     }
 
@@ -75,7 +131,6 @@ impl Outbound {
 
     /// Routes and forwards one request.
     pub async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
-        let start = Instant::now();
         let authority = req
             .uri()
             .authority()
@@ -96,6 +151,7 @@ impl Outbound {
             );
         };
         let tables = self.discover(&service).await;
+        self.prune(&tables);
         let Some((rule, route_name)) = select_rule(&tables, &service, &req) else {
             return error(
                 StatusCode::NOT_FOUND,
@@ -132,84 +188,314 @@ impl Outbound {
             }
         }
 
-        let roll = fastrand::f64();
-        let Some(pick) = pick_backend(
-            &rule.backends,
-            |i| tables.available(&rule.backends[i].service),
-            roll,
-        ) else {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("no backend of {service} has ready endpoints"),
-            );
-        };
-        let backend = rule.backends[pick].service.clone();
-        let endpoints = tables.endpoints.get(&backend).cloned().unwrap_or_default();
-        let Some(endpoint) = fastrand::choice(endpoints.iter()) else {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("{backend} has no endpoints"),
-            );
-        };
-        let labels = RequestLabels {
-            direction: "outbound",
-            authority: service.authority(),
-            route: route_name,
-            dst_service: backend.name.clone(),
-            dst_namespace: backend.namespace.clone(),
-        };
-        self.metrics.requests.get_or_create(&labels).inc();
-
-        // Origin-form towards the endpoint; Host keeps the name the app used.
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        let uri = match Uri::builder()
-            .scheme("http")
-            .authority(endpoint.addr.to_string())
-            .path_and_query(path)
-            .build()
-        {
-            Ok(uri) => uri,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request target: {e}")),
-        };
+        // Host keeps the name the app used; the URI is rewritten per attempt to the endpoint.
         if !req.headers().contains_key(HOST)
             && let Ok(v) = HeaderValue::from_str(&authority)
         {
             req.headers_mut().insert(HOST, v);
         }
-        *req.uri_mut() = uri;
-        *req.version_mut() = http::Version::HTTP_11;
-
-        let timeout = rule.timeout_ms.map(Duration::from_millis);
-        let call = self.client.request(req);
-        let result = match timeout {
-            Some(t) => match tokio::time::timeout(t, call).await {
-                Ok(r) => r.map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string())),
-                Err(_) => Err((
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("{backend} did not answer within {}ms", t.as_millis()),
-                )),
+        let route = Route {
+            service: &service,
+            rule: &rule,
+            labels: RouteLabels {
+                authority: service.authority(),
+                route: route_name,
             },
-            None => call
-                .await
-                .map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string())),
         };
-        match result {
-            Ok(rsp) => {
-                self.metrics
-                    .record(&labels, Some(rsp.status().as_u16()), false, start.elapsed());
-                rsp.map(BodyExt::boxed)
-            }
-            Err((status, why)) => {
-                self.metrics
-                    .record(&labels, Some(status.as_u16()), true, start.elapsed());
-                error(status, &format!("{backend} at {}: {why}", endpoint.addr))
+        // Gateway API's request timeout: it bounds the whole request, retries included, so a
+        // request that timed out is never retried.
+        let current = Current::default();
+        let forward = self.forward(req, &route, tables, &current);
+        let Some(timeout) = rule.timeout_ms.map(Duration::from_millis) else {
+            return forward.await;
+        };
+        match tokio::time::timeout(timeout, forward).await {
+            Ok(rsp) => rsp,
+            Err(_) => {
+                let attempt = lock(&current).take();
+                let to = match &attempt {
+                    Some((labels, started)) => {
+                        self.metrics.record(
+                            labels,
+                            Some(StatusCode::GATEWAY_TIMEOUT.as_u16()),
+                            true,
+                            started.elapsed(),
+                        );
+                        format!("{}.{}", labels.dst_service, labels.dst_namespace)
+                    }
+                    None => service.to_string(),
+                };
+                error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!(
+                        "{to} did not answer within {}ms (route {})",
+                        timeout.as_millis(),
+                        route.labels.route
+                    ),
+                )
             }
         }
     }
+
+    /// Sends the request to a backend endpoint, and again under the route's retry policy while
+    /// the answer is retryable, the body can be replayed, and the budget allows.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        route: &Route<'_>,
+        mut tables: Arc<Tables>,
+        current: &Current,
+    ) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let policy = route.rule.retry.as_ref().filter(|p| p.max_retries > 0);
+        let length = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        // Only a route that retries pays for keeping a copy of the body.
+        let replayable = Replayable::new(body, policy.is_some(), length);
+        let budget = policy.map(|p| self.budget(route, &p.budget));
+        if let Some(b) = &budget {
+            lock(b).deposit(Instant::now());
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+
+        let mut retries = 0;
+        loop {
+            // Retries are only sent after `can_replay`, so there is a body for each attempt.
+            let Some(body) = replayable.attempt() else {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "request body already sent",
+                );
+            };
+            let started = Instant::now();
+            let (backend, endpoint) = match self.pick(route, &tables, started) {
+                Ok(picked) => picked,
+                Err(why) => return error(StatusCode::SERVICE_UNAVAILABLE, &why.to_string()),
+            };
+            let addr = endpoint.addr();
+            let labels = RequestLabels {
+                direction: "outbound",
+                authority: route.labels.authority.clone(),
+                route: route.labels.route.clone(),
+                dst_service: backend.name.clone(),
+                dst_namespace: backend.namespace.clone(),
+            };
+            self.metrics.requests.get_or_create(&labels).inc();
+
+            // Origin-form towards the endpoint.
+            let uri = match Uri::builder()
+                .scheme("http")
+                .authority(addr.to_string())
+                .path_and_query(path.as_str())
+                .build()
+            {
+                Ok(uri) => uri,
+                Err(e) => {
+                    return error(StatusCode::BAD_REQUEST, &format!("bad request target: {e}"));
+                }
+            };
+            let mut attempt = Request::new(body);
+            *attempt.method_mut() = parts.method.clone();
+            *attempt.uri_mut() = uri;
+            *attempt.version_mut() = http::Version::HTTP_11;
+            *attempt.headers_mut() = parts.headers.clone();
+
+            *lock(current) = Some((labels.clone(), started));
+            let result = self.client.request(attempt).await;
+            lock(current).take();
+            let done = Instant::now();
+            let took = done.saturating_duration_since(started);
+
+            // A retryable answer falls through to the retry decision below; anything else is
+            // the answer.
+            let answer = match result {
+                Ok(rsp) => {
+                    let status = rsp.status().as_u16();
+                    let failed = rsp.status().is_server_error();
+                    let outcome = if failed {
+                        Outcome::Failure
+                    } else {
+                        Outcome::Success
+                    };
+                    endpoint.finish(outcome, done);
+                    self.metrics.record(&labels, Some(status), false, took);
+                    let rsp = rsp.map(BodyExt::boxed);
+                    if !policy.is_some_and(|p| p.retries_status(status)) {
+                        if retries > 0 && !failed {
+                            self.metrics
+                                .retry_successes
+                                .get_or_create(&route.labels)
+                                .inc();
+                        }
+                        return rsp;
+                    }
+                    rsp
+                }
+                Err(e) => {
+                    // A connect error means nothing was sent, so retrying is always safe; after
+                    // the request went out, the app may have acted on it.
+                    let connect = e.is_connect();
+                    let outcome = if connect {
+                        Outcome::ConnectFailure
+                    } else {
+                        Outcome::Failure
+                    };
+                    endpoint.finish(outcome, done);
+                    let status = StatusCode::BAD_GATEWAY;
+                    self.metrics
+                        .record(&labels, Some(status.as_u16()), true, took);
+                    let rsp = error(status, &format!("{backend} at {addr}: {}", chain(&e)));
+                    if !connect || policy.is_none() {
+                        return rsp;
+                    }
+                    rsp
+                }
+            };
+
+            // The answer is retryable; is a retry allowed?
+            let (Some(policy), Some(budget)) = (policy, &budget) else {
+                return answer;
+            };
+            if !replayable.can_replay() {
+                // Longer than can be kept: it cannot be sent again.
+                return answer;
+            }
+            if retries >= policy.max_retries {
+                self.metrics
+                    .retry_limit_exceeded
+                    .get_or_create(&route.labels)
+                    .inc();
+                return answer;
+            }
+            if !lock(budget).withdraw(Instant::now()) {
+                self.metrics
+                    .retry_overflow
+                    .get_or_create(&route.labels)
+                    .inc();
+                return answer;
+            }
+            retries += 1;
+            self.metrics
+                .retry_requests
+                .get_or_create(&route.labels)
+                .inc();
+            // A retry sees the newest tables: a weight change or a new endpoint may help it.
+            tables = self.tables.borrow().clone();
+        }
+    }
+
+    /// A backend by weight, then one of its endpoints by P2C. Backends whose endpoints are all
+    /// failing count as having no ready endpoints, so they get weight 0 for this pick.
+    fn pick(
+        &self,
+        route: &Route<'_>,
+        tables: &Tables,
+        now: Instant,
+    ) -> Result<(ServiceRef, InFlight), Unavailable> {
+        let addrs = |service: &ServiceRef| -> Vec<SocketAddr> {
+            tables
+                .endpoints
+                .get(service)
+                .map(|e| e.iter().map(|e| e.addr).collect())
+                .unwrap_or_default()
+        };
+        let backends = &route.rule.backends;
+        let picked = pick_backend(
+            backends,
+            |i| {
+                let a = addrs(&backends[i].service);
+                !a.is_empty() && self.balancer.any_ready(&a, now)
+            },
+            fastrand::f64(),
+        );
+        let endpoint = picked.and_then(|i| {
+            let backend = backends[i].service.clone();
+            self.balancer
+                .pick(&addrs(&backend), now, |n| fastrand::usize(..n))
+                .map(|e| (backend, e))
+        });
+        endpoint.ok_or_else(|| {
+            let service = route.service.clone();
+            if backends.iter().any(|b| tables.available(&b.service)) {
+                Unavailable::AllFailing(service)
+            } else {
+                Unavailable::NoEndpoints(service)
+            }
+        })
+    }
+
+    /// The retry budget of a route, made on first use and remade when its settings change.
+    fn budget(&self, route: &Route<'_>, config: &RetryBudget) -> Arc<Mutex<Budget>> {
+        let mut budgets = lock(&self.budgets);
+        let key = (route.service.clone(), route.labels.route.clone());
+        if let Some(b) = budgets.get(&key)
+            && lock(b).config() == config
+        {
+            return b.clone();
+        }
+        let b = Arc::new(Mutex::new(Budget::new(config.clone(), Instant::now())));
+        budgets.insert(key, b.clone());
+        b
+    }
+
+    /// Forgets endpoint and budget state that the tables no longer mention, once per tables
+    /// update, so the state stays as large as the tables.
+    fn prune(&self, tables: &Arc<Tables>) {
+        {
+            let mut pruned = lock(&self.pruned);
+            if std::ptr::eq(pruned.as_ptr(), Arc::as_ptr(tables)) {
+                return;
+            }
+            *pruned = Arc::downgrade(tables);
+        }
+        let addrs: BTreeSet<SocketAddr> = tables
+            .endpoints
+            .values()
+            .flatten()
+            .map(|e| e.addr)
+            .collect();
+        self.balancer.retain(|a| addrs.contains(a));
+        lock(&self.budgets).retain(|(service, _), _| {
+            tables.routes.contains_key(service) || tables.endpoints.contains_key(service)
+        });
+    }
+}
+
+/// Why no endpoint could be picked for a request: the proxy answers 503.
+#[derive(Debug, thiserror::Error)]
+enum Unavailable {
+    /// Discovery knows no endpoints for any backend with weight.
+    #[error("no backend of {0} has ready endpoints")]
+    NoEndpoints(ServiceRef),
+    /// There are endpoints, but failure accrual has taken all of them out for now.
+    #[error("every endpoint of the backends of {0} is failing; they are probed with backoff")]
+    AllFailing(ServiceRef),
+}
+
+/// The route a request took.
+struct Route<'a> {
+    service: &'a ServiceRef,
+    rule: &'a RouteRule,
+    labels: RouteLabels,
+}
+
+/// An error with its causes, for the proxy's error header and body.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 impl Outbound {

@@ -108,6 +108,38 @@ async fn weights_split_requests_and_metrics_count_them_per_backend() {
 }
 
 #[tokio::test]
+async fn a_90_10_split_over_10000_requests_lands_within_one_and_a_half_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
+    let p = proxy(&config(v1, v2, (90, 10)), &dir);
+    let client = via(&p);
+    let canary = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    // Eight clients at once, 1250 requests each.
+    for _ in 0..8 {
+        let (client, canary) = (client.clone(), canary.clone());
+        tasks.spawn(async move {
+            for _ in 0..1250 {
+                let rsp = client.get("http://web.default:80/").send().await.unwrap();
+                assert_eq!(rsp.status(), 200);
+                if rsp.text().await.unwrap() == "v2" {
+                    canary.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let canary = canary.load(std::sync::atomic::Ordering::Relaxed);
+    // Binomial(10000, 0.1): sd 30 requests (0.3 points); 1.5 points is 5 sd.
+    assert!(
+        (850..=1150).contains(&canary),
+        "canary got {canary} of 10000 at weight 10"
+    );
+}
+
+#[tokio::test]
 async fn weights_of_zero_and_one_hundred_are_exact() {
     let dir = tempfile::tempdir().unwrap();
     let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
