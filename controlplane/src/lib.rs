@@ -11,6 +11,8 @@ pub mod config;
 pub mod http;
 pub mod identity;
 pub mod index;
+pub mod inject;
+pub mod injector;
 pub mod proxy;
 pub mod store;
 pub mod workloads;

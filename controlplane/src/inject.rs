@@ -1,0 +1,467 @@
+//! Sidecar injection: what the proxy-injector webhook and `mesh inject` add to a pod.
+//!
+//! A pod is injected when its own annotation `mesh.dev/inject` is `enabled`, or when its
+//! namespace's is and the pod's is not `disabled`. Injection adds:
+//!
+//! - an init container, `mesh-init`, that installs the iptables rules sending the pod's inbound
+//!   TCP to the proxy's inbound port and its outbound TCP to the outbound port, except the
+//!   proxy's own traffic (it runs as [`PROXY_UID`]) and loopback;
+//! - the `mesh-proxy` container, configured through `MESH_PROXY_*` variables, with the pod's
+//!   SPIFFE identity from its namespace and service account, and a projected service-account
+//!   token (audience [`TOKEN_AUDIENCE`]) to bootstrap it;
+//! - the annotation `mesh.dev/injected: <proxy image>`, so a second pass changes nothing.
+//!
+//! Everything here is pure: the webhook and the CLI supply the namespace's annotations.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, PodSpec, Probe, ProjectedVolumeSource, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+/// The opt-in annotation, on a namespace or a pod (template).
+pub const INJECT_ANNOTATION: &str = "mesh.dev/inject";
+/// Set on injected pods: the proxy image that was injected.
+pub const INJECTED_ANNOTATION: &str = "mesh.dev/injected";
+/// Comma-separated inbound ports the proxy must not intercept (besides its own).
+pub const SKIP_INBOUND_ANNOTATION: &str = "config.mesh.dev/skip-inbound-ports";
+/// Comma-separated outbound ports the proxy must not intercept (e.g. a database's).
+pub const SKIP_OUTBOUND_ANNOTATION: &str = "config.mesh.dev/skip-outbound-ports";
+/// The proxy container's name.
+pub const PROXY_CONTAINER: &str = "mesh-proxy";
+/// The init container's name.
+pub const INIT_CONTAINER: &str = "mesh-init";
+/// The user the proxy runs as; iptables lets its traffic through untouched.
+pub const PROXY_UID: i64 = 2102;
+/// Audience of the projected token the proxy presents to the identity API.
+pub const TOKEN_AUDIENCE: &str = "identity.mesh.dev";
+/// Where the projected token is mounted.
+pub const TOKEN_DIR: &str = "/var/run/mesh/tokens";
+
+/// What to inject.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectConfig {
+    /// The proxy image.
+    pub proxy_image: String,
+    /// An image with `sh` and `iptables` for the init container.
+    pub init_image: String,
+    /// The control plane's proxy API, `host:port`.
+    pub control_plane_addr: String,
+    /// The SPIFFE trust domain.
+    pub trust_domain: String,
+    /// The proxy's inbound port.
+    pub inbound_port: u16,
+    /// The proxy's outbound port.
+    pub outbound_port: u16,
+    /// The proxy's admin port (`/metrics`, `/ready`, `/live`).
+    pub admin_port: u16,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        Self {
+            proxy_image: format!("ghcr.io/mesh-dev/proxy:{}", env!("CARGO_PKG_VERSION")),
+            init_image: format!("ghcr.io/mesh-dev/proxy-init:{}", env!("CARGO_PKG_VERSION")),
+            control_plane_addr: "mesh-controlplane.mesh-system.svc.cluster.local:4181".into(),
+            trust_domain: "cluster.local".into(),
+            inbound_port: 4143,
+            outbound_port: 4140,
+            admin_port: 4191,
+        }
+    }
+}
+
+/// Whether a pod gets the proxy, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Inject.
+    Inject,
+    /// Leave the pod alone.
+    Skip(String),
+}
+
+fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+/// Decides for a pod with `meta` and `spec` in a namespace annotated `namespace`.
+pub fn decide(namespace: &BTreeMap<String, String>, meta: &ObjectMeta, spec: &PodSpec) -> Decision {
+    if spec.containers.iter().any(|c| c.name == PROXY_CONTAINER) {
+        return Decision::Skip("already injected".into());
+    }
+    let from_pod = annotation(meta, INJECT_ANNOTATION);
+    let from_ns = namespace.get(INJECT_ANNOTATION).map(String::as_str);
+    match (from_pod, from_ns) {
+        (Some("disabled"), _) => {
+            Decision::Skip(format!("the pod sets {INJECT_ANNOTATION}: disabled"))
+        }
+        (Some("enabled"), _) | (None, Some("enabled")) => {
+            if spec.host_network == Some(true) {
+                Decision::Skip("hostNetwork pods share the node's network; not injected".into())
+            } else {
+                Decision::Inject
+            }
+        }
+        _ => Decision::Skip(format!(
+            "neither the pod nor its namespace sets {INJECT_ANNOTATION}: enabled"
+        )),
+    }
+}
+
+/// Why an annotation could not be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("annotation {key}: {value:?} is not a comma-separated list of ports (1-65535)")]
+pub struct AnnotationError {
+    /// The annotation.
+    pub key: &'static str,
+    /// Its value.
+    pub value: String,
+}
+
+fn ports(meta: &ObjectMeta, key: &'static str) -> Result<Vec<u16>, AnnotationError> {
+    let Some(value) = annotation(meta, key) else {
+        return Ok(Vec::new());
+    };
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u16>().ok().filter(|p| *p > 0))
+        .collect::<Option<Vec<u16>>>()
+        .ok_or_else(|| AnnotationError {
+            key,
+            value: value.to_string(),
+        })
+}
+
+/// The init container's script: NAT rules redirecting the pod's TCP through the proxy.
+pub fn iptables_script(
+    config: &InjectConfig,
+    skip_inbound: &[u16],
+    skip_outbound: &[u16],
+) -> String {
+    let mut s = String::from("set -eu\n");
+    // Inbound: everything arriving for the pod goes to the proxy's inbound port, except the
+    // proxy's own ports and those the pod opts out.
+    s += "iptables -t nat -N MESH_INBOUND\n";
+    let mut inbound_skips = vec![config.inbound_port, config.admin_port];
+    inbound_skips.extend_from_slice(skip_inbound);
+    for port in inbound_skips {
+        s += &format!("iptables -t nat -A MESH_INBOUND -p tcp --dport {port} -j RETURN\n");
+    }
+    s += &format!(
+        "iptables -t nat -A MESH_INBOUND -p tcp -j REDIRECT --to-ports {}\n",
+        config.inbound_port
+    );
+    s += "iptables -t nat -A PREROUTING -p tcp -j MESH_INBOUND\n";
+    // Outbound: the app's connections go to the proxy's outbound port; the proxy's own (by its
+    // uid), loopback and opted-out ports leave untouched.
+    s += "iptables -t nat -N MESH_OUTBOUND\n";
+    s += &format!("iptables -t nat -A MESH_OUTBOUND -m owner --uid-owner {PROXY_UID} -j RETURN\n");
+    s += "iptables -t nat -A MESH_OUTBOUND -o lo -j RETURN\n";
+    for port in skip_outbound {
+        s += &format!("iptables -t nat -A MESH_OUTBOUND -p tcp --dport {port} -j RETURN\n");
+    }
+    s += &format!(
+        "iptables -t nat -A MESH_OUTBOUND -p tcp -j REDIRECT --to-ports {}\n",
+        config.outbound_port
+    );
+    s += "iptables -t nat -A OUTPUT -p tcp -j MESH_OUTBOUND\n";
+    s
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+fn http_probe(path: &str, port: u16) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(port.into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(5),
+        ..Probe::default()
+    }
+}
+
+/// The first port the app containers declare: where the proxy forwards inbound requests.
+fn app_port(spec: &PodSpec) -> Option<i32> {
+    spec.containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .map(|p| p.container_port)
+}
+
+/// Injects the proxy into a pod (or pod template) that [`decide`] said to inject.
+pub fn inject(
+    meta: &mut ObjectMeta,
+    spec: &mut PodSpec,
+    config: &InjectConfig,
+) -> Result<(), AnnotationError> {
+    let skip_inbound = ports(meta, SKIP_INBOUND_ANNOTATION)?;
+    let skip_outbound = ports(meta, SKIP_OUTBOUND_ANNOTATION)?;
+
+    let init = Container {
+        name: INIT_CONTAINER.into(),
+        image: Some(config.init_image.clone()),
+        command: Some(vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            iptables_script(config, &skip_inbound, &skip_outbound),
+        ]),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]),
+                drop: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+
+    let mut envs = vec![
+        field_env("MESH_POD_NAMESPACE", "metadata.namespace"),
+        field_env("MESH_POD_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        env(
+            "MESH_PROXY_OUTBOUND_ADDR",
+            format!("127.0.0.1:{}", config.outbound_port),
+        ),
+        env(
+            "MESH_PROXY_INBOUND_ADDR",
+            format!("0.0.0.0:{}", config.inbound_port),
+        ),
+        env(
+            "MESH_PROXY_ADMIN_ADDR",
+            format!("0.0.0.0:{}", config.admin_port),
+        ),
+        env(
+            "MESH_PROXY_CONTROL_PLANE_ADDR",
+            config.control_plane_addr.clone(),
+        ),
+        env(
+            "MESH_PROXY_IDENTITY",
+            format!(
+                "spiffe://{}/ns/$(MESH_POD_NAMESPACE)/sa/$(MESH_POD_SERVICE_ACCOUNT)",
+                config.trust_domain
+            ),
+        ),
+        env("MESH_PROXY_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
+    ];
+    if let Some(port) = app_port(spec) {
+        envs.push(env("MESH_PROXY_APP_ADDR", format!("127.0.0.1:{port}")));
+    }
+    let proxy = Container {
+        name: PROXY_CONTAINER.into(),
+        image: Some(config.proxy_image.clone()),
+        env: Some(envs),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("mesh-inbound".into()),
+                container_port: config.inbound_port.into(),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("mesh-admin".into()),
+                container_port: config.admin_port.into(),
+                ..ContainerPort::default()
+            },
+        ]),
+        readiness_probe: Some(http_probe("/ready", config.admin_port)),
+        liveness_probe: Some(http_probe("/live", config.admin_port)),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(PROXY_UID),
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "mesh-identity-token".into(),
+            mount_path: TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    };
+    let token = Volume {
+        name: "mesh-identity-token".into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(TOKEN_AUDIENCE.into()),
+                    expiration_seconds: Some(86_400),
+                    path: "token".into(),
+                }),
+                ..VolumeProjection::default()
+            }]),
+            ..ProjectedVolumeSource::default()
+        }),
+        ..Volume::default()
+    };
+
+    // The identity names the service account, and a projected token needs one set. The API
+    // server's ServiceAccount admission sets `default` before webhooks run; say it here too,
+    // so offline injection (`mesh inject`) yields the same pod.
+    spec.service_account_name
+        .get_or_insert_with(|| "default".to_string());
+    spec.init_containers
+        .get_or_insert_with(Vec::new)
+        .insert(0, init);
+    // The proxy goes first so that it is started (and ready) before the app's containers.
+    spec.containers.insert(0, proxy);
+    spec.volumes.get_or_insert_with(Vec::new).push(token);
+    meta.annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(INJECTED_ANNOTATION.into(), config.proxy_image.clone());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(annotations: &[(&str, &str)]) -> (ObjectMeta, PodSpec) {
+        let meta = ObjectMeta {
+            annotations: Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                    .collect(),
+            ),
+            ..ObjectMeta::default()
+        };
+        let spec = PodSpec {
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("podinfo".into()),
+                ports: Some(vec![ContainerPort {
+                    container_port: 9898,
+                    ..ContainerPort::default()
+                }]),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        };
+        (meta, spec)
+    }
+
+    fn ns(v: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([(INJECT_ANNOTATION.to_string(), v.to_string())])
+    }
+
+    #[test]
+    fn pods_opt_in_and_out_over_their_namespace() {
+        let none = BTreeMap::new();
+        let (m, s) = pod(&[]);
+        assert!(matches!(decide(&none, &m, &s), Decision::Skip(_)));
+        assert_eq!(decide(&ns("enabled"), &m, &s), Decision::Inject);
+        let (m, s) = pod(&[(INJECT_ANNOTATION, "disabled")]);
+        assert!(
+            matches!(decide(&ns("enabled"), &m, &s), Decision::Skip(r) if r.contains("disabled"))
+        );
+        let (m, s) = pod(&[(INJECT_ANNOTATION, "enabled")]);
+        assert_eq!(decide(&none, &m, &s), Decision::Inject);
+        let (m, mut s) = pod(&[(INJECT_ANNOTATION, "enabled")]);
+        s.host_network = Some(true);
+        assert!(matches!(decide(&none, &m, &s), Decision::Skip(r) if r.contains("hostNetwork")));
+    }
+
+    #[test]
+    fn injection_adds_the_proxy_the_init_container_and_the_token_once() {
+        let config = InjectConfig::default();
+        let (mut m, mut s) = pod(&[(INJECT_ANNOTATION, "enabled")]);
+        inject(&mut m, &mut s, &config).unwrap();
+        assert_eq!(s.containers[0].name, PROXY_CONTAINER);
+        assert_eq!(s.containers[1].name, "app");
+        let env: BTreeMap<_, _> = s.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.as_str(), e.value.as_deref()?)))
+            .collect();
+        assert_eq!(env["MESH_PROXY_APP_ADDR"], "127.0.0.1:9898");
+        assert_eq!(
+            env["MESH_PROXY_IDENTITY"],
+            "spiffe://cluster.local/ns/$(MESH_POD_NAMESPACE)/sa/$(MESH_POD_SERVICE_ACCOUNT)"
+        );
+        let init = &s.init_containers.as_ref().unwrap()[0];
+        assert_eq!(init.name, INIT_CONTAINER);
+        let script = &init.command.as_ref().unwrap()[2];
+        assert!(script.contains("--uid-owner 2102 -j RETURN"), "{script}");
+        assert!(script.contains("REDIRECT --to-ports 4143"), "{script}");
+        assert!(
+            s.volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|v| v.name == "mesh-identity-token")
+        );
+        assert_eq!(
+            annotation(&m, INJECTED_ANNOTATION),
+            Some(config.proxy_image.as_str())
+        );
+        // A second pass is a no-op.
+        assert!(
+            matches!(decide(&BTreeMap::new(), &m, &s), Decision::Skip(r) if r == "already injected")
+        );
+    }
+
+    #[test]
+    fn skip_port_annotations_are_honoured_and_checked() {
+        let config = InjectConfig::default();
+        let (mut m, mut s) = pod(&[
+            (INJECT_ANNOTATION, "enabled"),
+            (SKIP_OUTBOUND_ANNOTATION, "5432, 6379"),
+            (SKIP_INBOUND_ANNOTATION, "9090"),
+        ]);
+        inject(&mut m, &mut s, &config).unwrap();
+        let script = &s.init_containers.as_ref().unwrap()[0]
+            .command
+            .as_ref()
+            .unwrap()[2];
+        for rule in [
+            "MESH_OUTBOUND -p tcp --dport 5432 -j RETURN",
+            "MESH_OUTBOUND -p tcp --dport 6379 -j RETURN",
+            "MESH_INBOUND -p tcp --dport 9090 -j RETURN",
+        ] {
+            assert!(script.contains(rule), "{rule} missing from {script}");
+        }
+        let (mut m, mut s) = pod(&[(SKIP_OUTBOUND_ANNOTATION, "5432,db")]);
+        let e = inject(&mut m, &mut s, &config).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("config.mesh.dev/skip-outbound-ports"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,168 @@
+//! The proxy-injector webhook behind a real kube-apiserver: pods created in an annotated
+//! namespace come back with the proxy; others are left alone.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::Api;
+use kube::api::PostParams;
+use mesh_controlplane::inject::{self, InjectConfig};
+use mesh_controlplane::injector;
+use mesh_test_support::certs::{Leaf, TestCa};
+use mesh_test_support::kube::KubeApiServer;
+use serde_json::json;
+
+fn namespace(name: &str, inject: Option<&str>) -> Namespace {
+    let mut annotations = BTreeMap::new();
+    if let Some(v) = inject {
+        annotations.insert(inject::INJECT_ANNOTATION.to_string(), v.to_string());
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "annotations": annotations},
+    }))
+    .unwrap()
+}
+
+fn pod(name: &str, annotations: &serde_json::Value) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"containers": [{
+            "name": "app", "image": "podinfo:6",
+            "ports": [{"containerPort": 9898}],
+        }]},
+    }))
+    .unwrap()
+}
+
+fn containers(p: &Pod) -> Vec<String> {
+    p.spec
+        .as_ref()
+        .unwrap()
+        .containers
+        .iter()
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn pods_in_annotated_namespaces_get_the_proxy() {
+    let kube = KubeApiServer::start()
+        .await
+        .expect("start etcd + kube-apiserver");
+    let client = kube.client();
+
+    let ca = TestCa::new("mesh-injector-test-ca").unwrap();
+    let serving = ca
+        .issue(&Leaf::new("mesh-injector").san("127.0.0.1").server())
+        .unwrap();
+    let tls = injector::tls_config(&serving.cert_pem, &serving.key_pem).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = InjectConfig {
+        proxy_image: "example.test/mesh-proxy:dev".into(),
+        ..InjectConfig::default()
+    };
+    tokio::spawn(injector::serve(listener, tls, config, client.clone()));
+
+    let webhook: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "mesh-proxy-injector"},
+        "webhooks": [{
+            "name": "proxy-injector.mesh.dev",
+            "clientConfig": {
+                "url": format!("https://{addr}{}", injector::INJECT_PATH),
+                "caBundle": base64::engine::general_purpose::STANDARD.encode(ca.cert_pem()),
+            },
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                       "resources": ["pods"]}],
+            "namespaceSelector": {"matchExpressions": [{
+                "key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                "values": ["kube-system", "mesh-system"]}]},
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Ignore",
+            "timeoutSeconds": 10,
+        }],
+    }))
+    .unwrap();
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .create(&PostParams::default(), &webhook)
+        .await
+        .unwrap();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for ns in [namespace("shop", Some("enabled")), namespace("plain", None)] {
+        namespaces
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap();
+    }
+    let shop: Api<Pod> = Api::namespaced(client.clone(), "shop");
+    let plain: Api<Pod> = Api::namespaced(client.clone(), "plain");
+
+    // The apiserver picks up a new webhook configuration within a moment; until then pods are
+    // admitted unchanged, so keep creating until one comes back injected.
+    let mut injected = None;
+    for i in 0..60 {
+        let p = shop
+            .create(
+                &PostParams::default(),
+                &pod(&format!("web-{i}"), &json!({})),
+            )
+            .await
+            .unwrap();
+        if containers(&p).first().map(String::as_str) == Some(inject::PROXY_CONTAINER) {
+            injected = Some(p);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let p = injected.expect("no pod in the annotated namespace was injected");
+    assert_eq!(containers(&p), [inject::PROXY_CONTAINER, "app"]);
+    let spec = p.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.containers[0].image.as_deref(),
+        Some("example.test/mesh-proxy:dev")
+    );
+    let init = spec.init_containers.as_ref().unwrap();
+    assert_eq!(init[0].name, inject::INIT_CONTAINER);
+    assert_eq!(
+        p.metadata.annotations.as_ref().unwrap()[inject::INJECTED_ANNOTATION],
+        "example.test/mesh-proxy:dev"
+    );
+    assert!(
+        spec.volumes
+            .iter()
+            .flatten()
+            .any(|v| v.name == "mesh-identity-token"),
+        "{spec:?}"
+    );
+
+    // Opted out, or not opted in: unchanged.
+    let out = shop
+        .create(
+            &PostParams::default(),
+            &pod("opted-out", &json!({inject::INJECT_ANNOTATION: "disabled"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(containers(&out), ["app"]);
+    let untouched = plain
+        .create(&PostParams::default(), &pod("web", &json!({})))
+        .await
+        .unwrap();
+    assert_eq!(containers(&untouched), ["app"]);
+    let opted_in = plain
+        .create(
+            &PostParams::default(),
+            &pod("opted-in", &json!({inject::INJECT_ANNOTATION: "enabled"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(containers(&opted_in), [inject::PROXY_CONTAINER, "app"]);
+}
