@@ -3,6 +3,7 @@
 
 mod demo;
 mod embedded;
+mod k8s;
 mod resources;
 mod rollout;
 mod up;
@@ -49,6 +50,12 @@ enum Command {
         #[command(flatten)]
         conn: resources::Conn,
     },
+    /// Render everything a Kubernetes cluster needs, for `| kubectl apply -f -`.
+    Install(k8s::install::InstallArgs),
+    /// Check a cluster: ready for the mesh (--pre), or the mesh healthy on it.
+    Check(k8s::CheckArgs),
+    /// Add the proxy to the workloads in a YAML file, offline, as the injector webhook would.
+    Inject(k8s::InjectArgs),
     /// Delete a resource.
     Delete {
         /// canary (canaries), metrictemplate (mt) or httproute.
@@ -68,6 +75,9 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Rollout(c) => rollout::run(c),
         Command::Up(args) => up::run(args),
+        Command::Install(args) => k8s::install(&args),
+        Command::Check(args) => k8s::check(&args),
+        Command::Inject(args) => k8s::inject(&args),
         Command::Apply { files, conn } => resources::run(&conn, resources::Action::Apply(files)),
         Command::Get {
             kind,

@@ -66,11 +66,60 @@ async fn run(config: Config) -> anyhow::Result<()> {
         resource_version = control_plane.store().resource_version(),
         "control plane started"
     );
+    let injector = injector(&config.trust_domain).await?;
     tokio::select! {
         () = control_plane.serve(api, proxy) => Ok(()),
+        () = injector => Ok(()),
         r = tokio::signal::ctrl_c() => r.context("waiting for a signal"),
         () = terminate() => Ok(()),
     }
+}
+
+/// The proxy-injector webhook, when `MESH_CONTROLPLANE_INJECTOR_ADDR` is set (in a cluster,
+/// as `mesh install` configures it): HTTPS with `tls.crt`/`tls.key` from
+/// `MESH_CONTROLPLANE_INJECTOR_TLS_DIR`, injecting `MESH_CONTROLPLANE_PROXY_IMAGE` and
+/// `MESH_CONTROLPLANE_INIT_IMAGE`, reading namespaces through the in-cluster API.
+#[allow(
+    clippy::print_stdout,
+    reason = "announcements go to stdout by contract"
+)]
+async fn injector(
+    trust_domain: &str,
+) -> anyhow::Result<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+    use mesh_controlplane::{inject::InjectConfig, injector};
+    use mesh_core::config::Env;
+    let env = ProcessEnv;
+    let Some(addr) = env.var("MESH_CONTROLPLANE_INJECTOR_ADDR") else {
+        return Ok(Box::pin(std::future::pending()));
+    };
+    let dir = env.var("MESH_CONTROLPLANE_INJECTOR_TLS_DIR").context(
+        "MESH_CONTROLPLANE_INJECTOR_TLS_DIR must be set with MESH_CONTROLPLANE_INJECTOR_ADDR",
+    )?;
+    let read = |f: &str| {
+        let path = std::path::Path::new(&dir).join(f);
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let tls =
+        injector::tls_config(&read("tls.crt")?, &read("tls.key")?).map_err(anyhow::Error::msg)?;
+    let defaults = InjectConfig::default();
+    let config = InjectConfig {
+        proxy_image: env
+            .var("MESH_CONTROLPLANE_PROXY_IMAGE")
+            .unwrap_or(defaults.proxy_image.clone()),
+        init_image: env
+            .var("MESH_CONTROLPLANE_INIT_IMAGE")
+            .unwrap_or(defaults.init_image.clone()),
+        trust_domain: trust_domain.to_string(),
+        ..defaults
+    };
+    let listener = TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("MESH_CONTROLPLANE_INJECTOR_ADDR: binding {addr}"))?;
+    println!("{}", Listening::new("injector", listener.local_addr()?));
+    let client = kube::Client::try_default()
+        .await
+        .context("the injector needs the Kubernetes API (in-cluster config or a kubeconfig)")?;
+    Ok(Box::pin(injector::serve(listener, tls, config, client)))
 }
 
 async fn terminate() {

@@ -32,6 +32,21 @@ pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
     ]
 }
 
+/// The Gateway API HTTPRoute CRD (standard channel), for clusters that do not have Gateway API
+/// yet. `gateway.networking.k8s.io` is a protected group: the API server accepts the CRD only
+/// with the approval annotation upstream's manifests carry.
+pub fn httproute_crd() -> CustomResourceDefinition {
+    let mut crd = HttpRoute::crd();
+    crd.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(
+            "api-approved.kubernetes.io".into(),
+            "https://github.com/kubernetes-sigs/gateway-api/pull/2466".into(),
+        );
+    crd
+}
+
 /// Renders a CRD as the YAML committed under `crds/yaml/`.
 pub fn to_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_yaml::Error> {
     let body = serde_yaml::to_string(crd)?;

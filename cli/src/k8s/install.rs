@@ -1,0 +1,341 @@
+//! `mesh install [--crds]`: everything a cluster needs, as YAML for `kubectl apply -f -`.
+//!
+//! The output holds, in apply order: the CRDs (ours, plus the Gateway API HTTPRoute unless
+//! `--skip-gateway-api-crds`); then, without `--crds`, the `mesh-system` namespace, service
+//! accounts and RBAC, the identity issuer and the injector's serving certificate (generated
+//! here with rcgen, so every install gets its own keys), the control plane and rollout
+//! controller Deployments and Service, and the proxy injector's MutatingWebhookConfiguration.
+
+use base64::Engine;
+use mesh_controlplane::inject::{INJECT_ANNOTATION, InjectConfig};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use serde_json::{Value, json};
+
+/// The namespace the mesh runs in.
+pub const NAMESPACE: &str = "mesh-system";
+/// The control plane's Deployment, Service and service account.
+pub const CONTROLPLANE: &str = "mesh-controlplane";
+/// The rollout controller's Deployment and service account.
+pub const ROLLOUT_CONTROLLER: &str = "mesh-rollout-controller";
+/// The injector's MutatingWebhookConfiguration.
+pub const WEBHOOK: &str = "mesh-proxy-injector";
+/// The injector's port in the control plane pod.
+pub const INJECTOR_PORT: u16 = 8443;
+/// The proxy API's port.
+pub const PROXY_API_PORT: u16 = 4181;
+
+/// Flags of `mesh install`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct InstallArgs {
+    /// Render only the CRDs.
+    #[arg(long)]
+    pub crds: bool,
+    /// Leave out the Gateway API HTTPRoute CRD (when the cluster already has Gateway API).
+    #[arg(long)]
+    pub skip_gateway_api_crds: bool,
+    /// Image of the control plane.
+    #[arg(long, default_value_t = format!("ghcr.io/mesh-dev/controlplane:{}", env!("CARGO_PKG_VERSION")))]
+    pub controlplane_image: String,
+    /// Image of the rollout controller.
+    #[arg(long, default_value_t = format!("ghcr.io/mesh-dev/rollout-controller:{}", env!("CARGO_PKG_VERSION")))]
+    pub rollout_controller_image: String,
+    /// Prometheus the rollout controller reads gate metrics from.
+    #[arg(long, default_value = "http://prometheus.monitoring:9090")]
+    pub prometheus_url: String,
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
+}
+
+/// What injected pods run; shared by `mesh install` and `mesh inject`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProxyArgs {
+    /// Image of the proxy.
+    #[arg(long, default_value_t = InjectConfig::default().proxy_image)]
+    pub proxy_image: String,
+    /// Image of the init container (needs sh and iptables).
+    #[arg(long, default_value_t = InjectConfig::default().init_image)]
+    pub init_image: String,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+}
+
+impl ProxyArgs {
+    /// The injector's configuration.
+    pub fn inject_config(&self) -> InjectConfig {
+        InjectConfig {
+            proxy_image: self.proxy_image.clone(),
+            init_image: self.init_image.clone(),
+            trust_domain: self.trust_domain.clone(),
+            control_plane_addr: format!(
+                "{CONTROLPLANE}.{NAMESPACE}.svc.{}:{PROXY_API_PORT}",
+                self.trust_domain
+            ),
+            ..InjectConfig::default()
+        }
+    }
+}
+
+/// The CRDs, in apply order.
+pub fn crds(skip_gateway_api: bool) -> Vec<Value> {
+    let mut out: Vec<Value> = mesh_crds::all()
+        .into_iter()
+        .filter_map(|(_, crd)| serde_json::to_value(crd).ok())
+        .collect();
+    if !skip_gateway_api && let Ok(v) = serde_json::to_value(mesh_crds::httproute_crd()) {
+        out.push(v);
+    }
+    out
+}
+
+struct Pki {
+    issuer_cert: String,
+    issuer_key: String,
+    webhook_ca: String,
+    webhook_cert: String,
+    webhook_key: String,
+}
+
+fn ca_params(cn: &str) -> anyhow::Result<CertificateParams> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    Ok(params)
+}
+
+/// The identity issuer (a CA the control plane signs workload certificates with) and the
+/// injector's serving certificate with the CA the API server checks it against.
+fn pki() -> anyhow::Result<Pki> {
+    let issuer_key = KeyPair::generate()?;
+    let issuer = ca_params("identity.mesh.dev")?.self_signed(&issuer_key)?;
+    let webhook_ca_key = KeyPair::generate()?;
+    let webhook_ca_params = ca_params("webhook.mesh.dev")?;
+    let webhook_ca = webhook_ca_params.self_signed(&webhook_ca_key)?;
+    let signer = rcgen::Issuer::new(webhook_ca_params, webhook_ca_key);
+    let dns = format!("{CONTROLPLANE}.{NAMESPACE}.svc");
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![dns.clone()])?;
+    params.distinguished_name.push(DnType::CommonName, dns);
+    params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let leaf = params.signed_by(&key, &signer)?;
+    Ok(Pki {
+        issuer_cert: issuer.pem(),
+        issuer_key: issuer_key.serialize_pem(),
+        webhook_ca: webhook_ca.pem(),
+        webhook_cert: leaf.pem(),
+        webhook_key: key.serialize_pem(),
+    })
+}
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// Renders the whole install as documents, in apply order.
+pub fn render(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
+    let mut docs = crds(args.skip_gateway_api_crds);
+    if args.crds {
+        return Ok(docs);
+    }
+    let pki = pki()?;
+    let labels =
+        |app: &str| json!({"app.kubernetes.io/name": app, "app.kubernetes.io/part-of": "mesh"});
+    let meta = |name: &str| json!({"name": name, "namespace": NAMESPACE, "labels": labels(name)});
+    docs.push(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": NAMESPACE, "labels": {"app.kubernetes.io/part-of": "mesh"},
+                     "annotations": {INJECT_ANNOTATION: "disabled"}},
+    }));
+    for sa in [CONTROLPLANE, ROLLOUT_CONTROLLER] {
+        docs.push(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(sa)}));
+    }
+    let rules = |rules: Value| rules;
+    let roles = [
+        (
+            CONTROLPLANE,
+            rules(json!([
+                {"apiGroups": [""], "resources": ["services", "pods", "namespaces"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["rollouts.mesh.dev"], "resources": ["canaries", "metrictemplates"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+            ])),
+        ),
+        (
+            ROLLOUT_CONTROLLER,
+            rules(json!([
+                {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+                {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "update", "patch"]},
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"], "verbs": ["get", "list", "watch", "create", "update", "patch"]},
+                {"apiGroups": ["rollouts.mesh.dev"], "resources": ["canaries", "metrictemplates"], "verbs": ["get", "list", "watch", "update", "patch"]},
+                {"apiGroups": ["rollouts.mesh.dev"], "resources": ["canaries/status", "canaries/finalizers"], "verbs": ["get", "update", "patch"]},
+                {"apiGroups": ["events.k8s.io", ""], "resources": ["events"], "verbs": ["create", "patch"]},
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
+            ])),
+        ),
+    ];
+    for (name, rules) in roles {
+        docs.push(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": name, "labels": labels(name)}, "rules": rules,
+        }));
+        docs.push(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": name, "labels": labels(name)},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": NAMESPACE}],
+        }));
+    }
+    docs.push(json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": meta("mesh-identity-issuer"),
+        "data": {"tls.crt": b64(&pki.issuer_cert), "tls.key": b64(&pki.issuer_key)},
+    }));
+    docs.push(json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": meta("mesh-injector-tls"),
+        "data": {"tls.crt": b64(&pki.webhook_cert), "tls.key": b64(&pki.webhook_key)},
+    }));
+    let inject = args.proxy.inject_config();
+    let deployment =
+        |name: &str, image: &str, env: Value, ports: Value, volumes: Value, mounts: Value| {
+            json!({
+                "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(name),
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
+                    "template": {
+                        "metadata": {"labels": labels(name)},
+                        "spec": {
+                            "serviceAccountName": name,
+                            "containers": [{
+                                "name": name, "image": image, "env": env, "ports": ports,
+                                "volumeMounts": mounts,
+                                "securityContext": {"runAsNonRoot": true, "runAsUser": 2103,
+                                                    "readOnlyRootFilesystem": true,
+                                                    "allowPrivilegeEscalation": false},
+                            }],
+                            "volumes": volumes,
+                        },
+                    },
+                },
+            })
+        };
+    docs.push(deployment(
+        CONTROLPLANE,
+        &args.controlplane_image,
+        json!([
+            {"name": "MESH_CONTROLPLANE_STATE_DIR", "value": "/var/lib/mesh"},
+            {"name": "MESH_CONTROLPLANE_PROXY_ADDR", "value": format!("0.0.0.0:{PROXY_API_PORT}")},
+            {"name": "MESH_CONTROLPLANE_TRUST_DOMAIN", "value": args.proxy.trust_domain},
+            {"name": "MESH_CONTROLPLANE_INJECTOR_ADDR", "value": format!("0.0.0.0:{INJECTOR_PORT}")},
+            {"name": "MESH_CONTROLPLANE_INJECTOR_TLS_DIR", "value": "/var/run/mesh/injector"},
+            {"name": "MESH_CONTROLPLANE_PROXY_IMAGE", "value": inject.proxy_image},
+            {"name": "MESH_CONTROLPLANE_INIT_IMAGE", "value": inject.init_image},
+        ]),
+        json!([{"name": "proxy-api", "containerPort": PROXY_API_PORT},
+               {"name": "injector", "containerPort": INJECTOR_PORT}]),
+        json!([{"name": "state", "emptyDir": {}},
+               {"name": "injector-tls", "secret": {"secretName": "mesh-injector-tls"}},
+               {"name": "identity-issuer", "secret": {"secretName": "mesh-identity-issuer"}}]),
+        json!([{"name": "state", "mountPath": "/var/lib/mesh"},
+               {"name": "injector-tls", "mountPath": "/var/run/mesh/injector", "readOnly": true},
+               {"name": "identity-issuer", "mountPath": "/var/run/mesh/issuer", "readOnly": true}]),
+    ));
+    docs.push(deployment(
+        ROLLOUT_CONTROLLER,
+        &args.rollout_controller_image,
+        json!([{"name": "MESH_ROLLOUT_PROMETHEUS_URL", "value": args.prometheus_url}]),
+        json!([]),
+        json!([]),
+        json!([]),
+    ));
+    docs.push(json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": meta(CONTROLPLANE),
+        "spec": {
+            "selector": {"app.kubernetes.io/name": CONTROLPLANE},
+            "ports": [
+                {"name": "proxy-api", "port": PROXY_API_PORT, "targetPort": PROXY_API_PORT},
+                {"name": "injector", "port": 443, "targetPort": INJECTOR_PORT},
+            ],
+        },
+    }));
+    docs.push(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": WEBHOOK, "labels": labels(WEBHOOK)},
+        "webhooks": [{
+            "name": "proxy-injector.mesh.dev",
+            "clientConfig": {
+                "service": {"name": CONTROLPLANE, "namespace": NAMESPACE, "path": "/inject", "port": 443},
+                "caBundle": b64(&pki.webhook_ca),
+            },
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                       "resources": ["pods"], "scope": "Namespaced"}],
+            "namespaceSelector": {"matchExpressions": [{
+                "key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                "values": ["kube-system", NAMESPACE]}]},
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Ignore",
+            "timeoutSeconds": 10,
+        }],
+    }));
+    Ok(docs)
+}
+
+/// The documents as one YAML stream.
+pub fn to_yaml(docs: &[Value]) -> anyhow::Result<String> {
+    let mut out = String::from("# Rendered by `mesh install`; apply with `kubectl apply -f -`.\n");
+    for d in docs {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(d)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(crds: bool) -> InstallArgs {
+        InstallArgs {
+            crds,
+            skip_gateway_api_crds: false,
+            controlplane_image: "cp:dev".into(),
+            rollout_controller_image: "rc:dev".into(),
+            prometheus_url: "http://prom:9090".into(),
+            proxy: ProxyArgs {
+                proxy_image: "proxy:dev".into(),
+                init_image: "init:dev".into(),
+                trust_domain: "cluster.local".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn crds_only_renders_the_crds() {
+        let docs = render(&args(true)).unwrap();
+        assert!(docs.iter().all(|d| d["kind"] == "CustomResourceDefinition"));
+        let names: Vec<&str> = docs
+            .iter()
+            .filter_map(|d| d["metadata"]["name"].as_str())
+            .collect();
+        assert!(names.contains(&"canaries.rollouts.mesh.dev"), "{names:?}");
+        assert!(
+            names.contains(&"httproutes.gateway.networking.k8s.io"),
+            "{names:?}"
+        );
+    }
+
+    #[test]
+    fn every_install_gets_its_own_keys() {
+        let a = to_yaml(&render(&args(false)).unwrap()).unwrap();
+        let b = to_yaml(&render(&args(false)).unwrap()).unwrap();
+        assert_ne!(a, b);
+        assert!(a.contains("kind: MutatingWebhookConfiguration"));
+        assert!(a.contains("cp:dev") && a.contains("rc:dev"));
+    }
+}

@@ -1,0 +1,107 @@
+//! Commands for Kubernetes: `mesh install`, `mesh check` and `mesh inject`.
+
+pub mod check;
+pub mod inject;
+pub mod install;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+
+/// How to reach a cluster, as kubectl does.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KubeArgs {
+    /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use.
+    #[arg(long)]
+    pub context: Option<String>,
+}
+
+impl KubeArgs {
+    /// A client for the selected cluster and context.
+    pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        let options = kube::config::KubeConfigOptions {
+            context: self.context.clone(),
+            ..Default::default()
+        };
+        let config = match &self.kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(kc, &options).await?
+            }
+            None if self.context.is_some() => kube::Config::from_kubeconfig(&options).await?,
+            None => kube::Config::infer()
+                .await
+                .context("finding a kubeconfig")?,
+        };
+        Ok(kube::Client::try_from(config)?)
+    }
+}
+
+/// Flags of `mesh check`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CheckArgs {
+    /// Check that the cluster is ready for `mesh install`, instead of checking the mesh.
+    #[arg(long)]
+    pub pre: bool,
+    #[command(flatten)]
+    pub kube: KubeArgs,
+}
+
+/// Flags of `mesh inject`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct InjectArgs {
+    /// YAML file with the workloads; `-` reads stdin.
+    #[arg(short = 'f', long = "filename")]
+    pub file: String,
+    #[command(flatten)]
+    pub proxy: install::ProxyArgs,
+}
+
+/// `mesh install`.
+#[allow(clippy::print_stdout, reason = "the manifests are the output")]
+pub fn install(args: &install::InstallArgs) -> ExitCode {
+    let rendered = install::render(args).and_then(|docs| install::to_yaml(&docs));
+    match crate::block_on(false, async { rendered }) {
+        Some(yaml) => {
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::FAILURE,
+    }
+}
+
+/// `mesh inject`.
+#[allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "YAML out, report to stderr"
+)]
+pub fn inject(args: &InjectArgs) -> ExitCode {
+    let result = inject::inject_file(&args.file, &args.proxy.inject_config());
+    match crate::block_on(false, async { result }) {
+        Some((yaml, report)) => {
+            for line in report {
+                eprintln!("{line}");
+            }
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::FAILURE,
+    }
+}
+
+/// `mesh check`.
+pub fn check(args: &CheckArgs) -> ExitCode {
+    let ok = crate::block_on(false, async {
+        let client = args.kube.client().await?;
+        Ok(check::print(&check::run(&client, args.pre).await))
+    });
+    match ok {
+        Some(true) => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    }
+}

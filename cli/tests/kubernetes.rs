@@ -1,0 +1,202 @@
+//! `mesh check`, `mesh install` and `mesh inject` against a real kube-apiserver + etcd. There
+//! is no kubelet: the test marks the mesh's Deployments available itself, as a node would.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Output, Stdio};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::Discovery;
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Api, Client};
+use mesh_test_support::kube::KubeApiServer;
+use mesh_test_support::process::workspace_bin;
+use serde_json::{Value, json};
+
+fn mesh(kube: &KubeApiServer, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(workspace_bin("mesh").unwrap());
+    cmd.args(args)
+        .env("KUBECONFIG", kube.kubeconfig())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(path) = stdin {
+        cmd.stdin(std::fs::File::open(path).unwrap());
+    } else {
+        cmd.stdin(Stdio::null());
+    }
+    cmd.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn documents(yaml: &[u8]) -> Vec<Value> {
+    serde_yaml::Deserializer::from_slice(yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+/// Server-side applies `doc`, as `kubectl apply --server-side` would.
+async fn apply(client: &Client, discovery: &Discovery, doc: &Value) {
+    let (group, version) = match doc["apiVersion"].as_str().unwrap().split_once('/') {
+        Some((g, v)) => (g.to_string(), v.to_string()),
+        None => (
+            String::new(),
+            doc["apiVersion"].as_str().unwrap().to_string(),
+        ),
+    };
+    let kind = doc["kind"].as_str().unwrap();
+    let gvk = GroupVersionKind::gvk(&group, &version, kind);
+    let (resource, caps) = discovery
+        .resolve_gvk(&gvk)
+        .unwrap_or_else(|| panic!("the apiserver does not serve {gvk:?}"));
+    let name = doc["metadata"]["name"].as_str().unwrap();
+    let api: Api<DynamicObject> = match doc["metadata"]["namespace"].as_str() {
+        Some(ns) if caps.scope == kube::discovery::Scope::Namespaced => {
+            Api::namespaced_with(client.clone(), ns, &resource)
+        }
+        _ => Api::all_with(client.clone(), &resource),
+    };
+    api.patch(
+        name,
+        &PatchParams::apply("mesh-install-test").force(),
+        &Patch::Apply(doc),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("applying {kind} {name}: {e}"));
+}
+
+#[tokio::test]
+async fn install_check_and_inject_on_a_real_apiserver() {
+    let kube = KubeApiServer::start()
+        .await
+        .expect("start etcd + kube-apiserver");
+    let client = kube.client();
+
+    let pre = mesh(&kube, &["check", "--pre"], None);
+    assert!(pre.status.success(), "{}", text(&pre));
+    assert!(
+        text(&pre).contains("√ can create customresourcedefinitions"),
+        "{}",
+        text(&pre)
+    );
+    let before = mesh(&kube, &["check"], None);
+    assert_eq!(before.status.code(), Some(1), "{}", text(&before));
+    assert!(
+        text(&before).contains("× namespace mesh-system"),
+        "{}",
+        text(&before)
+    );
+
+    // `mesh install --crds`, then the rest, the way the docs say to apply them.
+    let crds = mesh(&kube, &["install", "--crds"], None);
+    assert!(crds.status.success(), "{}", text(&crds));
+    let crds = documents(&crds.stdout);
+    assert!(crds.iter().all(|d| d["kind"] == "CustomResourceDefinition"));
+    let discovery = Discovery::new(client.clone()).run().await.unwrap();
+    let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in &crds {
+        apply(&client, &discovery, crd).await;
+        let name = crd["metadata"]["name"].as_str().unwrap().to_string();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            await_condition(crd_api.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    let install = mesh(
+        &kube,
+        &["install", "--proxy-image", "example.test/proxy:dev"],
+        None,
+    );
+    assert!(install.status.success(), "{}", text(&install));
+    let docs = documents(&install.stdout);
+    let discovery = Discovery::new(client.clone()).run().await.unwrap();
+    for doc in docs
+        .iter()
+        .filter(|d| d["kind"] != "CustomResourceDefinition")
+    {
+        apply(&client, &discovery, doc).await;
+    }
+
+    // Installed, but no node runs the pods: check names what is missing.
+    let waiting = mesh(&kube, &["check"], None);
+    assert_eq!(waiting.status.code(), Some(1), "{}", text(&waiting));
+    assert!(
+        text(&waiting).contains("√ CRD canaries.rollouts.mesh.dev"),
+        "{}",
+        text(&waiting)
+    );
+    assert!(
+        text(&waiting).contains("× mesh-controlplane is available: 0/1"),
+        "{}",
+        text(&waiting)
+    );
+    assert!(
+        text(&waiting).contains("√ the proxy injector webhook is registered"),
+        "{}",
+        text(&waiting)
+    );
+
+    // Play the node: the Deployments become available.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "mesh-system");
+    for name in ["mesh-controlplane", "mesh-rollout-controller"] {
+        let d = deployments.get(name).await.unwrap();
+        let status = json!({"status": {
+            "observedGeneration": d.metadata.generation, "replicas": 1, "readyReplicas": 1,
+            "availableReplicas": 1, "updatedReplicas": 1}});
+        deployments
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap();
+    }
+    let healthy = mesh(&kube, &["check"], None);
+    assert!(healthy.status.success(), "{}", text(&healthy));
+    let again = mesh(&kube, &["check", "--pre"], None);
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+    assert!(text(&again).contains("already exists"), "{}", text(&again));
+
+    // `mesh inject` on a Deployment read from stdin; the apiserver accepts the result.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("web.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: default\nspec:\n  \
+         selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    \
+         spec:\n      containers:\n      - name: web\n        image: podinfo:6\n        ports:\n        \
+         - containerPort: 9898\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\n\
+         spec:\n  ports: [{port: 9898}]\n  selector: {app: web}\n",
+    )
+    .unwrap();
+    let injected = mesh(&kube, &["inject", "-f", "-"], Some(file.to_str().unwrap()));
+    assert!(injected.status.success(), "{}", text(&injected));
+    assert!(String::from_utf8_lossy(&injected.stderr).contains("Deployment web: injected"));
+    let docs = documents(&injected.stdout);
+    assert_eq!(docs.len(), 2);
+    let d: Deployment = serde_json::from_value(docs[0].clone()).unwrap();
+    let created = Api::<Deployment>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &d)
+        .await
+        .unwrap();
+    let names: Vec<String> = created
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    assert_eq!(names, ["mesh-proxy", "web"]);
+}
