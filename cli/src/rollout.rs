@@ -60,7 +60,112 @@ pub struct StatusArgs {
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
     #[command(flatten)]
+    pub at: Where,
+}
+
+/// Where the Canary lives: the embedded control plane (`--server`, the default), or a
+/// Kubernetes cluster (`--kube`, `--kubeconfig` or `--context`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Where {
+    #[command(flatten)]
     pub conn: Conn,
+    /// Read the Canary from the Kubernetes cluster of the current kubeconfig context.
+    #[arg(long)]
+    pub kube: bool,
+    #[command(flatten)]
+    pub k8s: crate::k8s::KubeArgs,
+}
+
+/// A Canary store the commands read and change.
+enum Backend {
+    Embedded {
+        client: reqwest::Client,
+        conn: Conn,
+    },
+    Kube {
+        api: kube::Api<Canary>,
+        namespace: String,
+    },
+}
+
+impl Where {
+    async fn backend(&self) -> anyhow::Result<Backend> {
+        if self.kube || self.k8s.kubeconfig.is_some() || self.k8s.context.is_some() {
+            let client = self.k8s.client().await?;
+            Ok(Backend::Kube {
+                api: kube::Api::namespaced(client, &self.conn.namespace),
+                namespace: self.conn.namespace.clone(),
+            })
+        } else {
+            Ok(Backend::Embedded {
+                client: reqwest::Client::new(),
+                conn: self.conn.clone(),
+            })
+        }
+    }
+}
+
+impl Backend {
+    async fn fetch(&self, name: &str) -> anyhow::Result<Canary> {
+        match self {
+            Self::Embedded { client, conn } => {
+                let v = fetch_value(client, conn, name).await?;
+                serde_json::from_value(v).context("reading the Canary")
+            }
+            Self::Kube { api, namespace } => api
+                .get_opt(name)
+                .await
+                .with_context(|| format!("reading canary {name:?} from the cluster"))?
+                .ok_or_else(|| {
+                    anyhow::anyhow!("canary {name:?} not found in namespace {namespace:?}")
+                }),
+        }
+    }
+
+    /// Applies a JSON merge patch to the Canary's metadata/spec, never its status.
+    async fn patch(&self, name: &str, patch: &serde_json::Value) -> anyhow::Result<Canary> {
+        match self {
+            Self::Embedded { conn, .. } => {
+                edit_canary(conn, name, |_, v| {
+                    merge(v, patch);
+                    Ok(())
+                })
+                .await
+            }
+            Self::Kube { api, .. } => api
+                .patch(
+                    name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(patch),
+                )
+                .await
+                .with_context(|| format!("changing canary {name:?} in the cluster")),
+        }
+    }
+
+    /// The revision the target asks for, when it is an embedded Workload.
+    async fn target_revision(&self, c: &Canary) -> Option<String> {
+        match self {
+            Self::Embedded { client, conn } => target_revision(client, conn, c).await,
+            Self::Kube { .. } => None,
+        }
+    }
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (target, patch) {
+        (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
 }
 
 /// Flags of the commands that act on one Canary.
@@ -69,7 +174,7 @@ pub struct NameArgs {
     /// The Canary.
     pub name: String,
     #[command(flatten)]
-    pub conn: Conn,
+    pub at: Where,
 }
 
 /// Flags of `mesh rollout history`.
@@ -81,7 +186,7 @@ pub struct HistoryArgs {
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
     #[command(flatten)]
-    pub conn: Conn,
+    pub at: Where,
 }
 
 /// `mesh rollout` subcommands.
@@ -330,11 +435,6 @@ async fn fetch_value(
     rsp.json().await.context("reading the Canary")
 }
 
-async fn fetch(client: &reqwest::Client, conn: &Conn, name: &str) -> anyhow::Result<Canary> {
-    let v = fetch_value(client, conn, name).await?;
-    serde_json::from_value(v).context("reading the Canary")
-}
-
 /// Changes the stored Canary with `edit` (which sees the typed Canary and edits its JSON),
 /// leaving the status alone. The write names the resourceVersion it read, so a concurrent
 /// change (the controller writes status every tick) makes it start over instead of losing one.
@@ -382,10 +482,10 @@ enum Request {
 /// controller carries it out on its next tick.
 #[allow(clippy::print_stdout, reason = "the confirmation is the output")]
 async fn request(args: NameArgs, what: Request) -> anyhow::Result<u8> {
-    let client = reqwest::Client::new();
-    let c = fetch(&client, &args.conn, &args.name).await?;
+    let backend = args.at.backend().await?;
+    let c = backend.fetch(&args.name).await?;
     let phase = c.status.as_ref().map(|s| s.phase).unwrap_or_default();
-    let revision = match target_revision(&client, &args.conn, &c).await {
+    let revision = match backend.target_revision(&c).await {
         Some(r) => r,
         None => c
             .status
@@ -419,11 +519,12 @@ async fn request(args: NameArgs, what: Request) -> anyhow::Result<u8> {
             args.name
         );
     }
-    edit_canary(&args.conn, &args.name, |_, v| {
-        v["metadata"]["annotations"][key] = revision.clone().into();
-        Ok(())
-    })
-    .await?;
+    backend
+        .patch(
+            &args.name,
+            &json!({"metadata": {"annotations": {key: revision}}}),
+        )
+        .await?;
     println!(
         "canary {} : {verb} of revision {revision} requested; follow it with `mesh rollout status {} --watch`",
         args.name, args.name
@@ -434,11 +535,10 @@ async fn request(args: NameArgs, what: Request) -> anyhow::Result<u8> {
 /// `mesh rollout pause|resume`.
 #[allow(clippy::print_stdout, reason = "the confirmation is the output")]
 async fn suspend(args: NameArgs, on: bool) -> anyhow::Result<u8> {
-    let c = edit_canary(&args.conn, &args.name, |_, v| {
-        v["spec"]["suspend"] = on.into();
-        Ok(())
-    })
-    .await?;
+    let backend = args.at.backend().await?;
+    let c = backend
+        .patch(&args.name, &json!({"spec": {"suspend": on}}))
+        .await?;
     let phase = c.status.as_ref().map(|s| s.phase).unwrap_or_default();
     if on {
         println!(
@@ -454,8 +554,7 @@ async fn suspend(args: NameArgs, on: bool) -> anyhow::Result<u8> {
 /// `mesh rollout history`.
 #[allow(clippy::print_stdout, reason = "the history is the output")]
 async fn history(args: HistoryArgs) -> anyhow::Result<u8> {
-    let client = reqwest::Client::new();
-    let c = fetch(&client, &args.conn, &args.name).await?;
+    let c = args.at.backend().await?.fetch(&args.name).await?;
     let h = c.status.map(|s| s.history).unwrap_or_default();
     if args.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&h)?);
@@ -502,12 +601,12 @@ async fn target_revision(client: &reqwest::Client, conn: &Conn, c: &Canary) -> O
 async fn status(args: StatusArgs) -> anyhow::Result<u8> {
     let timeout = mesh_core::duration::parse(&args.timeout)
         .map_err(|e| anyhow::anyhow!("--timeout {:?}: {e}", args.timeout))?;
-    let client = reqwest::Client::new();
+    let backend = args.at.backend().await?;
     let started = Instant::now();
     let mut last = String::new();
     let (canary, code) = loop {
-        let c = fetch(&client, &args.conn, &args.name).await?;
-        let wanted = target_revision(&client, &args.conn, &c).await;
+        let c = backend.fetch(&args.name).await?;
+        let wanted = backend.target_revision(&c).await;
         let applied = c.status.as_ref().and_then(|s| s.last_applied_spec.clone());
         let caught_up = wanted.is_none() || wanted == applied;
         let done = exit_code(&c).filter(|_| caught_up);

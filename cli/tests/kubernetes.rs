@@ -200,3 +200,79 @@ async fn install_check_and_inject_on_a_real_apiserver() {
         .collect();
     assert_eq!(names, ["mesh-proxy", "web"]);
 }
+
+#[tokio::test]
+async fn rollout_commands_read_and_steer_a_canary_in_the_cluster() {
+    use mesh_crds::Canary;
+    let kube = KubeApiServer::start()
+        .await
+        .expect("start etcd + kube-apiserver");
+    let canaries: Api<Canary> = Api::namespaced(kube.client(), "default");
+    let canary: Canary = serde_json::from_value(json!({
+        "apiVersion": "rollouts.mesh.dev/v1alpha1", "kind": "Canary",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+            "service": {"port": 9898},
+            "analysis": {"interval": "30s", "threshold": 5, "stepWeight": 10, "maxWeight": 50},
+        },
+    }))
+    .unwrap();
+    canaries
+        .create(&PostParams::default(), &canary)
+        .await
+        .unwrap();
+    let set_status = |phase: &'static str, weight: i32| {
+        let canaries = canaries.clone();
+        async move {
+            let status = json!({"status": {"phase": phase, "canaryWeight": weight,
+                                           "lastAppliedSpec": "abc123", "failedChecks": 0,
+                                           "iterations": 1}});
+            canaries
+                .patch_status("web", &PatchParams::default(), &Patch::Merge(&status))
+                .await
+                .unwrap();
+        }
+    };
+    let kc = kube.kubeconfig().to_str().unwrap().to_string();
+
+    set_status("Progressing", 20).await;
+    let status = mesh(
+        &kube,
+        &["rollout", "status", "web", "--kubeconfig", &kc],
+        None,
+    );
+    assert_eq!(status.status.code(), Some(2), "{}", text(&status));
+    assert!(
+        text(&status).contains("primary 80% / canary 20%"),
+        "{}",
+        text(&status)
+    );
+
+    let paused = mesh(&kube, &["rollout", "pause", "web", "--kube"], None);
+    assert!(paused.status.success(), "{}", text(&paused));
+    let promoted = mesh(&kube, &["rollout", "promote", "web", "--kube"], None);
+    assert!(promoted.status.success(), "{}", text(&promoted));
+    let c = canaries.get("web").await.unwrap();
+    assert!(c.spec.suspend, "pause did not set spec.suspend");
+    assert_eq!(
+        c.metadata.annotations.unwrap()["rollouts.mesh.dev/promote"],
+        "abc123",
+        "promote names the revision in progress"
+    );
+
+    set_status("Failed", 0).await;
+    let failed = mesh(
+        &kube,
+        &["rollout", "status", "web", "--kube", "-o", "json"],
+        None,
+    );
+    assert_eq!(failed.status.code(), Some(1), "{}", text(&failed));
+    let report: Value = serde_json::from_slice(&failed.stdout).unwrap();
+    assert_eq!(report["phase"], "Failed");
+    let refused = mesh(&kube, &["rollout", "abort", "web", "--kube"], None);
+    assert_eq!(refused.status.code(), Some(4), "{}", text(&refused));
+    let missing = mesh(&kube, &["rollout", "status", "nope", "--kube"], None);
+    assert_eq!(missing.status.code(), Some(4));
+    assert!(text(&missing).contains("not found"), "{}", text(&missing));
+}
