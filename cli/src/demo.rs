@@ -129,10 +129,10 @@ metadata: {{name: backend, namespace: {NAMESPACE}}}
 spec:
   targetRef: {{apiVersion: workloads.mesh.dev/v1alpha1, kind: Workload, name: backend}}
   service: {{port: 9898}}
-  progressDeadlineSeconds: 60
+  progressDeadlineSeconds: 600
   analysis:
     interval: 5s
-    threshold: 3
+    threshold: 2
     stepWeight: 10
     maxWeight: 50
     metrics:

@@ -48,7 +48,7 @@ impl Default for JudgeConfig {
     fn default() -> Self {
         Self {
             alpha: 0.05,
-            min_samples: 200,
+            min_samples: 100,
             min_window_samples: 20,
             error_effect: 0.02,
             latency_effect: 0.05,
