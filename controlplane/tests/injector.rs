@@ -67,7 +67,7 @@ async fn pods_in_annotated_namespaces_get_the_proxy() {
         proxy_image: "example.test/mesh-proxy:dev".into(),
         ..InjectConfig::default()
     };
-    tokio::spawn(injector::serve(listener, tls, config, client.clone()));
+    let server = tokio::spawn(injector::serve(listener, tls, config, client.clone()));
 
     let webhook: MutatingWebhookConfiguration = serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
@@ -165,4 +165,30 @@ async fn pods_in_annotated_namespaces_get_the_proxy() {
         .await
         .unwrap();
     assert_eq!(containers(&opted_in), [inject::PROXY_CONTAINER, "app"]);
+
+    // Point the webhook at a port nothing listens on: pods are still admitted (failurePolicy:
+    // Ignore), uninjected. The mesh being down never blocks a deploy.
+    let hooks = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    let mut down = hooks.get("mesh-proxy-injector").await.unwrap();
+    let dead = mesh_test_support::ports::free_port().unwrap();
+    down.webhooks.as_mut().unwrap()[0].client_config.url =
+        Some(format!("https://127.0.0.1:{dead}{}", injector::INJECT_PATH));
+    hooks
+        .replace("mesh-proxy-injector", &PostParams::default(), &down)
+        .await
+        .unwrap();
+    let mut uninjected = false;
+    for i in 0..60 {
+        let p = shop
+            .create(&PostParams::default(), &pod(&format!("down-{i}"), &json!({})))
+            .await
+            .expect("a pod is admitted while the injector is down");
+        if containers(&p) == ["app"] {
+            uninjected = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(uninjected, "pods kept being injected after the webhook went away");
+    drop(server);
 }
