@@ -131,6 +131,10 @@ impl ChildGuard {
 }
 
 impl Drop for ChildGuard {
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "drop cannot await; this runs once per test, at its end or on a panic"
+    )]
     fn drop(&mut self) {
         if let Some(grace) = self.stop_grace
             && let Ok(None) = self.child.try_wait()
