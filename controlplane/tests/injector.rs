@@ -180,7 +180,10 @@ async fn pods_in_annotated_namespaces_get_the_proxy() {
     let mut uninjected = false;
     for i in 0..60 {
         let p = shop
-            .create(&PostParams::default(), &pod(&format!("down-{i}"), &json!({})))
+            .create(
+                &PostParams::default(),
+                &pod(&format!("down-{i}"), &json!({})),
+            )
             .await
             .expect("a pod is admitted while the injector is down");
         if containers(&p) == ["app"] {
@@ -189,6 +192,9 @@ async fn pods_in_annotated_namespaces_get_the_proxy() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
-    assert!(uninjected, "pods kept being injected after the webhook went away");
+    assert!(
+        uninjected,
+        "pods kept being injected after the webhook went away"
+    );
     drop(server);
 }

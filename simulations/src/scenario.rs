@@ -1,0 +1,194 @@
+//! The scenarios: what the canary and the primary do, how much traffic there is, and what goes
+//! wrong with the metrics. Each is a pure description; [`crate::traffic`] turns one into counts.
+
+/// What a careful operator would want the rollout to end with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// The canary is as good as the primary: it should be promoted.
+    Promote,
+    /// The canary is worse: it should be rolled back.
+    Rollback,
+    /// Too little traffic to tell: promoting without evidence is the mistake to avoid.
+    NoSilentPromotion,
+}
+
+/// Short bursts of failures, starting at random (exponential gaps) times.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bursts {
+    /// Mean time between the starts of two bursts, in seconds.
+    pub mean_gap_s: f64,
+    /// Length of one burst, in seconds.
+    pub length_s: u64,
+    /// Failure probability of a request during a burst.
+    pub fail: f64,
+}
+
+/// Periods when the metrics source cannot be read (a Prometheus restart, a proxy that does not
+/// answer its scrape).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gaps {
+    /// Mean time between the starts of two outages, in seconds.
+    pub mean_gap_s: f64,
+    /// Shortest outage, in seconds.
+    pub min_s: u64,
+    /// Longest outage, in seconds.
+    pub max_s: u64,
+}
+
+/// One simulated situation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scenario {
+    /// Name used in tables and `results.json`.
+    pub name: &'static str,
+    /// One line for the docs.
+    pub description: &'static str,
+    /// Requests per second reaching the service (primary and canary together).
+    pub rps: f64,
+    /// Diurnal traffic: the rate swings by this fraction around `rps` over 24 hours, and each
+    /// rollout starts at a random time of day.
+    pub diurnal_amplitude: Option<f64>,
+    /// Failure probability of a primary request.
+    pub primary_fail: f64,
+    /// Failure probability of a canary request.
+    pub canary_fail: f64,
+    /// Canary latencies are the primary's times this factor (1.2 makes the p99 20 % higher).
+    pub canary_latency_factor: f64,
+    /// Failure bursts of the canary alone.
+    pub canary_bursts: Option<Bursts>,
+    /// Failure bursts hitting both arms at once (a flaky dependency).
+    pub shared_bursts: Option<Bursts>,
+    /// Outages of the metrics source.
+    pub gaps: Option<Gaps>,
+    /// The right outcome.
+    pub expect: Expect,
+}
+
+/// Failure share of the primary in every scenario but the noisy one: 0.1 %.
+pub const BASE_FAIL: f64 = 0.001;
+/// Median latency of the primary, in milliseconds.
+pub const MEDIAN_MS: f64 = 20.0;
+/// p99 latency of the primary, in milliseconds.
+pub const P99_MS: f64 = 100.0;
+
+impl Scenario {
+    fn base(name: &'static str, description: &'static str) -> Self {
+        Self {
+            name,
+            description,
+            rps: 100.0,
+            diurnal_amplitude: None,
+            primary_fail: BASE_FAIL,
+            canary_fail: BASE_FAIL,
+            canary_latency_factor: 1.0,
+            canary_bursts: None,
+            shared_bursts: None,
+            gaps: None,
+            expect: Expect::Promote,
+        }
+    }
+
+    fn errors(name: &'static str, description: &'static str, fail: f64) -> Self {
+        Self {
+            canary_fail: fail,
+            expect: Expect::Rollback,
+            ..Self::base(name, description)
+        }
+    }
+
+    fn latency(name: &'static str, description: &'static str, factor: f64) -> Self {
+        Self {
+            canary_latency_factor: factor,
+            expect: Expect::Rollback,
+            ..Self::base(name, description)
+        }
+    }
+
+    fn low(name: &'static str, description: &'static str, rps: f64) -> Self {
+        Self {
+            rps,
+            expect: Expect::NoSilentPromotion,
+            ..Self::base(name, description)
+        }
+    }
+}
+
+/// Every scenario, in report order.
+pub fn all() -> Vec<Scenario> {
+    vec![
+        Scenario::base(
+            "healthy",
+            "canary identical to the primary: 100 RPS, 0.1 % errors, p99 100 ms",
+        ),
+        Scenario::errors(
+            "errors-0.5pct",
+            "canary errors 0.1 % -> 0.5 % at 100 RPS",
+            0.005,
+        ),
+        Scenario::errors("errors-1pct", "canary errors 0.1 % -> 1 % at 100 RPS", 0.01),
+        Scenario::errors("errors-5pct", "canary errors 0.1 % -> 5 % at 100 RPS", 0.05),
+        Scenario::latency(
+            "latency-1.2x",
+            "canary latency x1.2 (p99 100 ms -> 120 ms)",
+            1.2,
+        ),
+        Scenario::latency(
+            "latency-2x",
+            "canary latency x2 (p99 100 ms -> 200 ms)",
+            2.0,
+        ),
+        Scenario {
+            canary_bursts: Some(Bursts {
+                mean_gap_s: 90.0,
+                length_s: 10,
+                fail: 0.2,
+            }),
+            expect: Expect::Rollback,
+            ..Scenario::base(
+                "bursts",
+                "canary fails 20 % of requests in 10 s bursts, one every 90 s on average; 0.1 % otherwise",
+            )
+        },
+        Scenario::low("low-traffic-1rps", "healthy canary, 1 RPS in total", 1.0),
+        Scenario::low(
+            "low-traffic-0.1rps",
+            "healthy canary, 0.1 RPS in total",
+            0.1,
+        ),
+        Scenario {
+            diurnal_amplitude: Some(0.9),
+            ..Scenario::base(
+                "diurnal",
+                "healthy canary; traffic 10-190 RPS over the day, rollout at a random hour",
+            )
+        },
+        Scenario {
+            primary_fail: 0.005,
+            canary_fail: 0.005,
+            shared_bursts: Some(Bursts {
+                mean_gap_s: 60.0,
+                length_s: 10,
+                fail: 0.1,
+            }),
+            ..Scenario::base(
+                "noisy-primary",
+                "healthy canary of a flaky service: 0.5 % errors and 10 % error bursts on both arms",
+            )
+        },
+        Scenario {
+            gaps: Some(Gaps {
+                mean_gap_s: 120.0,
+                min_s: 20,
+                max_s: 90,
+            }),
+            ..Scenario::base(
+                "metric-gaps",
+                "healthy canary; the metrics source is down 20-90 s at a time, every 2 min on average",
+            )
+        },
+    ]
+}
+
+/// The scenario called `name`.
+pub fn by_name(name: &str) -> Option<Scenario> {
+    all().into_iter().find(|s| s.name == name)
+}
