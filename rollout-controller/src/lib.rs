@@ -9,6 +9,7 @@
 pub use mesh_core::duration;
 pub mod controller;
 pub mod judge;
+pub mod kubernetes;
 pub mod machine;
 pub mod scrape;
 pub mod sources;

@@ -12,10 +12,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api, Client, Config,
-    api::PostParams,
+    api::{ListParams, Patch, PatchParams, PostParams},
     config::{
         AuthInfo, Cluster, Context, KubeConfigOptions, Kubeconfig, NamedAuthInfo, NamedCluster,
         NamedContext,
@@ -88,6 +89,12 @@ fn find(program: &str) -> Result<PathBuf> {
             path.display()
         ),
     })
+}
+
+/// The `kubectl` built beside kube-apiserver (same release), for tests that drive the
+/// apiserver as users do.
+pub fn kubectl_bin() -> Result<PathBuf> {
+    find("kubectl")
 }
 
 /// A running etcd + kube-apiserver with the mesh CRDs installed.
@@ -294,6 +301,111 @@ impl KubeApiServer {
     pub fn pids(&self) -> (u32, u32) {
         (self.etcd.pid(), self.apiserver.pid())
     }
+}
+
+/// Stand-ins for the parts of a cluster that are not here: no kubelet or controller-manager
+/// runs beside the harness's apiserver, so tests play the node through these.
+impl KubeApiServer {
+    /// Installs one more CRD (e.g. the Gateway API's HTTPRoute) and waits until it is
+    /// Established.
+    pub async fn install_crd(&self, crd: CustomResourceDefinition) -> Result<()> {
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.create(&PostParams::default(), &crd)
+            .await
+            .map_err(HarnessError::kube(format!("creating CRD {name}")))?;
+        let waited = startup_timeout();
+        let established = await_condition(api, &name, conditions::is_crd_established());
+        match tokio::time::timeout(waited, established).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.apiserver.not_ready(waited, format!("CRD {name}: {e}"))),
+            Err(_) => Err(self
+                .apiserver
+                .not_ready(waited, format!("CRD {name} not Established"))),
+        }
+    }
+
+    /// Plays the node for every Deployment in `namespace`: until the handle drops, each
+    /// Deployment's status is kept at "all `spec.replicas` updated, ready and available" for
+    /// its current generation, as the Deployment controller and kubelets would report once
+    /// the pods ran.
+    pub fn play_node(&self, namespace: &str) -> NodeStandIn {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
+        let task = tokio::spawn(async move {
+            loop {
+                if let Ok(list) = api.list(&ListParams::default()).await {
+                    for d in &list.items {
+                        if !reports_available(d)
+                            && let Some(name) = d.metadata.name.as_deref()
+                            && let Err(e) = mark_available(&api, d, name).await
+                        {
+                            tracing::debug!(deployment = name, error = %e, "marking available");
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        NodeStandIn { task }
+    }
+
+    /// Marks one Deployment available now, as [`KubeApiServer::play_node`] does continuously.
+    pub async fn mark_deployment_available(&self, namespace: &str, name: &str) -> Result<()> {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
+        let d = api.get(name).await.map_err(HarnessError::kube(format!(
+            "reading Deployment {namespace}/{name}"
+        )))?;
+        mark_available(&api, &d, name)
+            .await
+            .map_err(HarnessError::kube(format!(
+                "marking Deployment {namespace}/{name} available"
+            )))
+    }
+}
+
+/// The running stand-in for the node; dropping it stops it.
+#[derive(Debug)]
+pub struct NodeStandIn {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NodeStandIn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn reports_available(d: &Deployment) -> bool {
+    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    d.status.as_ref().is_some_and(|s| {
+        s.observed_generation == d.metadata.generation
+            && s.replicas == Some(want)
+            && s.updated_replicas == Some(want)
+            && s.ready_replicas == Some(want)
+            && s.available_replicas == Some(want)
+    })
+}
+
+async fn mark_available(
+    api: &Api<Deployment>,
+    d: &Deployment,
+    name: &str,
+) -> std::result::Result<(), ::kube::Error> {
+    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let status = Deployment {
+        status: Some(DeploymentStatus {
+            observed_generation: d.metadata.generation,
+            replicas: Some(want),
+            updated_replicas: Some(want),
+            ready_replicas: Some(want),
+            available_replicas: Some(want),
+            ..DeploymentStatus::default()
+        }),
+        ..Deployment::default()
+    };
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .map(|_| ())
 }
 
 fn write_kubeconfig(dir: &Path, url: &str, ca: &Path, cert: &Path, key: &Path) -> Result<PathBuf> {
