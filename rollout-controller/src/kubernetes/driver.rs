@@ -430,7 +430,9 @@ impl Driver for KubeDriver {
         Api::<MetricTemplate>::namespaced(self.client.clone(), namespace)
             .get_opt(name)
             .await
-            .map_err(kube_err(format!("reading MetricTemplate {namespace}/{name}")))
+            .map_err(kube_err(format!(
+                "reading MetricTemplate {namespace}/{name}"
+            )))
     }
 
     async fn observe(&mut self, canary: &Canary) -> Result<TargetState, DriverError> {
