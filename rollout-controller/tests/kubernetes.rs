@@ -870,7 +870,13 @@ async fn kubectl_shows_the_columns_and_waits_for_promotion() {
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "STATUS", "WEIGHT", "FAILEDCHECKS", "LASTTRANSITIONTIME"],
+        [
+            "NAME",
+            "STATUS",
+            "WEIGHT",
+            "FAILEDCHECKS",
+            "LASTTRANSITIONTIME"
+        ],
         "{text}"
     );
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
