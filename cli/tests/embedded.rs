@@ -323,17 +323,26 @@ fn listed_pids(state: &std::path::Path) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_killed_controller_resumes_mid_rollout_and_rolls_back_a_5pct_canary() {
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let mut mesh_up = up(&state, &manifest_with(dir.path(), "v1"));
+/// `mesh up` on the example with backend at v1, once its Canary has initialized.
+async fn up_initialized(
+    dir: &std::path::Path,
+    state: &std::path::Path,
+) -> (mesh_test_support::process::MeshProcess, String) {
+    let mesh_up = up(state, &manifest_with(dir, "v1"));
     let server = format!("http://{}", mesh_up.addr("api"));
     wait_for(&server, Duration::from_secs(60), "initialized", |c| {
         phase(c) == "Initialized"
     })
     .await;
+    (mesh_up, server)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_controller_resumes_mid_rollout_and_rolls_back_a_5pct_canary() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (mut mesh_up, server) = up_initialized(dir.path(), &state).await;
 
     // v2 fails 5 % of requests. Kill `mesh up` outright once the canary takes traffic, before
     // the analysis has decided.
@@ -413,12 +422,7 @@ async fn rollout_pause_resume_promote_abort_and_history() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let mut mesh_up = up(&state, &manifest_with(dir.path(), "v1"));
-    let server = format!("http://{}", mesh_up.addr("api"));
-    wait_for(&server, Duration::from_secs(60), "initialized", |c| {
-        phase(c) == "Initialized"
-    })
-    .await;
+    let (mut mesh_up, server) = up_initialized(dir.path(), &state).await;
     let refused = mesh(&server, &["rollout", "promote", "backend"]);
     assert_eq!(refused.status.code(), Some(4));
     assert!(
