@@ -13,6 +13,7 @@ pub mod identity;
 pub mod index;
 pub mod inject;
 pub mod injector;
+pub mod kubernetes;
 pub mod proxy;
 pub mod store;
 pub mod workloads;

@@ -67,8 +67,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "control plane started"
     );
     let injector = injector(&config.trust_domain).await?;
+    // In a cluster, discovery comes from the Kubernetes API (HTTPRoutes, Services,
+    // EndpointSlices, Pods) instead of the embedded store and workload registrations.
+    let in_cluster = matches!(
+        mesh_core::config::Env::var(&ProcessEnv, "MESH_CONTROLPLANE_KUBERNETES").as_deref(),
+        Some("true" | "1")
+    );
+    let serving: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = if in_cluster {
+        let client = kube::Client::try_default()
+            .await
+            .context("MESH_CONTROLPLANE_KUBERNETES: no in-cluster config or kubeconfig")?;
+        tracing::info!("discovery from the Kubernetes API");
+        Box::pin(control_plane.serve_kubernetes(client, config.trust_domain.clone(), api, proxy))
+    } else {
+        Box::pin(control_plane.serve(api, proxy))
+    };
     tokio::select! {
-        () = control_plane.serve(api, proxy) => Ok(()),
+        () = serving => Ok(()),
         () = injector => Ok(()),
         r = tokio::signal::ctrl_c() => r.context("waiting for a signal"),
         () = terminate() => Ok(()),

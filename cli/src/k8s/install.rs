@@ -229,6 +229,7 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
         &args.controlplane_image,
         json!([
             {"name": "MESH_CONTROLPLANE_STATE_DIR", "value": "/var/lib/mesh"},
+            {"name": "MESH_CONTROLPLANE_KUBERNETES", "value": "true"},
             {"name": "MESH_CONTROLPLANE_PROXY_ADDR", "value": format!("0.0.0.0:{PROXY_API_PORT}")},
             {"name": "MESH_CONTROLPLANE_TRUST_DOMAIN", "value": args.proxy.trust_domain},
             {"name": "MESH_CONTROLPLANE_INJECTOR_ADDR", "value": format!("0.0.0.0:{INJECTOR_PORT}")},

@@ -1,0 +1,248 @@
+//! The control plane's Kubernetes backend: the discovery index fed from the cluster instead of
+//! the embedded store and workload registrations.
+//!
+//! - **Routes.** A watcher over Gateway API HTTPRoutes (in every namespace) feeds the same
+//!   `apply_route` / `delete_route` / `reset_routes` the embedded store's HTTPRoutes feed.
+//! - **Endpoints.** Reflectors over Services, EndpointSlices and Pods. Each ready address of an
+//!   EndpointSlice becomes an endpoint of `<service>.<namespace>:<service port>`, at the pod's IP
+//!   and the slice's target port, the address Linkerd's destination service hands out too (in
+//!   an injected pod, iptables sends it to the proxy's inbound port). A pod the injector marked
+//!   (`mesh.dev/injected`) is meshed: its endpoint carries the SPIFFE ID of its service account,
+//!   which peers must present over mTLS. Endpoints are fed to the index as registrations under
+//!   ids derived from the slice, address and port; each change of the three caches recomputes
+//!   them and applies only the difference.
+//!
+//! Identity bootstrap through TokenReview is not part of this yet: in a cluster, certificates
+//! are still issued against the bootstrap token.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, ResourceExt};
+use mesh_core::SpiffeId;
+use mesh_core::proxy_api::{ServiceRef, WorkloadRegistration};
+use mesh_crds::HttpRoute;
+use tokio::net::TcpListener;
+
+use crate::inject::INJECTED_ANNOTATION;
+use crate::{ControlPlane, Shared, api, http, proxy};
+
+/// Label EndpointSlices carry naming their Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+impl ControlPlane {
+    /// Serves the resource API and the proxy API like [`ControlPlane::serve`], with the
+    /// discovery index fed from the cluster behind `client`.
+    pub async fn serve_kubernetes(
+        self,
+        client: Client,
+        trust_domain: String,
+        api: TcpListener,
+        proxy: TcpListener,
+    ) {
+        let store = Arc::new(self.store.clone());
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(feed_routes(client.clone(), Arc::clone(&self.shared)));
+        tokio::spawn(feed_endpoints(
+            client,
+            trust_domain,
+            Arc::clone(&self.shared),
+        ));
+        let api_server = http::serve(api, "api", move |req| api::handle(Arc::clone(&store), req));
+        let proxy_server = http::serve(proxy, "proxy", move |req| {
+            proxy::handle(Arc::clone(&shared), req)
+        });
+        tokio::join!(api_server, proxy_server);
+    }
+}
+
+/// Keeps the index's routes in step with the cluster's HTTPRoutes.
+pub async fn feed_routes(client: Client, shared: Arc<Shared>) {
+    let api: Api<HttpRoute> = Api::all(client);
+    let mut events = watcher::watcher(api, watcher::Config::default()).boxed();
+    let mut snapshot = Vec::new();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Event::Init) => snapshot.clear(),
+            Ok(Event::InitApply(route)) => snapshot.push(route),
+            Ok(Event::InitDone) => shared.index().reset_routes(&std::mem::take(&mut snapshot)),
+            Ok(Event::Apply(route)) => shared.index().apply_route(&route),
+            Ok(Event::Delete(route)) => {
+                let ns = route.namespace().unwrap_or_default();
+                shared.index().delete_route(&ns, &route.name_any());
+            }
+            Err(e) => tracing::warn!(error = %e, "HTTPRoute watch failed; retrying"),
+        }
+    }
+}
+
+/// Keeps the index's endpoints in step with the cluster's EndpointSlices.
+pub async fn feed_endpoints(client: Client, trust_domain: String, shared: Arc<Shared>) {
+    let (services, services_writer) = reflector::store::<Service>();
+    let (slices, slices_writer) = reflector::store::<EndpointSlice>();
+    let (pods, pods_writer) = reflector::store::<Pod>();
+    let config = watcher::Config::default();
+    let services_stream = reflector::reflector(
+        services_writer,
+        watcher::watcher(Api::<Service>::all(client.clone()), config.clone()),
+    )
+    .default_backoff()
+    .map(|_| ())
+    .boxed();
+    let slices_stream = reflector::reflector(
+        slices_writer,
+        watcher::watcher(Api::<EndpointSlice>::all(client.clone()), config.clone()),
+    )
+    .default_backoff()
+    .map(|_| ())
+    .boxed();
+    let pods_stream = reflector::reflector(
+        pods_writer,
+        watcher::watcher(Api::<Pod>::all(client), config),
+    )
+    .default_backoff()
+    .map(|_| ())
+    .boxed();
+    let mut changes =
+        futures_util::stream::select_all([services_stream, slices_stream, pods_stream]);
+    let mut applied: BTreeMap<String, WorkloadRegistration> = BTreeMap::new();
+    while changes.next().await.is_some() {
+        let wanted = registrations(&services, &slices, &pods, &trust_domain);
+        let mut index = shared.index();
+        for id in applied.keys() {
+            if !wanted.contains_key(id) {
+                index.delete_workload(id);
+            }
+        }
+        for (id, registration) in &wanted {
+            if applied.get(id) != Some(registration) {
+                index.apply_workload(id, registration.clone());
+            }
+        }
+        drop(index);
+        applied = wanted;
+    }
+}
+
+/// The endpoints the three caches describe, as registrations by id.
+fn registrations(
+    services: &Store<Service>,
+    slices: &Store<EndpointSlice>,
+    pods: &Store<Pod>,
+    trust_domain: &str,
+) -> BTreeMap<String, WorkloadRegistration> {
+    let mut out = BTreeMap::new();
+    let pods: BTreeMap<(String, String), Arc<Pod>> = pods
+        .state()
+        .into_iter()
+        .map(|p| ((p.namespace().unwrap_or_default(), p.name_any()), p))
+        .collect();
+    for slice in slices.state() {
+        let ns = slice.namespace().unwrap_or_default();
+        let Some(svc_name) = slice.labels().get(SERVICE_NAME_LABEL).cloned() else {
+            continue;
+        };
+        let key = reflector::ObjectRef::<Service>::new(&svc_name).within(&ns);
+        let Some(service) = services.get(&key) else {
+            continue;
+        };
+        out.extend(slice_registrations(&service, &slice, &pods, trust_domain));
+    }
+    out
+}
+
+/// The endpoints one EndpointSlice of `service` contributes.
+pub fn slice_registrations(
+    service: &Service,
+    slice: &EndpointSlice,
+    pods: &BTreeMap<(String, String), Arc<Pod>>,
+    trust_domain: &str,
+) -> BTreeMap<String, WorkloadRegistration> {
+    let mut out = BTreeMap::new();
+    let ns = slice.namespace().unwrap_or_default();
+    let svc_name = service.name_any();
+    let slice_ports: Vec<(String, u16)> = slice
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|p| {
+            Some((
+                p.name.clone().unwrap_or_default(),
+                u16::try_from(p.port?).ok()?,
+            ))
+        })
+        .collect();
+    let service_ports = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default();
+    for sp in service_ports {
+        if sp.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+            continue;
+        }
+        let Ok(port) = u16::try_from(sp.port) else {
+            continue;
+        };
+        let name = sp.name.clone().unwrap_or_default();
+        let Some(target) = slice_ports
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, p)| *p)
+        else {
+            continue;
+        };
+        let service_ref = ServiceRef::new(&svc_name, &ns, port);
+        for endpoint in slice.endpoints.iter().flatten() {
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(true);
+            if !ready {
+                continue;
+            }
+            let pod = endpoint
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| pods.get(&(ns.clone(), r.name.clone()?)));
+            let meshed = pod.is_some_and(|p| p.annotations().contains_key(INJECTED_ANNOTATION));
+            let identity = pod.filter(|_| meshed).and_then(|p| {
+                let sa = p
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.clone())
+                    .unwrap_or_else(|| "default".into());
+                SpiffeId::new(trust_domain, &ns, &sa)
+                    .ok()
+                    .map(|id| id.to_string())
+            });
+            let labels = pod.map(|p| p.labels().clone()).unwrap_or_default();
+            for address in &endpoint.addresses {
+                let Ok(ip) = address.parse::<IpAddr>() else {
+                    continue;
+                };
+                let id = format!("k8s/{ns}/{}/{ip}/{port}", slice.name_any());
+                out.insert(
+                    id,
+                    WorkloadRegistration {
+                        service: service_ref.clone(),
+                        addr: SocketAddr::new(ip, target),
+                        identity: identity.clone(),
+                        labels: labels.clone(),
+                    },
+                );
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,213 @@
+//! `mesh-controlplane` in a cluster (`MESH_CONTROLPLANE_KUBERNETES=true`) against a real
+//! kube-apiserver: Services, EndpointSlices and Pods become the endpoints proxies watch, and
+//! HTTPRoutes their route tables. No kubelet runs, so the test writes the EndpointSlices a node's
+//! endpoint controller would (with pod IPs the apiserver accepts).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use mesh_crds::HttpRoute;
+use mesh_test_support::assert_eventually;
+use mesh_test_support::kube::KubeApiServer;
+use mesh_test_support::process::{MeshBinary, MeshProcess};
+use serde_json::{Value, json};
+
+fn start(kube: &KubeApiServer, state: &std::path::Path) -> MeshProcess {
+    MeshBinary::new(env!("CARGO_BIN_EXE_mesh-controlplane"))
+        .env("MESH_CONTROLPLANE_STATE_DIR", state)
+        .env("MESH_CONTROLPLANE_API_ADDR", "127.0.0.1:0")
+        .env("MESH_CONTROLPLANE_PROXY_ADDR", "127.0.0.1:0")
+        .env("MESH_CONTROLPLANE_KUBERNETES", "true")
+        .env("KUBECONFIG", kube.kubeconfig())
+        .listener("api")
+        .listener("proxy")
+        .run()
+        .unwrap()
+}
+
+/// The current value of a watch stream: its first line.
+async fn current(url: &str) -> Value {
+    let mut rsp = mesh_test_support::http_client()
+        .get(url)
+        .send()
+        .await
+        .unwrap();
+    let mut line = Vec::new();
+    while let Some(chunk) = rsp.chunk().await.unwrap() {
+        if let Some(end) = chunk.iter().position(|b| *b == b'\n') {
+            line.extend_from_slice(&chunk[..end]);
+            break;
+        }
+        line.extend_from_slice(&chunk);
+    }
+    let update: Value = serde_json::from_slice(&line).unwrap();
+    update["value"].clone()
+}
+
+fn endpoints(v: &Value) -> Vec<(String, Option<String>)> {
+    let mut out: Vec<(String, Option<String>)> = v["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["addr"].as_str().unwrap().to_string(),
+                e["identity"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn weights(v: &Value) -> Vec<(String, u64)> {
+    v["rules"][0]["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            (
+                b["service"].as_str().unwrap().to_string(),
+                b["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn route(primary: u32, canary: u32) -> HttpRoute {
+    serde_json::from_value(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+            "rules": [{"backendRefs": [
+                {"name": "web-primary", "port": 80, "weight": primary},
+                {"name": "web-canary", "port": 80, "weight": canary},
+            ]}],
+        },
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn cluster_objects_become_the_endpoints_and_routes_proxies_watch() {
+    let kube = KubeApiServer::start()
+        .await
+        .expect("start etcd + kube-apiserver");
+    kube.install_crd(mesh_crds::httproute_crd()).await.unwrap();
+    let client = kube.client();
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&kube, dir.path());
+    let proxy_api = format!("http://{}", cp.addr("proxy"));
+    let endpoints_url = format!("{proxy_api}/v1/watch/endpoints?service=web.default:80");
+    let routes_url = format!("{proxy_api}/v1/watch/routes?authority=web.default:80");
+
+    let service: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}], "selector": {"app": "web"}},
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &service)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    for (name, annotations, sa) in [
+        ("web-1", json!({"mesh.dev/injected": "proxy:dev"}), "web"),
+        ("legacy-1", json!({}), "default"),
+    ] {
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": "web", "version": "v1"},
+                         "annotations": annotations},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "podinfo"}]},
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+    }
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-abc", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": ["10.244.0.5"], "conditions": {"ready": true},
+             "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "default"}},
+            {"addresses": ["10.244.0.6"], "conditions": {"ready": true},
+             "targetRef": {"kind": "Pod", "name": "legacy-1", "namespace": "default"}},
+            {"addresses": ["10.244.0.7"], "conditions": {"ready": false}},
+        ],
+    }))
+    .unwrap();
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+    slices.create(&PostParams::default(), &slice).await.unwrap();
+
+    // Ready addresses, at the target port; the meshed pod with its service account's identity.
+    let want = vec![
+        (
+            "10.244.0.5:8080".to_string(),
+            Some("spiffe://cluster.local/ns/default/sa/web".to_string()),
+        ),
+        ("10.244.0.6:8080".to_string(), None),
+    ];
+    assert_eventually!(
+        endpoints(&current(&endpoints_url).await) == want,
+        "endpoints of web.default:80: {:?}",
+        current(&endpoints_url).await
+    );
+
+    // An HTTPRoute made through the Kubernetes API becomes the route table; a weight change
+    // follows.
+    let routes: Api<HttpRoute> = Api::namespaced(client.clone(), "default");
+    routes
+        .create(&PostParams::default(), &route(90, 10))
+        .await
+        .unwrap();
+    let split = |p: u64, c: u64| {
+        vec![
+            ("web-primary.default:80".to_string(), p),
+            ("web-canary.default:80".to_string(), c),
+        ]
+    };
+    assert_eventually!(
+        weights(&current(&routes_url).await) == split(90, 10),
+        "routes of web.default:80: {:?}",
+        current(&routes_url).await
+    );
+    routes
+        .patch(
+            "web",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&route(50, 50)),
+        )
+        .await
+        .unwrap();
+    assert_eventually!(
+        weights(&current(&routes_url).await) == split(50, 50),
+        "routes of web.default:80: {:?}",
+        current(&routes_url).await
+    );
+
+    // Gone from the cluster, gone from discovery.
+    slices
+        .delete("web-abc", &DeleteParams::default())
+        .await
+        .unwrap();
+    routes
+        .delete("web", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eventually!(
+        endpoints(&current(&endpoints_url).await).is_empty(),
+        "endpoints left: {:?}",
+        current(&endpoints_url).await
+    );
+    assert_eventually!(
+        current(&routes_url).await.is_null(),
+        "route left: {:?}",
+        current(&routes_url).await
+    );
+}
