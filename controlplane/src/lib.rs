@@ -16,6 +16,7 @@ pub mod injector;
 pub mod kubernetes;
 pub mod proxy;
 pub mod store;
+pub mod tokenreview;
 pub mod workloads;
 
 use std::{
