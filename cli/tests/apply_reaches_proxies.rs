@@ -80,23 +80,25 @@ async fn versions(proxy: &MeshProcess, n: usize) -> Vec<String> {
     out
 }
 
-#[tokio::test]
-async fn a_weight_change_applied_with_mesh_reaches_every_proxy() {
-    let state = tempfile::tempdir().unwrap();
-    let cp = MeshBinary::workspace("mesh-controlplane")
+fn control_plane(state: &std::path::Path, proxy_addr: &str) -> MeshProcess {
+    MeshBinary::workspace("mesh-controlplane")
         .unwrap()
-        .env("MESH_CONTROLPLANE_STATE_DIR", state.path())
+        .env("MESH_CONTROLPLANE_STATE_DIR", state)
         .env("MESH_CONTROLPLANE_API_ADDR", "127.0.0.1:0")
-        .env("MESH_CONTROLPLANE_PROXY_ADDR", "127.0.0.1:0")
+        .env("MESH_CONTROLPLANE_PROXY_ADDR", proxy_addr)
         .env("MESH_CONTROLPLANE_WORKLOAD_TTL", "600s")
         .listener("api")
         .listener("proxy")
         .run()
-        .unwrap();
-    let api = format!("http://{}", cp.addr("api"));
-    let proxy_api = cp.addr("proxy");
+        .unwrap()
+}
 
-    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
+/// Registers v1 as web-primary and v2 as web-canary, as their sidecars would.
+async fn register(
+    proxy_api: std::net::SocketAddr,
+    v1: std::net::SocketAddr,
+    v2: std::net::SocketAddr,
+) {
     for (service, addr) in [("web-primary", v1), ("web-canary", v2)] {
         let reg = WorkloadRegistration {
             service: format!("{service}.default:80").parse().unwrap(),
@@ -116,22 +118,33 @@ async fn a_weight_change_applied_with_mesh_reaches_every_proxy() {
             rsp.status()
         );
     }
+}
+
+fn proxy(proxy_api: std::net::SocketAddr) -> MeshProcess {
+    MeshBinary::workspace("mesh-proxy")
+        .unwrap()
+        .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
+        .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
+        .env("MESH_PROXY_CONTROL_PLANE_ADDR", proxy_api.to_string())
+        .env("MESH_PROXY_WATCH", "web.default:80")
+        .listener("admin")
+        .listener("outbound")
+        .run()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_weight_change_applied_with_mesh_reaches_every_proxy() {
+    let state = tempfile::tempdir().unwrap();
+    let cp = control_plane(state.path(), "127.0.0.1:0");
+    let api = format!("http://{}", cp.addr("api"));
+    let proxy_api = cp.addr("proxy");
+
+    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
+    register(proxy_api, v1, v2).await;
     apply(&api, state.path(), &route(100, 0));
 
-    let proxies: Vec<MeshProcess> = (0..3)
-        .map(|_| {
-            MeshBinary::workspace("mesh-proxy")
-                .unwrap()
-                .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
-                .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
-                .env("MESH_PROXY_CONTROL_PLANE_ADDR", proxy_api.to_string())
-                .env("MESH_PROXY_WATCH", "web.default:80")
-                .listener("admin")
-                .listener("outbound")
-                .run()
-                .unwrap()
-        })
-        .collect();
+    let proxies: Vec<MeshProcess> = (0..3).map(|_| proxy(proxy_api)).collect();
     for p in &proxies {
         assert_eventually!(
             canary_weight(p).await == Some(0),
@@ -151,4 +164,66 @@ async fn a_weight_change_applied_with_mesh_reaches_every_proxy() {
         let seen = versions(p, 10).await;
         assert!(seen.iter().all(|v| v == "v2"), "{seen:?}");
     }
+}
+
+#[tokio::test]
+async fn proxies_serve_through_a_30_second_control_plane_outage_and_resync() {
+    let state = tempfile::tempdir().unwrap();
+    // A fixed port, so the restarted control plane is where the proxy looks for it.
+    let port = mesh_test_support::ports::free_port().unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let mut cp = control_plane(state.path(), &addr);
+    let api = format!("http://{}", cp.addr("api"));
+    let proxy_api = cp.addr("proxy");
+    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
+    register(proxy_api, v1, v2).await;
+    apply(&api, state.path(), &route(100, 0));
+    let p = proxy(proxy_api);
+    assert_eventually!(
+        canary_weight(&p).await == Some(0),
+        "proxy never got the route"
+    );
+
+    // The control plane dies outright; for 30 s the proxy serves from its last config.
+    cp.child().kill();
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{}", p.addr("outbound"))).unwrap())
+        .build()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let (mut served, mut failed) = (0, Vec::new());
+    while start.elapsed() < std::time::Duration::from_secs(30) {
+        match client.get("http://web.default:80/").send().await {
+            Ok(rsp) if rsp.status().is_success() => {
+                let body = rsp.text().await.unwrap_or_default();
+                if body == "v1" {
+                    served += 1;
+                } else {
+                    failed.push(body);
+                }
+            }
+            Ok(rsp) => failed.push(rsp.status().to_string()),
+            Err(e) => failed.push(e.to_string()),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        failed.is_empty(),
+        "{} failed during the outage: {failed:?}",
+        failed.len()
+    );
+    assert!(served > 100, "only {served} requests in 30 s");
+
+    // It comes back on the same state dir and port; the workloads register again (a sidecar
+    // does when its heartbeat gets 404) and a change made now reaches the proxy.
+    let cp = control_plane(state.path(), &addr);
+    let api = format!("http://{}", cp.addr("api"));
+    register(cp.addr("proxy"), v1, v2).await;
+    apply(&api, state.path(), &route(0, 100));
+    assert_eventually!(
+        canary_weight(&p).await == Some(100),
+        "the proxy never resynced with the returned control plane"
+    );
+    let seen = versions(&p, 10).await;
+    assert!(seen.iter().all(|v| v == "v2"), "{seen:?}");
 }
