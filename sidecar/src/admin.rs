@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::identity::SharedCredentials;
 use crate::tables::SharedTables;
 
 /// OpenMetrics text, the format prometheus-client writes.
@@ -23,6 +24,9 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 pub enum Readiness {
     /// Serving (200).
     Ready,
+    /// The proxy has an identity configured and holds no certificate for it yet, so peers
+    /// could not reach it over mTLS and it could not reach them (503).
+    Certifying,
     /// The workload is not registered with the control plane yet, so peers cannot reach it
     /// (503).
     Registering,
@@ -36,6 +40,7 @@ pub struct Admin {
     registry: Registry,
     tables: SharedTables,
     readiness: watch::Receiver<Readiness>,
+    credentials: Option<SharedCredentials>,
 }
 
 impl Admin {
@@ -47,7 +52,14 @@ impl Admin {
             registry,
             tables,
             readiness,
+            credentials: None,
         }
+    }
+
+    /// Shows the certificate held in `credentials` under `identity` in `/config`.
+    pub fn with_identity(mut self, credentials: SharedCredentials) -> Self {
+        self.credentials = Some(credentials);
+        self
     }
 
     /// Answers `/ready` from `readiness` (registration and shutdown move it).
@@ -63,6 +75,10 @@ impl Admin {
             // Without registration to wait for, being up is being ready.
             (&Method::GET, "/ready") => match *self.readiness.borrow() {
                 Readiness::Ready => text(StatusCode::OK, "ready\n"),
+                Readiness::Certifying => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "waiting for a certificate from the control plane\n",
+                ),
                 Readiness::Registering => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "registering with the control plane\n",
@@ -81,6 +97,22 @@ impl Admin {
             }
             (&Method::GET, "/config") => {
                 let config = self.tables.borrow().to_config();
+                let mut config = serde_json::to_value(&config).unwrap_or_default();
+                // Beside the tables, the certificate held (null until the first), so operators
+                // and tests can watch it being renewed.
+                if let (Some(credentials), Some(object)) =
+                    (&self.credentials, config.as_object_mut())
+                {
+                    let held = credentials.borrow().as_ref().map(|c| {
+                        serde_json::json!({
+                            "identity": c.identity,
+                            "serial": c.serial,
+                            "notAfter": c.not_after,
+                            "lifetimeSeconds": c.lifetime.as_secs(),
+                        })
+                    });
+                    object.insert("identity".into(), held.unwrap_or_default());
+                }
                 match serde_json::to_string_pretty(&config) {
                     Ok(body) => Response::builder()
                         .header(header::CONTENT_TYPE, "application/json")

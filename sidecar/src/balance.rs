@@ -436,6 +436,10 @@ mod tests {
             }
         };
         let mut now = start;
+        // The slow one is measured first: were the fast one measured first, the unmeasured slow
+        // one (default RTT) would never be picked and never get an estimate to decay.
+        let pick = b.pick(&addrs[1..], now, rnd).unwrap();
+        pick.finish(Outcome::Success, now + rtt(addrs[1]));
         let mut counts = [0u32; 2];
         for _ in 0..1000 {
             let pick = b.pick(&addrs, now, rnd).unwrap();

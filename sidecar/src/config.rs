@@ -57,8 +57,13 @@ pub const ENV_WORKLOAD_LABELS: &str = "MESH_PROXY_WORKLOAD_LABELS";
 /// than the inbound listener's own (NAT, a published port).
 pub const ENV_WORKLOAD_ADDR: &str = "MESH_PROXY_WORKLOAD_ADDR";
 
-/// The workload's SPIFFE ID, sent with its registration.
+/// The workload's SPIFFE ID, sent with its registration; with [`ENV_TOKEN_FILE`], the identity
+/// the proxy asks the control plane to certify and uses for mTLS.
 pub const ENV_IDENTITY: &str = "MESH_PROXY_IDENTITY";
+
+/// File holding the bootstrap token presented to the control plane's CA (in the embedded mesh,
+/// the control plane's `bootstrap-token` in its state directory).
+pub const ENV_TOKEN_FILE: &str = "MESH_PROXY_TOKEN_FILE";
 
 /// How long the outbound proxy waits for a connection to an endpoint (`500ms`, `1s`); a
 /// connection that takes longer fails the attempt (502, retryable).
@@ -119,6 +124,9 @@ pub struct Workload {
     pub addr: Option<SocketAddr>,
     /// Its SPIFFE ID.
     pub identity: Option<String>,
+    /// The bootstrap token file; with an identity and a control plane, the proxy gets a
+    /// certificate and speaks mTLS to peers.
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -159,6 +167,7 @@ impl Config {
                 },
                 addr: env.parse(ENV_WORKLOAD_ADDR)?,
                 identity: env.parse(ENV_IDENTITY)?,
+                token_file: env.parse(ENV_TOKEN_FILE)?,
             },
             connect_timeout: env.duration_or(
                 ENV_OUTBOUND_CONNECT_TIMEOUT,
@@ -206,6 +215,38 @@ impl Config {
                 reason: format!("shorter than {ENV_FAILURE_ACCRUAL_MIN_BACKOFF}"),
             });
         }
+        // A token is only useful to ask for a certificate, which needs a well-formed identity
+        // and a control plane to ask.
+        if let Some(token) = &config.workload.token_file {
+            let token = token.display().to_string();
+            match &config.workload.identity {
+                None => {
+                    return Err(ConfigError {
+                        name: ENV_TOKEN_FILE,
+                        value: token,
+                        reason: format!("a certificate needs an identity; set {ENV_IDENTITY}"),
+                    });
+                }
+                Some(id) => {
+                    if let Err(e) = id.parse::<mesh_core::SpiffeId>() {
+                        return Err(ConfigError {
+                            name: ENV_IDENTITY,
+                            value: id.clone(),
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+            }
+            if config.control_plane.is_none() {
+                return Err(ConfigError {
+                    name: ENV_TOKEN_FILE,
+                    value: token,
+                    reason: format!(
+                        "certificates come from the control plane; set {ENV_CONTROL_PLANE_ADDR}"
+                    ),
+                });
+            }
+        }
         // Registering announces the inbound listener to peers; without it they would be sent
         // to a port nobody listens on.
         if let Some(service) = config.registration()
@@ -221,6 +262,16 @@ impl Config {
             });
         }
         Ok(config)
+    }
+
+    /// What to ask the control plane to certify, and with which token file, when identity is
+    /// configured (an identity, a token file and a control plane).
+    pub fn certification(&self) -> Option<(&str, &std::path::Path)> {
+        self.control_plane.as_ref()?;
+        Some((
+            self.workload.identity.as_deref()?,
+            self.workload.token_file.as_deref()?,
+        ))
     }
 
     /// The service to register the workload in, when registration is configured: a workload
@@ -307,6 +358,40 @@ mod tests {
             cfg.workload.identity.as_deref(),
             Some("spiffe://cluster.local/ns/shop/sa/web")
         );
+    }
+
+    #[test]
+    fn identity_needs_a_token_file_an_id_and_a_control_plane() {
+        let id = "spiffe://cluster.local/ns/shop/sa/web";
+        let cfg = Config::from_env(&env(&[(ENV_IDENTITY, id)])).unwrap();
+        assert_eq!(cfg.certification(), None);
+        let cfg = Config::from_env(&env(&[
+            (ENV_IDENTITY, id),
+            (ENV_TOKEN_FILE, "/state/bootstrap-token"),
+            (ENV_CONTROL_PLANE_ADDR, "127.0.0.1:8091"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            cfg.certification(),
+            Some((id, std::path::Path::new("/state/bootstrap-token")))
+        );
+        for (pairs, bad) in [
+            (vec![(ENV_TOKEN_FILE, "/t")], ENV_TOKEN_FILE),
+            (
+                vec![(ENV_TOKEN_FILE, "/t"), (ENV_IDENTITY, id)],
+                ENV_TOKEN_FILE,
+            ),
+            (
+                vec![
+                    (ENV_TOKEN_FILE, "/t"),
+                    (ENV_IDENTITY, "web"),
+                    (ENV_CONTROL_PLANE_ADDR, "127.0.0.1:8091"),
+                ],
+                ENV_IDENTITY,
+            ),
+        ] {
+            assert_eq!(Config::from_env(&env(&pairs)).unwrap_err().name, bad);
+        }
     }
 
     #[test]

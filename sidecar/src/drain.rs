@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,7 +14,7 @@ use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -57,19 +58,48 @@ impl Watch {
     }
 }
 
+/// The verified SPIFFE ID of the peer proxy that sent a request, in the request's extensions;
+/// absent on plaintext connections.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientIdentity(pub String);
+
+/// First byte of a TLS record carrying a handshake (the ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Longest wait for a TLS handshake on an accepted connection.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves HTTP/1.1 and h2c on `listener`, answering each request with `handle`, until `drain`
 /// fires; then stops accepting and returns once the open connections have finished. `what`
 /// names the listener in logs.
 pub async fn serve<H, F>(
     listener: TcpListener,
     what: &'static str,
-    mut drain: Watch,
+    drain: Watch,
     handle: H,
 ) -> std::io::Result<()>
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_detect(listener, what, drain, None, handle).await
+}
+
+/// As [`serve`], and with `tls` set, connections that open with a TLS ClientHello are
+/// terminated with it first (peeked, so plaintext HTTP/1.1 and h2c keep working on the same
+/// port); requests on them carry the client's verified [`ClientIdentity`].
+pub async fn serve_detect<H, F>(
+    listener: TcpListener,
+    what: &'static str,
+    mut drain: Watch,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    handle: H,
+) -> std::io::Result<()>
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -78,20 +108,37 @@ where
                 let _ = io.set_nodelay(true);
                 let handle = handle.clone();
                 let mut drain = drain.clone();
+                let acceptor = acceptor.clone();
                 connections.spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let response = handle(req);
-                        async move { Ok::<_, Infallible>(response.await) }
-                    });
-                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    let conn = builder.serve_connection(TokioIo::new(io), svc);
-                    tokio::pin!(conn);
-                    let result = tokio::select! {
-                        result = conn.as_mut() => result,
-                        () = drain.signaled() => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
+                    // A client that connected but has sent nothing yet is simply dropped by a
+                    // drain.
+                    let tls = match &acceptor {
+                        Some(_) => tokio::select! {
+                            tls = is_tls(&io) => tls,
+                            () = drain.signaled() => return,
+                        },
+                        None => false,
+                    };
+                    let result = match acceptor {
+                        Some(acceptor) if tls => {
+                            let accept = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io));
+                            match accept.await {
+                                Ok(Ok(stream)) => {
+                                    let identity = crate::tls::client_identity(stream.get_ref().1)
+                                        .map(ClientIdentity);
+                                    connection(stream, handle, identity, drain).await
+                                }
+                                Ok(Err(error)) => {
+                                    tracing::info!(%peer, %error, "{what} TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::info!(%peer, "{what} TLS handshake timed out");
+                                    return;
+                                }
+                            }
                         }
+                        _ => connection(io, handle, None, drain).await,
                     };
                     if let Err(error) = result {
                         tracing::debug!(%peer, %error, "{what} connection ended with an error");
@@ -111,4 +158,43 @@ where
     );
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Whether the client opened with a TLS handshake; waits for its first byte without reading it.
+async fn is_tls(io: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(io.peek(&mut first).await, Ok(1) if first[0] == TLS_HANDSHAKE)
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on one connection until it ends or the drain asks it to finish.
+async fn connection<I, H, F>(
+    io: I,
+    handle: H,
+    identity: Option<ClientIdentity>,
+    mut drain: Watch,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        // Set here, by the connection, so nothing a peer sends can claim an identity.
+        match &identity {
+            Some(id) => req.extensions_mut().insert(id.clone()),
+            None => req.extensions_mut().remove::<ClientIdentity>(),
+        };
+        let response = handle(req);
+        async move { Ok::<_, Infallible>(response.await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => result,
+        () = drain.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
 }

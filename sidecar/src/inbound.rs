@@ -1,6 +1,12 @@
-//! The inbound listener: every request peers send to the local workload. It accepts HTTP/1.1 and
-//! HTTP/2 with prior knowledge and hands each request to the local app over HTTP/1.1 with a
-//! pooled client, keeping the Host the caller used. Golden metrics are recorded with
+//! The inbound listener: every request peers send to the local workload. It tells the protocol
+//! from the first byte: a TLS ClientHello is a peer proxy (mTLS with a required client
+//! certificate, when the proxy has an identity); anything else is plaintext HTTP/1.1 or h2c.
+//! Each request is handed to the local app with a pooled client, keeping the Host the caller
+//! used: over HTTP/1.1, unless the request came as HTTP/2 and was not HTTP/1.1 at its origin
+//! (peer proxies carry HTTP/1.1 over h2 and mark it with [`ORIG_PROTO_HEADER`]), so gRPC
+//! reaches the app as HTTP/2. The caller's verified identity is passed in
+//! [`CLIENT_ID_HEADER`]; the header is always removed from what callers send, so only a verified
+//! identity reaches the app. Golden metrics are recorded with
 //! `direction="inbound"` and the workload's own service as `dst_service`, so the same queries
 //! that judge a canary from its callers' side can read it from the workload's side.
 
@@ -16,9 +22,20 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use mesh_core::proxy_api::ServiceRef;
 use tokio::net::TcpListener;
 
-use crate::drain::{Body, Watch};
+use crate::drain::{Body, ClientIdentity, Watch};
+use crate::identity::SharedCredentials;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::outbound::error;
+
+/// Header with the SPIFFE ID of the peer proxy whose mTLS connection carried the request.
+pub const CLIENT_ID_HEADER: &str = "x-mesh-client-id";
+
+/// Header a proxy adds when it carries an HTTP/1.1 request over HTTP/2 to a peer, so the peer
+/// hands it to its app as HTTP/1.1 again.
+pub const ORIG_PROTO_HEADER: &str = "mesh-orig-proto";
+
+/// The value of [`ORIG_PROTO_HEADER`].
+pub const ORIG_PROTO_HTTP1: &str = "HTTP/1.1";
 
 /// The inbound proxy.
 #[derive(Debug)]
@@ -27,6 +44,8 @@ pub struct Inbound {
     metrics: Metrics,
     labels: RequestLabels,
     client: Client<HttpConnector, Incoming>,
+    h2_client: Client<HttpConnector, Incoming>,
+    credentials: Option<SharedCredentials>,
 }
 
 impl Inbound {
@@ -47,7 +66,15 @@ impl Inbound {
             metrics,
             labels,
             client: crate::outbound::client(crate::outbound::CONNECT_TIMEOUT),
+            h2_client: crate::outbound::h2c_client(crate::outbound::CONNECT_TIMEOUT),
+            credentials: None,
         }
+    }
+
+    /// Accepts mTLS from peer proxies with the certificate in `credentials`.
+    pub fn with_identity(mut self, credentials: SharedCredentials) -> Self {
+        self.credentials = Some(credentials);
+        self
     }
 
     /// Serves the inbound listener until `drain` fires and its requests in flight finish.
@@ -56,7 +83,11 @@ impl Inbound {
         listener: TcpListener,
         drain: Watch,
     ) -> std::io::Result<()> {
-        crate::drain::serve(listener, "inbound", drain, move |req| {
+        let tls = match &self.credentials {
+            Some(c) => Some(crate::tls::server_config(c).map_err(std::io::Error::other)?),
+            None => None,
+        };
+        crate::drain::serve_detect(listener, "inbound", drain, tls, move |req| {
             let this = self.clone();
             async move { this.handle(req).await }
         })
@@ -66,6 +97,17 @@ impl Inbound {
     /// Hands one request to the app.
     pub async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
+        let headers = req.headers_mut();
+        headers.remove(CLIENT_ID_HEADER);
+        let http1 = headers
+            .remove(ORIG_PROTO_HEADER)
+            .is_some_and(|v| v == ORIG_PROTO_HTTP1);
+        let h2 = req.version() == http::Version::HTTP_2 && !http1;
+        if let Some(ClientIdentity(id)) = req.extensions().get::<ClientIdentity>().cloned()
+            && let Ok(v) = HeaderValue::from_str(&id)
+        {
+            req.headers_mut().insert(CLIENT_ID_HEADER, v);
+        }
         // HTTP/2 callers send the authority in the URI, not in Host; the app speaks HTTP/1.1
         // and needs it in Host.
         if !req.headers().contains_key(HOST)
@@ -91,10 +133,16 @@ impl Inbound {
             Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request target: {e}")),
         };
         *req.uri_mut() = uri;
-        *req.version_mut() = http::Version::HTTP_11;
         self.metrics.requests.get_or_create(&self.labels).inc();
 
-        match self.client.request(req).await {
+        let result = if h2 {
+            *req.version_mut() = http::Version::HTTP_2;
+            self.h2_client.request(req).await
+        } else {
+            *req.version_mut() = http::Version::HTTP_11;
+            self.client.request(req).await
+        };
+        match result {
             Ok(rsp) => {
                 self.metrics.record(
                     &self.labels,

@@ -6,8 +6,9 @@
 //! HTTPRoute matching, weighted backends, P2C/peak-EWMA endpoint selection with failure accrual,
 //! pooled connections with connect timeouts, route timeouts, retries under a retry budget,
 //! filters, golden metrics) driven by a static config file or the control plane's watch streams;
-//! the inbound listener, which hands peers' requests to the local app (plaintext, not yet
-//! authorized); registration of the local workload with the control plane, which makes it an
+//! the inbound listener, which hands peers' requests to the local app (mTLS from peer proxies,
+//! or plaintext; not yet authorized); the workload's identity, a certificate from the control
+//! plane's CA renewed at 70 % of its lifetime, with mTLS and HTTP/2 between proxies; registration of the local workload with the control plane, which makes it an
 //! endpoint of its service; graceful drain on shutdown; and the admin server (`/live`, `/ready`,
 //! `/metrics`, `/config`).
 
@@ -16,9 +17,11 @@ pub mod balance;
 pub mod config;
 pub mod discovery;
 pub mod drain;
+pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod registration;
 pub mod retry;
 pub mod tables;
+pub mod tls;

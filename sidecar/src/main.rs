@@ -14,6 +14,7 @@ use mesh_sidecar::{
     config::Config,
     discovery::Discovery,
     drain::{self, DRAIN_TIMEOUT},
+    identity::Certifier,
     inbound::Inbound,
     metrics::Metrics,
     outbound::{Outbound, Settings as OutboundSettings},
@@ -141,37 +142,57 @@ async fn run(config: Config, tables: Tables) -> anyhow::Result<()> {
         }
     }
 
+    let certifier = config
+        .certification()
+        .zip(config.control_plane.as_ref())
+        .zip(client.clone())
+        .map(|(((identity, token), addr), client)| Certifier::new(addr, client, identity, token));
+    let credentials = certifier.as_ref().map(Certifier::credentials);
     let registration = registration_target(&config, inbound_bound, client);
-    let (readiness_tx, readiness_rx) = tokio::sync::watch::channel(match registration {
+    // Readiness goes Certifying (with an identity) -> Registering (with registration) -> Ready:
+    // the workload is announced to peers only once it can serve them over mTLS.
+    let after_certificate = match registration {
         Some(_) => Readiness::Registering,
         None => Readiness::Ready,
+    };
+    let (readiness_tx, readiness_rx) = tokio::sync::watch::channel(match certifier {
+        Some(_) => Readiness::Certifying,
+        None => after_certificate,
     });
+    if let Some(certifier) = certifier {
+        tokio::spawn(certifier.run(readiness_tx.clone(), after_certificate));
+    }
     let registration = registration.map(|(addr, client, workload)| {
         Registrar::new(&addr, client, workload, readiness_tx.clone()).spawn()
     });
 
     let (drain_signal, drain_watch) = drain::channel();
-    let admin = Arc::new(Admin::new(registry, tables_rx.clone()).with_readiness(readiness_rx));
+    let mut admin = Admin::new(registry, tables_rx.clone()).with_readiness(readiness_rx);
+    if let Some(c) = &credentials {
+        admin = admin.with_identity(c.clone());
+    }
+    let admin = Arc::new(admin);
     // The admin server keeps answering probes and scrapes while the listeners drain.
     let mut admin_task = tokio::spawn(admin.serve(admin_listener));
     let settings = OutboundSettings {
         connect_timeout: Some(config.connect_timeout),
         balance: config.balance,
     };
-    let outbound = Arc::new(Outbound::with_settings(
-        tables_rx,
-        metrics.clone(),
-        discovery,
-        settings,
-    ));
+    let mut outbound = Outbound::with_settings(tables_rx, metrics.clone(), discovery, settings);
+    if let Some(c) = &credentials {
+        outbound = outbound.with_identity(c.clone());
+    }
+    let outbound = Arc::new(outbound);
     let mut outbound_task = tokio::spawn(outbound.serve(outbound_listener, drain_watch.clone()));
     let mut inbound_task = tokio::spawn(async move {
         match (inbound_listener, config.app_addr) {
             (Some(listener), Some(app)) => {
                 let service = config.workload.service.as_ref();
-                Arc::new(Inbound::new(app, service, metrics))
-                    .serve(listener, drain_watch)
-                    .await
+                let mut inbound = Inbound::new(app, service, metrics);
+                if let Some(c) = credentials {
+                    inbound = inbound.with_identity(c);
+                }
+                Arc::new(inbound).serve(listener, drain_watch).await
             }
             _ => Ok(()),
         }

@@ -6,6 +6,11 @@
 //! policy and retry budget allow]. Golden metrics are recorded per attempt with the rule and
 //! backend as labels; retries are counted per route.
 //!
+//! An endpoint with an identity is a peer proxy: the request goes to it over mTLS (the peer must
+//! present exactly that identity) as HTTP/2, on one pooled client per peer identity; an
+//! HTTP/1.1 request is marked with the inbound's orig-proto header so the peer restores it.
+//! Endpoints without an identity are not meshed and get plaintext HTTP/1.1.
+//!
 //! The timeout wraps the retries rather than each attempt because Gateway API's request timeout
 //! bounds what the client waits for; the backend is picked again per attempt so a retry can land
 //! on a healthy backend or endpoint.
@@ -29,9 +34,12 @@ use tokio::net::TcpListener;
 use crate::balance::{BalanceConfig, Balancer, InFlight, Outcome};
 use crate::discovery::Discovery;
 use crate::drain::{Body, Watch};
+use crate::identity::SharedCredentials;
+use crate::inbound::{CLIENT_ID_HEADER, ORIG_PROTO_HEADER, ORIG_PROTO_HTTP1};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use crate::retry::{Budget, ReplayBody, Replayable};
 use crate::tables::{SharedTables, Tables, parse_authority};
+use crate::tls::MtlsConnector;
 
 /// Header on responses the proxy made itself, saying why (as Linkerd's `l5d-proxy-error`).
 pub const PROXY_ERROR_HEADER: &str = "mesh-proxy-error";
@@ -58,6 +66,81 @@ where
         // Without a timer the pool never evicts idle connections on its own.
         .pool_timer(TokioTimer::new())
         .build(connector)
+}
+
+/// A pooled HTTP/2 client with prior knowledge (h2c), for apps that were called over HTTP/2.
+pub(crate) fn h2c_client<B>(connect_timeout: Duration) -> Client<HttpConnector, B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .http2_only(true)
+        .build(connector)
+}
+
+/// Pooled mTLS clients to peer proxies, one per peer identity (its TLS configuration checks
+/// that identity), each pooling an HTTP/2 connection per endpoint.
+#[derive(Debug)]
+struct Mtls {
+    credentials: SharedCredentials,
+    connect_timeout: Duration,
+    clients: Mutex<BTreeMap<String, Client<MtlsConnector, ReplayBody>>>,
+}
+
+impl Mtls {
+    fn client(&self, identity: &str) -> Result<Client<MtlsConnector, ReplayBody>, rustls::Error> {
+        let mut clients = lock(&self.clients);
+        if let Some(c) = clients.get(identity) {
+            return Ok(c.clone());
+        }
+        let config = crate::tls::client_config(&self.credentials, identity)?;
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .http2_only(true)
+            .build(MtlsConnector::new(config, self.connect_timeout));
+        clients.insert(identity.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Forgets clients of identities no endpoint has any more.
+    fn retain(&self, identities: &BTreeSet<&str>) {
+        lock(&self.clients).retain(|id, _| identities.contains(id.as_str()));
+    }
+}
+
+impl std::fmt::Debug for MtlsConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MtlsConnector")
+    }
+}
+
+/// Why an attempt got no response.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    /// The client failed (connecting, or the connection broke).
+    #[error("{}", chain(.0))]
+    Client(hyper_util::client::legacy::Error),
+    /// The endpoint is meshed and this proxy has no identity to reach it with.
+    #[error("{0}")]
+    NoIdentity(String),
+}
+
+impl AttemptError {
+    /// Whether nothing was sent (safe to retry).
+    fn is_connect(&self) -> bool {
+        match self {
+            Self::Client(e) => e.is_connect(),
+            Self::NoIdentity(_) => true,
+        }
+    }
 }
 
 /// Tunables of the outbound path.
@@ -88,6 +171,8 @@ pub struct Outbound {
     client: Client<HttpConnector, ReplayBody>,
     balancer: Balancer,
     budgets: Mutex<Budgets>,
+    mtls: Option<Mtls>,
+    connect_timeout: Duration,
     /// The tables that per-endpoint and per-route state was last pruned against.
     pruned: Mutex<Weak<Tables>>,
 }
@@ -112,8 +197,20 @@ impl Outbound {
             client: client(settings.connect_timeout.unwrap_or(CONNECT_TIMEOUT)),
             balancer: Balancer::new(settings.balance),
             budgets: Mutex::default(),
+            mtls: None,
+            connect_timeout: settings.connect_timeout.unwrap_or(CONNECT_TIMEOUT),
             pruned: Mutex::default(),
         }
+    }
+
+    /// Reaches meshed endpoints over mTLS with the certificate in `credentials`.
+    pub fn with_identity(mut self, credentials: SharedCredentials) -> Self {
+        self.mtls = Some(Mtls {
+            credentials,
+            connect_timeout: self.connect_timeout,
+            clients: Mutex::default(),
+        });
+        self
     }
 
     /// Serves the outbound listener until `drain` fires and its requests in flight finish.
@@ -280,6 +377,11 @@ impl Outbound {
                 Err(why) => return error(StatusCode::SERVICE_UNAVAILABLE, &why.to_string()),
             };
             let addr = endpoint.addr();
+            let peer = tables
+                .endpoints
+                .get(&backend)
+                .and_then(|eps| eps.iter().find(|e| e.addr == addr))
+                .and_then(|e| e.identity.clone());
             let labels = RequestLabels {
                 direction: "outbound",
                 authority: route.labels.authority.clone(),
@@ -291,7 +393,7 @@ impl Outbound {
 
             // Origin-form towards the endpoint.
             let uri = match Uri::builder()
-                .scheme("http")
+                .scheme(if peer.is_some() { "https" } else { "http" })
                 .authority(addr.to_string())
                 .path_and_query(path.as_str())
                 .build()
@@ -306,9 +408,37 @@ impl Outbound {
             *attempt.uri_mut() = uri;
             *attempt.version_mut() = http::Version::HTTP_11;
             *attempt.headers_mut() = parts.headers.clone();
+            // Only the far side's inbound sets these, from what it verified and received.
+            attempt.headers_mut().remove(CLIENT_ID_HEADER);
+            attempt.headers_mut().remove(ORIG_PROTO_HEADER);
 
             *lock(current) = Some((labels.clone(), started));
-            let result = self.client.request(attempt).await;
+            let result = match &peer {
+                None => self
+                    .client
+                    .request(attempt)
+                    .await
+                    .map_err(AttemptError::Client),
+                Some(identity) => match self.mtls.as_ref().map(|m| m.client(identity)) {
+                    Some(Ok(client)) => {
+                        if parts.version < http::Version::HTTP_2 {
+                            attempt.headers_mut().insert(
+                                ORIG_PROTO_HEADER,
+                                HeaderValue::from_static(ORIG_PROTO_HTTP1),
+                            );
+                        }
+                        *attempt.version_mut() = http::Version::HTTP_2;
+                        client.request(attempt).await.map_err(AttemptError::Client)
+                    }
+                    Some(Err(e)) => Err(AttemptError::NoIdentity(format!(
+                        "cannot build the TLS client for {identity}: {e}"
+                    ))),
+                    None => Err(AttemptError::NoIdentity(format!(
+                        "the endpoint is meshed ({identity}) and this proxy has no identity \
+                         (set MESH_PROXY_IDENTITY and MESH_PROXY_TOKEN_FILE)"
+                    ))),
+                },
+            };
             lock(current).take();
             let done = Instant::now();
             let took = done.saturating_duration_since(started);
@@ -351,7 +481,7 @@ impl Outbound {
                     let status = StatusCode::BAD_GATEWAY;
                     self.metrics
                         .record(&labels, Some(status.as_u16()), true, took);
-                    let rsp = error(status, &format!("{backend} at {addr}: {}", chain(&e)));
+                    let rsp = error(status, &format!("{backend} at {addr}: {e}"));
                     if !connect || policy.is_none() {
                         return rsp;
                     }
@@ -462,6 +592,15 @@ impl Outbound {
             .map(|e| e.addr)
             .collect();
         self.balancer.retain(|a| addrs.contains(a));
+        if let Some(mtls) = &self.mtls {
+            let identities: BTreeSet<&str> = tables
+                .endpoints
+                .values()
+                .flatten()
+                .filter_map(|e| e.identity.as_deref())
+                .collect();
+            mtls.retain(&identities);
+        }
         lock(&self.budgets).retain(|(service, _), _| {
             tables.routes.contains_key(service) || tables.endpoints.contains_key(service)
         });

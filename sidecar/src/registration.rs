@@ -166,6 +166,13 @@ impl Registrar {
 
     /// Registers, heartbeats and registers again, forever.
     pub async fn run(self) {
+        // A workload is announced only once its proxy can serve peers over mTLS.
+        let mut readiness = self.readiness.subscribe();
+        let _ = readiness.wait_for(|r| *r != Readiness::Certifying).await;
+        drop(readiness);
+        if *self.readiness.borrow() == Readiness::Draining {
+            return;
+        }
         let mut backoff = Backoff::default();
         loop {
             let lease = match self.register().await {

@@ -516,6 +516,22 @@ impl InstanceCtx {
                 "MESH_PROXY_CONTROL_PLANE_ADDR",
                 self.control_plane.to_string(),
             )
+            // Every sidecar gets a certificate for its workload's identity and speaks mTLS to
+            // its peers. The bootstrap token is the file the control plane keeps in its state
+            // dir, `<state>/controlplane`, beside our `<state>/logs`.
+            .env(
+                "MESH_PROXY_IDENTITY",
+                format!(
+                    "spiffe://cluster.local/ns/{}/sa/{}",
+                    self.key.namespace, self.key.name
+                ),
+            )
+            .env(
+                "MESH_PROXY_TOKEN_FILE",
+                self.logs
+                    .with_file_name("controlplane")
+                    .join(mesh_controlplane::identity::TOKEN_FILE),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(self.log_file("proxy")?)
