@@ -189,7 +189,7 @@ impl Ca {
         &self.token
     }
 
-    /// Issues a leaf for `request` at time `now`.
+    /// Issues a leaf for `request` at time `now`, when it carries the bootstrap token.
     pub fn certify(
         &self,
         request: &CertifyRequest,
@@ -198,6 +198,16 @@ impl Ca {
         if !constant_time_eq(request.token.trim().as_bytes(), self.token.as_bytes()) {
             return Err(IdentityError::BadToken);
         }
+        self.certify_authenticated(request, now)
+    }
+
+    /// Issues a leaf for `request` whose token the caller has already checked (in a cluster,
+    /// with a TokenReview that named this identity's service account).
+    pub fn certify_authenticated(
+        &self,
+        request: &CertifyRequest,
+        now: SystemTime,
+    ) -> Result<CertifyResponse, IdentityError> {
         let id: SpiffeId =
             request
                 .identity

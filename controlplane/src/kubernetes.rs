@@ -49,6 +49,8 @@ impl ControlPlane {
     ) {
         let store = Arc::new(self.store.clone());
         let shared = Arc::clone(&self.shared);
+        // Proxies in pods authenticate with their projected tokens, checked by TokenReview.
+        let _ = self.shared.kube.set(client.clone());
         tokio::spawn(feed_routes(client.clone(), Arc::clone(&self.shared)));
         tokio::spawn(feed_endpoints(
             client,

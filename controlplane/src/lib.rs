@@ -77,6 +77,7 @@ impl ControlPlane {
                 index: Mutex::new(Index::new(seed)),
                 leases: Mutex::new(Leases::new(config.workload_ttl)),
                 ca,
+                kube: std::sync::OnceLock::new(),
             }),
         })
     }

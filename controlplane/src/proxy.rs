@@ -40,7 +40,6 @@ use crate::{
 };
 
 /// What the proxy API works on.
-#[derive(Debug)]
 pub struct Shared {
     /// The discovery index.
     pub index: Mutex<Index>,
@@ -48,6 +47,18 @@ pub struct Shared {
     pub leases: Mutex<Leases>,
     /// The CA.
     pub ca: Ca,
+    /// In a cluster, the API that checks proxies' projected service-account tokens
+    /// (TokenReview); unset, the embedded bootstrap token is the credential.
+    pub kube: std::sync::OnceLock<kube::Client>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("ca", &self.ca)
+            .field("in_cluster", &self.kube.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -108,7 +119,16 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
                 Ok(r) => r,
                 Err(resp) => return resp,
             };
-            match shared.ca.certify(&request, SystemTime::now()) {
+            let issued = match shared.kube.get() {
+                Some(client) => match token_allows(client, &request).await {
+                    Ok(()) => shared.ca.certify_authenticated(&request, SystemTime::now()),
+                    Err(why) => {
+                        return status_error(StatusCode::FORBIDDEN, "Forbidden", why, None);
+                    }
+                },
+                None => shared.ca.certify(&request, SystemTime::now()),
+            };
+            match issued {
                 Ok(resp) => json_response(StatusCode::OK, &resp),
                 Err(e @ IdentityError::BadToken) => {
                     status_error(StatusCode::FORBIDDEN, "Forbidden", e.to_string(), None)
@@ -229,4 +249,25 @@ where
         Some((line, (rx, false)))
     });
     ndjson_response(NDJSON, lines)
+}
+
+/// Whether the request's token, reviewed by the API server, belongs to the service account its
+/// identity names.
+async fn token_allows(client: &kube::Client, request: &CertifyRequest) -> Result<(), String> {
+    let sa =
+        crate::tokenreview::review(client, request.token.trim(), crate::inject::TOKEN_AUDIENCE)
+            .await
+            .map_err(|e| e.to_string())?;
+    let id: mesh_core::SpiffeId = request
+        .identity
+        .parse()
+        .map_err(|e: mesh_core::identity::SpiffeIdError| e.to_string())?;
+    if id.namespace() == sa.namespace && id.service_account() == sa.name {
+        Ok(())
+    } else {
+        Err(format!(
+            "the token belongs to service account {}/{}, which may not be {}",
+            sa.namespace, sa.name, request.identity
+        ))
+    }
 }

@@ -211,3 +211,78 @@ async fn cluster_objects_become_the_endpoints_and_routes_proxies_watch() {
         current(&routes_url).await
     );
 }
+
+#[tokio::test]
+async fn pods_get_certificates_for_their_own_service_account_only() {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use mesh_core::proxy_api::{CERTIFY_PATH, CertifyRequest, CertifyResponse};
+
+    let kube = KubeApiServer::start()
+        .await
+        .expect("start etcd + kube-apiserver");
+    kube.install_crd(mesh_crds::httproute_crd()).await.unwrap();
+    let client = kube.client();
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&kube, dir.path());
+    let url = format!("http://{}{CERTIFY_PATH}", cp.addr("proxy"));
+
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
+    let sa: ServiceAccount = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "web"}}))
+    .unwrap();
+    sas.create(&PostParams::default(), &sa).await.unwrap();
+    // What the kubelet mounts in an injected pod: a token for our audience.
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![mesh_controlplane::inject::TOKEN_AUDIENCE.to_string()]),
+            expiration_seconds: Some(3600),
+            bound_object_ref: None,
+        }),
+        ..TokenRequest::default()
+    };
+    let token: TokenRequest = sas
+        .create_subresource("token", "web", &PostParams::default(), &request)
+        .await
+        .unwrap();
+    let token = token.status.unwrap().token.unwrap();
+
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let certify = |token: &str, identity: &str| {
+        let body = CertifyRequest {
+            token: token.to_string(),
+            csr_pem: csr.clone(),
+            identity: identity.to_string(),
+        };
+        let url = url.clone();
+        async move {
+            mesh_test_support::http_client()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+
+    let ok = certify(&token, "spiffe://cluster.local/ns/default/sa/web").await;
+    assert_eq!(ok.status(), 200);
+    let issued: CertifyResponse = ok.json().await.unwrap();
+    assert!(issued.certificate_chain_pem.contains("BEGIN CERTIFICATE"));
+
+    // The same token may not claim another service account.
+    let other = certify(&token, "spiffe://cluster.local/ns/default/sa/admin").await;
+    assert_eq!(other.status(), 403);
+    let text = other.text().await.unwrap();
+    assert!(text.contains("default/web"), "{text}");
+    // In a cluster the embedded bootstrap token is no credential.
+    let bootstrap = std::fs::read_to_string(dir.path().join("bootstrap-token")).unwrap();
+    let refused = certify(&bootstrap, "spiffe://cluster.local/ns/default/sa/web").await;
+    assert_eq!(refused.status(), 403);
+}
