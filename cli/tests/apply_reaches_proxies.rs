@@ -227,3 +227,70 @@ async fn proxies_serve_through_a_30_second_control_plane_outage_and_resync() {
     let seen = versions(&p, 10).await;
     assert!(seen.iter().all(|v| v == "v2"), "{seen:?}");
 }
+
+#[tokio::test]
+async fn weight_changes_under_load_drop_no_request() {
+    let state = tempfile::tempdir().unwrap();
+    let cp = control_plane(state.path(), "127.0.0.1:0");
+    let api = format!("http://{}", cp.addr("api"));
+    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
+    register(cp.addr("proxy"), v1, v2).await;
+    apply(&api, state.path(), &route(100, 0));
+    let p = proxy(cp.addr("proxy"));
+    assert_eventually!(
+        canary_weight(&p).await == Some(0),
+        "proxy never got the route"
+    );
+
+    // Four clients send back to back while the weights move 100/0 -> 50/50 -> 0/100 -> 100/0.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let outbound = p.addr("outbound");
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(&stop);
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .proxy(reqwest::Proxy::http(format!("http://{outbound}")).unwrap())
+                    .build()
+                    .unwrap();
+                let (mut seen, mut failed) = (std::collections::BTreeMap::new(), Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match client.get("http://web.default:80/").send().await {
+                        Ok(rsp) if rsp.status().is_success() => {
+                            let v = rsp.text().await.unwrap_or_default();
+                            *seen.entry(v).or_insert(0u64) += 1;
+                        }
+                        Ok(rsp) => failed.push(rsp.status().to_string()),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (seen, failed)
+            })
+        })
+        .collect();
+    for (primary, canary) in [(50, 50), (0, 100), (100, 0), (0, 100)] {
+        apply(&api, state.path(), &route(primary, canary));
+        assert_eventually!(
+            canary_weight(&p).await == Some(u64::from(canary)),
+            "the proxy never saw {primary}/{canary}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = std::collections::BTreeMap::new();
+    for c in clients {
+        let (seen, failed) = c.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "{} requests failed: {failed:?}",
+            failed.len()
+        );
+        for (v, n) in seen {
+            *total.entry(v).or_insert(0) += n;
+        }
+    }
+    assert!(
+        total.get("v1").copied().unwrap_or(0) > 0 && total.get("v2").copied().unwrap_or(0) > 0,
+        "traffic did not follow the weights: {total:?}"
+    );
+}
