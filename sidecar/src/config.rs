@@ -41,6 +41,9 @@ pub const ENV_APP_ADDR: &str = "MESH_PROXY_APP_ADDR";
 
 /// Address of the inbound listener, where peers' requests for the local app arrive.
 pub const ENV_INBOUND_ADDR: &str = "MESH_PROXY_INBOUND_ADDR";
+/// How long the inbound listener waits for a silent client's first byte before it forwards
+/// the connection as opaque TCP (a server-first protocol), e.g. `10s`.
+pub const ENV_INBOUND_DETECT_TIMEOUT: &str = "MESH_PROXY_INBOUND_DETECT_TIMEOUT";
 
 /// Linkerd's inbound port; on every interface, since peers connect to it from elsewhere.
 pub const DEFAULT_INBOUND_ADDR: SocketAddr =
@@ -109,6 +112,8 @@ pub struct Config {
     pub workload: Workload,
     /// Connect timeout to endpoints (outbound).
     pub connect_timeout: Duration,
+    /// See [`ENV_INBOUND_DETECT_TIMEOUT`].
+    pub detect_timeout: Duration,
     /// Endpoint selection and failure accrual.
     pub balance: BalanceConfig,
 }
@@ -173,6 +178,10 @@ impl Config {
                 ENV_OUTBOUND_CONNECT_TIMEOUT,
                 DEFAULT_OUTBOUND_CONNECT_TIMEOUT,
             )?,
+            detect_timeout: env.duration_or(
+                ENV_INBOUND_DETECT_TIMEOUT,
+                crate::opaque::DEFAULT_DETECT_TIMEOUT,
+            )?,
             balance: BalanceConfig {
                 default_rtt: env.duration_or(ENV_BALANCER_DEFAULT_RTT, balance::DEFAULT_RTT)?,
                 decay: env.duration_or(ENV_BALANCER_DECAY, balance::DEFAULT_DECAY)?,
@@ -194,6 +203,7 @@ impl Config {
         };
         for (name, value) in [
             (ENV_OUTBOUND_CONNECT_TIMEOUT, config.connect_timeout),
+            (ENV_INBOUND_DETECT_TIMEOUT, config.detect_timeout),
             (ENV_BALANCER_DECAY, config.balance.decay),
             (
                 ENV_FAILURE_ACCRUAL_MIN_BACKOFF,

@@ -14,7 +14,7 @@ use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -63,9 +63,6 @@ impl Watch {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientIdentity(pub String);
 
-/// First byte of a TLS record carrying a handshake (the ClientHello).
-const TLS_HANDSHAKE: u8 = 0x16;
-
 /// Longest wait for a TLS handshake on an accepted connection.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -82,17 +79,20 @@ where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    serve_detect(listener, what, drain, None, handle).await
+    serve_detect(listener, what, drain, None, None, handle).await
 }
 
 /// As [`serve`], and with `tls` set, connections that open with a TLS ClientHello are
 /// terminated with it first (peeked, so plaintext HTTP/1.1 and h2c keep working on the same
-/// port); requests on them carry the client's verified [`ClientIdentity`].
+/// port); requests on them carry the client's verified [`ClientIdentity`]. With `opaque` set,
+/// connections that are neither TLS nor HTTP are forwarded to the app as opaque TCP (see
+/// [`crate::opaque`]).
 pub async fn serve_detect<H, F>(
     listener: TcpListener,
     what: &'static str,
     mut drain: Watch,
     tls: Option<Arc<rustls::ServerConfig>>,
+    opaque: Option<Arc<crate::opaque::Opaque>>,
     handle: H,
 ) -> std::io::Result<()>
 where
@@ -109,16 +109,27 @@ where
                 let handle = handle.clone();
                 let mut drain = drain.clone();
                 let acceptor = acceptor.clone();
+                let opaque = opaque.clone();
                 connections.spawn(async move {
+                    use crate::opaque::{Protocol, detect, forward};
                     // A client that connected but has sent nothing yet is simply dropped by a
                     // drain.
-                    let tls = match &acceptor {
-                        Some(_) => tokio::select! {
-                            tls = is_tls(&io) => tls,
+                    let protocol = if acceptor.is_some() || opaque.is_some() {
+                        let timeout = opaque.as_ref().map(|o| o.detect_timeout);
+                        tokio::select! {
+                            p = detect(&io, timeout) => p,
                             () = drain.signaled() => return,
-                        },
-                        None => false,
+                        }
+                    } else {
+                        Protocol::Http
                     };
+                    if let (Protocol::Opaque, Some(opaque)) = (protocol, &opaque) {
+                        if let Err(error) = forward(io, opaque).await {
+                            tracing::debug!(%peer, %error, "{what} opaque connection ended with an error");
+                        }
+                        return;
+                    }
+                    let tls = protocol == Protocol::Tls;
                     let result = match acceptor {
                         Some(acceptor) if tls => {
                             let accept = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io));
@@ -158,12 +169,6 @@ where
     );
     while connections.join_next().await.is_some() {}
     Ok(())
-}
-
-/// Whether the client opened with a TLS handshake; waits for its first byte without reading it.
-async fn is_tls(io: &TcpStream) -> bool {
-    let mut first = [0u8; 1];
-    matches!(io.peek(&mut first).await, Ok(1) if first[0] == TLS_HANDSHAKE)
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on one connection until it ends or the drain asks it to finish.

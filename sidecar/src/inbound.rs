@@ -46,6 +46,7 @@ pub struct Inbound {
     client: Client<HttpConnector, Incoming>,
     h2_client: Client<HttpConnector, Incoming>,
     credentials: Option<SharedCredentials>,
+    detect_timeout: std::time::Duration,
 }
 
 impl Inbound {
@@ -68,7 +69,15 @@ impl Inbound {
             client: crate::outbound::client(crate::outbound::CONNECT_TIMEOUT),
             h2_client: crate::outbound::h2c_client(crate::outbound::CONNECT_TIMEOUT),
             credentials: None,
+            detect_timeout: crate::opaque::DEFAULT_DETECT_TIMEOUT,
         }
+    }
+
+    /// How long a silent client may wait before it is taken for a server-first protocol and
+    /// forwarded as opaque TCP.
+    pub fn with_detect_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.detect_timeout = timeout;
+        self
     }
 
     /// Accepts mTLS from peer proxies with the certificate in `credentials`.
@@ -87,7 +96,12 @@ impl Inbound {
             Some(c) => Some(crate::tls::server_config(c).map_err(std::io::Error::other)?),
             None => None,
         };
-        crate::drain::serve_detect(listener, "inbound", drain, tls, move |req| {
+        let opaque = Arc::new(crate::opaque::Opaque {
+            app: self.app,
+            metrics: self.metrics.clone(),
+            detect_timeout: self.detect_timeout,
+        });
+        crate::drain::serve_detect(listener, "inbound", drain, tls, Some(opaque), move |req| {
             let this = self.clone();
             async move { this.handle(req).await }
         })

@@ -20,6 +20,7 @@ pub mod drain;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;
+pub mod opaque;
 pub mod outbound;
 pub mod registration;
 pub mod retry;

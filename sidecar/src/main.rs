@@ -188,7 +188,8 @@ async fn run(config: Config, tables: Tables) -> anyhow::Result<()> {
         match (inbound_listener, config.app_addr) {
             (Some(listener), Some(app)) => {
                 let service = config.workload.service.as_ref();
-                let mut inbound = Inbound::new(app, service, metrics);
+                let mut inbound =
+                    Inbound::new(app, service, metrics).with_detect_timeout(config.detect_timeout);
                 if let Some(c) = credentials {
                     inbound = inbound.with_identity(c);
                 }

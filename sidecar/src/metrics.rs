@@ -9,6 +9,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -31,6 +32,13 @@ pub struct RequestLabels {
     pub dst_service: String,
     /// Backend namespace.
     pub dst_namespace: String,
+}
+
+/// Labels of an opaque TCP connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `inbound` (opaque TCP is forwarded on the inbound side only).
+    pub direction: &'static str,
 }
 
 /// Labels of a response: the request's plus status and classification.
@@ -82,6 +90,16 @@ pub struct Metrics {
     pub retry_limit_exceeded: Family<RouteLabels, Counter>,
     /// `outbound_http_route_retry_overflow_total`: retries not sent because the budget was spent.
     pub retry_overflow: Family<RouteLabels, Counter>,
+    /// Opaque TCP connections opened (`tcp_open_total`).
+    pub tcp_open: Family<TcpLabels, Counter>,
+    /// Opaque TCP connections closed (`tcp_close_total`).
+    pub tcp_close: Family<TcpLabels, Counter>,
+    /// Bytes read from the peer on opaque TCP connections (`tcp_read_bytes_total`).
+    pub tcp_read_bytes: Family<TcpLabels, Counter>,
+    /// Bytes written to the peer on opaque TCP connections (`tcp_write_bytes_total`).
+    pub tcp_write_bytes: Family<TcpLabels, Counter>,
+    /// Opaque TCP connections open now.
+    pub tcp_open_connections: Family<TcpLabels, Gauge>,
 }
 
 impl Metrics {
@@ -97,7 +115,37 @@ impl Metrics {
             retry_successes: Family::default(),
             retry_limit_exceeded: Family::default(),
             retry_overflow: Family::default(),
+            tcp_open: Family::default(),
+            tcp_close: Family::default(),
+            tcp_read_bytes: Family::default(),
+            tcp_write_bytes: Family::default(),
+            tcp_open_connections: Family::default(),
         };
+        registry.register(
+            "tcp_open",
+            "Opaque TCP connections opened",
+            m.tcp_open.clone(),
+        );
+        registry.register(
+            "tcp_close",
+            "Opaque TCP connections closed",
+            m.tcp_close.clone(),
+        );
+        registry.register(
+            "tcp_read_bytes",
+            "Bytes read from peers on opaque TCP connections",
+            m.tcp_read_bytes.clone(),
+        );
+        registry.register(
+            "tcp_write_bytes",
+            "Bytes written to peers on opaque TCP connections",
+            m.tcp_write_bytes.clone(),
+        );
+        registry.register(
+            "tcp_open_connections",
+            "Opaque TCP connections open now",
+            m.tcp_open_connections.clone(),
+        );
         registry.register("request", "Requests sent or received", m.requests.clone());
         registry.register(
             "response",
