@@ -1,65 +1,66 @@
 //! What the load generator counts, and the report lines it prints.
 //!
 //! [`Stats`] is a plain accumulator fed by request tasks; [`Stats::report`] turns it into a
-//! [`Report`], one line of output in JSON or text. Latency quantiles come from a log-bucketed
-//! [`Histogram`] so that a generator left running for days keeps constant memory.
+//! [`Report`], one line of output in JSON or text. Latencies go into an HDR histogram of whole
+//! microseconds (three significant digits: exact below 2 ms, within 0.1% above), whose memory
+//! depends on the range of values rather than their number, so a generator left running for
+//! days keeps constant memory while a benchmark run still gets exact tail percentiles.
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 
 use serde::Serialize;
 
-/// Each latency bucket is this much wider than the previous one, so quantiles are within 1%.
-const GROWTH: f64 = 1.02;
+/// Significant digits the histogram keeps.
+const SIGNIFICANT_DIGITS: u8 = 3;
 
-/// Latencies in log-spaced buckets of microseconds.
+/// Latencies in microseconds.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Histogram {
-    /// Bucket `i` holds latencies in `[GROWTH^i, GROWTH^(i+1))` microseconds (bucket 0 also
-    /// holds anything under a microsecond).
-    buckets: BTreeMap<u32, u64>,
-    count: u64,
+    /// Created on the first record, so that empty counts cost nothing and compare equal.
+    hdr: Option<hdrhistogram::Histogram<u64>>,
 }
 
 impl Histogram {
-    /// Records one latency.
+    /// Records one latency, in whole microseconds (rounded down).
     pub fn record(&mut self, latency: Duration) {
-        let micros = latency.as_secs_f64() * 1e6;
-        let index = if micros <= 1.0 {
-            0.0
-        } else {
-            (micros.ln() / GROWTH.ln()).floor().min(f64::from(u32::MAX))
-        };
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "index is a whole number clamped to 0..=u32::MAX above"
-        )]
-        let index = index as u32;
-        *self.buckets.entry(index).or_default() += 1;
-        self.count += 1;
+        if self.hdr.is_none() {
+            // Creation fails only for more than 5 significant digits. The histogram grows to
+            // the largest value seen, so memory follows the range, not the count.
+            self.hdr = hdrhistogram::Histogram::new(SIGNIFICANT_DIGITS).ok();
+        }
+        if let Some(hdr) = &mut self.hdr {
+            let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+            // Growing fails only past i64::MAX / 2 microseconds; such a value is clamped.
+            if hdr.record(micros).is_err() {
+                hdr.saturating_record(micros);
+            }
+        }
     }
 
     /// How many latencies were recorded.
     pub fn count(&self) -> u64 {
-        self.count
+        self.hdr.as_ref().map_or(0, hdrhistogram::Histogram::len)
+    }
+
+    /// The `q` quantile (0..=1) in microseconds, or `None` when nothing was recorded.
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
+        self.hdr
+            .as_ref()
+            .filter(|h| !h.is_empty())
+            .map(|h| h.value_at_quantile(q.clamp(0.0, 1.0)))
     }
 
     /// The `q` quantile (0..=1) in milliseconds, or `None` when nothing was recorded.
     pub fn quantile_ms(&self, q: f64) -> Option<f64> {
-        if self.count == 0 {
-            return None;
-        }
-        // The rank of the sample that is the q quantile, 1-based (nearest-rank method).
-        let rank = (q.clamp(0.0, 1.0) * self.count as f64).ceil().max(1.0);
-        let mut seen = 0u64;
-        for (&index, &n) in &self.buckets {
-            seen += n;
-            if seen as f64 >= rank {
-                // The geometric middle of the bucket, in milliseconds.
-                return Some(GROWTH.powf(f64::from(index) + 0.5) / 1000.0);
-            }
-        }
-        None
+        self.quantile_us(q).map(|us| us as f64 / 1000.0)
+    }
+
+    /// The largest latency in microseconds, or `None` when nothing was recorded.
+    pub fn max_us(&self) -> Option<u64> {
+        self.hdr
+            .as_ref()
+            .filter(|h| !h.is_empty())
+            .map(hdrhistogram::Histogram::max)
     }
 }
 
@@ -78,8 +79,12 @@ pub struct Stats {
     pub dropped: u64,
     /// Responses by the value of the version header.
     pub versions: BTreeMap<String, u64>,
-    /// Latency of responses (not of transport errors).
+    /// Latency of responses (not of transport errors), from the time the schedule gave the
+    /// request, so time the generator itself lost counts against the response.
     pub latency: Histogram,
+    /// How late requests were started compared with the schedule: the generator's own delay,
+    /// included in `latency`. Large values mean the numbers describe the generator's machine.
+    pub lag: Histogram,
 }
 
 impl Stats {
@@ -110,6 +115,11 @@ impl Stats {
         self.latency.record(latency);
     }
 
+    /// A request started `lag` after its scheduled time.
+    pub fn started_late(&mut self, lag: Duration) {
+        self.lag.record(lag);
+    }
+
     /// The report line for these counts, `elapsed` after start.
     pub fn report(&self, elapsed: Duration, is_final: bool) -> Report {
         Report {
@@ -126,6 +136,11 @@ impl Stats {
             versions: self.versions.clone(),
             p50_ms: self.latency.quantile_ms(0.5).map(round_ms),
             p99_ms: self.latency.quantile_ms(0.99).map(round_ms),
+            p50_us: self.latency.quantile_us(0.5),
+            p99_us: self.latency.quantile_us(0.99),
+            p999_us: self.latency.quantile_us(0.999),
+            max_us: self.latency.max_us(),
+            lag_p99_us: self.lag.quantile_us(0.99),
             is_final,
         }
     }
@@ -137,7 +152,9 @@ fn round_ms(ms: f64) -> f64 {
 
 /// One output line. In JSON:
 /// `{"t":1.0,"sent":50,"ok":49,"status":{"200":49,"500":1},"errors":0,"dropped":0,`
-/// `"versions":{"v1":50},"p50_ms":1.2,"p99_ms":3.4}`, with `"final":true` on the summary.
+/// `"versions":{"v1":50},"p50_ms":1.2,"p99_ms":3.4,"p50_us":1203,"p99_us":3391,`
+/// `"p999_us":4012,"max_us":4090,"lag_p99_us":61}`, with `"final":true` on the summary.
+/// The `_us` fields came later than the rest; lines without them still parse.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct Report {
     /// Seconds since the generator started.
@@ -158,6 +175,22 @@ pub struct Report {
     pub p50_ms: Option<f64>,
     /// 99th percentile latency in milliseconds; `null` without responses.
     pub p99_ms: Option<f64>,
+    /// Median latency in microseconds; `null` without responses.
+    #[serde(default)]
+    pub p50_us: Option<u64>,
+    /// 99th percentile latency in microseconds; `null` without responses.
+    #[serde(default)]
+    pub p99_us: Option<u64>,
+    /// 99.9th percentile latency in microseconds; `null` without responses.
+    #[serde(default)]
+    pub p999_us: Option<u64>,
+    /// Largest latency in microseconds; `null` without responses.
+    #[serde(default)]
+    pub max_us: Option<u64>,
+    /// 99th percentile of how late requests started against the schedule, in microseconds;
+    /// `null` when none started.
+    #[serde(default)]
+    pub lag_p99_us: Option<u64>,
     /// Whether this is the whole-run summary.
     #[serde(rename = "final", default, skip_serializing_if = "std::ops::Not::not")]
     pub is_final: bool,
@@ -234,6 +267,31 @@ mod tests {
     }
 
     #[test]
+    fn microsecond_quantiles_are_exact_below_two_milliseconds() {
+        let mut h = Histogram::default();
+        for v in (1..=1000).rev() {
+            h.record(Duration::from_micros(v));
+        }
+        assert_eq!(h.quantile_us(0.5), Some(500));
+        assert_eq!(h.quantile_us(0.99), Some(990));
+        assert_eq!(h.quantile_us(0.999), Some(999));
+        assert_eq!(h.max_us(), Some(1000));
+        // Sub-microsecond parts are dropped, not rounded up.
+        let mut h = Histogram::default();
+        h.record(Duration::from_nanos(1999));
+        assert_eq!(h.quantile_us(1.0), Some(1));
+    }
+
+    #[test]
+    fn long_latencies_keep_three_digits() {
+        let mut h = Histogram::default();
+        h.record(Duration::from_secs(30));
+        let us = h.quantile_us(0.5).unwrap();
+        assert!(us.abs_diff(30_000_000) <= 30_000, "{us}");
+        assert_eq!(h.count(), 1);
+    }
+
+    #[test]
     fn empty_and_tiny_latencies() {
         let mut h = Histogram::default();
         assert_eq!(h.quantile_ms(0.5), None);
@@ -249,6 +307,7 @@ mod tests {
         s.response(200, Some("v1"), ms(10));
         s.response(200, Some("v2"), ms(10));
         s.response(500, Some("v2"), ms(10));
+        s.started_late(Duration::from_micros(250));
         s.error();
         s.dropped();
         s
@@ -268,6 +327,12 @@ mod tests {
         assert_eq!(v["dropped"], 1);
         assert_eq!(v["versions"], serde_json::json!({"v1": 1, "v2": 2}));
         assert!((v["p50_ms"].as_f64().unwrap() - 10.0).abs() < 0.2);
+        // Three significant digits: within 0.1% of 10 ms.
+        for field in ["p50_us", "p99_us", "p999_us", "max_us"] {
+            let us = v[field].as_u64().unwrap();
+            assert!(us.abs_diff(10_000) <= 10, "{field}: {us}");
+        }
+        assert_eq!(v["lag_p99_us"], 250);
         assert!(v.get("final").is_none(), "{line}");
 
         let last = mk_stats().report(Duration::from_secs(2), true).to_json();
@@ -281,6 +346,17 @@ mod tests {
             serde_json::from_str(&Stats::default().report(Duration::ZERO, false).to_json())
                 .unwrap();
         assert!(v["p50_ms"].is_null() && v["p99_ms"].is_null());
+        for field in ["p50_us", "p99_us", "p999_us", "max_us", "lag_p99_us"] {
+            assert!(v[field].is_null(), "{field}");
+        }
+    }
+
+    #[test]
+    fn lines_from_before_the_microsecond_fields_still_parse() {
+        let old = r#"{"t":1.0,"sent":50,"ok":50,"status":{"200":50},"errors":0,"dropped":0,"versions":{"v1":50},"p50_ms":1.2,"p99_ms":3.4}"#;
+        let r: Report = serde_json::from_str(old).unwrap();
+        assert_eq!(r.p99_ms, Some(3.4));
+        assert_eq!(r.p999_us, None);
     }
 
     #[test]

@@ -67,6 +67,50 @@ async fn counts_versions_by_the_count_header() {
 }
 
 #[tokio::test]
+async fn warmup_requests_are_not_counted_and_tails_are_in_microseconds() {
+    let app = app("v1").start().await;
+    let samples = std::env::temp_dir().join(format!("loadgen-samples-{}", std::process::id()));
+    let (status, stdout, stderr) = loadgen(&app.url("/"))
+        .args(["--rate", "200", "--warmup", "500ms", "--duration", "1s"])
+        .args(["--report-every", "1h", "--output", "json"])
+        .args([std::ffi::OsStr::new("--samples"), samples.as_os_str()])
+        .output()
+        .await;
+    assert!(status.success(), "{status}: {stderr}");
+    let reports = reports(&stdout);
+    let (last, intervals) = reports.split_last().expect("no output");
+    assert!(last.is_final, "{stdout}");
+    assert_eq!(intervals.iter().map(|r| r.sent).sum::<u64>(), last.sent);
+    // 1 s at 200/s: the 100 warm-up requests are not in the count.
+    assert!((160..=240).contains(&last.sent), "{stdout}");
+    assert_eq!(last.ok, last.sent, "{stdout}");
+    let (p50, p99, p999, max) = (
+        last.p50_us.unwrap(),
+        last.p99_us.unwrap(),
+        last.p999_us.unwrap(),
+        last.max_us.unwrap(),
+    );
+    assert!(
+        p50 > 0 && p50 <= p99 && p99 <= p999 && p999 <= max,
+        "{stdout}"
+    );
+    assert!(last.lag_p99_us.is_some(), "{stdout}");
+    // One sample per response, and the summary's percentiles are theirs.
+    let mut written: Vec<u64> = std::fs::read_to_string(&samples)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    std::fs::remove_file(&samples).unwrap();
+    written.sort_unstable();
+    assert_eq!(written.len() as u64, last.ok);
+    // The summary's histogram keeps three significant digits; the samples are exact.
+    let close = |exact: u64, summary: u64| exact.abs_diff(summary) <= exact / 1000 + 1;
+    assert!(close(written[written.len() - 1], max), "{stdout}");
+    assert!(close(written[(written.len() - 1) / 2], p50), "{stdout}");
+}
+
+#[tokio::test]
 async fn sigterm_prints_the_final_summary() {
     let app = app("v1").start().await;
     let mut generator = loadgen(&app.url("/"))
