@@ -143,11 +143,18 @@ impl Backend {
         }
     }
 
-    /// The revision the target asks for, when it is an embedded Workload.
+    /// The revision the target asks for: an embedded Workload's, or in a cluster the hash
+    /// of the target Deployment's pod template, as the Kubernetes driver computes it.
     async fn target_revision(&self, c: &Canary) -> Option<String> {
         match self {
             Self::Embedded { client, conn } => target_revision(client, conn, c).await,
-            Self::Kube { .. } => None,
+            Self::Kube { api, namespace } => {
+                let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+                    kube::Api::namespaced(api.clone().into_client(), namespace);
+                let d = deployments.get_opt(&c.spec.target_ref.name).await.ok()??;
+                let template = d.spec?.template;
+                Some(mesh_rollout_controller::kubernetes::driver::template_revision(&template))
+            }
         }
     }
 }

@@ -275,4 +275,21 @@ async fn rollout_commands_read_and_steer_a_canary_in_the_cluster() {
     let missing = mesh(&kube, &["rollout", "status", "nope", "--kube"], None);
     assert_eq!(missing.status.code(), Some(4));
     assert!(text(&missing).contains("not found"), "{}", text(&missing));
+
+    // A new pod template the controller has not picked up yet: the old verdict does not
+    // count, the rollout is still to come.
+    let d: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "web", "image": "podinfo:7"}]}}},
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(kube.client(), "default")
+        .create(&PostParams::default(), &d)
+        .await
+        .unwrap();
+    let stale = mesh(&kube, &["rollout", "status", "web", "--kube"], None);
+    assert_eq!(stale.status.code(), Some(2), "{}", text(&stale));
 }
