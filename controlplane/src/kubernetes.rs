@@ -32,7 +32,7 @@ use mesh_crds::HttpRoute;
 use tokio::net::TcpListener;
 
 use crate::inject::INJECTED_ANNOTATION;
-use crate::{ControlPlane, Shared, api, http, proxy};
+use crate::{ControlPlane, Shared};
 
 /// Label EndpointSlices carry naming their Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -47,8 +47,6 @@ impl ControlPlane {
         api: TcpListener,
         proxy: TcpListener,
     ) {
-        let store = Arc::new(self.store.clone());
-        let shared = Arc::clone(&self.shared);
         // Proxies in pods authenticate with their projected tokens, checked by TokenReview.
         let _ = self.shared.kube.set(client.clone());
         tokio::spawn(feed_routes(client.clone(), Arc::clone(&self.shared)));
@@ -57,11 +55,7 @@ impl ControlPlane {
             trust_domain,
             Arc::clone(&self.shared),
         ));
-        let api_server = http::serve(api, "api", move |req| api::handle(Arc::clone(&store), req));
-        let proxy_server = http::serve(proxy, "proxy", move |req| {
-            proxy::handle(Arc::clone(&shared), req)
-        });
-        tokio::join!(api_server, proxy_server);
+        self.serve_apis(api, proxy).await;
     }
 }
 

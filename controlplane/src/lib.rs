@@ -89,10 +89,15 @@ impl ControlPlane {
 
     /// Serves the resource API and the proxy API until the process ends.
     pub async fn serve(self, api: TcpListener, proxy: TcpListener) {
-        let store = Arc::new(self.store.clone());
-        let shared = Arc::clone(&self.shared);
         tokio::spawn(feed_index(self.store.clone(), Arc::clone(&self.shared)));
         tokio::spawn(sweep_workloads(Arc::clone(&self.shared)));
+        self.serve_apis(api, proxy).await;
+    }
+
+    /// Serves the resource API and the proxy API; whatever feeds the index runs beside it.
+    async fn serve_apis(self, api: TcpListener, proxy: TcpListener) {
+        let store = Arc::new(self.store);
+        let shared = self.shared;
         let api_server = http::serve(api, "api", move |req| api::handle(Arc::clone(&store), req));
         let proxy_server = http::serve(proxy, "proxy", move |req| {
             proxy::handle(Arc::clone(&shared), req)
