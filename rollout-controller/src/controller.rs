@@ -85,14 +85,19 @@ pub struct Reconciled {
     pub actions: Vec<Action>,
 }
 
-/// The metric target of a Canary: `<svc>-canary` against `<svc>-primary`.
-pub fn metric_target(canary: &Canary) -> Target {
-    let svc = canary
+/// The Canary's service: `service.name`, else the target's name (Flagger's default).
+fn service_name(canary: &Canary) -> String {
+    canary
         .spec
         .service
         .name
         .clone()
-        .unwrap_or_else(|| canary.spec.target_ref.name.clone());
+        .unwrap_or_else(|| canary.spec.target_ref.name.clone())
+}
+
+/// The metric target of a Canary: `<svc>-canary` against `<svc>-primary`.
+pub fn metric_target(canary: &Canary) -> Target {
+    let svc = service_name(canary);
     Target {
         namespace: canary.metadata.namespace.clone().unwrap_or_default(),
         canary: format!("{svc}-canary"),
@@ -234,7 +239,6 @@ async fn custom_metrics<D: Driver, S: MetricSource>(
     analysis_interval: &str,
 ) -> BTreeMap<String, Option<f64>> {
     let ns = canary.metadata.namespace.clone().unwrap_or_default();
-    let target = metric_target(canary);
     let mut values = BTreeMap::new();
     for metric in &canary.spec.analysis.metrics {
         let Some(tref) = &metric.template_ref else {
@@ -244,10 +248,7 @@ async fn custom_metrics<D: Driver, S: MetricSource>(
         let mut vars = BTreeMap::from([
             ("namespace".to_string(), ns.clone()),
             ("target".to_string(), canary.spec.target_ref.name.clone()),
-            (
-                "service".to_string(),
-                target.canary.trim_end_matches("-canary").to_string(),
-            ),
+            ("service".to_string(), service_name(canary)),
             (
                 "interval".to_string(),
                 metric
