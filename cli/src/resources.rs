@@ -422,6 +422,58 @@ fn table(kind: ResourceKind, items: &[Value], now: chrono::DateTime<chrono::Utc>
                 })
                 .collect(),
         ),
+        ResourceKind::Server => (
+            vec!["NAME", "PORT", "PROTOCOL", "AGE"],
+            items
+                .iter()
+                .map(|o| {
+                    vec![
+                        str_of(&o["metadata"]["name"]),
+                        str_of(&o["spec"]["port"]),
+                        o["spec"]["proxyProtocol"]
+                            .as_str()
+                            .unwrap_or("unknown")
+                            .to_string(),
+                        age(o, now),
+                    ]
+                })
+                .collect(),
+        ),
+        ResourceKind::AuthorizationPolicy => (
+            vec!["NAME", "TARGET", "AUTHENTICATIONS", "AGE"],
+            items
+                .iter()
+                .map(|o| {
+                    let refs: Vec<String> = o["spec"]["requiredAuthenticationRefs"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|r| format!("{}/{}", str_of(&r["kind"]), str_of(&r["name"])))
+                        .collect();
+                    vec![
+                        str_of(&o["metadata"]["name"]),
+                        format!(
+                            "{}/{}",
+                            str_of(&o["spec"]["targetRef"]["kind"]),
+                            str_of(&o["spec"]["targetRef"]["name"])
+                        ),
+                        if refs.is_empty() {
+                            "<none>".to_string()
+                        } else {
+                            refs.join(",")
+                        },
+                        age(o, now),
+                    ]
+                })
+                .collect(),
+        ),
+        ResourceKind::MeshTlsAuthentication | ResourceKind::NetworkAuthentication => (
+            vec!["NAME", "AGE"],
+            items
+                .iter()
+                .map(|o| vec![str_of(&o["metadata"]["name"]), age(o, now)])
+                .collect(),
+        ),
     };
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {

@@ -18,6 +18,9 @@ pub const ENV_TRUST_DOMAIN: &str = "MESH_CONTROLPLANE_TRUST_DOMAIN";
 pub const ENV_WORKLOAD_TTL: &str = "MESH_CONTROLPLANE_WORKLOAD_TTL";
 /// How many store events watches can resume from.
 pub const ENV_WATCH_HISTORY: &str = "MESH_CONTROLPLANE_WATCH_HISTORY";
+/// The inbound policy of ports no `Server` selects: `all-unauthenticated` (the default),
+/// `all-authenticated` or `deny`.
+pub const ENV_DEFAULT_INBOUND_POLICY: &str = "MESH_CONTROLPLANE_DEFAULT_INBOUND_POLICY";
 
 /// A duration written like `30s`, `24h` or `500ms`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +65,8 @@ pub struct Config {
     pub workload_ttl: Duration,
     /// See [`ENV_WATCH_HISTORY`].
     pub watch_history: usize,
+    /// See [`ENV_DEFAULT_INBOUND_POLICY`].
+    pub default_inbound_policy: mesh_policies::DefaultPolicy,
 }
 
 impl Config {
@@ -98,6 +103,10 @@ impl Config {
                 .parse_or(ENV_WORKLOAD_TTL, HumanDuration(Duration::from_secs(30)))?
                 .0,
             watch_history,
+            default_inbound_policy: env.parse_or(
+                ENV_DEFAULT_INBOUND_POLICY,
+                mesh_policies::DefaultPolicy::AllUnauthenticated,
+            )?,
         })
     }
 }
@@ -133,5 +142,9 @@ mod tests {
         assert_eq!(e.name, ENV_API_ADDR);
         let e = Config::from_env(&env(&[(ENV_TRUST_DOMAIN, "Bad Domain")])).unwrap_err();
         assert_eq!(e.name, ENV_TRUST_DOMAIN);
+        let e = Config::from_env(&env(&[(ENV_DEFAULT_INBOUND_POLICY, "open")])).unwrap_err();
+        assert_eq!(e.name, ENV_DEFAULT_INBOUND_POLICY);
+        let c = Config::from_env(&env(&[(ENV_DEFAULT_INBOUND_POLICY, "deny")])).unwrap();
+        assert_eq!(c.default_inbound_policy, mesh_policies::DefaultPolicy::Deny);
     }
 }

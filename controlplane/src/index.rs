@@ -75,7 +75,7 @@ pub struct Published<T> {
 }
 
 impl<T: serde::Serialize> Published<T> {
-    fn new(version: u64, value: Option<T>) -> Self {
+    pub(crate) fn new(version: u64, value: Option<T>) -> Self {
         let update = Update { version, value };
         let line = crate::http::json_line(&update);
         Self { update, line }

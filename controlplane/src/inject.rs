@@ -276,7 +276,13 @@ pub fn inject(
             ),
         ),
         env("MESH_PROXY_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
+        // Policy Servers select the pod by namespace and labels, as admitted.
+        env("MESH_PROXY_WORKLOAD_NAMESPACE", "$(MESH_POD_NAMESPACE)"),
     ];
+    if let Some(labels) = meta.labels.as_ref().filter(|l| !l.is_empty()) {
+        let list: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        envs.push(env("MESH_PROXY_WORKLOAD_LABELS", list.join(",")));
+    }
     if let Some(port) = app_port(spec) {
         envs.push(env("MESH_PROXY_APP_ADDR", format!("127.0.0.1:{port}")));
     }
@@ -400,6 +406,10 @@ mod tests {
     fn injection_adds_the_proxy_the_init_container_and_the_token_once() {
         let config = InjectConfig::default();
         let (mut m, mut s) = pod(&[(INJECT_ANNOTATION, "enabled")]);
+        m.labels = Some(BTreeMap::from([
+            ("app".to_string(), "backend".to_string()),
+            ("version".to_string(), "v2".to_string()),
+        ]));
         inject(&mut m, &mut s, &config).unwrap();
         assert_eq!(s.containers[0].name, PROXY_CONTAINER);
         assert_eq!(s.containers[1].name, "app");
@@ -410,6 +420,12 @@ mod tests {
             .filter_map(|e| Some((e.name.as_str(), e.value.as_deref()?)))
             .collect();
         assert_eq!(env["MESH_PROXY_APP_ADDR"], "127.0.0.1:9898");
+        // Policy selects the pod by its namespace and admitted labels.
+        assert_eq!(env["MESH_PROXY_WORKLOAD_LABELS"], "app=backend,version=v2");
+        assert_eq!(
+            env["MESH_PROXY_WORKLOAD_NAMESPACE"],
+            "$(MESH_POD_NAMESPACE)"
+        );
         assert_eq!(
             env["MESH_PROXY_IDENTITY"],
             "spiffe://cluster.local/ns/$(MESH_POD_NAMESPACE)/sa/$(MESH_POD_SERVICE_ACCOUNT)"

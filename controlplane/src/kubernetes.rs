@@ -12,6 +12,9 @@
 //!   ids derived from the slice, address and port; each change of the three caches recomputes
 //!   them and applies only the difference.
 //!
+//! - **Policy.** Watchers over the four `policy.mesh.dev` kinds feed the policy index, as the
+//!   embedded store's objects do.
+//!
 //! Identity bootstrap through TokenReview is not part of this yet: in a cluster, certificates
 //! are still issued against the bootstrap token.
 
@@ -29,6 +32,10 @@ use kube::{Api, Client, ResourceExt};
 use mesh_core::SpiffeId;
 use mesh_core::proxy_api::{ServiceRef, WorkloadRegistration};
 use mesh_crds::HttpRoute;
+use mesh_crds::policy::{
+    AuthorizationPolicy, MeshTlsAuthentication, NetworkAuthentication, Server,
+};
+use mesh_crds::validate::ResourceKind;
 use tokio::net::TcpListener;
 
 use crate::inject::INJECTED_ANNOTATION;
@@ -50,6 +57,22 @@ impl ControlPlane {
         // Proxies in pods authenticate with their projected tokens, checked by TokenReview.
         let _ = self.shared.kube.set(client.clone());
         tokio::spawn(feed_routes(client.clone(), Arc::clone(&self.shared)));
+        tokio::spawn(feed_policy::<Server>(
+            client.clone(),
+            Arc::clone(&self.shared),
+        ));
+        tokio::spawn(feed_policy::<AuthorizationPolicy>(
+            client.clone(),
+            Arc::clone(&self.shared),
+        ));
+        tokio::spawn(feed_policy::<MeshTlsAuthentication>(
+            client.clone(),
+            Arc::clone(&self.shared),
+        ));
+        tokio::spawn(feed_policy::<NetworkAuthentication>(
+            client.clone(),
+            Arc::clone(&self.shared),
+        ));
         tokio::spawn(feed_endpoints(
             client,
             trust_domain,
@@ -75,6 +98,45 @@ pub async fn feed_routes(client: Client, shared: Arc<Shared>) {
                 shared.index().delete_route(&ns, &route.name_any());
             }
             Err(e) => tracing::warn!(error = %e, "HTTPRoute watch failed; retrying"),
+        }
+    }
+}
+
+/// Keeps the policy index's objects of kind `K` in step with the cluster's.
+pub async fn feed_policy<K>(client: Client, shared: Arc<Shared>)
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    let Some(kind) = ResourceKind::ALL
+        .into_iter()
+        .find(|k| k.kind() == K::kind(&()) && k.group() == K::group(&()))
+    else {
+        return;
+    };
+    let to_value = |o: &K| serde_json::to_value(o).unwrap_or_default();
+    let api: Api<K> = Api::all(client);
+    let mut events = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut snapshot = Vec::new();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Event::Init) => snapshot.clear(),
+            Ok(Event::InitApply(o)) => snapshot.push(to_value(&o)),
+            Ok(Event::InitDone) => shared.policy().reset(kind, &std::mem::take(&mut snapshot)),
+            Ok(Event::Apply(o)) => shared.policy().apply(kind, &to_value(&o)),
+            Ok(Event::Delete(o)) => {
+                let ns = o.meta().namespace.clone().unwrap_or_default();
+                let name = o.meta().name.clone().unwrap_or_default();
+                shared.policy().delete(kind, &ns, &name);
+            }
+            Err(e) => tracing::warn!(error = %e, %kind, "policy watch failed; retrying"),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod index;
 pub mod inject;
 pub mod injector;
 pub mod kubernetes;
+pub mod policy;
 pub mod proxy;
 pub mod store;
 pub mod tokenreview;
@@ -75,6 +76,11 @@ impl ControlPlane {
             store,
             shared: Arc::new(Shared {
                 index: Mutex::new(Index::new(seed)),
+                policy: Mutex::new(policy::PolicyIndex::new(
+                    seed,
+                    &config.trust_domain,
+                    config.default_inbound_policy,
+                )),
                 leases: Mutex::new(Leases::new(config.workload_ttl)),
                 ca,
                 kube: std::sync::OnceLock::new(),
@@ -89,7 +95,40 @@ impl ControlPlane {
 
     /// Serves the resource API and the proxy API until the process ends.
     pub async fn serve(self, api: TcpListener, proxy: TcpListener) {
-        tokio::spawn(feed_index(self.store.clone(), Arc::clone(&self.shared)));
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(feed(
+            self.store.clone(),
+            ResourceKind::HttpRoute,
+            move |change| {
+                let mut index = shared.index();
+                match change {
+                    Change::Reset(objects) => {
+                        let routes: Vec<_> = objects
+                            .iter()
+                            .filter_map(|o| index::parse_route(o))
+                            .collect();
+                        index.reset_routes(&routes);
+                    }
+                    Change::Apply(object) => {
+                        if let Some(route) = index::parse_route(object) {
+                            index.apply_route(&route);
+                        }
+                    }
+                    Change::Delete(key) => index.delete_route(&key.namespace, &key.name),
+                }
+            },
+        ));
+        for kind in ResourceKind::POLICY {
+            let shared = Arc::clone(&self.shared);
+            tokio::spawn(feed(self.store.clone(), kind, move |change| {
+                let mut policy = shared.policy();
+                match change {
+                    Change::Reset(objects) => policy.reset(kind, objects),
+                    Change::Apply(object) => policy.apply(kind, object),
+                    Change::Delete(key) => policy.delete(kind, &key.namespace, &key.name),
+                }
+            }));
+        }
         tokio::spawn(sweep_workloads(Arc::clone(&self.shared)));
         self.serve_apis(api, proxy).await;
     }
@@ -106,15 +145,25 @@ impl ControlPlane {
     }
 }
 
-/// Keeps the index in step with the store's HTTPRoutes: a snapshot resets it, deltas follow, and
-/// a watch that falls out of the store's history starts over with a fresh snapshot.
-async fn feed_index<S: ResourceStore>(store: S, shared: Arc<Shared>) {
-    let selector = Selector::kind(ResourceKind::HttpRoute, None);
+/// A change to the objects of one kind, as [`feed`] hands it on.
+enum Change<'a> {
+    /// Every object of the kind, after a (re)list.
+    Reset(&'a [Arc<serde_json::Value>]),
+    /// An object was added or modified.
+    Apply(&'a serde_json::Value),
+    /// An object was deleted.
+    Delete(ObjectKey),
+}
+
+/// Keeps `sink` in step with the store's objects of `kind`: a snapshot resets it, deltas
+/// follow, and a watch that falls out of the store's history starts over with a fresh snapshot.
+async fn feed<S: ResourceStore>(store: S, kind: ResourceKind, mut sink: impl FnMut(Change<'_>)) {
+    let selector = Selector::kind(kind, None);
     loop {
         let mut watcher = match store.watch(selector.clone(), None) {
             Ok(w) => w,
             Err(e) => {
-                tracing::error!(error = %e, "cannot watch HTTPRoutes; retrying");
+                tracing::error!(error = %e, %kind, "cannot watch the store; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -125,27 +174,23 @@ async fn feed_index<S: ResourceStore>(store: S, shared: Arc<Shared>) {
             let event = match watcher.next().await {
                 Ok(e) => e,
                 Err(e) => {
-                    tracing::warn!(error = %e, "HTTPRoute watch ended; relisting");
+                    tracing::warn!(error = %e, %kind, "store watch ended; relisting");
                     break;
                 }
             };
-            let route = index::parse_route(&event.object);
             match (event.kind, synced) {
                 (EventType::Bookmark, false) => {
-                    shared.index().reset_routes(&snapshot);
+                    sink(Change::Reset(&snapshot));
                     snapshot.clear();
                     synced = true;
                 }
                 (EventType::Bookmark, true) => {}
-                (EventType::Added | EventType::Modified, false) => snapshot.extend(route),
+                (EventType::Added | EventType::Modified, false) => snapshot.push(event.object),
                 (EventType::Added | EventType::Modified, true) => {
-                    if let Some(route) = route {
-                        shared.index().apply_route(&route);
-                    }
+                    sink(Change::Apply(&event.object));
                 }
                 (EventType::Deleted, _) => {
-                    let key = ObjectKey::of(ResourceKind::HttpRoute, &event.object);
-                    shared.index().delete_route(&key.namespace, &key.name);
+                    sink(Change::Delete(ObjectKey::of(kind, &event.object)));
                 }
             }
         }

@@ -22,8 +22,8 @@ use std::{
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use mesh_core::proxy_api::{
-    CERTIFY_PATH, CertifyRequest, NDJSON, ServiceRef, WATCH_ENDPOINTS_PATH, WATCH_ROUTES_PATH,
-    WORKLOADS_PATH, WorkloadRegistration,
+    CERTIFY_PATH, CertifyRequest, NDJSON, PolicyTarget, ServiceRef, WATCH_ENDPOINTS_PATH,
+    WATCH_POLICY_PATH, WATCH_ROUTES_PATH, WORKLOADS_PATH, WorkloadRegistration,
 };
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -36,6 +36,7 @@ use crate::{
     },
     identity::{Ca, IdentityError},
     index::{Index, Published},
+    policy::PolicyIndex,
     workloads::{Leases, new_lease_id},
 };
 
@@ -43,6 +44,8 @@ use crate::{
 pub struct Shared {
     /// The discovery index.
     pub index: Mutex<Index>,
+    /// The policy index.
+    pub policy: Mutex<PolicyIndex>,
     /// Workload leases.
     pub leases: Mutex<Leases>,
     /// The CA.
@@ -66,6 +69,11 @@ impl Shared {
     /// so a poisoned lock is used as is.
     pub fn index(&self) -> std::sync::MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Locks the policy index (a poisoned lock is used as is, as with [`Self::index`]).
+    pub fn policy(&self) -> std::sync::MutexGuard<'_, PolicyIndex> {
+        self.policy.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn leases(&self) -> std::sync::MutexGuard<'_, Leases> {
@@ -112,6 +120,10 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
         },
         (&Method::GET, WATCH_ENDPOINTS_PATH) => match service_param(query.as_deref(), "service") {
             Ok(service) => stream(shared.index().watch_endpoints(&service)),
+            Err(resp) => resp,
+        },
+        (&Method::GET, WATCH_POLICY_PATH) => match policy_target(query.as_deref()) {
+            Ok(target) => stream(shared.policy().watch(&target)),
             Err(resp) => resp,
         },
         (&Method::POST, CERTIFY_PATH) => {
@@ -228,6 +240,26 @@ fn service_param(query: Option<&str>, name: &str) -> Result<ServiceRef, Response
         .map(percent_decode)
         .ok_or_else(|| bad_request(format!("{name}: required, as <name>.<namespace>:<port>")))?;
     raw.parse().map_err(|e| bad_request(format!("{name}: {e}")))
+}
+
+fn policy_target(query: Option<&str>) -> Result<PolicyTarget, Response<Body>> {
+    let param = |name| query_param(query, name).map(percent_decode);
+    let port = param("port")
+        .ok_or_else(|| bad_request("port: required, the workload port whose policy to watch"))?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| bad_request(format!("port: {port:?} is not a port number")))?;
+    let labels = mesh_core::proxy_api::parse_labels(&param("labels").unwrap_or_default())
+        .map_err(|e| bad_request(format!("labels: {e}")))?;
+    Ok(PolicyTarget {
+        namespace: param("namespace")
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        port,
+        labels,
+    })
 }
 
 async fn json_body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Body>> {

@@ -11,6 +11,7 @@
 //! |---|---|---|
 //! | routes | `GET /v1/watch/routes?authority=<name>.<namespace>:<port>` | an authority |
 //! | endpoints | `GET /v1/watch/endpoints?service=<name>.<namespace>:<port>` | a backend service |
+//! | policy | `GET /v1/watch/policy?namespace=<ns>&port=<port>&labels=<k>=<v>,...` | a workload's inbound port ([`PolicyTarget`]); the value is a `mesh_policies::InboundPolicy` |
 //!
 //! Identity and registration are unary JSON calls on the same listener:
 //! `POST /v1/identity/certify` ([`CertifyRequest`] -> [`CertifyResponse`]),
@@ -30,6 +31,8 @@ use serde::{Deserialize, Serialize};
 pub const WATCH_ROUTES_PATH: &str = "/v1/watch/routes";
 /// Path of the endpoints watch stream.
 pub const WATCH_ENDPOINTS_PATH: &str = "/v1/watch/endpoints";
+/// Path of the inbound policy watch stream.
+pub const WATCH_POLICY_PATH: &str = "/v1/watch/policy";
 /// Path of the certificate-signing call.
 pub const CERTIFY_PATH: &str = "/v1/identity/certify";
 /// Path of workload registration; heartbeats go to `<this>/<lease id>/heartbeat`, and
@@ -376,6 +379,45 @@ pub struct WorkloadRegistration {
     /// Labels, such as `version`.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+}
+
+/// The key of a policy watch: one inbound port of a workload, which `Server`s select by the
+/// workload's namespace and labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyTarget {
+    /// The workload's namespace.
+    pub namespace: String,
+    /// The port the workload is called on.
+    pub port: u16,
+    /// The workload's labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl PolicyTarget {
+    /// The labels as the `labels` query parameter: `k=v` pairs joined by commas.
+    pub fn labels_param(&self) -> String {
+        self.labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Reads labels written `key=value,key=value` (the `labels` query parameter of a policy watch,
+/// and the proxy's `MESH_PROXY_WORKLOAD_LABELS`); blanks around entries are ignored, an empty
+/// key is not.
+pub fn parse_labels(list: &str) -> Result<BTreeMap<String, String>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| match entry.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => Err(format!("{entry:?} is not key=value")),
+        })
+        .collect()
 }
 
 /// The control plane's answer to a registration.

@@ -1,12 +1,14 @@
 //! The mesh's Kubernetes custom resources as Rust types: `Canary` and `MetricTemplate` in
-//! `rollouts.mesh.dev/v1alpha1`, and `Workload` (`workloads.mesh.dev/v1alpha1`), the embedded
-//! mesh's stand-in for a Deployment. The rollout controller reads and writes them, the embedded
+//! `rollouts.mesh.dev/v1alpha1`; `Server`, `AuthorizationPolicy`, `MeshTLSAuthentication` and
+//! `NetworkAuthentication` in `policy.mesh.dev/v1alpha1` (inbound authorization); and `Workload`
+//! (`workloads.mesh.dev/v1alpha1`), the embedded mesh's stand-in for a Deployment. The rollout controller reads and writes them, the embedded
 //! control plane stores them in the same YAML form, and the `crdgen` binary renders their
 //! OpenAPI schemas into `crds/yaml/`, which installers apply and a test keeps in step with these
 //! types. Field names follow Flagger's, so a Flagger manifest works once its apiVersion changes.
 
 pub mod canary;
 pub mod metric_template;
+pub mod policy;
 pub mod validate;
 pub mod workload;
 
@@ -29,6 +31,19 @@ pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
         ("canary.yaml", Canary::crd()),
         ("metrictemplate.yaml", MetricTemplate::crd()),
+        ("server.yaml", policy::Server::crd()),
+        (
+            "authorizationpolicy.yaml",
+            policy::AuthorizationPolicy::crd(),
+        ),
+        (
+            "meshtlsauthentication.yaml",
+            policy::MeshTlsAuthentication::crd(),
+        ),
+        (
+            "networkauthentication.yaml",
+            policy::NetworkAuthentication::crd(),
+        ),
     ]
 }
 

@@ -13,7 +13,10 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::{Canary, HttpRoute, MetricTemplate, Workload};
+use crate::{
+    Canary, HttpRoute, MetricTemplate, Workload,
+    policy::{AuthorizationPolicy, MeshTlsAuthentication, NetworkAuthentication, Server},
+};
 
 /// A kind of resource the mesh serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -26,15 +29,35 @@ pub enum ResourceKind {
     HttpRoute,
     /// `workloads.mesh.dev/v1alpha1` Workload (embedded mesh only).
     Workload,
+    /// `policy.mesh.dev/v1alpha1` Server.
+    Server,
+    /// `policy.mesh.dev/v1alpha1` AuthorizationPolicy.
+    AuthorizationPolicy,
+    /// `policy.mesh.dev/v1alpha1` MeshTLSAuthentication.
+    MeshTlsAuthentication,
+    /// `policy.mesh.dev/v1alpha1` NetworkAuthentication.
+    NetworkAuthentication,
 }
 
 impl ResourceKind {
     /// Every served kind.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 8] = [
         Self::Canary,
         Self::MetricTemplate,
         Self::HttpRoute,
         Self::Workload,
+        Self::Server,
+        Self::AuthorizationPolicy,
+        Self::MeshTlsAuthentication,
+        Self::NetworkAuthentication,
+    ];
+
+    /// The policy kinds, which the control plane resolves into proxies' inbound policies.
+    pub const POLICY: [Self; 4] = [
+        Self::Server,
+        Self::AuthorizationPolicy,
+        Self::MeshTlsAuthentication,
+        Self::NetworkAuthentication,
     ];
 
     /// The `kind` field.
@@ -44,6 +67,10 @@ impl ResourceKind {
             Self::MetricTemplate => "MetricTemplate",
             Self::HttpRoute => "HTTPRoute",
             Self::Workload => "Workload",
+            Self::Server => "Server",
+            Self::AuthorizationPolicy => "AuthorizationPolicy",
+            Self::MeshTlsAuthentication => "MeshTLSAuthentication",
+            Self::NetworkAuthentication => "NetworkAuthentication",
         }
     }
 
@@ -53,13 +80,23 @@ impl ResourceKind {
             Self::Canary | Self::MetricTemplate => crate::ROLLOUTS_GROUP,
             Self::HttpRoute => "gateway.networking.k8s.io",
             Self::Workload => crate::workload::WORKLOADS_GROUP,
+            Self::Server
+            | Self::AuthorizationPolicy
+            | Self::MeshTlsAuthentication
+            | Self::NetworkAuthentication => crate::policy::POLICY_GROUP,
         }
     }
 
     /// The API version within the group.
     pub fn version(self) -> &'static str {
         match self {
-            Self::Canary | Self::MetricTemplate | Self::Workload => "v1alpha1",
+            Self::Canary
+            | Self::MetricTemplate
+            | Self::Workload
+            | Self::Server
+            | Self::AuthorizationPolicy
+            | Self::MeshTlsAuthentication
+            | Self::NetworkAuthentication => "v1alpha1",
             Self::HttpRoute => "v1",
         }
     }
@@ -76,6 +113,10 @@ impl ResourceKind {
             Self::MetricTemplate => "metrictemplates",
             Self::HttpRoute => "httproutes",
             Self::Workload => "workloads",
+            Self::Server => "servers",
+            Self::AuthorizationPolicy => "authorizationpolicies",
+            Self::MeshTlsAuthentication => "meshtlsauthentications",
+            Self::NetworkAuthentication => "networkauthentications",
         }
     }
 
@@ -86,6 +127,22 @@ impl ResourceKind {
             Self::MetricTemplate => &["metrictemplate", "metrictemplates", "mt"],
             Self::HttpRoute => &["httproute", "httproutes"],
             Self::Workload => &["workload", "workloads", "wl"],
+            Self::Server => &["server", "servers", "srv"],
+            Self::AuthorizationPolicy => &[
+                "authorizationpolicy",
+                "authorizationpolicies",
+                "authzpolicy",
+            ],
+            Self::MeshTlsAuthentication => &[
+                "meshtlsauthentication",
+                "meshtlsauthentications",
+                "meshtlsauthn",
+            ],
+            Self::NetworkAuthentication => &[
+                "networkauthentication",
+                "networkauthentications",
+                "netauthn",
+            ],
         }
     }
 
@@ -152,8 +209,9 @@ pub enum ValidationError {
     /// The mesh serves no such kind.
     #[error(
         "unknown kind {kind:?} in apiVersion {api_version:?}: served kinds are Canary and \
-         MetricTemplate (rollouts.mesh.dev/v1alpha1), HTTPRoute (gateway.networking.k8s.io/v1) \
-         and Workload (workloads.mesh.dev/v1alpha1)"
+         MetricTemplate (rollouts.mesh.dev/v1alpha1), HTTPRoute (gateway.networking.k8s.io/v1), \
+         Workload (workloads.mesh.dev/v1alpha1), and Server, AuthorizationPolicy, \
+         MeshTLSAuthentication and NetworkAuthentication (policy.mesh.dev/v1alpha1)"
     )]
     UnknownKind {
         /// The document's `apiVersion`.
@@ -195,6 +253,14 @@ pub enum Validated {
     HttpRoute(Box<HttpRoute>),
     /// A Workload.
     Workload(Box<Workload>),
+    /// A Server.
+    Server(Box<Server>),
+    /// An AuthorizationPolicy.
+    AuthorizationPolicy(Box<AuthorizationPolicy>),
+    /// A MeshTLSAuthentication.
+    MeshTlsAuthentication(Box<MeshTlsAuthentication>),
+    /// A NetworkAuthentication.
+    NetworkAuthentication(Box<NetworkAuthentication>),
 }
 
 /// The kind a document declares, without validating the rest.
@@ -249,6 +315,26 @@ pub fn validate(object: &Value) -> Result<Validated, ValidationError> {
             let w: Workload = parse(object).map_err(fail)?;
             validate_workload(&w).map_err(fail)?;
             Validated::Workload(Box::new(w))
+        }
+        ResourceKind::Server => {
+            let srv: Server = parse(object).map_err(fail)?;
+            validate_server(&srv).map_err(fail)?;
+            Validated::Server(Box::new(srv))
+        }
+        ResourceKind::AuthorizationPolicy => {
+            let p: AuthorizationPolicy = parse(object).map_err(fail)?;
+            validate_authorization_policy(&p).map_err(fail)?;
+            Validated::AuthorizationPolicy(Box::new(p))
+        }
+        ResourceKind::MeshTlsAuthentication => {
+            let m: MeshTlsAuthentication = parse(object).map_err(fail)?;
+            validate_mesh_tls_authentication(&m).map_err(fail)?;
+            Validated::MeshTlsAuthentication(Box::new(m))
+        }
+        ResourceKind::NetworkAuthentication => {
+            let n: NetworkAuthentication = parse(object).map_err(fail)?;
+            validate_network_authentication(&n).map_err(fail)?;
+            Validated::NetworkAuthentication(Box::new(n))
         }
     })
 }
@@ -567,6 +653,129 @@ pub fn validate_workload(w: &Workload) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// The rules of the Server schema: a port in range and a selector whose expressions make sense.
+pub fn validate_server(server: &Server) -> Result<(), FieldError> {
+    check_range("spec.port", Some(server.spec.port), 1, 65535)?;
+    for (i, e) in server
+        .spec
+        .pod_selector
+        .match_expressions
+        .iter()
+        .enumerate()
+    {
+        let at = |f: &str| format!("spec.podSelector.matchExpressions[{i}].{f}");
+        non_empty(&at("key"), &e.key)?;
+        let needs_values = matches!(
+            e.operator,
+            crate::policy::SelectorOperator::In | crate::policy::SelectorOperator::NotIn
+        );
+        if needs_values == e.values.is_empty() {
+            return Err(FieldError::new(
+                at("values"),
+                if needs_values {
+                    "required (non-empty) for In and NotIn"
+                } else {
+                    "must be empty for Exists and DoesNotExist"
+                },
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The rules of the AuthorizationPolicy schema: a target and authentications of known kinds.
+pub fn validate_authorization_policy(policy: &AuthorizationPolicy) -> Result<(), FieldError> {
+    let target = &policy.spec.target_ref;
+    let group = target.group.as_deref().unwrap_or_default();
+    match (target.kind.as_str(), group) {
+        ("Server", crate::policy::POLICY_GROUP) | ("Namespace", "") => {}
+        (kind, group) => {
+            return Err(FieldError::new(
+                "spec.targetRef",
+                format!(
+                    "kind {kind:?} in group {group:?} cannot be targeted: use kind Server \
+                     (group policy.mesh.dev) or kind Namespace (core group)"
+                ),
+            ));
+        }
+    }
+    non_empty("spec.targetRef.name", &target.name)?;
+    for (i, r) in policy.spec.required_authentication_refs.iter().enumerate() {
+        let at = |f: &str| format!("spec.requiredAuthenticationRefs[{i}].{f}");
+        let group = r.group.as_deref().unwrap_or_default();
+        match (r.kind.as_str(), group) {
+            ("MeshTLSAuthentication" | "NetworkAuthentication", crate::policy::POLICY_GROUP)
+            | ("ServiceAccount", "") => {}
+            (kind, group) => {
+                return Err(FieldError::new(
+                    at("kind"),
+                    format!(
+                        "kind {kind:?} in group {group:?} is not an authentication: use \
+                         MeshTLSAuthentication or NetworkAuthentication (group policy.mesh.dev) \
+                         or ServiceAccount (core group)"
+                    ),
+                ));
+            }
+        }
+        check_dns_name(&at("name"), &r.name, 253)?;
+        if let Some(ns) = &r.namespace {
+            check_dns_name(&at("namespace"), ns, 63)?;
+        }
+    }
+    Ok(())
+}
+
+/// The rules of the MeshTLSAuthentication schema: at least one identity, each well formed.
+pub fn validate_mesh_tls_authentication(m: &MeshTlsAuthentication) -> Result<(), FieldError> {
+    if m.spec.identities.is_empty() && m.spec.identity_refs.is_empty() {
+        return Err(FieldError::new(
+            "spec.identities",
+            "give at least one identity or identityRef",
+        ));
+    }
+    for (i, id) in m.spec.identities.iter().enumerate() {
+        id.parse::<mesh_policies::IdentityMatch>()
+            .map_err(|e| FieldError::new(format!("spec.identities[{i}]"), e.to_string()))?;
+    }
+    for (i, r) in m.spec.identity_refs.iter().enumerate() {
+        let at = |f: &str| format!("spec.identityRefs[{i}].{f}");
+        if !matches!(r.kind.as_str(), "ServiceAccount" | "Namespace") {
+            return Err(FieldError::new(
+                at("kind"),
+                format!("{:?} is not ServiceAccount or Namespace", r.kind),
+            ));
+        }
+        check_dns_name(&at("name"), &r.name, 253)?;
+        if let Some(ns) = &r.namespace {
+            check_dns_name(&at("namespace"), ns, 63)?;
+        }
+    }
+    Ok(())
+}
+
+/// The rules of the NetworkAuthentication schema: at least one network, every CIDR readable and
+/// every exception inside its network.
+pub fn validate_network_authentication(n: &NetworkAuthentication) -> Result<(), FieldError> {
+    if n.spec.networks.is_empty() {
+        return Err(FieldError::new(
+            "spec.networks",
+            "give at least one network, e.g. {cidr: 10.0.0.0/8}",
+        ));
+    }
+    for (i, net) in n.spec.networks.iter().enumerate() {
+        let cidr = mesh_policies::parse_cidr(&net.cidr)
+            .map_err(|e| FieldError::new(format!("spec.networks[{i}].cidr"), e))?;
+        for (j, except) in net.except.iter().enumerate() {
+            let field = format!("spec.networks[{i}].except[{j}]");
+            let e = mesh_policies::parse_cidr(except).map_err(|e| FieldError::new(&field, e))?;
+            if !cidr.contains(&e) {
+                return Err(FieldError::new(field, format!("{e} is not inside {cidr}")));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(
     clippy::needless_pass_by_value,
@@ -611,6 +820,109 @@ mod tests {
             .field()
             .unwrap_or_default()
             .to_string()
+    }
+
+    fn policy(kind: &str, spec: Value) -> Value {
+        json!({
+            "apiVersion": "policy.mesh.dev/v1alpha1",
+            "kind": kind,
+            "metadata": {"name": "p", "namespace": "default"},
+            "spec": spec,
+        })
+    }
+
+    #[test]
+    fn policy_resources_name_the_field_at_fault() {
+        let server = |spec| policy("Server", spec);
+        assert!(matches!(
+            validate(&server(
+                json!({"podSelector": {"matchLabels": {"app": "b"}}, "port": 8080, "proxyProtocol": "HTTP/2"})
+            )),
+            Ok(Validated::Server(_))
+        ));
+        assert_eq!(field(&server(json!({"port": 8080}))), "spec.podSelector");
+        assert_eq!(
+            field(&server(json!({"podSelector": {}, "port": 70000}))),
+            "spec.port"
+        );
+        assert_eq!(
+            field(&server(json!({"podSelector": {}, "port": "http"}))),
+            "spec.port"
+        );
+        assert_eq!(
+            field(&server(
+                json!({"podSelector": {}, "port": 80, "proxyProtocol": "SMTP"})
+            )),
+            "spec.proxyProtocol"
+        );
+        assert_eq!(
+            field(&server(
+                json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "In"}]}, "port": 80})
+            )),
+            "spec.podSelector.matchExpressions[0].values"
+        );
+
+        let authz = |spec| policy("AuthorizationPolicy", spec);
+        assert!(
+            validate(&authz(json!({
+                "targetRef": {"group": "policy.mesh.dev", "kind": "Server", "name": "b"},
+                "requiredAuthenticationRefs": [
+                    {"group": "policy.mesh.dev", "kind": "MeshTLSAuthentication", "name": "web"},
+                    {"kind": "ServiceAccount", "name": "web", "namespace": "prod"},
+                ],
+            })))
+            .is_ok()
+        );
+        assert_eq!(
+            field(&authz(
+                json!({"targetRef": {"kind": "Deployment", "name": "b"}})
+            )),
+            "spec.targetRef"
+        );
+        assert_eq!(
+            field(&authz(json!({
+                "targetRef": {"kind": "Namespace", "name": "default"},
+                "requiredAuthenticationRefs": [{"kind": "Secret", "name": "x"}],
+            }))),
+            "spec.requiredAuthenticationRefs[0].kind"
+        );
+
+        let mtls = |spec| policy("MeshTLSAuthentication", spec);
+        assert!(
+            validate(&mtls(
+                json!({"identities": ["*", "spiffe://cluster.local/ns/a/*"]})
+            ))
+            .is_ok()
+        );
+        assert_eq!(field(&mtls(json!({}))), "spec.identities");
+        assert_eq!(
+            field(&mtls(json!({"identities": ["web"]}))),
+            "spec.identities[0]"
+        );
+        assert_eq!(
+            field(&mtls(
+                json!({"identityRefs": [{"kind": "User", "name": "x"}]})
+            )),
+            "spec.identityRefs[0].kind"
+        );
+
+        let net = |spec| policy("NetworkAuthentication", spec);
+        assert!(validate(&net(json!({"networks": [{"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}, {"cidr": "::1"}]}))).is_ok());
+        assert_eq!(field(&net(json!({"networks": []}))), "spec.networks");
+        assert_eq!(
+            field(&net(json!({"networks": [{"cidr": "10.0.0.0/33"}]}))),
+            "spec.networks[0].cidr"
+        );
+        let e = validate(&net(
+            json!({"networks": [{"cidr": "10.0.0.0/8", "except": ["192.168.0.0/16"]}]}),
+        ))
+        .unwrap_err();
+        assert_eq!(e.field(), Some("spec.networks[0].except[0]"));
+        assert!(
+            e.to_string()
+                .contains("192.168.0.0/16 is not inside 10.0.0.0/8"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use mesh_core::config::{ConfigError, Env};
 
 use crate::balance::{self, BalanceConfig, FailureAccrual};
-use mesh_core::proxy_api::ServiceRef;
+use mesh_core::proxy_api::{PolicyTarget, ServiceRef, parse_labels};
 
 /// Address of the admin server (`/live`, `/ready`, `/metrics`).
 pub const ENV_ADMIN_ADDR: &str = "MESH_PROXY_ADMIN_ADDR";
@@ -55,6 +55,12 @@ pub const ENV_WORKLOAD_SERVICE: &str = "MESH_PROXY_WORKLOAD_SERVICE";
 
 /// Labels of the registered workload, `key=value` pairs separated by commas.
 pub const ENV_WORKLOAD_LABELS: &str = "MESH_PROXY_WORKLOAD_LABELS";
+/// The workload's namespace, which policy `Server`s select in; the namespace of
+/// `MESH_PROXY_WORKLOAD_SERVICE` when unset, else `default`.
+pub const ENV_WORKLOAD_NAMESPACE: &str = "MESH_PROXY_WORKLOAD_NAMESPACE";
+/// Inbound policy until the control plane's first answer, and always without a control plane:
+/// `all-unauthenticated` (the default), `all-authenticated` or `deny`.
+pub const ENV_INBOUND_DEFAULT_POLICY: &str = "MESH_PROXY_INBOUND_DEFAULT_POLICY";
 
 /// The address registered for the workload (`ip:port`), when peers must use another address
 /// than the inbound listener's own (NAT, a published port).
@@ -114,6 +120,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// See [`ENV_INBOUND_DETECT_TIMEOUT`].
     pub detect_timeout: Duration,
+    /// See [`ENV_INBOUND_DEFAULT_POLICY`].
+    pub inbound_default_policy: mesh_policies::DefaultPolicy,
     /// Endpoint selection and failure accrual.
     pub balance: BalanceConfig,
 }
@@ -125,6 +133,8 @@ pub struct Workload {
     pub service: Option<ServiceRef>,
     /// Its labels.
     pub labels: BTreeMap<String, String>,
+    /// Its namespace, when set apart from the service's.
+    pub namespace: Option<String>,
     /// The address registered instead of the inbound listener's.
     pub addr: Option<SocketAddr>,
     /// Its SPIFFE ID.
@@ -170,6 +180,7 @@ impl Config {
                         reason,
                     })?,
                 },
+                namespace: env.parse(ENV_WORKLOAD_NAMESPACE)?,
                 addr: env.parse(ENV_WORKLOAD_ADDR)?,
                 identity: env.parse(ENV_IDENTITY)?,
                 token_file: env.parse(ENV_TOKEN_FILE)?,
@@ -181,6 +192,10 @@ impl Config {
             detect_timeout: env.duration_or(
                 ENV_INBOUND_DETECT_TIMEOUT,
                 crate::opaque::DEFAULT_DETECT_TIMEOUT,
+            )?,
+            inbound_default_policy: env.parse_or(
+                ENV_INBOUND_DEFAULT_POLICY,
+                mesh_policies::DefaultPolicy::AllUnauthenticated,
             )?,
             balance: BalanceConfig {
                 default_rtt: env.duration_or(ENV_BALANCER_DEFAULT_RTT, balance::DEFAULT_RTT)?,
@@ -284,6 +299,24 @@ impl Config {
         ))
     }
 
+    /// The inbound port whose policy the proxy enforces: the workload's namespace and labels,
+    /// and the port it is called on (its service's port, else the app's). `None` without an
+    /// inbound listener.
+    pub fn policy_target(&self) -> Option<PolicyTarget> {
+        let app = self.app_addr?;
+        let service = self.workload.service.as_ref();
+        Some(PolicyTarget {
+            namespace: self
+                .workload
+                .namespace
+                .clone()
+                .or_else(|| service.map(|s| s.namespace.clone()))
+                .unwrap_or_else(|| "default".into()),
+            port: service.map_or(app.port(), |s| s.port),
+            labels: self.workload.labels.clone(),
+        })
+    }
+
     /// The service to register the workload in, when registration is configured: a workload
     /// service and a control plane.
     pub fn registration(&self) -> Option<&ServiceRef> {
@@ -291,20 +324,6 @@ impl Config {
             .as_ref()
             .and(self.workload.service.as_ref())
     }
-}
-
-/// Parses `key=value,key=value`; blanks around entries are ignored, an empty key is not.
-fn parse_labels(list: &str) -> Result<BTreeMap<String, String>, String> {
-    list.split(',')
-        .map(str::trim)
-        .filter(|entry| !entry.is_empty())
-        .map(|entry| match entry.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => {
-                Ok((k.trim().to_string(), v.trim().to_string()))
-            }
-            _ => Err(format!("{entry:?} is not key=value")),
-        })
-        .collect()
 }
 
 #[cfg(test)]

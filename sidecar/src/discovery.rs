@@ -12,9 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_core::proxy_api::{
-    Endpoints, RouteTable, ServiceRef, Update, WATCH_ENDPOINTS_PATH, WATCH_ROUTES_PATH,
+    Endpoints, PolicyTarget, RouteTable, ServiceRef, Update, WATCH_ENDPOINTS_PATH,
+    WATCH_POLICY_PATH, WATCH_ROUTES_PATH,
 };
 use mesh_core::routing::CompiledRoutes;
+use mesh_policies::InboundPolicy;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
@@ -111,6 +113,35 @@ impl Discovery {
                     let endpoints = update.value.map(|e| e.endpoints).unwrap_or_default();
                     t.endpoints.insert(key, endpoints);
                 });
+            })
+            .await;
+        });
+    }
+
+    /// Follows the inbound policy of `target`, publishing each new value into `policy`. Until
+    /// the first answer, and whenever the control plane is away, `policy` keeps what it held.
+    pub fn watch_policy(&self, target: &PolicyTarget, policy: watch::Sender<Arc<InboundPolicy>>) {
+        let url = match reqwest::Url::parse_with_params(
+            &format!("{}{WATCH_POLICY_PATH}", self.base),
+            [
+                ("namespace", target.namespace.clone()),
+                ("port", target.port.to_string()),
+                ("labels", target.labels_param()),
+            ],
+        ) {
+            Ok(url) => url.to_string(),
+            Err(error) => {
+                tracing::error!(%error, "cannot build the policy watch URL");
+                return;
+            }
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.stream::<InboundPolicy>(url, move |_, update| {
+                if let Some(value) = update.value {
+                    tracing::info!(server = %value.server, "inbound policy updated");
+                    policy.send_replace(Arc::new(value));
+                }
             })
             .await;
         });

@@ -63,6 +63,10 @@ impl Watch {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientIdentity(pub String);
 
+/// The address of the client whose connection carried a request, in the request's extensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// Longest wait for a TLS handshake on an accepted connection.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -123,8 +127,15 @@ where
                     } else {
                         Protocol::Http
                     };
+                    // A Server that declares the port opaque means plaintext is never HTTP.
+                    let protocol = match &opaque {
+                        Some(o) if protocol == Protocol::Http && o.declared_opaque() => {
+                            Protocol::Opaque
+                        }
+                        _ => protocol,
+                    };
                     if let (Protocol::Opaque, Some(opaque)) = (protocol, &opaque) {
-                        if let Err(error) = forward(io, opaque).await {
+                        if let Err(error) = forward(io, peer, opaque).await {
                             tracing::debug!(%peer, %error, "{what} opaque connection ended with an error");
                         }
                         return;
@@ -137,7 +148,7 @@ where
                                 Ok(Ok(stream)) => {
                                     let identity = crate::tls::client_identity(stream.get_ref().1)
                                         .map(ClientIdentity);
-                                    connection(stream, handle, identity, drain).await
+                                    connection(stream, handle, peer, identity, drain).await
                                 }
                                 Ok(Err(error)) => {
                                     tracing::info!(%peer, %error, "{what} TLS handshake failed");
@@ -149,7 +160,7 @@ where
                                 }
                             }
                         }
-                        _ => connection(io, handle, None, drain).await,
+                        _ => connection(io, handle, peer, None, drain).await,
                     };
                     if let Err(error) = result {
                         tracing::debug!(%peer, %error, "{what} connection ended with an error");
@@ -175,6 +186,7 @@ where
 async fn connection<I, H, F>(
     io: I,
     handle: H,
+    peer: std::net::SocketAddr,
     identity: Option<ClientIdentity>,
     mut drain: Watch,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
@@ -189,6 +201,7 @@ where
             Some(id) => req.extensions_mut().insert(id.clone()),
             None => req.extensions_mut().remove::<ClientIdentity>(),
         };
+        req.extensions_mut().insert(PeerAddr(peer));
         let response = handle(req);
         async move { Ok::<_, Infallible>(response.await) }
     });

@@ -22,7 +22,8 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use mesh_core::proxy_api::ServiceRef;
 use tokio::net::TcpListener;
 
-use crate::drain::{Body, ClientIdentity, Watch};
+use crate::authz::Authz;
+use crate::drain::{Body, ClientIdentity, PeerAddr, Watch};
 use crate::identity::SharedCredentials;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::outbound::error;
@@ -47,6 +48,7 @@ pub struct Inbound {
     h2_client: Client<HttpConnector, Incoming>,
     credentials: Option<SharedCredentials>,
     detect_timeout: std::time::Duration,
+    authz: Option<Authz>,
 }
 
 impl Inbound {
@@ -70,6 +72,7 @@ impl Inbound {
             h2_client: crate::outbound::h2c_client(crate::outbound::CONNECT_TIMEOUT),
             credentials: None,
             detect_timeout: crate::opaque::DEFAULT_DETECT_TIMEOUT,
+            authz: None,
         }
     }
 
@@ -77,6 +80,13 @@ impl Inbound {
     /// forwarded as opaque TCP.
     pub fn with_detect_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.detect_timeout = timeout;
+        self
+    }
+
+    /// Admits only the requests and connections the port's policy authorizes; without this,
+    /// everyone is admitted.
+    pub fn with_authz(mut self, authz: Authz) -> Self {
+        self.authz = Some(authz);
         self
     }
 
@@ -100,6 +110,7 @@ impl Inbound {
             app: self.app,
             metrics: self.metrics.clone(),
             detect_timeout: self.detect_timeout,
+            authz: self.authz.clone(),
         });
         crate::drain::serve_detect(listener, "inbound", drain, tls, Some(opaque), move |req| {
             let this = self.clone();
@@ -111,6 +122,15 @@ impl Inbound {
     /// Hands one request to the app.
     pub async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
+        if let (Some(authz), Some(PeerAddr(peer))) = (&self.authz, req.extensions().get())
+            && let Err(denied) = authz.check_http(
+                peer.ip(),
+                req.extensions().get().map(|ClientIdentity(id)| id.as_str()),
+            )
+        {
+            tracing::debug!(%peer, %denied, "inbound request refused");
+            return error(StatusCode::FORBIDDEN, &format!("unauthorized: {denied}"));
+        }
         let headers = req.headers_mut();
         headers.remove(CLIENT_ID_HEADER);
         let http1 = headers

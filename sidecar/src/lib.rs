@@ -7,12 +7,14 @@
 //! pooled connections with connect timeouts, route timeouts, retries under a retry budget,
 //! filters, golden metrics) driven by a static config file or the control plane's watch streams;
 //! the inbound listener, which hands peers' requests to the local app (mTLS from peer proxies,
-//! or plaintext; not yet authorized); the workload's identity, a certificate from the control
-//! plane's CA renewed at 70 % of its lifetime, with mTLS and HTTP/2 between proxies; registration of the local workload with the control plane, which makes it an
-//! endpoint of its service; graceful drain on shutdown; and the admin server (`/live`, `/ready`,
+//! or plaintext) once the port's policy authorizes them ([`authz`]); the workload's identity, a
+//! certificate from the control plane's CA renewed at 70 % of its lifetime, with mTLS and
+//! HTTP/2 between proxies; registration of the local workload with the control plane, which
+//! makes it an endpoint of its service; graceful drain on shutdown; and the admin server (`/live`, `/ready`,
 //! `/metrics`, `/config`).
 
 pub mod admin;
+pub mod authz;
 pub mod balance;
 pub mod config;
 pub mod discovery;

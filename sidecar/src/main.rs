@@ -174,6 +174,13 @@ async fn run(config: Config, tables: Tables) -> anyhow::Result<()> {
     let admin = Arc::new(admin);
     // The admin server keeps answering probes and scrapes while the listeners drain.
     let mut admin_task = tokio::spawn(admin.serve(admin_listener));
+    // The inbound port's policy: the configured default until the control plane answers.
+    let (policy_tx, policy_rx) =
+        tokio::sync::watch::channel(Arc::new(config.inbound_default_policy.policy()));
+    if let (Some(d), Some(target)) = (&discovery, config.policy_target()) {
+        d.watch_policy(&target, policy_tx);
+    }
+    let authz = mesh_sidecar::authz::Authz::new(policy_rx, metrics.clone());
     let settings = OutboundSettings {
         connect_timeout: Some(config.connect_timeout),
         balance: config.balance,
@@ -188,8 +195,9 @@ async fn run(config: Config, tables: Tables) -> anyhow::Result<()> {
         match (inbound_listener, config.app_addr) {
             (Some(listener), Some(app)) => {
                 let service = config.workload.service.as_ref();
-                let mut inbound =
-                    Inbound::new(app, service, metrics).with_detect_timeout(config.detect_timeout);
+                let mut inbound = Inbound::new(app, service, metrics)
+                    .with_detect_timeout(config.detect_timeout)
+                    .with_authz(authz);
                 if let Some(c) = credentials {
                     inbound = inbound.with_identity(c);
                 }

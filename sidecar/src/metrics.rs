@@ -63,6 +63,17 @@ pub struct ResponseLabels {
     pub error: &'static str,
 }
 
+/// Labels of authorization decisions: what decided the policy (`Server/<name>` or
+/// `default:<policy>`) and, for an admitted client, the authorization that admitted it. Both
+/// are resource names from the control plane, never values a client sends.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// `Server/<name>` or `default:<policy>`.
+    pub server: String,
+    /// `AuthorizationPolicy/<name>` or `default:<policy>`; empty on a denial.
+    pub authorization: String,
+}
+
 /// Labels of per-route series: the authority and the HTTPRoute rule.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -100,6 +111,12 @@ pub struct Metrics {
     pub tcp_write_bytes: Family<TcpLabels, Counter>,
     /// Opaque TCP connections open now.
     pub tcp_open_connections: Family<TcpLabels, Gauge>,
+    /// Inbound HTTP requests an authorization admitted.
+    pub http_authz_allow: Family<AuthzLabels, Counter>,
+    /// Inbound HTTP requests refused by policy (403).
+    pub http_authz_deny: Family<AuthzLabels, Counter>,
+    /// Inbound opaque TCP connections refused by policy (closed).
+    pub tcp_authz_deny: Family<AuthzLabels, Counter>,
 }
 
 impl Metrics {
@@ -120,7 +137,25 @@ impl Metrics {
             tcp_read_bytes: Family::default(),
             tcp_write_bytes: Family::default(),
             tcp_open_connections: Family::default(),
+            http_authz_allow: Family::default(),
+            http_authz_deny: Family::default(),
+            tcp_authz_deny: Family::default(),
         };
+        registry.register(
+            "inbound_http_authz_allow",
+            "Inbound HTTP requests admitted by an authorization",
+            m.http_authz_allow.clone(),
+        );
+        registry.register(
+            "inbound_http_authz_deny",
+            "Inbound HTTP requests refused by the port's policy",
+            m.http_authz_deny.clone(),
+        );
+        registry.register(
+            "inbound_tcp_authz_deny",
+            "Inbound opaque TCP connections refused by the port's policy",
+            m.tcp_authz_deny.clone(),
+        );
         registry.register(
             "tcp_open",
             "Opaque TCP connections opened",

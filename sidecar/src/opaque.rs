@@ -34,6 +34,15 @@ pub struct Opaque {
     pub metrics: Metrics,
     /// See [`DEFAULT_DETECT_TIMEOUT`].
     pub detect_timeout: Duration,
+    /// The port's policy, checked before a connection is forwarded.
+    pub authz: Option<crate::authz::Authz>,
+}
+
+impl Opaque {
+    /// Whether the port's Server declares it opaque.
+    pub fn declared_opaque(&self) -> bool {
+        self.authz.as_ref().is_some_and(crate::authz::Authz::opaque)
+    }
 }
 
 /// What a connection speaks.
@@ -75,8 +84,15 @@ pub async fn detect(io: &TcpStream, timeout: Option<Duration>) -> Protocol {
     }
 }
 
-/// Forwards `client` to the app until either side closes.
-pub async fn forward(client: TcpStream, opaque: &Opaque) -> io::Result<()> {
+/// Forwards `client` (connected from `peer`) to the app until either side closes, if the port's
+/// policy admits it; a refused connection is closed at once.
+pub async fn forward(client: TcpStream, peer: SocketAddr, opaque: &Opaque) -> io::Result<()> {
+    if let Some(authz) = &opaque.authz
+        && let Err(denied) = authz.check_tcp(peer.ip())
+    {
+        tracing::info!(%peer, %denied, "inbound opaque connection refused");
+        return Ok(());
+    }
     let labels = TcpLabels {
         direction: "inbound",
     };

@@ -79,6 +79,7 @@ impl Mesh {
             trust_domain: "cluster.local".into(),
             workload_ttl: Duration::from_secs(10),
             watch_history: 10_000,
+            default_inbound_policy: mesh_policies::DefaultPolicy::AllUnauthenticated,
         };
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating {}", config.state_dir.display()))?;

@@ -552,7 +552,8 @@ impl InstanceCtx {
                 .env(
                     "MESH_PROXY_WORKLOAD_LABELS",
                     format!(
-                        "workload={},version={},arm={}",
+                        "app={},workload={},version={},arm={}",
+                        self.key.name,
                         self.key.name,
                         self.spec.version,
                         self.arm.suffix()
