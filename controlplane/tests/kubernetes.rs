@@ -286,3 +286,96 @@ async fn pods_get_certificates_for_their_own_service_account_only() {
     let refused = certify(&bootstrap, "spiffe://cluster.local/ns/default/sa/web").await;
     assert_eq!(refused.status(), 403);
 }
+
+/// The policy CRDs install on a real apiserver, and Server, AuthorizationPolicy and
+/// MeshTLSAuthentication objects made through the Kubernetes API become the policy a workload
+/// port's proxy watches.
+#[tokio::test]
+async fn policy_objects_in_the_cluster_become_the_policy_proxies_watch() {
+    use mesh_crds::policy::{AuthorizationPolicy, MeshTlsAuthentication, Server};
+    let kube = KubeApiServer::start()
+        .await
+        .expect("start etcd + kube-apiserver");
+    for (_, crd) in mesh_crds::all() {
+        kube.install_crd(crd).await.unwrap();
+    }
+    let client = kube.client();
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&kube, dir.path());
+    let policy_url = format!(
+        "http://{}/v1/watch/policy?namespace=default&port=8080&labels=app%3Dweb%2Cversion%3Dv1",
+        cp.addr("proxy")
+    );
+    assert_eq!(
+        current(&policy_url).await["server"],
+        "default:all-unauthenticated"
+    );
+
+    let pp = PostParams::default();
+    let server: Server = serde_json::from_value(json!({
+        "apiVersion": "policy.mesh.dev/v1alpha1", "kind": "Server",
+        "metadata": {"name": "web-http", "namespace": "default"},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "port": 8080, "proxyProtocol": "HTTP/1"},
+    }))
+    .unwrap();
+    let authn: MeshTlsAuthentication = serde_json::from_value(json!({
+        "apiVersion": "policy.mesh.dev/v1alpha1", "kind": "MeshTLSAuthentication",
+        "metadata": {"name": "frontend", "namespace": "default"},
+        "spec": {"identityRefs": [{"kind": "ServiceAccount", "name": "frontend"}]},
+    }))
+    .unwrap();
+    let authz: AuthorizationPolicy = serde_json::from_value(json!({
+        "apiVersion": "policy.mesh.dev/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "web-from-frontend", "namespace": "default"},
+        "spec": {
+            "targetRef": {"group": "policy.mesh.dev", "kind": "Server", "name": "web-http"},
+            "requiredAuthenticationRefs": [
+                {"group": "policy.mesh.dev", "kind": "MeshTLSAuthentication", "name": "frontend"},
+            ],
+        },
+    }))
+    .unwrap();
+    let servers: Api<Server> = Api::namespaced(client.clone(), "default");
+    servers.create(&pp, &server).await.unwrap();
+    Api::<MeshTlsAuthentication>::namespaced(client.clone(), "default")
+        .create(&pp, &authn)
+        .await
+        .unwrap();
+    Api::<AuthorizationPolicy>::namespaced(client.clone(), "default")
+        .create(&pp, &authz)
+        .await
+        .unwrap();
+
+    let want = json!({
+        "server": "Server/web-http",
+        "protocol": "HTTP/1",
+        "authorizations": [{
+            "name": "AuthorizationPolicy/web-from-frontend",
+            "require": [{"identities": ["spiffe://cluster.local/ns/default/sa/frontend"]}],
+        }],
+    });
+    assert_eventually!(
+        current(&policy_url).await == want,
+        "policy of web:8080: {}",
+        current(&policy_url).await
+    );
+
+    // The apiserver enforces the generated schema: a Server without a port is refused.
+    let bad: Result<Server, _> = serde_json::from_value(json!({
+        "apiVersion": "policy.mesh.dev/v1alpha1", "kind": "Server",
+        "metadata": {"name": "bad", "namespace": "default"},
+        "spec": {"podSelector": {}, "port": 0},
+    }));
+    let refused = servers.create(&pp, &bad.unwrap()).await.unwrap_err();
+    assert!(refused.to_string().contains("spec.port"), "{refused}");
+
+    servers
+        .delete("web-http", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eventually!(
+        current(&policy_url).await["server"] == "default:all-unauthenticated",
+        "policy of web:8080 after the Server left: {}",
+        current(&policy_url).await
+    );
+}

@@ -41,6 +41,7 @@ pub struct Admin {
     tables: SharedTables,
     readiness: watch::Receiver<Readiness>,
     credentials: Option<SharedCredentials>,
+    authz: Option<crate::authz::Authz>,
 }
 
 impl Admin {
@@ -53,12 +54,19 @@ impl Admin {
             tables,
             readiness,
             credentials: None,
+            authz: None,
         }
     }
 
     /// Shows the certificate held in `credentials` under `identity` in `/config`.
     pub fn with_identity(mut self, credentials: SharedCredentials) -> Self {
         self.credentials = Some(credentials);
+        self
+    }
+
+    /// Shows the inbound policy in force under `inboundPolicy` in `/config`.
+    pub fn with_authz(mut self, authz: crate::authz::Authz) -> Self {
+        self.authz = Some(authz);
         self
     }
 
@@ -112,6 +120,12 @@ impl Admin {
                         })
                     });
                     object.insert("identity".into(), held.unwrap_or_default());
+                }
+                if let (Some(authz), Some(object)) = (&self.authz, config.as_object_mut()) {
+                    object.insert(
+                        "inboundPolicy".into(),
+                        serde_json::to_value(&*authz.policy()).unwrap_or_default(),
+                    );
                 }
                 match serde_json::to_string_pretty(&config) {
                     Ok(body) => Response::builder()

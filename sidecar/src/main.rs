@@ -166,14 +166,6 @@ async fn run(config: Config, tables: Tables) -> anyhow::Result<()> {
         Registrar::new(&addr, client, workload, readiness_tx.clone()).spawn()
     });
 
-    let (drain_signal, drain_watch) = drain::channel();
-    let mut admin = Admin::new(registry, tables_rx.clone()).with_readiness(readiness_rx);
-    if let Some(c) = &credentials {
-        admin = admin.with_identity(c.clone());
-    }
-    let admin = Arc::new(admin);
-    // The admin server keeps answering probes and scrapes while the listeners drain.
-    let mut admin_task = tokio::spawn(admin.serve(admin_listener));
     // The inbound port's policy: the configured default until the control plane answers.
     let (policy_tx, policy_rx) =
         tokio::sync::watch::channel(Arc::new(config.inbound_default_policy.policy()));
@@ -181,6 +173,18 @@ async fn run(config: Config, tables: Tables) -> anyhow::Result<()> {
         d.watch_policy(&target, policy_tx);
     }
     let authz = mesh_sidecar::authz::Authz::new(policy_rx, metrics.clone());
+
+    let (drain_signal, drain_watch) = drain::channel();
+    let mut admin = Admin::new(registry, tables_rx.clone()).with_readiness(readiness_rx);
+    if inbound_bound.is_some() {
+        admin = admin.with_authz(authz.clone());
+    }
+    if let Some(c) = &credentials {
+        admin = admin.with_identity(c.clone());
+    }
+    let admin = Arc::new(admin);
+    // The admin server keeps answering probes and scrapes while the listeners drain.
+    let mut admin_task = tokio::spawn(admin.serve(admin_listener));
     let settings = OutboundSettings {
         connect_timeout: Some(config.connect_timeout),
         balance: config.balance,

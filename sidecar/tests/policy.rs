@@ -293,6 +293,21 @@ async fn http_callers_are_admitted_by_identity_and_network_as_policy_changes() {
             >= 1.0
     );
 
+    // The proxy shows the policy in force.
+    let config: serde_json::Value = mesh_test_support::http_client()
+        .get(format!("http://{}/config", web.addr("admin")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(config["inboundPolicy"]["server"], "Server/web-http");
+    assert_eq!(
+        config["inboundPolicy"]["authorizations"][0]["require"][0]["identities"][0],
+        CLIENT_ID
+    );
+
     // A second authorization admits anything from loopback, mTLS or not.
     apply(&cp, LOOPBACK_TOO).await;
     assert_eventually!(plaintext(&web).await.0 == 200);
