@@ -1,8 +1,10 @@
 //! The control plane's Kubernetes backend: the discovery index fed from the cluster instead of
 //! the embedded store and workload registrations.
 //!
-//! - **Routes.** A watcher over Gateway API HTTPRoutes (in every namespace) feeds the same
-//!   `apply_route` / `delete_route` / `reset_routes` the embedded store's HTTPRoutes feed.
+//! - **Resources.** The cluster is the control plane's store
+//!   ([`crate::store::kubernetes::KubernetesStore`]): the resource API serves it, and its
+//!   HTTPRoutes and policy objects feed the route and policy indexes through the same code as
+//!   the embedded store's.
 //! - **Endpoints.** Reflectors over Services, EndpointSlices and Pods. Each ready address of an
 //!   EndpointSlice becomes an endpoint of `<service>.<namespace>:<service port>`, at the pod's IP
 //!   and the slice's target port, the address Linkerd's destination service hands out too (in
@@ -12,11 +14,8 @@
 //!   ids derived from the slice, address and port; each change of the three caches recomputes
 //!   them and applies only the difference.
 //!
-//! - **Policy.** Watchers over the four `policy.mesh.dev` kinds feed the policy index, as the
-//!   embedded store's objects do.
-//!
-//! Identity bootstrap through TokenReview is not part of this yet: in a cluster, certificates
-//! are still issued against the bootstrap token.
+//! - **Identity.** Proxies present their projected service-account tokens, which the control
+//!   plane checks with TokenReview (see [`crate::tokenreview`]).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -27,18 +26,14 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use mesh_core::SpiffeId;
 use mesh_core::proxy_api::{ServiceRef, WorkloadRegistration};
-use mesh_crds::HttpRoute;
-use mesh_crds::policy::{
-    AuthorizationPolicy, MeshTlsAuthentication, NetworkAuthentication, Server,
-};
-use mesh_crds::validate::ResourceKind;
 use tokio::net::TcpListener;
 
 use crate::inject::INJECTED_ANNOTATION;
+use crate::store::kubernetes::KubernetesStore;
 use crate::{ControlPlane, Shared};
 
 /// Label EndpointSlices carry naming their Service.
@@ -56,88 +51,16 @@ impl ControlPlane {
     ) {
         // Proxies in pods authenticate with their projected tokens, checked by TokenReview.
         let _ = self.shared.kube.set(client.clone());
-        tokio::spawn(feed_routes(client.clone(), Arc::clone(&self.shared)));
-        tokio::spawn(feed_policy::<Server>(
-            client.clone(),
-            Arc::clone(&self.shared),
-        ));
-        tokio::spawn(feed_policy::<AuthorizationPolicy>(
-            client.clone(),
-            Arc::clone(&self.shared),
-        ));
-        tokio::spawn(feed_policy::<MeshTlsAuthentication>(
-            client.clone(),
-            Arc::clone(&self.shared),
-        ));
-        tokio::spawn(feed_policy::<NetworkAuthentication>(
-            client.clone(),
-            Arc::clone(&self.shared),
-        ));
+        // The cluster is the store: the resource API serves it, and it feeds the route and
+        // policy indexes exactly as the embedded store does.
+        let store = KubernetesStore::start(client.clone());
+        crate::spawn_feeds(&store, &self.shared);
         tokio::spawn(feed_endpoints(
             client,
             trust_domain,
             Arc::clone(&self.shared),
         ));
-        self.serve_apis(api, proxy).await;
-    }
-}
-
-/// Keeps the index's routes in step with the cluster's HTTPRoutes.
-pub async fn feed_routes(client: Client, shared: Arc<Shared>) {
-    let api: Api<HttpRoute> = Api::all(client);
-    let mut events = watcher::watcher(api, watcher::Config::default()).boxed();
-    let mut snapshot = Vec::new();
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(Event::Init) => snapshot.clear(),
-            Ok(Event::InitApply(route)) => snapshot.push(route),
-            Ok(Event::InitDone) => shared.index().reset_routes(&std::mem::take(&mut snapshot)),
-            Ok(Event::Apply(route)) => shared.index().apply_route(&route),
-            Ok(Event::Delete(route)) => {
-                let ns = route.namespace().unwrap_or_default();
-                shared.index().delete_route(&ns, &route.name_any());
-            }
-            Err(e) => tracing::warn!(error = %e, "HTTPRoute watch failed; retrying"),
-        }
-    }
-}
-
-/// Keeps the policy index's objects of kind `K` in step with the cluster's.
-pub async fn feed_policy<K>(client: Client, shared: Arc<Shared>)
-where
-    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-        + serde::de::DeserializeOwned
-        + serde::Serialize
-        + Clone
-        + std::fmt::Debug
-        + Send
-        + 'static,
-{
-    let Some(kind) = ResourceKind::ALL
-        .into_iter()
-        .find(|k| k.kind() == K::kind(&()) && k.group() == K::group(&()))
-    else {
-        return;
-    };
-    let to_value = |o: &K| serde_json::to_value(o).unwrap_or_default();
-    let api: Api<K> = Api::all(client);
-    let mut events = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    let mut snapshot = Vec::new();
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(Event::Init) => snapshot.clear(),
-            Ok(Event::InitApply(o)) => snapshot.push(to_value(&o)),
-            Ok(Event::InitDone) => shared.policy().reset(kind, &std::mem::take(&mut snapshot)),
-            Ok(Event::Apply(o)) => shared.policy().apply(kind, &to_value(&o)),
-            Ok(Event::Delete(o)) => {
-                let ns = o.meta().namespace.clone().unwrap_or_default();
-                let name = o.meta().name.clone().unwrap_or_default();
-                shared.policy().delete(kind, &ns, &name);
-            }
-            Err(e) => tracing::warn!(error = %e, %kind, "policy watch failed; retrying"),
-        }
+        crate::serve_apis(store, self.shared, api, proxy).await;
     }
 }
 

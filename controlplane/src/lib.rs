@@ -95,54 +95,64 @@ impl ControlPlane {
 
     /// Serves the resource API and the proxy API until the process ends.
     pub async fn serve(self, api: TcpListener, proxy: TcpListener) {
-        let shared = Arc::clone(&self.shared);
-        tokio::spawn(feed(
-            self.store.clone(),
-            ResourceKind::HttpRoute,
-            move |change| {
-                let mut index = shared.index();
-                match change {
-                    Change::Reset(objects) => {
-                        let routes: Vec<_> = objects
-                            .iter()
-                            .filter_map(|o| index::parse_route(o))
-                            .collect();
-                        index.reset_routes(&routes);
-                    }
-                    Change::Apply(object) => {
-                        if let Some(route) = index::parse_route(object) {
-                            index.apply_route(&route);
-                        }
-                    }
-                    Change::Delete(key) => index.delete_route(&key.namespace, &key.name),
-                }
-            },
-        ));
-        for kind in ResourceKind::POLICY {
-            let shared = Arc::clone(&self.shared);
-            tokio::spawn(feed(self.store.clone(), kind, move |change| {
-                let mut policy = shared.policy();
-                match change {
-                    Change::Reset(objects) => policy.reset(kind, objects),
-                    Change::Apply(object) => policy.apply(kind, object),
-                    Change::Delete(key) => policy.delete(kind, &key.namespace, &key.name),
-                }
-            }));
-        }
+        spawn_feeds(&self.store, &self.shared);
         tokio::spawn(sweep_workloads(Arc::clone(&self.shared)));
-        self.serve_apis(api, proxy).await;
+        serve_apis(self.store, self.shared, api, proxy).await;
     }
+}
 
-    /// Serves the resource API and the proxy API; whatever feeds the index runs beside it.
-    async fn serve_apis(self, api: TcpListener, proxy: TcpListener) {
-        let store = Arc::new(self.store);
-        let shared = self.shared;
-        let api_server = http::serve(api, "api", move |req| api::handle(Arc::clone(&store), req));
-        let proxy_server = http::serve(proxy, "proxy", move |req| {
-            proxy::handle(Arc::clone(&shared), req)
-        });
-        tokio::join!(api_server, proxy_server);
+/// Feeds the indexes from `store`: HTTPRoutes into the discovery index, the policy kinds into
+/// the policy index.
+fn spawn_feeds<S: ResourceStore + Clone>(store: &S, shared: &Arc<Shared>) {
+    let routes = Arc::clone(shared);
+    tokio::spawn(feed(
+        store.clone(),
+        ResourceKind::HttpRoute,
+        move |change| {
+            let mut index = routes.index();
+            match change {
+                Change::Reset(objects) => {
+                    let routes: Vec<_> = objects
+                        .iter()
+                        .filter_map(|o| index::parse_route(o))
+                        .collect();
+                    index.reset_routes(&routes);
+                }
+                Change::Apply(object) => {
+                    if let Some(route) = index::parse_route(object) {
+                        index.apply_route(&route);
+                    }
+                }
+                Change::Delete(key) => index.delete_route(&key.namespace, &key.name),
+            }
+        },
+    ));
+    for kind in ResourceKind::POLICY {
+        let shared = Arc::clone(shared);
+        tokio::spawn(feed(store.clone(), kind, move |change| {
+            let mut policy = shared.policy();
+            match change {
+                Change::Reset(objects) => policy.reset(kind, objects),
+                Change::Apply(object) => policy.apply(kind, object),
+                Change::Delete(key) => policy.delete(kind, &key.namespace, &key.name),
+            }
+        }));
     }
+}
+
+/// Serves the resource API over `store` and the proxy API over `shared`.
+async fn serve_apis<S: ResourceStore>(
+    store: S,
+    shared: Arc<Shared>,
+    api: TcpListener,
+    proxy: TcpListener,
+) {
+    let store = Arc::new(store);
+    let api_server = http::serve(api, "api", move |req| api::handle(Arc::clone(&store), req));
+    let proxy_server = http::serve(proxy, "proxy", move |req| {
+        proxy::handle(Arc::clone(&shared), req)
+    });
+    tokio::join!(api_server, proxy_server);
 }
 
 /// A change to the objects of one kind, as [`feed`] hands it on.

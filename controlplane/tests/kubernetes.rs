@@ -379,3 +379,105 @@ async fn policy_objects_in_the_cluster_become_the_policy_proxies_watch() {
         current(&policy_url).await
     );
 }
+
+/// In a cluster the control plane's resource API is the cluster: `mesh apply`-style writes
+/// are validated (a batch with one bad document writes nothing) and land as Kubernetes objects,
+/// reads see objects made with any other client, and deletes delete.
+#[tokio::test]
+async fn the_resource_api_reads_and_writes_the_cluster() {
+    let kube = KubeApiServer::start()
+        .await
+        .expect("start etcd + kube-apiserver");
+    kube.install_crd(mesh_crds::httproute_crd()).await.unwrap();
+    for (_, crd) in mesh_crds::all() {
+        kube.install_crd(crd).await.unwrap();
+    }
+    let client = kube.client();
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&kube, dir.path());
+    let api = format!("http://{}", cp.addr("api"));
+    let http = mesh_test_support::http_client();
+    let apply = |body: &'static str| {
+        http.post(format!("{api}/apply?namespace=default"))
+            .header("content-type", "application/yaml")
+            .body(body)
+            .send()
+    };
+    const SERVER: &str = "apiVersion: policy.mesh.dev/v1alpha1
+kind: Server
+metadata: {name: web-http}
+spec: {podSelector: {matchLabels: {app: web}}, port: 8080}
+";
+    const BAD_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web, port: 80}]
+  rules: [{backendRefs: [{name: web-primary, port: 80, weight: -5}]}]
+";
+    let servers: Api<mesh_crds::policy::Server> = Api::namespaced(client.clone(), "default");
+    let routes: Api<HttpRoute> = Api::namespaced(client.clone(), "default");
+
+    // A batch whose second document is invalid is refused whole, naming the field.
+    let body: &'static str = Box::leak(format!("{SERVER}---\n{BAD_ROUTE}").into_boxed_str());
+    let rsp = apply(body).await.unwrap();
+    assert_eq!(rsp.status(), 422);
+    let status: Value = rsp.json().await.unwrap();
+    assert_eq!(
+        status["details"]["causes"][0]["field"],
+        "spec.rules[0].backendRefs[0].weight"
+    );
+    assert!(servers.get_opt("web-http").await.unwrap().is_none());
+
+    // Workloads are the embedded mesh's; a cluster refuses them by name.
+    let rsp = apply(
+        "apiVersion: workloads.mesh.dev/v1alpha1
+kind: Workload
+metadata: {name: web}
+spec: {version: v1, versions: {v1: {command: [web]}}}
+",
+    )
+    .await
+    .unwrap();
+    assert_eq!(rsp.status(), 422);
+    assert!(
+        rsp.text()
+            .await
+            .unwrap()
+            .contains("only in the embedded mesh")
+    );
+
+    // A valid apply lands in the cluster.
+    let rsp = apply(SERVER).await.unwrap();
+    assert!(rsp.status().is_success(), "{}", rsp.text().await.unwrap());
+    let stored = servers.get("web-http").await.unwrap();
+    assert_eq!(stored.spec.port, 8080);
+
+    // An object made with another client is read through the API.
+    routes
+        .create(&PostParams::default(), &route(80, 20))
+        .await
+        .unwrap();
+    let list_url = format!("{api}/apis/gateway.networking.k8s.io/v1/namespaces/default/httproutes");
+    assert_eventually!(
+        http.get(&list_url)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()["items"][0]["metadata"]["name"]
+            == "web"
+    );
+
+    // Deleting through the API deletes in the cluster.
+    let rsp = http
+        .delete(format!(
+            "{api}/apis/policy.mesh.dev/v1alpha1/namespaces/default/servers/web-http"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(rsp.status().is_success(), "{}", rsp.status());
+    assert_eventually!(servers.get_opt("web-http").await.unwrap().is_none());
+}

@@ -1,6 +1,7 @@
 //! The resource store: one trait, written the way the Kubernetes API behaves, so the control
 //! plane's API, its indexes and the rollout controller work the same over the embedded store
-//! ([`embedded::EmbeddedStore`]) and, later, over the Kubernetes API through reflectors.
+//! ([`embedded::EmbeddedStore`]) and over the Kubernetes API ([`kubernetes::KubernetesStore`],
+//! reads from watch-fed caches, writes as server-side applies).
 //!
 //! Objects are Kubernetes objects in their JSON form (`apiVersion`, `kind`, `metadata`, `spec`,
 //! `status`), keyed by kind, namespace and name. Every write takes the next value of one global
@@ -9,6 +10,7 @@
 //! kept, after which a client lists again.
 
 pub mod embedded;
+pub mod kubernetes;
 
 use std::{fmt, future::Future, sync::Arc};
 
