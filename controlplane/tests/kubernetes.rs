@@ -296,9 +296,6 @@ async fn policy_objects_in_the_cluster_become_the_policy_proxies_watch() {
     let kube = KubeApiServer::start()
         .await
         .expect("start etcd + kube-apiserver");
-    for (_, crd) in mesh_crds::all() {
-        kube.install_crd(crd).await.unwrap();
-    }
     let client = kube.client();
     let dir = tempfile::tempdir().unwrap();
     let cp = start(&kube, dir.path());
@@ -389,9 +386,6 @@ async fn the_resource_api_reads_and_writes_the_cluster() {
         .await
         .expect("start etcd + kube-apiserver");
     kube.install_crd(mesh_crds::httproute_crd()).await.unwrap();
-    for (_, crd) in mesh_crds::all() {
-        kube.install_crd(crd).await.unwrap();
-    }
     let client = kube.client();
     let dir = tempfile::tempdir().unwrap();
     let cp = start(&kube, dir.path());
