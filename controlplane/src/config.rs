@@ -18,6 +18,9 @@ pub const ENV_TRUST_DOMAIN: &str = "MESH_CONTROLPLANE_TRUST_DOMAIN";
 pub const ENV_WORKLOAD_TTL: &str = "MESH_CONTROLPLANE_WORKLOAD_TTL";
 /// How many store events watches can resume from.
 pub const ENV_WATCH_HISTORY: &str = "MESH_CONTROLPLANE_WATCH_HISTORY";
+/// A directory with the CA's `tls.crt` and `tls.key` (a mounted `kubernetes.io/tls` Secret)
+/// to sign with, instead of a CA made in the state directory.
+pub const ENV_ISSUER_DIR: &str = "MESH_CONTROLPLANE_ISSUER_DIR";
 
 /// A duration written like `30s`, `24h` or `500ms`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +65,8 @@ pub struct Config {
     pub workload_ttl: Duration,
     /// See [`ENV_WATCH_HISTORY`].
     pub watch_history: usize,
+    /// See [`ENV_ISSUER_DIR`].
+    pub issuer_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -98,6 +103,7 @@ impl Config {
                 .parse_or(ENV_WORKLOAD_TTL, HumanDuration(Duration::from_secs(30)))?
                 .0,
             watch_history,
+            issuer_dir: env.parse(ENV_ISSUER_DIR)?,
         })
     }
 }
