@@ -278,7 +278,9 @@ fn update_section(doc: &Path, body: &str) -> anyhow::Result<()> {
             let end = existing[after..]
                 .find("\n## ")
                 .map_or(existing.len(), |i| after + i + 1);
-            format!("{}{section}{}", &existing[..start], &existing[end..])
+            // A blank line before the next section, as Markdown is written here.
+            let gap = if end < existing.len() { "\n" } else { "" };
+            format!("{}{section}{gap}{}", &existing[..start], &existing[end..])
         }
         None => format!(
             "{}\n{section}",
