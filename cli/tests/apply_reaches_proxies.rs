@@ -11,6 +11,7 @@ use mesh_test_support::{
     apps::app,
     assert_eventually, http_client,
     process::{MeshBinary, MeshProcess},
+    proxy_api::{MeshCa, ProxyApiAccess},
 };
 
 fn route(primary: u32, canary: u32) -> String {
@@ -93,12 +94,18 @@ fn control_plane(state: &std::path::Path, proxy_addr: &str) -> MeshProcess {
         .unwrap()
 }
 
-/// Registers v1 as web-primary and v2 as web-canary, as their sidecars would.
+/// Registers v1 as web-primary and v2 as web-canary, as their sidecars would (over mTLS, with a
+/// certificate from the CA in the control plane's state directory `state`).
 async fn register(
     proxy_api: std::net::SocketAddr,
+    state: &std::path::Path,
     v1: std::net::SocketAddr,
     v2: std::net::SocketAddr,
 ) {
+    let client = MeshCa::of_control_plane(state)
+        .unwrap()
+        .client("spiffe://cluster.local/ns/default/sa/web")
+        .unwrap();
     for (service, addr) in [("web-primary", v1), ("web-canary", v2)] {
         let reg = WorkloadRegistration {
             service: format!("{service}.default:80").parse().unwrap(),
@@ -106,8 +113,8 @@ async fn register(
             identity: None,
             labels: Default::default(),
         };
-        let rsp = http_client()
-            .post(format!("http://{proxy_api}{WORKLOADS_PATH}"))
+        let rsp = client
+            .post(format!("https://{proxy_api}{WORKLOADS_PATH}"))
             .json(&reg)
             .send()
             .await
@@ -120,12 +127,15 @@ async fn register(
     }
 }
 
-fn proxy(proxy_api: std::net::SocketAddr) -> MeshProcess {
+fn proxy(proxy_api: std::net::SocketAddr, state: &std::path::Path) -> MeshProcess {
     MeshBinary::workspace("mesh-proxy")
         .unwrap()
         .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
         .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
-        .env("MESH_PROXY_CONTROL_PLANE_ADDR", proxy_api.to_string())
+        .control_plane(
+            &ProxyApiAccess::of_control_plane(proxy_api, state),
+            "spiffe://cluster.local/ns/default/sa/caller",
+        )
         .env("MESH_PROXY_WATCH", "web.default:80")
         .listener("admin")
         .listener("outbound")
@@ -141,10 +151,10 @@ async fn a_weight_change_applied_with_mesh_reaches_every_proxy() {
     let proxy_api = cp.addr("proxy");
 
     let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
-    register(proxy_api, v1, v2).await;
+    register(proxy_api, state.path(), v1, v2).await;
     apply(&api, state.path(), &route(100, 0));
 
-    let proxies: Vec<MeshProcess> = (0..3).map(|_| proxy(proxy_api)).collect();
+    let proxies: Vec<MeshProcess> = (0..3).map(|_| proxy(proxy_api, state.path())).collect();
     for p in &proxies {
         assert_eventually!(
             canary_weight(p).await == Some(0),
@@ -176,9 +186,9 @@ async fn proxies_serve_through_a_30_second_control_plane_outage_and_resync() {
     let api = format!("http://{}", cp.addr("api"));
     let proxy_api = cp.addr("proxy");
     let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
-    register(proxy_api, v1, v2).await;
+    register(proxy_api, state.path(), v1, v2).await;
     apply(&api, state.path(), &route(100, 0));
-    let p = proxy(proxy_api);
+    let p = proxy(proxy_api, state.path());
     assert_eventually!(
         canary_weight(&p).await == Some(0),
         "proxy never got the route"
@@ -218,7 +228,7 @@ async fn proxies_serve_through_a_30_second_control_plane_outage_and_resync() {
     // does when its heartbeat gets 404) and a change made now reaches the proxy.
     let cp = control_plane(state.path(), &addr);
     let api = format!("http://{}", cp.addr("api"));
-    register(cp.addr("proxy"), v1, v2).await;
+    register(cp.addr("proxy"), state.path(), v1, v2).await;
     apply(&api, state.path(), &route(0, 100));
     assert_eventually!(
         canary_weight(&p).await == Some(100),
@@ -234,9 +244,9 @@ async fn weight_changes_under_load_drop_no_request() {
     let cp = control_plane(state.path(), "127.0.0.1:0");
     let api = format!("http://{}", cp.addr("api"));
     let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
-    register(cp.addr("proxy"), v1, v2).await;
+    register(cp.addr("proxy"), state.path(), v1, v2).await;
     apply(&api, state.path(), &route(100, 0));
-    let p = proxy(cp.addr("proxy"));
+    let p = proxy(cp.addr("proxy"), state.path());
     assert_eventually!(
         canary_weight(&p).await == Some(0),
         "proxy never got the route"

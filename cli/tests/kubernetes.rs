@@ -178,7 +178,26 @@ async fn install_check_and_inject_on_a_real_apiserver() {
          spec:\n  ports: [{port: 9898}]\n  selector: {app: web}\n",
     )
     .unwrap();
-    let injected = mesh(&kube, &["inject", "-f", "-"], Some(file.to_str().unwrap()));
+    // The trust roots the injected proxy verifies the control plane with: the issuer Secret's
+    // certificate, which the control plane signs with.
+    let issuer: k8s_openapi::api::core::v1::Secret = Api::namespaced(client.clone(), "mesh-system")
+        .get("mesh-identity-issuer")
+        .await
+        .unwrap();
+    let roots_pem = String::from_utf8(issuer.data.unwrap()["tls.crt"].0.clone()).unwrap();
+    let roots = dir.path().join("trust-roots.pem");
+    std::fs::write(&roots, &roots_pem).unwrap();
+    let injected = mesh(
+        &kube,
+        &[
+            "inject",
+            "--trust-roots",
+            roots.to_str().unwrap(),
+            "-f",
+            "-",
+        ],
+        Some(file.to_str().unwrap()),
+    );
     assert!(injected.status.success(), "{}", text(&injected));
     assert!(String::from_utf8_lossy(&injected.stderr).contains("Deployment web: injected"));
     let docs = documents(&injected.stdout);
@@ -199,6 +218,23 @@ async fn install_check_and_inject_on_a_real_apiserver() {
         .map(|c| c.name.clone())
         .collect();
     assert_eq!(names, ["mesh-proxy", "web"]);
+    let proxy_env = d
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .env
+        .clone()
+        .unwrap();
+    let roots_env = proxy_env
+        .iter()
+        .find(|e| e.name == "MESH_PROXY_TRUST_ROOTS")
+        .and_then(|e| e.value.clone());
+    assert_eq!(roots_env, Some(roots_pem));
 }
 
 #[tokio::test]

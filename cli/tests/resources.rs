@@ -24,6 +24,7 @@ use mesh_core::proxy_api::{RouteTable, Update};
 use mesh_test_support::{
     assert_eventually, http_client,
     process::{MeshBinary, MeshProcess},
+    proxy_api::MeshCa,
 };
 use serde_json::Value;
 
@@ -46,7 +47,7 @@ fn start(state_dir: &Path, extra: &[(&str, &str)]) -> ControlPlane {
     }
     let process = bin.run().unwrap();
     let api = format!("http://{}", process.addr("api"));
-    let proxy = format!("http://{}", process.addr("proxy"));
+    let proxy = format!("https://{}", process.addr("proxy"));
     ControlPlane {
         process,
         api,
@@ -468,16 +469,15 @@ async fn a_weight_change_made_with_mesh_apply_reaches_every_watching_proxy() {
             .success()
     );
 
-    // Proxies watch over HTTP/2 (h2c), as the sidecar does; several connections, many streams.
+    // Proxies watch over HTTP/2 and mTLS, as the sidecar does (with a certificate from the
+    // control plane's CA); several connections, many streams.
     let seen: Arc<Vec<AtomicU64>> = Arc::new((0..WATCHERS).map(|_| AtomicU64::new(0)).collect());
     let versions: Arc<Vec<AtomicU64>> =
         Arc::new((0..WATCHERS).map(|_| AtomicU64::new(0)).collect());
-    let _ = http_client();
+    let ca = MeshCa::of_control_plane(state.path()).unwrap();
     let clients: Vec<reqwest::Client> = (0..5)
         .map(|_| {
-            reqwest::Client::builder()
-                .http2_prior_knowledge()
-                .build()
+            ca.client("spiffe://cluster.local/ns/default/sa/watcher")
                 .unwrap()
         })
         .collect();

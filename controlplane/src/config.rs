@@ -21,6 +21,9 @@ pub const ENV_WATCH_HISTORY: &str = "MESH_CONTROLPLANE_WATCH_HISTORY";
 /// The inbound policy of ports no `Server` selects: `all-unauthenticated` (the default),
 /// `all-authenticated` or `deny`.
 pub const ENV_DEFAULT_INBOUND_POLICY: &str = "MESH_CONTROLPLANE_DEFAULT_INBOUND_POLICY";
+/// A directory with the CA's `tls.crt` and `tls.key` (a mounted `kubernetes.io/tls` Secret)
+/// to sign with, instead of a CA made in the state directory.
+pub const ENV_ISSUER_DIR: &str = "MESH_CONTROLPLANE_ISSUER_DIR";
 
 /// A duration written like `30s`, `24h` or `500ms`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +70,8 @@ pub struct Config {
     pub watch_history: usize,
     /// See [`ENV_DEFAULT_INBOUND_POLICY`].
     pub default_inbound_policy: mesh_policies::DefaultPolicy,
+    /// See [`ENV_ISSUER_DIR`].
+    pub issuer_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -107,6 +112,7 @@ impl Config {
                 ENV_DEFAULT_INBOUND_POLICY,
                 mesh_policies::DefaultPolicy::AllUnauthenticated,
             )?,
+            issuer_dir: env.parse(ENV_ISSUER_DIR)?,
         })
     }
 }

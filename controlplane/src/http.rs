@@ -1,13 +1,15 @@
 //! Serving plumbing shared by the resource API and the proxy API: one hyper server loop that
-//! speaks HTTP/1.1 and HTTP/2 (prior knowledge, h2c) on the same port, JSON and NDJSON bodies,
-//! and Kubernetes-style `Status` errors.
+//! speaks HTTP/1.1 and HTTP/2 on the same port, in plaintext (prior knowledge, h2c; the
+//! resource API on loopback) or over TLS (the proxy API, [`serve_tls`], which hands each request
+//! its connection's verified client identity as a [`PeerIdentity`] extension), JSON and NDJSON
+//! bodies, and Kubernetes-style `Status` errors.
 
 #![allow(
     clippy::result_large_err,
     reason = "the error is the early response to a request, built once per request"
 )]
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, time::Duration};
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -20,7 +22,10 @@ use hyper_util::{
 };
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+};
 
 /// Response body: a whole buffer or a stream of NDJSON lines.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -31,6 +36,23 @@ pub const MAX_BODY: usize = 16 * 1024 * 1024;
 /// Enough concurrent streams on one HTTP/2 connection for a node's worth of proxies (or a
 /// benchmark) multiplexed over few connections.
 const MAX_STREAMS: u32 = 16_384;
+
+/// How long a client may take to complete its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// What a plaintext HTTP client hears from a TLS listener before it is disconnected.
+const PLAINTEXT_REFUSAL: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n\
+connection: close\r\ncontent-length: 85\r\n\r\nthis listener speaks TLS: use https:// \
+and verify it with the mesh's trust-roots.pem\n";
+
+/// The verified identity of a request's client: the SPIFFE ID in the client certificate its
+/// TLS connection presented, which chained to the mesh CA's roots. [`serve_tls`] inserts it
+/// into every request of such a connection; a request without it came without a certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity(pub String);
 
 /// A buffered body.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
@@ -143,6 +165,40 @@ where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_with(listener, name, None, handler).await;
+}
+
+/// Serves `handler` on `listener` over TLS with `tls` until the process ends; ALPN picks
+/// HTTP/2 or HTTP/1.1. Requests of a connection that presented a verified client certificate
+/// naming a SPIFFE ID carry it as a [`PeerIdentity`] extension. A plaintext HTTP client gets a
+/// 400 saying so and is disconnected.
+pub async fn serve_tls<H, F>(
+    listener: TcpListener,
+    name: &'static str,
+    tls: Arc<rustls::ServerConfig>,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    serve_with(
+        listener,
+        name,
+        Some(tokio_rustls::TlsAcceptor::from(tls)),
+        handler,
+    )
+    .await;
+}
+
+async fn serve_with<H, F>(
+    listener: TcpListener,
+    name: &'static str,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http2()
@@ -162,18 +218,72 @@ where
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let builder = builder.clone();
+        let tls = tls.clone();
+        // The handshake runs in the connection's task, so a slow client never holds up accept.
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req).await) }
-            });
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                log_conn_error(name, peer, e.as_ref());
-            }
+            let Some(acceptor) = tls else {
+                return serve_connection(&builder, stream, None, handler, name, peer).await;
+            };
+            let stream =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&acceptor, stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(listener = name, %peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            let identity = crate::tls::peer_identity(stream.get_ref().1);
+            serve_connection(&builder, stream, identity, handler, name, peer).await;
         });
+    }
+}
+
+/// Accepts a TLS connection. A client whose first byte is not a TLS handshake is refused in
+/// plain HTTP/1.1, so a stray `curl http://` or an old proxy learns why.
+async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    mut stream: TcpStream,
+) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    let mut first = [0u8; 1];
+    if stream.peek(&mut first).await? == 1 && first[0] != TLS_HANDSHAKE {
+        let _ = stream.write_all(PLAINTEXT_REFUSAL).await;
+        let _ = stream.shutdown().await;
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the client spoke plaintext to a TLS listener",
+        ));
+    }
+    acceptor.accept(stream).await
+}
+
+async fn serve_connection<S, H, F>(
+    builder: &auto::Builder<TokioExecutor>,
+    stream: S,
+    identity: Option<PeerIdentity>,
+    handler: H,
+    name: &'static str,
+    peer: SocketAddr,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        if let Some(identity) = &identity {
+            req.extensions_mut().insert(identity.clone());
+        }
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler(req).await) }
+    });
+    if let Err(e) = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        log_conn_error(name, peer, e.as_ref());
     }
 }
 

@@ -8,8 +8,14 @@
 //! ServiceAccount token checked by TokenReview and binds the namespace and service account.
 //! The proxy's key never leaves it: it sends a CSR, and only the CSR's public key is used; the
 //! subject, SAN, lifetime and key usages are the CA's choice.
+//!
+//! The CA also issues the control plane's own serving certificate for the proxy API
+//! ([`Ca::issue_serving`]), naming `spiffe://<trust-domain>/ns/mesh-system/sa/mesh-controlplane`,
+//! and writes the trust roots to [`TRUST_ROOTS_FILE`] in the state directory, where the
+//! supervisor of an embedded mesh and local tools read them to verify that certificate.
 
 use std::{
+    net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -29,6 +35,9 @@ pub const TOKEN_FILE: &str = "bootstrap-token";
 pub const CA_CERT_FILE: &str = "ca.crt";
 /// File holding the CA private key.
 pub const CA_KEY_FILE: &str = "ca.key";
+/// File the trust roots (PEM) are written to at every start, for proxies started beside the
+/// control plane and for local tools (`curl --cacert`); unlike the key, it is not secret.
+pub const TRUST_ROOTS_FILE: &str = "trust-roots.pem";
 
 /// How long the root is valid; see docs/identity.md for how it is rotated.
 const ROOT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -63,6 +72,24 @@ pub enum IdentityError {
         /// What went wrong.
         message: String,
     },
+}
+
+/// A certificate the control plane serves the proxy API with, and its key.
+pub struct ServingCert {
+    /// The leaf, PEM.
+    pub chain_pem: String,
+    /// Its private key, PKCS#8 DER.
+    pub key_pkcs8_der: Vec<u8>,
+    /// How long it is valid from its issue.
+    pub lifetime: Duration,
+}
+
+impl std::fmt::Debug for ServingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingCert")
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The certificate authority.
@@ -102,6 +129,19 @@ fn write_private(path: &Path, contents: &str) -> Result<(), IdentityError> {
         .map_err(|e| files_err(path)(&e))
 }
 
+/// The bootstrap token in `state_dir`, made on first use.
+fn load_or_create_token(state_dir: &Path) -> Result<String, IdentityError> {
+    std::fs::create_dir_all(state_dir).map_err(|e| files_err(state_dir)(&e))?;
+    let token_path = state_dir.join(TOKEN_FILE);
+    if !token_path.exists() {
+        write_private(&token_path, &format!("{}\n", random_hex(32)?))?;
+    }
+    Ok(std::fs::read_to_string(&token_path)
+        .map_err(|e| files_err(&token_path)(&e))?
+        .trim()
+        .to_string())
+}
+
 fn random_hex(bytes: usize) -> Result<String, IdentityError> {
     let mut b = vec![0u8; bytes];
     getrandom::fill(&mut b).map_err(|e| IdentityError::Files {
@@ -129,16 +169,7 @@ impl Ca {
         trust_domain: &str,
         lifetime: Duration,
     ) -> Result<Self, IdentityError> {
-        std::fs::create_dir_all(state_dir).map_err(|e| files_err(state_dir)(&e))?;
-        let token_path = state_dir.join(TOKEN_FILE);
-        if !token_path.exists() {
-            write_private(&token_path, &format!("{}\n", random_hex(32)?))?;
-        }
-        let token = std::fs::read_to_string(&token_path)
-            .map_err(|e| files_err(&token_path)(&e))?
-            .trim()
-            .to_string();
-
+        let token = load_or_create_token(state_dir)?;
         let cert_path = state_dir.join(CA_CERT_FILE);
         let key_path = state_dir.join(CA_KEY_FILE);
         if !cert_path.exists() || !key_path.exists() {
@@ -164,12 +195,41 @@ impl Ca {
             let _ = std::fs::remove_file(&cert_path);
             write_private(&cert_path, &cert.pem())?;
         }
-        let key_pem = std::fs::read_to_string(&key_path).map_err(|e| files_err(&key_path)(&e))?;
-        let root_pem =
-            std::fs::read_to_string(&cert_path).map_err(|e| files_err(&cert_path)(&e))?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| files_err(&key_path)(&e))?;
+        Self::from_files(&cert_path, &key_path, token, trust_domain, lifetime)
+    }
+
+    /// Loads the CA from an issuer directory holding `tls.crt` and `tls.key` (a
+    /// `kubernetes.io/tls` Secret, as `mesh install` renders it), which is never written to;
+    /// the token still lives in `state_dir`. Roots that outlive the control plane's state keep
+    /// the trust roots given to injected proxies valid across restarts.
+    pub fn load_issuer(
+        issuer_dir: &Path,
+        state_dir: &Path,
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<Self, IdentityError> {
+        let token = load_or_create_token(state_dir)?;
+        Self::from_files(
+            &issuer_dir.join("tls.crt"),
+            &issuer_dir.join("tls.key"),
+            token,
+            trust_domain,
+            lifetime,
+        )
+    }
+
+    fn from_files(
+        cert_path: &Path,
+        key_path: &Path,
+        token: String,
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<Self, IdentityError> {
+        let key_pem = std::fs::read_to_string(key_path).map_err(|e| files_err(key_path)(&e))?;
+        let root_pem = std::fs::read_to_string(cert_path).map_err(|e| files_err(cert_path)(&e))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| files_err(key_path)(&e))?;
         let issuer =
-            Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| files_err(&cert_path)(&e))?;
+            Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| files_err(cert_path)(&e))?;
         Ok(Self {
             issuer,
             root_pem,
@@ -182,6 +242,79 @@ impl Ca {
     /// The trust roots proxies verify peers against, PEM.
     pub fn trust_roots_pem(&self) -> &str {
         &self.root_pem
+    }
+
+    /// How long issued leaves are valid.
+    pub fn leaf_lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    /// The trust domain identities are issued in.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Writes the trust roots to [`TRUST_ROOTS_FILE`] in `dir` (replacing the file in one
+    /// rename, so a reader never sees half of it) and returns its path.
+    pub fn write_trust_roots(&self, dir: &Path) -> Result<PathBuf, IdentityError> {
+        let path = dir.join(TRUST_ROOTS_FILE);
+        let tmp = dir.join(format!(".{TRUST_ROOTS_FILE}.tmp"));
+        std::fs::write(&tmp, &self.root_pem)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| files_err(&path)(&e))?;
+        Ok(path)
+    }
+
+    /// Issues the proxy API's serving certificate at `now`, with a fresh key: its URI SAN is
+    /// the control plane's SPIFFE ID (what proxies check), and `dns_names` and `ips` are added
+    /// for clients that check a host name instead (curl, tests). It is valid for the leaf
+    /// lifetime, like the proxies' own.
+    pub fn issue_serving(
+        &self,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        now: SystemTime,
+    ) -> Result<ServingCert, IdentityError> {
+        let id = SpiffeId::control_plane(&self.trust_domain).map_err(|e| {
+            IdentityError::BadIdentity {
+                identity: format!("(the control plane in {})", self.trust_domain),
+                reason: e.to_string(),
+            }
+        })?;
+        let key = KeyPair::generate().map_err(IdentityError::Sign)?;
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, id.service_account());
+        params.subject_alt_names = vec![SanType::URI(
+            id.to_string().try_into().map_err(IdentityError::Sign)?,
+        )];
+        for name in dns_names {
+            params.subject_alt_names.push(SanType::DnsName(
+                name.as_str().try_into().map_err(IdentityError::Sign)?,
+            ));
+        }
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = (now - CLOCK_SKEW).into();
+        params.not_after = (now + self.lifetime).into();
+        params.serial_number = Some(serial()?);
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(IdentityError::Sign)?;
+        Ok(ServingCert {
+            chain_pem: cert.pem(),
+            key_pkcs8_der: key.serialize_der(),
+            lifetime: self.lifetime,
+        })
     }
 
     /// The bootstrap token (for the supervisor that starts proxies).
@@ -345,6 +478,92 @@ mod tests {
             ca.certify(&bad_csr, now),
             Err(IdentityError::BadCsr(_))
         ));
+    }
+
+    #[test]
+    fn the_serving_certificate_names_the_control_plane_and_its_addresses() {
+        use rustls::client::danger::ServerCertVerifier;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path(), "example.org", Duration::from_secs(60)).unwrap();
+        let serving = ca
+            .issue_serving(
+                &["localhost".into()],
+                &["127.0.0.1".parse().unwrap()],
+                SystemTime::now(),
+            )
+            .unwrap();
+        assert_eq!(serving.lifetime, Duration::from_secs(60));
+        let der = CertificateDer::from_pem_slice(serving.chain_pem.as_bytes()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let names: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| format!("{n}"))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "URI(spiffe://example.org/ns/mesh-system/sa/mesh-controlplane)",
+                "DNSName(localhost)",
+                "IPAddress(7f:00:00:01)",
+            ]
+        );
+        // It chains to the roots written for local tools.
+        let roots = std::fs::read_to_string(ca.write_trust_roots(dir.path()).unwrap()).unwrap();
+        assert_eq!(roots, ca.trust_roots_pem());
+        let mut store = rustls::RootCertStore::empty();
+        store
+            .add(CertificateDer::from_pem_slice(roots.as_bytes()).unwrap())
+            .unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(store),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        verifier
+            .verify_server_cert(&der, &[], &name, &[], UnixTime::now())
+            .unwrap();
+    }
+
+    #[test]
+    fn an_issuer_directory_supplies_the_ca() {
+        let state = tempfile::tempdir().unwrap();
+        let made =
+            Ca::load_or_create(state.path(), "cluster.local", Duration::from_secs(60)).unwrap();
+        let issuer = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            state.path().join(CA_CERT_FILE),
+            issuer.path().join("tls.crt"),
+        )
+        .unwrap();
+        std::fs::copy(
+            state.path().join(CA_KEY_FILE),
+            issuer.path().join("tls.key"),
+        )
+        .unwrap();
+        let other_state = tempfile::tempdir().unwrap();
+        let loaded = Ca::load_issuer(
+            issuer.path(),
+            other_state.path(),
+            "cluster.local",
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        assert_eq!(loaded.trust_roots_pem(), made.trust_roots_pem());
+        assert!(!other_state.path().join(CA_KEY_FILE).exists());
+        let resp = loaded
+            .certify(&mk_request(loaded.token(), ID), SystemTime::now())
+            .unwrap();
+        verify(
+            &resp.certificate_chain_pem,
+            made.trust_roots_pem(),
+            SystemTime::now(),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -7,8 +7,10 @@
 //!   TCP to the proxy's inbound port and its outbound TCP to the outbound port, except the
 //!   proxy's own traffic (it runs as [`PROXY_UID`]) and loopback;
 //! - the `mesh-proxy` container, configured through `MESH_PROXY_*` variables, with the pod's
-//!   SPIFFE identity from its namespace and service account, and a projected service-account
-//!   token (audience [`TOKEN_AUDIENCE`]) to bootstrap it;
+//!   SPIFFE identity from its namespace and service account, a projected service-account
+//!   token (audience [`TOKEN_AUDIENCE`]) to bootstrap it, and the mesh's trust roots
+//!   (`MESH_PROXY_TRUST_ROOTS`, as Linkerd passes its trust anchors) to verify the control
+//!   plane's proxy API with;
 //! - the annotation `mesh.dev/injected: <proxy image>`, so a second pass changes nothing.
 //!
 //! Everything here is pure: the webhook and the CLI supply the namespace's annotations.
@@ -53,6 +55,10 @@ pub struct InjectConfig {
     pub control_plane_addr: String,
     /// The SPIFFE trust domain.
     pub trust_domain: String,
+    /// The mesh's trust roots, PEM, which the proxy verifies the control plane with; the
+    /// webhook takes them from the CA. Empty leaves them out, and the proxy will refuse to
+    /// start until they are set.
+    pub trust_roots_pem: String,
     /// The proxy's inbound port.
     pub inbound_port: u16,
     /// The proxy's outbound port.
@@ -68,6 +74,7 @@ impl Default for InjectConfig {
             init_image: format!("ghcr.io/mesh-dev/proxy-init:{}", env!("CARGO_PKG_VERSION")),
             control_plane_addr: "mesh-controlplane.mesh-system.svc.cluster.local:4181".into(),
             trust_domain: "cluster.local".into(),
+            trust_roots_pem: String::new(),
             inbound_port: 4143,
             outbound_port: 4140,
             admin_port: 4191,
@@ -283,6 +290,12 @@ pub fn inject(
         let list: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         envs.push(env("MESH_PROXY_WORKLOAD_LABELS", list.join(",")));
     }
+    if !config.trust_roots_pem.is_empty() {
+        envs.push(env(
+            "MESH_PROXY_TRUST_ROOTS",
+            config.trust_roots_pem.clone(),
+        ));
+    }
     if let Some(port) = app_port(spec) {
         envs.push(env("MESH_PROXY_APP_ADDR", format!("127.0.0.1:{port}")));
     }
@@ -404,7 +417,10 @@ mod tests {
 
     #[test]
     fn injection_adds_the_proxy_the_init_container_and_the_token_once() {
-        let config = InjectConfig::default();
+        let config = InjectConfig {
+            trust_roots_pem: "-----BEGIN CERTIFICATE-----\n...".into(),
+            ..InjectConfig::default()
+        };
         let (mut m, mut s) = pod(&[(INJECT_ANNOTATION, "enabled")]);
         m.labels = Some(BTreeMap::from([
             ("app".to_string(), "backend".to_string()),
@@ -426,6 +442,7 @@ mod tests {
             env["MESH_PROXY_WORKLOAD_NAMESPACE"],
             "$(MESH_POD_NAMESPACE)"
         );
+        assert_eq!(env["MESH_PROXY_TRUST_ROOTS"], config.trust_roots_pem);
         assert_eq!(
             env["MESH_PROXY_IDENTITY"],
             "spiffe://cluster.local/ns/$(MESH_POD_NAMESPACE)/sa/$(MESH_POD_SERVICE_ACCOUNT)"

@@ -60,7 +60,7 @@ impl ControlPlane {
             trust_domain,
             Arc::clone(&self.shared),
         ));
-        crate::serve_apis(store, self.shared, api, proxy).await;
+        crate::serve_apis(store, self.shared, &self.proxy_tls, api, proxy).await;
     }
 }
 

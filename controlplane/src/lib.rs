@@ -3,8 +3,8 @@
 //! the Kubernetes API through reflectors) behind one [`store::ResourceStore`] trait and serves
 //! them over a kubectl-style HTTP API ([`api`]); a pure [`index`] turns HTTPRoutes and workload
 //! registrations into per-authority route tables and per-service endpoint sets, which long-lived
-//! watch streams ([`proxy`]) carry to the sidecars; and it is the CA ([`identity`]) that issues
-//! workload certificates.
+//! watch streams ([`proxy`]) carry to the sidecars over mTLS ([`tls`]); and it is the CA
+//! ([`identity`]) that issues workload certificates, and its own for the proxy listener.
 
 pub mod api;
 pub mod config;
@@ -17,10 +17,12 @@ pub mod kubernetes;
 pub mod policy;
 pub mod proxy;
 pub mod store;
+pub mod tls;
 pub mod tokenreview;
 pub mod workloads;
 
 use std::{
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -36,6 +38,7 @@ use crate::{
     store::{
         EventType, ObjectKey, ResourceStore, Selector, StoreError, Watcher, embedded::EmbeddedStore,
     },
+    tls::{ProxyTls, ServerNames, TlsError},
     workloads::Leases,
 };
 
@@ -49,23 +52,39 @@ pub enum StartError {
     /// The CA could not be loaded or created.
     #[error("loading the identity CA")]
     Identity(#[from] IdentityError),
+    /// The proxy listener's TLS could not be set up.
+    #[error("setting up the proxy API's TLS")]
+    Tls(#[from] TlsError),
 }
 
 /// A control plane with its state opened, ready to serve.
 pub struct ControlPlane {
     store: EmbeddedStore,
     shared: Arc<Shared>,
+    proxy_tls: Arc<ProxyTls>,
+    trust_roots_file: PathBuf,
 }
 
 impl ControlPlane {
-    /// Opens the store and the CA in the configured state directory.
+    /// Opens the store and the CA in the configured state directory, writes the trust roots
+    /// there ([`identity::TRUST_ROOTS_FILE`]) and issues the proxy listener's certificate.
     pub fn open(config: &Config) -> Result<Self, StartError> {
         let store = EmbeddedStore::open(&config.state_dir, config.watch_history)?;
-        let ca = Ca::load_or_create(
-            &config.state_dir,
-            &config.trust_domain,
-            config.cert_lifetime,
-        )?;
+        let ca = match &config.issuer_dir {
+            Some(issuer) => Ca::load_issuer(
+                issuer,
+                &config.state_dir,
+                &config.trust_domain,
+                config.cert_lifetime,
+            )?,
+            None => Ca::load_or_create(
+                &config.state_dir,
+                &config.trust_domain,
+                config.cert_lifetime,
+            )?,
+        };
+        let trust_roots_file = ca.write_trust_roots(&config.state_dir)?;
+        let proxy_tls = ProxyTls::new(&ca, ServerNames::for_listener(config.proxy_addr.ip()))?;
         // Versions proxies see start from the clock, so they keep growing across restarts of
         // the control plane and a proxy never mistakes a fresh value for a stale one.
         let seed = std::time::SystemTime::now()
@@ -85,7 +104,20 @@ impl ControlPlane {
                 ca,
                 kube: std::sync::OnceLock::new(),
             }),
+            proxy_tls: Arc::new(proxy_tls),
+            trust_roots_file,
         })
+    }
+
+    /// The file holding the trust roots that verify the proxy listener (and every workload
+    /// certificate), PEM.
+    pub fn trust_roots_file(&self) -> &Path {
+        &self.trust_roots_file
+    }
+
+    /// The trust roots, PEM.
+    pub fn trust_roots_pem(&self) -> &str {
+        self.shared.ca.trust_roots_pem()
     }
 
     /// The store.
@@ -97,7 +129,7 @@ impl ControlPlane {
     pub async fn serve(self, api: TcpListener, proxy: TcpListener) {
         spawn_feeds(&self.store, &self.shared);
         tokio::spawn(sweep_workloads(Arc::clone(&self.shared)));
-        serve_apis(self.store, self.shared, api, proxy).await;
+        serve_apis(self.store, self.shared, &self.proxy_tls, api, proxy).await;
     }
 }
 
@@ -140,16 +172,19 @@ fn spawn_feeds<S: ResourceStore + Clone>(store: &S, shared: &Arc<Shared>) {
     }
 }
 
-/// Serves the resource API over `store` and the proxy API over `shared`.
+/// Serves the resource API over `store` (plaintext, for the CLI on loopback) and the proxy API
+/// over `shared` (mTLS, with the certificate `proxy_tls` keeps renewed).
 async fn serve_apis<S: ResourceStore>(
     store: S,
     shared: Arc<Shared>,
+    proxy_tls: &Arc<ProxyTls>,
     api: TcpListener,
     proxy: TcpListener,
 ) {
     let store = Arc::new(store);
+    tokio::spawn(Arc::clone(proxy_tls).renew(Arc::clone(&shared)));
     let api_server = http::serve(api, "api", move |req| api::handle(Arc::clone(&store), req));
-    let proxy_server = http::serve(proxy, "proxy", move |req| {
+    let proxy_server = http::serve_tls(proxy, "proxy", proxy_tls.config(), move |req| {
         proxy::handle(Arc::clone(&shared), req)
     });
     tokio::join!(api_server, proxy_server);

@@ -64,9 +64,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         state_dir = %config.state_dir.display(),
         resource_version = control_plane.store().resource_version(),
-        "control plane started"
+        trust_roots = %control_plane.trust_roots_file().display(),
+        "control plane started; the proxy API is served over mTLS, verify it with the trust roots"
     );
-    let injector = injector(&config.trust_domain).await?;
+    let injector = injector(&config.trust_domain, control_plane.trust_roots_pem()).await?;
     // In a cluster, discovery comes from the Kubernetes API (HTTPRoutes, Services,
     // EndpointSlices, Pods) instead of the embedded store and workload registrations.
     let in_cluster = matches!(
@@ -93,13 +94,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
 /// The proxy-injector webhook, when `MESH_CONTROLPLANE_INJECTOR_ADDR` is set (in a cluster,
 /// as `mesh install` configures it): HTTPS with `tls.crt`/`tls.key` from
 /// `MESH_CONTROLPLANE_INJECTOR_TLS_DIR`, injecting `MESH_CONTROLPLANE_PROXY_IMAGE` and
-/// `MESH_CONTROLPLANE_INIT_IMAGE`, reading namespaces through the in-cluster API.
+/// `MESH_CONTROLPLANE_INIT_IMAGE` with the CA's trust roots, reading namespaces through the
+/// in-cluster API.
 #[allow(
     clippy::print_stdout,
     reason = "announcements go to stdout by contract"
 )]
 async fn injector(
     trust_domain: &str,
+    trust_roots_pem: &str,
 ) -> anyhow::Result<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
     use mesh_controlplane::{inject::InjectConfig, injector};
     use mesh_core::config::Env;
@@ -125,6 +128,8 @@ async fn injector(
             .var("MESH_CONTROLPLANE_INIT_IMAGE")
             .unwrap_or(defaults.init_image.clone()),
         trust_domain: trust_domain.to_string(),
+        // Injected proxies verify the proxy API with the CA's roots, given up front.
+        trust_roots_pem: trust_roots_pem.to_string(),
         ..defaults
     };
     let listener = TcpListener::bind(&addr)

@@ -1,6 +1,13 @@
 //! The proxy API (see `mesh_core::proxy_api`): discovery watch streams, certificate signing and
 //! workload registration, on the proxy listener.
 //!
+//! The listener speaks mTLS ([`crate::tls`]), and each request is authorized by the identity in
+//! its connection's client certificate ([`PeerIdentity`]): `certify` and `/ready` need none
+//! (certify is authenticated by the proxy's token, and is how a proxy gets its first
+//! certificate); watch streams and workload registration need one (401 without), a registration
+//! may only name the identity of its certificate, and a lease is heartbeated and deleted only by
+//! the identity that registered it (403 otherwise).
+//!
 //! Workloads register (`POST /v1/workloads`), heartbeat (`POST /v1/workloads/<id>/heartbeat`)
 //! and deregister (`DELETE /v1/workloads/<id>`); a deregistered workload leaves its service's
 //! endpoints at once rather than after the lease TTL.
@@ -31,13 +38,13 @@ use tokio::sync::watch;
 
 use crate::{
     http::{
-        Body, full, json_response, ndjson_response, percent_decode, query_param, read_body,
-        status_error,
+        Body, PeerIdentity, full, json_response, ndjson_response, percent_decode, query_param,
+        read_body, status_error,
     },
     identity::{Ca, IdentityError},
     index::{Index, Published},
     policy::PolicyIndex,
-    workloads::{Leases, new_lease_id},
+    workloads::{LeaseError, Leases, new_lease_id},
 };
 
 /// What the proxy API works on.
@@ -80,15 +87,13 @@ impl Shared {
         self.leases.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Ends the lease `id` and withdraws its endpoint at once; false when the lease is unknown.
-    pub fn deregister_workload(&self, id: &str) -> bool {
+    /// Ends the lease `id`, which `caller` registered, and withdraws its endpoint at once.
+    pub fn deregister_workload(&self, id: &str, caller: &str) -> Result<(), LeaseError> {
         // The leases lock is released before the index is taken, as everywhere else, so the two
         // locks are never held together.
-        let removed = self.leases().remove(id);
-        if removed {
-            self.index().delete_workload(id);
-        }
-        removed
+        self.leases().remove(id, caller, Instant::now())?;
+        self.index().delete_workload(id);
+        Ok(())
     }
 
     /// Drops expired workloads from the endpoints; returns how many.
@@ -108,10 +113,58 @@ fn bad_request(message: impl Into<String>) -> Response<Body> {
     status_error(StatusCode::BAD_REQUEST, "BadRequest", message, None)
 }
 
+fn forbidden(message: impl Into<String>) -> Response<Body> {
+    status_error(StatusCode::FORBIDDEN, "Forbidden", message, None)
+}
+
+/// The verified identity of the request's client certificate, or the 401 that says one is
+/// needed.
+fn client_identity(req: &Request<Incoming>) -> Result<String, Response<Body>> {
+    match req.extensions().get::<PeerIdentity>() {
+        Some(PeerIdentity(id)) => Ok(id.clone()),
+        None => Err(status_error(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            format!(
+                "{} {}: a client certificate issued by the mesh CA is required; proxies get one \
+                 with POST {CERTIFY_PATH} and present it on the connection",
+                req.method(),
+                req.uri().path()
+            ),
+            None,
+        )),
+    }
+}
+
+/// The answer to a lease call `LeaseError` refused.
+fn lease_refused(e: &LeaseError) -> Response<Body> {
+    match e {
+        LeaseError::Unknown(_) => status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("{e}; register again"),
+            None,
+        ),
+        LeaseError::NotOwner { .. } => forbidden(e.to_string()),
+        LeaseError::Taken { .. } => {
+            status_error(StatusCode::CONFLICT, "Conflict", e.to_string(), None)
+        }
+    }
+}
+
 /// Handles one proxy API request.
 pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
+    // Everything but readiness and certify is for holders of a mesh certificate; `caller` is
+    // their identity (empty for the two open calls, which do not read it).
+    let caller = match (req.method(), path.as_str()) {
+        (&Method::GET, "/ready") | (&Method::POST, CERTIFY_PATH) => String::new(),
+        _ => match client_identity(&req) {
+            Ok(id) => id,
+            Err(resp) => return resp,
+        },
+    };
     match (req.method(), path.as_str()) {
         (&Method::GET, "/ready") => json_response(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, WATCH_ROUTES_PATH) => match service_param(query.as_deref(), "authority") {
@@ -161,11 +214,25 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
                 Ok(r) => r,
                 Err(resp) => return resp,
             };
+            // Peers are told to expect the registered identity over mTLS: only the holder of
+            // that identity's certificate may announce an endpoint under it.
+            if let Some(claimed) = &registration.identity
+                && *claimed != caller
+            {
+                return forbidden(format!(
+                    "the registration names identity {claimed}, but the client certificate is \
+                     for {caller}"
+                ));
+            }
             let id = new_lease_id();
-            let (lease, replaced) =
+            let registered =
                 shared
                     .leases()
-                    .register(id.clone(), registration.clone(), Instant::now());
+                    .register(id.clone(), registration.clone(), &caller, Instant::now());
+            let (lease, replaced) = match registered {
+                Ok(r) => r,
+                Err(e) => return lease_refused(&e),
+            };
             let mut index = shared.index();
             if let Some(old) = replaced {
                 index.delete_workload(&old);
@@ -187,17 +254,9 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
                     None,
                 );
             };
-            if shared.leases().heartbeat(id, Instant::now()) {
-                let mut resp = Response::new(full(""));
-                *resp.status_mut() = StatusCode::NO_CONTENT;
-                resp
-            } else {
-                status_error(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    format!("lease {id:?} does not exist or expired; register again"),
-                    None,
-                )
+            match shared.leases().heartbeat(id, &caller, Instant::now()) {
+                Ok(()) => no_content(),
+                Err(e) => lease_refused(&e),
             }
         }
         (&Method::DELETE, p) if p.starts_with(WORKLOADS_PATH) => {
@@ -213,17 +272,9 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
                     None,
                 );
             };
-            if shared.deregister_workload(id) {
-                let mut resp = Response::new(full(""));
-                *resp.status_mut() = StatusCode::NO_CONTENT;
-                resp
-            } else {
-                status_error(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    format!("lease {id:?} does not exist or expired"),
-                    None,
-                )
+            match shared.deregister_workload(id, &caller) {
+                Ok(()) => no_content(),
+                Err(e) => lease_refused(&e),
             }
         }
         _ => status_error(
@@ -233,6 +284,12 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
             None,
         ),
     }
+}
+
+fn no_content() -> Response<Body> {
+    let mut resp = Response::new(full(""));
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    resp
 }
 
 fn service_param(query: Option<&str>, name: &str) -> Result<ServiceRef, Response<Body>> {

@@ -1,7 +1,8 @@
 //! `mesh-controlplane` in a cluster (`MESH_CONTROLPLANE_KUBERNETES=true`) against a real
 //! kube-apiserver: Services, EndpointSlices and Pods become the endpoints proxies watch, and
 //! HTTPRoutes their route tables. No kubelet runs, so the test writes the EndpointSlices a node's
-//! endpoint controller would (with pod IPs the apiserver accepts).
+//! endpoint controller would (with pod IPs the apiserver accepts). The proxy API is mTLS here
+//! too: watchers present a certificate from the control plane's CA.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -12,6 +13,7 @@ use mesh_crds::HttpRoute;
 use mesh_test_support::assert_eventually;
 use mesh_test_support::kube::KubeApiServer;
 use mesh_test_support::process::{MeshBinary, MeshProcess};
+use mesh_test_support::proxy_api::MeshCa;
 use serde_json::{Value, json};
 
 fn start(kube: &KubeApiServer, state: &std::path::Path) -> MeshProcess {
@@ -27,13 +29,9 @@ fn start(kube: &KubeApiServer, state: &std::path::Path) -> MeshProcess {
         .unwrap()
 }
 
-/// The current value of a watch stream: its first line.
-async fn current(url: &str) -> Value {
-    let mut rsp = mesh_test_support::http_client()
-        .get(url)
-        .send()
-        .await
-        .unwrap();
+/// The current value of a watch stream: its first line. `client` presents a mesh certificate.
+async fn current(client: &reqwest::Client, url: &str) -> Value {
+    let mut rsp = client.get(url).send().await.unwrap();
     let mut line = Vec::new();
     while let Some(chunk) = rsp.chunk().await.unwrap() {
         if let Some(end) = chunk.iter().position(|b| *b == b'\n') {
@@ -100,7 +98,11 @@ async fn cluster_objects_become_the_endpoints_and_routes_proxies_watch() {
     let client = kube.client();
     let dir = tempfile::tempdir().unwrap();
     let cp = start(&kube, dir.path());
-    let proxy_api = format!("http://{}", cp.addr("proxy"));
+    let proxy_api = format!("https://{}", cp.addr("proxy"));
+    let watcher = MeshCa::of_control_plane(dir.path())
+        .unwrap()
+        .client("spiffe://cluster.local/ns/default/sa/watcher")
+        .unwrap();
     let endpoints_url = format!("{proxy_api}/v1/watch/endpoints?service=web.default:80");
     let routes_url = format!("{proxy_api}/v1/watch/routes?authority=web.default:80");
 
@@ -154,9 +156,9 @@ async fn cluster_objects_become_the_endpoints_and_routes_proxies_watch() {
         ("10.244.0.6:8080".to_string(), None),
     ];
     assert_eventually!(
-        endpoints(&current(&endpoints_url).await) == want,
+        endpoints(&current(&watcher, &endpoints_url).await) == want,
         "endpoints of web.default:80: {:?}",
-        current(&endpoints_url).await
+        current(&watcher, &endpoints_url).await
     );
 
     // An HTTPRoute made through the Kubernetes API becomes the route table; a weight change
@@ -173,9 +175,9 @@ async fn cluster_objects_become_the_endpoints_and_routes_proxies_watch() {
         ]
     };
     assert_eventually!(
-        weights(&current(&routes_url).await) == split(90, 10),
+        weights(&current(&watcher, &routes_url).await) == split(90, 10),
         "routes of web.default:80: {:?}",
-        current(&routes_url).await
+        current(&watcher, &routes_url).await
     );
     routes
         .patch(
@@ -186,9 +188,9 @@ async fn cluster_objects_become_the_endpoints_and_routes_proxies_watch() {
         .await
         .unwrap();
     assert_eventually!(
-        weights(&current(&routes_url).await) == split(50, 50),
+        weights(&current(&watcher, &routes_url).await) == split(50, 50),
         "routes of web.default:80: {:?}",
-        current(&routes_url).await
+        current(&watcher, &routes_url).await
     );
 
     // Gone from the cluster, gone from discovery.
@@ -201,14 +203,14 @@ async fn cluster_objects_become_the_endpoints_and_routes_proxies_watch() {
         .await
         .unwrap();
     assert_eventually!(
-        endpoints(&current(&endpoints_url).await).is_empty(),
+        endpoints(&current(&watcher, &endpoints_url).await).is_empty(),
         "endpoints left: {:?}",
-        current(&endpoints_url).await
+        current(&watcher, &endpoints_url).await
     );
     assert_eventually!(
-        current(&routes_url).await.is_null(),
+        current(&watcher, &routes_url).await.is_null(),
         "route left: {:?}",
-        current(&routes_url).await
+        current(&watcher, &routes_url).await
     );
 }
 
@@ -225,7 +227,12 @@ async fn pods_get_certificates_for_their_own_service_account_only() {
     let client = kube.client();
     let dir = tempfile::tempdir().unwrap();
     let cp = start(&kube, dir.path());
-    let url = format!("http://{}{CERTIFY_PATH}", cp.addr("proxy"));
+    let url = format!("https://{}{CERTIFY_PATH}", cp.addr("proxy"));
+    // Certify needs no client certificate, only the proxy API's roots.
+    let anonymous = MeshCa::of_control_plane(dir.path())
+        .unwrap()
+        .client_without_certificate()
+        .unwrap();
 
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
     let sa: ServiceAccount = serde_json::from_value(json!({
@@ -261,14 +268,8 @@ async fn pods_get_certificates_for_their_own_service_account_only() {
             identity: identity.to_string(),
         };
         let url = url.clone();
-        async move {
-            mesh_test_support::http_client()
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-        }
+        let anonymous = anonymous.clone();
+        async move { anonymous.post(url).json(&body).send().await.unwrap() }
     };
 
     let ok = certify(&token, "spiffe://cluster.local/ns/default/sa/web").await;
@@ -299,12 +300,16 @@ async fn policy_objects_in_the_cluster_become_the_policy_proxies_watch() {
     let client = kube.client();
     let dir = tempfile::tempdir().unwrap();
     let cp = start(&kube, dir.path());
+    let watcher = MeshCa::of_control_plane(dir.path())
+        .unwrap()
+        .client("spiffe://cluster.local/ns/default/sa/watcher")
+        .unwrap();
     let policy_url = format!(
-        "http://{}/v1/watch/policy?namespace=default&port=8080&labels=app%3Dweb%2Cversion%3Dv1",
+        "https://{}/v1/watch/policy?namespace=default&port=8080&labels=app%3Dweb%2Cversion%3Dv1",
         cp.addr("proxy")
     );
     assert_eq!(
-        current(&policy_url).await["server"],
+        current(&watcher, &policy_url).await["server"],
         "default:all-unauthenticated"
     );
 
@@ -352,9 +357,9 @@ async fn policy_objects_in_the_cluster_become_the_policy_proxies_watch() {
         }],
     });
     assert_eventually!(
-        current(&policy_url).await == want,
+        current(&watcher, &policy_url).await == want,
         "policy of web:8080: {}",
-        current(&policy_url).await
+        current(&watcher, &policy_url).await
     );
 
     // The apiserver enforces the generated schema: a Server without a port is refused.
@@ -371,9 +376,9 @@ async fn policy_objects_in_the_cluster_become_the_policy_proxies_watch() {
         .await
         .unwrap();
     assert_eventually!(
-        current(&policy_url).await["server"] == "default:all-unauthenticated",
+        current(&watcher, &policy_url).await["server"] == "default:all-unauthenticated",
         "policy of web:8080 after the Server left: {}",
-        current(&policy_url).await
+        current(&watcher, &policy_url).await
     );
 }
 

@@ -1,6 +1,9 @@
-//! The proxy API of a real `mesh-controlplane` process: workload registration with heartbeats,
-//! TTL expiry and deregistration feeding the endpoints stream, and certificate signing with the
-//! bootstrap token from the state directory.
+//! The proxy API of a real `mesh-controlplane` process, served over mTLS: workload registration
+//! with heartbeats, TTL expiry and deregistration feeding the endpoints stream, certificate
+//! signing with the bootstrap token from the state directory, and who may do what: plaintext is
+//! refused, certify needs no client certificate, watches and registration need one from the
+//! mesh CA (401 without, a foreign CA's fails the handshake), and a registration or lease of
+//! another identity is refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
@@ -14,9 +17,21 @@ use mesh_core::proxy_api::{
     WORKLOADS_PATH, WorkloadLease, WorkloadRegistration,
 };
 use mesh_test_support::{
-    assert_eventually, http_client,
+    assert_eventually,
     process::{MeshBinary, MeshProcess},
+    proxy_api::{MeshCa, client},
 };
+
+const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
+const OTHER: &str = "spiffe://cluster.local/ns/default/sa/other";
+
+/// A proxy API client presenting a certificate for `identity` from the control plane's CA.
+fn client_for(state_dir: &std::path::Path, identity: &str) -> reqwest::Client {
+    MeshCa::of_control_plane(state_dir)
+        .unwrap()
+        .client(identity)
+        .unwrap()
+}
 
 fn start(state_dir: &std::path::Path, ttl: &str) -> (MeshProcess, String) {
     let process = MeshBinary::new(env!("CARGO_BIN_EXE_mesh-controlplane"))
@@ -29,7 +44,8 @@ fn start(state_dir: &std::path::Path, ttl: &str) -> (MeshProcess, String) {
         .listener("proxy")
         .run()
         .unwrap();
-    let proxy = format!("http://{}", process.addr("proxy"));
+    // The serving certificate names 127.0.0.1, which clients verify as a host name.
+    let proxy = format!("https://{}", process.addr("proxy"));
     (process, proxy)
 }
 
@@ -37,7 +53,7 @@ fn start(state_dir: &std::path::Path, ttl: &str) -> (MeshProcess, String) {
 async fn registered_workloads_become_endpoints_until_their_lease_expires() {
     let state = tempfile::tempdir().unwrap();
     let (_cp, proxy) = start(state.path(), "1s");
-    let client = http_client();
+    let client = client_for(state.path(), WEB);
 
     let latest: Arc<Mutex<Option<Update<Endpoints>>>> = Arc::default();
     let stream = {
@@ -77,7 +93,7 @@ async fn registered_workloads_become_endpoints_until_their_lease_expires() {
     let register = |addr: &str| WorkloadRegistration {
         service: "web-canary.default:80".parse().unwrap(),
         addr: addr.parse().unwrap(),
-        identity: Some("spiffe://cluster.local/ns/default/sa/web".into()),
+        identity: Some(WEB.into()),
         labels: BTreeMap::from([("version".to_string(), "v2".to_string())]),
     };
     let mut leases = Vec::new();
@@ -136,7 +152,7 @@ async fn a_deregistered_workload_leaves_the_endpoints_at_once() {
     let state = tempfile::tempdir().unwrap();
     // A TTL far longer than the test's patience: only the DELETE can remove the endpoint.
     let (_cp, proxy) = start(state.path(), "600s");
-    let client = http_client();
+    let client = client_for(state.path(), WEB);
     let endpoints = format!("{proxy}{WATCH_ENDPOINTS_PATH}?service=web.default:80");
     let mut resp = client.get(&endpoints).send().await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -232,9 +248,11 @@ async fn proxies_with_the_bootstrap_token_get_certificates() {
     let request = |token: &str| CertifyRequest {
         token: token.trim().into(),
         csr_pem: csr.clone(),
-        identity: "spiffe://cluster.local/ns/default/sa/web".into(),
+        identity: WEB.into(),
     };
-    let client = http_client();
+    // Certify is how a proxy gets its first certificate: it needs none.
+    let roots = std::fs::read_to_string(state.path().join("trust-roots.pem")).unwrap();
+    let client = client(&roots, None).unwrap();
     let resp = client
         .post(format!("{proxy}{CERTIFY_PATH}"))
         .json(&request(&token))
@@ -252,6 +270,10 @@ async fn proxies_with_the_bootstrap_token_get_certificates() {
         cert.trust_roots_pem,
         std::fs::read_to_string(state.path().join("ca.crt")).unwrap()
     );
+    assert_eq!(
+        cert.trust_roots_pem, roots,
+        "trust-roots.pem holds the CA's roots"
+    );
 
     let refused = client
         .post(format!("{proxy}{CERTIFY_PATH}"))
@@ -260,4 +282,255 @@ async fn proxies_with_the_bootstrap_token_get_certificates() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 403);
+}
+
+/// Follows a watch stream until its first line; the status and that line.
+async fn first_line(rsp: reqwest::Response) -> (u16, String) {
+    let status = rsp.status().as_u16();
+    let mut rsp = rsp;
+    let mut buf = Vec::new();
+    while !buf.contains(&b'\n') {
+        match rsp.chunk().await.unwrap() {
+            Some(chunk) => buf.extend_from_slice(&chunk),
+            None => break,
+        }
+    }
+    (status, String::from_utf8_lossy(&buf).into_owned())
+}
+
+#[tokio::test]
+async fn plaintext_clients_are_refused() {
+    let state = tempfile::tempdir().unwrap();
+    let (cp, _) = start(state.path(), "30s");
+    let plain = format!(
+        "http://{}{WATCH_ENDPOINTS_PATH}?service=web.default:80",
+        cp.addr("proxy")
+    );
+    // A proxy from before mTLS (h2c with prior knowledge) cannot even start a request.
+    let http1 = mesh_test_support::http_client();
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let refused = h2c.get(&plain).send().await;
+    assert!(refused.is_err(), "h2c was answered: {refused:?}");
+    // An HTTP/1.1 client is told why before it is disconnected.
+    let rsp = http1.get(&plain).send().await.unwrap();
+    assert_eq!(rsp.status(), 400);
+    assert!(rsp.text().await.unwrap().contains("speaks TLS"));
+}
+
+#[tokio::test]
+async fn without_a_client_certificate_only_certify_and_readiness_answer() {
+    let state = tempfile::tempdir().unwrap();
+    let (_cp, proxy) = start(state.path(), "30s");
+    let ca = MeshCa::of_control_plane(state.path()).unwrap();
+    let anonymous = ca.client_without_certificate().unwrap();
+    assert_eq!(
+        anonymous
+            .get(format!("{proxy}/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let watch = format!("{proxy}{WATCH_ENDPOINTS_PATH}?service=web.default:80");
+    let registration = WorkloadRegistration {
+        service: "web.default:80".parse().unwrap(),
+        addr: "127.0.0.1:9001".parse().unwrap(),
+        identity: None,
+        labels: BTreeMap::new(),
+    };
+    for rsp in [
+        anonymous.get(&watch).send().await.unwrap(),
+        anonymous
+            .get(format!("{proxy}/v1/watch/routes?authority=web.default:80"))
+            .send()
+            .await
+            .unwrap(),
+        anonymous
+            .post(format!("{proxy}{WORKLOADS_PATH}"))
+            .json(&registration)
+            .send()
+            .await
+            .unwrap(),
+        anonymous
+            .post(format!("{proxy}{WORKLOADS_PATH}/some-lease/heartbeat"))
+            .send()
+            .await
+            .unwrap(),
+        anonymous
+            .delete(format!("{proxy}{WORKLOADS_PATH}/some-lease"))
+            .send()
+            .await
+            .unwrap(),
+    ] {
+        assert_eq!(rsp.status(), 401);
+        let status: serde_json::Value = rsp.json().await.unwrap();
+        assert_eq!(status["kind"], "Status");
+        assert_eq!(status["reason"], "Unauthorized");
+        let message = status["message"].as_str().unwrap();
+        assert!(
+            message.contains("a client certificate issued by the mesh CA is required"),
+            "{message}"
+        );
+    }
+
+    // Certify answers without one, and the certificate it issues opens the watch.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let token = std::fs::read_to_string(state.path().join("bootstrap-token")).unwrap();
+    let rsp = anonymous
+        .post(format!("{proxy}{CERTIFY_PATH}"))
+        .json(&CertifyRequest {
+            token: token.trim().into(),
+            csr_pem: csr,
+            identity: WEB.into(),
+        })
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 200);
+    let issued: CertifyResponse = rsp.json().await.unwrap();
+    let certified = client(
+        &issued.trust_roots_pem,
+        Some(&mesh_test_support::certs::CertifiedKey {
+            cert_pem: issued.certificate_chain_pem,
+            key_pem: key.serialize_pem(),
+        }),
+    )
+    .unwrap();
+    let (status, line) = first_line(certified.get(&watch).send().await.unwrap()).await;
+    assert_eq!(status, 200, "{line}");
+    // Nothing registered or routed to web yet: the stream says it is unknown.
+    let update: Update<Endpoints> = serde_json::from_str(&line).unwrap();
+    assert!(update.value.is_none(), "{line}");
+}
+
+#[tokio::test]
+async fn a_client_certificate_from_another_ca_fails_the_handshake() {
+    let state = tempfile::tempdir().unwrap();
+    let (_cp, proxy) = start(state.path(), "30s");
+    let roots = std::fs::read_to_string(state.path().join("trust-roots.pem")).unwrap();
+    let foreign = MeshCa::generate().unwrap().leaf(WEB).unwrap();
+    let impostor = client(&roots, Some(&foreign)).unwrap();
+    let refused = impostor
+        .get(format!(
+            "{proxy}{WATCH_ENDPOINTS_PATH}?service=web.default:80"
+        ))
+        .send()
+        .await;
+    assert!(
+        refused.is_err(),
+        "a foreign certificate was served: {refused:?}"
+    );
+    // Not even certify: the handshake itself fails.
+    let refused = impostor.get(format!("{proxy}/ready")).send().await;
+    assert!(refused.is_err(), "{refused:?}");
+}
+
+#[tokio::test]
+async fn registrations_and_leases_belong_to_the_certificate_s_identity() {
+    let state = tempfile::tempdir().unwrap();
+    let (_cp, proxy) = start(state.path(), "600s");
+    let web = client_for(state.path(), WEB);
+    let other = client_for(state.path(), OTHER);
+    let registration = |identity: &str| WorkloadRegistration {
+        service: "web.default:80".parse().unwrap(),
+        addr: "127.0.0.1:9001".parse().unwrap(),
+        identity: Some(identity.into()),
+        labels: BTreeMap::new(),
+    };
+    let register = |client: &reqwest::Client, identity: &str| {
+        client
+            .post(format!("{proxy}{WORKLOADS_PATH}"))
+            .json(&registration(identity))
+            .send()
+    };
+
+    // Another identity's certificate cannot announce an endpoint under WEB.
+    let rsp = register(&other, WEB).await.unwrap();
+    assert_eq!(rsp.status(), 403);
+    let message = rsp.text().await.unwrap();
+    assert!(
+        message.contains(WEB) && message.contains(OTHER),
+        "{message}"
+    );
+
+    let rsp = register(&web, WEB).await.unwrap();
+    assert_eq!(rsp.status(), 201);
+    let lease: WorkloadLease = rsp.json().await.unwrap();
+    let lease_url = format!("{proxy}{WORKLOADS_PATH}/{}", lease.id);
+
+    // Its lease is WEB's: OTHER may neither heartbeat it, delete it, nor take its address.
+    let heartbeat = other
+        .post(format!("{lease_url}/heartbeat"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(heartbeat.status(), 403);
+    assert_eq!(other.delete(&lease_url).send().await.unwrap().status(), 403);
+    assert_eq!(register(&other, OTHER).await.unwrap().status(), 409);
+    // WEB still may.
+    let heartbeat = web
+        .post(format!("{lease_url}/heartbeat"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(heartbeat.status(), 204);
+    assert_eq!(web.delete(&lease_url).send().await.unwrap().status(), 204);
+}
+
+/// The DER of the certificate the proxy listener at `addr` presents to a fresh connection that
+/// verifies it against `roots_pem` as `127.0.0.1`.
+async fn serving_certificate(addr: std::net::SocketAddr, roots_pem: &str) -> Vec<u8> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for root in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
+        roots.add(root.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn the_serving_certificate_is_renewed_before_it_expires() {
+    let state = tempfile::tempdir().unwrap();
+    let cp = MeshBinary::new(env!("CARGO_BIN_EXE_mesh-controlplane"))
+        .env("MESH_CONTROLPLANE_STATE_DIR", state.path())
+        .env("MESH_CONTROLPLANE_API_ADDR", "127.0.0.1:0")
+        .env("MESH_CONTROLPLANE_PROXY_ADDR", "127.0.0.1:0")
+        .env("MESH_CONTROLPLANE_CERT_LIFETIME", "3s")
+        .listener("proxy")
+        .run()
+        .unwrap();
+    let roots = std::fs::read_to_string(state.path().join("trust-roots.pem")).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    // Each certificate lives 3 s and is replaced after 2.1 s: new connections keep verifying,
+    // against new certificates.
+    assert_eventually!(
+        {
+            seen.insert(serving_certificate(cp.addr("proxy"), &roots).await);
+            seen.len() >= 3
+        },
+        "distinct serving certificates seen: {}",
+        seen.len()
+    );
 }

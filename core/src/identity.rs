@@ -7,6 +7,12 @@
 
 use std::{fmt, str::FromStr};
 
+/// The namespace the control plane runs in; with [`CONTROL_PLANE_SERVICE_ACCOUNT`] it names the
+/// control plane's own identity, which proxies check on the proxy API's server certificate.
+pub const CONTROL_PLANE_NAMESPACE: &str = "mesh-system";
+/// The control plane's service account (and Deployment and Service) name.
+pub const CONTROL_PLANE_SERVICE_ACCOUNT: &str = "mesh-controlplane";
+
 /// A parsed SPIFFE ID of the form `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SpiffeId {
@@ -49,6 +55,17 @@ impl SpiffeId {
             namespace: namespace.to_string(),
             service_account: service_account.to_string(),
         })
+    }
+
+    /// The control plane's identity in `trust_domain`:
+    /// `spiffe://<trust-domain>/ns/mesh-system/sa/mesh-controlplane`. The control plane serves
+    /// the proxy API with a certificate naming it, in the embedded mesh as in a cluster.
+    pub fn control_plane(trust_domain: &str) -> Result<Self, SpiffeIdError> {
+        Self::new(
+            trust_domain,
+            CONTROL_PLANE_NAMESPACE,
+            CONTROL_PLANE_SERVICE_ACCOUNT,
+        )
     }
 
     /// The trust domain, e.g. `cluster.local`.
@@ -121,6 +138,14 @@ mod tests {
         assert_eq!(id.namespace(), "shop");
         assert_eq!(id.service_account(), "frontend");
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/frontend");
+    }
+
+    #[test]
+    fn names_the_control_plane() {
+        assert_eq!(
+            SpiffeId::control_plane("example.org").unwrap().to_string(),
+            "spiffe://example.org/ns/mesh-system/sa/mesh-controlplane"
+        );
     }
 
     #[test]

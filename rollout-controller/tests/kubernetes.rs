@@ -13,7 +13,8 @@
 //!   EndpointSlice of the Service that selects them (none at zero replicas);
 //! - the proxy's control plane is a small in-test server speaking the proxy API's watch
 //!   streams, serving the HTTPRoute's weights and the EndpointSlices' addresses as it reads them
-//!   from the apiserver every 100 ms;
+//!   from the apiserver every 100 ms, behind the proxy API's mTLS with a stand-in CA that
+//!   certifies the proxy (`mesh_test_support::proxy_api::StandIn`);
 //! - the apps are plain local HTTP servers without their own sidecar (endpoints are
 //!   unmeshed), so only the caller side of each request is proxied.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -27,8 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
 use http_body_util::channel::Channel;
+use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -47,6 +48,7 @@ use mesh_rollout_controller::kubernetes::driver::{REVISION_ANNOTATION, route_wei
 use mesh_rollout_controller::kubernetes::{self, ElectionConfig, FINALIZER, Settings, WindowFloor};
 use mesh_rollout_controller::sources::PrometheusSource;
 use mesh_test_support::process::{MeshBinary, MeshProcess};
+use mesh_test_support::proxy_api::StandIn;
 use mesh_test_support::{
     assert_eventually,
     kube::KubeApiServer,
@@ -147,36 +149,34 @@ fn answer(path: &str, query: &str, st: &Served) -> Bytes {
     }
 }
 
-/// Serves the proxy API's watch streams (NDJSON over h2c) from `state`.
-async fn serve_proxy_api(listener: tokio::net::TcpListener, state: watch::Receiver<Served>) {
-    while let Ok((io, _)) = listener.accept().await {
-        let state = state.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let mut state = state.clone();
-                async move {
-                    let path = req.uri().path().to_string();
-                    let query = req.uri().query().unwrap_or("").to_string();
-                    let (mut tx, body) = Channel::<Bytes, Infallible>::new(4);
-                    tokio::spawn(async move {
-                        loop {
-                            let st = state.borrow_and_update().clone();
-                            if tx.send_data(answer(&path, &query, &st)).await.is_err() {
-                                return;
-                            }
-                            if state.changed().await.is_err() {
-                                return;
-                            }
+/// Serves the proxy API's watch streams (NDJSON) from `state`, behind `stand_in`'s TLS.
+async fn serve_proxy_api(
+    stand_in: &StandIn,
+    listener: tokio::net::TcpListener,
+    state: watch::Receiver<Served>,
+) {
+    stand_in
+        .serve(listener, move |req: Request<Incoming>| {
+            let mut state = state.clone();
+            async move {
+                let path = req.uri().path().to_string();
+                let query = req.uri().query().unwrap_or("").to_string();
+                let (mut tx, body) = Channel::<Bytes, Infallible>::new(4);
+                tokio::spawn(async move {
+                    loop {
+                        let st = state.borrow_and_update().clone();
+                        if tx.send_data(answer(&path, &query, &st)).await.is_err() {
+                            return;
                         }
-                    });
-                    Ok::<_, Infallible>(Response::new(body))
-                }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(io), svc)
-                .await;
-        });
-    }
+                        if state.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                Response::new(body.boxed_unsync())
+            }
+        })
+        .await;
 }
 
 /// Plays the node's part for traffic: the pods of each Deployment are the app of its image,
@@ -280,6 +280,7 @@ struct Traffic {
     weights: Arc<Mutex<Vec<(i32, i32)>>>,
     proxy: MeshProcess,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    _stand_in: Arc<StandIn>,
 }
 
 impl Drop for Traffic {
@@ -302,7 +303,11 @@ impl Traffic {
         let (state_tx, state_rx) = watch::channel(Served::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let cp_addr = listener.local_addr().unwrap();
-        let mut tasks = vec![tokio::spawn(serve_proxy_api(listener, state_rx))];
+        let stand_in = Arc::new(StandIn::new().unwrap());
+        let serving = Arc::clone(&stand_in);
+        let mut tasks = vec![tokio::spawn(async move {
+            serve_proxy_api(&serving, listener, state_rx).await;
+        })];
         let seen = weights.clone();
         tasks.push(tokio::spawn(async move {
             loop {
@@ -331,7 +336,10 @@ impl Traffic {
             .expect("mesh-proxy is built with `cargo build -p mesh-sidecar --bins`")
             .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
             .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
-            .env("MESH_PROXY_CONTROL_PLANE_ADDR", cp_addr.to_string())
+            .control_plane(
+                &stand_in.access(cp_addr),
+                "spiffe://cluster.local/ns/default/sa/caller",
+            )
             .env("MESH_PROXY_WATCH", "podinfo.default:9898")
             .listener("admin")
             .listener("outbound")
@@ -357,6 +365,7 @@ impl Traffic {
             weights,
             proxy,
             tasks,
+            _stand_in: stand_in,
         }
     }
 

@@ -2,9 +2,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::config::{ConfigError, Env};
+use rustls::RootCertStore;
+use rustls::pki_types::{CertificateDer, pem::PemObject};
 
 use crate::balance::{self, BalanceConfig, FailureAccrual};
 use mesh_core::proxy_api::{PolicyTarget, ServiceRef, parse_labels};
@@ -27,9 +30,19 @@ pub const DEFAULT_OUTBOUND_ADDR: SocketAddr =
 /// `--config FILE` flag sets the same.
 pub const ENV_CONFIG_FILE: &str = "MESH_PROXY_CONFIG";
 
-/// The control plane's proxy API (`host:port`); when set, routes and endpoints come from its
-/// watch streams.
+/// The control plane's proxy API (`host:port` or `https://host:port`; it is served over mTLS);
+/// when set, routes and endpoints come from its watch streams. It needs the trust roots
+/// ([`ENV_TRUST_ROOTS`] or [`ENV_TRUST_ROOTS_FILE`]) and an identity ([`ENV_IDENTITY`] and
+/// [`ENV_TOKEN_FILE`]), since watches and registration present the workload's certificate.
 pub const ENV_CONTROL_PLANE_ADDR: &str = "MESH_PROXY_CONTROL_PLANE_ADDR";
+
+/// The mesh's trust roots (PEM text) the control plane's certificate must chain to; in a
+/// cluster the injector sets them, as Linkerd sets its trust anchors.
+pub const ENV_TRUST_ROOTS: &str = "MESH_PROXY_TRUST_ROOTS";
+
+/// A file holding the trust roots instead (in the embedded mesh, the control plane's
+/// `trust-roots.pem` in its state directory).
+pub const ENV_TRUST_ROOTS_FILE: &str = "MESH_PROXY_TRUST_ROOTS_FILE";
 
 /// Authorities to watch from the start (comma-separated `name.namespace:port`); others are
 /// watched on their first request.
@@ -106,8 +119,8 @@ pub struct Config {
     pub outbound_addr: SocketAddr,
     /// Static config file, if any.
     pub config_file: Option<std::path::PathBuf>,
-    /// Control plane proxy API address, if any.
-    pub control_plane: Option<String>,
+    /// The control plane's proxy API, if any.
+    pub control_plane: Option<ControlPlane>,
     /// Authorities watched from the start.
     pub watch: Vec<ServiceRef>,
     /// The local app; the inbound listener exists only when this is set.
@@ -124,6 +137,81 @@ pub struct Config {
     pub inbound_default_policy: mesh_policies::DefaultPolicy,
     /// Endpoint selection and failure accrual.
     pub balance: BalanceConfig,
+}
+
+/// Where the control plane's proxy API is and what verifies it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlPlane {
+    /// Its base URL, `https://host:port`.
+    pub url: String,
+    /// The roots its certificate must chain to.
+    pub trust_roots: TrustRoots,
+}
+
+/// Where the trust roots come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TrustRoots {
+    /// PEM text, from [`ENV_TRUST_ROOTS`] (already checked to hold certificates).
+    Pem(String),
+    /// A file, from [`ENV_TRUST_ROOTS_FILE`], read at start-up.
+    File(std::path::PathBuf),
+}
+
+impl TrustRoots {
+    /// The roots as rustls checks chains against them; errors name the variable they came from.
+    pub fn load(&self) -> Result<Arc<RootCertStore>, ConfigError> {
+        match self {
+            Self::Pem(pem) => parse_roots(pem).map_err(|reason| ConfigError {
+                name: ENV_TRUST_ROOTS,
+                value: pem.clone(),
+                reason,
+            }),
+            Self::File(path) => {
+                let error = |reason: String| ConfigError {
+                    name: ENV_TRUST_ROOTS_FILE,
+                    value: path.display().to_string(),
+                    reason,
+                };
+                let pem = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+                parse_roots(&pem).map_err(|reason| error(format!("{}: {reason}", path.display())))
+            }
+        }
+    }
+}
+
+/// Certificates from PEM text, at least one.
+fn parse_roots(pem: &str) -> Result<Arc<RootCertStore>, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("not PEM certificates: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("not a usable root certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The base URL of the proxy API at `addr`: `host:port`, or the same with `https://`.
+fn control_plane_url(addr: &str) -> Result<String, String> {
+    let addr = addr.trim();
+    if addr.starts_with("http://") {
+        return Err(
+            "the proxy API is served over TLS; write host:port or https://host:port".into(),
+        );
+    }
+    let host_port = addr.strip_prefix("https://").unwrap_or(addr);
+    let host_port = host_port.strip_suffix('/').unwrap_or(host_port);
+    match host_port.rsplit_once(':') {
+        Some((host, port))
+            if !host.is_empty() && !host_port.contains('/') && port.parse::<u16>().is_ok() =>
+        {
+            Ok(format!("https://{host_port}"))
+        }
+        _ => Err("expected host:port (or https://host:port)".into()),
+    }
 }
 
 /// What the proxy knows of the workload beside it.
@@ -151,7 +239,7 @@ impl Config {
             admin_addr: env.parse_or(ENV_ADMIN_ADDR, DEFAULT_ADMIN_ADDR)?,
             outbound_addr: env.parse_or(ENV_OUTBOUND_ADDR, DEFAULT_OUTBOUND_ADDR)?,
             config_file: env.parse(ENV_CONFIG_FILE)?,
-            control_plane: env.parse(ENV_CONTROL_PLANE_ADDR)?,
+            control_plane: control_plane(env)?,
             watch: match env.var(ENV_WATCH) {
                 None => Vec::new(),
                 Some(list) => list
@@ -240,6 +328,27 @@ impl Config {
                 reason: format!("shorter than {ENV_FAILURE_ACCRUAL_MIN_BACKOFF}"),
             });
         }
+        // Watches and registration present the workload's certificate to the control plane,
+        // so a control plane is only usable with an identity to ask a certificate for.
+        if let Some(cp) = &config.control_plane {
+            let missing = match (&config.workload.identity, &config.workload.token_file) {
+                (None, _) => Some(ENV_IDENTITY),
+                (Some(_), None) => Some(ENV_TOKEN_FILE),
+                (Some(_), Some(_)) => None,
+            };
+            if let Some(missing) = missing {
+                return Err(ConfigError {
+                    name: missing,
+                    value: String::new(),
+                    reason: format!(
+                        "{ENV_CONTROL_PLANE_ADDR} is {}, whose watches and registration need the \
+                         workload's certificate; set {ENV_IDENTITY} (a SPIFFE ID) and \
+                         {ENV_TOKEN_FILE} so the proxy can get one",
+                        cp.url
+                    ),
+                });
+            }
+        }
         // A token is only useful to ask for a certificate, which needs a well-formed identity
         // and a control plane to ask.
         if let Some(token) = &config.workload.token_file {
@@ -289,6 +398,15 @@ impl Config {
         Ok(config)
     }
 
+    /// The identity the control plane's certificate must name: its SPIFFE ID in the trust
+    /// domain of the workload's own identity.
+    pub fn control_plane_identity(&self) -> Option<String> {
+        let id: mesh_core::SpiffeId = self.workload.identity.as_deref()?.parse().ok()?;
+        mesh_core::SpiffeId::control_plane(id.trust_domain())
+            .ok()
+            .map(|id| id.to_string())
+    }
+
     /// What to ask the control plane to certify, and with which token file, when identity is
     /// configured (an identity, a token file and a control plane).
     pub fn certification(&self) -> Option<(&str, &std::path::Path)> {
@@ -326,6 +444,64 @@ impl Config {
     }
 }
 
+/// The control plane's address and trust roots; the roots are required with the address, and
+/// useless without it.
+fn control_plane(env: &impl Env) -> Result<Option<ControlPlane>, ConfigError> {
+    let set = |name| env.var(name).filter(|v| !v.trim().is_empty());
+    let (addr, pem, file) = (
+        set(ENV_CONTROL_PLANE_ADDR),
+        set(ENV_TRUST_ROOTS),
+        set(ENV_TRUST_ROOTS_FILE),
+    );
+    let Some(addr) = addr else {
+        if let Some((name, value)) = pem
+            .map(|v| (ENV_TRUST_ROOTS, v))
+            .or(file.map(|v| (ENV_TRUST_ROOTS_FILE, v)))
+        {
+            return Err(ConfigError {
+                name,
+                value,
+                reason: format!(
+                    "the trust roots verify the control plane; set {ENV_CONTROL_PLANE_ADDR} too, or unset this"
+                ),
+            });
+        }
+        return Ok(None);
+    };
+    let url = control_plane_url(&addr).map_err(|reason| ConfigError {
+        name: ENV_CONTROL_PLANE_ADDR,
+        value: addr.clone(),
+        reason,
+    })?;
+    let trust_roots = match (pem, file) {
+        (Some(pem), None) => {
+            let roots = TrustRoots::Pem(pem);
+            roots.load()?;
+            roots
+        }
+        (None, Some(file)) => TrustRoots::File(file.trim().into()),
+        (Some(_), Some(file)) => {
+            return Err(ConfigError {
+                name: ENV_TRUST_ROOTS_FILE,
+                value: file,
+                reason: format!("set only one of {ENV_TRUST_ROOTS} and {ENV_TRUST_ROOTS_FILE}"),
+            });
+        }
+        (None, None) => {
+            return Err(ConfigError {
+                name: ENV_TRUST_ROOTS,
+                value: String::new(),
+                reason: format!(
+                    "{ENV_CONTROL_PLANE_ADDR} is set, and the proxy API is served over mTLS: set \
+                     {ENV_TRUST_ROOTS} (PEM) or {ENV_TRUST_ROOTS_FILE} to the mesh's trust roots \
+                     (the control plane writes them to trust-roots.pem in its state directory)"
+                ),
+            });
+        }
+    };
+    Ok(Some(ControlPlane { url, trust_roots }))
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -360,15 +536,37 @@ mod tests {
         assert_eq!(cfg.inbound_addr.port(), 0);
     }
 
+    /// A self-signed certificate, as trust roots.
+    fn roots_pem() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::default()
+            .self_signed(&key)
+            .unwrap()
+            .pem()
+    }
+
+    const ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    /// What every proxy with a control plane needs: its address, trust roots and an identity.
+    fn with_control_plane(pairs: &[(&'static str, &str)]) -> BTreeMap<String, String> {
+        let roots = roots_pem();
+        let mut all = vec![
+            (ENV_CONTROL_PLANE_ADDR, "127.0.0.1:8091"),
+            (ENV_TRUST_ROOTS, roots.as_str()),
+            (ENV_IDENTITY, ID),
+            (ENV_TOKEN_FILE, "/state/bootstrap-token"),
+        ];
+        all.extend_from_slice(pairs);
+        env(&all)
+    }
+
     #[test]
     fn reads_the_workload() {
-        let cfg = Config::from_env(&env(&[
+        let cfg = Config::from_env(&with_control_plane(&[
             (ENV_APP_ADDR, "127.0.0.1:8080"),
-            (ENV_CONTROL_PLANE_ADDR, "127.0.0.1:8091"),
             (ENV_WORKLOAD_SERVICE, "web-canary.shop:80"),
             (ENV_WORKLOAD_LABELS, "version=v2, track = canary,"),
             (ENV_WORKLOAD_ADDR, "10.0.0.7:4143"),
-            (ENV_IDENTITY, "spiffe://cluster.local/ns/shop/sa/web"),
         ]))
         .unwrap();
         assert_eq!(
@@ -383,44 +581,96 @@ mod tests {
             ])
         );
         assert_eq!(cfg.workload.addr, Some("10.0.0.7:4143".parse().unwrap()));
+        assert_eq!(cfg.workload.identity.as_deref(), Some(ID));
+    }
+
+    #[test]
+    fn the_control_plane_is_reached_over_https_and_verified_with_the_trust_roots() {
+        let cfg = Config::from_env(&with_control_plane(&[])).unwrap();
+        let cp = cfg.control_plane.as_ref().unwrap();
+        assert_eq!(cp.url, "https://127.0.0.1:8091");
+        assert!(matches!(&cp.trust_roots, TrustRoots::Pem(_)));
+        assert_eq!(cp.trust_roots.load().unwrap().len(), 1);
         assert_eq!(
-            cfg.workload.identity.as_deref(),
-            Some("spiffe://cluster.local/ns/shop/sa/web")
+            cfg.control_plane_identity().as_deref(),
+            Some("spiffe://cluster.local/ns/mesh-system/sa/mesh-controlplane")
         );
+        for (addr, url) in [
+            (
+                "https://mesh-controlplane.mesh-system.svc:4181",
+                "https://mesh-controlplane.mesh-system.svc:4181",
+            ),
+            ("[::1]:4181", "https://[::1]:4181"),
+        ] {
+            let cfg =
+                Config::from_env(&with_control_plane(&[(ENV_CONTROL_PLANE_ADDR, addr)])).unwrap();
+            assert_eq!(cfg.control_plane.unwrap().url, url);
+        }
+        for bad in ["http://127.0.0.1:8091", "127.0.0.1", "https://cp:4181/v1"] {
+            let err = Config::from_env(&with_control_plane(&[(ENV_CONTROL_PLANE_ADDR, bad)]))
+                .unwrap_err();
+            assert_eq!(
+                (err.name, err.value.as_str()),
+                (ENV_CONTROL_PLANE_ADDR, bad)
+            );
+        }
+        // A file is read when the proxy starts, and errors name it.
+        let mut file = with_control_plane(&[(ENV_TRUST_ROOTS_FILE, "/no/such/roots.pem")]);
+        file.remove(ENV_TRUST_ROOTS);
+        let cfg = Config::from_env(&file).unwrap();
+        let roots = cfg.control_plane.unwrap().trust_roots;
+        assert_eq!(roots, TrustRoots::File("/no/such/roots.pem".into()));
+        assert_eq!(roots.load().unwrap_err().name, ENV_TRUST_ROOTS_FILE);
+    }
+
+    #[test]
+    fn a_control_plane_needs_trust_roots_and_an_identity() {
+        let mut no_roots = with_control_plane(&[]);
+        no_roots.remove(ENV_TRUST_ROOTS);
+        let err = Config::from_env(&no_roots).unwrap_err();
+        assert_eq!(err.name, ENV_TRUST_ROOTS);
+        assert!(err.reason.contains(ENV_TRUST_ROOTS_FILE), "{err}");
+        let err =
+            Config::from_env(&with_control_plane(&[(ENV_TRUST_ROOTS, "not pem")])).unwrap_err();
+        assert_eq!(err.name, ENV_TRUST_ROOTS);
+        let both = with_control_plane(&[(ENV_TRUST_ROOTS_FILE, "/roots.pem")]);
+        assert_eq!(
+            Config::from_env(&both).unwrap_err().name,
+            ENV_TRUST_ROOTS_FILE
+        );
+        // Roots without a control plane do nothing: refused rather than ignored.
+        let err = Config::from_env(&env(&[(ENV_TRUST_ROOTS_FILE, "/roots.pem")])).unwrap_err();
+        assert_eq!(err.name, ENV_TRUST_ROOTS_FILE);
+        // Without an identity the proxy could not authenticate its watches.
+        for missing in [ENV_IDENTITY, ENV_TOKEN_FILE] {
+            let mut cfg = with_control_plane(&[]);
+            cfg.remove(missing);
+            let err = Config::from_env(&cfg).unwrap_err();
+            assert_eq!(err.name, missing);
+            assert!(err.reason.contains("certificate"), "{err}");
+        }
     }
 
     #[test]
     fn identity_needs_a_token_file_an_id_and_a_control_plane() {
-        let id = "spiffe://cluster.local/ns/shop/sa/web";
-        let cfg = Config::from_env(&env(&[(ENV_IDENTITY, id)])).unwrap();
+        let cfg = Config::from_env(&env(&[(ENV_IDENTITY, ID)])).unwrap();
         assert_eq!(cfg.certification(), None);
-        let cfg = Config::from_env(&env(&[
-            (ENV_IDENTITY, id),
-            (ENV_TOKEN_FILE, "/state/bootstrap-token"),
-            (ENV_CONTROL_PLANE_ADDR, "127.0.0.1:8091"),
-        ]))
-        .unwrap();
+        let cfg = Config::from_env(&with_control_plane(&[])).unwrap();
         assert_eq!(
             cfg.certification(),
-            Some((id, std::path::Path::new("/state/bootstrap-token")))
+            Some((ID, std::path::Path::new("/state/bootstrap-token")))
         );
         for (pairs, bad) in [
             (vec![(ENV_TOKEN_FILE, "/t")], ENV_TOKEN_FILE),
             (
-                vec![(ENV_TOKEN_FILE, "/t"), (ENV_IDENTITY, id)],
+                vec![(ENV_TOKEN_FILE, "/t"), (ENV_IDENTITY, ID)],
                 ENV_TOKEN_FILE,
-            ),
-            (
-                vec![
-                    (ENV_TOKEN_FILE, "/t"),
-                    (ENV_IDENTITY, "web"),
-                    (ENV_CONTROL_PLANE_ADDR, "127.0.0.1:8091"),
-                ],
-                ENV_IDENTITY,
             ),
         ] {
             assert_eq!(Config::from_env(&env(&pairs)).unwrap_err().name, bad);
         }
+        let err = Config::from_env(&with_control_plane(&[(ENV_IDENTITY, "web")])).unwrap_err();
+        assert_eq!(err.name, ENV_IDENTITY);
     }
 
     #[test]
@@ -440,10 +690,10 @@ mod tests {
 
     #[test]
     fn registration_needs_the_inbound_listener() {
-        let err = Config::from_env(&env(&[
-            (ENV_CONTROL_PLANE_ADDR, "127.0.0.1:8091"),
-            (ENV_WORKLOAD_SERVICE, "web.default:80"),
-        ]))
+        let err = Config::from_env(&with_control_plane(&[(
+            ENV_WORKLOAD_SERVICE,
+            "web.default:80",
+        )]))
         .unwrap_err();
         assert_eq!(err.name, ENV_WORKLOAD_SERVICE);
         assert!(err.reason.contains(ENV_APP_ADDR), "{err}");

@@ -6,6 +6,9 @@
 //! reconnects with backoff; the first line after a reconnect replaces whatever was held, so a
 //! resync needs no special case. Route tables name backends, and watching a table starts
 //! watches of its backends' endpoints.
+//!
+//! The control plane serves the streams only to clients presenting a workload certificate, so
+//! every stream waits until the proxy holds its first one (its connection then presents it).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -20,6 +23,7 @@ use mesh_policies::InboundPolicy;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
+use crate::identity::SharedCredentials;
 use crate::tables::Tables;
 
 /// Longest wait between reconnects.
@@ -30,17 +34,25 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub struct Discovery {
     base: String,
     client: reqwest::Client,
+    credentials: SharedCredentials,
     tables: watch::Sender<Arc<Tables>>,
     watched_routes: Arc<Mutex<BTreeSet<ServiceRef>>>,
     watched_endpoints: Arc<Mutex<BTreeSet<ServiceRef>>>,
 }
 
 impl Discovery {
-    /// Discovery from the control plane at `addr` (`host:port`), publishing into `tables`.
-    pub fn new(addr: &str, client: reqwest::Client, tables: watch::Sender<Arc<Tables>>) -> Self {
+    /// Discovery from the control plane's proxy API at `base` (`https://host:port`), publishing
+    /// into `tables`, once `credentials` hold a certificate for `client` to present.
+    pub fn new(
+        base: &str,
+        client: reqwest::Client,
+        credentials: SharedCredentials,
+        tables: watch::Sender<Arc<Tables>>,
+    ) -> Self {
         Self {
-            base: format!("http://{addr}"),
+            base: base.to_string(),
             client,
+            credentials,
             tables,
             watched_routes: Arc::default(),
             watched_endpoints: Arc::default(),
@@ -149,6 +161,8 @@ impl Discovery {
 
     /// Follows one stream forever, reconnecting with backoff; `apply` sees each newer update.
     async fn stream<T: DeserializeOwned>(&self, url: String, apply: impl Fn(&Self, Update<T>)) {
+        // Unauthenticated, the control plane would answer 401.
+        let _ = self.credentials.clone().wait_for(Option::is_some).await;
         let mut version = 0u64;
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -173,10 +187,14 @@ impl Discovery {
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| crate::registration::error_chain(&e))?;
         let mut buf = Vec::new();
         let mut first = true;
-        while let Some(chunk) = rsp.chunk().await.map_err(|e| e.to_string())? {
+        while let Some(chunk) = rsp
+            .chunk()
+            .await
+            .map_err(|e| crate::registration::error_chain(&e))?
+        {
             buf.extend_from_slice(&chunk);
             while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=nl).collect();

@@ -146,7 +146,10 @@ pub enum IdentityError {
     #[error("generating the key pair and CSR: {0}")]
     Key(rcgen::Error),
     /// The control plane did not answer.
-    #[error("control plane at {base} is unreachable: {source}")]
+    #[error(
+        "control plane at {base} is unreachable: {}",
+        crate::registration::error_chain(.source)
+    )]
     Unreachable {
         /// The control plane's proxy API.
         base: String,
@@ -197,15 +200,22 @@ pub struct Certifier {
 }
 
 impl Certifier {
-    /// A certifier asking the control plane at `addr` (`host:port`) for `identity`, with the
-    /// token in `token_file`.
-    pub fn new(addr: &str, client: reqwest::Client, identity: &str, token_file: &Path) -> Self {
+    /// A certifier asking the control plane's proxy API at `base` (`https://host:port`) for
+    /// `identity`, with the token in `token_file`, and publishing into `credentials`. (The
+    /// channel is made by the caller because the TLS of `client` itself reads it.)
+    pub fn new(
+        base: &str,
+        client: reqwest::Client,
+        identity: &str,
+        token_file: &Path,
+        credentials: watch::Sender<Option<Arc<Credentials>>>,
+    ) -> Self {
         Self {
-            base: format!("http://{addr}"),
+            base: base.to_string(),
             client,
             identity: identity.to_string(),
             token_file: token_file.to_path_buf(),
-            credentials: watch::channel(None).0,
+            credentials,
         }
     }
 

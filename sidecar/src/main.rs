@@ -20,6 +20,7 @@ use mesh_sidecar::{
     outbound::{Outbound, Settings as OutboundSettings},
     registration::{DEREGISTER_TIMEOUT, Registrar, advertised_addr},
     tables::Tables,
+    tls,
 };
 use prometheus_client::registry::Registry;
 
@@ -52,11 +53,24 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Read up front: a missing or unreadable roots file is bad config, not a runtime failure.
+    let roots = match config
+        .control_plane
+        .as_ref()
+        .map(|cp| cp.trust_roots.load())
+    {
+        None => None,
+        Some(Ok(roots)) => Some(roots),
+        Some(Err(error)) => {
+            tracing::error!("{error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")
-        .and_then(|rt| rt.block_on(run(config, tables)));
+        .and_then(|rt| rt.block_on(run(config, tables, roots)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -89,7 +103,11 @@ fn announce(name: &str, addr: std::net::SocketAddr) {
     }
 }
 
-async fn run(config: Config, tables: Tables) -> anyhow::Result<()> {
+async fn run(
+    config: Config,
+    tables: Tables,
+    roots: Option<Arc<rustls::RootCertStore>>,
+) -> anyhow::Result<()> {
     // Installed before any listener is announced, so a supervisor that stops the proxy right
     // after start-up still gets a drain rather than the default action of the signal.
     let mut stop = StopSignal::install().context("installing signal handlers")?;
@@ -118,35 +136,57 @@ async fn run(config: Config, tables: Tables) -> anyhow::Result<()> {
         None => None,
     };
 
+    // One crypto stack: anything using rustls without naming a provider gets ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
-    // One client for every control-plane call: discovery streams and registration share its
-    // HTTP/2 connection.
-    let client = config.control_plane.as_ref().map(|_| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        reqwest::Client::builder()
-            .http2_prior_knowledge()
-            .build()
-            .unwrap_or_default()
-    });
+    // The proxy's certificate, once the certifier has one; TLS to the control plane and to peers
+    // reads it on every handshake.
+    let (credentials_tx, credentials_rx) = tokio::sync::watch::channel(None);
+    // Control-plane calls go over mTLS. A connection's client certificate is fixed at its
+    // handshake, so certify (which runs before there is a certificate) has a client of its own;
+    // discovery streams and registration share the other's HTTP/2 connection, opened only once
+    // a certificate is held, and presenting it.
+    let clients = match (&config.control_plane, roots) {
+        (Some(cp), Some(roots)) => {
+            let expected = config
+                .control_plane_identity()
+                .context("the control plane's identity follows from MESH_PROXY_IDENTITY")?;
+            let tls = tls::control_plane_config(&credentials_rx, roots, &expected)
+                .context("configuring TLS to the control plane")?;
+            let client = || {
+                reqwest::Client::builder()
+                    .tls_backend_preconfigured(tls.clone())
+                    .http2_prior_knowledge()
+                    .build()
+                    .context("building the control plane client")
+            };
+            Some((cp.url.clone(), client()?, client()?))
+        }
+        _ => None,
+    };
+    let client = clients.as_ref().map(|(_, client, _)| client.clone());
     // The sender lives as long as the process: discovery (if any) publishes through it.
     let (tables_tx, tables_rx) = tokio::sync::watch::channel(Arc::new(tables));
-    let discovery = config
-        .control_plane
-        .as_ref()
-        .zip(client.clone())
-        .map(|(addr, client)| Discovery::new(addr, client, tables_tx.clone()));
+    let discovery = clients.as_ref().map(|(url, client, _)| {
+        Discovery::new(
+            url,
+            client.clone(),
+            credentials_rx.clone(),
+            tables_tx.clone(),
+        )
+    });
     if let Some(d) = &discovery {
         for authority in &config.watch {
             d.watch_authority(authority);
         }
     }
 
-    let certifier = config
-        .certification()
-        .zip(config.control_plane.as_ref())
-        .zip(client.clone())
-        .map(|(((identity, token), addr), client)| Certifier::new(addr, client, identity, token));
+    let certifier = config.certification().zip(clients.as_ref()).map(
+        |((identity, token), (url, _, certify_client))| {
+            Certifier::new(url, certify_client.clone(), identity, token, credentials_tx)
+        },
+    );
     let credentials = certifier.as_ref().map(Certifier::credentials);
     let registration = registration_target(&config, inbound_bound, client);
     // Readiness goes Certifying (with an identity) -> Registering (with registration) -> Ready:
@@ -265,7 +305,7 @@ fn registration_target(
         .addr
         .or_else(|| inbound.map(advertised_addr))?;
     Some((
-        config.control_plane.clone()?,
+        config.control_plane.as_ref()?.url.clone(),
         client?,
         WorkloadRegistration {
             service: service.clone(),

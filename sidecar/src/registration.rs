@@ -40,15 +40,16 @@ const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 pub enum RegistrationError {
     /// The control plane could not be reached or did not answer in time (mesh-internal,
     /// retried with backoff).
-    #[error("control plane at {base} unreachable: {source}")]
+    #[error("control plane at {base} unreachable: {}", error_chain(.source))]
     Unreachable {
         /// The control plane's proxy API.
         base: String,
         /// The transport error.
         source: reqwest::Error,
     },
-    /// The control plane answered with an unexpected status.
-    #[error("control plane at {base} answered {status} to {call}")]
+    /// The control plane answered with an unexpected status (a 403 when the registration's
+    /// identity is not the certificate's, or the lease is another identity's).
+    #[error("control plane at {base} answered {status} to {call}: {message}")]
     Refused {
         /// The control plane's proxy API.
         base: String,
@@ -56,6 +57,8 @@ pub enum RegistrationError {
         call: &'static str,
         /// The status it answered.
         status: StatusCode,
+        /// Its message (a Kubernetes `Status` object).
+        message: String,
     },
     /// The control plane's answer to a registration is not a lease.
     #[error(
@@ -104,6 +107,23 @@ impl Backoff {
     }
 }
 
+/// An error with its causes, `outer: inner: innermost`: a transport error's own message hides
+/// why it failed (a refused connection, a certificate that did not verify).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some layers repeat their cause in their own message.
+        if !out.ends_with(&cause_text) {
+            out.push_str(": ");
+            out.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
 /// How often to heartbeat a lease of `ttl_seconds`: three chances before it expires.
 pub fn heartbeat_interval(ttl_seconds: u64) -> Duration {
     (Duration::from_secs(ttl_seconds) / 3).max(MIN_HEARTBEAT)
@@ -134,16 +154,18 @@ pub struct Registrar {
 }
 
 impl Registrar {
-    /// Registers `registration` with the control plane at `addr` (`host:port`), moving
-    /// `readiness` from [`Readiness::Registering`] to [`Readiness::Ready`] on success.
+    /// Registers `registration` with the control plane's proxy API at `base`
+    /// (`https://host:port`), moving `readiness` from [`Readiness::Registering`] to
+    /// [`Readiness::Ready`] on success. It waits for the proxy's first certificate, which
+    /// `client` presents and the control plane requires.
     pub fn new(
-        addr: &str,
+        base: &str,
         client: reqwest::Client,
         registration: WorkloadRegistration,
         readiness: watch::Sender<Readiness>,
     ) -> Self {
         Self {
-            base: format!("http://{addr}"),
+            base: base.to_string(),
             client,
             registration,
             lease: watch::channel(None).0,
@@ -246,6 +268,7 @@ impl Registrar {
                 base: self.base.clone(),
                 call: "register",
                 status: rsp.status(),
+                message: rsp.text().await.unwrap_or_default(),
             });
         }
         rsp.json()
@@ -274,6 +297,7 @@ impl Registrar {
                 base: self.base.clone(),
                 call: "heartbeat",
                 status,
+                message: rsp.text().await.unwrap_or_default(),
             }),
         }
     }
@@ -326,6 +350,7 @@ impl Registration {
                 base: self.base,
                 call: "deregister",
                 status,
+                message: rsp.text().await.unwrap_or_default(),
             }),
         }
     }
@@ -344,6 +369,18 @@ mod tests {
         assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
         b.reset();
         assert_eq!(b.next_wait(), MIN_BACKOFF);
+    }
+
+    #[test]
+    fn error_chains_name_every_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("error sending request")]
+        struct Outer(#[source] std::io::Error);
+        let inner = std::io::Error::other("peer presented identity a, expected b");
+        assert_eq!(
+            error_chain(&Outer(inner)),
+            "error sending request: peer presented identity a, expected b"
+        );
     }
 
     #[test]

@@ -10,6 +10,13 @@
 //! URI SAN is exactly the identity discovery promised for the endpoint. The server side requires
 //! a client certificate chaining to the roots and hands the caller's SPIFFE ID to the inbound
 //! path. Only TLS 1.3 is offered; ALPN is `h2`, as proxies talk HTTP/2 to each other.
+//!
+//! The control plane's proxy API is reached the same way ([`control_plane_config`]): its
+//! certificate must chain to the trust roots and name the control plane's SPIFFE ID, and the
+//! proxy presents its current workload certificate, once it holds one. Before the first
+//! certificate there are no roots from the CA yet, so the roots configured up front
+//! (`MESH_PROXY_TRUST_ROOTS`) verify the control plane; afterwards the roots that come with each
+//! certificate do, so a rotation of the roots reaches the proxy through renewals.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,6 +28,7 @@ use std::time::Duration;
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
+use rustls::RootCertStore;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, verify_server_cert_signed_by_trust_anchor};
 use rustls::crypto::CryptoProvider;
@@ -94,7 +102,21 @@ impl ResolvesClientCert for CurrentCert {
 struct PeerIsExpected {
     expected: String,
     credentials: SharedCredentials,
+    /// Roots to use while no credentials are held (the control plane, before the first
+    /// certificate); peer proxies are never dialled without credentials.
+    fallback_roots: Option<Arc<RootCertStore>>,
     provider: Arc<CryptoProvider>,
+}
+
+impl PeerIsExpected {
+    fn roots(&self) -> Result<Arc<RootCertStore>, rustls::Error> {
+        if let Some(credentials) = self.credentials.borrow().as_ref() {
+            return Ok(credentials.roots.clone());
+        }
+        self.fallback_roots
+            .clone()
+            .ok_or_else(|| rustls::Error::General("this proxy holds no certificate yet".into()))
+    }
 }
 
 impl ServerCertVerifier for PeerIsExpected {
@@ -106,11 +128,11 @@ impl ServerCertVerifier for PeerIsExpected {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let credentials = current(&self.credentials)?;
+        let roots = self.roots()?;
         let parsed = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &parsed,
-            &credentials.roots,
+            &roots,
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
@@ -237,6 +259,7 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(PeerIsExpected {
             expected: expected.to_string(),
             credentials: credentials.clone(),
+            fallback_roots: None,
             provider,
         }))
         .with_client_cert_resolver(Arc::new(CurrentCert(credentials.clone())));
@@ -245,6 +268,33 @@ pub fn client_config(
     // and could outlive the certificates it was made with. Pooling keeps handshakes rare.
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+/// The client side of connections to the control plane's proxy API, whose certificate must
+/// chain to the roots and name `expected` (the control plane's SPIFFE ID). The proxy presents
+/// its current certificate (none before the first, which is when it asks for one); `roots` are
+/// used until it holds credentials, whose roots are used afterwards. ALPN is `h2`: discovery
+/// streams, certify and registration share HTTP/2 connections.
+pub fn control_plane_config(
+    credentials: &SharedCredentials,
+    roots: Arc<RootCertStore>,
+    expected: &str,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let provider = provider();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PeerIsExpected {
+            expected: expected.to_string(),
+            credentials: credentials.clone(),
+            fallback_roots: Some(roots),
+            provider,
+        }))
+        .with_client_cert_resolver(Arc::new(CurrentCert(credentials.clone())));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // As between proxies: each connection presents, and is checked with, what is current.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
 }
 
 /// The server side of the inbound listener's TLS connections.

@@ -1,25 +1,26 @@
 //! `mesh-proxy` fed by watch streams: a weight change reaches it, it keeps serving its last
 //! config while the control plane is gone (fail static), and resyncs when it comes back.
 //!
-//! The control plane here is a small stand-in speaking the proxy API (NDJSON watch streams over
-//! h2c, `mesh_core::proxy_api`); the real control plane has its own end-to-end test of the same
-//! streams.
+//! The control plane here is a small stand-in speaking the proxy API (NDJSON watch streams,
+//! `mesh_core::proxy_api`) behind the proxy API's mTLS (`mesh_test_support::proxy_api::StandIn`,
+//! which also certifies the proxy); the real control plane has its own end-to-end test of the
+//! same streams.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use http_body_util::channel::Channel;
-use hyper::{Request, Response, body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::{Request, Response, body::Incoming};
 use mesh_core::proxy_api::{
     Endpoint, Endpoints, RouteRule, RouteTable, ServiceRef, Update, WeightedBackend,
 };
 use mesh_test_support::apps::app;
 use mesh_test_support::assert_eventually;
 use mesh_test_support::process::MeshBinary;
+use mesh_test_support::proxy_api::StandIn;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -83,43 +84,34 @@ fn answer(path: &str, query: &str, st: &State) -> Bytes {
     }
 }
 
-/// Serves watch streams from `state` on `listener` until the returned set is dropped.
-fn control_plane(listener: tokio::net::TcpListener, state: watch::Receiver<State>) -> JoinSet<()> {
+/// Serves watch streams from `state` on `listener`, behind the stand-in's TLS, until the
+/// returned set is dropped.
+fn control_plane(
+    stand_in: &StandIn,
+    listener: tokio::net::TcpListener,
+    state: watch::Receiver<State>,
+) -> JoinSet<()> {
     let mut set = JoinSet::new();
-    let conns = Arc::new(std::sync::Mutex::new(JoinSet::new()));
-    let keep = conns.clone();
-    set.spawn(async move {
-        let _keep = keep;
-        loop {
-            let (io, _) = listener.accept().await.unwrap();
-            let state = state.clone();
-            conns.lock().unwrap().spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let mut state = state.clone();
-                    async move {
-                        let path = req.uri().path().to_string();
-                        let query = req.uri().query().unwrap_or("").to_string();
-                        let (mut tx, body) = Channel::<Bytes, Infallible>::new(4);
-                        tokio::spawn(async move {
-                            loop {
-                                let st = state.borrow_and_update().clone();
-                                if tx.send_data(answer(&path, &query, &st)).await.is_err() {
-                                    return;
-                                }
-                                if state.changed().await.is_err() {
-                                    return;
-                                }
-                            }
-                        });
-                        Ok::<_, Infallible>(Response::new(body))
+    set.spawn(stand_in.serve(listener, move |req: Request<Incoming>| {
+        let mut state = state.clone();
+        async move {
+            let path = req.uri().path().to_string();
+            let query = req.uri().query().unwrap_or("").to_string();
+            let (mut tx, body) = Channel::<Bytes, Infallible>::new(4);
+            tokio::spawn(async move {
+                loop {
+                    let st = state.borrow_and_update().clone();
+                    if tx.send_data(answer(&path, &query, &st)).await.is_err() {
+                        return;
                     }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(io), svc)
-                    .await;
+                    if state.changed().await.is_err() {
+                        return;
+                    }
+                }
             });
+            Response::new(body.boxed_unsync())
         }
-    });
+    }));
     set
 }
 
@@ -143,12 +135,16 @@ async fn weight_changes_reach_the_proxy_and_it_fails_static() {
         v1,
         v2,
     });
-    let cp = control_plane(listener, state_rx.clone());
+    let stand_in = StandIn::new().unwrap();
+    let cp = control_plane(&stand_in, listener, state_rx.clone());
 
     let proxy = MeshBinary::new(env!("CARGO_BIN_EXE_mesh-proxy"))
         .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
         .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
-        .env("MESH_PROXY_CONTROL_PLANE_ADDR", cp_addr.to_string())
+        .control_plane(
+            &stand_in.access(cp_addr),
+            "spiffe://cluster.local/ns/default/sa/client",
+        )
         .listener("admin")
         .listener("outbound")
         .run()
@@ -181,9 +177,53 @@ async fn weight_changes_reach_the_proxy_and_it_fails_static() {
         s.weights = (100, 0);
     });
     let listener = tokio::net::TcpListener::bind(cp_addr).await.unwrap();
-    let _cp = control_plane(listener, state_rx);
+    let _cp = control_plane(&stand_in, listener, state_rx);
     assert_eventually!(
         versions(&client, 10).await.iter().all(|v| v == "v1"),
         "the proxy did not resync after the control plane returned"
     );
+}
+
+/// A proxy told about a control plane but not how to trust it, or with no identity to
+/// authenticate its watches with, refuses to start (exit 64) and says what is missing.
+#[test]
+fn a_control_plane_without_trust_roots_or_an_identity_is_bad_config() {
+    let run = |env: &[(&str, &str)]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+            .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
+            .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
+            .env("MESH_PROXY_CONTROL_PLANE_ADDR", "127.0.0.1:1")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run(&[]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("MESH_PROXY_TRUST_ROOTS_FILE"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let roots = dir.path().join("trust-roots.pem");
+    std::fs::write(&roots, StandIn::new().unwrap().ca().roots_pem()).unwrap();
+    let roots = roots.to_str().unwrap();
+    let (code, stderr) = run(&[("MESH_PROXY_TRUST_ROOTS_FILE", roots)]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("MESH_PROXY_IDENTITY") && stderr.contains("certificate"),
+        "{stderr}"
+    );
+
+    let (code, stderr) = run(&[
+        ("MESH_PROXY_TRUST_ROOTS_FILE", "/no/such/trust-roots.pem"),
+        (
+            "MESH_PROXY_IDENTITY",
+            "spiffe://cluster.local/ns/default/sa/web",
+        ),
+        ("MESH_PROXY_TOKEN_FILE", "/no/such/token"),
+    ]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("/no/such/trust-roots.pem"), "{stderr}");
 }

@@ -216,8 +216,15 @@ fn a_bad_app_address_exits_64_naming_the_variable() {
 
 #[test]
 fn registration_without_an_app_exits_64() {
+    let roots = mesh_test_support::proxy_api::MeshCa::generate().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
         .env("MESH_PROXY_CONTROL_PLANE_ADDR", "127.0.0.1:1")
+        .env("MESH_PROXY_TRUST_ROOTS", roots.roots_pem())
+        .env(
+            "MESH_PROXY_IDENTITY",
+            "spiffe://cluster.local/ns/default/sa/web",
+        )
+        .env("MESH_PROXY_TOKEN_FILE", "/nonexistent/token")
         .env("MESH_PROXY_WORKLOAD_SERVICE", "web.default:80")
         .output()
         .unwrap();

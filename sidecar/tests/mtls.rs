@@ -26,6 +26,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_test_support::assert_eventually;
 use mesh_test_support::process::{MeshBinary, MeshProcess};
+use mesh_test_support::proxy_api::ProxyApiAccess;
 
 const WEB_ID: &str = "spiffe://cluster.local/ns/default/sa/web";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
@@ -132,17 +133,18 @@ fn control_plane(state: &Path, lifetime: &str) -> MeshProcess {
         .unwrap()
 }
 
-/// A proxy with identity `id`, certified by `cp` with the token in `token`.
-fn proxy(cp: &MeshProcess, id: &str, token: &Path) -> MeshBinary {
+/// How proxies reach `cp`, whose state directory is `state`: its proxy API, trust roots and
+/// bootstrap token.
+fn access(cp: &MeshProcess, state: &Path) -> ProxyApiAccess {
+    ProxyApiAccess::of_control_plane(cp.addr("proxy"), state)
+}
+
+/// A proxy with identity `id`, certified by the control plane behind `access`.
+fn proxy(access: &ProxyApiAccess, id: &str) -> MeshBinary {
     MeshBinary::new(env!("CARGO_BIN_EXE_mesh-proxy"))
         .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
         .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
-        .env(
-            "MESH_PROXY_CONTROL_PLANE_ADDR",
-            cp.addr("proxy").to_string(),
-        )
-        .env("MESH_PROXY_IDENTITY", id)
-        .env("MESH_PROXY_TOKEN_FILE", token)
+        .control_plane(access, id)
         .env("RUST_LOG", "info")
         .listener("admin")
         .listener("outbound")
@@ -150,7 +152,7 @@ fn proxy(cp: &MeshProcess, id: &str, token: &Path) -> MeshBinary {
 
 /// The server side: the app behind a proxy registered as `web.default:80` with [`WEB_ID`].
 fn server_proxy(cp: &MeshProcess, state: &Path, app: SocketAddr) -> MeshProcess {
-    proxy(cp, WEB_ID, &state.join("bootstrap-token"))
+    proxy(&access(cp, state), WEB_ID)
         .env("MESH_PROXY_INBOUND_ADDR", "127.0.0.1:0")
         .env("MESH_PROXY_APP_ADDR", app.to_string())
         .env("MESH_PROXY_WORKLOAD_SERVICE", AUTHORITY)
@@ -231,9 +233,7 @@ async fn http1_h2_and_grpc_cross_two_proxies_over_mtls() {
     let cp = control_plane(state.path(), "1h");
     let (app, _) = app().await;
     let server = server_proxy(&cp, state.path(), app);
-    let client = proxy(&cp, CLIENT_ID, &state.path().join("bootstrap-token"))
-        .run()
-        .unwrap();
+    let client = proxy(&access(&cp, state.path()), CLIENT_ID).run().unwrap();
     assert_eventually!(ready(&server).await == 200 && ready(&client).await == 200);
     assert_eq!(identity(&server).await["identity"], WEB_ID);
     assert_eq!(identity(&client).await["identity"], CLIENT_ID);
@@ -304,7 +304,7 @@ async fn a_peer_with_another_identity_is_refused() {
         ),
     )
     .unwrap();
-    let client = proxy(&cp, CLIENT_ID, &state.path().join("bootstrap-token"))
+    let client = proxy(&access(&cp, state.path()), CLIENT_ID)
         .env("MESH_PROXY_CONFIG", config.path())
         .run()
         .unwrap();
@@ -330,9 +330,7 @@ async fn certificates_are_renewed_under_traffic_without_a_failed_request() {
     let cp = control_plane(state.path(), "6s");
     let (app, _) = app().await;
     let server = server_proxy(&cp, state.path(), app);
-    let client = proxy(&cp, CLIENT_ID, &state.path().join("bootstrap-token"))
-        .run()
-        .unwrap();
+    let client = proxy(&access(&cp, state.path()), CLIENT_ID).run().unwrap();
     assert_eventually!(ready(&server).await == 200 && ready(&client).await == 200);
     let outbound = client.addr("outbound");
     assert_eventually!(get(outbound, &[]).await.status() == 200);
@@ -371,9 +369,10 @@ async fn certificates_are_renewed_under_traffic_without_a_failed_request() {
 async fn a_bad_token_is_refused_and_the_proxy_stays_unready() {
     let state = tempfile::tempdir().unwrap();
     let cp = control_plane(state.path(), "1h");
-    let token = state.path().join("wrong-token");
-    std::fs::write(&token, "not-the-token\n").unwrap();
-    let mut p = proxy(&cp, CLIENT_ID, &token).run().unwrap();
+    let mut wrong = access(&cp, state.path());
+    wrong.token_file = state.path().join("wrong-token");
+    std::fs::write(&wrong.token_file, "not-the-token\n").unwrap();
+    let mut p = proxy(&wrong, CLIENT_ID).run().unwrap();
     assert_eventually!(
         std::fs::read_to_string(p.child().log())
             .unwrap()
@@ -383,4 +382,45 @@ async fn a_bad_token_is_refused_and_the_proxy_stays_unready() {
     );
     assert_eq!(ready(&p).await, 503);
     assert!(identity(&p).await.is_null());
+}
+
+/// The proxy checks the proxy API's certificate before it sends its token: roots of another CA,
+/// or a control plane that does not name the control plane's identity in the proxy's trust
+/// domain, leave it uncertified and unready, saying why.
+#[tokio::test]
+async fn the_proxy_verifies_the_control_plane_before_asking_it_anything() {
+    let state = tempfile::tempdir().unwrap();
+    let cp = control_plane(state.path(), "1h");
+
+    let mut foreign_roots = access(&cp, state.path());
+    foreign_roots.trust_roots_file = state.path().join("other-roots.pem");
+    let other_ca = mesh_test_support::proxy_api::MeshCa::generate().unwrap();
+    std::fs::write(&foreign_roots.trust_roots_file, other_ca.roots_pem()).unwrap();
+    let mut untrusting = proxy(&foreign_roots, CLIENT_ID).run().unwrap();
+
+    // Another trust domain expects spiffe://other.org/ns/mesh-system/sa/mesh-controlplane.
+    let mut elsewhere = proxy(
+        &access(&cp, state.path()),
+        "spiffe://other.org/ns/default/sa/client",
+    )
+    .run()
+    .unwrap();
+
+    for (p, why) in [
+        (&mut untrusting, "UnknownIssuer"),
+        (
+            &mut elsewhere,
+            "expected spiffe://other.org/ns/mesh-system/sa/mesh-controlplane",
+        ),
+    ] {
+        assert_eventually!(
+            std::fs::read_to_string(p.child().log())
+                .unwrap()
+                .contains(why),
+            "no {why:?} in the log: {}",
+            p.child().log_tail(20)
+        );
+        assert_eq!(ready(p).await, 503);
+        assert!(identity(p).await.is_null());
+    }
 }

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mesh_test_support::assert_eventually;
 use mesh_test_support::process::{MeshBinary, MeshProcess};
+use mesh_test_support::proxy_api::ProxyApiAccess;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WEB_ID: &str = "spiffe://cluster.local/ns/default/sa/web";
@@ -80,12 +81,10 @@ fn proxy(cp: &MeshProcess, state: &Path, id: &str) -> MeshBinary {
     MeshBinary::new(env!("CARGO_BIN_EXE_mesh-proxy"))
         .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
         .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
-        .env(
-            "MESH_PROXY_CONTROL_PLANE_ADDR",
-            cp.addr("proxy").to_string(),
+        .control_plane(
+            &ProxyApiAccess::of_control_plane(cp.addr("proxy"), state),
+            id,
         )
-        .env("MESH_PROXY_IDENTITY", id)
-        .env("MESH_PROXY_TOKEN_FILE", state.join("bootstrap-token"))
         .env("RUST_LOG", "info")
         .listener("admin")
         .listener("outbound")

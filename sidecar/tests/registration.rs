@@ -16,10 +16,13 @@ use mesh_core::proxy_api::{Endpoint, Endpoints, Update, WATCH_ENDPOINTS_PATH};
 use mesh_test_support::apps::app;
 use mesh_test_support::assert_eventually;
 use mesh_test_support::process::{MeshBinary, MeshProcess};
+use mesh_test_support::proxy_api::{MeshCa, ProxyApiAccess};
 
 /// Far longer than the test's patience: an endpoint that leaves was deregistered, not expired.
 const TTL: Duration = Duration::from_secs(120);
 const SERVICE: &str = "web-canary.default:80";
+/// The workload's identity, which its registration carries and its certificate names.
+const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 
 fn control_plane(state: &Path, proxy_addr: &str, ttl: Duration) -> MeshProcess {
     MeshBinary::workspace("mesh-controlplane")
@@ -40,18 +43,19 @@ fn control_plane(state: &Path, proxy_addr: &str, ttl: Duration) -> MeshProcess {
 /// The latest endpoints of [`SERVICE`] the stream delivered; `None` before the first line.
 type Latest = Arc<Mutex<Option<Vec<Endpoint>>>>;
 
-/// Follows the control plane's endpoints stream of [`SERVICE`], keeping the latest value.
-fn watch_endpoints(cp: SocketAddr) -> (Latest, tokio::task::JoinHandle<()>) {
+/// Follows the control plane's endpoints stream of [`SERVICE`], keeping the latest value; the
+/// control plane's state directory is `state`, whose CA certifies the watcher.
+fn watch_endpoints(cp: SocketAddr, state: &Path) -> (Latest, tokio::task::JoinHandle<()>) {
     let latest: Latest = Arc::default();
+    let client = MeshCa::of_control_plane(state)
+        .unwrap()
+        .client("spiffe://cluster.local/ns/test/sa/watcher")
+        .unwrap();
     let task = {
         let latest = Arc::clone(&latest);
         tokio::spawn(async move {
-            let url = format!("http://{cp}{WATCH_ENDPOINTS_PATH}?service={SERVICE}");
-            let mut rsp = mesh_test_support::http_client()
-                .get(url)
-                .send()
-                .await
-                .unwrap();
+            let url = format!("https://{cp}{WATCH_ENDPOINTS_PATH}?service={SERVICE}");
+            let mut rsp = client.get(url).send().await.unwrap();
             assert_eq!(rsp.status(), 200);
             let mut buf = Vec::new();
             while let Ok(Some(chunk)) = rsp.chunk().await {
@@ -105,7 +109,7 @@ async fn the_workload_registers_and_leaves_at_once_on_sigterm() {
     let state = tempfile::tempdir().unwrap();
     let cp = control_plane(state.path(), "127.0.0.1:0", TTL);
     let cp_addr = cp.addr("proxy");
-    let (latest, stream) = watch_endpoints(cp_addr);
+    let (latest, stream) = watch_endpoints(cp_addr, state.path());
     assert_eventually!(addrs(&latest) == Some(vec![]));
 
     let mut proxy = MeshBinary::new(env!("CARGO_BIN_EXE_mesh-proxy"))
@@ -113,13 +117,12 @@ async fn the_workload_registers_and_leaves_at_once_on_sigterm() {
         .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
         .env("MESH_PROXY_INBOUND_ADDR", "127.0.0.1:0")
         .env("MESH_PROXY_APP_ADDR", app("v2").await.unwrap().to_string())
-        .env("MESH_PROXY_CONTROL_PLANE_ADDR", cp_addr.to_string())
+        .control_plane(
+            &ProxyApiAccess::of_control_plane(cp_addr, state.path()),
+            WEB,
+        )
         .env("MESH_PROXY_WORKLOAD_SERVICE", SERVICE)
         .env("MESH_PROXY_WORKLOAD_LABELS", "version=v2,track=canary")
-        .env(
-            "MESH_PROXY_IDENTITY",
-            "spiffe://cluster.local/ns/default/sa/web",
-        )
         .listener("admin")
         .listener("inbound")
         .run()
@@ -134,12 +137,9 @@ async fn the_workload_registers_and_leaves_at_once_on_sigterm() {
     let endpoint = latest.lock().unwrap().clone().unwrap().remove(0);
     assert_eq!(endpoint.labels["version"], "v2");
     assert_eq!(endpoint.labels["track"], "canary");
-    assert_eq!(
-        endpoint.identity.as_deref(),
-        Some("spiffe://cluster.local/ns/default/sa/web")
-    );
+    assert_eq!(endpoint.identity.as_deref(), Some(WEB));
     assert_eventually!(ready(&proxy).await == 200);
-    // The endpoint leads to the app.
+    // The endpoint leads to the app (plaintext is still accepted inbound).
     let body = mesh_test_support::http_client()
         .get(format!("http://{}/", endpoint.addr))
         .send()
@@ -169,17 +169,24 @@ async fn the_workload_registers_and_leaves_at_once_on_sigterm() {
 
 #[tokio::test]
 async fn the_proxy_waits_for_the_control_plane_and_registers_again_after_its_restart() {
-    // A free port for a control plane that is not running yet.
-    let cp_addr = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        l.local_addr().unwrap()
-    };
+    // A short TTL, so heartbeats (a third of it) soon find out about the restart below.
+    let short_ttl = Duration::from_secs(3);
+    // A control plane that ran once, so its state (CA, token, trust roots) exists, and is
+    // stopped: its port is free, and the proxy starts while nothing listens there.
+    let state = tempfile::tempdir().unwrap();
+    let mut first = control_plane(state.path(), "127.0.0.1:0", short_ttl);
+    let cp_addr = first.addr("proxy");
+    first.child().kill();
+    drop(first);
     let proxy = MeshBinary::new(env!("CARGO_BIN_EXE_mesh-proxy"))
         .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
         .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
         .env("MESH_PROXY_INBOUND_ADDR", "127.0.0.1:0")
         .env("MESH_PROXY_APP_ADDR", app("v1").await.unwrap().to_string())
-        .env("MESH_PROXY_CONTROL_PLANE_ADDR", cp_addr.to_string())
+        .control_plane(
+            &ProxyApiAccess::of_control_plane(cp_addr, state.path()),
+            WEB,
+        )
         .env("MESH_PROXY_WORKLOAD_SERVICE", SERVICE)
         .listener("admin")
         .listener("inbound")
@@ -189,11 +196,8 @@ async fn the_proxy_waits_for_the_control_plane_and_registers_again_after_its_res
     // Nothing to register with: not ready.
     assert_eq!(ready(&proxy).await, 503);
 
-    // A short TTL, so heartbeats (a third of it) soon find out about the restart below.
-    let short_ttl = Duration::from_secs(3);
-    let state = tempfile::tempdir().unwrap();
     let mut cp = control_plane(state.path(), &cp_addr.to_string(), short_ttl);
-    let (latest, stream) = watch_endpoints(cp_addr);
+    let (latest, stream) = watch_endpoints(cp_addr, state.path());
     assert_eventually!(
         addrs(&latest) == Some(vec![inbound]),
         "the proxy did not register once the control plane came up: {:?}",
@@ -207,7 +211,7 @@ async fn the_proxy_waits_for_the_control_plane_and_registers_again_after_its_res
     cp.child().kill();
     drop(cp);
     let _cp = control_plane(state.path(), &cp_addr.to_string(), short_ttl);
-    let (latest, stream) = watch_endpoints(cp_addr);
+    let (latest, stream) = watch_endpoints(cp_addr, state.path());
     assert_eventually!(
         addrs(&latest) == Some(vec![inbound]),
         "the proxy did not register again with the restarted control plane: {:?}",

@@ -1,15 +1,16 @@
 //! Test certificates: a throwaway CA and leaves signed by it, generated with rcgen.
 //!
 //! kube-apiserver needs a serving certificate, a client CA and a service-account signing key;
-//! the harness's own client authenticates with a client certificate in `system:masters`. The
-//! sidecar's mTLS tests will issue SPIFFE leaves from the same CA until the control plane's CA
-//! exists.
+//! the harness's own client authenticates with a client certificate in `system:masters`. A
+//! [`TestCa`] can also be loaded from an existing CA's files (the control plane's), and signs
+//! CSRs for a SPIFFE ID as the control plane's CA does, for stand-ins of the proxy API
+//! (see [`crate::proxy_api`]).
 
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 
 use crate::{HarnessError, Result};
@@ -97,6 +98,46 @@ impl TestCa {
             cert_pem: cert.pem(),
             issuer: Issuer::new(params, key),
         })
+    }
+
+    /// An existing CA, from its certificate and PKCS#8 key (PEM).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self> {
+        let key = KeyPair::from_pem(key_pem)?;
+        Ok(Self {
+            issuer: Issuer::from_ca_cert_pem(cert_pem, key)?,
+            cert_pem: cert_pem.to_string(),
+        })
+    }
+
+    /// Signs the CSR `csr_pem` for `spiffe_id`, as the control plane's CA does: only its public
+    /// key is taken, the one SAN is the SPIFFE ID, for client and server use, valid from a
+    /// minute ago for `lifetime`. Returns the certificate, PEM.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        spiffe_id: &str,
+        lifetime: std::time::Duration,
+    ) -> Result<String> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into()?)];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = std::time::SystemTime::now();
+        params.not_before = (now - std::time::Duration::from_secs(60)).into();
+        params.not_after = (now + lifetime).into();
+        let cert = CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        }
+        .signed_by(&self.issuer)?;
+        Ok(cert.pem())
     }
 
     /// The CA certificate.

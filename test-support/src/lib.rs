@@ -2,7 +2,8 @@
 //! the product the way users run it. [`kube::KubeApiServer`] brings up etcd and kube-apiserver
 //! with generated certificates and our CRDs installed; [`prometheus::Prometheus`] runs a real
 //! Prometheus against a scrape config; [`process::MeshProcess`] starts one of our binaries on
-//! port 0 and reads back the addresses it bound; [`assert_eventually!`] waits for a condition
+//! port 0 and reads back the addresses it bound; [`proxy_api`] has mTLS clients of the control
+//! plane's proxy API and a stand-in for it; [`assert_eventually!`] waits for a condition
 //! with a patience taken from `MESH_TEST_PATIENCE`. Everything started is killed when its handle
 //! drops, so a failing test leaves no processes behind.
 
@@ -13,6 +14,7 @@ pub mod kube;
 pub mod ports;
 pub mod process;
 pub mod prometheus;
+pub mod proxy_api;
 
 pub use eventually::patience;
 
@@ -59,6 +61,9 @@ pub enum HarnessError {
     /// Certificate generation failed.
     #[error("generating test certificates: {0}")]
     Certs(#[from] rcgen::Error),
+    /// A TLS configuration or client could not be built.
+    #[error("configuring TLS: {0}")]
+    Tls(String),
     /// A Kubernetes API call made by the harness failed.
     #[error("{context}: {source}")]
     Kube {

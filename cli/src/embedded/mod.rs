@@ -60,8 +60,10 @@ pub struct Mesh {
     pub store: EmbeddedStore,
     /// The resource API's address.
     pub api_addr: SocketAddr,
-    /// The proxy API's address.
+    /// The proxy API's address (mTLS).
     pub proxy_addr: SocketAddr,
+    /// The trust roots that verify the proxy API, PEM (what sidecars are given).
+    pub trust_roots_file: PathBuf,
     /// The supervisor.
     pub supervisor: Arc<Supervisor>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -80,6 +82,7 @@ impl Mesh {
             workload_ttl: Duration::from_secs(10),
             watch_history: 10_000,
             default_inbound_policy: mesh_policies::DefaultPolicy::AllUnauthenticated,
+            issuer_dir: None,
         };
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating {}", config.state_dir.display()))?;
@@ -106,6 +109,7 @@ impl Mesh {
         let api_addr = api.local_addr()?;
         let proxy_addr = proxy.local_addr()?;
         let store = control_plane.store().clone();
+        let trust_roots_file = control_plane.trust_roots_file().to_path_buf();
         let supervisor = Arc::new(Supervisor::new(
             programs,
             proxy_addr,
@@ -121,6 +125,7 @@ impl Mesh {
             store,
             api_addr,
             proxy_addr,
+            trust_roots_file,
             supervisor,
             tasks,
         })

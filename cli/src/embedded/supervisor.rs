@@ -517,8 +517,9 @@ impl InstanceCtx {
                 self.control_plane.to_string(),
             )
             // Every sidecar gets a certificate for its workload's identity and speaks mTLS to
-            // its peers. The bootstrap token is the file the control plane keeps in its state
-            // dir, `<state>/controlplane`, beside our `<state>/logs`.
+            // its peers and to the proxy API. The bootstrap token and the trust roots are the
+            // files the control plane keeps in its state dir, `<state>/controlplane`, beside our
+            // `<state>/logs`.
             .env(
                 "MESH_PROXY_IDENTITY",
                 format!(
@@ -531,6 +532,12 @@ impl InstanceCtx {
                 self.logs
                     .with_file_name("controlplane")
                     .join(mesh_controlplane::identity::TOKEN_FILE),
+            )
+            .env(
+                "MESH_PROXY_TRUST_ROOTS_FILE",
+                self.logs
+                    .with_file_name("controlplane")
+                    .join(mesh_controlplane::identity::TRUST_ROOTS_FILE),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -23,6 +23,8 @@ pub const WEBHOOK: &str = "mesh-proxy-injector";
 pub const INJECTOR_PORT: u16 = 8443;
 /// The proxy API's port.
 pub const PROXY_API_PORT: u16 = 4181;
+/// Where the control plane mounts the identity issuer Secret (its CA).
+pub const ISSUER_DIR: &str = "/var/run/mesh/issuer";
 
 /// Flags of `mesh install`.
 #[derive(clap::Args, Debug, Clone)]
@@ -232,6 +234,9 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
             {"name": "MESH_CONTROLPLANE_KUBERNETES", "value": "true"},
             {"name": "MESH_CONTROLPLANE_PROXY_ADDR", "value": format!("0.0.0.0:{PROXY_API_PORT}")},
             {"name": "MESH_CONTROLPLANE_TRUST_DOMAIN", "value": args.proxy.trust_domain},
+            // The CA comes from the issuer Secret, so the trust roots injected proxies hold
+            // survive restarts of the control plane (its state is an emptyDir).
+            {"name": "MESH_CONTROLPLANE_ISSUER_DIR", "value": ISSUER_DIR},
             {"name": "MESH_CONTROLPLANE_INJECTOR_ADDR", "value": format!("0.0.0.0:{INJECTOR_PORT}")},
             {"name": "MESH_CONTROLPLANE_INJECTOR_TLS_DIR", "value": "/var/run/mesh/injector"},
             {"name": "MESH_CONTROLPLANE_PROXY_IMAGE", "value": inject.proxy_image},
@@ -244,7 +249,7 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
                {"name": "identity-issuer", "secret": {"secretName": "mesh-identity-issuer"}}]),
         json!([{"name": "state", "mountPath": "/var/lib/mesh"},
                {"name": "injector-tls", "mountPath": "/var/run/mesh/injector", "readOnly": true},
-               {"name": "identity-issuer", "mountPath": "/var/run/mesh/issuer", "readOnly": true}]),
+               {"name": "identity-issuer", "mountPath": ISSUER_DIR, "readOnly": true}]),
     ));
     docs.push(deployment(
         ROLLOUT_CONTROLLER,
@@ -328,6 +333,26 @@ mod tests {
         assert!(
             names.contains(&"httproutes.gateway.networking.k8s.io"),
             "{names:?}"
+        );
+    }
+
+    #[test]
+    fn the_control_plane_signs_with_the_issuer_secret() {
+        let docs = render(&args(false)).unwrap();
+        let cp = docs
+            .iter()
+            .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == CONTROLPLANE)
+            .unwrap();
+        let container = &cp["spec"]["template"]["spec"]["containers"][0];
+        let env = container["env"].as_array().unwrap();
+        assert!(
+            env.contains(&json!({"name": "MESH_CONTROLPLANE_ISSUER_DIR", "value": ISSUER_DIR}))
+        );
+        let mounts = container["volumeMounts"].as_array().unwrap();
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m["name"] == "identity-issuer" && m["mountPath"] == ISSUER_DIR)
         );
     }
 

@@ -57,6 +57,11 @@ pub struct InjectArgs {
     /// YAML file with the workloads; `-` reads stdin.
     #[arg(short = 'f', long = "filename")]
     pub file: String,
+    /// The mesh's trust roots (PEM), given to the proxies to verify the control plane with: the
+    /// `tls.crt` of the `mesh-identity-issuer` Secret in `mesh-system`. The webhook adds them
+    /// by itself; offline they must be given.
+    #[arg(long, value_name = "FILE")]
+    pub trust_roots: Option<PathBuf>,
     #[command(flatten)]
     pub proxy: install::ProxyArgs,
 }
@@ -81,7 +86,30 @@ pub fn install(args: &install::InstallArgs) -> ExitCode {
     reason = "YAML out, report to stderr"
 )]
 pub fn inject(args: &InjectArgs) -> ExitCode {
-    let result = inject::inject_file(&args.file, &args.proxy.inject_config());
+    let mut config = args.proxy.inject_config();
+    match &args.trust_roots {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => config.trust_roots_pem = pem,
+            Ok(_) => {
+                eprintln!(
+                    "error: --trust-roots {}: no PEM certificate in it",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("error: --trust-roots {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => eprintln!(
+            "warning: without --trust-roots the injected proxies cannot verify the control plane \
+             and will not start; pass the tls.crt of the mesh-identity-issuer Secret \
+             (kubectl -n mesh-system get secret mesh-identity-issuer -o \
+             jsonpath='{{.data.tls\\.crt}}' | base64 -d > roots.pem)"
+        ),
+    }
+    let result = inject::inject_file(&args.file, &config);
     match crate::block_on(false, async { result }) {
         Some((yaml, report)) => {
             for line in report {

@@ -1,7 +1,8 @@
 //! `mesh-bench-propagation`: how long an HTTPRoute weight change takes to reach every watching
 //! proxy. It starts the real `mesh-controlplane` (the binary next to this one) on loopback
-//! ports, opens N route watch streams over HTTP/2 (100 streams per connection, as proxies on a
-//! node would share few connections), and for each round applies a new weight through the
+//! ports, opens N route watch streams over HTTP/2 and mTLS (100 streams per connection, as
+//! proxies on a node would share few connections; the client certificate is issued by the
+//! control plane's CA from its state directory, as a proxy's would be), and for each round applies a new weight through the
 //! resource API and times until the last watcher has read it. It prints a table, writes
 //! `<out-dir>/propagation.json` and updates the "Control plane: propagation" section of the
 //! benchmarks page.
@@ -22,14 +23,17 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, bail};
+use mesh_controlplane::identity::Ca;
 use mesh_core::{
     Listening,
-    proxy_api::{RouteTable, Update, WATCH_ROUTES_PATH},
+    proxy_api::{CertifyRequest, RouteTable, Update, WATCH_ROUTES_PATH},
 };
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -80,6 +84,39 @@ fn start_control_plane(state_dir: &Path) -> anyhow::Result<(KillOnDrop, SocketAd
     bail!("mesh-controlplane exited before announcing its listeners")
 }
 
+/// TLS for the watchers: the control plane's roots, and a client certificate for a watcher
+/// identity signed by its CA (read from the state directory the control plane created).
+fn watcher_tls(state_dir: &Path) -> anyhow::Result<rustls::ClientConfig> {
+    let ca = Ca::load_or_create(state_dir, "cluster.local", Duration::from_secs(3600))?;
+    let key = rcgen::KeyPair::generate()?;
+    let csr_pem = rcgen::CertificateParams::new(Vec::<String>::new())?
+        .serialize_request(&key)?
+        .pem()?;
+    let issued = ca.certify(
+        &CertifyRequest {
+            token: ca.token().to_string(),
+            csr_pem,
+            identity: "spiffe://cluster.local/ns/bench/sa/watcher".into(),
+        },
+        SystemTime::now(),
+    )?;
+    let mut roots = rustls::RootCertStore::empty();
+    for root in CertificateDer::pem_slice_iter(issued.trust_roots_pem.as_bytes()) {
+        roots.add(root?)?;
+    }
+    let chain = CertificateDer::pem_slice_iter(issued.certificate_chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
 fn route(canary_weight: u32) -> serde_json::Value {
     json!({
         "apiVersion": "gateway.networking.k8s.io/v1",
@@ -121,6 +158,7 @@ struct Row {
 async fn measure(
     api: SocketAddr,
     proxy: SocketAddr,
+    tls: &rustls::ClientConfig,
     watchers: usize,
     rounds: usize,
     first_weight: u32,
@@ -132,6 +170,7 @@ async fn measure(
     let clients: Vec<reqwest::Client> = (0..connections)
         .map(|_| {
             reqwest::Client::builder()
+                .tls_backend_preconfigured(tls.clone())
                 .http2_prior_knowledge()
                 .build()
                 .expect("an HTTP/2 client")
@@ -140,7 +179,7 @@ async fn measure(
     let mut tasks = Vec::with_capacity(watchers);
     for i in 0..watchers {
         let client = clients[i / STREAMS_PER_CONNECTION].clone();
-        let url = format!("http://{proxy}{WATCH_ROUTES_PATH}?authority=web.default:80");
+        let url = format!("https://{proxy}{WATCH_ROUTES_PATH}?authority=web.default:80");
         let tx = tx.clone();
         tasks.push(tokio::spawn(async move {
             let mut resp = client.get(url).send().await?.error_for_status()?;
@@ -239,7 +278,9 @@ fn update_section(doc: &Path, body: &str) -> anyhow::Result<()> {
             let end = existing[after..]
                 .find("\n## ")
                 .map_or(existing.len(), |i| after + i + 1);
-            format!("{}{section}{}", &existing[..start], &existing[end..])
+            // A blank line before the next section, as Markdown is written here.
+            let gap = if end < existing.len() { "\n" } else { "" };
+            format!("{}{section}{gap}{}", &existing[..start], &existing[end..])
         }
         None => format!(
             "{}\n{section}",
@@ -264,11 +305,12 @@ async fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&state);
     std::fs::create_dir_all(&out_dir)?;
     let (_cp, api, proxy) = start_control_plane(&state)?;
+    let tls = watcher_tls(&state)?;
 
     let mut rows = Vec::new();
     for (i, watchers) in WATCHER_COUNTS.into_iter().enumerate() {
         let first = u32::try_from(10 + i * 20).unwrap_or(10);
-        let row = measure(api, proxy, watchers, rounds, first).await?;
+        let row = measure(api, proxy, &tls, watchers, rounds, first).await?;
         eprintln!(
             "{:>6} watchers: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             row.watchers, row.p50, row.p99, row.max
@@ -311,8 +353,8 @@ async fn main() -> anyhow::Result<()> {
     let body = format!(
         "Time from an HTTPRoute weight change applied through the resource API (`POST /apply`, \
          acknowledged after a durable commit) until every watching proxy stream has read the new \
-         route table. Watchers are real HTTP/2 (h2c) route watch streams, {STREAMS_PER_CONNECTION} \
-         per connection, in one benchmark process on the same machine as the control plane; each \
+         route table. Watchers are real HTTP/2 route watch streams over mTLS (each connection \
+         presents a client certificate from the mesh CA), {STREAMS_PER_CONNECTION} per connection, in one benchmark process on the same machine as the control plane; each \
          round changes the weight once and waits for all of them. Target: p99 <= 50 ms at 1,000 \
          watchers.\n\n{table}\nMeasured on a 2-core machine with the {profile}, {rounds} rounds per \
          row. Reproduce with `scripts/bench-propagation` (writes `target/bench/propagation.json`).\n"
