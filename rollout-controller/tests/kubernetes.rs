@@ -28,8 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::channel::Channel;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::{Request, Response, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -155,28 +154,7 @@ async fn serve_proxy_api(
     listener: tokio::net::TcpListener,
     state: watch::Receiver<Served>,
 ) {
-    stand_in
-        .serve(listener, move |req: Request<Incoming>| {
-            let mut state = state.clone();
-            async move {
-                let path = req.uri().path().to_string();
-                let query = req.uri().query().unwrap_or("").to_string();
-                let (mut tx, body) = Channel::<Bytes, Infallible>::new(4);
-                tokio::spawn(async move {
-                    loop {
-                        let st = state.borrow_and_update().clone();
-                        if tx.send_data(answer(&path, &query, &st)).await.is_err() {
-                            return;
-                        }
-                        if state.changed().await.is_err() {
-                            return;
-                        }
-                    }
-                });
-                Response::new(body.boxed_unsync())
-            }
-        })
-        .await;
+    stand_in.serve_watches(listener, state, answer).await;
 }
 
 /// Plays the node's part for traffic: the pods of each Deployment are the app of its image,

@@ -7,13 +7,9 @@
 //! same streams.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
-use http_body_util::channel::Channel;
-use hyper::{Request, Response, body::Incoming};
 use mesh_core::proxy_api::{
     Endpoint, Endpoints, RouteRule, RouteTable, ServiceRef, Update, WeightedBackend,
 };
@@ -92,26 +88,7 @@ fn control_plane(
     state: watch::Receiver<State>,
 ) -> JoinSet<()> {
     let mut set = JoinSet::new();
-    set.spawn(stand_in.serve(listener, move |req: Request<Incoming>| {
-        let mut state = state.clone();
-        async move {
-            let path = req.uri().path().to_string();
-            let query = req.uri().query().unwrap_or("").to_string();
-            let (mut tx, body) = Channel::<Bytes, Infallible>::new(4);
-            tokio::spawn(async move {
-                loop {
-                    let st = state.borrow_and_update().clone();
-                    if tx.send_data(answer(&path, &query, &st)).await.is_err() {
-                        return;
-                    }
-                    if state.changed().await.is_err() {
-                        return;
-                    }
-                }
-            });
-            Response::new(body.boxed_unsync())
-        }
-    }));
+    set.spawn(stand_in.serve_watches(listener, state, answer));
     set
 }
 

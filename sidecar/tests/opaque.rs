@@ -42,18 +42,10 @@ fn proxy(app: SocketAddr) -> MeshProcess {
 }
 
 async fn metric(p: &MeshProcess, name: &str) -> u64 {
-    let text = mesh_test_support::http_client()
-        .get(format!("http://{}/metrics", p.addr("admin")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains("direction=\"inbound\""))
-        .and_then(|l| l.rsplit(' ').next())
-        .map_or(0, |v| v.parse().unwrap())
+    // Counters are whole numbers.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let n = p.metric_sum(name, &["direction=\"inbound\""]).await as u64;
+    n
 }
 
 #[tokio::test]

@@ -172,22 +172,6 @@ async fn ready(p: &MeshProcess) -> bool {
         .is_ok_and(|r| r.status() == 200)
 }
 
-/// The sum of a counter family's samples whose line contains `filter`, from `/metrics`.
-async fn counter(p: &MeshProcess, name: &str, filter: &str) -> f64 {
-    let text = mesh_test_support::http_client()
-        .get(format!("http://{}/metrics", p.addr("admin")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(filter))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Writes `payload` on a fresh connection to `addr` and returns what comes back before the
 /// connection closes or goes quiet for a second.
 async fn tcp_roundtrip(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
@@ -274,19 +258,17 @@ async fn http_callers_are_admitted_by_identity_and_network_as_policy_changes() {
     // Refused requests never reach the app.
     assert_eq!(served.load(Ordering::SeqCst), before + 1);
     assert!(
-        counter(
-            &web,
+        web.metric_sum(
             "inbound_http_authz_deny_total",
-            "server=\"Server/web-http\""
+            &["server=\"Server/web-http\""]
         )
         .await
             >= 2.0
     );
     assert!(
-        counter(
-            &web,
+        web.metric_sum(
             "inbound_http_authz_allow_total",
-            "authorization=\"AuthorizationPolicy/web-from-client\""
+            &["authorization=\"AuthorizationPolicy/web-from-client\""]
         )
         .await
             >= 1.0
@@ -361,7 +343,11 @@ spec:
             .await
             .is_empty()
     );
-    assert!(counter(&db, "inbound_tcp_authz_deny_total", "server=\"Server/db\"").await >= 2.0);
+    assert!(
+        db.metric_sum("inbound_tcp_authz_deny_total", &["server=\"Server/db\""])
+            .await
+            >= 2.0
+    );
 
     // Admitting loopback lets them through, and an HTTP-looking payload is echoed as bytes:
     // the port is opaque.

@@ -137,22 +137,6 @@ fn via(proxy: &MeshProcess) -> reqwest::Client {
         .unwrap()
 }
 
-/// The sum of the samples of `name` whose labels contain `label`.
-async fn metric(proxy: &MeshProcess, name: &str, label: &str) -> f64 {
-    let text = mesh_test_support::http_client()
-        .get(format!("http://{}/metrics", proxy.addr("admin")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// One route on `web.default:80` with `rule` (YAML fields of the rule, besides backends), to
 /// one backend with `endpoints`.
 fn one_backend(rule: &str, endpoints: &[SocketAddr]) -> String {
@@ -220,15 +204,18 @@ async fn a_retry_turns_a_failed_first_attempt_into_a_success() {
     // canary judge in response_total.
     let route = r#"route="main""#;
     assert_eq!(
-        metric(&p, "outbound_http_route_retry_requests_total", route).await,
+        p.metric_sum("outbound_http_route_retry_requests_total", &[route])
+            .await,
         101.0
     );
     assert_eq!(
-        metric(&p, "outbound_http_route_retry_successes_total", route).await,
+        p.metric_sum("outbound_http_route_retry_successes_total", &[route])
+            .await,
         101.0
     );
     assert_eq!(
-        metric(&p, "response_total", r#"status_code="503""#).await,
+        p.metric_sum("response_total", &[r#"status_code="503""#])
+            .await,
         101.0
     );
 }
@@ -263,7 +250,9 @@ async fn retries_recover_a_30_percent_failing_backend_within_the_budget() {
             ok += 1;
         }
     }
-    let failed_attempts = metric(&p, "response_total", r#"status_code="503""#).await;
+    let failed_attempts = p
+        .metric_sum("response_total", &[r#"status_code="503""#])
+        .await;
     // Without retries about 90 requests would fail; with two retries about 8 do.
     assert!(
         failed_attempts >= 60.0,
@@ -381,10 +370,15 @@ async fn retries_stop_at_the_budget() {
     assert_eq!(retries, requests / 5, "retries beyond 20 % of requests");
     let route = r#"route="main""#;
     assert_eq!(
-        metric(&p, "outbound_http_route_retry_requests_total", route).await,
+        p.metric_sum("outbound_http_route_retry_requests_total", &[route])
+            .await,
         100.0
     );
-    assert!(metric(&p, "outbound_http_route_retry_overflow_total", route).await >= 300.0);
+    assert!(
+        p.metric_sum("outbound_http_route_retry_overflow_total", &[route])
+            .await
+            >= 300.0
+    );
 }
 
 #[tokio::test]
@@ -405,10 +399,9 @@ async fn max_retries_bounds_the_attempts_of_one_request() {
     assert_eq!(rsp.status(), 502);
     assert_eq!(up.attempts("doomed"), 3, "one attempt and two retries");
     assert_eq!(
-        metric(
-            &p,
+        p.metric_sum(
             "outbound_http_route_retry_limit_exceeded_total",
-            r#"route="main""#
+            &[r#"route="main""#]
         )
         .await,
         1.0
@@ -432,10 +425,9 @@ async fn a_request_past_the_route_timeout_is_answered_504_and_attempted_once() {
     assert!(rsp.headers().contains_key("mesh-proxy-error"));
     assert_eq!(up.attempts("slow"), 1, "a timed-out request is not retried");
     assert_eq!(
-        metric(
-            &p,
+        p.metric_sum(
             "outbound_http_route_retry_requests_total",
-            r#"route="main""#
+            &[r#"route="main""#]
         )
         .await,
         0.0

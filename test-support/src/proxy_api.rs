@@ -289,6 +289,44 @@ impl StandIn {
     }
 }
 
+impl StandIn {
+    /// Serves watch streams from `state`: each request gets `answer(path, query, state)` as its
+    /// first chunk and again after every change of `state`, until the client goes, the way the
+    /// control plane's NDJSON streams behave. Certify is answered as by [`StandIn::serve`].
+    pub fn serve_watches<T, A>(
+        &self,
+        listener: tokio::net::TcpListener,
+        state: tokio::sync::watch::Receiver<T>,
+        answer: A,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        T: Clone + Send + Sync + 'static,
+        A: Fn(&str, &str, &T) -> Bytes + Clone + Send + Sync + 'static,
+    {
+        self.serve(listener, move |req: Request<Incoming>| {
+            let mut state = state.clone();
+            let answer = answer.clone();
+            async move {
+                let path = req.uri().path().to_string();
+                let query = req.uri().query().unwrap_or("").to_string();
+                let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
+                tokio::spawn(async move {
+                    loop {
+                        let current = state.borrow_and_update().clone();
+                        if tx.send_data(answer(&path, &query, &current)).await.is_err() {
+                            return;
+                        }
+                        if state.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                Response::new(body.boxed_unsync())
+            }
+        })
+    }
+}
+
 fn respond(status: u16, body: String) -> Response<Body> {
     let mut rsp = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
     *rsp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or_default();

@@ -468,15 +468,11 @@ impl ResourceStore for EmbeddedStore {
 
     fn list(&self, selector: &Selector) -> Result<Listed, StoreError> {
         let state = self.read();
-        Ok(Listed {
-            resource_version: state.resource_version,
-            items: state
-                .objects
-                .iter()
-                .filter(|(k, _)| selector.matches(k))
-                .map(|(_, v)| Arc::clone(v))
-                .collect(),
-        })
+        Ok(Listed::select(
+            state.resource_version,
+            &state.objects,
+            selector,
+        ))
     }
 
     async fn delete(&self, key: &ObjectKey) -> Result<Arc<Value>, StoreError> {

@@ -336,15 +336,7 @@ impl ResourceStore for KubernetesStore {
 
     fn list(&self, selector: &Selector) -> Result<Listed, StoreError> {
         let cache = self.cache();
-        Ok(Listed {
-            resource_version: cache.version,
-            items: cache
-                .objects
-                .iter()
-                .filter(|(k, _)| selector.matches(k))
-                .map(|(_, v)| Arc::clone(v))
-                .collect(),
-        })
+        Ok(Listed::select(cache.version, &cache.objects, selector))
     }
 
     async fn delete(&self, key: &ObjectKey) -> Result<Arc<Value>, StoreError> {

@@ -124,6 +124,24 @@ pub struct Listed {
     pub items: Vec<Arc<Value>>,
 }
 
+impl Listed {
+    /// The objects of `objects` that `selector` selects, as listed at `resource_version`.
+    pub fn select(
+        resource_version: u64,
+        objects: &std::collections::BTreeMap<ObjectKey, Arc<Value>>,
+        selector: &Selector,
+    ) -> Self {
+        Self {
+            resource_version,
+            items: objects
+                .iter()
+                .filter(|(k, _)| selector.matches(k))
+                .map(|(_, v)| Arc::clone(v))
+                .collect(),
+        }
+    }
+}
+
 /// Kinds of watch events, with Kubernetes' names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
