@@ -122,9 +122,15 @@ impl Inbound {
     /// Hands one request to the app.
     pub async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
-        if let (Some(authz), Some(PeerAddr(peer))) = (&self.authz, req.extensions().get())
+        // The connection always records its peer; were it missing, the request is judged as
+        // coming from nowhere, which no network admits (fail closed).
+        let peer = req
+            .extensions()
+            .get::<PeerAddr>()
+            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |PeerAddr(p)| p.ip());
+        if let Some(authz) = &self.authz
             && let Err(denied) = authz.check_http(
-                peer.ip(),
+                peer,
                 req.extensions().get().map(|ClientIdentity(id)| id.as_str()),
             )
         {
