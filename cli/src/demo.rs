@@ -217,6 +217,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         state_dir: state_dir.clone(),
         api_addr: "127.0.0.1:0".parse()?,
         proxy_addr: "127.0.0.1:0".parse()?,
+        default_inbound_policy: mesh_policies::DefaultPolicy::AllUnauthenticated,
     })
     .await?;
     let result = drive(&mesh, &args, &say).await;

@@ -25,6 +25,10 @@ pub struct Args {
     /// The proxy API, which the sidecars watch and register with.
     #[arg(long, default_value = "127.0.0.1:4181")]
     pub proxy_addr: SocketAddr,
+    /// The inbound policy of workload ports no Server selects: all-unauthenticated (anyone),
+    /// all-authenticated (only meshed, mTLS callers) or deny.
+    #[arg(long, default_value = "all-unauthenticated")]
+    pub default_inbound_policy: mesh_policies::DefaultPolicy,
     /// Namespace for documents that name none.
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,
@@ -51,6 +55,7 @@ async fn up(args: Args) -> anyhow::Result<()> {
         state_dir: state_dir.clone(),
         api_addr: args.api_addr,
         proxy_addr: args.proxy_addr,
+        default_inbound_policy: args.default_inbound_policy,
     })
     .await?;
     if let Err(e) = mesh.store.apply(docs).await {

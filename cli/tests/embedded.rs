@@ -110,9 +110,19 @@ fn mesh(server: &str, args: &[&str]) -> Output {
 }
 
 fn up(state: &std::path::Path, file: &std::path::Path) -> mesh_test_support::process::MeshProcess {
-    MeshBinary::workspace("mesh")
-        .unwrap()
-        .arg("up")
+    up_with(state, file, &[])
+}
+
+fn up_with(
+    state: &std::path::Path,
+    file: &std::path::Path,
+    extra: &[&str],
+) -> mesh_test_support::process::MeshProcess {
+    let mut binary = MeshBinary::workspace("mesh").unwrap().arg("up");
+    for arg in extra {
+        binary = binary.arg(arg);
+    }
+    binary
         .arg("-f")
         .arg(file)
         .arg("--state-dir")
@@ -532,4 +542,95 @@ async fn rollout_pause_resume_promote_abort_and_history() {
     terminate(&mut mesh_up);
     let status = mesh_up.child().exited_within(Duration::from_secs(30)).await;
     assert_eq!(status.and_then(|s| s.code()), Some(0));
+}
+
+/// The address a workload's sidecar announced for `listener` in its log under `state`.
+fn sidecar_addr(state: &std::path::Path, workload: &str, listener: &str) -> Option<String> {
+    let log = std::fs::read_to_string(
+        state
+            .join("logs")
+            .join(format!("{workload}.default-primary-v1-0.proxy.log")),
+    )
+    .ok()?;
+    let prefix = format!("mesh: listening {listener} ");
+    log.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(str::to_string)
+}
+
+/// `mesh up --default-inbound-policy all-authenticated` refuses plaintext callers on every
+/// port while the meshed chain (loadgen -> frontend -> backend, all mTLS) keeps working; then
+/// examples/policy.yaml narrows backend to frontend alone, and frontend's calls are admitted by
+/// that policy.
+#[tokio::test(flavor = "multi_thread")]
+async fn inbound_policy_in_the_embedded_mesh() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mesh_up = up_with(
+        &state,
+        &examples.join("mesh.yaml"),
+        &["--default-inbound-policy", "all-authenticated"],
+    );
+    let server = format!("http://{}", mesh_up.addr("api"));
+    let http = mesh_test_support::http_client();
+    assert_eventually!(
+        sidecar_addr(&state, "backend", "inbound").is_some()
+            && sidecar_addr(&state, "backend", "admin").is_some()
+    );
+    let inbound = sidecar_addr(&state, "backend", "inbound").unwrap();
+    let admin = sidecar_addr(&state, "backend", "admin").unwrap();
+    let metric = |filter: &'static str| {
+        let http = http.clone();
+        let admin = admin.clone();
+        async move {
+            let text = http
+                .get(format!("http://{admin}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            text.lines()
+                .filter(|l| l.starts_with("inbound_http_authz_allow_total{") && l.contains(filter))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        }
+    };
+
+    // Plaintext is refused by the default; frontend's mTLS calls are admitted by it.
+    let plaintext = |http: reqwest::Client| {
+        let url = format!("http://{inbound}/");
+        async move {
+            http.get(url)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    assert_eventually!(plaintext(http.clone()).await == 403);
+    assert_eventually!(metric("authorization=\"default:all-authenticated\"").await > 0.0);
+
+    // The example policy: only frontend, over mTLS.
+    let applied = mesh(
+        &server,
+        &[
+            "apply",
+            "-f",
+            examples.join("policy.yaml").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    assert_eventually!(
+        metric("authorization=\"AuthorizationPolicy/backend-from-frontend\"").await > 10.0,
+        "frontend's calls are not admitted by the example policy"
+    );
+    assert_eq!(plaintext(http.clone()).await, 403);
 }

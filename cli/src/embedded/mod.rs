@@ -52,6 +52,8 @@ pub struct Settings {
     pub api_addr: SocketAddr,
     /// The proxy API (sidecars' watches and registrations).
     pub proxy_addr: SocketAddr,
+    /// The inbound policy of workload ports no `Server` selects.
+    pub default_inbound_policy: mesh_policies::DefaultPolicy,
 }
 
 /// A running embedded mesh.
@@ -81,7 +83,7 @@ impl Mesh {
             trust_domain: "cluster.local".into(),
             workload_ttl: Duration::from_secs(10),
             watch_history: 10_000,
-            default_inbound_policy: mesh_policies::DefaultPolicy::AllUnauthenticated,
+            default_inbound_policy: settings.default_inbound_policy,
             issuer_dir: None,
         };
         std::fs::create_dir_all(&config.state_dir)
