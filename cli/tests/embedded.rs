@@ -581,24 +581,6 @@ async fn inbound_policy_in_the_embedded_mesh() {
     );
     let inbound = sidecar_addr(&state, "backend", "inbound").unwrap();
     let admin = sidecar_addr(&state, "backend", "admin").unwrap();
-    let metric = |filter: &'static str| {
-        let http = http.clone();
-        let admin = admin.clone();
-        async move {
-            let text = http
-                .get(format!("http://{admin}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            text.lines()
-                .filter(|l| l.starts_with("inbound_http_authz_allow_total{") && l.contains(filter))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>()
-        }
-    };
 
     // Plaintext is refused by the default; frontend's mTLS calls are admitted by it.
     let plaintext = |http: reqwest::Client| {
@@ -612,7 +594,15 @@ async fn inbound_policy_in_the_embedded_mesh() {
         }
     };
     assert_eventually!(plaintext(http.clone()).await == 403);
-    assert_eventually!(metric("authorization=\"default:all-authenticated\"").await > 0.0);
+    assert_eventually!(
+        mesh_test_support::metric_sum(
+            &admin,
+            "inbound_http_authz_allow_total",
+            &["authorization=\"default:all-authenticated\""]
+        )
+        .await
+            > 0.0
+    );
 
     // The example policy: only frontend, over mTLS.
     let applied = mesh(
@@ -629,7 +619,13 @@ async fn inbound_policy_in_the_embedded_mesh() {
         String::from_utf8_lossy(&applied.stderr)
     );
     assert_eventually!(
-        metric("authorization=\"AuthorizationPolicy/backend-from-frontend\"").await > 10.0,
+        mesh_test_support::metric_sum(
+            &admin,
+            "inbound_http_authz_allow_total",
+            &["authorization=\"AuthorizationPolicy/backend-from-frontend\""]
+        )
+        .await
+            > 10.0,
         "frontend's calls are not admitted by the example policy"
     );
     assert_eq!(plaintext(http.clone()).await, 403);

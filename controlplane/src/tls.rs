@@ -192,23 +192,8 @@ impl ProxyTls {
 pub fn peer_identity(conn: &rustls::ServerConnection) -> Option<PeerIdentity> {
     conn.peer_certificates()
         .and_then(|certs| certs.first())
-        .and_then(spiffe_id)
+        .and_then(|cert| mesh_policies::certificate_identity(cert))
         .map(PeerIdentity)
-}
-
-/// The SPIFFE ID a certificate names: its one `spiffe://` URI SAN. (The proxy has the same
-/// rule in its own TLS code; the two crates share no TLS dependency to put it in.)
-fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
-            Some((*uri).to_string())
-        }
-        _ => None,
-    });
-    let id = ids.next()?;
-    ids.next().is_none().then_some(id)
 }
 
 #[cfg(test)]

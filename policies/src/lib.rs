@@ -290,6 +290,22 @@ impl FromStr for DefaultPolicy {
     }
 }
 
+/// The SPIFFE ID a certificate (DER) proves: its one `spiffe://` URI SAN. A certificate with
+/// none or several names nobody. Both ends of the mesh's mTLS read identities this way: the
+/// proxy of its peers, the control plane of the proxies calling its API.
+pub fn certificate_identity(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
+            Some((*uri).to_string())
+        }
+        _ => None,
+    });
+    let id = ids.next()?;
+    ids.next().is_none().then_some(id)
+}
+
 /// Who is on the other end of an inbound connection.
 #[derive(Clone, Copy, Debug)]
 pub struct Client<'a> {

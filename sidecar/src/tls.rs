@@ -49,19 +49,9 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The SPIFFE ID a certificate names: its one `spiffe://` URI SAN. A certificate with none or
-/// several names nobody.
+/// The SPIFFE ID a certificate names (see [`mesh_policies::certificate_identity`]).
 pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
-            Some((*uri).to_string())
-        }
-        _ => None,
-    });
-    let id = ids.next()?;
-    ids.next().is_none().then_some(id)
+    mesh_policies::certificate_identity(cert)
 }
 
 fn current(credentials: &SharedCredentials) -> Result<Arc<Credentials>, rustls::Error> {

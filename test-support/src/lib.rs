@@ -93,6 +93,33 @@ impl HarnessError {
 /// Result of harness operations.
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
 
+/// The sum of the samples of metric family `name` (a full series name such as
+/// `request_total`) whose labels contain every one of `labels` (`key="value"` strings), scraped
+/// from `http://<admin>/metrics`; 0 when none matches.
+///
+/// # Panics
+/// When the scrape fails.
+#[allow(
+    clippy::expect_used,
+    reason = "a test helper fails its test by panicking"
+)]
+pub async fn metric_sum(admin: impl std::fmt::Display, name: &str, labels: &[&str]) -> f64 {
+    let text = http_client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .expect("scraping /metrics")
+        .text()
+        .await
+        .expect("reading /metrics");
+    let series = format!("{name}{{");
+    text.lines()
+        .filter(|l| l.starts_with(&series) && labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// An HTTP client for talking to components. The workspace builds rustls with the ring provider
 /// only (one crypto stack), so the process-wide provider is installed before the first client.
 pub fn http_client() -> reqwest::Client {

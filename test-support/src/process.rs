@@ -358,23 +358,8 @@ impl MeshProcess {
     ///
     /// # Panics
     /// When the scrape fails.
-    #[allow(
-        clippy::expect_used,
-        reason = "a test helper fails its test by panicking"
-    )]
     pub async fn metric_sum(&self, name: &str, labels: &[&str]) -> f64 {
-        let text = crate::http_client()
-            .get(format!("http://{}/metrics", self.addr("admin")))
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .expect("scraping /metrics");
-        let text = text.text().await.expect("reading /metrics");
-        let series = format!("{name}{{");
-        text.lines()
-            .filter(|l| l.starts_with(&series) && labels.iter().all(|label| l.contains(label)))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        crate::metric_sum(self.addr("admin"), name, labels).await
     }
 
     /// Every announced listener.
