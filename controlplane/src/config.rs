@@ -25,6 +25,31 @@ pub const ENV_DEFAULT_INBOUND_POLICY: &str = "MESH_CONTROLPLANE_DEFAULT_INBOUND_
 /// to sign with, instead of a CA made in the state directory.
 pub const ENV_ISSUER_DIR: &str = "MESH_CONTROLPLANE_ISSUER_DIR";
 
+/// `true` (or `1`): run in a cluster, with the Kubernetes API as the store and discovery's
+/// source (in-cluster config, or a kubeconfig); `false` (or `0`, the default): embedded.
+pub const ENV_KUBERNETES: &str = "MESH_CONTROLPLANE_KUBERNETES";
+/// Address of the proxy-injector webhook (HTTPS); unset, no injector runs.
+pub const ENV_INJECTOR_ADDR: &str = "MESH_CONTROLPLANE_INJECTOR_ADDR";
+/// Directory with the injector's `tls.crt` and `tls.key`; required with the injector.
+pub const ENV_INJECTOR_TLS_DIR: &str = "MESH_CONTROLPLANE_INJECTOR_TLS_DIR";
+/// Image of the proxy container the injector adds.
+pub const ENV_PROXY_IMAGE: &str = "MESH_CONTROLPLANE_PROXY_IMAGE";
+/// Image of the init container (iptables) the injector adds.
+pub const ENV_INIT_IMAGE: &str = "MESH_CONTROLPLANE_INIT_IMAGE";
+
+/// The proxy-injector webhook's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectorConfig {
+    /// See [`ENV_INJECTOR_ADDR`].
+    pub addr: SocketAddr,
+    /// See [`ENV_INJECTOR_TLS_DIR`].
+    pub tls_dir: PathBuf,
+    /// See [`ENV_PROXY_IMAGE`]; the injector's default when unset.
+    pub proxy_image: Option<String>,
+    /// See [`ENV_INIT_IMAGE`]; the injector's default when unset.
+    pub init_image: Option<String>,
+}
+
 /// A duration written like `30s`, `24h` or `500ms`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
@@ -72,6 +97,10 @@ pub struct Config {
     pub default_inbound_policy: mesh_policies::DefaultPolicy,
     /// See [`ENV_ISSUER_DIR`].
     pub issuer_dir: Option<PathBuf>,
+    /// See [`ENV_KUBERNETES`].
+    pub kubernetes: bool,
+    /// The injector, when [`ENV_INJECTOR_ADDR`] is set.
+    pub injector: Option<InjectorConfig>,
 }
 
 impl Config {
@@ -113,6 +142,35 @@ impl Config {
                 mesh_policies::DefaultPolicy::AllUnauthenticated,
             )?,
             issuer_dir: env.parse(ENV_ISSUER_DIR)?,
+            kubernetes: match env.var(ENV_KUBERNETES).as_deref().map(str::trim) {
+                None | Some("" | "false" | "0") => false,
+                Some("true" | "1") => true,
+                Some(other) => {
+                    return Err(ConfigError {
+                        name: ENV_KUBERNETES,
+                        value: other.to_string(),
+                        reason: "use true or false".into(),
+                    });
+                }
+            },
+            injector: match env.parse::<SocketAddr>(ENV_INJECTOR_ADDR)? {
+                None => None,
+                Some(addr) => Some(InjectorConfig {
+                    addr,
+                    tls_dir: env
+                        .parse(ENV_INJECTOR_TLS_DIR)?
+                        .ok_or_else(|| ConfigError {
+                            name: ENV_INJECTOR_TLS_DIR,
+                            value: String::new(),
+                            reason: format!(
+                                "required with {ENV_INJECTOR_ADDR}: the directory with the \
+                             webhook's tls.crt and tls.key"
+                            ),
+                        })?,
+                    proxy_image: env.parse(ENV_PROXY_IMAGE)?,
+                    init_image: env.parse(ENV_INIT_IMAGE)?,
+                }),
+            },
         })
     }
 }
@@ -150,6 +208,22 @@ mod tests {
         assert_eq!(e.name, ENV_TRUST_DOMAIN);
         let e = Config::from_env(&env(&[(ENV_DEFAULT_INBOUND_POLICY, "open")])).unwrap_err();
         assert_eq!(e.name, ENV_DEFAULT_INBOUND_POLICY);
+        let e = Config::from_env(&env(&[(ENV_KUBERNETES, "yes")])).unwrap_err();
+        assert_eq!(e.name, ENV_KUBERNETES);
+        let e = Config::from_env(&env(&[(ENV_INJECTOR_ADDR, "0.0.0.0:8443")])).unwrap_err();
+        assert_eq!(e.name, ENV_INJECTOR_TLS_DIR);
+        let c = Config::from_env(&env(&[
+            (ENV_KUBERNETES, "true"),
+            (ENV_INJECTOR_ADDR, "0.0.0.0:8443"),
+            (ENV_INJECTOR_TLS_DIR, "/var/run/mesh/injector"),
+            (ENV_PROXY_IMAGE, "proxy:v1"),
+        ]))
+        .unwrap();
+        assert!(c.kubernetes);
+        let injector = c.injector.unwrap();
+        assert_eq!(injector.addr, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(injector.proxy_image.as_deref(), Some("proxy:v1"));
+        assert_eq!(injector.init_image, None);
         let c = Config::from_env(&env(&[(ENV_DEFAULT_INBOUND_POLICY, "deny")])).unwrap();
         assert_eq!(c.default_inbound_policy, mesh_policies::DefaultPolicy::Deny);
     }

@@ -4,7 +4,10 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use mesh_controlplane::{ControlPlane, config::Config};
+use mesh_controlplane::{
+    ControlPlane,
+    config::{Config, ENV_INJECTOR_ADDR},
+};
 use mesh_core::{Listening, config::ProcessEnv};
 use tokio::net::TcpListener;
 
@@ -67,14 +70,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         trust_roots = %control_plane.trust_roots_file().display(),
         "control plane started; the proxy API is served over mTLS, verify it with the trust roots"
     );
-    let injector = injector(&config.trust_domain, control_plane.trust_roots_pem()).await?;
-    // In a cluster, discovery comes from the Kubernetes API (HTTPRoutes, Services,
-    // EndpointSlices, Pods) instead of the embedded store and workload registrations.
-    let in_cluster = matches!(
-        mesh_core::config::Env::var(&ProcessEnv, "MESH_CONTROLPLANE_KUBERNETES").as_deref(),
-        Some("true" | "1")
-    );
-    let serving: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = if in_cluster {
+    let injector = injector(&config, control_plane.trust_roots_pem()).await?;
+    // In a cluster, the Kubernetes API is the store, and discovery comes from it (HTTPRoutes,
+    // Services, EndpointSlices, Pods) instead of workload registrations.
+    let serving: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = if config
+        .kubernetes
+    {
         let client = kube::Client::try_default()
             .await
             .context("MESH_CONTROLPLANE_KUBERNETES: no in-cluster config or kubeconfig")?;
@@ -91,55 +92,51 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
 }
 
-/// The proxy-injector webhook, when `MESH_CONTROLPLANE_INJECTOR_ADDR` is set (in a cluster,
-/// as `mesh install` configures it): HTTPS with `tls.crt`/`tls.key` from
-/// `MESH_CONTROLPLANE_INJECTOR_TLS_DIR`, injecting `MESH_CONTROLPLANE_PROXY_IMAGE` and
-/// `MESH_CONTROLPLANE_INIT_IMAGE` with the CA's trust roots, reading namespaces through the
-/// in-cluster API.
+/// The proxy-injector webhook, when configured (`config.injector`; in a cluster, as
+/// `mesh install` configures it): HTTPS with `tls.crt`/`tls.key` from its TLS directory,
+/// injecting the configured proxy and init images with the CA's trust roots, reading namespaces
+/// through the in-cluster API.
 #[allow(
     clippy::print_stdout,
     reason = "announcements go to stdout by contract"
 )]
 async fn injector(
-    trust_domain: &str,
+    config: &Config,
     trust_roots_pem: &str,
 ) -> anyhow::Result<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
     use mesh_controlplane::{inject::InjectConfig, injector};
-    use mesh_core::config::Env;
-    let env = ProcessEnv;
-    let Some(addr) = env.var("MESH_CONTROLPLANE_INJECTOR_ADDR") else {
+    let Some(settings) = &config.injector else {
         return Ok(Box::pin(std::future::pending()));
     };
-    let dir = env.var("MESH_CONTROLPLANE_INJECTOR_TLS_DIR").context(
-        "MESH_CONTROLPLANE_INJECTOR_TLS_DIR must be set with MESH_CONTROLPLANE_INJECTOR_ADDR",
-    )?;
     let read = |f: &str| {
-        let path = std::path::Path::new(&dir).join(f);
+        let path = settings.tls_dir.join(f);
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
     };
     let tls =
         injector::tls_config(&read("tls.crt")?, &read("tls.key")?).map_err(anyhow::Error::msg)?;
     let defaults = InjectConfig::default();
-    let config = InjectConfig {
-        proxy_image: env
-            .var("MESH_CONTROLPLANE_PROXY_IMAGE")
+    let inject = InjectConfig {
+        proxy_image: settings
+            .proxy_image
+            .clone()
             .unwrap_or(defaults.proxy_image.clone()),
-        init_image: env
-            .var("MESH_CONTROLPLANE_INIT_IMAGE")
+        init_image: settings
+            .init_image
+            .clone()
             .unwrap_or(defaults.init_image.clone()),
-        trust_domain: trust_domain.to_string(),
+        trust_domain: config.trust_domain.clone(),
         // Injected proxies verify the proxy API with the CA's roots, given up front.
         trust_roots_pem: trust_roots_pem.to_string(),
         ..defaults
     };
-    let listener = TcpListener::bind(&addr)
+    let listener = TcpListener::bind(settings.addr)
         .await
-        .with_context(|| format!("MESH_CONTROLPLANE_INJECTOR_ADDR: binding {addr}"))?;
+        .with_context(|| format!("{ENV_INJECTOR_ADDR}: binding {}", settings.addr))?;
     println!("{}", Listening::new("injector", listener.local_addr()?));
     let client = kube::Client::try_default()
         .await
         .context("the injector needs the Kubernetes API (in-cluster config or a kubeconfig)")?;
-    Ok(Box::pin(injector::serve(listener, tls, config, client)))
+    Ok(Box::pin(injector::serve(listener, tls, inject, client)))
 }
 
 async fn terminate() {

@@ -85,6 +85,8 @@ impl Mesh {
             watch_history: 10_000,
             default_inbound_policy: settings.default_inbound_policy,
             issuer_dir: None,
+            kubernetes: false,
+            injector: None,
         };
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating {}", config.state_dir.display()))?;
