@@ -463,43 +463,42 @@ impl Index {
         self.endpoint_watches
             .retain(|_, tx| tx.receiver_count() > 0);
         let next = self.version + 1;
-        let mut changed = false;
         let tables: Vec<_> = self
             .route_watches
             .keys()
             .map(|a| (a.clone(), self.route_table(a)))
             .collect();
-        for (authority, value) in tables {
-            if let Some(tx) = self.route_watches.get(&authority) {
-                changed |= tx.send_if_modified(|u| {
-                    if u.value == value {
-                        return false;
-                    }
-                    *u = Published::new(next, value);
-                    true
-                });
-            }
-        }
+        send_changed(&self.route_watches, tables, next);
         let sets: Vec<_> = self
             .endpoint_watches
             .keys()
             .map(|s| (s.clone(), self.endpoints(s)))
             .collect();
-        for (service, value) in sets {
-            if let Some(tx) = self.endpoint_watches.get(&service) {
-                changed |= tx.send_if_modified(|u| {
-                    if u.value == value {
-                        return false;
-                    }
-                    *u = Published::new(next, value);
-                    true
-                });
-            }
-        }
+        send_changed(&self.endpoint_watches, sets, next);
         // Unwatched keys change too; the version still moves so a later watcher never sees an
         // older version for a newer value.
-        let _ = changed;
         self.version = next;
+    }
+}
+
+/// Sends each of `values` (the new value of a watched key) to that key's watch when it differs
+/// from what the watch holds, stamped `version`; unchanged watches are not woken. Both indexes
+/// publish through this.
+pub(crate) fn send_changed<K: Ord, T: PartialEq + serde::Serialize>(
+    watches: &BTreeMap<K, watch::Sender<Published<T>>>,
+    values: Vec<(K, Option<T>)>,
+    version: u64,
+) {
+    for (key, value) in values {
+        if let Some(tx) = watches.get(&key) {
+            tx.send_if_modified(|u| {
+                if u.value == value {
+                    return false;
+                }
+                *u = Published::new(version, value);
+                true
+            });
+        }
     }
 }
 

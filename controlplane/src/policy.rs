@@ -252,19 +252,9 @@ impl PolicyIndex {
         let values: Vec<_> = self
             .watches
             .keys()
-            .map(|t| (t.clone(), self.policy(t)))
+            .map(|t| (t.clone(), Some(self.policy(t))))
             .collect();
-        for (target, value) in values {
-            if let Some(tx) = self.watches.get(&target) {
-                tx.send_if_modified(|u| {
-                    if u.value.as_ref() == Some(&value) {
-                        return false;
-                    }
-                    *u = Published::new(next, Some(value));
-                    true
-                });
-            }
-        }
+        crate::index::send_changed(&self.watches, values, next);
         self.version = next;
     }
 }
