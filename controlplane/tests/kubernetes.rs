@@ -29,6 +29,26 @@ fn start(kube: &KubeApiServer, state: &std::path::Path) -> MeshProcess {
         .unwrap()
 }
 
+/// A real apiserver (the harness installs the mesh's CRDs; this adds Gateway API's HTTPRoute)
+/// and the control plane in cluster mode against it, its state in the returned directory.
+async fn cluster() -> (KubeApiServer, tempfile::TempDir, MeshProcess) {
+    let kube = KubeApiServer::start()
+        .await
+        .expect("start etcd + kube-apiserver");
+    kube.install_crd(mesh_crds::httproute_crd()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&kube, dir.path());
+    (kube, dir, cp)
+}
+
+/// A proxy API client with a certificate from the control plane's CA, as a proxy watching.
+fn watcher(state: &std::path::Path) -> reqwest::Client {
+    MeshCa::of_control_plane(state)
+        .unwrap()
+        .client("spiffe://cluster.local/ns/default/sa/watcher")
+        .unwrap()
+}
+
 /// The current value of a watch stream: its first line. `client` presents a mesh certificate.
 async fn current(client: &reqwest::Client, url: &str) -> Value {
     let mut rsp = client.get(url).send().await.unwrap();
@@ -91,18 +111,10 @@ fn route(primary: u32, canary: u32) -> HttpRoute {
 
 #[tokio::test]
 async fn cluster_objects_become_the_endpoints_and_routes_proxies_watch() {
-    let kube = KubeApiServer::start()
-        .await
-        .expect("start etcd + kube-apiserver");
-    kube.install_crd(mesh_crds::httproute_crd()).await.unwrap();
+    let (kube, dir, cp) = cluster().await;
     let client = kube.client();
-    let dir = tempfile::tempdir().unwrap();
-    let cp = start(&kube, dir.path());
     let proxy_api = format!("https://{}", cp.addr("proxy"));
-    let watcher = MeshCa::of_control_plane(dir.path())
-        .unwrap()
-        .client("spiffe://cluster.local/ns/default/sa/watcher")
-        .unwrap();
+    let watcher = watcher(dir.path());
     let endpoints_url = format!("{proxy_api}/v1/watch/endpoints?service=web.default:80");
     let routes_url = format!("{proxy_api}/v1/watch/routes?authority=web.default:80");
 
@@ -220,13 +232,8 @@ async fn pods_get_certificates_for_their_own_service_account_only() {
     use k8s_openapi::api::core::v1::ServiceAccount;
     use mesh_core::proxy_api::{CERTIFY_PATH, CertifyRequest, CertifyResponse};
 
-    let kube = KubeApiServer::start()
-        .await
-        .expect("start etcd + kube-apiserver");
-    kube.install_crd(mesh_crds::httproute_crd()).await.unwrap();
+    let (kube, dir, cp) = cluster().await;
     let client = kube.client();
-    let dir = tempfile::tempdir().unwrap();
-    let cp = start(&kube, dir.path());
     let url = format!("https://{}{CERTIFY_PATH}", cp.addr("proxy"));
     // Certify needs no client certificate, only the proxy API's roots.
     let anonymous = MeshCa::of_control_plane(dir.path())
@@ -294,16 +301,9 @@ async fn pods_get_certificates_for_their_own_service_account_only() {
 #[tokio::test]
 async fn policy_objects_in_the_cluster_become_the_policy_proxies_watch() {
     use mesh_crds::policy::{AuthorizationPolicy, MeshTlsAuthentication, Server};
-    let kube = KubeApiServer::start()
-        .await
-        .expect("start etcd + kube-apiserver");
+    let (kube, dir, cp) = cluster().await;
     let client = kube.client();
-    let dir = tempfile::tempdir().unwrap();
-    let cp = start(&kube, dir.path());
-    let watcher = MeshCa::of_control_plane(dir.path())
-        .unwrap()
-        .client("spiffe://cluster.local/ns/default/sa/watcher")
-        .unwrap();
+    let watcher = watcher(dir.path());
     let policy_url = format!(
         "https://{}/v1/watch/policy?namespace=default&port=8080&labels=app%3Dweb%2Cversion%3Dv1",
         cp.addr("proxy")
@@ -387,13 +387,8 @@ async fn policy_objects_in_the_cluster_become_the_policy_proxies_watch() {
 /// reads see objects made with any other client, and deletes delete.
 #[tokio::test]
 async fn the_resource_api_reads_and_writes_the_cluster() {
-    let kube = KubeApiServer::start()
-        .await
-        .expect("start etcd + kube-apiserver");
-    kube.install_crd(mesh_crds::httproute_crd()).await.unwrap();
+    let (kube, _state, cp) = cluster().await;
     let client = kube.client();
-    let dir = tempfile::tempdir().unwrap();
-    let cp = start(&kube, dir.path());
     let api = format!("http://{}", cp.addr("api"));
     let http = mesh_test_support::http_client();
     let apply = |body: &'static str| {
