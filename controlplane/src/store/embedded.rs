@@ -408,12 +408,7 @@ impl ResourceStore for EmbeddedStore {
                     .filter(|v| !v.is_empty())
                     .map(str::to_string);
                 if let Some(given) = given {
-                    let current = existing
-                        .as_ref()
-                        .and_then(|e| e.pointer("/metadata/resourceVersion"))
-                        .and_then(Value::as_str)
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
+                    let current = existing.as_deref().map_or(0, super::resource_version_of);
                     if given != current.to_string() {
                         return Err(StoreError::Conflict {
                             key,

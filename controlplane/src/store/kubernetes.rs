@@ -38,7 +38,7 @@ use tokio::sync::{broadcast, watch};
 
 use super::{
     Applied, ApplyAction, EventType, Listed, ObjectKey, ResourceStore, Selector, StoreError,
-    WatchEvent, Watcher,
+    WatchEvent, Watcher, resource_version_of,
 };
 
 /// Events a slow watcher may fall behind by before it is told to list again.
@@ -90,14 +90,6 @@ pub struct KubernetesStore {
     inner: Arc<Inner>,
 }
 
-fn version_of(object: &Value) -> u64 {
-    object
-        .pointer("/metadata/resourceVersion")
-        .and_then(Value::as_str)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 fn backend(e: &kube::Error) -> StoreError {
     StoreError::Database {
         path: "the Kubernetes API".into(),
@@ -143,7 +135,7 @@ impl KubernetesStore {
 
 /// Records one change in the cache and tells the watches, under the cache lock.
 fn publish(inner: &Inner, cache: &mut Cache, kind: EventType, key: ObjectKey, object: Arc<Value>) {
-    let version = version_of(&object);
+    let version = resource_version_of(&object);
     cache.version = cache.version.max(version);
     match kind {
         EventType::Deleted => {
@@ -214,7 +206,9 @@ async fn follow(inner: Arc<Inner>, kind: ResourceKind) {
                 for (key, object) in seen {
                     let event = match cache.objects.get(&key) {
                         None => EventType::Added,
-                        Some(old) if version_of(old) != version_of(&object) => EventType::Modified,
+                        Some(old) if resource_version_of(old) != resource_version_of(&object) => {
+                            EventType::Modified
+                        }
                         Some(_) => continue,
                     };
                     publish(&inner, &mut cache, event, key, object);
@@ -310,7 +304,7 @@ impl ResourceStore for KubernetesStore {
                 Ok(o) => Arc::new(to_value(key.kind, &o)),
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     return Err(StoreError::Conflict {
-                        current: before.as_deref().map_or(0, version_of),
+                        current: before.as_deref().map_or(0, resource_version_of),
                         given: given.unwrap_or_default(),
                         key,
                     });
@@ -319,7 +313,9 @@ impl ResourceStore for KubernetesStore {
             };
             let action = match before {
                 None => ApplyAction::Created,
-                Some(old) if version_of(&old) == version_of(&stored) => ApplyAction::Unchanged,
+                Some(old) if resource_version_of(&old) == resource_version_of(&stored) => {
+                    ApplyAction::Unchanged
+                }
                 Some(_) => ApplyAction::Configured,
             };
             applied.push(Applied {
@@ -401,7 +397,7 @@ impl Watcher for KubernetesWatcher {
                     self.pending.push_back(WatchEvent {
                         kind: EventType::Added,
                         object: Arc::clone(object),
-                        resource_version: version_of(object),
+                        resource_version: resource_version_of(object),
                     });
                 }
             }

@@ -124,6 +124,15 @@ pub struct Listed {
     pub items: Vec<Arc<Value>>,
 }
 
+/// An object's `metadata.resourceVersion` as a number; 0 when it has none.
+pub fn resource_version_of(object: &Value) -> u64 {
+    object
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 impl Listed {
     /// The objects of `objects` that `selector` selects, as listed at `resource_version`.
     pub fn select(
