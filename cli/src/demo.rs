@@ -12,9 +12,9 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use mesh_controlplane::store::{ObjectKey, ResourceStore};
 use mesh_crds::{Canary, CanaryPhase, validate::ResourceKind};
 use mesh_rollout_controller::scrape::{self, ArmCounters};
+use mesh_store::{ObjectKey, ResourceStore};
 use serde::Serialize;
 use serde_json::Value;
 

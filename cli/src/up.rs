@@ -3,8 +3,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
-use mesh_controlplane::store::ResourceStore;
 use mesh_core::Listening;
+use mesh_store::ResourceStore;
 
 use crate::embedded::{self, Mesh, Settings};
 

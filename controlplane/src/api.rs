@@ -22,13 +22,11 @@ use hyper::body::Incoming;
 use mesh_crds::validate::{self, ResourceKind};
 use serde_json::{Value, json};
 
-use crate::{
-    http::{
-        Body, json_line, json_response, ndjson_response, percent_decode, query_param, read_body,
-        status_error,
-    },
-    store::{ObjectKey, ResourceStore, Selector, StoreError, Watcher},
+use crate::http::{
+    Body, json_line, json_response, ndjson_response, percent_decode, query_param, read_body,
+    status_error,
 };
+use mesh_store::{ObjectKey, ResourceStore, Selector, StoreError, Watcher};
 
 /// The namespace objects land in when neither they nor the request name one.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -359,7 +357,7 @@ async fn apply_one<S: ResourceStore>(
     match store.apply(docs).await {
         Ok(mut applied) => {
             let status = match applied.first().map(|a| a.action) {
-                Some(crate::store::ApplyAction::Created) => StatusCode::CREATED,
+                Some(mesh_store::ApplyAction::Created) => StatusCode::CREATED,
                 _ => StatusCode::OK,
             };
             match applied.pop() {

@@ -2,7 +2,7 @@
 //! the embedded store and workload registrations.
 //!
 //! - **Resources.** The cluster is the control plane's store
-//!   ([`crate::store::kubernetes::KubernetesStore`]): the resource API serves it, and its
+//!   ([`mesh_store::kubernetes::KubernetesStore`]): the resource API serves it, and its
 //!   HTTPRoutes and policy objects feed the route and policy indexes through the same code as
 //!   the embedded store's.
 //! - **Endpoints.** Reflectors over Services, EndpointSlices and Pods. Each ready address of an
@@ -33,8 +33,8 @@ use mesh_core::proxy_api::{ServiceRef, WorkloadRegistration};
 use tokio::net::TcpListener;
 
 use crate::inject::INJECTED_ANNOTATION;
-use crate::store::kubernetes::KubernetesStore;
 use crate::{ControlPlane, Shared};
+use mesh_store::kubernetes::KubernetesStore;
 
 /// Label EndpointSlices carry naming their Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

@@ -1,6 +1,6 @@
 //! The control plane, `mesh-controlplane`: the single source of truth that tells every proxy
 //! where traffic goes and who it is. It stores resources (an embedded transactional store, or
-//! the Kubernetes API through reflectors) behind one [`store::ResourceStore`] trait and serves
+//! the Kubernetes API through reflectors) behind one [`mesh_store::ResourceStore`] trait and serves
 //! them over a kubectl-style HTTP API ([`api`]); a pure [`index`] turns HTTPRoutes and workload
 //! registrations into per-authority route tables and per-service endpoint sets, which long-lived
 //! watch streams ([`proxy`]) carry to the sidecars over mTLS ([`tls`]); and it is the CA
@@ -16,7 +16,6 @@ pub mod injector;
 pub mod kubernetes;
 pub mod policy;
 pub mod proxy;
-pub mod store;
 pub mod tls;
 pub mod tokenreview;
 pub mod workloads;
@@ -28,6 +27,9 @@ use std::{
 };
 
 use mesh_crds::validate::ResourceKind;
+use mesh_store::{
+    EventType, ObjectKey, ResourceStore, Selector, StoreError, Watcher, embedded::EmbeddedStore,
+};
 use tokio::net::TcpListener;
 
 use crate::{
@@ -35,9 +37,6 @@ use crate::{
     identity::{Ca, IdentityError},
     index::Index,
     proxy::Shared,
-    store::{
-        EventType, ObjectKey, ResourceStore, Selector, StoreError, Watcher, embedded::EmbeddedStore,
-    },
     tls::{ProxyTls, ServerNames, TlsError},
     workloads::Leases,
 };

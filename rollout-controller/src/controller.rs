@@ -16,9 +16,10 @@ use mesh_crds::canary::{
 };
 use mesh_crds::{Canary, CanaryPhase, CanaryStatus, MetricTemplate};
 
-use crate::duration;
 use crate::judge::JudgeConfig;
 use crate::machine::{self, Action, Observations, UserRequest};
+use crate::owned::Names;
+use crate::schedule::{self, Schedule};
 use crate::sources::{self, MetricSource, Target};
 use crate::webhooks::{self, Payload};
 
@@ -33,10 +34,79 @@ pub struct TargetState {
     pub canary_ready: bool,
 }
 
-/// A driver could not observe or act.
+/// What kind of failure a driver met. The controller backs off by kind: a conflict is retried
+/// at once from a fresh read, a missing object is looked for again at the next tick, an
+/// invalid spec waits for the user to change it, and an unavailable backend is retried with a
+/// growing delay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Someone else changed the object first.
+    Conflict,
+    /// An object the rollout needs (the target, a template) does not exist.
+    NotFound,
+    /// The Canary or its target cannot be rolled out as written.
+    InvalidSpec,
+    /// The store or the apiserver could not be reached or failed.
+    Unavailable,
+}
+
+/// A driver could not observe or act: what it was doing, why, and what kind of failure it is.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct DriverError(pub String);
+#[error("{message}")]
+pub struct DriverError {
+    /// The kind, which decides the backoff.
+    pub kind: ErrorKind,
+    /// What failed, with its cause.
+    pub message: String,
+}
+
+impl DriverError {
+    /// An error of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The spec cannot be carried out.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidSpec, message)
+    }
+
+    /// Something the rollout needs is missing.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+
+    /// A Kubernetes API failure while doing `what`, classified by its status code.
+    pub fn kube(what: impl std::fmt::Display, e: &kube::Error) -> Self {
+        let kind = match e {
+            kube::Error::Api(status) => match status.code {
+                409 => ErrorKind::Conflict,
+                404 => ErrorKind::NotFound,
+                400 | 422 => ErrorKind::InvalidSpec,
+                _ => ErrorKind::Unavailable,
+            },
+            _ => ErrorKind::Unavailable,
+        };
+        Self::new(kind, format!("{what}: {e}"))
+    }
+
+    /// A resource-store failure while doing `what`.
+    pub fn store(what: impl std::fmt::Display, e: &mesh_store::StoreError) -> Self {
+        use mesh_store::StoreError;
+        let kind = match e {
+            StoreError::Conflict { .. } => ErrorKind::Conflict,
+            StoreError::NotFound(_) => ErrorKind::NotFound,
+            StoreError::Invalid { .. } => ErrorKind::InvalidSpec,
+            StoreError::Gone { .. } | StoreError::Database { .. } | StoreError::Closed => {
+                ErrorKind::Unavailable
+            }
+        };
+        Self::new(kind, format!("{what}: {e}"))
+    }
+}
 
 /// Where the controller meets the workloads: the embedded supervisor, or Kubernetes.
 pub trait Driver {
@@ -63,6 +133,23 @@ pub trait Driver {
         revision: &str,
         action: &Action,
     ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Stores the whole status of `canary`.
+    fn write_status(
+        &mut self,
+        canary: &Canary,
+        status: &CanaryStatus,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Publishes the events of a stored reconcile where users look for them besides the
+    /// status history (Kubernetes Events); nothing by default. Failures are the driver's to log.
+    fn publish(
+        &mut self,
+        _canary: &Canary,
+        _events: &[&Action],
+    ) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Why a reconcile stopped before its end; the status was not changed.
@@ -76,6 +163,16 @@ pub enum ReconcileError {
     Driver(#[from] DriverError),
 }
 
+impl ReconcileError {
+    /// The kind of failure, which decides the backoff.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Spec(_) => ErrorKind::InvalidSpec,
+            Self::Driver(e) => e.kind,
+        }
+    }
+}
+
 /// What one reconcile decided.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Reconciled {
@@ -85,23 +182,13 @@ pub struct Reconciled {
     pub actions: Vec<Action>,
 }
 
-/// The Canary's service: `service.name`, else the target's name (Flagger's default).
-fn service_name(canary: &Canary) -> String {
-    canary
-        .spec
-        .service
-        .name
-        .clone()
-        .unwrap_or_else(|| canary.spec.target_ref.name.clone())
-}
-
 /// The metric target of a Canary: `<svc>-canary` against `<svc>-primary`.
 pub fn metric_target(canary: &Canary) -> Target {
-    let svc = service_name(canary);
+    let names = Names::of(canary);
     Target {
-        namespace: canary.metadata.namespace.clone().unwrap_or_default(),
-        canary: format!("{svc}-canary"),
-        primary: format!("{svc}-primary"),
+        namespace: names.namespace,
+        canary: names.service_canary,
+        primary: names.service_primary,
     }
 }
 
@@ -116,6 +203,7 @@ pub async fn reconcile<D: Driver, S: MetricSource>(
 ) -> Result<Reconciled, ReconcileError> {
     let spec = &canary.spec;
     let status = canary.status.clone().unwrap_or_default();
+    let schedule = Schedule::of(spec).map_err(machine::SpecError::from)?;
     let target = driver.observe(canary).await?;
     let payload = |phase: CanaryPhase| Payload {
         name: canary.metadata.name.clone().unwrap_or_default(),
@@ -126,7 +214,7 @@ pub async fn reconcile<D: Driver, S: MetricSource>(
     };
 
     let mut hooks = BTreeMap::new();
-    for (_, name) in machine::due_webhooks(spec, &status, &target.revision, now) {
+    for (_, name) in machine::due_webhooks(spec, &status, &schedule, &target.revision, now) {
         let Some(hook) = spec.analysis.webhooks.iter().find(|h| h.name == name) else {
             continue;
         };
@@ -140,13 +228,8 @@ pub async fn reconcile<D: Driver, S: MetricSource>(
         hooks.insert(name, ok);
     }
 
-    let interval = duration::parse(&spec.analysis.interval).unwrap_or(Duration::from_secs(60));
-    let analysing = status.phase == CanaryPhase::Progressing
-        && target.canary_ready
-        && status.last_analysis_time.as_ref().is_none_or(|t| {
-            now.signed_duration_since(machine::chrono_time(t))
-                >= chrono::Duration::from_std(interval).unwrap_or_default()
-        });
+    let analysing = schedule.analysing(&status, target.canary_ready, now);
+    let interval = schedule.interval;
     let metric_target = metric_target(canary);
     let window = if analysing {
         match source.window(&metric_target, interval).await {
@@ -193,7 +276,7 @@ pub async fn reconcile<D: Driver, S: MetricSource>(
                 }
                 last_event = Some((message.clone(), *warning));
                 next.history.push(HistoryEntry {
-                    time: machine::time(now),
+                    time: schedule::time(now),
                     reason: (*reason).to_string(),
                     message: message.clone(),
                     warning: *warning,
@@ -248,7 +331,7 @@ async fn custom_metrics<D: Driver, S: MetricSource>(
         let mut vars = BTreeMap::from([
             ("namespace".to_string(), ns.clone()),
             ("target".to_string(), canary.spec.target_ref.name.clone()),
-            ("service".to_string(), service_name(canary)),
+            ("service".to_string(), Names::of(canary).service),
             (
                 "interval".to_string(),
                 metric
@@ -309,5 +392,164 @@ async fn notify(canary: &Canary, client: &reqwest::Client, kind: WebhookType, pa
         if let Err(e) = webhooks::call(client, hook, payload).await {
             tracing::info!(canary = ?canary.metadata.name, error = %e, "notification hook failed");
         }
+    }
+}
+
+/// One turn of the reconcile loop, the same for every driver: reconcile, store the status when
+/// it changed, then publish the events. Actions run before the status is stored (see the module
+/// docs), and events follow the status: a crash before the write repeats the step and its
+/// events, a crash after it loses at most the published events, never history entries.
+pub async fn reconcile_and_store<D: Driver, S: MetricSource>(
+    canary: &Canary,
+    driver: &mut D,
+    source: &mut S,
+    client: &reqwest::Client,
+    judge: &JudgeConfig,
+    now: DateTime<Utc>,
+) -> Result<Reconciled, ReconcileError> {
+    let reconciled = reconcile(canary, driver, source, client, judge, now).await?;
+    if Some(&reconciled.status) != canary.status.as_ref() {
+        driver.write_status(canary, &reconciled.status).await?;
+    }
+    let events: Vec<&Action> = reconciled
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::Event { .. }))
+        .collect();
+    if !events.is_empty() {
+        driver.publish(canary, &events).await;
+    }
+    Ok(reconciled)
+}
+
+/// When each Canary is reconciled next: every `tick` while all is well, and after a failure a
+/// delay chosen by its kind. Both drivers' loops ask it, so they back off alike.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    /// The steady reconcile interval.
+    pub tick: Duration,
+    /// The first delay after an unavailable backend; it doubles with each failure in a row.
+    pub error_backoff: Duration,
+    /// The longest delay, and the wait after an invalid spec (a change of the Canary is
+    /// noticed sooner: the loops reconcile a changed Canary at once).
+    pub max_backoff: Duration,
+    failures: BTreeMap<String, u32>,
+}
+
+impl Backoff {
+    /// A backoff with these delays.
+    pub fn new(tick: Duration, error_backoff: Duration, max_backoff: Duration) -> Self {
+        Self {
+            tick,
+            error_backoff,
+            max_backoff,
+            failures: BTreeMap::new(),
+        }
+    }
+
+    /// The delay before reconciling the Canary `id` again after `outcome`.
+    pub fn next<T>(&mut self, id: &str, outcome: &Result<T, ReconcileError>) -> Duration {
+        let Err(e) = outcome else {
+            self.failures.remove(id);
+            return self.tick;
+        };
+        let n = self.failures.entry(id.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        match e.kind() {
+            // Someone wrote first: read again right away, but never spin.
+            ErrorKind::Conflict => Duration::from_millis(200).saturating_mul(*n).min(self.tick),
+            // The target may appear at any moment (an apply in flight): look again each tick.
+            ErrorKind::NotFound => self.tick,
+            ErrorKind::InvalidSpec => self.max_backoff,
+            ErrorKind::Unavailable => self
+                .error_backoff
+                .saturating_mul(1 << (*n - 1).min(16))
+                .min(self.max_backoff),
+        }
+    }
+
+    /// Forgets a Canary that is gone.
+    pub fn forget(&mut self, id: &str) {
+        self.failures.remove(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(kind: ErrorKind) -> Result<(), ReconcileError> {
+        Err(ReconcileError::Driver(DriverError::new(kind, "x")))
+    }
+
+    #[test]
+    fn backoff_follows_the_kind_of_failure() {
+        let s = Duration::from_secs;
+        let mut b = Backoff::new(s(5), s(5), s(300));
+        assert_eq!(b.next("a", &Ok::<(), ReconcileError>(())), s(5));
+        assert_eq!(
+            b.next("a", &failed(ErrorKind::Conflict)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(b.next("a", &failed(ErrorKind::NotFound)), s(5));
+        assert_eq!(b.next("a", &failed(ErrorKind::InvalidSpec)), s(300));
+        let mut b = Backoff::new(s(5), s(5), s(300));
+        let delays: Vec<_> = (0..8)
+            .map(|_| b.next("a", &failed(ErrorKind::Unavailable)))
+            .collect();
+        assert_eq!(
+            delays,
+            [s(5), s(10), s(20), s(40), s(80), s(160), s(300), s(300)],
+            "unavailable backs off exponentially up to the cap"
+        );
+        assert_eq!(
+            b.next("b", &failed(ErrorKind::Unavailable)),
+            s(5),
+            "per Canary"
+        );
+        assert_eq!(b.next("a", &Ok::<(), ReconcileError>(())), s(5));
+        assert_eq!(
+            b.next("a", &failed(ErrorKind::Unavailable)),
+            s(5),
+            "a success resets the count"
+        );
+    }
+
+    #[test]
+    fn kube_and_store_errors_are_classified() {
+        let api = |code: u16| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..kube::core::Status::default()
+            }))
+        };
+        assert_eq!(DriverError::kube("x", &api(409)).kind, ErrorKind::Conflict);
+        assert_eq!(DriverError::kube("x", &api(404)).kind, ErrorKind::NotFound);
+        assert_eq!(
+            DriverError::kube("x", &api(422)).kind,
+            ErrorKind::InvalidSpec
+        );
+        assert_eq!(
+            DriverError::kube("x", &api(503)).kind,
+            ErrorKind::Unavailable
+        );
+        let key =
+            mesh_store::ObjectKey::new(mesh_crds::validate::ResourceKind::Canary, "default", "web");
+        let conflict = mesh_store::StoreError::Conflict {
+            key: key.clone(),
+            given: "1".into(),
+            current: 2,
+        };
+        assert_eq!(DriverError::store("x", &conflict).kind, ErrorKind::Conflict);
+        assert_eq!(
+            DriverError::store("x", &mesh_store::StoreError::NotFound(key)).kind,
+            ErrorKind::NotFound
+        );
+        assert!(
+            DriverError::store("writing", &conflict)
+                .to_string()
+                .starts_with("writing: "),
+            "the message says what was being done"
+        );
     }
 }

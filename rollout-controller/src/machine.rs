@@ -14,13 +14,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use mesh_crds::canary::{AnalysisTotals, GateResult, Verdict, WebhookType};
 use mesh_crds::{CanaryPhase, CanarySpec, CanaryStatus};
 
 use crate::duration;
 use crate::judge::{self, JudgeConfig, Window};
+use crate::schedule::{Schedule, elapsed, time};
 
 /// The condition `kubectl wait --for=condition=Promoted` waits on.
 pub const PROMOTED: &str = "Promoted";
@@ -115,6 +115,7 @@ pub enum SpecError {
 pub fn due_webhooks(
     spec: &CanarySpec,
     status: &CanaryStatus,
+    schedule: &Schedule,
     revision: &str,
     now: DateTime<Utc>,
 ) -> Vec<(WebhookType, String)> {
@@ -125,7 +126,7 @@ pub fn due_webhooks(
             &[WebhookType::ConfirmRollout]
         }
         CanaryPhase::Waiting => &[WebhookType::ConfirmRollout],
-        CanaryPhase::Progressing if analysis_due(spec, status, now) => &[
+        CanaryPhase::Progressing if schedule.due(status, now) => &[
             WebhookType::PreRollout,
             WebhookType::Rollout,
             WebhookType::Rollback,
@@ -145,36 +146,6 @@ pub fn due_webhooks(
         })
         .map(|h| (h.type_.unwrap_or(WebhookType::Rollout), h.name.clone()))
         .collect()
-}
-
-fn analysis_due(spec: &CanarySpec, status: &CanaryStatus, now: DateTime<Utc>) -> bool {
-    let interval = duration::parse(&spec.analysis.interval).unwrap_or(Duration::from_secs(60));
-    match &status.last_analysis_time {
-        None => true,
-        Some(t) => elapsed(t, now) >= interval,
-    }
-}
-
-/// A Kubernetes timestamp for a chrono time (the status uses Kubernetes' `Time`).
-pub fn time(t: DateTime<Utc>) -> Time {
-    let nanos = i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0);
-    Time(Timestamp::new(t.timestamp(), nanos).unwrap_or(Timestamp::UNIX_EPOCH))
-}
-
-/// A chrono time for a Kubernetes timestamp.
-pub fn chrono_time(t: &Time) -> DateTime<Utc> {
-    DateTime::from_timestamp(
-        t.0.as_second(),
-        u32::try_from(t.0.subsec_nanosecond()).unwrap_or(0),
-    )
-    .unwrap_or_default()
-}
-
-/// Time from `since` to `now`; zero if `since` is in the future (clock skew after a restart).
-fn elapsed(since: &Time, now: DateTime<Utc>) -> Duration {
-    now.signed_duration_since(chrono_time(since))
-        .to_std()
-        .unwrap_or_default()
 }
 
 fn hooks_pass(spec: &CanarySpec, obs: &Observations, kind: WebhookType) -> bool {
@@ -225,7 +196,7 @@ pub fn step(
     obs: &Observations,
     config: &JudgeConfig,
 ) -> Result<Step, SpecError> {
-    let interval = duration::parse(&spec.analysis.interval)?;
+    let schedule = Schedule::of(spec)?;
     let steps = weight_steps(spec)?;
     let mut m = Machine {
         spec,
@@ -233,7 +204,7 @@ pub fn step(
         config,
         status: status.clone(),
         actions: Vec::new(),
-        interval,
+        schedule,
         steps,
     };
     m.run();
@@ -249,7 +220,7 @@ struct Machine<'a> {
     config: &'a JudgeConfig,
     status: CanaryStatus,
     actions: Vec<Action>,
-    interval: Duration,
+    schedule: Schedule,
     steps: Vec<i32>,
 }
 
@@ -417,12 +388,7 @@ impl Machine<'_> {
             }
             return;
         }
-        let due = self
-            .status
-            .last_analysis_time
-            .as_ref()
-            .is_none_or(|t| elapsed(t, self.obs.now) >= self.interval);
-        if !due {
+        if !self.schedule.due(&self.status, self.obs.now) {
             return;
         }
         self.status.last_analysis_time = Some(time(self.obs.now));

@@ -1,19 +1,20 @@
 //! `mesh-rollout-controller`: the rollout controller for a Kubernetes cluster. It parses flags,
 //! connects to the apiserver and Prometheus, and runs [`mesh_rollout_controller::kubernetes::run`].
 
-use std::time::Duration;
-
 use anyhow::Context;
 use clap::Parser;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use mesh_rollout_controller::kubernetes::{self, ElectionConfig, Ended, Settings, WindowFloor};
+use mesh_core::config::{EXIT_CONFIG, ProcessEnv};
+use mesh_rollout_controller::config::{
+    Config, ENV_INSTANCE, ENV_LEADER_ELECT, ENV_LEASE_DURATION, ENV_LEASE_NAME,
+    ENV_LEASE_NAMESPACE, ENV_LEASE_RENEW_INTERVAL, ENV_METRICS_INTERVAL, ENV_NAMESPACE,
+    ENV_PROMETHEUS_URL, ENV_RECONCILE_INTERVAL, Flags,
+};
+use mesh_rollout_controller::kubernetes::{self, Ended, WindowFloor};
 use mesh_rollout_controller::sources::PrometheusSource;
 
-/// Exit code for bad configuration (sysexits' EX_USAGE).
-const EXIT_CONFIG: u8 = 64;
-
 /// Rolls out new versions of Deployments named by Canaries, judged on proxy metrics from
-/// Prometheus.
+/// Prometheus. Every flag sets the environment variable named in its help, which it overrides.
 #[derive(Debug, Parser)]
 #[command(name = "mesh-rollout-controller", version)]
 struct Args {
@@ -25,40 +26,60 @@ struct Args {
     #[arg(long)]
     context: Option<String>,
     /// Only reconcile Canaries in this namespace (default: all namespaces).
-    #[arg(long, short = 'n', env = "MESH_ROLLOUT_NAMESPACE")]
+    /// [MESH_ROLLOUT_NAMESPACE]
+    #[arg(long, short = 'n')]
     namespace: Option<String>,
     /// Prometheus that scrapes the proxies, e.g. http://prometheus.mesh:9090. Required: in a
     /// cluster the controller cannot know every caller's proxy to scrape it directly.
-    #[arg(long, env = "MESH_PROMETHEUS_URL")]
-    prometheus_url: String,
-    /// Shortest PromQL range for a metrics window (at least twice Prometheus' scrape interval).
-    #[arg(long, default_value = "30s", value_parser = duration)]
-    metrics_interval: Duration,
-    /// How often every Canary is reconciled.
-    #[arg(long, default_value = "5s", value_parser = duration)]
-    reconcile_interval: Duration,
+    /// [MESH_ROLLOUT_PROMETHEUS_URL]
+    #[arg(long)]
+    prometheus_url: Option<String>,
+    /// Shortest PromQL range for a metrics window (at least twice Prometheus' scrape interval;
+    /// default 30s). [MESH_ROLLOUT_METRICS_INTERVAL]
+    #[arg(long)]
+    metrics_interval: Option<String>,
+    /// How often every Canary is reconciled (default 5s). [MESH_ROLLOUT_RECONCILE_INTERVAL]
+    #[arg(long)]
+    reconcile_interval: Option<String>,
     /// This instance's name in Events and in the Lease (default: host name and process id).
-    #[arg(long, env = "POD_NAME")]
+    /// [POD_NAME]
+    #[arg(long)]
     instance: Option<String>,
-    /// Elect a leader on a Lease, so only one of several replicas reconciles.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    leader_elect: bool,
-    /// Namespace of the Lease (default: --namespace, else `default`).
-    #[arg(long, env = "POD_NAMESPACE")]
+    /// Elect a leader on a Lease, so only one of several replicas reconciles (default true).
+    /// [MESH_ROLLOUT_LEADER_ELECT]
+    #[arg(long)]
+    leader_elect: Option<String>,
+    /// Namespace of the Lease (default: --namespace, else `default`). [POD_NAMESPACE]
+    #[arg(long)]
     lease_namespace: Option<String>,
-    /// Name of the Lease.
-    #[arg(long, default_value = "mesh-rollout-controller")]
-    lease_name: String,
-    /// How long a leader that stopped renewing keeps the Lease.
-    #[arg(long, default_value = "15s", value_parser = duration)]
-    lease_duration: Duration,
-    /// How often the leader renews the Lease and candidates retry.
-    #[arg(long, default_value = "2s", value_parser = duration)]
-    lease_renew_interval: Duration,
+    /// Name of the Lease (default mesh-rollout-controller). [MESH_ROLLOUT_LEASE_NAME]
+    #[arg(long)]
+    lease_name: Option<String>,
+    /// How long a leader that stopped renewing keeps the Lease (default 15s).
+    /// [MESH_ROLLOUT_LEASE_DURATION]
+    #[arg(long)]
+    lease_duration: Option<String>,
+    /// How often the leader renews the Lease and candidates retry (default 2s).
+    /// [MESH_ROLLOUT_LEASE_RENEW_INTERVAL]
+    #[arg(long)]
+    lease_renew_interval: Option<String>,
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
-    mesh_rollout_controller::duration::parse(s).map_err(|e| e.to_string())
+impl Args {
+    /// The flags laid over the process environment.
+    fn env(&self) -> Flags<ProcessEnv> {
+        Flags::over(ProcessEnv)
+            .flag(ENV_NAMESPACE, self.namespace.clone())
+            .flag(ENV_PROMETHEUS_URL, self.prometheus_url.clone())
+            .flag(ENV_METRICS_INTERVAL, self.metrics_interval.clone())
+            .flag(ENV_RECONCILE_INTERVAL, self.reconcile_interval.clone())
+            .flag(ENV_INSTANCE, self.instance.clone())
+            .flag(ENV_LEADER_ELECT, self.leader_elect.clone())
+            .flag(ENV_LEASE_NAMESPACE, self.lease_namespace.clone())
+            .flag(ENV_LEASE_NAME, self.lease_name.clone())
+            .flag(ENV_LEASE_DURATION, self.lease_duration.clone())
+            .flag(ENV_LEASE_RENEW_INTERVAL, self.lease_renew_interval.clone())
+    }
 }
 
 async fn client(args: &Args) -> anyhow::Result<kube::Client> {
@@ -99,13 +120,18 @@ async fn main() -> std::process::ExitCode {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
     let _ = rustls::crypto::ring::default_provider().install_default();
 
-    let prometheus = match prometheus_http_query::Client::try_from(args.prometheus_url.as_str()) {
+    let config = match Config::from_env(&args.env()) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(
-                "--prometheus-url (MESH_PROMETHEUS_URL): {:?} is not a URL: {e}",
-                args.prometheus_url
-            );
+            tracing::error!("{e}");
+            return std::process::ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let prometheus = match prometheus_http_query::Client::try_from(config.prometheus_url.as_str()) {
+        Ok(c) => c,
+        Err(e) => {
+            // Config::from_env checked the URL already; this is the same check.
+            tracing::error!("{ENV_PROMETHEUS_URL}: {e}");
             return std::process::ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -116,41 +142,18 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(EXIT_CONFIG);
         }
     };
-    if args.lease_renew_interval >= args.lease_duration {
-        tracing::error!(
-            "--lease-renew-interval ({:?}) must be shorter than --lease-duration ({:?})",
-            args.lease_renew_interval,
-            args.lease_duration
-        );
-        return std::process::ExitCode::from(EXIT_CONFIG);
-    }
-    let identity = args.instance.clone().unwrap_or_else(default_identity);
-    let settings = Settings {
-        namespace: args.namespace.clone(),
-        tick: args.reconcile_interval,
-        instance: Some(identity.clone()),
-        ..Settings::default()
-    };
-    let source = WindowFloor::new(PrometheusSource::new(prometheus), args.metrics_interval);
+    let identity = config.instance.clone().unwrap_or_else(default_identity);
+    let settings = config.settings(&identity);
+    let source = WindowFloor::new(PrometheusSource::new(prometheus), config.metrics_interval);
     tracing::info!(namespace = ?settings.namespace, %identity, "mesh: rollout controller started");
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    if !args.leader_elect {
+    if !config.leader_elect {
         kubernetes::run(client, settings, source, shutdown).await;
         return std::process::ExitCode::SUCCESS;
     }
-    let election = ElectionConfig {
-        namespace: args
-            .lease_namespace
-            .clone()
-            .or_else(|| args.namespace.clone())
-            .unwrap_or_else(|| "default".into()),
-        name: args.lease_name.clone(),
-        identity,
-        lease_duration: args.lease_duration,
-        renew_interval: args.lease_renew_interval,
-    };
+    let election = config.election(&identity);
     match kubernetes::run_elected(client, settings, source, election, shutdown).await {
         Ended::Shutdown => std::process::ExitCode::SUCCESS,
         // Exit so the replica starts over as a candidate (the Deployment restarts it).

@@ -44,6 +44,10 @@ impl Driver for Templates {
     async fn act(&mut self, _: &Canary, _: &str, _: &Action) -> Result<(), DriverError> {
         Ok(())
     }
+
+    async fn write_status(&mut self, _: &Canary, _: &CanaryStatus) -> Result<(), DriverError> {
+        Ok(())
+    }
 }
 
 /// Plenty of healthy traffic, so only the custom gates can decide; and no query engine.

@@ -43,8 +43,8 @@ use mesh_core::proxy_api::{
 };
 use mesh_crds::{Canary, CanaryPhase, HttpRoute};
 use mesh_rollout_controller::judge::JudgeConfig;
-use mesh_rollout_controller::kubernetes::driver::{REVISION_ANNOTATION, route_weights};
 use mesh_rollout_controller::kubernetes::{self, ElectionConfig, FINALIZER, Settings, WindowFloor};
+use mesh_rollout_controller::owned::{REVISION_ANNOTATION, route_weights};
 use mesh_rollout_controller::sources::PrometheusSource;
 use mesh_test_support::process::{MeshBinary, MeshProcess};
 use mesh_test_support::proxy_api::StandIn;
@@ -444,6 +444,7 @@ fn settings(instance: &str) -> Settings {
         namespace: Some(NS.into()),
         tick: Duration::from_millis(250),
         error_backoff: Duration::from_millis(500),
+        max_backoff: Duration::from_secs(5),
         instance: Some(instance.into()),
         // Real latencies vary; the sequential tests' false-failure chance per gate per rollout
         // is alpha, so a small one keeps the healthy rollouts here from failing by chance.

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use mesh_crds::{CanaryPhase, CanarySpec, CanaryStatus};
 use mesh_rollout_controller::judge::{JudgeConfig, Window};
 use mesh_rollout_controller::machine::{self, Action, Observations};
+use mesh_rollout_controller::schedule::Schedule;
 
 use crate::scenario::Scenario;
 use crate::stats;
@@ -344,6 +345,9 @@ fn run_mesh(config: &MeshConfig, world: &mut World) -> Outcome {
     let Ok(spec) = config.spec() else {
         return finish(world, None, Decision::Undecided);
     };
+    let Ok(schedule) = Schedule::of(&spec) else {
+        return finish(world, None, Decision::Undecided);
+    };
     let mut status = CanaryStatus {
         phase: CanaryPhase::Initialized,
         last_applied_spec: Some("v1".into()),
@@ -353,14 +357,9 @@ fn run_mesh(config: &MeshConfig, world: &mut World) -> Outcome {
     let mut weight = 0;
     let mut last_read: Option<u64> = None;
     let mut first_traffic = None;
-    let interval = config.interval_s;
     while world.now() < HORIZON_S {
         let t = world.now();
-        let due = status.last_analysis_time.as_ref().is_none_or(|lt| {
-            let last = machine::chrono_time(lt);
-            at(t).signed_duration_since(last).num_seconds() >= i64::try_from(interval).unwrap_or(0)
-        });
-        let window: Option<Window> = if status.phase == CanaryPhase::Progressing && due {
+        let window: Option<Window> = if schedule.analysing(&status, true, at(t)) {
             if world.source_up(t) {
                 let w = last_read.map_or_else(Window::default, |from| world.window(from, t));
                 last_read = Some(t);

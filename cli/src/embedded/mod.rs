@@ -4,10 +4,13 @@
 //! Three loops share the store:
 //! - the control plane serves the resource API and the proxies' watch streams;
 //! - the supervisor loop turns Workloads (and the Canaries that target them) into running arms,
-//!   and gives every served Workload its HTTPRoute `<name>` -> `<name>-primary`/`<name>-canary`;
-//! - the rollout loop reconciles every Canary through [`EmbeddedDriver`], which keeps weights in
-//!   that HTTPRoute and what each arm runs in the Workload's status, so all progress lives in
-//!   the store and a restarted `mesh up` resumes where it stopped.
+//!   and gives every served Workload its HTTPRoute `<name>` -> `<name>-primary`/`<name>-canary`
+//!   (built by the rollout controller's [`owned::route`]);
+//! - the rollout controller's embedded loop ([`mesh_rollout_controller::embedded::run`])
+//!   reconciles every Canary; it keeps weights in that HTTPRoute and what each arm runs in the
+//!   Workload's status, so all progress lives in the store and a restarted `mesh up` resumes
+//!   where it stopped. This module only assembles it, with the supervisor as its
+//!   [`Workloads`].
 
 mod pids;
 pub mod supervisor;
@@ -21,27 +24,17 @@ use std::{
 };
 
 use anyhow::Context;
-use mesh_controlplane::{
-    ControlPlane,
-    config::Config as ControlPlaneConfig,
-    store::{ObjectKey, ResourceStore, Selector, StoreError, embedded::EmbeddedStore},
-};
-use mesh_crds::{
-    Canary, MetricTemplate, Workload, validate::ResourceKind, workload::version_of_revision,
-};
-use mesh_rollout_controller::{
-    controller::{self, Driver, DriverError, TargetState},
-    judge::JudgeConfig,
-    machine::Action,
-    sources::DirectScrape,
+use mesh_controlplane::{ControlPlane, config::Config as ControlPlaneConfig};
+use mesh_crds::{Canary, Workload, validate::ResourceKind};
+use mesh_rollout_controller::embedded::{self as rollout, WorkloadKey, Workloads};
+use mesh_rollout_controller::owned::{self, Arm, Names};
+use mesh_store::{
+    ObjectKey, ResourceStore, Selector, StoreError, embedded::EmbeddedStore, update_status,
 };
 use pids::PidFiles;
 use serde_json::{Value, json};
-use supervisor::{Arm, ArmSpec, Programs, Supervisor, WorkloadKey};
+use supervisor::{ArmSpec, Programs, Supervisor};
 use tokio::net::TcpListener;
-
-/// How often the supervisor and the rollout controller look at the store.
-pub const TICK: Duration = Duration::from_secs(1);
 
 /// Where the embedded mesh keeps its state and listens.
 #[derive(Clone, Debug)]
@@ -123,7 +116,11 @@ impl Mesh {
         let tasks = vec![
             tokio::spawn(control_plane.serve(api, proxy)),
             tokio::spawn(supervise(store.clone(), Arc::clone(&supervisor))),
-            tokio::spawn(roll_out(store.clone(), Arc::clone(&supervisor))),
+            tokio::spawn(rollout::run(
+                store.clone(),
+                Arc::clone(&supervisor),
+                rollout::Settings::default(),
+            )),
         ];
         Ok(Self {
             store,
@@ -183,10 +180,7 @@ pub fn desired(
 ) -> BTreeMap<(WorkloadKey, Arm), ArmSpec> {
     let mut out = BTreeMap::new();
     for w in workloads {
-        let key = WorkloadKey {
-            namespace: w.metadata.namespace.clone().unwrap_or_default(),
-            name: w.metadata.name.clone().unwrap_or_default(),
-        };
+        let key = WorkloadKey::of(w);
         let status = w.status.clone().unwrap_or_default();
         let (primary, canary) = if canary_for(canaries, &key).is_some() {
             (status.primary, status.canary)
@@ -212,52 +206,6 @@ fn list<T: serde::de::DeserializeOwned>(
     Ok((raw, typed))
 }
 
-/// Changes an object's status with `f` and stores it, retrying when someone else wrote first.
-pub async fn update_status(
-    store: &EmbeddedStore,
-    key: &ObjectKey,
-    f: impl Fn(&mut Value),
-) -> Result<(), StoreError> {
-    let mut attempts = 0;
-    loop {
-        let Some(current) = store.get(key)? else {
-            return Err(StoreError::NotFound(key.clone()));
-        };
-        let mut next = (*current).clone();
-        if next.get("status").is_none_or(Value::is_null) {
-            next["status"] = json!({});
-        }
-        f(&mut next["status"]);
-        if next == *current {
-            return Ok(());
-        }
-        match store.apply(vec![next]).await {
-            Err(StoreError::Conflict { .. }) if attempts < 5 => attempts += 1,
-            other => return other.map(|_| ()),
-        }
-    }
-}
-
-/// The HTTPRoute that splits `<svc>` between its arms.
-pub fn split_route(namespace: &str, svc: &str, port: u16, primary: i32, canary: i32) -> Value {
-    json!({
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "HTTPRoute",
-        "metadata": {
-            "name": svc,
-            "namespace": namespace,
-            "labels": {"app.kubernetes.io/managed-by": "mesh"},
-        },
-        "spec": {
-            "parentRefs": [{"group": "", "kind": "Service", "name": svc, "port": port}],
-            "rules": [{"backendRefs": [
-                {"name": format!("{svc}-primary"), "port": port, "weight": primary},
-                {"name": format!("{svc}-canary"), "port": port, "weight": canary},
-            ]}],
-        },
-    })
-}
-
 async fn supervise(store: EmbeddedStore, supervisor: Arc<Supervisor>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -274,10 +222,7 @@ async fn supervise_once(store: &EmbeddedStore, supervisor: &Supervisor) -> anyho
     let (_, canaries) = list::<Canary>(store, ResourceKind::Canary)?;
     supervisor.sync(&desired(&workloads, &canaries)).await;
     for w in &workloads {
-        let key = WorkloadKey {
-            namespace: w.metadata.namespace.clone().unwrap_or_default(),
-            name: w.metadata.name.clone().unwrap_or_default(),
-        };
+        let key = WorkloadKey::of(w);
         let object = ObjectKey::new(ResourceKind::Workload, &key.namespace, &key.name);
         if canary_for(&canaries, &key).is_none() {
             let version = w.spec.version.clone();
@@ -291,11 +236,14 @@ async fn supervise_once(store: &EmbeddedStore, supervisor: &Supervisor) -> anyho
         }
         // Every served workload is reached through its route, so a Canary added later only
         // changes weights. The route is created once and then left to the rollout controller.
-        if let Some(port) = w.spec.port.and_then(|p| u16::try_from(p).ok()) {
+        if let Some(port) = w.spec.port.filter(|p| u16::try_from(*p).is_ok()) {
             let route = ObjectKey::new(ResourceKind::HttpRoute, &key.namespace, &key.name);
             if store.get(&route)?.is_none() {
+                let names = Names::new(&key.namespace, &key.name, &key.name);
+                let timeout =
+                    canary_for(&canaries, &key).and_then(|c| c.spec.service.timeout.as_deref());
                 store
-                    .apply(vec![split_route(&key.namespace, &key.name, port, 100, 0)])
+                    .apply(vec![owned::route(&names, port, timeout, 100, 0)])
                     .await?;
             }
         }
@@ -303,192 +251,13 @@ async fn supervise_once(store: &EmbeddedStore, supervisor: &Supervisor) -> anyho
     Ok(())
 }
 
-async fn roll_out(store: EmbeddedStore, supervisor: Arc<Supervisor>) {
-    let client = reqwest::Client::new();
-    let mut source = DirectScrape::new(client.clone(), Vec::new());
-    let judge = JudgeConfig::default();
-    let mut driver = EmbeddedDriver {
-        store: store.clone(),
-        supervisor,
-    };
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_error: BTreeMap<String, String> = BTreeMap::new();
-    loop {
-        tick.tick().await;
-        let (raw, canaries) = match list::<Canary>(&store, ResourceKind::Canary) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "rollout controller: listing canaries failed");
-                continue;
-            }
-        };
-        source.set_proxies(driver.supervisor.admin_addrs().await);
-        for (object, canary) in raw.iter().zip(&canaries) {
-            let id = format!(
-                "{}/{}",
-                canary.metadata.namespace.as_deref().unwrap_or_default(),
-                canary.metadata.name.as_deref().unwrap_or_default()
-            );
-            let now = chrono::Utc::now();
-            let result =
-                controller::reconcile(canary, &mut driver, &mut source, &client, &judge, now).await;
-            match result {
-                Ok(r) if Some(&r.status) != canary.status.as_ref() => {
-                    last_error.remove(&id);
-                    let status = serde_json::to_value(&r.status).unwrap_or_default();
-                    let key = ObjectKey::of(ResourceKind::Canary, object);
-                    if let Err(e) = update_status(&store, &key, |s| *s = status.clone()).await {
-                        tracing::warn!(canary = %id, error = %e, "writing the status failed");
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    // Said once per distinct error, not every tick.
-                    let msg = e.to_string();
-                    if last_error.get(&id) != Some(&msg) {
-                        tracing::warn!(canary = %id, error = %msg, "rollout cannot proceed");
-                        last_error.insert(id, msg);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The rollout controller's hands in the embedded mesh: weights go into the HTTPRoute, what
-/// each arm runs goes into the Workload's status, and the supervisor makes it so.
-pub struct EmbeddedDriver {
-    store: EmbeddedStore,
-    supervisor: Arc<Supervisor>,
-}
-
-impl EmbeddedDriver {
-    fn workload(&self, canary: &Canary) -> Result<Workload, DriverError> {
-        let ns = canary.metadata.namespace.clone().unwrap_or_default();
-        let name = &canary.spec.target_ref.name;
-        let key = ObjectKey::new(ResourceKind::Workload, &ns, name);
-        let found = self
-            .store
-            .get(&key)
-            .map_err(|e| DriverError(e.to_string()))?
-            .ok_or_else(|| {
-                DriverError(format!(
-                    "targetRef: no Workload {name:?} in namespace {ns:?}; declare it in mesh.yaml \
-                     or `mesh apply` it"
-                ))
-            })?;
-        typed(&found).ok_or_else(|| DriverError(format!("Workload {name:?} does not parse")))
-    }
-}
-
-impl Driver for EmbeddedDriver {
-    async fn metric_template(
-        &mut self,
-        namespace: &str,
-        name: &str,
-    ) -> Result<Option<MetricTemplate>, DriverError> {
-        let key = ObjectKey::new(ResourceKind::MetricTemplate, namespace, name);
-        match self
-            .store
-            .get(&key)
-            .map_err(|e| DriverError(e.to_string()))?
-        {
-            Some(found) => typed(&found).map(Some).ok_or_else(|| {
-                DriverError(format!("MetricTemplate {namespace}/{name} does not parse"))
-            }),
-            None => Ok(None),
-        }
+impl Workloads for Supervisor {
+    async fn ready(&self, key: &WorkloadKey, arm: Arm, revision: &str) -> bool {
+        Supervisor::ready(self, key, arm, revision).await
     }
 
-    async fn observe(&mut self, canary: &Canary) -> Result<TargetState, DriverError> {
-        let w = self.workload(canary)?;
-        let revision = w.spec.revision().ok_or_else(|| {
-            DriverError(format!(
-                "Workload: spec.version {:?} is not declared",
-                w.spec.version
-            ))
-        })?;
-        let status = w.status.clone().unwrap_or_default();
-        let key = WorkloadKey {
-            namespace: w.metadata.namespace.clone().unwrap_or_default(),
-            name: w.metadata.name.clone().unwrap_or_default(),
-        };
-        let ready = |version: Option<String>, arm| {
-            let supervisor = Arc::clone(&self.supervisor);
-            let key = key.clone();
-            let rev = version.and_then(|v| w.spec.revision_of(&v));
-            async move {
-                match rev {
-                    Some(r) => supervisor.ready(&key, arm, &r).await,
-                    None => false,
-                }
-            }
-        };
-        Ok(TargetState {
-            primary_ready: ready(status.primary.clone(), Arm::Primary).await,
-            canary_ready: ready(status.canary.clone(), Arm::Canary).await,
-            revision,
-        })
-    }
-
-    async fn act(
-        &mut self,
-        canary: &Canary,
-        revision: &str,
-        action: &Action,
-    ) -> Result<(), DriverError> {
-        let w = self.workload(canary)?;
-        let ns = w.metadata.namespace.clone().unwrap_or_default();
-        let name = w.metadata.name.clone().unwrap_or_default();
-        let key = ObjectKey::new(ResourceKind::Workload, &ns, &name);
-        let version = version_of_revision(revision).to_string();
-        let err = |e: StoreError| DriverError(e.to_string());
-        match action {
-            Action::InitializePrimary => {
-                update_status(&self.store, &key, |s| {
-                    if s.get("primary").is_none_or(Value::is_null) {
-                        s["primary"] = json!(version);
-                    }
-                })
-                .await
-                .map_err(err)?;
-            }
-            Action::ScaleCanaryUp => {
-                update_status(&self.store, &key, |s| s["canary"] = json!(version))
-                    .await
-                    .map_err(err)?;
-            }
-            Action::ScaleCanaryDown => {
-                update_status(&self.store, &key, |s| {
-                    if let Some(m) = s.as_object_mut() {
-                        m.remove("canary");
-                    }
-                })
-                .await
-                .map_err(err)?;
-            }
-            Action::Promote => {
-                update_status(&self.store, &key, |s| s["primary"] = json!(version))
-                    .await
-                    .map_err(err)?;
-            }
-            Action::SetWeights { primary, canary: c } => {
-                // The arms register under the Workload's name and port, so the route does too.
-                let port = w
-                    .spec
-                    .port
-                    .and_then(|p| u16::try_from(p).ok())
-                    .or_else(|| u16::try_from(canary.spec.service.port).ok())
-                    .ok_or_else(|| DriverError(format!("Workload {name:?} has no port")))?;
-                self.store
-                    .apply(vec![split_route(&ns, &name, port, *primary, *c)])
-                    .await
-                    .map_err(err)?;
-            }
-            Action::Notify(_) | Action::Event { .. } => {}
-        }
-        Ok(())
+    async fn admin_addrs(&self) -> Vec<SocketAddr> {
+        Supervisor::admin_addrs(self).await
     }
 }
 

@@ -30,6 +30,7 @@ use mesh_core::Listening;
 
 use super::pids::PidFiles;
 use mesh_crds::{WorkloadSpec, WorkloadVersion};
+use mesh_rollout_controller::{embedded::WorkloadKey, owned::Arm};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     process::{Child, Command},
@@ -47,40 +48,6 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long old instances are kept after a version change while the new ones are not ready.
 const RETIRE_AFTER: Duration = Duration::from_secs(120);
-
-/// One of a workload's two arms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Arm {
-    /// The stable version, which serves traffic outside a rollout.
-    Primary,
-    /// The new version under analysis.
-    Canary,
-}
-
-impl Arm {
-    /// The suffix of the arm's backend service (`<name>-primary`).
-    pub fn suffix(self) -> &'static str {
-        match self {
-            Self::Primary => "primary",
-            Self::Canary => "canary",
-        }
-    }
-}
-
-/// A workload, by namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct WorkloadKey {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-}
-
-impl std::fmt::Display for WorkloadKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.name, self.namespace)
-    }
-}
 
 /// What one arm should run.
 #[derive(Clone, Debug, PartialEq)]
@@ -550,9 +517,8 @@ impl InstanceCtx {
                 .env(
                     "MESH_PROXY_WORKLOAD_SERVICE",
                     format!(
-                        "{}-{}.{}:{port}",
-                        self.key.name,
-                        self.arm.suffix(),
+                        "{}.{}:{port}",
+                        self.arm.service(&self.key.name),
                         self.key.namespace
                     ),
                 )

@@ -257,7 +257,7 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
     docs.push(deployment(
         ROLLOUT_CONTROLLER,
         &args.rollout_controller_image,
-        json!([{"name": "MESH_ROLLOUT_PROMETHEUS_URL", "value": args.prometheus_url}]),
+        json!([{"name": mesh_rollout_controller::config::ENV_PROMETHEUS_URL, "value": args.prometheus_url}]),
         json!([]),
         json!([]),
         json!([]),

@@ -15,26 +15,20 @@
 //! and the status write is harmless. Scaling the target goes through its `scale` subresource, so
 //! the driver never takes ownership of the user's Deployment spec.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::PodTemplateSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, Patch, PatchParams};
-use kube::{Client, Resource};
-use mesh_crds::{Canary, HttpRoute, MetricTemplate};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use mesh_crds::{Canary, CanaryStatus, HttpRoute, MetricTemplate};
 use serde_json::{Value, json};
 
 use crate::controller::{Driver, DriverError, TargetState};
 use crate::machine::Action;
+use crate::owned::{self, Names};
 
 /// The field manager of every server-side apply the rollout controller makes.
 pub const FIELD_MANAGER: &str = "mesh-rollout";
-/// Annotation on the primary Deployment naming the revision its template came from.
-pub const REVISION_ANNOTATION: &str = "rollouts.mesh.dev/revision";
-/// Label on every object the driver creates.
-const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "mesh");
 
 /// The revision of a pod template: 16 hex digits of the 64-bit FNV-1a hash of the template's
 /// JSON form with object keys sorted (serde_json's default map is ordered). The same template
@@ -68,191 +62,12 @@ pub fn deployment_ready(d: &Deployment) -> bool {
         && status.replicas.unwrap_or(0) <= want
 }
 
-/// The names a Canary's objects get.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Names {
-    /// Namespace of everything.
-    pub namespace: String,
-    /// The target Deployment (the canary).
-    pub target: String,
-    /// The primary Deployment, `<target>-primary`.
-    pub primary: String,
-    /// The apex Service and the HTTPRoute, `spec.service.name` or the target's name.
-    pub service: String,
-    /// `<svc>-primary`.
-    pub service_primary: String,
-    /// `<svc>-canary`.
-    pub service_canary: String,
-}
-
-impl Names {
-    /// The names for `canary`.
-    pub fn of(canary: &Canary) -> Self {
-        let target = canary.spec.target_ref.name.clone();
-        let service = canary
-            .spec
-            .service
-            .name
-            .clone()
-            .unwrap_or_else(|| target.clone());
-        Self {
-            namespace: canary.metadata.namespace.clone().unwrap_or_default(),
-            primary: format!("{target}-primary"),
-            service_primary: format!("{service}-primary"),
-            service_canary: format!("{service}-canary"),
-            target,
-            service,
-        }
-    }
-}
-
-fn owner(canary: &Canary) -> Result<OwnerReference, DriverError> {
-    let mut r = canary.controller_owner_ref(&()).ok_or_else(|| {
-        DriverError("the Canary has no name or uid yet; it must come from the apiserver".into())
-    })?;
-    r.block_owner_deletion = Some(true);
-    Ok(r)
-}
-
-/// The target's selector labels, which the primary rewrites to `<value>-primary`.
-fn selector_labels(
-    target: &Deployment,
-    name: &str,
-) -> Result<BTreeMap<String, String>, DriverError> {
-    target
-        .spec
-        .as_ref()
-        .and_then(|s| s.selector.match_labels.clone())
-        .filter(|l| !l.is_empty())
-        .ok_or_else(|| {
-            DriverError(format!(
-                "Deployment {name:?}: spec.selector.matchLabels is required (matchExpressions \
-                 cannot be rewritten for the primary)"
-            ))
-        })
-}
-
-fn primary_labels(selector: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    selector
-        .iter()
-        .map(|(k, v)| (k.clone(), format!("{v}-primary")))
-        .collect()
-}
-
-/// The primary Deployment: the target's pod template with its selector labels rewritten.
-pub fn primary_deployment(
-    canary: &Canary,
-    target: &Deployment,
-    revision: &str,
-    replicas: i32,
-) -> Result<Value, DriverError> {
-    let names = Names::of(canary);
-    let selector = selector_labels(target, &names.target)?;
-    let primary_selector = primary_labels(&selector);
-    let template = target
-        .spec
-        .as_ref()
-        .map(|s| s.template.clone())
-        .unwrap_or_default();
-    let mut template = serde_json::to_value(&template)
-        .map_err(|e| DriverError(format!("Deployment {:?}: {e}", names.target)))?;
-    let mut labels = template
-        .pointer("/metadata/labels")
-        .and_then(|l| serde_json::from_value::<BTreeMap<String, String>>(l.clone()).ok())
-        .unwrap_or_default();
-    labels.extend(primary_selector.clone());
-    template["metadata"]["labels"] = json!(labels);
-    Ok(json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {
-            "name": names.primary,
-            "namespace": names.namespace,
-            "labels": {MANAGED_BY.0: MANAGED_BY.1},
-            "annotations": {REVISION_ANNOTATION: revision},
-            "ownerReferences": [owner(canary)?],
-        },
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": primary_selector},
-            "template": template,
-        },
-    }))
-}
-
-/// One of the three Services.
-pub fn service(
-    canary: &Canary,
-    name: &str,
-    selector: &BTreeMap<String, String>,
-) -> Result<Value, DriverError> {
-    let s = &canary.spec.service;
-    let target_port = s.target_port.clone().unwrap_or(IntOrString::Int(s.port));
-    Ok(json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {
-            "name": name,
-            "namespace": canary.metadata.namespace,
-            "labels": {MANAGED_BY.0: MANAGED_BY.1},
-            "ownerReferences": [owner(canary)?],
-        },
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector,
-            "ports": [{
-                "name": s.port_name.clone().unwrap_or_else(|| "http".into()),
-                "port": s.port,
-                "targetPort": target_port,
-                "protocol": "TCP",
-            }],
-        },
-    }))
-}
-
-/// The HTTPRoute splitting `<svc>` between `<svc>-primary` and `<svc>-canary`.
-pub fn route(canary: &Canary, primary: i32, canary_weight: i32) -> Result<Value, DriverError> {
-    let names = Names::of(canary);
-    let port = canary.spec.service.port;
-    let mut rule = json!({"backendRefs": [
-        {"group": "", "kind": "Service", "name": names.service_primary, "port": port, "weight": primary},
-        {"group": "", "kind": "Service", "name": names.service_canary, "port": port, "weight": canary_weight},
-    ]});
-    if let Some(timeout) = &canary.spec.service.timeout {
-        rule["timeouts"] = json!({"request": timeout});
-    }
-    Ok(json!({
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "HTTPRoute",
-        "metadata": {
-            "name": names.service,
-            "namespace": names.namespace,
-            "labels": {MANAGED_BY.0: MANAGED_BY.1},
-            "ownerReferences": [owner(canary)?],
-        },
-        "spec": {
-            "parentRefs": [{"group": "", "kind": "Service", "name": names.service, "port": port}],
-            "rules": [rule],
-        },
-    }))
-}
-
-/// The (primary, canary) weights of a route the driver wrote, if it has that shape.
-pub fn route_weights(route: &HttpRoute) -> Option<(i32, i32)> {
-    let refs = route.spec.rules.as_ref()?.first()?.backend_refs.as_ref()?;
-    let weight = |suffix: &str| {
-        refs.iter()
-            .find(|b| b.name.ends_with(suffix))
-            .map(|b| b.weight.unwrap_or(1))
-    };
-    Some((weight("-primary")?, weight("-canary")?))
-}
-
-/// The Kubernetes driver. Cheap to build: it is a client and nothing else, so a reconcile can
-/// make one and every bit of state stays in the cluster.
+/// The Kubernetes driver. Cheap to build: it is a client (and the Event recorder) and nothing
+/// else, so a reconcile can make one and every bit of state stays in the cluster.
 #[derive(Clone)]
 pub struct KubeDriver {
     client: Client,
+    recorder: Option<Recorder>,
 }
 
 impl std::fmt::Debug for KubeDriver {
@@ -262,13 +77,25 @@ impl std::fmt::Debug for KubeDriver {
 }
 
 fn kube_err(what: impl std::fmt::Display) -> impl FnOnce(kube::Error) -> DriverError {
-    move |e| DriverError(format!("{what}: {e}"))
+    move |e| DriverError::kube(what, &e)
 }
 
 impl KubeDriver {
-    /// A driver acting through `client`.
+    /// A driver acting through `client`; it publishes no Events.
     pub fn new(client: Client) -> Self {
-        Self { client }
+        Self {
+            client,
+            recorder: None,
+        }
+    }
+
+    /// A driver that also publishes each history entry as a Kubernetes Event through
+    /// `recorder`.
+    pub fn with_recorder(client: Client, recorder: Recorder) -> Self {
+        Self {
+            client,
+            recorder: Some(recorder),
+        }
     }
 
     fn deployments(&self, ns: &str) -> Api<Deployment> {
@@ -284,7 +111,7 @@ impl KubeDriver {
                 names.namespace, names.target
             )))?
             .ok_or_else(|| {
-                DriverError(format!(
+                DriverError::not_found(format!(
                     "targetRef: no Deployment {:?} in namespace {:?}",
                     names.target, names.namespace
                 ))
@@ -352,14 +179,17 @@ impl KubeDriver {
         let current = template_revision(&target.spec.clone().unwrap_or_default().template);
         if current != revision {
             // The user changed the target again; the next reconcile sees the new revision.
-            return Err(DriverError(format!(
-                "Deployment {}/{} moved from revision {revision} to {current}; not copying",
-                names.namespace, names.target
-            )));
+            return Err(DriverError::new(
+                crate::controller::ErrorKind::Conflict,
+                format!(
+                    "Deployment {}/{} moved from revision {revision} to {current}; not copying",
+                    names.namespace, names.target
+                ),
+            ));
         }
         let primary = self.primary(&names).await?;
         let replicas = Self::primary_replicas(primary.as_ref(), &target);
-        let object = primary_deployment(canary, &target, revision, replicas)?;
+        let object = owned::primary_deployment(canary, &target, revision, replicas)?;
         self.apply::<Deployment>(&names.namespace, &names.primary, &object)
             .await
     }
@@ -367,14 +197,14 @@ impl KubeDriver {
     async fn ensure_services(&self, canary: &Canary) -> Result<(), DriverError> {
         let names = Names::of(canary);
         let target = self.target(&names).await?;
-        let selector = selector_labels(&target, &names.target)?;
-        let primary = primary_labels(&selector);
+        let selector = owned::selector_labels(&target, &names.target)?;
+        let primary = owned::primary_labels(&selector);
         for (name, sel) in [
             (&names.service, &primary),
             (&names.service_primary, &primary),
             (&names.service_canary, &selector),
         ] {
-            let object = service(canary, name, sel)?;
+            let object = owned::service(canary, name, sel)?;
             self.apply::<k8s_openapi::api::core::v1::Service>(&names.namespace, name, &object)
                 .await?;
         }
@@ -389,7 +219,8 @@ impl KubeDriver {
         canary_weight: i32,
     ) -> Result<(), DriverError> {
         let names = Names::of(canary);
-        let object = route(canary, primary, canary_weight)?;
+        let route = owned::canary_route(canary, canary.spec.service.port, primary, canary_weight);
+        let object = owned::owned_by(route, &owned::owner(canary)?);
         self.apply::<HttpRoute>(&names.namespace, &names.service, &object)
             .await
     }
@@ -474,8 +305,80 @@ impl Driver for KubeDriver {
                     .await
             }
             Action::ScaleCanaryDown => self.scale_target(&names, 0).await,
-            // The controller loop turns these into Kubernetes Events and webhook calls.
+            // The controller loop turns these into webhook calls and history entries, and
+            // `publish` into Kubernetes Events.
             Action::Notify(_) | Action::Event { .. } => Ok(()),
+        }
+    }
+
+    async fn write_status(
+        &mut self,
+        canary: &Canary,
+        status: &CanaryStatus,
+    ) -> Result<(), DriverError> {
+        let names = Names::of(canary);
+        let status = serde_json::to_value(status).map_err(|e| {
+            DriverError::invalid(format!(
+                "serializing the status of Canary {}/{}: {e}",
+                names.namespace,
+                canary.name_any()
+            ))
+        })?;
+        // The whole status, every time, under one field manager: fields the machine cleared
+        // disappear instead of lingering from an older apply.
+        let patch = json!({
+            "apiVersion": Canary::api_version(&()),
+            "kind": Canary::kind(&()),
+            "metadata": {"name": canary.name_any()},
+            "status": status,
+        });
+        Api::<Canary>::namespaced(self.client.clone(), &names.namespace)
+            .patch_status(
+                &canary.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(kube_err(format!(
+                "writing the status of Canary {}/{}",
+                names.namespace,
+                canary.name_any()
+            )))?;
+        Ok(())
+    }
+
+    async fn publish(&mut self, canary: &Canary, events: &[&Action]) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        let reference = canary.object_ref(&());
+        for action in events {
+            let Action::Event {
+                reason,
+                message,
+                warning,
+            } = action
+            else {
+                continue;
+            };
+            let event = Event {
+                type_: if *warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: (*reason).to_string(),
+                note: Some(message.chars().take(1000).collect()),
+                action: "Rollout".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                tracing::warn!(
+                    canary = %format!("{}/{}", canary.namespace().unwrap_or_default(), canary.name_any()),
+                    error = %e,
+                    "publishing an Event failed"
+                );
+            }
         }
     }
 }
@@ -483,6 +386,8 @@ impl Driver for KubeDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
     use k8s_openapi::api::core::v1::{Container, PodSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 

@@ -14,22 +14,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::{Action as Requeue, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use mesh_crds::Canary;
-use serde_json::json;
 use tokio::sync::Mutex;
 
 pub use driver::{FIELD_MANAGER, KubeDriver, template_revision};
 pub use lease::{ElectionConfig, Elector};
 
-use crate::controller::{self, ReconcileError};
+use crate::controller::{self, Backoff, DriverError, ErrorKind, ReconcileError};
 use crate::judge::{JudgeConfig, Window};
-use crate::machine::Action;
 use crate::sources::{MetricSource, SourceError, Target};
 
 /// The finalizer that routes traffic back before a Canary goes away.
@@ -44,8 +42,11 @@ pub struct Settings {
     pub namespace: Option<String>,
     /// How often each Canary is reconciled when nothing changes.
     pub tick: Duration,
-    /// Backoff after a failed reconcile.
+    /// First backoff after a failed reconcile whose backend was unavailable; it doubles with
+    /// each failure in a row (see [`Backoff`]).
     pub error_backoff: Duration,
+    /// The longest backoff, and the wait after an invalid spec.
+    pub max_backoff: Duration,
     /// This instance's name in Events (e.g. the pod name).
     pub instance: Option<String>,
     /// The judge's parameters.
@@ -58,41 +59,28 @@ impl Default for Settings {
             namespace: None,
             tick: Duration::from_secs(5),
             error_backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(300),
             instance: None,
             judge: JudgeConfig::default(),
         }
     }
 }
 
-/// Why a reconcile of one Canary failed; it is retried after [`Settings::error_backoff`].
+/// Why a reconcile of one Canary failed; it is retried after a delay chosen by
+/// [`Error::kind`] (see [`Backoff`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The rollout could not proceed (bad spec, or the driver failed).
+    /// The rollout could not proceed (bad spec, or the driver failed, writing the status
+    /// included).
     #[error(transparent)]
     Reconcile(#[from] ReconcileError),
-    /// Writing the status failed.
-    #[error("writing the status of Canary {canary}: {source}")]
-    Status {
-        /// `namespace/name`.
-        canary: String,
-        /// What went wrong.
-        source: kube::Error,
-    },
-    /// The status did not serialize.
-    #[error("serializing the status of Canary {canary}: {source}")]
-    Serialize {
-        /// `namespace/name`.
-        canary: String,
-        /// What went wrong.
-        source: serde_json::Error,
-    },
     /// Cleaning up a deleted Canary failed.
     #[error("releasing the traffic of deleted Canary {canary}: {source}")]
     Cleanup {
         /// `namespace/name`.
         canary: String,
         /// What went wrong.
-        source: crate::controller::DriverError,
+        source: DriverError,
     },
     /// Adding or removing the finalizer failed.
     #[error("finalizer of Canary {canary}: {message}")]
@@ -102,6 +90,21 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+}
+
+impl Error {
+    /// The failure as the backoff sees it.
+    fn as_reconcile(&self) -> Result<(), ReconcileError> {
+        Err(match self {
+            Self::Reconcile(e) => ReconcileError::Driver(DriverError::new(e.kind(), e.to_string())),
+            Self::Cleanup { source, .. } => {
+                ReconcileError::Driver(DriverError::new(source.kind, source.to_string()))
+            }
+            Self::Finalizer { message, .. } => {
+                ReconcileError::Driver(DriverError::new(ErrorKind::Unavailable, message.clone()))
+            }
+        })
+    }
 }
 
 /// A metric source whose look-back is never shorter than `floor`. Prometheus needs at least
@@ -137,6 +140,7 @@ struct Context<S> {
     http: reqwest::Client,
     recorder: Recorder,
     settings: Settings,
+    backoff: std::sync::Mutex<Backoff>,
 }
 
 fn id(canary: &Canary) -> String {
@@ -166,6 +170,11 @@ pub async fn run<S>(
         instance: settings.instance.clone(),
     };
     let ctx = Arc::new(Context {
+        backoff: std::sync::Mutex::new(Backoff::new(
+            settings.tick,
+            settings.error_backoff,
+            settings.max_backoff,
+        )),
         recorder: Recorder::new(client.clone(), reporter),
         client,
         source: Mutex::new(source),
@@ -236,7 +245,12 @@ where
 )]
 fn error_policy<S>(canary: Arc<Canary>, error: &Error, ctx: Arc<Context<S>>) -> Requeue {
     tracing::warn!(canary = %id(&canary), error = %error, "rollout cannot proceed");
-    Requeue::requeue(ctx.settings.error_backoff)
+    let delay = ctx
+        .backoff
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .next(&id(&canary), &error.as_reconcile());
+    Requeue::requeue(delay)
 }
 
 async fn reconcile<S>(canary: Arc<Canary>, ctx: Arc<Context<S>>) -> Result<Requeue, Error>
@@ -248,8 +262,12 @@ where
     let name = id(&canary);
     finalizer(&api, FINALIZER, canary, |event| async {
         match event {
-            finalizer::Event::Apply(c) => apply(&c, &api, &ctx).await,
+            finalizer::Event::Apply(c) => apply(&c, &ctx).await,
             finalizer::Event::Cleanup(c) => {
+                ctx.backoff
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .forget(&id(&c));
                 KubeDriver::new(ctx.client.clone())
                     .release(&c)
                     .await
@@ -271,14 +289,14 @@ where
     })
 }
 
-async fn apply<S>(canary: &Canary, api: &Api<Canary>, ctx: &Context<S>) -> Result<Requeue, Error>
+async fn apply<S>(canary: &Canary, ctx: &Context<S>) -> Result<Requeue, Error>
 where
     S: MetricSource + Send + 'static,
 {
-    let mut driver = KubeDriver::new(ctx.client.clone());
-    let reconciled = {
+    let mut driver = KubeDriver::with_recorder(ctx.client.clone(), ctx.recorder.clone());
+    let outcome = {
         let mut source = ctx.source.lock().await;
-        controller::reconcile(
+        controller::reconcile_and_store(
             canary,
             &mut driver,
             &mut *source,
@@ -286,58 +304,13 @@ where
             &ctx.settings.judge,
             chrono::Utc::now(),
         )
-        .await?
-    };
-    if Some(&reconciled.status) != canary.status.as_ref() {
-        let status =
-            serde_json::to_value(&reconciled.status).map_err(|source| Error::Serialize {
-                canary: id(canary),
-                source,
-            })?;
-        // The whole status, every time, under one field manager: fields the machine cleared
-        // disappear instead of lingering from an older apply.
-        let patch = json!({
-            "apiVersion": Canary::api_version(&()),
-            "kind": Canary::kind(&()),
-            "metadata": {"name": canary.name_any()},
-            "status": status,
-        });
-        api.patch_status(
-            &canary.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
         .await
-        .map_err(|source| Error::Status {
-            canary: id(canary),
-            source,
-        })?;
-    }
-    // Events follow the status: a crash before the write repeats the step and its events, a
-    // crash after it loses at most these Events, never history entries.
-    let reference = canary.object_ref(&());
-    for action in &reconciled.actions {
-        if let Action::Event {
-            reason,
-            message,
-            warning,
-        } = action
-        {
-            let event = Event {
-                type_: if *warning {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                },
-                reason: (*reason).to_string(),
-                note: Some(message.chars().take(1000).collect()),
-                action: "Rollout".into(),
-                secondary: None,
-            };
-            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-                tracing::warn!(canary = %id(canary), error = %e, "publishing an Event failed");
-            }
-        }
-    }
-    Ok(Requeue::requeue(ctx.settings.tick))
+    };
+    let delay = ctx
+        .backoff
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .next(&id(canary), &outcome);
+    outcome?;
+    Ok(Requeue::requeue(delay))
 }

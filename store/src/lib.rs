@@ -1,7 +1,9 @@
 //! The resource store: one trait, written the way the Kubernetes API behaves, so the control
-//! plane's API, its indexes and the rollout controller work the same over the embedded store
-//! ([`embedded::EmbeddedStore`]) and over the Kubernetes API ([`kubernetes::KubernetesStore`],
-//! reads from watch-fed caches, writes as server-side applies).
+//! plane's API and indexes, the rollout controller's embedded driver and the CLI work the same
+//! over the embedded store ([`embedded::EmbeddedStore`], the default: a redb file in the state
+//! directory) and over the Kubernetes API ([`kubernetes::KubernetesStore`], reads from
+//! watch-fed caches, writes as server-side applies). It sits below the control plane and the
+//! rollout controller, and above `mesh-crds`, whose validation every write passes.
 //!
 //! Objects are Kubernetes objects in their JSON form (`apiVersion`, `kind`, `metadata`, `spec`,
 //! `status`), keyed by kind, namespace and name. Every write takes the next value of one global
@@ -264,4 +266,32 @@ pub trait ResourceStore: Send + Sync + 'static {
     /// selected object as `ADDED` and a `BOOKMARK` carrying the snapshot's version; with a
     /// version it sends what changed after it.
     fn watch(&self, selector: Selector, from: Option<u64>) -> Result<Self::Watcher, StoreError>;
+}
+
+/// Changes an object's `status` with `edit` and stores it, retrying from a fresh read when
+/// someone else wrote first (a few times, then the conflict is returned). A status that `edit`
+/// leaves unchanged is not written.
+pub async fn update_status<S: ResourceStore>(
+    store: &S,
+    key: &ObjectKey,
+    edit: impl Fn(&mut Value),
+) -> Result<(), StoreError> {
+    let mut attempts = 0;
+    loop {
+        let Some(current) = store.get(key)? else {
+            return Err(StoreError::NotFound(key.clone()));
+        };
+        let mut next = (*current).clone();
+        if next.get("status").is_none_or(Value::is_null) {
+            next["status"] = Value::Object(serde_json::Map::new());
+        }
+        edit(&mut next["status"]);
+        if next == *current {
+            return Ok(());
+        }
+        match store.apply(vec![next]).await {
+            Err(StoreError::Conflict { .. }) if attempts < 5 => attempts += 1,
+            other => return other.map(|_| ()),
+        }
+    }
 }

@@ -1,0 +1,352 @@
+//! The rollout controller in the embedded mesh, beside [`crate::kubernetes`]: the same
+//! [`controller::reconcile_and_store`] turn and the same [`Backoff`], over the resource store
+//! instead of the Kubernetes API.
+//!
+//! In the embedded mesh a Canary targets a `Workload`, which has two arms, as a Deployment has
+//! under Flagger: the primary and, during a rollout, the canary. [`EmbeddedDriver`] keeps what
+//! each arm runs in the Workload's `status` (`primary`, `canary`: version names) and the weights
+//! in the HTTPRoute `<name>` (built by [`owned::route`], as in a cluster), so all progress lives
+//! in the store and a restarted mesh resumes where it stopped. Whoever runs the arms (the `mesh`
+//! command's supervisor) implements [`Workloads`]: it reads those statuses, starts and stops
+//! processes, and tells the driver which arms are ready and where their proxies' metrics are.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_crds::validate::ResourceKind;
+use mesh_crds::workload::version_of_revision;
+use mesh_crds::{Canary, CanaryStatus, MetricTemplate, Workload};
+use mesh_store::{ObjectKey, ResourceStore, Selector, update_status};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::controller::{self, Backoff, Driver, DriverError, TargetState};
+use crate::judge::JudgeConfig;
+use crate::machine::Action;
+use crate::owned::{self, Arm, Names};
+use crate::sources::DirectScrape;
+
+/// A Workload, by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkloadKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl WorkloadKey {
+    /// The key of a stored Workload.
+    pub fn of(w: &Workload) -> Self {
+        Self {
+            namespace: w.metadata.namespace.clone().unwrap_or_default(),
+            name: w.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl std::fmt::Display for WorkloadKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.name, self.namespace)
+    }
+}
+
+/// What the controller needs from whoever runs the Workloads' arms.
+pub trait Workloads: Send + Sync + 'static {
+    /// Whether `arm` of `key` runs `revision` with every instance ready.
+    fn ready(
+        &self,
+        key: &WorkloadKey,
+        arm: Arm,
+        revision: &str,
+    ) -> impl Future<Output = bool> + Send;
+
+    /// The admin addresses of every running proxy, for scraping metrics.
+    fn admin_addrs(&self) -> impl Future<Output = Vec<SocketAddr>> + Send;
+}
+
+/// How the embedded controller runs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How often the store is read and each Canary reconciled.
+    pub tick: Duration,
+    /// First backoff after the store failed; it doubles with each failure in a row.
+    pub error_backoff: Duration,
+    /// The longest backoff, and the wait after an invalid spec (a changed Canary is
+    /// reconciled at once).
+    pub max_backoff: Duration,
+    /// The judge's parameters.
+    pub judge: JudgeConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_secs(1),
+            error_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(10),
+            judge: JudgeConfig::default(),
+        }
+    }
+}
+
+fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> Option<T> {
+    serde_json::from_value(v.clone()).ok()
+}
+
+/// When a Canary is next due, and what it looked like when it last failed.
+struct Due {
+    at: Instant,
+    version: Option<String>,
+    error: Option<String>,
+}
+
+/// Reconciles every stored Canary, forever: each one every tick, or after its backoff.
+pub async fn run<S, W>(store: S, workloads: Arc<W>, settings: Settings)
+where
+    S: ResourceStore + Clone,
+    W: Workloads,
+{
+    // The workspace builds rustls with ring only; Err means a provider is installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    let mut source = DirectScrape::new(client.clone(), Vec::new());
+    let mut driver = EmbeddedDriver::new(store.clone(), Arc::clone(&workloads));
+    let mut backoff = Backoff::new(settings.tick, settings.error_backoff, settings.max_backoff);
+    let mut due: BTreeMap<String, Due> = BTreeMap::new();
+    let mut tick = tokio::time::interval(settings.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let canaries: Vec<Canary> = match store.list(&Selector::kind(ResourceKind::Canary, None)) {
+            Ok(listed) => listed.items.iter().filter_map(|v| typed(v)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "rollout controller: listing canaries failed");
+                continue;
+            }
+        };
+        let ids: Vec<String> = canaries.iter().map(canary_id).collect();
+        due.retain(|id, _| {
+            let present = ids.contains(id);
+            if !present {
+                backoff.forget(id);
+            }
+            present
+        });
+        source.set_proxies(workloads.admin_addrs().await);
+        for canary in &canaries {
+            let id = canary_id(canary);
+            let now = Instant::now();
+            let version = canary.metadata.resource_version.clone();
+            if let Some(d) = due.get(&id)
+                && d.at > now
+                && d.version == version
+            {
+                continue;
+            }
+            let outcome = controller::reconcile_and_store(
+                canary,
+                &mut driver,
+                &mut source,
+                &client,
+                &settings.judge,
+                chrono::Utc::now(),
+            )
+            .await;
+            let delay = backoff.next(&id, &outcome);
+            let entry = due.entry(id.clone()).or_insert(Due {
+                at: now,
+                version: None,
+                error: None,
+            });
+            entry.at = now + delay;
+            entry.version = version;
+            match outcome {
+                Ok(_) => entry.error = None,
+                Err(e) => {
+                    // Said once per distinct error, not every tick.
+                    let msg = e.to_string();
+                    if entry.error.as_ref() != Some(&msg) {
+                        tracing::warn!(canary = %id, error = %msg, kind = ?e.kind(), "rollout cannot proceed");
+                        entry.error = Some(msg);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn canary_id(canary: &Canary) -> String {
+    format!(
+        "{}/{}",
+        canary.metadata.namespace.as_deref().unwrap_or_default(),
+        canary.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// The rollout controller's hands in the embedded mesh: weights go into the HTTPRoute, what
+/// each arm runs goes into the Workload's status, and the [`Workloads`] make it so.
+pub struct EmbeddedDriver<S, W> {
+    store: S,
+    workloads: Arc<W>,
+}
+
+impl<S: ResourceStore, W: Workloads> EmbeddedDriver<S, W> {
+    /// A driver over `store`, with `workloads` running the arms.
+    pub fn new(store: S, workloads: Arc<W>) -> Self {
+        Self { store, workloads }
+    }
+
+    fn workload(&self, canary: &Canary) -> Result<Workload, DriverError> {
+        let ns = canary.metadata.namespace.clone().unwrap_or_default();
+        let name = &canary.spec.target_ref.name;
+        let key = ObjectKey::new(ResourceKind::Workload, &ns, name);
+        let found = self
+            .store
+            .get(&key)
+            .map_err(|e| DriverError::store(format!("reading Workload {ns}/{name}"), &e))?
+            .ok_or_else(|| {
+                DriverError::not_found(format!(
+                    "targetRef: no Workload {name:?} in namespace {ns:?}; declare it in mesh.yaml \
+                     or `mesh apply` it"
+                ))
+            })?;
+        typed(&found)
+            .ok_or_else(|| DriverError::invalid(format!("Workload {name:?} does not parse")))
+    }
+
+    /// The names of the Canary's objects. A Workload's arms serve as `<workload>-primary` and
+    /// `<workload>-canary`, so the Canary's service must be the Workload's name.
+    fn names(canary: &Canary) -> Result<Names, DriverError> {
+        let names = Names::of(canary);
+        if names.service != names.target {
+            return Err(DriverError::invalid(format!(
+                "spec.service.name {:?}: in the embedded mesh a Workload serves under its own \
+                 name; leave it unset or set it to {:?}",
+                names.service, names.target
+            )));
+        }
+        Ok(names)
+    }
+}
+
+impl<S: ResourceStore, W: Workloads> Driver for EmbeddedDriver<S, W> {
+    async fn metric_template(
+        &mut self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<MetricTemplate>, DriverError> {
+        let key = ObjectKey::new(ResourceKind::MetricTemplate, namespace, name);
+        match self.store.get(&key).map_err(|e| {
+            DriverError::store(format!("reading MetricTemplate {namespace}/{name}"), &e)
+        })? {
+            Some(found) => typed(&found).map(Some).ok_or_else(|| {
+                DriverError::invalid(format!("MetricTemplate {namespace}/{name} does not parse"))
+            }),
+            None => Ok(None),
+        }
+    }
+
+    async fn observe(&mut self, canary: &Canary) -> Result<TargetState, DriverError> {
+        Self::names(canary)?;
+        let w = self.workload(canary)?;
+        let revision = w.spec.revision().ok_or_else(|| {
+            DriverError::invalid(format!(
+                "Workload: spec.version {:?} is not declared",
+                w.spec.version
+            ))
+        })?;
+        let status = w.status.clone().unwrap_or_default();
+        let key = WorkloadKey::of(&w);
+        let ready = async |version: Option<String>, arm| match version
+            .and_then(|v| w.spec.revision_of(&v))
+        {
+            Some(r) => self.workloads.ready(&key, arm, &r).await,
+            None => false,
+        };
+        Ok(TargetState {
+            primary_ready: ready(status.primary.clone(), Arm::Primary).await,
+            canary_ready: ready(status.canary.clone(), Arm::Canary).await,
+            revision,
+        })
+    }
+
+    async fn act(
+        &mut self,
+        canary: &Canary,
+        revision: &str,
+        action: &Action,
+    ) -> Result<(), DriverError> {
+        let names = Self::names(canary)?;
+        let w = self.workload(canary)?;
+        let key = ObjectKey::new(ResourceKind::Workload, &names.namespace, &names.target);
+        let version = version_of_revision(revision).to_string();
+        let set = async |edit: &(dyn Fn(&mut Value) + Sync)| {
+            update_status(&self.store, &key, edit)
+                .await
+                .map_err(|e| DriverError::store(format!("updating the status of {key}"), &e))
+        };
+        match action {
+            Action::InitializePrimary => {
+                set(&|s| {
+                    if s.get("primary").is_none_or(Value::is_null) {
+                        s["primary"] = json!(version);
+                    }
+                })
+                .await?;
+            }
+            Action::ScaleCanaryUp => set(&|s| s["canary"] = json!(version)).await?,
+            Action::ScaleCanaryDown => {
+                set(&|s| {
+                    if let Some(m) = s.as_object_mut() {
+                        m.remove("canary");
+                    }
+                })
+                .await?;
+            }
+            Action::Promote => set(&|s| s["primary"] = json!(version)).await?,
+            Action::SetWeights { primary, canary: c } => {
+                // The arms register under the Workload's port, so the route does too.
+                let port = [w.spec.port, Some(canary.spec.service.port)]
+                    .into_iter()
+                    .flatten()
+                    .find(|p| u16::try_from(*p).is_ok_and(|p| p > 0))
+                    .ok_or_else(|| {
+                        DriverError::invalid(format!("Workload {:?} has no port", names.target))
+                    })?;
+                let route = owned::route(
+                    &names,
+                    port,
+                    canary.spec.service.timeout.as_deref(),
+                    *primary,
+                    *c,
+                );
+                self.store.apply(vec![route]).await.map_err(|e| {
+                    DriverError::store(format!("writing HTTPRoute {}", names.service), &e)
+                })?;
+            }
+            Action::Notify(_) | Action::Event { .. } => {}
+        }
+        Ok(())
+    }
+
+    async fn write_status(
+        &mut self,
+        canary: &Canary,
+        status: &CanaryStatus,
+    ) -> Result<(), DriverError> {
+        let status = serde_json::to_value(status)
+            .map_err(|e| DriverError::invalid(format!("serializing a Canary status: {e}")))?;
+        let key = ObjectKey::new(
+            ResourceKind::Canary,
+            canary.metadata.namespace.as_deref().unwrap_or_default(),
+            canary.metadata.name.as_deref().unwrap_or_default(),
+        );
+        update_status(&self.store, &key, |s| *s = status.clone())
+            .await
+            .map_err(|e| DriverError::store(format!("writing the status of {key}"), &e))
+    }
+}

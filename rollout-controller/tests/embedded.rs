@@ -1,0 +1,192 @@
+//! The embedded driver over a real embedded store: a whole rollout of a Workload, turn by turn,
+//! with the arms always ready and a healthy metrics window. It shows the embedded driver writes
+//! the same route the Kubernetes one does (the Canary's request timeout included), keeps what
+//! each arm runs in the Workload's status, and stores the Canary's status itself.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use mesh_crds::validate::ResourceKind;
+use mesh_crds::{Canary, CanaryPhase, HttpRoute, Workload};
+use mesh_rollout_controller::controller::{ErrorKind, ReconcileError, reconcile_and_store};
+use mesh_rollout_controller::embedded::{EmbeddedDriver, WorkloadKey, Workloads};
+use mesh_rollout_controller::judge::{JudgeConfig, Window};
+use mesh_rollout_controller::owned::{Arm, route_weights};
+use mesh_rollout_controller::sources::{MetricSource, SourceError, Target};
+use mesh_store::embedded::EmbeddedStore;
+use mesh_store::{ObjectKey, ResourceStore};
+use serde_json::{Value, json};
+
+/// Arms that are ready as soon as they are asked for.
+struct AlwaysReady;
+
+impl Workloads for AlwaysReady {
+    async fn ready(&self, _: &WorkloadKey, _: Arm, _: &str) -> bool {
+        true
+    }
+
+    async fn admin_addrs(&self) -> Vec<SocketAddr> {
+        Vec::new()
+    }
+}
+
+/// Plenty of healthy traffic on both arms.
+struct Healthy;
+
+impl MetricSource for Healthy {
+    async fn window(&mut self, _: &Target, _: Duration) -> Result<Window, SourceError> {
+        let mut w = Window::default();
+        w.canary.requests = 1000;
+        w.primary.requests = 9000;
+        Ok(w)
+    }
+}
+
+fn workload(version: &str) -> Value {
+    json!({
+        "apiVersion": "workloads.mesh.dev/v1alpha1",
+        "kind": "Workload",
+        "metadata": {"name": "backend", "namespace": "default"},
+        "spec": {
+            "port": 9898,
+            "version": version,
+            "versions": {
+                "v1": {"command": ["mesh-demo-app", "--version", "v1"]},
+                "v2": {"command": ["mesh-demo-app", "--version", "v2"]},
+            },
+        },
+    })
+}
+
+fn canary(service_name: Option<&str>) -> Value {
+    json!({
+        "apiVersion": "rollouts.mesh.dev/v1alpha1",
+        "kind": "Canary",
+        "metadata": {"name": "backend", "namespace": "default"},
+        "spec": {
+            "targetRef": {"apiVersion": "workloads.mesh.dev/v1alpha1", "kind": "Workload", "name": "backend"},
+            "service": {"port": 9898, "timeout": "750ms", "name": service_name},
+            "analysis": {"interval": "1s", "threshold": 2, "stepWeight": 50, "maxWeight": 50},
+        },
+    })
+}
+
+fn key(kind: ResourceKind) -> ObjectKey {
+    ObjectKey::new(kind, "default", "backend")
+}
+
+fn stored<T: serde::de::DeserializeOwned>(store: &EmbeddedStore, kind: ResourceKind) -> T {
+    let v = store.get(&key(kind)).unwrap().expect("stored");
+    serde_json::from_value((*v).clone()).unwrap()
+}
+
+/// One reconcile turn of the stored Canary at `now`.
+async fn turn(
+    store: &EmbeddedStore,
+    driver: &mut EmbeddedDriver<EmbeddedStore, AlwaysReady>,
+    now: DateTime<Utc>,
+) -> Result<CanaryPhase, ReconcileError> {
+    let canary: Canary = stored(store, ResourceKind::Canary);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    reconcile_and_store(
+        &canary,
+        driver,
+        &mut Healthy,
+        &client,
+        &JudgeConfig::default(),
+        now,
+    )
+    .await
+    .map(|r| r.status.phase)
+}
+
+#[tokio::test]
+async fn the_embedded_driver_rolls_out_with_the_canary_timeout_on_its_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path(), 1000).unwrap();
+    store
+        .apply(vec![workload("v1"), canary(None)])
+        .await
+        .unwrap();
+    let mut driver = EmbeddedDriver::new(store.clone(), Arc::new(AlwaysReady));
+    let t0 = Utc::now();
+    let at = |secs: i64| t0 + chrono::Duration::seconds(secs);
+
+    // Initializing -> Initialized: the primary runs v1, all traffic on it.
+    let mut phase = CanaryPhase::Initializing;
+    for t in 0..5 {
+        phase = turn(&store, &mut driver, at(t)).await.unwrap();
+    }
+    assert_eq!(phase, CanaryPhase::Initialized);
+    let w: Workload = stored(&store, ResourceKind::Workload);
+    assert_eq!(w.status.unwrap().primary.as_deref(), Some("v1"));
+
+    // v2 is deployed: the canary arm runs it and takes its first step of traffic, through a
+    // route that carries the Canary's request timeout.
+    let w = workload("v2");
+    store.apply(vec![w]).await.unwrap();
+    let mut seen_split = false;
+    for t in 5..60 {
+        phase = turn(&store, &mut driver, at(t)).await.unwrap();
+        let route: HttpRoute = stored(&store, ResourceKind::HttpRoute);
+        if route_weights(&route) == Some((50, 50)) {
+            seen_split = true;
+            let rule = &route.spec.rules.as_ref().unwrap()[0];
+            let timeout = rule.timeouts.as_ref().and_then(|t| t.request.clone());
+            assert_eq!(
+                timeout.as_deref(),
+                Some("750ms"),
+                "spec.service.timeout reaches the route"
+            );
+            let w: Workload = stored(&store, ResourceKind::Workload);
+            assert_eq!(w.status.unwrap().canary.as_deref(), Some("v2"));
+        }
+        if phase == CanaryPhase::Succeeded {
+            break;
+        }
+    }
+    assert!(seen_split, "the canary never took traffic");
+    assert_eq!(phase, CanaryPhase::Succeeded);
+    let w: Workload = stored(&store, ResourceKind::Workload);
+    let status = w.status.unwrap();
+    assert_eq!(status.primary.as_deref(), Some("v2"), "promoted");
+    assert_eq!(status.canary, None, "the canary arm is scaled down");
+    let route: HttpRoute = stored(&store, ResourceKind::HttpRoute);
+    assert_eq!(route_weights(&route), Some((100, 0)));
+    let c: Canary = stored(&store, ResourceKind::Canary);
+    assert_eq!(
+        c.status.unwrap().phase,
+        CanaryPhase::Succeeded,
+        "the driver stored the status"
+    );
+}
+
+#[tokio::test]
+async fn a_canary_whose_service_is_not_its_workload_is_an_invalid_spec() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path(), 1000).unwrap();
+    store
+        .apply(vec![workload("v1"), canary(Some("other"))])
+        .await
+        .unwrap();
+    let mut driver = EmbeddedDriver::new(store.clone(), Arc::new(AlwaysReady));
+    let e = turn(&store, &mut driver, Utc::now()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidSpec);
+    assert!(e.to_string().contains("spec.service.name \"other\""), "{e}");
+}
+
+#[tokio::test]
+async fn a_missing_workload_is_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path(), 1000).unwrap();
+    store.apply(vec![canary(None)]).await.unwrap();
+    let mut driver = EmbeddedDriver::new(store.clone(), Arc::new(AlwaysReady));
+    let e = turn(&store, &mut driver, Utc::now()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert!(e.to_string().contains("no Workload \"backend\""), "{e}");
+}
