@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use mesh_crds::{Canary, CanaryPhase, validate::ResourceKind};
+use mesh_rollout_controller::owned::Names;
 use mesh_rollout_controller::scrape::{self, ArmCounters};
 use mesh_store::{ObjectKey, ResourceStore};
 use serde::Serialize;
@@ -279,8 +280,9 @@ async fn backend_counters(mesh: &Mesh, client: &reqwest::Client) -> (ArmCounters
         let Ok(samples) = scrape::parse(&text) else {
             continue;
         };
-        scrape::merge(&mut canary, &scrape::counters(&samples, "backend-canary"));
-        scrape::merge(&mut primary, &scrape::counters(&samples, "backend-primary"));
+        let names = Names::new(NAMESPACE, "backend", "backend");
+        scrape::merge(&mut canary, &scrape::counters(&samples, &names.service_canary));
+        scrape::merge(&mut primary, &scrape::counters(&samples, &names.service_primary));
     }
     (canary, primary)
 }

@@ -259,6 +259,12 @@ fn manifest_with(dir: &std::path::Path, version: &str) -> std::path::PathBuf {
             "    v3:\n      command: [mesh-demo-app, --version, v3, --latency-ms, \"5\", --latency-p99-ms, \"20\"]\n    v2:\n",
             1,
         );
+    // A request timeout on the Canary's service, which its route must carry.
+    let edited = edited.replacen(
+        "  service:\n    port: 9898\n",
+        "  service:\n    port: 9898\n    timeout: 5s\n",
+        1,
+    );
     assert!(
         edited.contains(
             "    v3:
@@ -268,6 +274,10 @@ fn manifest_with(dir: &std::path::Path, version: &str) -> std::path::PathBuf {
     );
     assert!(
         edited.contains("\"0.05\""),
+        "the example changed; update this test"
+    );
+    assert!(
+        edited.contains("    timeout: 5s\n"),
         "the example changed; update this test"
     );
     let path = dir.join(format!("mesh-{version}.yaml"));
@@ -447,6 +457,17 @@ async fn rollout_pause_resume_promote_abort_and_history() {
         phase(c) == "Progressing" && c["status"]["canaryWeight"].as_i64() >= Some(10)
     })
     .await;
+    // The route the rollout steps carries the Canary's request timeout (spec.service.timeout).
+    let route = mesh(&server, &["get", "httproute", "backend", "-o", "json"]);
+    let route: Value = serde_json::from_slice(&route.stdout).unwrap();
+    assert_eq!(
+        route["spec"]["rules"][0]["timeouts"]["request"], "5s",
+        "{route:#}"
+    );
+    assert!(
+        route["spec"]["rules"][0]["backendRefs"][1]["weight"].as_i64() >= Some(10),
+        "{route:#}"
+    );
     let paused = mesh(&server, &["rollout", "pause", "backend"]);
     assert!(
         paused.status.success(),
