@@ -86,11 +86,7 @@ async fn fetch(backend: &Backend, name: &str) -> anyhow::Result<Canary> {
 }
 
 /// Applies a JSON merge patch to the Canary's metadata/spec, never its status.
-async fn patch(
-    backend: &Backend,
-    name: &str,
-    patch: &serde_json::Value,
-) -> anyhow::Result<Canary> {
+async fn patch(backend: &Backend, name: &str, patch: &serde_json::Value) -> anyhow::Result<Canary> {
     let object = backend
         .merge_patch(ResourceKind::Canary, name, patch)
         .await

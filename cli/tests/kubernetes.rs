@@ -376,7 +376,11 @@ async fn resource_commands_apply_get_and_delete_in_the_cluster() {
     let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
 
     let manifest = write("canary.yaml", CANARY_AND_TEMPLATE);
-    let applied = mesh(&kube, &["apply", "-f", &manifest, "--kubeconfig", &kc], None);
+    let applied = mesh(
+        &kube,
+        &["apply", "-f", &manifest, "--kubeconfig", &kc],
+        None,
+    );
     assert!(applied.status.success(), "{}", text(&applied));
     assert!(
         stdout(&applied).contains("canary.rollouts.mesh.dev/web created"),
@@ -391,7 +395,11 @@ async fn resource_commands_apply_get_and_delete_in_the_cluster() {
     let stored = canaries.get("web").await.unwrap();
     assert_eq!(stored.spec.analysis.step_weight, Some(10));
     assert!(templates.get_opt("errors").await.unwrap().is_some());
-    let again = mesh(&kube, &["apply", "-f", &manifest, "--kubeconfig", &kc], None);
+    let again = mesh(
+        &kube,
+        &["apply", "-f", &manifest, "--kubeconfig", &kc],
+        None,
+    );
     assert!(
         stdout(&again).contains("canary.rollouts.mesh.dev/web unchanged"),
         "{}",
@@ -431,10 +439,12 @@ async fn resource_commands_apply_get_and_delete_in_the_cluster() {
         ),
         (
             "missing field",
-            CANARY_AND_TEMPLATE.replace("name: web", "name: bad").replace(
-                "  targetRef: {apiVersion: apps/v1, kind: Deployment, name: web}\n",
-                "",
-            ),
+            CANARY_AND_TEMPLATE
+                .replace(
+                    "  targetRef: {apiVersion: apps/v1, kind: Deployment, name: web}\n",
+                    "",
+                )
+                .replace("name: web", "name: bad"),
             "field spec.targetRef",
         ),
         (
@@ -450,7 +460,10 @@ async fn resource_commands_apply_get_and_delete_in_the_cluster() {
         let out = mesh(&kube, &["apply", "-f", &file, "--kubeconfig", &kc], None);
         assert!(!out.status.success(), "{what}: accepted");
         let err = stderr(&out);
-        assert!(err.contains(expected), "{what}: {err:?} does not name {expected:?}");
+        assert!(
+            err.contains(expected),
+            "{what}: {err:?} does not name {expected:?}"
+        );
         assert!(err.contains("manifest.yaml (document 2)"), "{what}: {err}");
         assert!(err.contains("nothing was applied"), "{what}: {err}");
         assert!(
@@ -475,7 +488,11 @@ async fn resource_commands_apply_get_and_delete_in_the_cluster() {
         text(&routes)
     );
 
-    let deleted = mesh(&kube, &["delete", "canary", "web", "--kubeconfig", &kc], None);
+    let deleted = mesh(
+        &kube,
+        &["delete", "canary", "web", "--kubeconfig", &kc],
+        None,
+    );
     assert!(deleted.status.success(), "{}", text(&deleted));
     assert!(
         stdout(&deleted).contains("canary.rollouts.mesh.dev \"web\" deleted"),

@@ -82,7 +82,11 @@ impl ResourceApi {
 
     /// Every object of `kind` in the namespace, as a `<Kind>List`.
     pub async fn list(&self, kind: ResourceKind) -> anyhow::Result<Value> {
-        answer(self.send(self.client.get(self.collection_url(kind))).await?).await
+        answer(
+            self.send(self.client.get(self.collection_url(kind)))
+                .await?,
+        )
+        .await
     }
 
     /// Deletes one object.

@@ -22,7 +22,8 @@ use super::{Applied, ApplyError, Refused};
 /// The field manager of `mesh apply`'s server-side applies.
 const FIELD_MANAGER: &str = "mesh";
 
-/// What the apiserver says when it serves no such resource (its CRD is not installed).
+/// What the apiserver says when it serves the group but no such resource. For a group it does
+/// not serve at all it answers a plain-text `404 page not found`, which is no `NotFound` Status.
 const NOT_SERVED: &str = "the server could not find the requested resource";
 
 /// Why `Workload` is refused in a cluster.
@@ -75,7 +76,7 @@ impl Cluster {
 
     fn api(&self, kind: ResourceKind, namespace: &str) -> anyhow::Result<Api<DynamicObject>> {
         if kind == ResourceKind::Workload {
-            anyhow::bail!("{NO_WORKLOADS}; use `kubectl get deployments` instead");
+            anyhow::bail!("{NO_WORKLOADS}");
         }
         Ok(Api::namespaced_with(
             self.client.clone(),
@@ -88,7 +89,10 @@ impl Cluster {
     /// does not serve by name, anything else as the cluster being out of reach.
     fn error(&self, kind: ResourceKind, e: kube::Error) -> anyhow::Error {
         match e {
-            kube::Error::Api(status) if status.code == 404 && status.message == NOT_SERVED => {
+            kube::Error::Api(status)
+                if status.code == 404
+                    && (status.message == NOT_SERVED || status.reason != "NotFound") =>
+            {
                 anyhow!(
                     "the cluster does not serve {}.{}: install the mesh's CRDs first (`mesh \
                      install --crds | kubectl apply -f -`)",
@@ -194,7 +198,12 @@ impl Cluster {
         kind: ResourceKind,
         object: &Value,
     ) -> Result<Applied, (Option<String>, anyhow::Error)> {
-        let field = |f: &str| object.pointer(f).and_then(Value::as_str).unwrap_or_default();
+        let field = |f: &str| {
+            object
+                .pointer(f)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+        };
         let (namespace, name) = (field("/metadata/namespace"), field("/metadata/name"));
         let api = self.api(kind, namespace).map_err(|e| (None, e))?;
         let before = api
