@@ -1,6 +1,9 @@
 //! `mesh`: the command-line tool users drive the mesh with. Resource commands (`apply`, `get`,
-//! `delete`) talk to the control plane's resource API the way kubectl talks to an API server.
+//! `delete`) and `mesh rollout` work the way kubectl does, through one backend: the embedded
+//! control plane's resource API, or a Kubernetes cluster with `--kube`, `--kubeconfig` or
+//! `--context`.
 
+mod backend;
 mod demo;
 mod embedded;
 mod k8s;
@@ -36,7 +39,7 @@ enum Command {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<std::path::PathBuf>,
         #[command(flatten)]
-        conn: resources::Conn,
+        at: backend::Where,
     },
     /// Show resources: a table, or whole objects with -o yaml|json.
     Get {
@@ -48,7 +51,7 @@ enum Command {
         #[arg(short = 'o', long, value_enum)]
         output: Option<resources::Output>,
         #[command(flatten)]
-        conn: resources::Conn,
+        at: backend::Where,
     },
     /// Render everything a Kubernetes cluster needs, for `| kubectl apply -f -`.
     Install(k8s::install::InstallArgs),
@@ -63,7 +66,7 @@ enum Command {
         /// The resource.
         name: String,
         #[command(flatten)]
-        conn: resources::Conn,
+        at: backend::Where,
     },
 }
 
@@ -78,15 +81,15 @@ fn main() -> ExitCode {
         Command::Install(args) => k8s::install(&args),
         Command::Check(args) => k8s::check(&args),
         Command::Inject(args) => k8s::inject(&args),
-        Command::Apply { files, conn } => resources::run(&conn, resources::Action::Apply(files)),
+        Command::Apply { files, at } => resources::run(&at, resources::Action::Apply(files)),
         Command::Get {
             kind,
             name,
             output,
-            conn,
-        } => resources::run(&conn, resources::Action::Get { kind, name, output }),
-        Command::Delete { kind, name, conn } => {
-            resources::run(&conn, resources::Action::Delete { kind, name })
+            at,
+        } => resources::run(&at, resources::Action::Get { kind, name, output }),
+        Command::Delete { kind, name, at } => {
+            resources::run(&at, resources::Action::Delete { kind, name })
         }
     }
 }
@@ -154,10 +157,10 @@ mod tests {
             Cli::try_parse_from(["mesh", "get", "canaries", "-n", "shop", "-o", "yaml"]).unwrap();
         match cli.command {
             Command::Get {
-                kind, output, conn, ..
+                kind, output, at, ..
             } => {
                 assert_eq!(kind, "canaries");
-                assert_eq!(conn.namespace, "shop");
+                assert_eq!(at.conn.namespace, "shop");
                 assert!(matches!(output, Some(resources::Output::Yaml)));
             }
             other => panic!("parsed as {other:?}"),
@@ -168,5 +171,24 @@ mod tests {
         );
         let cli = Cli::try_parse_from(["mesh", "apply", "-f", "a.yaml", "-f", "dir"]).unwrap();
         assert!(matches!(cli.command, Command::Apply { files, .. } if files.len() == 2));
+    }
+
+    #[test]
+    fn resource_commands_select_a_cluster_like_rollout_does() {
+        let at = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Apply { at, .. } | Command::Get { at, .. } | Command::Delete { at, .. } => at,
+            other => panic!("parsed as {other:?}"),
+        };
+        assert!(!at(&["mesh", "get", "canaries"]).is_cluster());
+        assert!(at(&["mesh", "get", "canaries", "--kube"]).is_cluster());
+        assert!(at(&["mesh", "apply", "-f", "a.yaml", "--kubeconfig", "kc"]).is_cluster());
+        assert!(at(&["mesh", "delete", "canary", "web", "--context", "prod"]).is_cluster());
+        match Cli::try_parse_from(["mesh", "rollout", "status", "web", "--kube"])
+            .unwrap()
+            .command
+        {
+            Command::Rollout(rollout::Command::Status(args)) => assert!(args.at.is_cluster()),
+            other => panic!("parsed as {other:?}"),
+        }
     }
 }

@@ -1,31 +1,23 @@
-//! `mesh apply`, `mesh get` and `mesh delete`: kubectl-style commands against the control
-//! plane's resource API.
+//! `mesh apply`, `mesh get` and `mesh delete`: kubectl-style commands against the embedded
+//! control plane's resource API or, with `--kube`, `--kubeconfig` or `--context`, a Kubernetes
+//! cluster (see [`crate::backend`]).
 //!
 //! Files are parsed here, so a malformed YAML document is reported with its file and line before
 //! anything is sent; everything else (types, required fields, rules such as `stepWeight <=
-//! maxWeight`) is checked by the control plane, which rejects the whole batch and names the
-//! field at fault. The error is mapped back to the file and document it came from.
+//! maxWeight`) is checked with `mesh_crds::validate`: by the embedded control plane, or here
+//! before anything reaches a cluster. A refused batch writes nothing, and the error names the
+//! file, the document and the field at fault.
 
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,
-    time::Duration,
 };
 
 use anyhow::{Context, anyhow, bail};
 use mesh_crds::validate::ResourceKind;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-/// Where the control plane is and which namespace to work in.
-#[derive(clap::Args, Debug, Clone)]
-pub struct Conn {
-    /// The control plane's resource API.
-    #[arg(long, env = "MESH_SERVER", default_value = "http://127.0.0.1:4180")]
-    pub server: String,
-    /// Namespace of the resources.
-    #[arg(short = 'n', long, default_value = "default")]
-    pub namespace: String,
-}
+use crate::backend::{Applied, ApplyError, Backend, Where};
 
 /// Output formats of `mesh get`.
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -60,41 +52,21 @@ pub enum Action {
 }
 
 /// Runs a resource command, printing its result or its error.
-pub fn run(conn: &Conn, action: Action) -> ExitCode {
-    crate::block_on(false, execute(conn, action)).map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
+pub fn run(at: &Where, action: Action) -> ExitCode {
+    crate::block_on(false, execute(at, action)).map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
 }
 
-fn client() -> anyhow::Result<reqwest::Client> {
-    // One crypto stack in the workspace: rustls with ring, installed before the first client.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .context("building the HTTP client")
-}
-
-async fn execute(conn: &Conn, action: Action) -> anyhow::Result<()> {
-    let client = client()?;
-    let server = conn.server.trim_end_matches('/');
+async fn execute(at: &Where, action: Action) -> anyhow::Result<()> {
+    // A mistyped kind is reported before any connection is made.
     match action {
-        Action::Apply(paths) => apply(&client, server, &conn.namespace, &paths).await,
+        Action::Apply(paths) => apply(&Backend::connect(at).await?, &paths).await,
         Action::Get { kind, name, output } => {
             let kind = parse_kind(&kind)?;
-            get(
-                &client,
-                server,
-                &conn.namespace,
-                kind,
-                name.as_deref(),
-                output,
-            )
-            .await
+            get(&Backend::connect(at).await?, kind, name.as_deref(), output).await
         }
         Action::Delete { kind, name } => {
             let kind = parse_kind(&kind)?;
-            let url = object_url(server, kind, &conn.namespace, &name);
-            let resp = send(client.delete(&url), server).await?;
-            check(resp).await?;
+            Backend::connect(at).await?.delete(kind, &name).await?;
             print_out(&format!(
                 "{}.{} \"{name}\" deleted",
                 kind.kind().to_ascii_lowercase(),
@@ -118,53 +90,6 @@ fn parse_kind(kind: &str) -> anyhow::Result<ResourceKind> {
         )
     })
 }
-
-fn collection_url(server: &str, kind: ResourceKind, namespace: &str) -> String {
-    format!(
-        "{server}/apis/{}/{}/namespaces/{namespace}/{}",
-        kind.group(),
-        kind.version(),
-        kind.plural()
-    )
-}
-
-fn object_url(server: &str, kind: ResourceKind, namespace: &str, name: &str) -> String {
-    format!("{}/{name}", collection_url(server, kind, namespace))
-}
-
-async fn send(req: reqwest::RequestBuilder, server: &str) -> anyhow::Result<reqwest::Response> {
-    req.send().await.with_context(|| {
-        format!("cannot reach the control plane at {server} (set --server or MESH_SERVER)")
-    })
-}
-
-/// The response's JSON when it succeeded; its `Status` message as the error otherwise.
-async fn check(resp: reqwest::Response) -> anyhow::Result<Value> {
-    let status = resp.status();
-    let body: Value = resp
-        .json()
-        .await
-        .with_context(|| format!("reading the control plane's answer ({status})"))?;
-    if status.is_success() {
-        Ok(body)
-    } else {
-        Err(ServerError(body).into())
-    }
-}
-
-/// A `Status` the control plane answered with.
-#[derive(Debug)]
-struct ServerError(Value);
-
-impl std::fmt::Display for ServerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let reason = self.0["reason"].as_str().unwrap_or("Error");
-        let message = self.0["message"].as_str().unwrap_or("(no message)");
-        write!(f, "from server ({reason}): {message}")
-    }
-}
-
-impl std::error::Error for ServerError {}
 
 /// One document to apply and where it came from.
 struct Source {
@@ -209,12 +134,24 @@ pub(crate) fn read_documents(file: &Path) -> anyhow::Result<Vec<Value>> {
     Ok(docs)
 }
 
-async fn apply(
-    client: &reqwest::Client,
-    server: &str,
-    namespace: &str,
-    paths: &[PathBuf],
-) -> anyhow::Result<()> {
+/// `<kind>.<group>/<name> created|configured|unchanged`, as kubectl prints it.
+fn print_applied(applied: &[Applied]) {
+    for a in applied {
+        let kind = a.object["kind"].as_str().unwrap_or_default();
+        let group = a.object["apiVersion"]
+            .as_str()
+            .and_then(|v| v.split_once('/'))
+            .map_or("", |(g, _)| g);
+        print_out(&format!(
+            "{}.{group}/{} {}",
+            kind.to_ascii_lowercase(),
+            a.object["metadata"]["name"].as_str().unwrap_or_default(),
+            a.action
+        ));
+    }
+}
+
+async fn apply(backend: &Backend, paths: &[PathBuf]) -> anyhow::Result<()> {
     let mut items = Vec::new();
     let mut sources = Vec::new();
     for path in paths {
@@ -231,69 +168,48 @@ async fn apply(
     if items.is_empty() {
         bail!("no objects to apply in {paths:?}");
     }
-    let body = json!({"apiVersion": "v1", "kind": "List", "items": items});
-    let resp = send(
-        client
-            .post(format!("{server}/apply"))
-            .query(&[("namespace", namespace)])
-            .json(&body),
-        server,
-    )
-    .await?;
-    let result = match check(resp).await {
-        Ok(v) => v,
-        Err(e) => {
-            // Point at the file and document the control plane rejected.
-            if let Some(ServerError(status)) = e.downcast_ref::<ServerError>()
-                && let Some(index) = status["details"]["index"].as_u64()
-                && let Some(source) = usize::try_from(index).ok().and_then(|i| sources.get(i))
-            {
-                let field = status["details"]["causes"][0]["field"].as_str();
-                let message = status["message"].as_str().unwrap_or_default();
-                let message = message
-                    .split_once(": ")
-                    .filter(|(head, _)| head.starts_with("document "))
-                    .map_or(message, |(_, rest)| rest);
-                bail!(
-                    "{} (document {}): {}{message}\nnothing was applied",
+    match backend.apply(items).await {
+        Ok(applied) => {
+            print_applied(&applied);
+            Ok(())
+        }
+        // Point at the file and document that was refused.
+        Err(ApplyError::Document {
+            index,
+            field,
+            message,
+            applied,
+        }) => {
+            print_applied(&applied);
+            let outcome = if applied.is_empty() {
+                "nothing was applied"
+            } else {
+                "the objects above were applied; nothing after them"
+            };
+            let field = field.map(|f| format!("field {f}: ")).unwrap_or_default();
+            match sources.get(index) {
+                Some(source) => bail!(
+                    "{} (document {}): {field}{message}\n{outcome}",
                     source.file.display(),
                     source.document,
-                    field.map(|f| format!("field {f}: ")).unwrap_or_default(),
-                );
+                ),
+                None => bail!("document {index}: {field}{message}\n{outcome}"),
             }
-            return Err(e.context("nothing was applied"));
         }
-    };
-    for item in result["items"].as_array().into_iter().flatten() {
-        let object = &item["object"];
-        let kind = object["kind"].as_str().unwrap_or_default();
-        let group = object["apiVersion"]
-            .as_str()
-            .and_then(|v| v.split_once('/'))
-            .map_or("", |(g, _)| g);
-        print_out(&format!(
-            "{}.{group}/{} {}",
-            kind.to_ascii_lowercase(),
-            object["metadata"]["name"].as_str().unwrap_or_default(),
-            item["action"].as_str().unwrap_or_default()
-        ));
+        Err(ApplyError::Request(e)) => Err(e.context("nothing was applied")),
     }
-    Ok(())
 }
 
 async fn get(
-    client: &reqwest::Client,
-    server: &str,
-    namespace: &str,
+    backend: &Backend,
     kind: ResourceKind,
     name: Option<&str>,
     output: Option<Output>,
 ) -> anyhow::Result<()> {
-    let url = match name {
-        Some(name) => object_url(server, kind, namespace, name),
-        None => collection_url(server, kind, namespace),
+    let body = match name {
+        Some(name) => backend.get(kind, name).await?,
+        None => backend.list(kind).await?,
     };
-    let body = check(send(client.get(&url), server).await?).await?;
     match output {
         Some(Output::Json) => print_out(&serde_json::to_string_pretty(&body)?),
         Some(Output::Yaml) => print_out(serde_yaml::to_string(&body)?.trim_end()),
@@ -305,7 +221,7 @@ async fn get(
             if items.is_empty() {
                 #[allow(clippy::print_stderr, reason = "kubectl says this on stderr too")]
                 {
-                    eprintln!("No resources found in {namespace} namespace.");
+                    eprintln!("No resources found in {} namespace.", backend.namespace());
                 }
                 return Ok(());
             }
@@ -497,6 +413,8 @@ fn table(kind: ResourceKind, items: &[Value], now: chrono::DateTime<chrono::Utc>
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]

@@ -20,10 +20,11 @@ use anyhow::Context;
 use mesh_crds::{
     Canary, CanaryPhase,
     canary::{GateResult, Verdict},
+    validate::ResourceKind,
 };
 use serde_json::json;
 
-use crate::resources::Conn;
+use crate::backend::{Backend, Refused, Where};
 
 /// Exit code: the rollout succeeded.
 pub const EXIT_SUCCEEDED: u8 = 0;
@@ -63,116 +64,34 @@ pub struct StatusArgs {
     pub at: Where,
 }
 
-/// Where the Canary lives: the embedded control plane (`--server`, the default), or a
-/// Kubernetes cluster (`--kube`, `--kubeconfig` or `--context`).
-#[derive(clap::Args, Debug, Clone)]
-pub struct Where {
-    #[command(flatten)]
-    pub conn: Conn,
-    /// Read the Canary from the Kubernetes cluster of the current kubeconfig context.
-    #[arg(long)]
-    pub kube: bool,
-    #[command(flatten)]
-    pub k8s: crate::k8s::KubeArgs,
-}
-
-/// A Canary store the commands read and change.
-enum Backend {
-    Embedded {
-        client: reqwest::Client,
-        conn: Conn,
-    },
-    Kube {
-        api: kube::Api<Canary>,
-        namespace: String,
-    },
-}
-
-impl Where {
-    async fn backend(&self) -> anyhow::Result<Backend> {
-        if self.kube || self.k8s.kubeconfig.is_some() || self.k8s.context.is_some() {
-            let client = self.k8s.client().await?;
-            Ok(Backend::Kube {
-                api: kube::Api::namespaced(client, &self.conn.namespace),
-                namespace: self.conn.namespace.clone(),
-            })
-        } else {
-            Ok(Backend::Embedded {
-                client: reqwest::Client::new(),
-                conn: self.conn.clone(),
-            })
-        }
+/// A missing Canary said plainly, with the namespace it was looked for in.
+fn name_missing(backend: &Backend, name: &str, e: anyhow::Error) -> anyhow::Error {
+    if Refused::is_not_found(&e) {
+        anyhow::anyhow!(
+            "canary {name:?} not found in namespace {:?}",
+            backend.namespace()
+        )
+    } else {
+        e
     }
 }
 
-impl Backend {
-    async fn fetch(&self, name: &str) -> anyhow::Result<Canary> {
-        match self {
-            Self::Embedded { client, conn } => {
-                let v = fetch_value(client, conn, name).await?;
-                serde_json::from_value(v).context("reading the Canary")
-            }
-            Self::Kube { api, namespace } => api
-                .get_opt(name)
-                .await
-                .with_context(|| format!("reading canary {name:?} from the cluster"))?
-                .ok_or_else(|| {
-                    anyhow::anyhow!("canary {name:?} not found in namespace {namespace:?}")
-                }),
-        }
-    }
-
-    /// Applies a JSON merge patch to the Canary's metadata/spec, never its status.
-    async fn patch(&self, name: &str, patch: &serde_json::Value) -> anyhow::Result<Canary> {
-        match self {
-            Self::Embedded { conn, .. } => {
-                edit_canary(conn, name, |_, v| {
-                    merge(v, patch);
-                    Ok(())
-                })
-                .await
-            }
-            Self::Kube { api, .. } => api
-                .patch(
-                    name,
-                    &kube::api::PatchParams::default(),
-                    &kube::api::Patch::Merge(patch),
-                )
-                .await
-                .with_context(|| format!("changing canary {name:?} in the cluster")),
-        }
-    }
-
-    /// The revision the target asks for: an embedded Workload's, or in a cluster the hash
-    /// of the target Deployment's pod template, as the Kubernetes driver computes it.
-    async fn target_revision(&self, c: &Canary) -> Option<String> {
-        match self {
-            Self::Embedded { client, conn } => target_revision(client, conn, c).await,
-            Self::Kube { api, namespace } => {
-                let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
-                    kube::Api::namespaced(api.clone().into_client(), namespace);
-                let d = deployments.get_opt(&c.spec.target_ref.name).await.ok()??;
-                let template = d.spec?.template;
-                Some(mesh_rollout_controller::kubernetes::driver::template_revision(&template))
-            }
-        }
-    }
+/// The Canary `name` as stored.
+async fn fetch(backend: &Backend, name: &str) -> anyhow::Result<Canary> {
+    let object = backend
+        .get(ResourceKind::Canary, name)
+        .await
+        .map_err(|e| name_missing(backend, name, e))?;
+    serde_json::from_value(object).context("reading the Canary")
 }
 
-/// RFC 7386 JSON merge patch.
-fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
-    match (target, patch) {
-        (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
-                }
-            }
-        }
-        (t, p) => *t = p.clone(),
-    }
+/// Applies a JSON merge patch to the Canary's metadata/spec, never its status.
+async fn patch(backend: &Backend, name: &str, patch: &serde_json::Value) -> anyhow::Result<Canary> {
+    let object = backend
+        .merge_patch(ResourceKind::Canary, name, patch)
+        .await
+        .map_err(|e| name_missing(backend, name, e))?;
+    serde_json::from_value(object).context("reading the updated Canary")
 }
 
 /// Flags of the commands that act on one Canary.
@@ -412,73 +331,6 @@ pub fn run(command: Command) -> ExitCode {
     code.map_or(ExitCode::from(4), ExitCode::from)
 }
 
-fn canary_url(conn: &Conn, name: &str) -> String {
-    format!(
-        "{}/apis/rollouts.mesh.dev/v1alpha1/namespaces/{}/canaries/{name}",
-        conn.server.trim_end_matches('/'),
-        conn.namespace,
-    )
-}
-
-/// The Canary as stored, as JSON.
-async fn fetch_value(
-    client: &reqwest::Client,
-    conn: &Conn,
-    name: &str,
-) -> anyhow::Result<serde_json::Value> {
-    let rsp = client
-        .get(canary_url(conn, name))
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the control plane at {}", conn.server))?;
-    if rsp.status() == reqwest::StatusCode::NOT_FOUND {
-        anyhow::bail!(
-            "canary {name:?} not found in namespace {:?}",
-            conn.namespace
-        );
-    }
-    let rsp = rsp.error_for_status()?;
-    rsp.json().await.context("reading the Canary")
-}
-
-/// Changes the stored Canary with `edit` (which sees the typed Canary and edits its JSON),
-/// leaving the status alone. The write names the resourceVersion it read, so a concurrent
-/// change (the controller writes status every tick) makes it start over instead of losing one.
-async fn edit_canary(
-    conn: &Conn,
-    name: &str,
-    mut edit: impl FnMut(&Canary, &mut serde_json::Value) -> anyhow::Result<()>,
-) -> anyhow::Result<Canary> {
-    let client = reqwest::Client::new();
-    for _ in 0..10 {
-        let mut v = fetch_value(&client, conn, name).await?;
-        let typed: Canary = serde_json::from_value(v.clone()).context("reading the Canary")?;
-        edit(&typed, &mut v)?;
-        if let Some(o) = v.as_object_mut() {
-            o.remove("status");
-        }
-        let rsp = client
-            .put(canary_url(conn, name))
-            .json(&v)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the control plane at {}", conn.server))?;
-        if rsp.status() == reqwest::StatusCode::CONFLICT {
-            continue;
-        }
-        if !rsp.status().is_success() {
-            let code = rsp.status();
-            let body: serde_json::Value = rsp.json().await.unwrap_or_default();
-            let message = body["message"].as_str().unwrap_or("no message").to_string();
-            anyhow::bail!("the control plane refused the change ({code}): {message}");
-        }
-        return rsp.json().await.context("reading the updated Canary");
-    }
-    anyhow::bail!("canary {name:?} kept changing under us; try again")
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Request {
     Promote,
@@ -489,8 +341,8 @@ enum Request {
 /// controller carries it out on its next tick.
 #[allow(clippy::print_stdout, reason = "the confirmation is the output")]
 async fn request(args: NameArgs, what: Request) -> anyhow::Result<u8> {
-    let backend = args.at.backend().await?;
-    let c = backend.fetch(&args.name).await?;
+    let backend = Backend::connect(&args.at).await?;
+    let c = fetch(&backend, &args.name).await?;
     let phase = c.status.as_ref().map(|s| s.phase).unwrap_or_default();
     let revision = match backend.target_revision(&c).await {
         Some(r) => r,
@@ -526,12 +378,12 @@ async fn request(args: NameArgs, what: Request) -> anyhow::Result<u8> {
             args.name
         );
     }
-    backend
-        .patch(
-            &args.name,
-            &json!({"metadata": {"annotations": {key: revision}}}),
-        )
-        .await?;
+    patch(
+        &backend,
+        &args.name,
+        &json!({"metadata": {"annotations": {key: revision}}}),
+    )
+    .await?;
     println!(
         "canary {} : {verb} of revision {revision} requested; follow it with `mesh rollout status {} --watch`",
         args.name, args.name
@@ -542,10 +394,8 @@ async fn request(args: NameArgs, what: Request) -> anyhow::Result<u8> {
 /// `mesh rollout pause|resume`.
 #[allow(clippy::print_stdout, reason = "the confirmation is the output")]
 async fn suspend(args: NameArgs, on: bool) -> anyhow::Result<u8> {
-    let backend = args.at.backend().await?;
-    let c = backend
-        .patch(&args.name, &json!({"spec": {"suspend": on}}))
-        .await?;
+    let backend = Backend::connect(&args.at).await?;
+    let c = patch(&backend, &args.name, &json!({"spec": {"suspend": on}})).await?;
     let phase = c.status.as_ref().map(|s| s.phase).unwrap_or_default();
     if on {
         println!(
@@ -561,7 +411,7 @@ async fn suspend(args: NameArgs, on: bool) -> anyhow::Result<u8> {
 /// `mesh rollout history`.
 #[allow(clippy::print_stdout, reason = "the history is the output")]
 async fn history(args: HistoryArgs) -> anyhow::Result<u8> {
-    let c = args.at.backend().await?.fetch(&args.name).await?;
+    let c = fetch(&Backend::connect(&args.at).await?, &args.name).await?;
     let h = c.status.map(|s| s.history).unwrap_or_default();
     if args.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&h)?);
@@ -584,35 +434,15 @@ async fn history(args: HistoryArgs) -> anyhow::Result<u8> {
     Ok(EXIT_SUCCEEDED)
 }
 
-/// The revision the Canary's target asks for, when the target is an embedded Workload; a
-/// rollout whose status has not caught up with it yet is still in progress, however its phase
-/// reads (right after `mesh apply`, the controller has not seen the new version yet).
-async fn target_revision(client: &reqwest::Client, conn: &Conn, c: &Canary) -> Option<String> {
-    let url = format!(
-        "{}/apis/workloads.mesh.dev/v1alpha1/namespaces/{}/workloads/{}",
-        conn.server.trim_end_matches('/'),
-        conn.namespace,
-        c.spec.target_ref.name
-    );
-    let rsp = client
-        .get(&url)
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .ok()?;
-    let w: mesh_crds::Workload = rsp.error_for_status().ok()?.json().await.ok()?;
-    w.spec.revision()
-}
-
 #[allow(clippy::print_stdout, reason = "the report is the output")]
 async fn status(args: StatusArgs) -> anyhow::Result<u8> {
     let timeout = mesh_core::duration::parse(&args.timeout)
         .map_err(|e| anyhow::anyhow!("--timeout {:?}: {e}", args.timeout))?;
-    let backend = args.at.backend().await?;
+    let backend = Backend::connect(&args.at).await?;
     let started = Instant::now();
     let mut last = String::new();
     let (canary, code) = loop {
-        let c = backend.fetch(&args.name).await?;
+        let c = fetch(&backend, &args.name).await?;
         let wanted = backend.target_revision(&c).await;
         let applied = c.status.as_ref().and_then(|s| s.last_applied_spec.clone());
         let caught_up = wanted.is_none() || wanted == applied;

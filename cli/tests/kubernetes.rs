@@ -1,5 +1,6 @@
-//! `mesh check`, `mesh install` and `mesh inject` against a real kube-apiserver + etcd. There
-//! is no kubelet: the test marks the mesh's Deployments available itself, as a node would.
+//! `mesh check`, `mesh install`, `mesh inject`, `mesh rollout` and `mesh apply/get/delete`
+//! against a real kube-apiserver + etcd. There is no kubelet: the test marks the mesh's
+//! Deployments available itself, as a node would.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::{Command, Output, Stdio};
@@ -328,4 +329,185 @@ async fn rollout_commands_read_and_steer_a_canary_in_the_cluster() {
         .unwrap();
     let stale = mesh(&kube, &["rollout", "status", "web", "--kube"], None);
     assert_eq!(stale.status.code(), Some(2), "{}", text(&stale));
+}
+
+const CANARY_AND_TEMPLATE: &str = "apiVersion: rollouts.mesh.dev/v1alpha1
+kind: Canary
+metadata:
+  name: web
+spec:
+  targetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+  service: {port: 80}
+  analysis:
+    interval: 30s
+    threshold: 5
+    maxWeight: 50
+    stepWeight: 10
+    metrics:
+      - name: error-budget
+        templateRef: {name: errors}
+        thresholdRange: {max: 1}
+---
+apiVersion: rollouts.mesh.dev/v1alpha1
+kind: MetricTemplate
+metadata:
+  name: errors
+spec:
+  provider: {type: prometheus, address: \"http://prometheus:9090\"}
+  query: sum(rate(response_total{classification=\"failure\"}[{{ interval }}]))
+";
+
+#[tokio::test]
+async fn resource_commands_apply_get_and_delete_in_the_cluster() {
+    use mesh_crds::{Canary, MetricTemplate};
+    let kube = KubeApiServer::start()
+        .await
+        .expect("start etcd + kube-apiserver");
+    let kc = kube.kubeconfig().to_str().unwrap().to_string();
+    let canaries: Api<Canary> = Api::namespaced(kube.client(), "default");
+    let templates: Api<MetricTemplate> = Api::namespaced(kube.client(), "default");
+    let files = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = files.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let stdout = |o: &Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    let manifest = write("canary.yaml", CANARY_AND_TEMPLATE);
+    let applied = mesh(
+        &kube,
+        &["apply", "-f", &manifest, "--kubeconfig", &kc],
+        None,
+    );
+    assert!(applied.status.success(), "{}", text(&applied));
+    assert!(
+        stdout(&applied).contains("canary.rollouts.mesh.dev/web created"),
+        "{}",
+        text(&applied)
+    );
+    assert!(
+        stdout(&applied).contains("metrictemplate.rollouts.mesh.dev/errors created"),
+        "{}",
+        text(&applied)
+    );
+    let stored = canaries.get("web").await.unwrap();
+    assert_eq!(stored.spec.analysis.step_weight, Some(10));
+    assert!(templates.get_opt("errors").await.unwrap().is_some());
+    let again = mesh(
+        &kube,
+        &["apply", "-f", &manifest, "--kubeconfig", &kc],
+        None,
+    );
+    assert!(
+        stdout(&again).contains("canary.rollouts.mesh.dev/web unchanged"),
+        "{}",
+        text(&again)
+    );
+
+    let table = mesh(&kube, &["get", "canaries", "--kubeconfig", &kc], None);
+    assert!(table.status.success(), "{}", text(&table));
+    let table = stdout(&table);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(table.lines().nth(1).unwrap().starts_with("web "), "{table}");
+    let yaml = mesh(
+        &kube,
+        &["get", "canary", "web", "-o", "yaml", "--kubeconfig", &kc],
+        None,
+    );
+    assert!(yaml.status.success(), "{}", text(&yaml));
+    let object: Value = serde_yaml::from_slice(&yaml.stdout).unwrap();
+    assert_eq!(object["kind"], "Canary");
+    assert_eq!(object["apiVersion"], "rollouts.mesh.dev/v1alpha1");
+    assert_eq!(object["metadata"]["name"], "web");
+    assert_eq!(object["metadata"]["namespace"], "default");
+    assert_eq!(object["spec"]["analysis"]["stepWeight"], 10);
+    assert!(object["metadata"]["managedFields"].is_null(), "{object}");
+
+    // Refused here, with the embedded mesh's field-level error, before anything is written:
+    // the valid first document is not stored either.
+    let good = "apiVersion: rollouts.mesh.dev/v1alpha1\nkind: MetricTemplate\nmetadata: {name: good}\n\
+                spec: {provider: {type: prometheus, address: \"http://prometheus:9090\"}, query: up}\n";
+    let cases = [
+        (
+            "stepWeight above maxWeight",
+            CANARY_AND_TEMPLATE
+                .replace("name: web", "name: bad")
+                .replace("stepWeight: 10", "stepWeight: 60"),
+            "field spec.analysis.stepWeight",
+        ),
+        (
+            "missing field",
+            CANARY_AND_TEMPLATE
+                .replace(
+                    "  targetRef: {apiVersion: apps/v1, kind: Deployment, name: web}\n",
+                    "",
+                )
+                .replace("name: web", "name: bad"),
+            "field spec.targetRef",
+        ),
+        (
+            "embedded-only kind",
+            "apiVersion: workloads.mesh.dev/v1alpha1\nkind: Workload\nmetadata: {name: bad}\n\
+             spec: {command: [app]}\n"
+                .to_string(),
+            "field kind: Workload exists only in the embedded mesh",
+        ),
+    ];
+    for (what, doc, expected) in cases {
+        let file = write("manifest.yaml", &format!("{good}---\n{doc}"));
+        let out = mesh(&kube, &["apply", "-f", &file, "--kubeconfig", &kc], None);
+        assert!(!out.status.success(), "{what}: accepted");
+        let err = stderr(&out);
+        assert!(
+            err.contains(expected),
+            "{what}: {err:?} does not name {expected:?}"
+        );
+        assert!(err.contains("manifest.yaml (document 2)"), "{what}: {err}");
+        assert!(err.contains("nothing was applied"), "{what}: {err}");
+        assert!(
+            templates.get_opt("good").await.unwrap().is_none(),
+            "{what}: something was stored"
+        );
+        assert!(canaries.get_opt("bad").await.unwrap().is_none(), "{what}");
+    }
+    let workloads = mesh(&kube, &["get", "workloads", "--kubeconfig", &kc], None);
+    assert!(!workloads.status.success());
+    assert!(
+        stderr(&workloads).contains("Workload exists only in the embedded mesh"),
+        "{}",
+        text(&workloads)
+    );
+    // The harness installs the mesh's CRDs but not Gateway API's.
+    let routes = mesh(&kube, &["get", "httproutes", "--kubeconfig", &kc], None);
+    assert!(!routes.status.success());
+    assert!(
+        stderr(&routes).contains("does not serve httproutes.gateway.networking.k8s.io"),
+        "{}",
+        text(&routes)
+    );
+
+    let deleted = mesh(
+        &kube,
+        &["delete", "canary", "web", "--kubeconfig", &kc],
+        None,
+    );
+    assert!(deleted.status.success(), "{}", text(&deleted));
+    assert!(
+        stdout(&deleted).contains("canary.rollouts.mesh.dev \"web\" deleted"),
+        "{}",
+        text(&deleted)
+    );
+    assert!(canaries.get_opt("web").await.unwrap().is_none());
+    let gone = mesh(&kube, &["get", "canary", "web", "--kubeconfig", &kc], None);
+    assert!(!gone.status.success());
+    assert!(stderr(&gone).contains("NotFound"), "{}", text(&gone));
+    let none = mesh(&kube, &["get", "canaries", "--kubeconfig", &kc], None);
+    assert!(none.status.success(), "{}", text(&none));
+    assert!(
+        stderr(&none).contains("No resources found in default namespace."),
+        "{}",
+        text(&none)
+    );
 }

@@ -22,6 +22,11 @@ pub struct KubeArgs {
 impl KubeArgs {
     /// A client for the selected cluster and context.
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        Ok(kube::Client::try_from(self.config().await?)?)
+    }
+
+    /// The connection settings of the selected cluster and context.
+    pub async fn config(&self) -> anyhow::Result<kube::Config> {
         let options = kube::config::KubeConfigOptions {
             context: self.context.clone(),
             ..Default::default()
@@ -37,7 +42,7 @@ impl KubeArgs {
                 .await
                 .context("finding a kubeconfig")?,
         };
-        Ok(kube::Client::try_from(config)?)
+        Ok(config)
     }
 }
 
