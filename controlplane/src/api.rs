@@ -24,9 +24,10 @@ use serde_json::{Value, json};
 
 use crate::{
     http::{
-        Body, json_line, json_response, ndjson_response, percent_decode, query_param, read_body,
+        Body, json_response, ndjson_response, percent_decode, query_param, read_body,
         status_error,
     },
+    publish::json_line,
     store::{ObjectKey, ResourceStore, Selector, StoreError, Watcher},
 };
 
