@@ -24,8 +24,7 @@ use serde_json::{Value, json};
 
 use crate::{
     http::{
-        Body, json_response, ndjson_response, percent_decode, query_param, read_body,
-        status_error,
+        Body, json_response, ndjson_response, percent_decode, query_param, read_body, status_error,
     },
     publish::json_line,
     store::{ObjectKey, ResourceStore, Selector, StoreError, Watcher},

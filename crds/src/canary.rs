@@ -289,7 +289,11 @@ pub const STEP_WEIGHTS_IN_RANGE: CelRule<[i32]> = CelRule {
         keeps: &["[1, 50]", "[5, 10, 20]"],
         breaks: &["[0]", "[10, 101]", "[-5, 10]"],
     },
-    check: |steps| match steps.iter().enumerate().find(|(_, w)| !(1..=100).contains(*w)) {
+    check: |steps| match steps
+        .iter()
+        .enumerate()
+        .find(|(_, w)| !(1..=100).contains(*w))
+    {
         Some((i, w)) => Err(Broken::at(format!("[{i}]"), format!("got {w}"))),
         None => Ok(()),
     },
@@ -301,7 +305,11 @@ pub const THRESHOLD_RANGE_ORDERED: CelRule<ThresholdRange> = CelRule {
         expression: "!has(self.min) || !has(self.max) || self.min <= self.max",
         message: "thresholdRange.min must not exceed thresholdRange.max",
         pointer: "/spec/analysis/metrics/0/thresholdRange",
-        keeps: &[r#"{"min": 99, "max": 100}"#, r#"{"min": 5}"#, r#"{"max": 500}"#],
+        keeps: &[
+            r#"{"min": 99, "max": 100}"#,
+            r#"{"min": 5}"#,
+            r#"{"max": 500}"#,
+        ],
         breaks: &[r#"{"min": 3, "max": 2}"#],
     },
     check: |r| match (r.min, r.max) {

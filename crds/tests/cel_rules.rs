@@ -111,10 +111,8 @@ fn rust_twins_keep_and_break_what_the_examples_say() {
         }
         for example in rule.breaks {
             let doc = rule.with_example(&canary(), example).unwrap();
-            let err = validate(&doc).expect_err(&format!(
-                "{:?} should break {example}",
-                rule.expression
-            ));
+            let err =
+                validate(&doc).expect_err(&format!("{:?} should break {example}", rule.expression));
             assert!(
                 err.to_string().contains(rule.message),
                 "{example}: {err} does not say {:?}",

@@ -160,10 +160,10 @@ async fn cel_rules_keep_and_break_what_their_examples_say() {
         for example in rule.breaks {
             let doc = rule.with_example(&base, example).unwrap();
             let doc: Canary = serde_json::from_value(doc).unwrap();
-            let err = api.create(&dry_run, &doc).await.expect_err(&format!(
-                "{:?} should break {example}",
-                rule.expression
-            ));
+            let err = api
+                .create(&dry_run, &doc)
+                .await
+                .expect_err(&format!("{:?} should break {example}", rule.expression));
             let kube::Error::Api(status) = err else {
                 panic!("{example}: unexpected error {err}")
             };

@@ -156,8 +156,7 @@ fn lex(src: &str) -> Vec<Token> {
                 if at(i + hashes) == '"' {
                     // A raw string: ends at a quote followed by as many hashes.
                     i += hashes + 1;
-                    while i < c.len() && !(c[i] == '"' && (1..=hashes).all(|h| at(i + h) == '#'))
-                    {
+                    while i < c.len() && !(c[i] == '"' && (1..=hashes).all(|h| at(i + h) == '#')) {
                         if c[i] == '\n' {
                             line += 1;
                         }
@@ -558,7 +557,11 @@ fn crate_cycles(member: &str) -> Vec<String> {
     let mut out = Vec::new();
     for target in targets(&krate) {
         let g = graph(&Disk, &target);
-        let shown = target.strip_prefix(&root).unwrap_or(&target).display().to_string();
+        let shown = target
+            .strip_prefix(&root)
+            .unwrap_or(&target)
+            .display()
+            .to_string();
         // Name files from the workspace root, as a reader would open them.
         let prefix = format!("{}/", root.display());
         out.extend(
@@ -613,7 +616,8 @@ fn every_workspace_crate_is_checked() {
     let mut have: Vec<String> = CHECKED.iter().map(|m| (*m).to_string()).collect();
     have.sort();
     assert_eq!(
-        have, want,
+        have,
+        want,
         "add the new crate to every_crate! in {}",
         file!()
     );

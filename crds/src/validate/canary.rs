@@ -42,7 +42,11 @@ pub fn validate_canary(canary: &Canary) -> Result<(), FieldError> {
                 "must hold between 1 and 100 entries",
             ));
         }
-        cel(&canary::STEP_WEIGHTS_IN_RANGE, "spec.analysis.stepWeights", steps)?;
+        cel(
+            &canary::STEP_WEIGHTS_IN_RANGE,
+            "spec.analysis.stepWeights",
+            steps,
+        )?;
     }
     cel(&canary::STEP_WEIGHTS_WITHIN_MAX, "spec.analysis", a)?;
     cel(&canary::A_WAY_TO_STEP, "spec.analysis", a)?;

@@ -26,7 +26,12 @@ pub(super) fn check_dns_name(field: &str, value: &str, max: usize) -> Result<(),
     }
 }
 
-pub(super) fn check_range(field: &str, value: Option<i32>, min: i32, max: i32) -> Result<(), FieldError> {
+pub(super) fn check_range(
+    field: &str,
+    value: Option<i32>,
+    min: i32,
+    max: i32,
+) -> Result<(), FieldError> {
     match value {
         Some(v) if v < min || v > max => Err(FieldError::new(
             field,

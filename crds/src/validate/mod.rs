@@ -8,7 +8,6 @@
 //! then applies the semantic rules the schema states in CEL (`stepWeight <= maxWeight`, ranges,
 //! duration syntax). Every error names the field at fault.
 
-
 mod authorization_policy;
 mod canary;
 mod checks;

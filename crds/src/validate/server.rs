@@ -18,10 +18,7 @@ pub fn validate_server(server: &Server) -> Result<(), FieldError> {
     {
         let at = |f: &str| format!("spec.podSelector.matchExpressions[{i}].{f}");
         non_empty(&at("key"), &e.key)?;
-        let needs_values = matches!(
-            e.operator,
-            SelectorOperator::In | SelectorOperator::NotIn
-        );
+        let needs_values = matches!(e.operator, SelectorOperator::In | SelectorOperator::NotIn);
         if needs_values == e.values.is_empty() {
             return Err(FieldError::new(
                 at("values"),
