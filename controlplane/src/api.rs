@@ -22,9 +22,11 @@ use hyper::body::Incoming;
 use mesh_crds::validate::{self, ResourceKind};
 use serde_json::{Value, json};
 
-use crate::http::{
-    Body, json_line, json_response, ndjson_response, percent_decode, query_param, read_body,
-    status_error,
+use crate::{
+    http::{
+        Body, json_response, ndjson_response, percent_decode, query_param, read_body, status_error,
+    },
+    publish::json_line,
 };
 use mesh_store::{ObjectKey, ResourceStore, Selector, StoreError, Watcher};
 

@@ -109,13 +109,6 @@ pub fn ndjson_response(
     resp
 }
 
-/// One JSON line.
-pub fn json_line<T: Serialize + ?Sized>(value: &T) -> Bytes {
-    let mut line = serde_json::to_vec(value).unwrap_or_default();
-    line.push(b'\n');
-    Bytes::from(line)
-}
-
 /// Reads a whole request body, up to [`MAX_BODY`].
 pub async fn read_body(body: Incoming) -> Result<Bytes, Response<Body>> {
     match Limited::new(body, MAX_BODY).collect().await {
@@ -236,10 +229,20 @@ async fn serve_with<H, F>(
                         return;
                     }
                 };
-            let identity = crate::tls::peer_identity(stream.get_ref().1);
+            let identity = peer_identity(stream.get_ref().1);
             serve_connection(&builder, stream, identity, handler, name, peer).await;
         });
     }
+}
+
+/// The verified identity of the client of a server-side TLS connection: the one `spiffe://` URI
+/// SAN of the certificate it presented (the verifier has already checked the chain). `None`
+/// when it presented none.
+pub fn peer_identity(conn: &rustls::ServerConnection) -> Option<PeerIdentity> {
+    conn.peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|cert| mesh_policies::certificate_identity(cert))
+        .map(PeerIdentity)
 }
 
 /// Accepts a TLS connection. A client whose first byte is not a TLS handshake is refused in

@@ -17,11 +17,13 @@ use std::{cmp::Reverse, collections::BTreeMap};
 
 use mesh_core::proxy_api::{
     Endpoint, Endpoints, PathMatch, RouteFilter, RouteMatch, RouteRule, RouteTable, ServiceRef,
-    Update, ValueMatch, WeightedBackend, WorkloadRegistration,
+    ValueMatch, WeightedBackend, WorkloadRegistration,
 };
 use mesh_crds::HttpRoute;
 use serde_json::Value;
 use tokio::sync::watch;
+
+use crate::publish::{Published, send_changed};
 
 #[derive(Clone, Debug, PartialEq)]
 struct Parent {
@@ -62,32 +64,6 @@ pub struct Index {
     workloads: BTreeMap<String, WorkloadRegistration>,
     route_watches: BTreeMap<ServiceRef, watch::Sender<Published<RouteTable>>>,
     endpoint_watches: BTreeMap<ServiceRef, watch::Sender<Published<Endpoints>>>,
-}
-
-/// A published value and its NDJSON line, encoded once however many streams send it: with a
-/// thousand proxies on one authority, encoding per stream would dominate propagation time.
-#[derive(Clone, Debug)]
-pub struct Published<T> {
-    /// The update.
-    pub update: Update<T>,
-    /// `update` as one JSON line, newline included.
-    pub line: bytes::Bytes,
-}
-
-impl<T: serde::Serialize> Published<T> {
-    pub(crate) fn new(version: u64, value: Option<T>) -> Self {
-        let update = Update { version, value };
-        let line = crate::http::json_line(&update);
-        Self { update, line }
-    }
-}
-
-impl<T> std::ops::Deref for Published<T> {
-    type Target = Update<T>;
-
-    fn deref(&self) -> &Update<T> {
-        &self.update
-    }
 }
 
 fn is_core_service(group: Option<&str>, kind: Option<&str>, default_kind: &str) -> bool {
@@ -478,27 +454,6 @@ impl Index {
         // Unwatched keys change too; the version still moves so a later watcher never sees an
         // older version for a newer value.
         self.version = next;
-    }
-}
-
-/// Sends each of `values` (the new value of a watched key) to that key's watch when it differs
-/// from what the watch holds, stamped `version`; unchanged watches are not woken. Both indexes
-/// publish through this.
-pub(crate) fn send_changed<K: Ord, T: PartialEq + serde::Serialize>(
-    watches: &BTreeMap<K, watch::Sender<Published<T>>>,
-    values: Vec<(K, Option<T>)>,
-    version: u64,
-) {
-    for (key, value) in values {
-        if let Some(tx) = watches.get(&key) {
-            tx.send_if_modified(|u| {
-                if u.value == value {
-                    return false;
-                }
-                *u = Published::new(version, value);
-                true
-            });
-        }
     }
 }
 

@@ -16,6 +16,7 @@ pub mod injector;
 pub mod kubernetes;
 pub mod policy;
 pub mod proxy;
+pub mod publish;
 pub mod tls;
 pub mod tokenreview;
 pub mod workloads;
@@ -100,7 +101,7 @@ impl ControlPlane {
                     config.default_inbound_policy,
                 )),
                 leases: Mutex::new(Leases::new(config.workload_ttl)),
-                ca,
+                ca: Arc::new(ca),
                 kube: std::sync::OnceLock::new(),
             }),
             proxy_tls: Arc::new(proxy_tls),
@@ -181,7 +182,7 @@ async fn serve_apis<S: ResourceStore>(
     proxy: TcpListener,
 ) {
     let store = Arc::new(store);
-    tokio::spawn(Arc::clone(proxy_tls).renew(Arc::clone(&shared)));
+    tokio::spawn(Arc::clone(proxy_tls).renew(Arc::clone(&shared.ca)));
     let api_server = http::serve(api, "api", move |req| api::handle(Arc::clone(&store), req));
     let proxy_server = http::serve_tls(proxy, "proxy", proxy_tls.config(), move |req| {
         proxy::handle(Arc::clone(&shared), req)

@@ -25,7 +25,7 @@ use mesh_policies::{
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::index::Published;
+use crate::publish::{Published, send_changed};
 
 type Key = (String, String);
 
@@ -254,7 +254,7 @@ impl PolicyIndex {
             .keys()
             .map(|t| (t.clone(), Some(self.policy(t))))
             .collect();
-        crate::index::send_changed(&self.watches, values, next);
+        send_changed(&self.watches, values, next);
         self.version = next;
     }
 }

@@ -42,8 +42,9 @@ use crate::{
         read_body, status_error,
     },
     identity::{Ca, IdentityError},
-    index::{Index, Published},
+    index::Index,
     policy::PolicyIndex,
+    publish::Published,
     workloads::{LeaseError, Leases, new_lease_id},
 };
 
@@ -55,8 +56,8 @@ pub struct Shared {
     pub policy: Mutex<PolicyIndex>,
     /// Workload leases.
     pub leases: Mutex<Leases>,
-    /// The CA.
-    pub ca: Ca,
+    /// The CA (shared with the task that renews the listener's certificate).
+    pub ca: Arc<Ca>,
     /// In a cluster, the API that checks proxies' projected service-account tokens
     /// (TokenReview); unset, the embedded bootstrap token is the credential.
     pub kube: std::sync::OnceLock<kube::Client>,

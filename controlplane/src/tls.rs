@@ -4,7 +4,7 @@
 //! Client certificates are optional at the handshake, because a proxy asks for its first one
 //! over this listener (`certify` is authenticated by its token instead). A certificate that is
 //! presented must chain to the mesh roots, or the handshake fails; its SPIFFE ID becomes the
-//! connection's [`PeerIdentity`], and [`crate::proxy`] decides per request what that identity
+//! connection's [`PeerIdentity`](crate::http::PeerIdentity), and [`crate::proxy`] decides per request what that identity
 //! may do. Only TLS 1.3 is offered and sessions are never resumed, so every connection's client
 //! certificate is verified in full, as between proxies.
 
@@ -18,11 +18,7 @@ use rustls::{
 };
 use tokio::sync::watch;
 
-use crate::{
-    http::PeerIdentity,
-    identity::{Ca, IdentityError, ServingCert},
-    proxy::Shared,
-};
+use crate::identity::{Ca, IdentityError, ServingCert};
 
 /// ALPN protocols the proxy listener offers.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -154,10 +150,9 @@ impl ProxyTls {
         Arc::clone(&self.config)
     }
 
-    /// Replaces the serving certificate at [`RENEW_AT`] of its lifetime, forever. A failed
-    /// renewal is retried while the current certificate keeps serving.
-    pub async fn renew(self: Arc<Self>, shared: Arc<Shared>) {
-        let ca = &shared.ca;
+    /// Replaces the serving certificate, issued by `ca`, at [`RENEW_AT`] of its lifetime,
+    /// forever. A failed renewal is retried while the current certificate keeps serving.
+    pub async fn renew(self: Arc<Self>, ca: Arc<Ca>) {
         let mut wait = ca.leaf_lifetime().mul_f64(RENEW_AT);
         loop {
             tokio::time::sleep(wait.max(Duration::from_millis(500))).await;
@@ -184,16 +179,6 @@ impl ProxyTls {
             }
         }
     }
-}
-
-/// The verified identity of the client of a server-side TLS connection: the one `spiffe://` URI
-/// SAN of the certificate it presented (the verifier has already checked the chain). `None`
-/// when it presented none.
-pub fn peer_identity(conn: &rustls::ServerConnection) -> Option<PeerIdentity> {
-    conn.peer_certificates()
-        .and_then(|certs| certs.first())
-        .and_then(|cert| mesh_policies::certificate_identity(cert))
-        .map(PeerIdentity)
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::cel::{Broken, CelRule, CelText};
+
 /// Durations are written the way Flagger and Kubernetes users write them: `30s`, `1m`, `500ms`.
 const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
 
@@ -117,12 +119,9 @@ pub struct CanaryService {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("!has(self.stepWeight) || !has(self.maxWeight) || self.stepWeight <= self.maxWeight")
-        .message("stepWeight must not exceed maxWeight"),
-    validation = Rule::new("!has(self.stepWeights) || self.stepWeights.all(w, !has(self.maxWeight) || w <= self.maxWeight)")
-        .message("every stepWeights entry must be at most maxWeight"),
-    validation = Rule::new("has(self.stepWeight) || has(self.stepWeights) || has(self.iterations)")
-        .message("one of stepWeight, stepWeights or iterations is required")
+    validation = &STEP_WEIGHT_WITHIN_MAX,
+    validation = &STEP_WEIGHTS_WITHIN_MAX,
+    validation = &A_WAY_TO_STEP
 )]
 pub struct CanaryAnalysis {
     /// Time between analysis ticks, e.g. `1m` (Flagger's default).
@@ -142,7 +141,7 @@ pub struct CanaryAnalysis {
     /// Explicit weight steps, in percent, used instead of `stepWeight`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 100))]
-    #[x_kube(validation = Rule::new("self.all(w, w >= 1 && w <= 100)").message("stepWeights entries must be between 1 and 100"))]
+    #[x_kube(validation = &STEP_WEIGHTS_IN_RANGE)]
     pub step_weights: Option<Vec<i32>>,
     /// Weight moved to the primary at each tick while promoting, in percent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -191,10 +190,7 @@ pub struct CanaryMetric {
 
 /// Accepted range of a metric value; either bound may be left open.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[x_kube(
-    validation = Rule::new("!has(self.min) || !has(self.max) || self.min <= self.max")
-        .message("thresholdRange.min must not exceed thresholdRange.max")
-)]
+#[x_kube(validation = &THRESHOLD_RANGE_ORDERED)]
 pub struct ThresholdRange {
     /// Lowest accepted value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -203,6 +199,124 @@ pub struct ThresholdRange {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<f64>,
 }
+
+/// The Canary schema's CEL rules, each with its Rust twin, which validation runs for the
+/// embedded store (the built-in gate names' rule on [`CanaryMetric`] is stated with the gate list).
+pub const CEL_RULES: [&CelText; 5] = [
+    &STEP_WEIGHT_WITHIN_MAX.text,
+    &STEP_WEIGHTS_WITHIN_MAX.text,
+    &A_WAY_TO_STEP.text,
+    &STEP_WEIGHTS_IN_RANGE.text,
+    &THRESHOLD_RANGE_ORDERED.text,
+];
+
+/// A step never jumps past the maximum weight.
+pub const STEP_WEIGHT_WITHIN_MAX: CelRule<CanaryAnalysis> = CelRule {
+    text: CelText {
+        expression: "!has(self.stepWeight) || !has(self.maxWeight) || self.stepWeight <= self.maxWeight",
+        message: "stepWeight must not exceed maxWeight",
+        pointer: "/spec/analysis",
+        keeps: &[
+            r#"{"interval": "1m", "threshold": 5, "maxWeight": 50, "stepWeight": 50}"#,
+            r#"{"interval": "1m", "threshold": 5, "stepWeight": 60}"#,
+        ],
+        breaks: &[r#"{"interval": "1m", "threshold": 5, "maxWeight": 20, "stepWeight": 30}"#],
+    },
+    check: |a| match (a.step_weight, a.max_weight) {
+        (Some(step), Some(max)) if step > max => {
+            Err(Broken::at(".stepWeight", format!("{step} > {max}")))
+        }
+        _ => Ok(()),
+    },
+};
+
+/// Explicit steps stay within the maximum weight too.
+pub const STEP_WEIGHTS_WITHIN_MAX: CelRule<CanaryAnalysis> = CelRule {
+    text: CelText {
+        expression: "!has(self.stepWeights) || self.stepWeights.all(w, !has(self.maxWeight) || w <= self.maxWeight)",
+        message: "every stepWeights entry must be at most maxWeight",
+        pointer: "/spec/analysis",
+        keeps: &[
+            r#"{"interval": "1m", "threshold": 5, "maxWeight": 50, "stepWeights": [10, 50]}"#,
+            r#"{"interval": "1m", "threshold": 5, "stepWeights": [10, 80]}"#,
+        ],
+        breaks: &[
+            r#"{"interval": "1m", "threshold": 5, "maxWeight": 20, "stepWeights": [10, 30]}"#,
+        ],
+    },
+    check: |a| {
+        let (Some(steps), Some(max)) = (&a.step_weights, a.max_weight) else {
+            return Ok(());
+        };
+        match steps.iter().enumerate().find(|(_, w)| **w > max) {
+            Some((i, w)) => Err(Broken::at(
+                format!(".stepWeights[{i}]"),
+                format!("{w} > {max}"),
+            )),
+            None => Ok(()),
+        }
+    },
+};
+
+/// The rollout needs a way to advance: weight steps, or a number of iterations.
+pub const A_WAY_TO_STEP: CelRule<CanaryAnalysis> = CelRule {
+    text: CelText {
+        expression: "has(self.stepWeight) || has(self.stepWeights) || has(self.iterations)",
+        message: "one of stepWeight, stepWeights or iterations is required",
+        pointer: "/spec/analysis",
+        keeps: &[
+            r#"{"interval": "1m", "threshold": 5, "stepWeight": 10}"#,
+            r#"{"interval": "1m", "threshold": 5, "stepWeights": [10]}"#,
+            r#"{"interval": "1m", "threshold": 5, "iterations": 3}"#,
+        ],
+        breaks: &[r#"{"interval": "1m", "threshold": 5, "maxWeight": 50}"#],
+    },
+    check: |a| {
+        if a.step_weight.is_none() && a.step_weights.is_none() && a.iterations.is_none() {
+            Err(Broken::at("", ""))
+        } else {
+            Ok(())
+        }
+    },
+};
+
+/// Every explicit step is a percentage of traffic.
+pub const STEP_WEIGHTS_IN_RANGE: CelRule<[i32]> = CelRule {
+    text: CelText {
+        expression: "self.all(w, w >= 1 && w <= 100)",
+        message: "stepWeights entries must be between 1 and 100",
+        pointer: "/spec/analysis/stepWeights",
+        keeps: &["[1, 50]", "[5, 10, 20]"],
+        breaks: &["[0]", "[10, 101]", "[-5, 10]"],
+    },
+    check: |steps| match steps
+        .iter()
+        .enumerate()
+        .find(|(_, w)| !(1..=100).contains(*w))
+    {
+        Some((i, w)) => Err(Broken::at(format!("[{i}]"), format!("got {w}"))),
+        None => Ok(()),
+    },
+};
+
+/// An accepted range is not empty.
+pub const THRESHOLD_RANGE_ORDERED: CelRule<ThresholdRange> = CelRule {
+    text: CelText {
+        expression: "!has(self.min) || !has(self.max) || self.min <= self.max",
+        message: "thresholdRange.min must not exceed thresholdRange.max",
+        pointer: "/spec/analysis/metrics/0/thresholdRange",
+        keeps: &[
+            r#"{"min": 99, "max": 100}"#,
+            r#"{"min": 5}"#,
+            r#"{"max": 500}"#,
+        ],
+        breaks: &[r#"{"min": 3, "max": 2}"#],
+    },
+    check: |r| match (r.min, r.max) {
+        (Some(min), Some(max)) if min > max => Err(Broken::at("", format!("{min} > {max}"))),
+        _ => Ok(()),
+    },
+};
 
 /// A reference to a MetricTemplate.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -7,6 +7,8 @@
 //! types. Field names follow Flagger's, so a Flagger manifest works once its apiVersion changes.
 
 pub mod canary;
+pub mod cel;
+pub mod kind;
 pub mod metric_template;
 pub mod policy;
 pub mod validate;

@@ -134,3 +134,46 @@ async fn schema_rejects_bad_canaries_and_stores_nothing() {
         assert!(stored.is_none(), "{name}: rejected canary was stored");
     }
 }
+
+/// The Canary schema's CEL rules and their Rust twins (which the embedded store runs) agree:
+/// each rule's examples are kept or broken by a real apiserver's CEL exactly as the crate's own
+/// test finds the Rust twin keeps or breaks them.
+#[tokio::test]
+async fn cel_rules_keep_and_break_what_their_examples_say() {
+    let kube = KubeApiServer::start()
+        .await
+        .expect("start etcd + kube-apiserver");
+    let api: Api<Canary> = Api::namespaced(kube.client(), "default");
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let base = serde_json::to_value(canary("cel", &good_analysis())).unwrap();
+    for rule in mesh_crds::canary::CEL_RULES {
+        for example in rule.keeps {
+            let doc = rule.with_example(&base, example).unwrap();
+            let doc: Canary = serde_json::from_value(doc).unwrap();
+            if let Err(e) = api.create(&dry_run, &doc).await {
+                panic!("{:?} should keep {example}: {e}", rule.expression);
+            }
+        }
+        for example in rule.breaks {
+            let doc = rule.with_example(&base, example).unwrap();
+            let doc: Canary = serde_json::from_value(doc).unwrap();
+            let err = api
+                .create(&dry_run, &doc)
+                .await
+                .expect_err(&format!("{:?} should break {example}", rule.expression));
+            let kube::Error::Api(status) = err else {
+                panic!("{example}: unexpected error {err}")
+            };
+            assert_eq!(status.code, 422, "{example}: {status:?}");
+            assert!(
+                status.message.contains(rule.message),
+                "{example}: {:?} lacks {:?}",
+                status.message,
+                rule.message
+            );
+        }
+    }
+}
