@@ -14,25 +14,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::identity::SharedCredentials;
+/// Re-exported where the admin server is assembled, which is where callers look for it.
+pub use crate::readiness::Readiness;
 use crate::tables::SharedTables;
 
 /// OpenMetrics text, the format prometheus-client writes.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// What `/ready` answers: whether the workload behind this proxy should get traffic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Readiness {
-    /// Serving (200).
-    Ready,
-    /// The proxy has an identity configured and holds no certificate for it yet, so peers
-    /// could not reach it over mTLS and it could not reach them (503).
-    Certifying,
-    /// The workload is not registered with the control plane yet, so peers cannot reach it
-    /// (503).
-    Registering,
-    /// Shutting down: deregistered and finishing requests in flight (503).
-    Draining,
-}
 
 /// State the admin endpoints read.
 #[derive(Debug)]

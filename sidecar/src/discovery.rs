@@ -187,14 +187,10 @@ impl Discovery {
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| crate::registration::error_chain(&e))?;
+            .map_err(|e| mesh_core::error::chain(&e))?;
         let mut buf = Vec::new();
         let mut first = true;
-        while let Some(chunk) = rsp
-            .chunk()
-            .await
-            .map_err(|e| crate::registration::error_chain(&e))?
-        {
+        while let Some(chunk) = rsp.chunk().await.map_err(|e| mesh_core::error::chain(&e))? {
             buf.extend_from_slice(&chunk);
             while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=nl).collect();

@@ -9,20 +9,17 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::http::Body;
+
 /// Longest wait for requests in flight once shutdown begins; slower ones are cut off.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Body of responses on the proxying listeners.
-pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Starts a drain; dropping it starts one too, so listeners never outlive their owner.
 #[derive(Debug)]

@@ -20,8 +20,8 @@ use rustls::server::danger::ClientCertVerifier;
 use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 
-use crate::admin::Readiness;
-use crate::registration::Backoff;
+use crate::backoff::Backoff;
+use crate::readiness::Readiness;
 
 /// The share of a certificate's lifetime after which it is renewed.
 pub const REFRESH_AT: f64 = 0.7;
@@ -77,7 +77,7 @@ impl Credentials {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("certificate chain: {e}"))?;
         let leaf = chain.first().ok_or("the certificate chain is empty")?;
-        let named = crate::tls::spiffe_id(leaf);
+        let named = mesh_policies::certificate_identity(leaf);
         if named.as_deref() != Some(identity) {
             return Err(format!(
                 "the certificate names {named:?}, not the identity asked for ({identity})"
@@ -98,7 +98,7 @@ impl Credentials {
         let roots = Arc::new(roots);
         let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             roots.clone(),
-            crate::tls::provider(),
+            crate::crypto::provider(),
         )
         .build()
         .map_err(|e| format!("trust roots: {e}"))?;
@@ -148,7 +148,7 @@ pub enum IdentityError {
     /// The control plane did not answer.
     #[error(
         "control plane at {base} is unreachable: {}",
-        crate::registration::error_chain(.source)
+        mesh_core::error::chain(.source)
     )]
     Unreachable {
         /// The control plane's proxy API.

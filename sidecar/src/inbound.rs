@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{HOST, HeaderValue};
+use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -23,20 +23,13 @@ use mesh_core::proxy_api::ServiceRef;
 use tokio::net::TcpListener;
 
 use crate::authz::Authz;
-use crate::drain::{Body, ClientIdentity, PeerAddr, Watch};
+use crate::drain::{ClientIdentity, PeerAddr, Watch};
+use crate::http::{
+    Body, CLIENT_ID_HEADER, CONNECT_TIMEOUT, ORIG_PROTO_HEADER, ORIG_PROTO_HTTP1,
+    authority_to_host, error,
+};
 use crate::identity::SharedCredentials;
 use crate::metrics::{Metrics, RequestLabels};
-use crate::outbound::error;
-
-/// Header with the SPIFFE ID of the peer proxy whose mTLS connection carried the request.
-pub const CLIENT_ID_HEADER: &str = "x-mesh-client-id";
-
-/// Header a proxy adds when it carries an HTTP/1.1 request over HTTP/2 to a peer, so the peer
-/// hands it to its app as HTTP/1.1 again.
-pub const ORIG_PROTO_HEADER: &str = "mesh-orig-proto";
-
-/// The value of [`ORIG_PROTO_HEADER`].
-pub const ORIG_PROTO_HTTP1: &str = "HTTP/1.1";
 
 /// The inbound proxy.
 #[derive(Debug)]
@@ -68,8 +61,8 @@ impl Inbound {
             app,
             metrics,
             labels,
-            client: crate::outbound::client(crate::outbound::CONNECT_TIMEOUT),
-            h2_client: crate::outbound::h2c_client(crate::outbound::CONNECT_TIMEOUT),
+            client: crate::http::client(CONNECT_TIMEOUT),
+            h2_client: crate::http::h2c_client(CONNECT_TIMEOUT),
             credentials: None,
             detect_timeout: crate::opaque::DEFAULT_DETECT_TIMEOUT,
             authz: None,
@@ -150,14 +143,7 @@ impl Inbound {
         }
         // HTTP/2 callers send the authority in the URI, not in Host; the app speaks HTTP/1.1
         // and needs it in Host.
-        if !req.headers().contains_key(HOST)
-            && let Some(v) = req
-                .uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            req.headers_mut().insert(HOST, v);
-        }
+        authority_to_host(&mut req);
         let path = req
             .uri()
             .path_and_query()

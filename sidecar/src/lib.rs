@@ -15,15 +15,19 @@
 
 pub mod admin;
 pub mod authz;
+pub mod backoff;
 pub mod balance;
 pub mod config;
+pub mod crypto;
 pub mod discovery;
 pub mod drain;
+pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod opaque;
 pub mod outbound;
+pub mod readiness;
 pub mod registration;
 pub mod retry;
 pub mod tables;

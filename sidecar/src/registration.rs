@@ -16,13 +16,8 @@ use reqwest::StatusCode;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admin::Readiness;
-
-/// First wait after a failed call; it doubles up to [`MAX_BACKOFF`].
-pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
-
-/// Longest wait between attempts while the control plane is unreachable.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+use crate::backoff::Backoff;
+use crate::readiness::Readiness;
 
 /// Bound on one registration or heartbeat call, so a hung control plane is retried rather than
 /// waited on.
@@ -40,7 +35,7 @@ const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 pub enum RegistrationError {
     /// The control plane could not be reached or did not answer in time (mesh-internal,
     /// retried with backoff).
-    #[error("control plane at {base} unreachable: {}", error_chain(.source))]
+    #[error("control plane at {base} unreachable: {}", mesh_core::error::chain(.source))]
     Unreachable {
         /// The control plane's proxy API.
         base: String,
@@ -79,49 +74,6 @@ pub enum RegistrationError {
         /// The lease.
         id: String,
     },
-}
-
-/// Doubling waits between attempts, from [`MIN_BACKOFF`] to [`MAX_BACKOFF`].
-#[derive(Clone, Copy, Debug)]
-pub struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self { next: MIN_BACKOFF }
-    }
-}
-
-impl Backoff {
-    /// The wait before the next attempt.
-    pub fn next_wait(&mut self) -> Duration {
-        let wait = self.next;
-        self.next = (self.next * 2).min(MAX_BACKOFF);
-        wait
-    }
-
-    /// Starts over after a success.
-    pub fn reset(&mut self) {
-        self.next = MIN_BACKOFF;
-    }
-}
-
-/// An error with its causes, `outer: inner: innermost`: a transport error's own message hides
-/// why it failed (a refused connection, a certificate that did not verify).
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // Some layers repeat their cause in their own message.
-        if !out.ends_with(&cause_text) {
-            out.push_str(": ");
-            out.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    out
 }
 
 /// How often to heartbeat a lease of `ttl_seconds`: three chances before it expires.
@@ -359,29 +311,6 @@ impl Registration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_to_its_cap_and_resets() {
-        let mut b = Backoff::default();
-        let waits: Vec<u64> = (0..8)
-            .map(|_| u64::try_from(b.next_wait().as_millis()).unwrap())
-            .collect();
-        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        b.reset();
-        assert_eq!(b.next_wait(), MIN_BACKOFF);
-    }
-
-    #[test]
-    fn error_chains_name_every_cause_once() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("error sending request")]
-        struct Outer(#[source] std::io::Error);
-        let inner = std::io::Error::other("peer presented identity a, expected b");
-        assert_eq!(
-            error_chain(&Outer(inner)),
-            "error sending request: peer presented identity a, expected b"
-        );
-    }
 
     #[test]
     fn heartbeats_come_three_times_per_ttl() {

@@ -68,6 +68,14 @@ impl Tables {
         }
     }
 
+    /// The addresses of `service`'s ready endpoints.
+    pub fn addrs(&self, service: &ServiceRef) -> Vec<std::net::SocketAddr> {
+        self.endpoints
+            .get(service)
+            .map(|e| e.iter().map(|e| e.addr).collect())
+            .unwrap_or_default()
+    }
+
     /// Whether `service` has at least one ready endpoint.
     pub fn available(&self, service: &ServiceRef) -> bool {
         self.endpoints.get(service).is_some_and(|e| !e.is_empty())

@@ -39,15 +39,11 @@ use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::net::TcpStream;
 
+use crate::crypto::provider;
 use crate::identity::{Credentials, SharedCredentials};
 
 /// ALPN protocol of proxy-to-proxy connections.
 pub const ALPN_H2: &[u8] = b"h2";
-
-/// The one crypto provider of the workspace.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 /// The SPIFFE ID a certificate names (see [`mesh_policies::certificate_identity`]).
 pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
@@ -320,6 +316,12 @@ pub fn client_identity(conn: &rustls::ServerConnection) -> Option<String> {
 pub struct MtlsConnector {
     tls: tokio_rustls::TlsConnector,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for MtlsConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MtlsConnector")
+    }
 }
 
 impl MtlsConnector {

@@ -1,0 +1,277 @@
+//! Golden metrics of each attempt (`request_total`, `response_total`, `response_latency_ms`),
+//! labelled with the route and the backend. It sits directly above the client, below the
+//! backend and endpoint picks, so it counts exactly what was sent to a backend: a request the
+//! proxy answered itself (no route, a fault, no endpoint) is not an attempt, and each retry is
+//! one. An attempt that got no response is a mesh error (502); one the route timeout cut off is
+//! recorded as a 504 against the backend it was waiting for.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures_util::future::BoxFuture;
+use http::{Response, StatusCode};
+use tower::{Layer, Service};
+
+use crate::http::Body;
+use crate::metrics::{Metrics, RequestLabels};
+use crate::outbound::balance::ToEndpoint;
+use crate::outbound::error::Error;
+use crate::outbound::timeout::Waiting;
+
+/// Makes [`Record`] services.
+#[derive(Clone, Debug)]
+pub struct MetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl MetricsLayer {
+    /// Records into `metrics`.
+    pub fn new(metrics: Metrics) -> Self {
+        Self {
+            metrics: Arc::new(metrics),
+        }
+    }
+}
+
+impl<S> Layer<S> for MetricsLayer {
+    type Service = Record<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Record {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// Records each attempt's golden metrics; see the [module](self).
+#[derive(Clone, Debug)]
+pub struct Record<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B> Service<ToEndpoint<B>> for Record<S>
+where
+    S: Service<ToEndpoint<B>, Response = Response<Body>, Error = Error>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Error;
+    type Future = BoxFuture<'static, Result<Response<Body>, Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: ToEndpoint<B>) -> Self::Future {
+        let labels = RequestLabels {
+            direction: "outbound",
+            authority: req.route.labels.authority.clone(),
+            route: req.route.labels.route.clone(),
+            dst_service: req.backend.name.clone(),
+            dst_namespace: req.backend.namespace.clone(),
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
+        let waiting = req.request.extensions().get::<Waiting>().cloned();
+        if let Some(w) = &waiting {
+            w.start(&req.backend);
+        }
+        let mut attempt = Attempt {
+            metrics: self.metrics.clone(),
+            labels,
+            started: Instant::now(),
+            waiting,
+            done: false,
+        };
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let answer = answer.await;
+            attempt.finish(&answer);
+            answer
+        })
+    }
+}
+
+/// One attempt being recorded.
+struct Attempt {
+    metrics: Arc<Metrics>,
+    labels: RequestLabels,
+    started: Instant,
+    waiting: Option<Waiting>,
+    done: bool,
+}
+
+impl Attempt {
+    fn finish(&mut self, answer: &Result<Response<Body>, Error>) {
+        self.done = true;
+        if let Some(w) = &self.waiting {
+            w.finish();
+        }
+        let took = self.started.elapsed();
+        match answer {
+            Ok(rsp) => {
+                let status = rsp.status().as_u16();
+                self.metrics.record(&self.labels, Some(status), false, took);
+            }
+            Err(Error::Endpoint { .. }) => {
+                let status = StatusCode::BAD_GATEWAY.as_u16();
+                self.metrics.record(&self.labels, Some(status), true, took);
+            }
+            // Nothing reached the endpoint.
+            Err(_) => {}
+        }
+    }
+}
+
+impl Drop for Attempt {
+    /// An attempt dropped unfinished was cut off: by the route timeout (a 504 for its backend),
+    /// or because the client went away (nobody got an answer; not recorded).
+    fn drop(&mut self) {
+        if !self.done && self.waiting.as_ref().is_some_and(Waiting::expired) {
+            let status = StatusCode::GATEWAY_TIMEOUT.as_u16();
+            let took = self.started.elapsed();
+            self.metrics.record(&self.labels, Some(status), true, took);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::balance::Endpoint;
+    use crate::outbound::error::AttemptError;
+    use crate::outbound::route::{Routed, mk};
+    use crate::outbound::timeout::TimeoutLayer;
+    use mesh_core::proxy_api::ServiceRef;
+    use prometheus_client::registry::Registry;
+    use std::time::Duration;
+    use tower::ServiceExt;
+
+    fn attempt(rule: &str) -> ToEndpoint<()> {
+        let Routed { route, request, .. } =
+            mk::routed_with(rule, &mk::tables("{}"), http::Request::get("/").body(()));
+        ToEndpoint {
+            route,
+            backend: ServiceRef::new("web-canary", "default", 80),
+            endpoint: Endpoint {
+                addr: "127.0.0.1:9000".parse().unwrap(),
+                identity: None,
+            },
+            request,
+        }
+    }
+
+    const RULE: &str = "{name: main, backends: [{service: web-canary.default:80, weight: 1}]}";
+
+    /// The `response_total` and `response_latency_ms` count of `status` (with `error`).
+    fn responses(metrics: &Metrics, status: &str, error: &'static str) -> (u64, u64) {
+        let labels = crate::metrics::ResponseLabels {
+            direction: "outbound",
+            authority: "web.default:80".into(),
+            route: "main".into(),
+            dst_service: "web-canary".into(),
+            dst_namespace: "default".into(),
+            status_code: status.into(),
+            classification: if error.is_empty() {
+                "success"
+            } else {
+                "failure"
+            },
+            error,
+        };
+        let total = metrics.responses.get_or_create(&labels).get();
+        let observed = metrics.latency.get_or_create(&labels).count();
+        (total, observed)
+    }
+
+    fn requests(metrics: &Metrics) -> u64 {
+        let labels = RequestLabels {
+            direction: "outbound",
+            authority: "web.default:80".into(),
+            route: "main".into(),
+            dst_service: "web-canary".into(),
+            dst_namespace: "default".into(),
+        };
+        metrics.requests.get_or_create(&labels).get()
+    }
+
+    #[tokio::test]
+    async fn each_attempt_is_counted_with_its_route_and_backend() {
+        let metrics = Metrics::register(&mut Registry::default());
+        let svc =
+            MetricsLayer::new(metrics.clone()).layer(tower::service_fn(|_: ToEndpoint<()>| {
+                std::future::ready(Ok::<_, Error>(mk::response(503)))
+            }));
+        svc.clone().oneshot(attempt(RULE)).await.unwrap();
+        svc.oneshot(attempt(RULE)).await.unwrap();
+        assert_eq!(requests(&metrics), 2);
+        assert_eq!(responses(&metrics, "503", "upstream"), (2, 2));
+    }
+
+    #[tokio::test]
+    async fn an_attempt_without_a_response_is_a_mesh_error() {
+        let metrics = Metrics::register(&mut Registry::default());
+        let svc =
+            MetricsLayer::new(metrics.clone()).layer(tower::service_fn(|req: ToEndpoint<()>| {
+                std::future::ready(Err::<Response<Body>, _>(Error::Endpoint {
+                    backend: req.backend,
+                    addr: req.endpoint.addr,
+                    error: AttemptError::NoIdentity("no identity".into()),
+                }))
+            }));
+        svc.oneshot(attempt(RULE)).await.unwrap_err();
+        assert_eq!(responses(&metrics, "502", "mesh"), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_the_route_timeout_cuts_off_is_a_504_for_its_backend() {
+        let metrics = Metrics::register(&mut Registry::default());
+        let hang = tower::service_fn(|_: ToEndpoint<()>| async {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            Ok::<_, Error>(mk::response(200))
+        });
+        let record = MetricsLayer::new(metrics.clone()).layer(hang);
+        // The timeout layer above, with the layers between reduced to handing the attempt on.
+        let between = tower::service_fn(move |req: Routed<()>| {
+            let Routed { route, request, .. } = req;
+            let backend = ServiceRef::new("web-canary", "default", 80);
+            let endpoint = Endpoint {
+                addr: "127.0.0.1:9000".parse().unwrap(),
+                identity: None,
+            };
+            record.clone().oneshot(ToEndpoint {
+                route,
+                backend,
+                endpoint,
+                request,
+            })
+        });
+        let rule = "{name: main, timeoutMs: 100, \
+                    backends: [{service: web-canary.default:80, weight: 1}]}";
+        let Routed { route, tables, .. } =
+            mk::routed_with(rule, &mk::tables("{}"), http::Request::get("/").body(()));
+        let req = Routed {
+            route,
+            tables,
+            request: http::Request::get("/").body(()).unwrap(),
+        };
+        let err = TimeoutLayer.layer(between).oneshot(req).await.unwrap_err();
+        assert_eq!(err.status(), http::StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(responses(&metrics, "504", "mesh"), (1, 1));
+
+        // Dropped without a timeout (the client went away): nothing to record.
+        let metrics = Metrics::register(&mut Registry::default());
+        let hang = tower::service_fn(|_: ToEndpoint<()>| async {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            Ok::<_, Error>(mk::response(200))
+        });
+        let pending = MetricsLayer::new(metrics.clone())
+            .layer(hang)
+            .oneshot(attempt(RULE));
+        let _ = tokio::time::timeout(Duration::from_millis(100), pending).await;
+        assert_eq!(requests(&metrics), 1);
+        assert_eq!(responses(&metrics, "504", "mesh"), (0, 0));
+    }
+}
