@@ -2,13 +2,18 @@
 //! Every other crate depends on this one, so it stays small and pure: no tokio, no kube, no I/O.
 //! It holds workload identity names (SPIFFE IDs), typed env-var config, Flagger-style durations,
 //! the start-up announcement with which a mesh process tells its supervisor which addresses it
-//! bound, the proxy API (route tables, endpoints, identity and workload-registration messages)
-//! and the pure routing decisions over route tables.
+//! bound, the proxy API (route tables, endpoints, identity and workload-registration messages),
+//! the pure routing decisions over route tables, the proxy's metric contract (series, labels,
+//! buckets) with a reader of the Prometheus text format, and the built-in canary gates defined
+//! over that contract.
 
 pub mod announce;
 pub mod config;
 pub mod duration;
+pub mod exposition;
+pub mod gates;
 pub mod identity;
+pub mod metrics;
 pub mod proxy_api;
 pub mod routing;
 
