@@ -209,8 +209,7 @@ pub fn counters(samples: &[Sample], service: &str) -> ArmCounters {
     let mut c = ArmCounters::default();
     let ours = |s: &Sample| {
         s.labels.get(label::DST_SERVICE).map(String::as_str) == Some(service)
-            && s
-                .labels
+            && s.labels
                 .get(label::DIRECTION)
                 .is_none_or(|d| d == Direction::Outbound.as_str())
     };
@@ -264,7 +263,10 @@ mod tests {
         assert_eq!(REQUEST_DURATION.name, "request-duration");
         assert_eq!(REQUEST_DURATION.measure, Measure::LatencyQuantile(0.99));
         assert_eq!(REQUEST_DURATION.default, Threshold::Max(500.0));
-        assert_eq!(names_in_words(""), "request-success-rate and request-duration");
+        assert_eq!(
+            names_in_words(""),
+            "request-success-rate and request-duration"
+        );
     }
 
     #[test]

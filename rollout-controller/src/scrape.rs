@@ -8,10 +8,10 @@
 //! counter that went down (a restarted proxy) contributes its new value, as Prometheus'
 //! `increase()` does.
 
-pub use mesh_core::exposition::{ParseError, Sample, parse};
-pub use mesh_core::gates::{ArmCounters, counters, merge};
 use mesh_core::exposition::count;
+pub use mesh_core::exposition::{ParseError, Sample, parse};
 use mesh_core::gates::bound_of_key;
+pub use mesh_core::gates::{ArmCounters, counters, merge};
 
 use crate::judge::{ArmWindow, Histogram, Window};
 

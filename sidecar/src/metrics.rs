@@ -205,13 +205,33 @@ impl Metrics {
             tcp_authz_deny: Family::default(),
         };
         // Registration order is the exposition's order; it is kept as it always was.
-        register(registry, &contract::HTTP_AUTHZ_ALLOW, m.http_authz_allow.clone());
-        register(registry, &contract::HTTP_AUTHZ_DENY, m.http_authz_deny.clone());
-        register(registry, &contract::TCP_AUTHZ_DENY, m.tcp_authz_deny.clone());
+        register(
+            registry,
+            &contract::HTTP_AUTHZ_ALLOW,
+            m.http_authz_allow.clone(),
+        );
+        register(
+            registry,
+            &contract::HTTP_AUTHZ_DENY,
+            m.http_authz_deny.clone(),
+        );
+        register(
+            registry,
+            &contract::TCP_AUTHZ_DENY,
+            m.tcp_authz_deny.clone(),
+        );
         register(registry, &contract::TCP_OPEN, m.tcp_open.clone());
         register(registry, &contract::TCP_CLOSE, m.tcp_close.clone());
-        register(registry, &contract::TCP_READ_BYTES, m.tcp_read_bytes.clone());
-        register(registry, &contract::TCP_WRITE_BYTES, m.tcp_write_bytes.clone());
+        register(
+            registry,
+            &contract::TCP_READ_BYTES,
+            m.tcp_read_bytes.clone(),
+        );
+        register(
+            registry,
+            &contract::TCP_WRITE_BYTES,
+            m.tcp_write_bytes.clone(),
+        );
         register(
             registry,
             &contract::TCP_OPEN_CONNECTIONS,
@@ -220,14 +240,26 @@ impl Metrics {
         register(registry, &contract::REQUEST, m.requests.clone());
         register(registry, &contract::RESPONSE, m.responses.clone());
         register(registry, &contract::RESPONSE_LATENCY_MS, m.latency.clone());
-        register(registry, &contract::RETRY_REQUESTS, m.retry_requests.clone());
-        register(registry, &contract::RETRY_SUCCESSES, m.retry_successes.clone());
+        register(
+            registry,
+            &contract::RETRY_REQUESTS,
+            m.retry_requests.clone(),
+        );
+        register(
+            registry,
+            &contract::RETRY_SUCCESSES,
+            m.retry_successes.clone(),
+        );
         register(
             registry,
             &contract::RETRY_LIMIT_EXCEEDED,
             m.retry_limit_exceeded.clone(),
         );
-        register(registry, &contract::RETRY_OVERFLOW, m.retry_overflow.clone());
+        register(
+            registry,
+            &contract::RETRY_OVERFLOW,
+            m.retry_overflow.clone(),
+        );
         m
     }
 
@@ -298,7 +330,12 @@ mod tests {
         let tcp = TcpLabels {
             direction: "inbound",
         };
-        for f in [&m.tcp_open, &m.tcp_close, &m.tcp_read_bytes, &m.tcp_write_bytes] {
+        for f in [
+            &m.tcp_open,
+            &m.tcp_close,
+            &m.tcp_read_bytes,
+            &m.tcp_write_bytes,
+        ] {
             f.get_or_create(&tcp).inc();
         }
         m.tcp_open_connections.get_or_create(&tcp).inc();
