@@ -3,13 +3,18 @@
 //! It holds workload identity names (SPIFFE IDs), typed env-var config, Flagger-style durations,
 //! error chains as people read them, the start-up announcement with which a mesh process tells
 //! its supervisor which addresses it bound, the proxy API (route tables, endpoints, identity and
-//! workload-registration messages) and the pure routing decisions over route tables.
+//! workload-registration messages), the pure routing decisions over route tables, the proxy's
+//! metric contract (series, labels, buckets) with a reader of the Prometheus text format, and
+//! the built-in canary gates defined over that contract.
 
 pub mod announce;
 pub mod config;
 pub mod duration;
 pub mod error;
+pub mod exposition;
+pub mod gates;
 pub mod identity;
+pub mod metrics;
 pub mod proxy_api;
 pub mod routing;
 

@@ -161,14 +161,13 @@ pub struct CanaryAnalysis {
     pub webhooks: Vec<CanaryWebhook>,
 }
 
-/// A metric gate. `request-success-rate` and `request-duration` are built in; other names need
-/// a `templateRef`.
+/// A metric gate: one of the built-in gates of `mesh_core::gates`, or a custom one read
+/// through a `templateRef`. The schema's description and CEL rule name the built-in gates from
+/// their definitions.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(
-    validation = Rule::new("self.name in ['request-success-rate', 'request-duration'] || has(self.templateRef)")
-        .message("metrics other than request-success-rate and request-duration need a templateRef")
-)]
+#[schemars(description = metric_description())]
+#[x_kube(validation = builtin_metric_rule())]
 pub struct CanaryMetric {
     /// Gate name.
     #[schemars(length(min = 1))]
@@ -186,6 +185,20 @@ pub struct CanaryMetric {
     /// Values substituted into the template's query.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_variables: Option<BTreeMap<String, String>>,
+}
+
+/// The schema description of a metric gate, naming the built-in gates.
+fn metric_description() -> String {
+    format!(
+        "A metric gate. {} are built in; other names need\na `templateRef`.",
+        mesh_core::gates::names_in_words("`")
+    )
+}
+
+/// The CEL rule of a metric gate: a built-in gate's name, or a `templateRef`.
+fn builtin_metric_rule() -> kube::core::Rule {
+    kube::core::Rule::new(mesh_core::gates::metric_rule())
+        .message(mesh_core::gates::metric_rule_message().as_str())
 }
 
 /// Accepted range of a metric value; either bound may be left open.

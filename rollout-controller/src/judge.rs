@@ -2,9 +2,10 @@
 //! canary-vs-primary comparisons over everything seen since the rollout started.
 //!
 //! Two kinds of gate run at every analysis tick:
-//! - Flagger's absolute thresholds, on the canary's numbers in the last window:
-//!   `request-success-rate` (percent, `thresholdRange.min`, default 99) and `request-duration`
-//!   (p99 in ms, `thresholdRange.max`, default 500); custom metrics against their range.
+//! - Flagger's absolute thresholds, on the canary's numbers in the last window: the built-in
+//!   gates defined in `mesh_core::gates` (`request-success-rate`, percent, `thresholdRange.min`,
+//!   default 99; `request-duration`, p99 in ms, `thresholdRange.max`, default 500), whose
+//!   [`Measure`]s are computed here; custom metrics against their range.
 //! - Sequential comparisons of the canary with the primary, on totals accumulated in the status:
 //!   the share of failed requests and the share of slow requests. Each is a one-sided mixture
 //!   sequential probability ratio test (mSPRT, normal mixture over the difference of two
@@ -14,13 +15,14 @@
 //!
 //! Too little traffic on either side makes a gate *inconclusive*: not a pass, not a failure.
 
+use mesh_core::gates::{self, Measure, Threshold};
 use mesh_crds::canary::{AnalysisTotals, ArmTotals, CanaryMetric, GateResult, Verdict};
 use statrs::distribution::{ContinuousCDF, Normal};
 
-/// Name of the built-in success-rate gate (Flagger's).
-pub const REQUEST_SUCCESS_RATE: &str = "request-success-rate";
-/// Name of the built-in latency gate (Flagger's).
-pub const REQUEST_DURATION: &str = "request-duration";
+/// Name of the built-in success-rate gate (Flagger's), from its definition in `mesh_core::gates`.
+pub const REQUEST_SUCCESS_RATE: &str = gates::REQUEST_SUCCESS_RATE.name;
+/// Name of the built-in latency gate (Flagger's), from its definition in `mesh_core::gates`.
+pub const REQUEST_DURATION: &str = gates::REQUEST_DURATION.name;
 /// Name of the sequential failure-share comparison.
 pub const COMPARE_ERRORS: &str = "canary-vs-primary-errors";
 /// Name of the sequential slow-share comparison.
@@ -133,6 +135,14 @@ impl ArmWindow {
         (self.requests > 0)
             .then(|| 100.0 * (self.requests - self.failures) as f64 / self.requests as f64)
     }
+
+    /// A built-in gate's value on this arm; `None` without the traffic to compute it.
+    pub fn measure(&self, measure: Measure) -> Option<f64> {
+        match measure {
+            Measure::SuccessRate => self.success_rate(),
+            Measure::LatencyQuantile(q) => self.latency.quantile(q),
+        }
+    }
 }
 
 /// Canary and primary traffic over the same window.
@@ -173,22 +183,23 @@ pub fn threshold_gates(
         .iter()
         .map(|m| {
             let range = m.threshold_range.clone().unwrap_or_default();
-            let (canary, primary, default_min, default_max) = match m.name.as_str() {
-                REQUEST_SUCCESS_RATE => (
-                    window.canary.success_rate(),
-                    window.primary.success_rate(),
-                    Some(99.0),
-                    None,
-                ),
-                REQUEST_DURATION => (
-                    window.canary.latency.quantile(0.99),
-                    window.primary.latency.quantile(0.99),
-                    None,
-                    Some(500.0),
-                ),
-                _ => (custom.get(&m.name).copied().flatten(), None, None, None),
+            let gate = gates::builtin(&m.name);
+            let (canary, primary, default_min, default_max) = match gate {
+                Some(g) => {
+                    let (min, max) = match g.default {
+                        Threshold::Min(min) => (Some(min), None),
+                        Threshold::Max(max) => (None, Some(max)),
+                    };
+                    (
+                        window.canary.measure(g.measure),
+                        window.primary.measure(g.measure),
+                        min,
+                        max,
+                    )
+                }
+                None => (custom.get(&m.name).copied().flatten(), None, None, None),
             };
-            let builtin = matches!(m.name.as_str(), REQUEST_SUCCESS_RATE | REQUEST_DURATION);
+            let builtin = gate.is_some();
             let (min, max) = if range.min.is_none() && range.max.is_none() {
                 (default_min, default_max)
             } else {

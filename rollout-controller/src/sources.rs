@@ -4,17 +4,22 @@
 //! - [`PrometheusSource`]: PromQL over a Prometheus that scrapes the proxies, through
 //!   prometheus-http-query, with built-in queries and user MetricTemplates.
 //!
-//! Both deliver the same [`Window`] of canary and primary traffic.
+//! Both deliver the same [`Window`] of canary and primary traffic: the window quantities
+//! (`mesh_core::gates::Input`) that the built-in gates and the sequential comparisons read,
+//! selected and named by the metric contract in `mesh_core`.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use mesh_core::exposition::{self, count};
+use mesh_core::gates::{self, ArmCounters, Input};
+use mesh_core::metrics::label;
 use prometheus_http_query::Client as PromClient;
 
 use crate::judge::{ArmWindow, Histogram, Window};
-use crate::scrape::{self, ArmCounters};
+use crate::scrape;
 
 /// Which traffic to measure.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -44,7 +49,7 @@ pub enum SourceError {
         /// The proxy admin address.
         addr: SocketAddr,
         /// The parse error.
-        source: scrape::ParseError,
+        source: exposition::ParseError,
     },
     /// A PromQL query failed.
     #[error("prometheus query {query:?}: {source}")]
@@ -147,9 +152,9 @@ impl DirectScrape {
                 .await
                 .map_err(|source| SourceError::Scrape { addr, source })?;
             let samples =
-                scrape::parse(&text).map_err(|source| SourceError::Parse { addr, source })?;
-            scrape::merge(&mut canary, &scrape::counters(&samples, &target.canary));
-            scrape::merge(&mut primary, &scrape::counters(&samples, &target.primary));
+                exposition::parse(&text).map_err(|source| SourceError::Parse { addr, source })?;
+            gates::merge(&mut canary, &gates::counters(&samples, &target.canary));
+            gates::merge(&mut primary, &gates::counters(&samples, &target.primary));
         }
         Ok((canary, primary))
     }
@@ -218,36 +223,35 @@ impl PrometheusSource {
     }
 
     async fn arm(&self, ns: &str, service: &str, range: &str) -> Result<ArmWindow, SourceError> {
-        let sel = format!(r#"direction="outbound",dst_namespace="{ns}",dst_service="{service}""#);
-        let requests = self
-            .scalar(format!("sum(increase(response_total{{{sel}}}[{range}]))"))
-            .await?
-            .unwrap_or(0.0);
-        let failures = self
-            .scalar(format!(
-                r#"sum(increase(response_total{{{sel},classification="failure"}}[{range}]))"#
-            ))
-            .await?
-            .unwrap_or(0.0);
-        let query = format!("sum by (le) (increase(response_latency_ms_bucket{{{sel}}}[{range}]))");
-        let mut buckets: Vec<(f64, u64)> = self
-            .vector(query)
-            .await?
-            .into_iter()
-            .filter_map(|(labels, value)| {
-                let le = match labels.get("le")?.as_str() {
-                    "+Inf" => f64::INFINITY,
-                    le => le.parse().ok()?,
-                };
-                Some((le, scrape::to_u64(value)))
-            })
-            .collect();
-        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        Ok(ArmWindow {
-            requests: scrape::to_u64(requests),
-            failures: scrape::to_u64(failures),
-            latency: Histogram { buckets },
-        })
+        let mut window = ArmWindow::default();
+        for input in Input::ALL {
+            let query = input.promql(ns, service, range);
+            match input {
+                Input::Responses => {
+                    window.requests = count(self.scalar(query).await?.unwrap_or(0.0));
+                }
+                Input::Failures => {
+                    window.failures = count(self.scalar(query).await?.unwrap_or(0.0));
+                }
+                Input::LatencyBuckets => {
+                    let mut buckets: Vec<(f64, u64)> = self
+                        .vector(query)
+                        .await?
+                        .into_iter()
+                        .filter_map(|(labels, value)| {
+                            let le = match labels.get(label::LE)?.as_str() {
+                                "+Inf" => f64::INFINITY,
+                                le => le.parse().ok()?,
+                            };
+                            Some((le, count(value)))
+                        })
+                        .collect();
+                    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    window.latency = Histogram { buckets };
+                }
+            }
+        }
+        Ok(window)
     }
 
     /// Runs a MetricTemplate query with Flagger's variables (`namespace`, `target`, `service`,

@@ -6,23 +6,20 @@
 
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use mesh_core::metrics::{self as contract, Classification, ErrorSource, Family as Contract};
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
-/// Linkerd's latency buckets, in milliseconds.
-pub const LATENCY_BUCKETS_MS: [f64; 25] = [
-    1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 100.0, 200.0, 300.0, 400.0, 500.0,
-    1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 10000.0, 20000.0, 30000.0, 40000.0, 50000.0,
-];
+pub use mesh_core::metrics::LATENCY_BUCKETS_MS;
 
 /// Labels of a request.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct RequestLabels {
-    /// `outbound` or `inbound`.
+    /// `outbound` or `inbound` ([`mesh_core::metrics::Direction`]).
     pub direction: &'static str,
     /// The authority the request was routed by.
     pub authority: String,
@@ -34,15 +31,34 @@ pub struct RequestLabels {
     pub dst_namespace: String,
 }
 
+impl EncodeLabelSet for RequestLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let values = [
+            self.direction,
+            &self.authority,
+            &self.route,
+            &self.dst_service,
+            &self.dst_namespace,
+        ];
+        encode_labels(&contract::REQUEST_LABELS, values, encoder)
+    }
+}
+
 /// Labels of an opaque TCP connection.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct TcpLabels {
     /// `inbound` (opaque TCP is forwarded on the inbound side only).
     pub direction: &'static str,
 }
 
+impl EncodeLabelSet for TcpLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encode_labels(&contract::TCP_LABELS, [self.direction], encoder)
+    }
+}
+
 /// Labels of a response: the request's plus status and classification.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct ResponseLabels {
     /// `outbound` or `inbound`.
     pub direction: &'static str,
@@ -56,17 +72,33 @@ pub struct ResponseLabels {
     pub dst_namespace: String,
     /// HTTP status code; empty when no response was received.
     pub status_code: String,
-    /// `success`, or `failure` for 5xx and proxy errors.
+    /// `success`, or `failure` for 5xx and proxy errors ([`Classification`]).
     pub classification: &'static str,
     /// Where a failure came from: `upstream` (the app answered 5xx), `mesh` (the proxy could not
-    /// reach or timed out on the backend), or empty for successes.
+    /// reach or timed out on the backend), or empty for successes ([`ErrorSource`]).
     pub error: &'static str,
+}
+
+impl EncodeLabelSet for ResponseLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let values = [
+            self.direction,
+            &self.authority,
+            &self.route,
+            &self.dst_service,
+            &self.dst_namespace,
+            &self.status_code,
+            self.classification,
+            self.error,
+        ];
+        encode_labels(&contract::RESPONSE_LABELS, values, encoder)
+    }
 }
 
 /// Labels of authorization decisions: what decided the policy (`Server/<name>` or
 /// `default:<policy>`) and, for an admitted client, the authorization that admitted it. Both
 /// are resource names from the control plane, never values a client sends.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct AuthzLabels {
     /// `Server/<name>` or `default:<policy>`.
     pub server: String,
@@ -74,13 +106,44 @@ pub struct AuthzLabels {
     pub authorization: String,
 }
 
+impl EncodeLabelSet for AuthzLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let values = [self.server.as_str(), &self.authorization];
+        encode_labels(&contract::AUTHZ_LABELS, values, encoder)
+    }
+}
+
 /// Labels of per-route series: the authority and the HTTPRoute rule.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct RouteLabels {
     /// The authority the request was routed by.
     pub authority: String,
     /// Route (HTTPRoute rule) name.
     pub route: String,
+}
+
+impl EncodeLabelSet for RouteLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let values = [self.authority.as_str(), &self.route];
+        encode_labels(&contract::ROUTE_LABELS, values, encoder)
+    }
+}
+
+/// Writes a label set: the contract's names, in its order, with the values in the same order.
+fn encode_labels<const N: usize>(
+    names: &[&'static str; N],
+    values: [&str; N],
+    encoder: &mut LabelSetEncoder<'_>,
+) -> Result<(), std::fmt::Error> {
+    for (name, value) in names.iter().zip(values) {
+        (*name, value).encode(encoder.encode_label())?;
+    }
+    Ok(())
+}
+
+/// Registers a family under the contract's name and help text.
+fn register(registry: &mut Registry, family: &Contract, metric: impl Metric) {
+    registry.register(family.name, family.help, metric);
 }
 
 /// The proxy's metric families.
@@ -141,75 +204,60 @@ impl Metrics {
             http_authz_deny: Family::default(),
             tcp_authz_deny: Family::default(),
         };
-        registry.register(
-            "inbound_http_authz_allow",
-            "Inbound HTTP requests admitted by an authorization",
+        // Registration order is the exposition's order; it is kept as it always was.
+        register(
+            registry,
+            &contract::HTTP_AUTHZ_ALLOW,
             m.http_authz_allow.clone(),
         );
-        registry.register(
-            "inbound_http_authz_deny",
-            "Inbound HTTP requests refused by the port's policy",
+        register(
+            registry,
+            &contract::HTTP_AUTHZ_DENY,
             m.http_authz_deny.clone(),
         );
-        registry.register(
-            "inbound_tcp_authz_deny",
-            "Inbound opaque TCP connections refused by the port's policy",
+        register(
+            registry,
+            &contract::TCP_AUTHZ_DENY,
             m.tcp_authz_deny.clone(),
         );
-        registry.register(
-            "tcp_open",
-            "Opaque TCP connections opened",
-            m.tcp_open.clone(),
-        );
-        registry.register(
-            "tcp_close",
-            "Opaque TCP connections closed",
-            m.tcp_close.clone(),
-        );
-        registry.register(
-            "tcp_read_bytes",
-            "Bytes read from peers on opaque TCP connections",
+        register(registry, &contract::TCP_OPEN, m.tcp_open.clone());
+        register(registry, &contract::TCP_CLOSE, m.tcp_close.clone());
+        register(
+            registry,
+            &contract::TCP_READ_BYTES,
             m.tcp_read_bytes.clone(),
         );
-        registry.register(
-            "tcp_write_bytes",
-            "Bytes written to peers on opaque TCP connections",
+        register(
+            registry,
+            &contract::TCP_WRITE_BYTES,
             m.tcp_write_bytes.clone(),
         );
-        registry.register(
-            "tcp_open_connections",
-            "Opaque TCP connections open now",
+        register(
+            registry,
+            &contract::TCP_OPEN_CONNECTIONS,
             m.tcp_open_connections.clone(),
         );
-        registry.register("request", "Requests sent or received", m.requests.clone());
-        registry.register(
-            "response",
-            "Responses sent or received",
-            m.responses.clone(),
-        );
-        registry.register(
-            "response_latency_ms",
-            "Time from request to response headers, in milliseconds",
-            m.latency.clone(),
-        );
-        registry.register(
-            "outbound_http_route_retry_requests",
-            "Retries sent, per route",
+        register(registry, &contract::REQUEST, m.requests.clone());
+        register(registry, &contract::RESPONSE, m.responses.clone());
+        register(registry, &contract::RESPONSE_LATENCY_MS, m.latency.clone());
+        register(
+            registry,
+            &contract::RETRY_REQUESTS,
             m.retry_requests.clone(),
         );
-        registry.register(
-            "outbound_http_route_retry_successes",
-            "Requests that succeeded after at least one retry, per route",
+        register(
+            registry,
+            &contract::RETRY_SUCCESSES,
             m.retry_successes.clone(),
         );
-        registry.register(
-            "outbound_http_route_retry_limit_exceeded",
-            "Requests that failed in a retryable way after their last allowed retry, per route",
+        register(
+            registry,
+            &contract::RETRY_LIMIT_EXCEEDED,
             m.retry_limit_exceeded.clone(),
         );
-        registry.register(
-            "outbound_http_route_retry_overflow",
-            "Retries not sent because the route's retry budget was spent",
+        register(
+            registry,
+            &contract::RETRY_OVERFLOW,
             m.retry_overflow.clone(),
         );
         m
@@ -231,16 +279,112 @@ impl Metrics {
             dst_service: req.dst_service.clone(),
             dst_namespace: req.dst_namespace.clone(),
             status_code: status.map(|s| s.to_string()).unwrap_or_default(),
-            classification: if failure { "failure" } else { "success" },
-            error: match (failure, mesh_error) {
-                (false, _) => "",
-                (true, true) => "mesh",
-                (true, false) => "upstream",
-            },
+            classification: if failure {
+                Classification::Failure
+            } else {
+                Classification::Success
+            }
+            .as_str(),
+            error: ErrorSource::label(match (failure, mesh_error) {
+                (false, _) => None,
+                (true, true) => Some(ErrorSource::Mesh),
+                (true, false) => Some(ErrorSource::Upstream),
+            }),
         };
         self.responses.get_or_create(&labels).inc();
         self.latency
             .get_or_create(&labels)
             .observe(took.as_secs_f64() * 1000.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One sample in every family, written through the proxy's own types.
+    fn exposition() -> String {
+        let mut registry = Registry::default();
+        let m = Metrics::register(&mut registry);
+        let req = RequestLabels {
+            direction: "outbound",
+            authority: "web.default:80".into(),
+            route: "split".into(),
+            dst_service: "web-canary".into(),
+            dst_namespace: "default".into(),
+        };
+        m.requests.get_or_create(&req).inc();
+        m.record(&req, Some(503), false, Duration::from_millis(12));
+        let route = RouteLabels {
+            authority: "web.default:80".into(),
+            route: "split".into(),
+        };
+        for f in [
+            &m.retry_requests,
+            &m.retry_successes,
+            &m.retry_limit_exceeded,
+            &m.retry_overflow,
+        ] {
+            f.get_or_create(&route).inc();
+        }
+        let tcp = TcpLabels {
+            direction: "inbound",
+        };
+        for f in [
+            &m.tcp_open,
+            &m.tcp_close,
+            &m.tcp_read_bytes,
+            &m.tcp_write_bytes,
+        ] {
+            f.get_or_create(&tcp).inc();
+        }
+        m.tcp_open_connections.get_or_create(&tcp).inc();
+        let authz = AuthzLabels {
+            server: "Server/web".into(),
+            authorization: "AuthorizationPolicy/web".into(),
+        };
+        for f in [&m.http_authz_allow, &m.http_authz_deny, &m.tcp_authz_deny] {
+            f.get_or_create(&authz).inc();
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    /// The text dashboards and Flagger queries read, byte for byte, as it was before the
+    /// families were registered from the contract.
+    #[test]
+    fn the_exposition_is_unchanged() {
+        assert_eq!(exposition(), include_str!("../tests/golden/metrics.txt"));
+    }
+
+    /// Every family the proxy registers is in the contract, with its type and help text, and
+    /// the other way round.
+    #[test]
+    fn the_exposition_follows_the_contract() {
+        let text = exposition();
+        let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        assert_eq!(types.len(), contract::FAMILIES.len(), "{text}");
+        for f in contract::FAMILIES {
+            let help = format!("# HELP {} {}.", f.name, f.help);
+            let kind = format!("# TYPE {} {}", f.name, f.kind.as_str());
+            assert!(text.lines().any(|l| l == help), "{help}\n{text}");
+            assert!(types.contains(&kind.as_str()), "{kind}\n{text}");
+            let sample = match f.kind {
+                contract::Kind::Histogram => f.bucket(),
+                contract::Kind::Counter | contract::Kind::Gauge => f.series(),
+            };
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{sample}{{")))
+                .unwrap_or_else(|| panic!("no {sample} sample\n{text}"));
+            let names: Vec<&str> = line
+                .split(['{', ','])
+                .skip(1)
+                .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
+                .filter(|k| *k != contract::label::LE)
+                .collect();
+            assert_eq!(names, f.labels, "{line}");
+        }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use mesh_rollout_controller::scrape;
+use mesh_core::{exposition, gates};
 use mesh_test_support::apps::{SEEN_ADDED, SEEN_HOST, app};
 use mesh_test_support::process::{MeshBinary, MeshProcess};
 
@@ -97,9 +97,9 @@ async fn weights_split_requests_and_metrics_count_them_per_backend() {
         .text()
         .await
         .unwrap();
-    let samples = scrape::parse(&text).unwrap();
-    let c = scrape::counters(&samples, "web-canary");
-    let pr = scrape::counters(&samples, "web-primary");
+    let samples = exposition::parse(&text).unwrap();
+    let c = gates::counters(&samples, "web-canary");
+    let pr = gates::counters(&samples, "web-primary");
     assert_eq!(c.requests, f64::from(canary), "{text}");
     assert_eq!(pr.requests, f64::from(1000 - canary));
     assert_eq!(c.failures, 0.0);

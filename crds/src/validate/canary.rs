@@ -60,15 +60,13 @@ pub fn validate_canary(canary: &Canary) -> Result<(), FieldError> {
         let at = |f: &str| format!("spec.analysis.metrics[{i}].{f}");
         non_empty(&at("name"), &m.name)?;
         check_duration(&at("interval"), m.interval.as_deref())?;
-        if !matches!(m.name.as_str(), "request-success-rate" | "request-duration")
-            && m.template_ref.is_none()
-        {
+        if mesh_core::gates::builtin(&m.name).is_none() && m.template_ref.is_none() {
             return Err(FieldError::new(
                 at("templateRef"),
                 format!(
-                    "metric {:?} needs a templateRef: only request-success-rate and \
-                     request-duration are built in",
-                    m.name
+                    "metric {:?} needs a templateRef: only {} are built in",
+                    m.name,
+                    mesh_core::gates::names_in_words("")
                 ),
             ));
         }
