@@ -187,8 +187,8 @@ pub struct After {
 
 /// Runs `mesh demo`.
 pub fn run(args: Args) -> ExitCode {
-    crate::init_logging("error");
-    crate::block_on(true, demo(args)).map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
+    crate::runtime::init_logging("error");
+    crate::runtime::block_on(true, demo(args)).map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
 }
 
 struct Say(Output);
@@ -281,8 +281,14 @@ async fn backend_counters(mesh: &Mesh, client: &reqwest::Client) -> (ArmCounters
             continue;
         };
         let names = Names::new(NAMESPACE, "backend", "backend");
-        scrape::merge(&mut canary, &scrape::counters(&samples, &names.service_canary));
-        scrape::merge(&mut primary, &scrape::counters(&samples, &names.service_primary));
+        scrape::merge(
+            &mut canary,
+            &scrape::counters(&samples, &names.service_canary),
+        );
+        scrape::merge(
+            &mut primary,
+            &scrape::counters(&samples, &names.service_primary),
+        );
     }
     (canary, primary)
 }

@@ -9,6 +9,7 @@ mod embedded;
 mod k8s;
 mod resources;
 mod rollout;
+mod runtime;
 mod up;
 
 use std::process::ExitCode;
@@ -92,39 +93,6 @@ fn main() -> ExitCode {
             resources::run(&at, resources::Action::Delete { kind, name })
         }
     }
-}
-
-/// Runs `fut` to completion on a new runtime (a multi-thread one for long-running commands);
-/// an error is printed as `error: ...` and gives `None`.
-#[allow(clippy::print_stderr, reason = "the CLI talks to its user")]
-fn block_on<T>(
-    multi_thread: bool,
-    fut: impl std::future::Future<Output = anyhow::Result<T>>,
-) -> Option<T> {
-    let runtime = if multi_thread {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    };
-    let result = match runtime {
-        Ok(r) => r.block_on(fut),
-        Err(e) => Err(anyhow::anyhow!("starting the runtime: {e}")),
-    };
-    result.map_err(|e| eprintln!("error: {e:#}")).ok()
-}
-
-/// Logs go to stderr; `RUST_LOG` overrides `default`.
-fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 #[cfg(test)]

@@ -53,7 +53,8 @@ pub enum Action {
 
 /// Runs a resource command, printing its result or its error.
 pub fn run(at: &Where, action: Action) -> ExitCode {
-    crate::block_on(false, execute(at, action)).map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
+    crate::runtime::block_on(false, execute(at, action))
+        .map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
 }
 
 async fn execute(at: &Where, action: Action) -> anyhow::Result<()> {

@@ -321,12 +321,12 @@ pub fn github_annotations(c: &Canary, exit: u8) -> String {
 pub fn run(command: Command) -> ExitCode {
     // 4 is none of the rollout's outcomes: a usage or connection problem.
     let code = match command {
-        Command::Status(args) => crate::block_on(false, status(args)),
-        Command::Promote(args) => crate::block_on(false, request(args, Request::Promote)),
-        Command::Abort(args) => crate::block_on(false, request(args, Request::Abort)),
-        Command::Pause(args) => crate::block_on(false, suspend(args, true)),
-        Command::Resume(args) => crate::block_on(false, suspend(args, false)),
-        Command::History(args) => crate::block_on(false, history(args)),
+        Command::Status(args) => crate::runtime::block_on(false, status(args)),
+        Command::Promote(args) => crate::runtime::block_on(false, request(args, Request::Promote)),
+        Command::Abort(args) => crate::runtime::block_on(false, request(args, Request::Abort)),
+        Command::Pause(args) => crate::runtime::block_on(false, suspend(args, true)),
+        Command::Resume(args) => crate::runtime::block_on(false, suspend(args, false)),
+        Command::History(args) => crate::runtime::block_on(false, history(args)),
     };
     code.map_or(ExitCode::from(4), ExitCode::from)
 }

@@ -36,8 +36,8 @@ pub struct Args {
 
 /// Runs `mesh up`.
 pub fn run(args: Args) -> ExitCode {
-    crate::init_logging("info");
-    crate::block_on(true, up(args)).map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
+    crate::runtime::init_logging("info");
+    crate::runtime::block_on(true, up(args)).map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
 }
 
 #[allow(

@@ -14,6 +14,7 @@ pub use mesh_core::duration;
 pub mod config;
 pub mod controller;
 pub mod embedded;
+pub mod error;
 pub mod judge;
 pub mod kubernetes;
 pub mod machine;

@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_crds::{Canary, HttpRoute};
 use serde_json::{Value, json};
 
-use crate::controller::DriverError;
+use crate::error::DriverError;
 
 /// Label on every object the rollout controller creates.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "mesh");

@@ -607,6 +607,7 @@ every_crate! {
     sidecar_has_no_module_cycles => "sidecar",
     simulations_has_no_module_cycles => "simulations",
     test_support_has_no_module_cycles => "test-support",
+    store_has_no_module_cycles => "store",
 }
 
 #[test]

@@ -10,7 +10,7 @@ use mesh_crds::validate::ResourceKind;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use super::{Applied, ApplyError, Conn, Refused};
+use super::common::{Applied, ApplyError, Conn, Refused};
 
 /// How long a read or a write of one object may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

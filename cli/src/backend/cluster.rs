@@ -17,7 +17,7 @@ use kube::{
 use mesh_crds::validate::{self, ResourceKind, ValidationError};
 use serde_json::{Value, json};
 
-use super::{Applied, ApplyError, Refused};
+use super::common::{Applied, ApplyError, Refused};
 
 /// The field manager of `mesh apply`'s server-side applies.
 const FIELD_MANAGER: &str = "mesh";

@@ -11,20 +11,11 @@
 
 mod api;
 mod cluster;
+mod common;
 
+pub use common::{Applied, ApplyError, Conn, Refused};
 use mesh_crds::{Canary, validate::ResourceKind};
 use serde_json::Value;
-
-/// Where the control plane is and which namespace to work in.
-#[derive(clap::Args, Debug, Clone)]
-pub struct Conn {
-    /// The control plane's resource API.
-    #[arg(long, env = "MESH_SERVER", default_value = "http://127.0.0.1:4180")]
-    pub server: String,
-    /// Namespace of the resources.
-    #[arg(short = 'n', long, default_value = "default")]
-    pub namespace: String,
-}
 
 /// Where the resources live: the embedded control plane (`--server`, the default), or a
 /// Kubernetes cluster (`--kube`, `--kubeconfig` or `--context`).
@@ -44,67 +35,6 @@ impl Where {
     /// Whether the flags select a cluster.
     pub fn is_cluster(&self) -> bool {
         self.kube || self.k8s.kubeconfig.is_some() || self.k8s.context.is_some()
-    }
-}
-
-/// What an apply did to one object.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Applied {
-    /// `created`, `configured` or `unchanged`.
-    pub action: String,
-    /// The object as stored.
-    pub object: Value,
-}
-
-/// A request the store refused, as its Kubernetes `Status` tells it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refused {
-    /// The HTTP status code.
-    pub code: u16,
-    /// The `Status` reason (`NotFound`, `Invalid`, `Conflict`, ...).
-    pub reason: String,
-    /// What the store said.
-    pub message: String,
-}
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "from server ({}): {}", self.reason, self.message)
-    }
-}
-
-impl std::error::Error for Refused {}
-
-impl Refused {
-    /// Whether `e` is a refusal because the object does not exist.
-    pub fn is_not_found(e: &anyhow::Error) -> bool {
-        e.downcast_ref::<Self>().is_some_and(|r| r.code == 404)
-    }
-}
-
-/// Why an apply stopped.
-#[derive(Debug)]
-pub enum ApplyError {
-    /// One document was refused, by validation or by the store.
-    Document {
-        /// Its position in the batch, from 0.
-        index: usize,
-        /// The field at fault, when one is named.
-        field: Option<String>,
-        /// What is wrong.
-        message: String,
-        /// What was written before it: nothing through the embedded API, whose batches are
-        /// atomic, nor when validation refused it; in a cluster, the documents before it when
-        /// the apiserver refused it.
-        applied: Vec<Applied>,
-    },
-    /// The request failed as a whole; nothing was written.
-    Request(anyhow::Error),
-}
-
-impl From<anyhow::Error> for ApplyError {
-    fn from(e: anyhow::Error) -> Self {
-        Self::Request(e)
     }
 }
 

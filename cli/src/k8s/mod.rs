@@ -75,7 +75,7 @@ pub struct InjectArgs {
 #[allow(clippy::print_stdout, reason = "the manifests are the output")]
 pub fn install(args: &install::InstallArgs) -> ExitCode {
     let rendered = install::render(args).and_then(|docs| install::to_yaml(&docs));
-    match crate::block_on(false, async { rendered }) {
+    match crate::runtime::block_on(false, async { rendered }) {
         Some(yaml) => {
             print!("{yaml}");
             ExitCode::SUCCESS
@@ -115,7 +115,7 @@ pub fn inject(args: &InjectArgs) -> ExitCode {
         ),
     }
     let result = inject::inject_file(&args.file, &config);
-    match crate::block_on(false, async { result }) {
+    match crate::runtime::block_on(false, async { result }) {
         Some((yaml, report)) => {
             for line in report {
                 eprintln!("{line}");
@@ -129,7 +129,7 @@ pub fn inject(args: &InjectArgs) -> ExitCode {
 
 /// `mesh check`.
 pub fn check(args: &CheckArgs) -> ExitCode {
-    let ok = crate::block_on(false, async {
+    let ok = crate::runtime::block_on(false, async {
         let client = args.kube.client().await?;
         Ok(check::print(&check::run(&client, args.pre).await))
     });

@@ -23,7 +23,8 @@ use mesh_store::{ObjectKey, ResourceStore, Selector, update_status};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::controller::{self, Backoff, Driver, DriverError, TargetState};
+use crate::controller::{self, Backoff, Driver, TargetState};
+use crate::error::DriverError;
 use crate::judge::JudgeConfig;
 use crate::machine::Action;
 use crate::owned::{self, Arm, Names};

@@ -23,7 +23,8 @@ use kube::{Client, Resource, ResourceExt};
 use mesh_crds::{Canary, CanaryStatus, HttpRoute, MetricTemplate};
 use serde_json::{Value, json};
 
-use crate::controller::{Driver, DriverError, TargetState};
+use crate::controller::{Driver, TargetState};
+use crate::error::DriverError;
 use crate::machine::Action;
 use crate::owned::{self, Names};
 
@@ -180,7 +181,7 @@ impl KubeDriver {
         if current != revision {
             // The user changed the target again; the next reconcile sees the new revision.
             return Err(DriverError::new(
-                crate::controller::ErrorKind::Conflict,
+                crate::error::ErrorKind::Conflict,
                 format!(
                     "Deployment {}/{} moved from revision {revision} to {current}; not copying",
                     names.namespace, names.target

@@ -26,7 +26,8 @@ use tokio::sync::Mutex;
 pub use driver::{FIELD_MANAGER, KubeDriver, template_revision};
 pub use lease::{ElectionConfig, Elector};
 
-use crate::controller::{self, Backoff, DriverError, ErrorKind, ReconcileError};
+use crate::controller::{self, Backoff, ReconcileError};
+use crate::error::{DriverError, ErrorKind};
 use crate::judge::{JudgeConfig, Window};
 use crate::sources::{MetricSource, SourceError, Target};
 
