@@ -74,16 +74,15 @@ pub struct Settings {
     pub balance: BalanceConfig,
 }
 
-/// The stack every outbound request goes through, top to bottom.
-type Stack = route::RouteService<
+/// The stack every outbound request goes through, top to bottom, over the client `C`.
+type Stack<C> = route::RouteService<
     filters::Filters<
-        timeout::Timeout<
-            retry::Retry<
-                split::Split<balance::Balance<metrics::Record<Client<PlainClient, MtlsClients>>>>,
-            >,
-        >,
+        timeout::Timeout<retry::Retry<split::Split<balance::Balance<metrics::Record<C>>>>>,
     >,
 >;
+
+/// The pooled clients at the bottom of the proxy's stack.
+type Clients = Client<PlainClient, MtlsClients>;
 
 /// The outbound proxy.
 #[derive(Debug)]
@@ -96,7 +95,7 @@ pub struct Outbound {
     balancer: Arc<Balancer>,
     budgets: Arc<Budgets>,
     mtls: Option<MtlsClients>,
-    stack: Stack,
+    stack: Stack<Clients>,
     /// The tables that per-endpoint and per-route state was last pruned against.
     pruned: Mutex<Weak<Tables>>,
 }
@@ -117,14 +116,8 @@ impl Outbound {
         let balancer = Arc::new(Balancer::new(settings.balance));
         let budgets = Arc::new(Budgets::default());
         let connect_timeout = settings.connect_timeout.unwrap_or(CONNECT_TIMEOUT);
-        let stack = stack(
-            &tables,
-            &metrics,
-            &balancer,
-            &budgets,
-            connect_timeout,
-            None,
-        );
+        let client = Client::new(PlainClient::new(connect_timeout), None);
+        let stack = stack(&tables, &metrics, &balancer, &budgets, client);
         Self {
             tables,
             discovery,
@@ -141,13 +134,13 @@ impl Outbound {
     /// Reaches meshed endpoints over mTLS with the certificate in `credentials`.
     pub fn with_identity(mut self, credentials: SharedCredentials) -> Self {
         let mtls = MtlsClients::new(credentials, self.connect_timeout);
+        let client = Client::new(PlainClient::new(self.connect_timeout), Some(mtls.clone()));
         self.stack = stack(
             &self.tables,
             &self.metrics,
             &self.balancer,
             &self.budgets,
-            self.connect_timeout,
-            Some(mtls.clone()),
+            client,
         );
         self.mtls = Some(mtls);
         self
@@ -240,15 +233,15 @@ impl Outbound {
     }
 }
 
-/// Assembles the stack, once per proxy; requests carry what differs per route and backend.
-fn stack(
+/// Assembles the stack over `client`, once per proxy; requests carry what differs per route
+/// and backend.
+fn stack<C>(
     tables: &SharedTables,
     metrics: &Metrics,
     balancer: &Arc<Balancer>,
     budgets: &Arc<Budgets>,
-    connect_timeout: Duration,
-    mtls: Option<MtlsClients>,
-) -> Stack {
+    client: C,
+) -> Stack<C> {
     ServiceBuilder::new()
         .layer(RouteLayer)
         .layer(FiltersLayer)
@@ -261,5 +254,179 @@ fn stack(
         .layer(SplitLayer::new(balancer.clone()))
         .layer(BalanceLayer::new(balancer.clone()))
         .layer(MetricsLayer::new(metrics.clone()))
-        .service(Client::new(PlainClient::new(connect_timeout), mtls))
+        .service(client)
+}
+
+/// The layers together, over a stub client: what their order means.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::FailureAccrual;
+    use crate::outbound::balance::ToEndpoint;
+    use crate::outbound::error::AttemptError;
+    use crate::outbound::route::mk;
+    use crate::retry::ReplayBody;
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use prometheus_client::registry::Registry;
+
+    const TABLES: &str = r#"
+routes:
+  - parent: web.default:80
+    rules:
+      - name: fault
+        matches: [{path: {type: PathPrefix, value: /fault}}]
+        filters: [{type: fault, abort: {status: 418, percent: 100}}]
+        backends: [{service: web-primary.default:80, weight: 1}]
+      - name: slow
+        matches: [{path: {type: PathPrefix, value: /slow}}]
+        timeoutMs: 100
+        retry: {statuses: [504], maxRetries: 2}
+        backends: [{service: web-primary.default:80, weight: 1}]
+      - name: main
+        matches: [{path: {type: PathPrefix, value: /}}]
+        retry: {statuses: [503], maxRetries: 1}
+        backends:
+          - {service: web-primary.default:80, weight: 1}
+          - {service: web-canary.default:80, weight: 1}
+endpoints:
+  - service: web-primary.default:80
+    endpoints: [{addr: "127.0.0.1:9001"}]
+  - service: web-canary.default:80
+    endpoints: [{addr: "127.0.0.1:9002"}]
+"#;
+
+    type Attempt = ToEndpoint<ReplayBody<Full<Bytes>>>;
+
+    /// The client at the bottom: the primary's endpoint refuses connections, the canary's
+    /// answers 200, `/slow` hangs. Counts the attempts.
+    fn client(
+        attempts: &Arc<Mutex<Vec<String>>>,
+    ) -> tower::util::BoxCloneService<Attempt, Response<Body>, Error> {
+        let attempts = attempts.clone();
+        tower::util::BoxCloneService::new(tower::service_fn(move |req: Attempt| {
+            attempts.lock().unwrap().push(req.backend.name.clone());
+            async move {
+                if req.request.uri().path() == "/slow" {
+                    tokio::time::sleep(Duration::from_secs(600)).await;
+                }
+                if req.backend.name == "web-primary" {
+                    return Err(Error::Endpoint {
+                        backend: req.backend,
+                        addr: req.endpoint.addr,
+                        error: AttemptError::Client {
+                            connect: true,
+                            error: "connection refused".into(),
+                        },
+                    });
+                }
+                Ok(mk::response(200))
+            }
+        }))
+    }
+
+    struct Setup {
+        stack: Stack<tower::util::BoxCloneService<Attempt, Response<Body>, Error>>,
+        attempts: Arc<Mutex<Vec<String>>>,
+        registry: Registry,
+        tables: Arc<Tables>,
+    }
+
+    fn setup() -> Setup {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let tables = mk::tables(TABLES);
+        let (_, rx) = tokio::sync::watch::channel(tables.clone());
+        // One failure takes an endpoint out.
+        let balancer = Arc::new(Balancer::new(BalanceConfig {
+            accrual: FailureAccrual {
+                consecutive_failures: 1,
+                ..FailureAccrual::default()
+            },
+            ..BalanceConfig::default()
+        }));
+        let attempts = Arc::default();
+        let stack = stack(&rx, &metrics, &balancer, &Arc::default(), client(&attempts));
+        Setup {
+            stack,
+            attempts,
+            registry,
+            tables,
+        }
+    }
+
+    impl Setup {
+        async fn get(&self, path: &str) -> u16 {
+            let request = Request::get(format!("http://web.default:80{path}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let req = Targeted {
+                target: Target::from_request(&request).unwrap(),
+                tables: self.tables.clone(),
+                request,
+            };
+            match self.stack.clone().oneshot(req).await {
+                Ok(rsp) => rsp.status().as_u16(),
+                Err(e) => e.status().as_u16(),
+            }
+        }
+
+        fn attempts(&self) -> Vec<String> {
+            std::mem::take(&mut *self.attempts.lock().unwrap())
+        }
+
+        /// The `response_total` series in the metrics text.
+        fn responses(&self) -> Vec<String> {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+            text.lines()
+                .filter(|l| l.starts_with("response_total{"))
+                .map(str::to_string)
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connect_failure_is_retried_on_the_backend_that_can_answer() {
+        let s = setup();
+        for _ in 0..20 {
+            assert_eq!(s.get("/").await, 200);
+        }
+        let attempts = s.attempts();
+        // The primary's endpoint failed once and was taken out; every later pick avoids it.
+        let to_primary = attempts.iter().filter(|b| *b == "web-primary").count();
+        assert!(to_primary <= 1, "{attempts:?}");
+        assert_eq!(attempts.len(), 20 + to_primary);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timed_out_request_is_not_retried_and_counts_as_a_504_for_its_backend() {
+        let s = setup();
+        // `/slow` hangs at the primary, the rule's only backend.
+        assert_eq!(s.get("/slow").await, 504);
+        assert_eq!(
+            s.attempts(),
+            ["web-primary"],
+            "the timeout bounds the retries"
+        );
+        let responses = s.responses();
+        assert_eq!(responses.len(), 1, "{responses:?}");
+        assert!(responses[0].contains(r#"route="slow""#), "{responses:?}");
+        assert!(
+            responses[0].contains(r#"dst_service="web-primary""#),
+            "{responses:?}"
+        );
+        assert!(
+            responses[0].contains(r#"status_code="504""#),
+            "{responses:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn answers_the_proxy_makes_itself_are_not_attempts() {
+        let s = setup();
+        assert_eq!(s.get("/fault").await, 418);
+        assert!(s.attempts().is_empty());
+        assert!(s.responses().is_empty());
+    }
 }

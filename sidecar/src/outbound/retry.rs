@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use http::header::CONTENT_LENGTH;
 use http::{Request, Response};
 use mesh_core::proxy_api::{RetryBudget, ServiceRef};
@@ -116,7 +116,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Error;
-    type Future = BoxFuture<'static, Result<Response<Body>, Error>>;
+    type Future = Either<S::Future, BoxFuture<'static, Result<Response<Body>, Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx)
@@ -129,37 +129,36 @@ where
             request,
         } = req;
         let (parts, body) = request.into_parts();
+        let policy = route.rule.retry.clone().filter(|p| p.max_retries > 0);
         let length = parts
             .headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse().ok());
+        // Only a route that retries pays for keeping a copy of the body.
+        let replayable = Replayable::new(body, policy.is_some(), length);
+        // The first attempt always has the body.
+        let Some(body) = replayable.attempt() else {
+            return Either::Right(Box::pin(std::future::ready(Err(Error::BodySent))));
+        };
+        let Some(policy) = policy else {
+            let request = Request::from_parts(parts, body);
+            return Either::Left(self.inner.call(Routed {
+                route,
+                tables,
+                request,
+            }));
+        };
         let inner = self.inner.clone();
         let shared = self.shared.clone();
-        Box::pin(async move {
-            let policy = route.rule.retry.as_ref().filter(|p| p.max_retries > 0);
-            // Only a route that retries pays for keeping a copy of the body.
-            let replayable = Replayable::new(body, policy.is_some(), length);
-            let Some(policy) = policy else {
-                let Some(body) = replayable.attempt() else {
-                    return Err(Error::BodySent);
-                };
-                let request = Request::from_parts(parts, body);
-                let route = route.clone();
-                return inner
-                    .oneshot(Routed {
-                        route,
-                        tables,
-                        request,
-                    })
-                    .await;
-            };
+        Either::Right(Box::pin(async move {
             let budget = shared.budgets.get(&route, &policy.budget);
             lock(&budget).deposit(Instant::now());
+            let mut body = Some(body);
             let mut retries = 0;
             loop {
                 // Retries are only sent after `can_replay`, so there is a body for each attempt.
-                let Some(body) = replayable.attempt() else {
+                let Some(body) = body.take().or_else(|| replayable.attempt()) else {
                     return Err(Error::BodySent);
                 };
                 let attempt = Routed {
@@ -213,7 +212,7 @@ where
                     .inc();
                 tables = shared.tables.borrow().clone();
             }
-        })
+        }))
     }
 }
 

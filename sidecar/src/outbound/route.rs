@@ -56,12 +56,16 @@ pub struct Route {
 }
 
 impl Route {
-    /// The rule a request to `service` takes, or `None` (a 404) when no rule matches or the
-    /// service is unknown.
-    pub fn select<B>(tables: &Tables, service: ServiceRef, req: &Request<B>) -> Option<Self> {
+    /// The rule a request to `service` takes; when no rule matches or the service is unknown
+    /// (a 404), the service is handed back.
+    pub fn select<B>(
+        tables: &Tables,
+        service: ServiceRef,
+        req: &Request<B>,
+    ) -> Result<Self, ServiceRef> {
         let Some(routes) = tables.routes.get(&service) else {
             if !tables.available(&service) {
-                return None;
+                return Err(service);
             }
             let rule = RouteRule {
                 name: "default".into(),
@@ -71,7 +75,7 @@ impl Route {
                 }],
                 ..Default::default()
             };
-            return Some(Self::new(service, rule, "default".to_string()));
+            return Ok(Self::new(service, rule, "default".to_string()));
         };
         let headers = req.headers();
         let lookup = |name: &str| {
@@ -87,14 +91,16 @@ impl Route {
             query: req.uri().query(),
             headers: &lookup,
         };
-        let (i, rule) = routes.route(&parts)?;
+        let Some((i, rule)) = routes.route(&parts) else {
+            return Err(service);
+        };
         let name = if rule.name.is_empty() {
             format!("rule-{i}")
         } else {
             rule.name.clone()
         };
         let rule = rule.clone();
-        Some(Self::new(service, rule, name))
+        Ok(Self::new(service, rule, name))
     }
 
     fn new(service: ServiceRef, rule: RouteRule, name: String) -> Self {
@@ -148,13 +154,13 @@ where
         // Every kind of target routes by a service today; an original destination address
         // will be resolved to one (or passed through) here.
         let Target::Authority(service) = target;
-        match Route::select(&tables, service.clone(), &request) {
-            Some(route) => Either::Right(self.inner.call(Routed {
+        match Route::select(&tables, service, &request) {
+            Ok(route) => Either::Right(self.inner.call(Routed {
                 route: Arc::new(route),
                 tables,
                 request,
             })),
-            None => Either::Left(ready(Err(Error::NoRoute {
+            Err(service) => Either::Left(ready(Err(Error::NoRoute {
                 service,
                 method: request.method().clone(),
                 path: request.uri().path().to_string(),
