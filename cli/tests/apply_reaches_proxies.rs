@@ -131,7 +131,10 @@ async fn a_weight_change_applied_with_mesh_reaches_every_proxy() {
     let api = cp.api_url();
     let proxy_api = cp.proxy_api();
 
-    let (v1, v2) = (app("v1").await.unwrap().addr(), app("v2").await.unwrap().addr());
+    let (v1, v2) = (
+        app("v1").await.unwrap().addr(),
+        app("v2").await.unwrap().addr(),
+    );
     register(proxy_api, state.path(), v1, v2).await;
     apply(&api, state.path(), &route(100, 0));
 
@@ -168,7 +171,10 @@ async fn proxies_serve_through_a_30_second_control_plane_outage_and_resync() {
     let mut cp = on_state(state.path()).proxy_addr(addr).run().unwrap();
     let api = cp.api_url();
     let proxy_api = cp.proxy_api();
-    let (v1, v2) = (app("v1").await.unwrap().addr(), app("v2").await.unwrap().addr());
+    let (v1, v2) = (
+        app("v1").await.unwrap().addr(),
+        app("v2").await.unwrap().addr(),
+    );
     register(proxy_api, state.path(), v1, v2).await;
     apply(&api, state.path(), &route(100, 0));
     let p = cp.proxy(CALLER).watch("web.default:80").run().unwrap();
@@ -223,7 +229,10 @@ async fn weight_changes_under_load_drop_no_request() {
     let state = tempfile::tempdir().unwrap();
     let cp = on_state(state.path()).run().unwrap();
     let api = cp.api_url();
-    let (v1, v2) = (app("v1").await.unwrap().addr(), app("v2").await.unwrap().addr());
+    let (v1, v2) = (
+        app("v1").await.unwrap().addr(),
+        app("v2").await.unwrap().addr(),
+    );
     register(cp.proxy_api(), state.path(), v1, v2).await;
     apply(&api, state.path(), &route(100, 0));
     let p = cp.proxy(CALLER).watch("web.default:80").run().unwrap();

@@ -535,8 +535,8 @@ mod tests {
             "routes:\n  - parent: web.default:80\n    rules:\n      - backends:\n          - {service: web.default:80, weight: lots}\n",
         )
         .unwrap();
-        let error = Proxy::new(config(&[("MESH_PROXY_CONFIG", path.to_str().unwrap())]))
-            .unwrap_err();
+        let error =
+            Proxy::new(config(&[("MESH_PROXY_CONFIG", path.to_str().unwrap())])).unwrap_err();
         let chain = format!("{:#}", anyhow::Error::from(error));
         assert!(chain.contains("bad.yaml"), "{chain}");
         assert!(

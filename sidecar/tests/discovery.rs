@@ -103,7 +103,10 @@ async fn versions(client: &reqwest::Client, n: usize) -> Vec<String> {
 
 #[tokio::test]
 async fn weight_changes_reach_the_proxy_and_it_fails_static() {
-    let (v1, v2) = (app("v1").await.unwrap().addr(), app("v2").await.unwrap().addr());
+    let (v1, v2) = (
+        app("v1").await.unwrap().addr(),
+        app("v2").await.unwrap().addr(),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cp_addr = listener.local_addr().unwrap();
     let (state_tx, state_rx) = watch::channel(State {

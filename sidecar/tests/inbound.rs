@@ -186,7 +186,10 @@ async fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
     );
     let (status, body) = slow.await.unwrap();
     assert_eq!((status.as_u16(), body.as_str()), (200, "v1"));
-    assert_eventually!(p.process().child().check_running().is_err(), "the proxy did not exit");
+    assert_eventually!(
+        p.process().child().check_running().is_err(),
+        "the proxy did not exit"
+    );
     let exit = p.process().child().check_running().unwrap_err();
     assert!(exit.ends_with("exit status: 0"), "{exit}");
 }

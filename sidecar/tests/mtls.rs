@@ -80,7 +80,11 @@ async fn grpc(
 #[tokio::test]
 async fn http1_h2_and_grpc_cross_two_proxies_over_mtls() {
     let web = app("web").await.unwrap();
-    let pair = mesh_pair(web.addr()).cert_lifetime("1h").run().await.unwrap();
+    let pair = mesh_pair(web.addr())
+        .cert_lifetime("1h")
+        .run()
+        .await
+        .unwrap();
     let (server, client) = (&pair.server, &pair.client);
     assert_eventually!(server.ready().await == 200 && client.ready().await == 200);
     assert_eq!(identity(server).await["identity"], WEB_ID);
@@ -171,7 +175,11 @@ async fn a_peer_with_another_identity_is_refused() {
 #[tokio::test]
 async fn certificates_are_renewed_under_traffic_without_a_failed_request() {
     let web = app("web").await.unwrap();
-    let pair = mesh_pair(web.addr()).cert_lifetime("6s").run().await.unwrap();
+    let pair = mesh_pair(web.addr())
+        .cert_lifetime("6s")
+        .run()
+        .await
+        .unwrap();
     let (server, client) = (&pair.server, &pair.client);
     assert_eventually!(server.ready().await == 200 && client.ready().await == 200);
     let outbound = client.addr("outbound");

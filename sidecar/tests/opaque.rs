@@ -50,7 +50,10 @@ async fn binary_and_server_first_protocols_pass_through_and_are_counted() {
 
     // Server first: the client waits for the banner; after the detect timeout the proxy
     // connects it through.
-    let smtp = tcp_echo().banner(b"220 mail.example ESMTP\r\n").await.unwrap();
+    let smtp = tcp_echo()
+        .banner(b"220 mail.example ESMTP\r\n")
+        .await
+        .unwrap();
     let p = proxy()
         .app(smtp)
         .env("MESH_PROXY_INBOUND_DETECT_TIMEOUT", "300ms")

@@ -41,7 +41,10 @@ endpoints:
 
 #[tokio::test]
 async fn weights_split_requests_and_metrics_count_them_per_backend() {
-    let (v1, v2) = (app("v1").await.unwrap().addr(), app("v2").await.unwrap().addr());
+    let (v1, v2) = (
+        app("v1").await.unwrap().addr(),
+        app("v2").await.unwrap().addr(),
+    );
     let p = proxy().outbound(config(v1, v2, (80, 20))).run().unwrap();
     let client = p.client();
     let mut canary = 0;
@@ -85,7 +88,10 @@ async fn weights_split_requests_and_metrics_count_them_per_backend() {
 
 #[tokio::test]
 async fn a_90_10_split_over_10000_requests_lands_within_one_and_a_half_points() {
-    let (v1, v2) = (app("v1").await.unwrap().addr(), app("v2").await.unwrap().addr());
+    let (v1, v2) = (
+        app("v1").await.unwrap().addr(),
+        app("v2").await.unwrap().addr(),
+    );
     let p = proxy().outbound(config(v1, v2, (90, 10))).run().unwrap();
     let client = p.client();
     let canary = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -116,7 +122,10 @@ async fn a_90_10_split_over_10000_requests_lands_within_one_and_a_half_points() 
 
 #[tokio::test]
 async fn weights_of_zero_and_one_hundred_are_exact() {
-    let (v1, v2) = (app("v1").await.unwrap().addr(), app("v2").await.unwrap().addr());
+    let (v1, v2) = (
+        app("v1").await.unwrap().addr(),
+        app("v2").await.unwrap().addr(),
+    );
     for (weights, want) in [((100, 0), "v1"), ((0, 100), "v2")] {
         let p = proxy().outbound(config(v1, v2, weights)).run().unwrap();
         let client = p.client();
@@ -136,7 +145,10 @@ async fn weights_of_zero_and_one_hundred_are_exact() {
 
 #[tokio::test]
 async fn origin_form_and_h2c_clients_are_routed() {
-    let (v1, v2) = (app("v1").await.unwrap().addr(), app("v2").await.unwrap().addr());
+    let (v1, v2) = (
+        app("v1").await.unwrap().addr(),
+        app("v2").await.unwrap().addr(),
+    );
     let p = proxy().outbound(config(v1, v2, (100, 0))).run().unwrap();
     let outbound = p.addr("outbound");
     for extra in [&[][..], &["--http2-prior-knowledge"][..]] {
@@ -159,7 +171,10 @@ async fn origin_form_and_h2c_clients_are_routed() {
 
 #[tokio::test]
 async fn timeouts_faults_and_unknown_routes_answer_from_the_proxy() {
-    let (v1, v2) = (app("v1").await.unwrap().addr(), app("v2").await.unwrap().addr());
+    let (v1, v2) = (
+        app("v1").await.unwrap().addr(),
+        app("v2").await.unwrap().addr(),
+    );
     let p = proxy().outbound(config(v1, v2, (100, 0))).run().unwrap();
     let client = p.client();
 
@@ -207,7 +222,10 @@ async fn timeouts_faults_and_unknown_routes_answer_from_the_proxy() {
 
 #[tokio::test]
 async fn config_endpoint_shows_the_tables() {
-    let (v1, v2) = (app("v1").await.unwrap().addr(), app("v2").await.unwrap().addr());
+    let (v1, v2) = (
+        app("v1").await.unwrap().addr(),
+        app("v2").await.unwrap().addr(),
+    );
     let p = proxy().outbound(config(v1, v2, (70, 30))).run().unwrap();
     let cfg: serde_json::Value = mesh_test_support::http_client()
         .get(format!("http://{}/config", p.addr("admin")))

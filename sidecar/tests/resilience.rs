@@ -44,12 +44,15 @@ const RETRY_5XX: &str = "retry: {statuses: [502, 503, 504], maxRetries: 2}";
 #[tokio::test]
 async fn a_retry_turns_a_failed_first_attempt_into_a_success() {
     // Every request fails its first attempt with 503 and succeeds on the second.
-    let up = app("v1").body_len().answer(|s| {
-        (if s.attempt == 1 { 503 } else { 200 }, Duration::ZERO)
-    })
-    .await
-    .unwrap();
-    let p = proxy().outbound(one_backend(RETRY_5XX, &[up.addr()])).run().unwrap();
+    let up = app("v1")
+        .body_len()
+        .answer(|s| (if s.attempt == 1 { 503 } else { 200 }, Duration::ZERO))
+        .await
+        .unwrap();
+    let p = proxy()
+        .outbound(one_backend(RETRY_5XX, &[up.addr()]))
+        .run()
+        .unwrap();
     let client = p.client();
     for i in 0..100 {
         let rsp = client
@@ -146,12 +149,15 @@ async fn retries_recover_a_30_percent_failing_backend_within_the_budget() {
 
 #[tokio::test]
 async fn a_request_body_over_64_kib_is_never_retried() {
-    let up = app("v1").body_len().answer(|s| {
-        (if s.attempt == 1 { 503 } else { 200 }, Duration::ZERO)
-    })
-    .await
-    .unwrap();
-    let p = proxy().outbound(one_backend(RETRY_5XX, &[up.addr()])).run().unwrap();
+    let up = app("v1")
+        .body_len()
+        .answer(|s| (if s.attempt == 1 { 503 } else { 200 }, Duration::ZERO))
+        .await
+        .unwrap();
+    let p = proxy()
+        .outbound(one_backend(RETRY_5XX, &[up.addr()]))
+        .run()
+        .unwrap();
     let client = p.client();
     let rsp = client
         .post("http://web.default:80/")
@@ -178,7 +184,12 @@ async fn a_request_body_over_64_kib_is_never_retried() {
 
 /// Sends a POST of `chunks` × `chunk` bytes with no Content-Length (chunked), as a streaming
 /// client does, and returns the status and body.
-async fn post_chunked(proxy: &impl Sidecar, id: &str, chunks: usize, chunk: usize) -> (u16, String) {
+async fn post_chunked(
+    proxy: &impl Sidecar,
+    id: &str,
+    chunks: usize,
+    chunk: usize,
+) -> (u16, String) {
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(2);
     tokio::spawn(async move {
         for _ in 0..chunks {
@@ -201,12 +212,15 @@ async fn post_chunked(proxy: &impl Sidecar, id: &str, chunks: usize, chunk: usiz
 
 #[tokio::test]
 async fn a_streamed_body_is_retried_while_it_fits_in_64_kib() {
-    let up = app("v1").body_len().answer(|s| {
-        (if s.attempt == 1 { 503 } else { 200 }, Duration::ZERO)
-    })
-    .await
-    .unwrap();
-    let p = proxy().outbound(one_backend(RETRY_5XX, &[up.addr()])).run().unwrap();
+    let up = app("v1")
+        .body_len()
+        .answer(|s| (if s.attempt == 1 { 503 } else { 200 }, Duration::ZERO))
+        .await
+        .unwrap();
+    let p = proxy()
+        .outbound(one_backend(RETRY_5XX, &[up.addr()]))
+        .run()
+        .unwrap();
     assert_eq!(
         post_chunked(&p, "small-stream", 8, 4096).await,
         (200, "v1 32768".to_string()),
@@ -223,7 +237,11 @@ async fn a_streamed_body_is_retried_while_it_fits_in_64_kib() {
 
 #[tokio::test]
 async fn retries_stop_at_the_budget() {
-    let up = app("v1").body_len().answer(|_| (503, Duration::ZERO)).await.unwrap();
+    let up = app("v1")
+        .body_len()
+        .answer(|_| (503, Duration::ZERO))
+        .await
+        .unwrap();
     // No minimum, and a window longer than the test: retries may add exactly 20 % of requests.
     let rule = "retry: {statuses: [503], maxRetries: 3, budget: {ratio: 0.2, minPerSecond: 0, ttlMs: 60000}}";
     // Failure accrual would take the only endpoint out after a few 503s; here it must stay in.
@@ -261,13 +279,18 @@ async fn retries_stop_at_the_budget() {
 
 #[tokio::test]
 async fn max_retries_bounds_the_attempts_of_one_request() {
-    let up = app("v1").body_len().answer(|_| (502, Duration::ZERO)).await.unwrap();
+    let up = app("v1")
+        .body_len()
+        .answer(|_| (502, Duration::ZERO))
+        .await
+        .unwrap();
     let p = proxy()
         .outbound(one_backend(RETRY_5XX, &[up.addr()]))
         .env("MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES", "0")
         .run()
         .unwrap();
-    let rsp = p.client()
+    let rsp = p
+        .client()
         .get("http://web.default:80/")
         .header("x-request-id", "doomed")
         .send()
@@ -288,10 +311,18 @@ async fn max_retries_bounds_the_attempts_of_one_request() {
 #[tokio::test]
 async fn a_request_past_the_route_timeout_is_answered_504_and_attempted_once() {
     // Far longer than the test waits: only the proxy's timeout can answer.
-    let up = app("v1").body_len().answer(|_| (200, Duration::from_secs(600))).await.unwrap();
+    let up = app("v1")
+        .body_len()
+        .answer(|_| (200, Duration::from_secs(600)))
+        .await
+        .unwrap();
     let rule = format!("timeoutMs: 300\n        {RETRY_5XX}");
-    let p = proxy().outbound(one_backend(&rule, &[up.addr()])).run().unwrap();
-    let rsp = p.client()
+    let p = proxy()
+        .outbound(one_backend(&rule, &[up.addr()]))
+        .run()
+        .unwrap();
+    let rsp = p
+        .client()
         .get("http://web.default:80/")
         .header("x-request-id", "slow")
         .send()
@@ -312,9 +343,20 @@ async fn a_request_past_the_route_timeout_is_answered_504_and_attempted_once() {
 
 #[tokio::test]
 async fn p2c_sends_most_requests_to_the_faster_endpoint() {
-    let fast = app("fast").body_len().answer(|_| (200, Duration::ZERO)).await.unwrap();
-    let slow = app("slow").body_len().answer(|_| (200, Duration::from_millis(50))).await.unwrap();
-    let p = proxy().outbound(one_backend("", &[fast.addr(), slow.addr()])).run().unwrap();
+    let fast = app("fast")
+        .body_len()
+        .answer(|_| (200, Duration::ZERO))
+        .await
+        .unwrap();
+    let slow = app("slow")
+        .body_len()
+        .answer(|_| (200, Duration::from_millis(50)))
+        .await
+        .unwrap();
+    let p = proxy()
+        .outbound(one_backend("", &[fast.addr(), slow.addr()]))
+        .run()
+        .unwrap();
     let client = p.client();
     // Four clients at once, so pending requests weigh in as well as latency.
     let mut tasks = tokio::task::JoinSet::new();
@@ -349,7 +391,11 @@ async fn get(client: &reqwest::Client, closed: SocketAddr) -> u16 {
 
 #[tokio::test]
 async fn failure_accrual_stops_attempts_to_a_closed_port_and_probes_it_later() {
-    let healthy = app("healthy").body_len().answer(|_| (200, Duration::ZERO)).await.unwrap();
+    let healthy = app("healthy")
+        .body_len()
+        .answer(|_| (200, Duration::ZERO))
+        .await
+        .unwrap();
     // A port nobody listens on: every attempt is a connection refused, a fast 502.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -435,9 +481,16 @@ endpoints:
 
 #[tokio::test]
 async fn a_fault_filter_aborts_its_share_of_requests() {
-    let up = app("v1").body_len().answer(|_| (200, Duration::ZERO)).await.unwrap();
+    let up = app("v1")
+        .body_len()
+        .answer(|_| (200, Duration::ZERO))
+        .await
+        .unwrap();
     let rule = "filters: [{type: fault, abort: {status: 503, percent: 25}}]";
-    let p = proxy().outbound(one_backend(rule, &[up.addr()])).run().unwrap();
+    let p = proxy()
+        .outbound(one_backend(rule, &[up.addr()]))
+        .run()
+        .unwrap();
     let client = p.client();
     let mut aborted = 0;
     for _ in 0..1000 {

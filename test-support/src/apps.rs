@@ -135,7 +135,10 @@ impl AppBuilder {
 
     /// Decides each answer's status and delay from what the app saw (overrides status,
     /// latency and failures).
-    pub fn answer(mut self, answer: impl Fn(&Seen) -> (u16, Duration) + Send + Sync + 'static) -> Self {
+    pub fn answer(
+        mut self,
+        answer: impl Fn(&Seen) -> (u16, Duration) + Send + Sync + 'static,
+    ) -> Self {
         self.answer = Some(Arc::new(answer));
         self
     }
@@ -157,7 +160,10 @@ impl AppBuilder {
     pub async fn start(self) -> Result<App> {
         let listener = tokio::net::TcpListener::bind(self.addr)
             .await
-            .map_err(HarnessError::io(format!("binding a test app to {}", self.addr)))?;
+            .map_err(HarnessError::io(format!(
+                "binding a test app to {}",
+                self.addr
+            )))?;
         let addr = listener
             .local_addr()
             .map_err(HarnessError::io("reading a test app's address"))?;
@@ -250,7 +256,10 @@ struct State {
 type AppBody = BoxBody<Bytes, Infallible>;
 
 impl State {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<AppBody>, Infallible> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<AppBody>, Infallible> {
         let mut headers = HeaderMap::new();
         for (from, to) in [
             ("host", SEEN_HOST),
@@ -297,9 +306,17 @@ impl State {
             Some(answer) => answer(&seen),
             None => {
                 let fail = self.app.fail_rate > 0.0
-                    && self.rng.lock().unwrap_or_else(PoisonError::into_inner).f64()
+                    && self
+                        .rng
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .f64()
                         < self.app.fail_rate;
-                let status = if fail { self.app.fail_status } else { self.app.status };
+                let status = if fail {
+                    self.app.fail_status
+                } else {
+                    self.app.status
+                };
                 (status, self.app.latency)
             }
         };
@@ -310,11 +327,14 @@ impl State {
         let mut rsp = if grpc {
             grpc::answer(&path, &body)
         } else if self.app.body_len {
-            Response::new(Full::new(Bytes::from(format!("{} {}", self.app.version, body.len()))).boxed())
+            Response::new(
+                Full::new(Bytes::from(format!("{} {}", self.app.version, body.len()))).boxed(),
+            )
         } else {
             Response::new(Full::new(Bytes::from(self.app.version.clone())).boxed())
         };
-        *rsp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        *rsp.status_mut() =
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         rsp.headers_mut().extend(headers);
         Ok(rsp)
     }

@@ -117,7 +117,9 @@ impl ControlPlaneBuilder {
                 let dir = tempfile::Builder::new()
                     .prefix("mesh-controlplane-state-")
                     .tempdir()
-                    .map_err(HarnessError::io("creating the control plane's state directory"))?;
+                    .map_err(HarnessError::io(
+                        "creating the control plane's state directory",
+                    ))?;
                 (dir.path().to_path_buf(), Some(dir))
             }
         };
@@ -193,7 +195,10 @@ impl ControlPlane {
     ///
     /// # Panics
     /// When the control plane refuses it.
-    #[allow(clippy::expect_used, reason = "a test helper fails its test by panicking")]
+    #[allow(
+        clippy::expect_used,
+        reason = "a test helper fails its test by panicking"
+    )]
     pub async fn apply(&self, yaml: &str) {
         let rsp = crate::http_client()
             .post(format!("{}/apply?namespace=default", self.api_url()))

@@ -96,7 +96,10 @@ impl ProxyBuilder {
     /// proxy's certificate.
     pub fn control_plane(self, access: &ProxyApiAccess, identity: &str) -> Self {
         self.env(ENV_CONTROL_PLANE_ADDR, access.addr.to_string())
-            .env(ENV_TRUST_ROOTS_FILE, access.trust_roots_file.display().to_string())
+            .env(
+                ENV_TRUST_ROOTS_FILE,
+                access.trust_roots_file.display().to_string(),
+            )
             .env(ENV_TOKEN_FILE, access.token_file.display().to_string())
             .env(ENV_IDENTITY, identity)
     }
@@ -131,8 +134,7 @@ impl ProxyBuilder {
     pub fn run(mut self) -> Result<InProcessProxy> {
         let dir = Self::dir()?;
         self.write_config(&dir)?;
-        let config =
-            Config::from_env(&self.env).map_err(|e| HarnessError::Proxy(e.to_string()))?;
+        let config = Config::from_env(&self.env).map_err(|e| HarnessError::Proxy(e.to_string()))?;
         let proxy = Proxy::new(config).map_err(|e| HarnessError::Proxy(chain(&e)))?;
         let (started_tx, started_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<oneshot::Sender<Result<()>>>();
@@ -335,7 +337,10 @@ pub trait Sidecar {
     ///
     /// # Panics
     /// When the admin server does not answer with JSON.
-    #[allow(clippy::expect_used, reason = "a test helper fails its test by panicking")]
+    #[allow(
+        clippy::expect_used,
+        reason = "a test helper fails its test by panicking"
+    )]
     fn config(&self) -> impl Future<Output = serde_json::Value> + Send {
         let url = format!("http://{}/config", self.addr("admin"));
         async move {
@@ -401,9 +406,8 @@ impl Sidecar for MeshProcess {
 )]
 pub fn client_via(outbound: SocketAddr, timeout: Option<Duration>) -> reqwest::Client {
     let _ = crate::http_client();
-    let mut builder = reqwest::Client::builder().proxy(
-        reqwest::Proxy::http(format!("http://{outbound}")).expect("a proxy URL"),
-    );
+    let mut builder = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{outbound}")).expect("a proxy URL"));
     if let Some(timeout) = timeout {
         builder = builder.timeout(timeout);
     }
