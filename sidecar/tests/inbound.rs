@@ -14,14 +14,7 @@ const SERVICE: &str = "web-canary.default:80";
 
 /// The value of the one `name` series whose labels contain every one of `labels`.
 async fn metric(p: &impl Sidecar, name: &str, labels: &[&str]) -> Option<u64> {
-    let text = mesh_test_support::http_client()
-        .get(format!("http://{}/metrics", p.addr("admin")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = p.metrics().await;
     let series: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with(&format!("{name}{{")))

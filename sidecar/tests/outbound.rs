@@ -68,14 +68,7 @@ async fn weights_split_requests_and_metrics_count_them_per_backend() {
         "canary got {canary} of 1000 at weight 20"
     );
 
-    let text = mesh_test_support::http_client()
-        .get(format!("http://{}/metrics", p.addr("admin")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = p.metrics().await;
     let samples = scrape::parse(&text).unwrap();
     let c = scrape::counters(&samples, "web-canary");
     let pr = scrape::counters(&samples, "web-primary");
@@ -202,14 +195,7 @@ async fn timeouts_faults_and_unknown_routes_answer_from_the_proxy() {
     assert!(rsp.text().await.unwrap().contains("nowhere.default:80"));
 
     // The timed-out request counts as a mesh failure against its backend.
-    let text = mesh_test_support::http_client()
-        .get(format!("http://{}/metrics", p.addr("admin")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = p.metrics().await;
     assert!(
         text.lines().any(|l| l.starts_with("response_total")
             && l.contains(r#"route="slow""#)
@@ -227,14 +213,7 @@ async fn config_endpoint_shows_the_tables() {
         app("v2").await.unwrap().addr(),
     );
     let p = proxy().outbound(config(v1, v2, (70, 30))).run().unwrap();
-    let cfg: serde_json::Value = mesh_test_support::http_client()
-        .get(format!("http://{}/config", p.addr("admin")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cfg = p.config().await;
     assert_eq!(cfg["routes"][0]["parent"], "web.default:80");
     assert_eq!(cfg["routes"][0]["rules"][2]["backends"][1]["weight"], 30);
     let canary = cfg["endpoints"]

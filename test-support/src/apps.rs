@@ -456,3 +456,71 @@ impl IntoFuture for TcpEcho {
         Box::pin(self.start())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_app_answers_with_its_version_and_status_over_http1_and_h2c() {
+        let v2 = app("v2").status(503).await.unwrap();
+        let url = format!("http://{}/", v2.addr());
+        let rsp = crate::http_client()
+            .get(&url)
+            .header("x-request-id", "a")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), 503);
+        assert_eq!(rsp.headers()[APP_VERSION], "v2");
+        assert_eq!(rsp.headers()[SEEN_VERSION], "HTTP/1.1");
+        assert_eq!(rsp.text().await.unwrap(), "v2");
+        let h2c = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        let rsp = h2c
+            .get(&url)
+            .header("x-request-id", "a")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rsp.headers()[SEEN_VERSION], "HTTP/2.0");
+        assert_eq!((v2.hits(), v2.attempts("a")), (2, 2));
+    }
+
+    #[tokio::test]
+    async fn a_seeded_fail_rate_fails_its_share_the_same_way_every_run() {
+        let failures = |seed| async move {
+            let flaky = app("v3").fail_rate(0.25).seed(seed).await.unwrap();
+            let mut failed = Vec::new();
+            for i in 0..400 {
+                let rsp = crate::http_client()
+                    .get(format!("http://{}/", flaky.addr()))
+                    .send()
+                    .await
+                    .unwrap();
+                if rsp.status() == 500 {
+                    failed.push(i);
+                }
+            }
+            failed
+        };
+        let first = failures(7).await;
+        // Binomial(400, 0.25): sd 8.7; 40 is beyond 4.5 sd.
+        assert!((60..=140).contains(&first.len()), "{} failed", first.len());
+        assert_eq!(failures(7).await, first);
+    }
+
+    #[tokio::test]
+    async fn an_echo_server_greets_then_echoes() {
+        let addr = tcp_echo().banner(b"hello\n").await.unwrap();
+        let mut io = tokio::net::TcpStream::connect(addr).await.unwrap();
+        io.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 10];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello\nping");
+    }
+}

@@ -111,20 +111,33 @@ pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
     reason = "a test helper fails its test by panicking"
 )]
 pub async fn metric_sum(admin: impl std::fmt::Display, name: &str, labels: &[&str]) -> f64 {
-    let text = http_client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .and_then(reqwest::Response::error_for_status)
-        .expect("scraping /metrics")
-        .text()
-        .await
-        .expect("reading /metrics");
+    let text = metrics_text(admin).await;
     let series = format!("{name}{{");
     text.lines()
         .filter(|l| l.starts_with(&series) && labels.iter().all(|label| l.contains(label)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The text of `http://<admin>/metrics`.
+///
+/// # Panics
+/// When the scrape fails.
+#[allow(
+    clippy::expect_used,
+    reason = "a test helper fails its test by panicking"
+)]
+pub fn metrics_text(admin: impl std::fmt::Display) -> impl Future<Output = String> + Send {
+    let scrape = http_client().get(format!("http://{admin}/metrics")).send();
+    async move {
+        scrape
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .expect("scraping /metrics")
+            .text()
+            .await
+            .expect("reading /metrics")
+    }
 }
 
 /// An HTTP client for talking to components. The workspace builds rustls with the ring provider

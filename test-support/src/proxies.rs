@@ -323,14 +323,8 @@ pub trait Sidecar {
 
     /// The status of `/ready` (0 when the admin server does not answer).
     fn ready(&self) -> impl Future<Output = u16> + Send {
-        let url = format!("http://{}/ready", self.addr("admin"));
-        async move {
-            crate::http_client()
-                .get(url)
-                .send()
-                .await
-                .map_or(0, |r| r.status().as_u16())
-        }
+        let admin = admin_get(self.addr("admin"), "/ready");
+        async move { admin.await.map_or(0, |r| r.status().as_u16()) }
     }
 
     /// `/config`: the route and endpoint tables, the identity, the inbound policy.
@@ -342,17 +336,19 @@ pub trait Sidecar {
         reason = "a test helper fails its test by panicking"
     )]
     fn config(&self) -> impl Future<Output = serde_json::Value> + Send {
-        let url = format!("http://{}/config", self.addr("admin"));
+        let admin = admin_get(self.addr("admin"), "/config");
         async move {
-            crate::http_client()
-                .get(url)
-                .send()
-                .await
-                .expect("asking for /config")
-                .json()
-                .await
-                .expect("/config is JSON")
+            let rsp = admin.await.expect("asking for /config");
+            rsp.json().await.expect("/config is JSON")
         }
+    }
+
+    /// `/metrics`, the OpenMetrics text.
+    ///
+    /// # Panics
+    /// When the scrape fails.
+    fn metrics(&self) -> impl Future<Output = String> + Send {
+        crate::metrics_text(self.addr("admin"))
     }
 
     /// The sum of the samples of `name` whose labels contain every one of `labels`; see
@@ -366,6 +362,16 @@ pub trait Sidecar {
             crate::metric_sum(admin, &name, &labels).await
         }
     }
+}
+
+/// A GET of `path` on the admin server at `admin`.
+fn admin_get(
+    admin: SocketAddr,
+    path: &str,
+) -> impl Future<Output = reqwest::Result<reqwest::Response>> + Send + use<> {
+    crate::http_client()
+        .get(format!("http://{admin}{path}"))
+        .send()
 }
 
 #[allow(
