@@ -44,11 +44,7 @@ const RETRY_5XX: &str = "retry: {statuses: [502, 503, 504], maxRetries: 2}";
 #[tokio::test]
 async fn a_retry_turns_a_failed_first_attempt_into_a_success() {
     // Every request fails its first attempt with 503 and succeeds on the second.
-    let up = app("v1")
-        .body_len()
-        .answer(|s| (if s.attempt == 1 { 503 } else { 200 }, Duration::ZERO))
-        .await
-        .unwrap();
+    let up = app("v1").body_len().fail_first_attempt(503).await.unwrap();
     let p = proxy()
         .outbound(one_backend(RETRY_5XX, &[up.addr()]))
         .run()
@@ -106,7 +102,6 @@ async fn a_retry_turns_a_failed_first_attempt_into_a_success() {
 async fn retries_recover_a_30_percent_failing_backend_within_the_budget() {
     // A seeded generator and one request at a time: the same failures on every run.
     let up = app("v1")
-        .body_len()
         .fail_rate(0.3)
         .failing_with(503)
         .seed(7)
@@ -149,11 +144,7 @@ async fn retries_recover_a_30_percent_failing_backend_within_the_budget() {
 
 #[tokio::test]
 async fn a_request_body_over_64_kib_is_never_retried() {
-    let up = app("v1")
-        .body_len()
-        .answer(|s| (if s.attempt == 1 { 503 } else { 200 }, Duration::ZERO))
-        .await
-        .unwrap();
+    let up = app("v1").body_len().fail_first_attempt(503).await.unwrap();
     let p = proxy()
         .outbound(one_backend(RETRY_5XX, &[up.addr()]))
         .run()
@@ -212,11 +203,7 @@ async fn post_chunked(
 
 #[tokio::test]
 async fn a_streamed_body_is_retried_while_it_fits_in_64_kib() {
-    let up = app("v1")
-        .body_len()
-        .answer(|s| (if s.attempt == 1 { 503 } else { 200 }, Duration::ZERO))
-        .await
-        .unwrap();
+    let up = app("v1").body_len().fail_first_attempt(503).await.unwrap();
     let p = proxy()
         .outbound(one_backend(RETRY_5XX, &[up.addr()]))
         .run()
@@ -237,11 +224,7 @@ async fn a_streamed_body_is_retried_while_it_fits_in_64_kib() {
 
 #[tokio::test]
 async fn retries_stop_at_the_budget() {
-    let up = app("v1")
-        .body_len()
-        .answer(|_| (503, Duration::ZERO))
-        .await
-        .unwrap();
+    let up = app("v1").status(503).await.unwrap();
     // No minimum, and a window longer than the test: retries may add exactly 20 % of requests.
     let rule = "retry: {statuses: [503], maxRetries: 3, budget: {ratio: 0.2, minPerSecond: 0, ttlMs: 60000}}";
     // Failure accrual would take the only endpoint out after a few 503s; here it must stay in.
@@ -279,11 +262,7 @@ async fn retries_stop_at_the_budget() {
 
 #[tokio::test]
 async fn max_retries_bounds_the_attempts_of_one_request() {
-    let up = app("v1")
-        .body_len()
-        .answer(|_| (502, Duration::ZERO))
-        .await
-        .unwrap();
+    let up = app("v1").status(502).await.unwrap();
     let p = proxy()
         .outbound(one_backend(RETRY_5XX, &[up.addr()]))
         .env("MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES", "0")
@@ -311,11 +290,7 @@ async fn max_retries_bounds_the_attempts_of_one_request() {
 #[tokio::test]
 async fn a_request_past_the_route_timeout_is_answered_504_and_attempted_once() {
     // Far longer than the test waits: only the proxy's timeout can answer.
-    let up = app("v1")
-        .body_len()
-        .answer(|_| (200, Duration::from_secs(600)))
-        .await
-        .unwrap();
+    let up = app("v1").latency(Duration::from_secs(600)).await.unwrap();
     let rule = format!("timeoutMs: 300\n        {RETRY_5XX}");
     let p = proxy()
         .outbound(one_backend(&rule, &[up.addr()]))
@@ -343,14 +318,9 @@ async fn a_request_past_the_route_timeout_is_answered_504_and_attempted_once() {
 
 #[tokio::test]
 async fn p2c_sends_most_requests_to_the_faster_endpoint() {
-    let fast = app("fast")
-        .body_len()
-        .answer(|_| (200, Duration::ZERO))
-        .await
-        .unwrap();
+    let fast = app("fast").await.unwrap();
     let slow = app("slow")
-        .body_len()
-        .answer(|_| (200, Duration::from_millis(50)))
+        .latency(Duration::from_millis(50))
         .await
         .unwrap();
     let p = proxy()
@@ -391,11 +361,7 @@ async fn get(client: &reqwest::Client, closed: SocketAddr) -> u16 {
 
 #[tokio::test]
 async fn failure_accrual_stops_attempts_to_a_closed_port_and_probes_it_later() {
-    let healthy = app("healthy")
-        .body_len()
-        .answer(|_| (200, Duration::ZERO))
-        .await
-        .unwrap();
+    let healthy = app("healthy").await.unwrap();
     // A port nobody listens on: every attempt is a connection refused, a fast 502.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -481,11 +447,7 @@ endpoints:
 
 #[tokio::test]
 async fn a_fault_filter_aborts_its_share_of_requests() {
-    let up = app("v1")
-        .body_len()
-        .answer(|_| (200, Duration::ZERO))
-        .await
-        .unwrap();
+    let up = app("v1").await.unwrap();
     let rule = "filters: [{type: fault, abort: {status: 503, percent: 25}}]";
     let p = proxy()
         .outbound(one_backend(rule, &[up.addr()]))

@@ -73,6 +73,7 @@ pub struct AppBuilder {
     fail_rate: f64,
     fail_status: u16,
     seed: Option<u64>,
+    first_attempt: Option<u16>,
     answer: Option<Answer>,
     body_len: bool,
 }
@@ -96,6 +97,7 @@ pub fn app(version: impl Into<String>) -> AppBuilder {
         fail_rate: 0.0,
         fail_status: 500,
         seed: None,
+        first_attempt: None,
         answer: None,
         body_len: false,
     }
@@ -130,6 +132,13 @@ impl AppBuilder {
     /// one at a time fail the same way on every run.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
+        self
+    }
+
+    /// Answers the first attempt of each request (by `x-request-id`) with `status`, and the
+    /// attempts after it as usual: a request that succeeds once retried.
+    pub fn fail_first_attempt(mut self, status: u16) -> Self {
+        self.first_attempt = Some(status);
         self
     }
 
@@ -312,10 +321,10 @@ impl State {
                         .unwrap_or_else(PoisonError::into_inner)
                         .f64()
                         < self.app.fail_rate;
-                let status = if fail {
-                    self.app.fail_status
-                } else {
-                    self.app.status
+                let status = match self.app.first_attempt {
+                    Some(first) if seen.attempt == 1 => first,
+                    _ if fail => self.app.fail_status,
+                    _ => self.app.status,
                 };
                 (status, self.app.latency)
             }
