@@ -10,9 +10,9 @@ use mesh_core::proxy_api::{WORKLOADS_PATH, WorkloadRegistration};
 use std::time::Duration;
 
 use mesh_test_support::{
-    apps::app,
+    apps::primary_and_canary,
     assert_eventually, http_client,
-    mesh::{ControlPlaneBuilder, control_plane},
+    mesh::{ControlPlane, ControlPlaneBuilder, control_plane},
     proxies::{InProcessProxy, Sidecar, client_via},
     proxy_api::MeshCa,
 };
@@ -91,6 +91,23 @@ fn on_state(state: &std::path::Path) -> ControlPlaneBuilder {
         .workload_ttl(Duration::from_secs(600))
 }
 
+/// A control plane on `state` (its proxy API at `proxy_addr`, when given) with v1 registered as
+/// web-primary, v2 as web-canary, and the route sending everything to v1; and v1 and v2.
+async fn serving_v1(
+    state: &std::path::Path,
+    proxy_addr: Option<std::net::SocketAddr>,
+) -> (ControlPlane, std::net::SocketAddr, std::net::SocketAddr) {
+    let mut builder = on_state(state);
+    if let Some(addr) = proxy_addr {
+        builder = builder.proxy_addr(addr);
+    }
+    let cp = builder.run().unwrap();
+    let (v1, v2) = primary_and_canary().await.unwrap();
+    register(cp.proxy_api(), state, v1, v2).await;
+    apply(&cp.api_url(), state, &route(100, 0));
+    (cp, v1, v2)
+}
+
 /// Registers v1 as web-primary and v2 as web-canary, as their sidecars would (over mTLS, with a
 /// certificate from the CA in the control plane's state directory `state`).
 async fn register(
@@ -127,16 +144,8 @@ async fn register(
 #[tokio::test]
 async fn a_weight_change_applied_with_mesh_reaches_every_proxy() {
     let state = tempfile::tempdir().unwrap();
-    let cp = on_state(state.path()).run().unwrap();
+    let (cp, _, _) = serving_v1(state.path(), None).await;
     let api = cp.api_url();
-    let proxy_api = cp.proxy_api();
-
-    let (v1, v2) = (
-        app("v1").await.unwrap().addr(),
-        app("v2").await.unwrap().addr(),
-    );
-    register(proxy_api, state.path(), v1, v2).await;
-    apply(&api, state.path(), &route(100, 0));
 
     let proxies: Vec<InProcessProxy> = (0..3)
         .map(|_| cp.proxy(CALLER).watch("web.default:80").run().unwrap())
@@ -168,15 +177,7 @@ async fn proxies_serve_through_a_30_second_control_plane_outage_and_resync() {
     // A fixed port, so the restarted control plane is where the proxy looks for it.
     let port = mesh_test_support::ports::free_port().unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut cp = on_state(state.path()).proxy_addr(addr).run().unwrap();
-    let api = cp.api_url();
-    let proxy_api = cp.proxy_api();
-    let (v1, v2) = (
-        app("v1").await.unwrap().addr(),
-        app("v2").await.unwrap().addr(),
-    );
-    register(proxy_api, state.path(), v1, v2).await;
-    apply(&api, state.path(), &route(100, 0));
+    let (mut cp, v1, v2) = serving_v1(state.path(), Some(addr)).await;
     let p = cp.proxy(CALLER).watch("web.default:80").run().unwrap();
     assert_eventually!(
         canary_weight(&p).await == Some(0),
@@ -227,14 +228,8 @@ async fn proxies_serve_through_a_30_second_control_plane_outage_and_resync() {
 #[tokio::test]
 async fn weight_changes_under_load_drop_no_request() {
     let state = tempfile::tempdir().unwrap();
-    let cp = on_state(state.path()).run().unwrap();
+    let (cp, _, _) = serving_v1(state.path(), None).await;
     let api = cp.api_url();
-    let (v1, v2) = (
-        app("v1").await.unwrap().addr(),
-        app("v2").await.unwrap().addr(),
-    );
-    register(cp.proxy_api(), state.path(), v1, v2).await;
-    apply(&api, state.path(), &route(100, 0));
     let p = cp.proxy(CALLER).watch("web.default:80").run().unwrap();
     assert_eventually!(
         canary_weight(&p).await == Some(0),

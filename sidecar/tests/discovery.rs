@@ -13,7 +13,7 @@ use bytes::Bytes;
 use mesh_core::proxy_api::{
     Endpoint, Endpoints, RouteRule, RouteTable, ServiceRef, Update, WeightedBackend,
 };
-use mesh_test_support::apps::app;
+use mesh_test_support::apps::primary_and_canary;
 use mesh_test_support::assert_eventually;
 use mesh_test_support::proxies::{Sidecar, proxy};
 use mesh_test_support::proxy_api::StandIn;
@@ -103,10 +103,7 @@ async fn versions(client: &reqwest::Client, n: usize) -> Vec<String> {
 
 #[tokio::test]
 async fn weight_changes_reach_the_proxy_and_it_fails_static() {
-    let (v1, v2) = (
-        app("v1").await.unwrap().addr(),
-        app("v2").await.unwrap().addr(),
-    );
+    let (v1, v2) = primary_and_canary().await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cp_addr = listener.local_addr().unwrap();
     let (state_tx, state_rx) = watch::channel(State {

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use mesh_rollout_controller::scrape;
-use mesh_test_support::apps::{SEEN_ADDED, SEEN_HOST, app};
+use mesh_test_support::apps::{SEEN_ADDED, SEEN_HOST, primary_and_canary};
 use mesh_test_support::proxies::{Sidecar, proxy};
 
 fn config(primary: SocketAddr, canary: SocketAddr, weights: (u32, u32)) -> String {
@@ -41,10 +41,7 @@ endpoints:
 
 #[tokio::test]
 async fn weights_split_requests_and_metrics_count_them_per_backend() {
-    let (v1, v2) = (
-        app("v1").await.unwrap().addr(),
-        app("v2").await.unwrap().addr(),
-    );
+    let (v1, v2) = primary_and_canary().await.unwrap();
     let p = proxy().outbound(config(v1, v2, (80, 20))).run().unwrap();
     let client = p.client();
     let mut canary = 0;
@@ -81,10 +78,7 @@ async fn weights_split_requests_and_metrics_count_them_per_backend() {
 
 #[tokio::test]
 async fn a_90_10_split_over_10000_requests_lands_within_one_and_a_half_points() {
-    let (v1, v2) = (
-        app("v1").await.unwrap().addr(),
-        app("v2").await.unwrap().addr(),
-    );
+    let (v1, v2) = primary_and_canary().await.unwrap();
     let p = proxy().outbound(config(v1, v2, (90, 10))).run().unwrap();
     let client = p.client();
     let canary = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -115,10 +109,7 @@ async fn a_90_10_split_over_10000_requests_lands_within_one_and_a_half_points() 
 
 #[tokio::test]
 async fn weights_of_zero_and_one_hundred_are_exact() {
-    let (v1, v2) = (
-        app("v1").await.unwrap().addr(),
-        app("v2").await.unwrap().addr(),
-    );
+    let (v1, v2) = primary_and_canary().await.unwrap();
     for (weights, want) in [((100, 0), "v1"), ((0, 100), "v2")] {
         let p = proxy().outbound(config(v1, v2, weights)).run().unwrap();
         let client = p.client();
@@ -138,10 +129,7 @@ async fn weights_of_zero_and_one_hundred_are_exact() {
 
 #[tokio::test]
 async fn origin_form_and_h2c_clients_are_routed() {
-    let (v1, v2) = (
-        app("v1").await.unwrap().addr(),
-        app("v2").await.unwrap().addr(),
-    );
+    let (v1, v2) = primary_and_canary().await.unwrap();
     let p = proxy().outbound(config(v1, v2, (100, 0))).run().unwrap();
     let outbound = p.addr("outbound");
     for extra in [&[][..], &["--http2-prior-knowledge"][..]] {
@@ -164,10 +152,7 @@ async fn origin_form_and_h2c_clients_are_routed() {
 
 #[tokio::test]
 async fn timeouts_faults_and_unknown_routes_answer_from_the_proxy() {
-    let (v1, v2) = (
-        app("v1").await.unwrap().addr(),
-        app("v2").await.unwrap().addr(),
-    );
+    let (v1, v2) = primary_and_canary().await.unwrap();
     let p = proxy().outbound(config(v1, v2, (100, 0))).run().unwrap();
     let client = p.client();
 
@@ -208,10 +193,7 @@ async fn timeouts_faults_and_unknown_routes_answer_from_the_proxy() {
 
 #[tokio::test]
 async fn config_endpoint_shows_the_tables() {
-    let (v1, v2) = (
-        app("v1").await.unwrap().addr(),
-        app("v2").await.unwrap().addr(),
-    );
+    let (v1, v2) = primary_and_canary().await.unwrap();
     let p = proxy().outbound(config(v1, v2, (70, 30))).run().unwrap();
     let cfg = p.config().await;
     assert_eq!(cfg["routes"][0]["parent"], "web.default:80");

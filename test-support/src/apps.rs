@@ -167,15 +167,7 @@ impl AppBuilder {
 
     /// Starts the app; it serves until the runtime stops.
     pub async fn start(self) -> Result<App> {
-        let listener = tokio::net::TcpListener::bind(self.addr)
-            .await
-            .map_err(HarnessError::io(format!(
-                "binding a test app to {}",
-                self.addr
-            )))?;
-        let addr = listener
-            .local_addr()
-            .map_err(HarnessError::io("reading a test app's address"))?;
+        let bind = self.addr;
         let state = Arc::new(State {
             hits: AtomicUsize::new(0),
             attempts: Mutex::new(BTreeMap::new()),
@@ -185,22 +177,18 @@ impl AppBuilder {
             }),
             app: self,
         });
-        let app = App {
-            addr,
-            state: Arc::clone(&state),
-        };
-        tokio::spawn(async move {
-            while let Ok((io, _)) = listener.accept().await {
-                let state = Arc::clone(&state);
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| Arc::clone(&state).handle(req));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(io), svc)
-                        .await;
-                });
+        let serving = Arc::clone(&state);
+        let addr = serve_connections(bind, "a test app", move |io| {
+            let state = Arc::clone(&serving);
+            async move {
+                let svc = service_fn(move |req| Arc::clone(&state).handle(req));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(io), svc)
+                    .await;
             }
-        });
-        Ok(app)
+        })
+        .await?;
+        Ok(App { addr, state })
     }
 }
 
@@ -211,6 +199,12 @@ impl IntoFuture for AppBuilder {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.start())
     }
+}
+
+/// A stable version and a canary side by side: apps answering `v1` and `v2`, for the endpoints
+/// of `<svc>-primary` and `<svc>-canary`.
+pub async fn primary_and_canary() -> Result<(SocketAddr, SocketAddr)> {
+    Ok((app("v1").await?.addr(), app("v2").await?.addr()))
 }
 
 /// A running app.
@@ -349,6 +343,27 @@ impl State {
     }
 }
 
+/// Binds `addr` and hands each connection to `serve`, in a task of its own, until the runtime
+/// stops; returns the bound address.
+async fn serve_connections<F, Fut>(addr: SocketAddr, what: &str, serve: F) -> Result<SocketAddr>
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(HarnessError::io(format!("binding {what} to {addr}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(HarnessError::io(format!("reading {what}'s address")))?;
+    tokio::spawn(async move {
+        while let Ok((io, _)) = listener.accept().await {
+            tokio::spawn(serve(io));
+        }
+    });
+    Ok(addr)
+}
+
 /// gRPC's wire format, as the apps speak it: length-prefixed messages and a `grpc-status`
 /// trailer, without a gRPC library.
 pub mod grpc {
@@ -435,25 +450,16 @@ impl TcpEcho {
 
     /// Starts the server; it serves until the runtime stops.
     pub async fn start(self) -> Result<SocketAddr> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(HarnessError::io("binding a test echo server"))?;
-        let addr = listener
-            .local_addr()
-            .map_err(HarnessError::io("reading a test echo server's address"))?;
         let banner = self.banner;
-        tokio::spawn(async move {
-            while let Ok((mut io, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    if io.write_all(banner).await.is_err() {
-                        return;
-                    }
-                    let (mut r, mut w) = io.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        serve_connections(loopback, "a test echo server", move |mut io| async move {
+            if io.write_all(banner).await.is_err() {
+                return;
             }
-        });
-        Ok(addr)
+            let (mut r, mut w) = io.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        })
+        .await
     }
 }
 
