@@ -1,5 +1,5 @@
-//! The whole discovery path with real processes: `mesh apply` of an HTTPRoute weight change on a
-//! real `mesh-controlplane` reaches several real `mesh-proxy` processes watching it, and traffic
+//! The whole discovery path: `mesh apply` of an HTTPRoute weight change on a real
+//! `mesh-controlplane` process reaches several `mesh-proxy`s (started in-process) watching it, and traffic
 //! through each of them follows. Workloads are registered the way sidecars register them.
 //!
 //! Needs the workspace's binaries built (`cargo test --workspace` builds them).
@@ -7,12 +7,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
 use mesh_core::proxy_api::{WORKLOADS_PATH, WorkloadRegistration};
+use std::time::Duration;
+
 use mesh_test_support::{
-    apps::app,
+    apps::primary_and_canary,
     assert_eventually, http_client,
-    process::{MeshBinary, MeshProcess},
-    proxy_api::{MeshCa, ProxyApiAccess},
+    mesh::{ControlPlane, ControlPlaneBuilder, control_plane},
+    proxies::{InProcessProxy, Sidecar, client_via},
+    proxy_api::MeshCa,
 };
+
+/// The identity of the proxies that watch the route.
+const CALLER: &str = "spiffe://cluster.local/ns/default/sa/caller";
 
 fn route(primary: u32, canary: u32) -> String {
     format!(
@@ -47,7 +53,7 @@ fn apply(server: &str, dir: &std::path::Path, yaml: &str) {
 }
 
 /// The canary weight a proxy's `/config` shows for web.default:80.
-async fn canary_weight(proxy: &MeshProcess) -> Option<u64> {
+async fn canary_weight(proxy: &impl Sidecar) -> Option<u64> {
     let cfg: serde_json::Value = http_client()
         .get(format!("http://{}/config", proxy.addr("admin")))
         .send()
@@ -66,11 +72,8 @@ async fn canary_weight(proxy: &MeshProcess) -> Option<u64> {
         .as_u64()
 }
 
-async fn versions(proxy: &MeshProcess, n: usize) -> Vec<String> {
-    let client = reqwest::Client::builder()
-        .proxy(reqwest::Proxy::http(format!("http://{}", proxy.addr("outbound"))).unwrap())
-        .build()
-        .unwrap();
+async fn versions(proxy: &impl Sidecar, n: usize) -> Vec<String> {
+    let client = proxy.client();
     let mut out = Vec::new();
     for _ in 0..n {
         match client.get("http://web.default:80/").send().await {
@@ -81,17 +84,28 @@ async fn versions(proxy: &MeshProcess, n: usize) -> Vec<String> {
     out
 }
 
-fn control_plane(state: &std::path::Path, proxy_addr: &str) -> MeshProcess {
-    MeshBinary::workspace("mesh-controlplane")
-        .unwrap()
-        .env("MESH_CONTROLPLANE_STATE_DIR", state)
-        .env("MESH_CONTROLPLANE_API_ADDR", "127.0.0.1:0")
-        .env("MESH_CONTROLPLANE_PROXY_ADDR", proxy_addr)
-        .env("MESH_CONTROLPLANE_WORKLOAD_TTL", "600s")
-        .listener("api")
-        .listener("proxy")
-        .run()
-        .unwrap()
+/// A control plane on `state` whose registrations outlive the test.
+fn on_state(state: &std::path::Path) -> ControlPlaneBuilder {
+    control_plane()
+        .state_dir(state)
+        .workload_ttl(Duration::from_secs(600))
+}
+
+/// A control plane on `state` (its proxy API at `proxy_addr`, when given) with v1 registered as
+/// web-primary, v2 as web-canary, and the route sending everything to v1; and v1 and v2.
+async fn serving_v1(
+    state: &std::path::Path,
+    proxy_addr: Option<std::net::SocketAddr>,
+) -> (ControlPlane, std::net::SocketAddr, std::net::SocketAddr) {
+    let mut builder = on_state(state);
+    if let Some(addr) = proxy_addr {
+        builder = builder.proxy_addr(addr);
+    }
+    let cp = builder.run().unwrap();
+    let (v1, v2) = primary_and_canary().await.unwrap();
+    register(cp.proxy_api(), state, v1, v2).await;
+    apply(&cp.api_url(), state, &route(100, 0));
+    (cp, v1, v2)
 }
 
 /// Registers v1 as web-primary and v2 as web-canary, as their sidecars would (over mTLS, with a
@@ -127,34 +141,15 @@ async fn register(
     }
 }
 
-fn proxy(proxy_api: std::net::SocketAddr, state: &std::path::Path) -> MeshProcess {
-    MeshBinary::workspace("mesh-proxy")
-        .unwrap()
-        .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
-        .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
-        .control_plane(
-            &ProxyApiAccess::of_control_plane(proxy_api, state),
-            "spiffe://cluster.local/ns/default/sa/caller",
-        )
-        .env("MESH_PROXY_WATCH", "web.default:80")
-        .listener("admin")
-        .listener("outbound")
-        .run()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_weight_change_applied_with_mesh_reaches_every_proxy() {
     let state = tempfile::tempdir().unwrap();
-    let cp = control_plane(state.path(), "127.0.0.1:0");
-    let api = format!("http://{}", cp.addr("api"));
-    let proxy_api = cp.addr("proxy");
+    let (cp, _, _) = serving_v1(state.path(), None).await;
+    let api = cp.api_url();
 
-    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
-    register(proxy_api, state.path(), v1, v2).await;
-    apply(&api, state.path(), &route(100, 0));
-
-    let proxies: Vec<MeshProcess> = (0..3).map(|_| proxy(proxy_api, state.path())).collect();
+    let proxies: Vec<InProcessProxy> = (0..3)
+        .map(|_| cp.proxy(CALLER).watch("web.default:80").run().unwrap())
+        .collect();
     for p in &proxies {
         assert_eventually!(
             canary_weight(p).await == Some(0),
@@ -181,25 +176,17 @@ async fn proxies_serve_through_a_30_second_control_plane_outage_and_resync() {
     let state = tempfile::tempdir().unwrap();
     // A fixed port, so the restarted control plane is where the proxy looks for it.
     let port = mesh_test_support::ports::free_port().unwrap();
-    let addr = format!("127.0.0.1:{port}");
-    let mut cp = control_plane(state.path(), &addr);
-    let api = format!("http://{}", cp.addr("api"));
-    let proxy_api = cp.addr("proxy");
-    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
-    register(proxy_api, state.path(), v1, v2).await;
-    apply(&api, state.path(), &route(100, 0));
-    let p = proxy(proxy_api, state.path());
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (mut cp, v1, v2) = serving_v1(state.path(), Some(addr)).await;
+    let p = cp.proxy(CALLER).watch("web.default:80").run().unwrap();
     assert_eventually!(
         canary_weight(&p).await == Some(0),
         "proxy never got the route"
     );
 
     // The control plane dies outright; for 30 s the proxy serves from its last config.
-    cp.child().kill();
-    let client = reqwest::Client::builder()
-        .proxy(reqwest::Proxy::http(format!("http://{}", p.addr("outbound"))).unwrap())
-        .build()
-        .unwrap();
+    cp.process().child().kill();
+    let client = p.client();
     let start = std::time::Instant::now();
     let (mut served, mut failed) = (0, Vec::new());
     while start.elapsed() < std::time::Duration::from_secs(30) {
@@ -226,9 +213,9 @@ async fn proxies_serve_through_a_30_second_control_plane_outage_and_resync() {
 
     // It comes back on the same state dir and port; the workloads register again (a sidecar
     // does when its heartbeat gets 404) and a change made now reaches the proxy.
-    let cp = control_plane(state.path(), &addr);
-    let api = format!("http://{}", cp.addr("api"));
-    register(cp.addr("proxy"), state.path(), v1, v2).await;
+    let cp = on_state(state.path()).proxy_addr(addr).run().unwrap();
+    let api = cp.api_url();
+    register(cp.proxy_api(), state.path(), v1, v2).await;
     apply(&api, state.path(), &route(0, 100));
     assert_eventually!(
         canary_weight(&p).await == Some(100),
@@ -241,12 +228,9 @@ async fn proxies_serve_through_a_30_second_control_plane_outage_and_resync() {
 #[tokio::test]
 async fn weight_changes_under_load_drop_no_request() {
     let state = tempfile::tempdir().unwrap();
-    let cp = control_plane(state.path(), "127.0.0.1:0");
-    let api = format!("http://{}", cp.addr("api"));
-    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
-    register(cp.addr("proxy"), state.path(), v1, v2).await;
-    apply(&api, state.path(), &route(100, 0));
-    let p = proxy(cp.addr("proxy"), state.path());
+    let (cp, _, _) = serving_v1(state.path(), None).await;
+    let api = cp.api_url();
+    let p = cp.proxy(CALLER).watch("web.default:80").run().unwrap();
     assert_eventually!(
         canary_weight(&p).await == Some(0),
         "proxy never got the route"
@@ -259,10 +243,7 @@ async fn weight_changes_under_load_drop_no_request() {
         .map(|_| {
             let stop = std::sync::Arc::clone(&stop);
             tokio::spawn(async move {
-                let client = reqwest::Client::builder()
-                    .proxy(reqwest::Proxy::http(format!("http://{outbound}")).unwrap())
-                    .build()
-                    .unwrap();
+                let client = client_via(outbound, None);
                 let (mut seen, mut failed) = (std::collections::BTreeMap::new(), Vec::new());
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     match client.get("http://web.default:80/").send().await {

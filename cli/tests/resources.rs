@@ -21,33 +21,24 @@ use std::{
 };
 
 use mesh_core::proxy_api::{RouteTable, Update};
-use mesh_test_support::{
-    assert_eventually, http_client,
-    process::{MeshBinary, MeshProcess},
-    proxy_api::MeshCa,
-};
+use mesh_test_support::{assert_eventually, http_client, mesh::control_plane, proxy_api::MeshCa};
 use serde_json::Value;
 
 struct ControlPlane {
-    process: MeshProcess,
+    process: mesh_test_support::mesh::ControlPlane,
     api: String,
     proxy: String,
 }
 
 fn start(state_dir: &Path, extra: &[(&str, &str)]) -> ControlPlane {
-    let mut bin = MeshBinary::workspace("mesh-controlplane")
-        .expect("build it with `cargo test -p mesh-cli -p mesh-controlplane`")
-        .env("MESH_CONTROLPLANE_STATE_DIR", state_dir)
-        .env("MESH_CONTROLPLANE_API_ADDR", "127.0.0.1:0")
-        .env("MESH_CONTROLPLANE_PROXY_ADDR", "127.0.0.1:0")
-        .listener("api")
-        .listener("proxy");
+    let mut builder = control_plane().state_dir(state_dir);
     for (k, v) in extra {
-        bin = bin.env(*k, *v);
+        builder = builder.env(k, v);
     }
-    let process = bin.run().unwrap();
-    let api = format!("http://{}", process.addr("api"));
-    let proxy = format!("https://{}", process.addr("proxy"));
+    let process = builder
+        .run()
+        .expect("build it with `cargo test -p mesh-cli -p mesh-controlplane`");
+    let (api, proxy) = (process.api_url(), process.proxy_api_url());
     ControlPlane {
         process,
         api,
@@ -320,7 +311,7 @@ async fn acknowledged_applies_survive_sigkill() {
         })
     };
     assert_eventually!(acked.load(Ordering::SeqCst) >= 25);
-    cp.process.child().kill();
+    cp.process.process().child().kill();
     writer.await.unwrap();
     let acknowledged = acked.load(Ordering::SeqCst);
     assert!(acknowledged >= 25);

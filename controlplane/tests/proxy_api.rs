@@ -18,7 +18,7 @@ use mesh_core::proxy_api::{
 };
 use mesh_test_support::{
     assert_eventually,
-    process::{MeshBinary, MeshProcess},
+    mesh::{ControlPlane, ControlPlaneBuilder, control_plane},
     proxy_api::{MeshCa, client},
 };
 
@@ -33,19 +33,21 @@ fn client_for(state_dir: &std::path::Path, identity: &str) -> reqwest::Client {
         .unwrap()
 }
 
-fn start(state_dir: &std::path::Path, ttl: &str) -> (MeshProcess, String) {
-    let process = MeshBinary::new(env!("CARGO_BIN_EXE_mesh-controlplane"))
-        .env("MESH_CONTROLPLANE_STATE_DIR", state_dir)
-        .env("MESH_CONTROLPLANE_API_ADDR", "127.0.0.1:0")
-        .env("MESH_CONTROLPLANE_PROXY_ADDR", "127.0.0.1:0")
+/// This crate's control plane binary, with its state in `state_dir`.
+fn control_plane_on(state_dir: &std::path::Path) -> ControlPlaneBuilder {
+    control_plane()
+        .binary(env!("CARGO_BIN_EXE_mesh-controlplane"))
+        .state_dir(state_dir)
+}
+
+fn start(state_dir: &std::path::Path, ttl: &str) -> (ControlPlane, String) {
+    let process = control_plane_on(state_dir)
         .env("MESH_CONTROLPLANE_WORKLOAD_TTL", ttl)
-        .env("MESH_CONTROLPLANE_CERT_LIFETIME", "90s")
-        .listener("api")
-        .listener("proxy")
+        .cert_lifetime("90s")
         .run()
         .unwrap();
     // The serving certificate names 127.0.0.1, which clients verify as a host name.
-    let proxy = format!("https://{}", process.addr("proxy"));
+    let proxy = process.proxy_api_url();
     (process, proxy)
 }
 
@@ -304,7 +306,7 @@ async fn plaintext_clients_are_refused() {
     let (cp, _) = start(state.path(), "30s");
     let plain = format!(
         "http://{}{WATCH_ENDPOINTS_PATH}?service=web.default:80",
-        cp.addr("proxy")
+        cp.proxy_api()
     );
     // A proxy from before mTLS (h2c with prior knowledge) cannot even start a request.
     let http1 = mesh_test_support::http_client();
@@ -513,12 +515,8 @@ async fn serving_certificate(addr: std::net::SocketAddr, roots_pem: &str) -> Vec
 #[tokio::test]
 async fn the_serving_certificate_is_renewed_before_it_expires() {
     let state = tempfile::tempdir().unwrap();
-    let cp = MeshBinary::new(env!("CARGO_BIN_EXE_mesh-controlplane"))
-        .env("MESH_CONTROLPLANE_STATE_DIR", state.path())
-        .env("MESH_CONTROLPLANE_API_ADDR", "127.0.0.1:0")
-        .env("MESH_CONTROLPLANE_PROXY_ADDR", "127.0.0.1:0")
-        .env("MESH_CONTROLPLANE_CERT_LIFETIME", "3s")
-        .listener("proxy")
+    let cp = control_plane_on(state.path())
+        .cert_lifetime("3s")
         .run()
         .unwrap();
     let roots = std::fs::read_to_string(state.path().join("trust-roots.pem")).unwrap();
@@ -527,7 +525,7 @@ async fn the_serving_certificate_is_renewed_before_it_expires() {
     // against new certificates.
     assert_eventually!(
         {
-            seen.insert(serving_certificate(cp.addr("proxy"), &roots).await);
+            seen.insert(serving_certificate(cp.proxy_api(), &roots).await);
             seen.len() >= 3
         },
         "distinct serving certificates seen: {}",

@@ -11,7 +11,8 @@
 //! certificate from the control plane's CA renewed at 70 % of its lifetime, with mTLS and
 //! HTTP/2 between proxies; registration of the local workload with the control plane, which
 //! makes it an endpoint of its service; graceful drain on shutdown; and the admin server (`/live`, `/ready`,
-//! `/metrics`, `/config`).
+//! `/metrics`, `/config`). [`proxy::Proxy`] assembles all of it from a [`config::Config`] and
+//! starts it in-process: `mesh-proxy` is that plus signals, and tests start proxies the same way.
 
 pub mod admin;
 pub mod authz;
@@ -27,6 +28,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod opaque;
 pub mod outbound;
+pub mod proxy;
 pub mod readiness;
 pub mod registration;
 pub mod retry;

@@ -7,15 +7,12 @@
     reason = "integration tests fail by panicking"
 )]
 
-use mesh_test_support::process::MeshBinary;
+use mesh_test_support::proxies::{Sidecar, proxy};
 
 #[tokio::test]
 async fn proxy_announces_its_admin_port_and_serves_probes() {
-    let proxy = MeshBinary::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-        .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
-        .listener("admin")
-        .run()
-        .unwrap();
+    // The announcement is the binary's: this proxy is a process.
+    let proxy = proxy().spawn().unwrap();
     let admin = proxy.addr("admin");
     assert!(admin.ip().is_loopback());
     assert_ne!(

@@ -1,4 +1,4 @@
-//! `mesh-proxy` fed by watch streams: a weight change reaches it, it keeps serving its last
+//! `mesh-proxy` (in-process) fed by watch streams: a weight change reaches it, it keeps serving its last
 //! config while the control plane is gone (fail static), and resyncs when it comes back.
 //!
 //! The control plane here is a small stand-in speaking the proxy API (NDJSON watch streams,
@@ -13,9 +13,9 @@ use bytes::Bytes;
 use mesh_core::proxy_api::{
     Endpoint, Endpoints, RouteRule, RouteTable, ServiceRef, Update, WeightedBackend,
 };
-use mesh_test_support::apps::app;
+use mesh_test_support::apps::primary_and_canary;
 use mesh_test_support::assert_eventually;
-use mesh_test_support::process::MeshBinary;
+use mesh_test_support::proxies::{Sidecar, proxy};
 use mesh_test_support::proxy_api::StandIn;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -103,7 +103,7 @@ async fn versions(client: &reqwest::Client, n: usize) -> Vec<String> {
 
 #[tokio::test]
 async fn weight_changes_reach_the_proxy_and_it_fails_static() {
-    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
+    let (v1, v2) = primary_and_canary().await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cp_addr = listener.local_addr().unwrap();
     let (state_tx, state_rx) = watch::channel(State {
@@ -115,22 +115,14 @@ async fn weight_changes_reach_the_proxy_and_it_fails_static() {
     let stand_in = StandIn::new().unwrap();
     let cp = control_plane(&stand_in, listener, state_rx.clone());
 
-    let proxy = MeshBinary::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-        .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
-        .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
+    let proxy = proxy()
         .control_plane(
             &stand_in.access(cp_addr),
             "spiffe://cluster.local/ns/default/sa/client",
         )
-        .listener("admin")
-        .listener("outbound")
         .run()
         .unwrap();
-    let _ = mesh_test_support::http_client();
-    let client = reqwest::Client::builder()
-        .proxy(reqwest::Proxy::http(format!("http://{}", proxy.addr("outbound"))).unwrap())
-        .build()
-        .unwrap();
+    let client = proxy.client();
 
     // The first request to the authority starts discovery and waits for it.
     assert!(versions(&client, 20).await.iter().all(|v| v == "v1"));

@@ -1,40 +1,20 @@
-//! `mesh-proxy`'s inbound listener as a real process in front of a real app: requests over
+//! `mesh-proxy`'s inbound listener in front of a real app, started in-process: requests over
 //! HTTP/1.1 and h2c reach the app with their Host, inbound golden metrics count them apart from
-//! outbound ones, an unreachable app is a 502 the proxy signs, a malformed request is a 400, and on
-//! SIGTERM a request in flight completes before the proxy exits 0.
+//! outbound ones, an unreachable app is a 502 the proxy signs, and a malformed request is a 400.
+//! As the binary: on SIGTERM a request in flight completes before the proxy exits 0.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-
-use std::net::SocketAddr;
 
 use mesh_test_support::apps::{SEEN_HOST, SLOW_PATH, app};
 use mesh_test_support::assert_eventually;
-use mesh_test_support::process::{MeshBinary, MeshProcess};
+use mesh_test_support::proxies::{Sidecar, proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn proxy(app: SocketAddr) -> MeshProcess {
-    MeshBinary::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-        .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
-        .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
-        .env("MESH_PROXY_INBOUND_ADDR", "127.0.0.1:0")
-        .env("MESH_PROXY_APP_ADDR", app.to_string())
-        .env("MESH_PROXY_WORKLOAD_SERVICE", "web-canary.default:80")
-        .listener("admin")
-        .listener("outbound")
-        .listener("inbound")
-        .run()
-        .unwrap()
-}
+/// The service the proxied workload belongs to, which inbound metrics name.
+const SERVICE: &str = "web-canary.default:80";
 
 /// The value of the one `name` series whose labels contain every one of `labels`.
-async fn metric(p: &MeshProcess, name: &str, labels: &[&str]) -> Option<u64> {
-    let text = mesh_test_support::http_client()
-        .get(format!("http://{}/metrics", p.addr("admin")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+async fn metric(p: &impl Sidecar, name: &str, labels: &[&str]) -> Option<u64> {
+    let text = p.metrics().await;
     let series: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with(&format!("{name}{{")))
@@ -52,7 +32,8 @@ async fn metric(p: &MeshProcess, name: &str, labels: &[&str]) -> Option<u64> {
 
 #[tokio::test]
 async fn requests_reach_the_app_and_are_counted_as_inbound() {
-    let p = proxy(app("v1").await.unwrap());
+    let v1 = app("v1").await.unwrap();
+    let p = proxy().app(v1.addr()).service(SERVICE).run().unwrap();
     let inbound = p.addr("inbound");
 
     let http1 = mesh_test_support::http_client();
@@ -114,7 +95,7 @@ async fn an_unreachable_app_is_a_502_from_the_proxy() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         l.local_addr().unwrap()
     };
-    let p = proxy(closed);
+    let p = proxy().app(closed).service(SERVICE).run().unwrap();
     let rsp = mesh_test_support::http_client()
         .get(format!("http://{}/", p.addr("inbound")))
         .send()
@@ -141,7 +122,8 @@ async fn an_unreachable_app_is_a_502_from_the_proxy() {
 
 #[tokio::test]
 async fn a_malformed_request_is_a_400() {
-    let p = proxy(app("v1").await.unwrap());
+    let v1 = app("v1").await.unwrap();
+    let p = proxy().app(v1.addr()).service(SERVICE).run().unwrap();
     let mut conn = tokio::net::TcpStream::connect(p.addr("inbound"))
         .await
         .unwrap();
@@ -156,7 +138,9 @@ async fn a_malformed_request_is_a_400() {
 
 #[tokio::test]
 async fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
-    let mut p = proxy(app("v1").await.unwrap());
+    // Signals and exit codes belong to a process: this proxy is the binary.
+    let v1 = app("v1").await.unwrap();
+    let mut p = proxy().app(v1.addr()).service(SERVICE).spawn().unwrap();
     let inbound = p.addr("inbound");
     let admin = p.addr("admin");
     let client = mesh_test_support::http_client();
@@ -176,7 +160,7 @@ async fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
 
     let killed = std::process::Command::new("kill")
         .arg("-TERM")
-        .arg(p.child().pid().to_string())
+        .arg(p.process().child().pid().to_string())
         .status()
         .unwrap();
     assert!(killed.success());
@@ -195,8 +179,11 @@ async fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
     );
     let (status, body) = slow.await.unwrap();
     assert_eq!((status.as_u16(), body.as_str()), (200, "v1"));
-    assert_eventually!(p.child().check_running().is_err(), "the proxy did not exit");
-    let exit = p.child().check_running().unwrap_err();
+    assert_eventually!(
+        p.process().child().check_running().is_err(),
+        "the proxy did not exit"
+    );
+    let exit = p.process().child().check_running().unwrap_err();
     assert!(exit.ends_with("exit status: 0"), "{exit}");
 }
 

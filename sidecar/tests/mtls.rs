@@ -1,4 +1,4 @@
-//! Two real `mesh-proxy` processes talking mTLS and HTTP/2 to each other, with certificates from
+//! Two `mesh-proxy`s (in-process) talking mTLS and HTTP/2 to each other, with certificates from
 //! a real `mesh-controlplane`: HTTP/1.1, HTTP/2 and gRPC (unary and server streaming) cross from
 //! a client through both proxies to an app that sees the caller's verified identity; a peer that
 //! presents another identity than discovery promised is refused before any request reaches it;
@@ -13,175 +13,25 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_test_support::apps::grpc::{decode, encode};
+use mesh_test_support::apps::{SEEN_CLIENT_ID, SEEN_VERSION, app};
 use mesh_test_support::assert_eventually;
-use mesh_test_support::process::{MeshBinary, MeshProcess};
-use mesh_test_support::proxy_api::ProxyApiAccess;
-
-const WEB_ID: &str = "spiffe://cluster.local/ns/default/sa/web";
-const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
-const AUTHORITY: &str = "web.default:80";
-/// The app answers with the caller identity it was given, and the HTTP version it was called with.
-const SEEN_CLIENT_ID: &str = "x-seen-client-id";
-const SEEN_VERSION: &str = "x-seen-version";
-
-/// The test app: counts requests; answers gRPC calls in gRPC's wire format (`/Unary` echoes the
-/// message, `/Stream` answers with as many messages as the request asks for) and anything else
-/// with `web`.
-async fn app() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let count = Arc::new(AtomicUsize::new(0));
-    let seen = count.clone();
-    tokio::spawn(async move {
-        while let Ok((io, _)) = listener.accept().await {
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    seen.fetch_add(1, Ordering::SeqCst);
-                    answer(req)
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(io), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, count)
-}
-
-type AppBody = BoxBody<Bytes, Infallible>;
-
-async fn answer(req: Request<Incoming>) -> Result<Response<AppBody>, Infallible> {
-    let mut builder = Response::builder().header(SEEN_VERSION, format!("{:?}", req.version()));
-    if let Some(id) = req.headers().get("x-mesh-client-id") {
-        builder = builder.header(SEEN_CLIENT_ID, id);
-    }
-    let grpc = req
-        .headers()
-        .get("content-type")
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if !grpc {
-        return Ok(builder
-            .body(Full::new(Bytes::from_static(b"web")).boxed())
-            .unwrap());
-    }
-    let path = req.uri().path().to_string();
-    let body = req.into_body().collect().await.unwrap().to_bytes();
-    let request = decode(body).pop().unwrap_or_default();
-    let (tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
-    let mut tx = tx;
-    tokio::spawn(async move {
-        if path.ends_with("/Unary") {
-            let _ = tx.send_data(encode(&request)).await;
-        } else {
-            let n: usize = String::from_utf8_lossy(&request).parse().unwrap_or(0);
-            for i in 0..n {
-                let _ = tx.send_data(encode(format!("msg-{i}").as_bytes())).await;
-            }
-        }
-        let mut trailers = HeaderMap::new();
-        trailers.insert("grpc-status", "0".parse().unwrap());
-        let _ = tx.send_trailers(trailers).await;
-    });
-    Ok(builder
-        .header("content-type", "application/grpc")
-        .body(body.boxed())
-        .unwrap())
-}
-
-/// One gRPC message: uncompressed flag, big-endian length, bytes.
-fn encode(message: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(5 + message.len());
-    b.put_u8(0);
-    b.put_u32(u32::try_from(message.len()).unwrap());
-    b.put_slice(message);
-    b.freeze()
-}
-
-fn decode(mut body: Bytes) -> Vec<Vec<u8>> {
-    let mut messages = Vec::new();
-    while body.remaining() >= 5 {
-        let _compressed = body.get_u8();
-        let len = body.get_u32() as usize;
-        messages.push(body.split_to(len).to_vec());
-    }
-    assert!(body.is_empty(), "a truncated gRPC message");
-    messages
-}
-
-fn control_plane(state: &Path, lifetime: &str) -> MeshProcess {
-    MeshBinary::workspace("mesh-controlplane")
-        .unwrap()
-        .env("MESH_CONTROLPLANE_STATE_DIR", state)
-        .env("MESH_CONTROLPLANE_API_ADDR", "127.0.0.1:0")
-        .env("MESH_CONTROLPLANE_PROXY_ADDR", "127.0.0.1:0")
-        .env("MESH_CONTROLPLANE_CERT_LIFETIME", lifetime)
-        .listener("api")
-        .listener("proxy")
-        .run()
-        .unwrap()
-}
-
-/// How proxies reach `cp`, whose state directory is `state`: its proxy API, trust roots and
-/// bootstrap token.
-fn access(cp: &MeshProcess, state: &Path) -> ProxyApiAccess {
-    ProxyApiAccess::of_control_plane(cp.addr("proxy"), state)
-}
-
-/// A proxy with identity `id`, certified by the control plane behind `access`.
-fn proxy(access: &ProxyApiAccess, id: &str) -> MeshBinary {
-    MeshBinary::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-        .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
-        .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
-        .control_plane(access, id)
-        .env("RUST_LOG", "info")
-        .listener("admin")
-        .listener("outbound")
-}
-
-/// The server side: the app behind a proxy registered as `web.default:80` with [`WEB_ID`].
-fn server_proxy(cp: &MeshProcess, state: &Path, app: SocketAddr) -> MeshProcess {
-    proxy(&access(cp, state), WEB_ID)
-        .env("MESH_PROXY_INBOUND_ADDR", "127.0.0.1:0")
-        .env("MESH_PROXY_APP_ADDR", app.to_string())
-        .env("MESH_PROXY_WORKLOAD_SERVICE", AUTHORITY)
-        .listener("inbound")
-        .run()
-        .unwrap()
-}
-
-async fn ready(p: &MeshProcess) -> u16 {
-    mesh_test_support::http_client()
-        .get(format!("http://{}/ready", p.addr("admin")))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
-}
+use mesh_test_support::mesh::{
+    CLIENT_ID, SERVER_ID as WEB_ID, SERVICE as AUTHORITY, control_plane, mesh_pair,
+};
+use mesh_test_support::proxies::{Sidecar, proxy};
 
 /// The `identity` object of the proxy's `/config`.
-async fn identity(p: &MeshProcess) -> serde_json::Value {
-    let config: serde_json::Value = mesh_test_support::http_client()
-        .get(format!("http://{}/config", p.addr("admin")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    config["identity"].clone()
+async fn identity(p: &impl Sidecar) -> serde_json::Value {
+    p.config().await["identity"].clone()
 }
 
 /// An HTTP/1.1 GET to `web.default:80` through the outbound listener at `outbound`.
@@ -229,14 +79,16 @@ async fn grpc(
 
 #[tokio::test]
 async fn http1_h2_and_grpc_cross_two_proxies_over_mtls() {
-    let state = tempfile::tempdir().unwrap();
-    let cp = control_plane(state.path(), "1h");
-    let (app, _) = app().await;
-    let server = server_proxy(&cp, state.path(), app);
-    let client = proxy(&access(&cp, state.path()), CLIENT_ID).run().unwrap();
-    assert_eventually!(ready(&server).await == 200 && ready(&client).await == 200);
-    assert_eq!(identity(&server).await["identity"], WEB_ID);
-    assert_eq!(identity(&client).await["identity"], CLIENT_ID);
+    let web = app("web").await.unwrap();
+    let pair = mesh_pair(web.addr())
+        .cert_lifetime("1h")
+        .run()
+        .await
+        .unwrap();
+    let (server, client) = (&pair.server, &pair.client);
+    assert_eventually!(server.ready().await == 200 && client.ready().await == 200);
+    assert_eq!(identity(server).await["identity"], WEB_ID);
+    assert_eq!(identity(client).await["identity"], CLIENT_ID);
     let outbound = client.addr("outbound");
 
     // HTTP/1.1: carried as HTTP/2 between the proxies, restored to HTTP/1.1 for the app. A
@@ -288,27 +140,23 @@ async fn http1_h2_and_grpc_cross_two_proxies_over_mtls() {
 
 #[tokio::test]
 async fn a_peer_with_another_identity_is_refused() {
-    let state = tempfile::tempdir().unwrap();
-    let cp = control_plane(state.path(), "1h");
-    let (app, requests) = app().await;
-    let server = server_proxy(&cp, state.path(), app);
-    assert_eventually!(ready(&server).await == 200);
-    // Discovery (a static file here) promises `other`; the peer proves to be `web`.
-    let config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        config.path(),
-        format!(
-            "routes:\n  - parent: {AUTHORITY}\n    rules:\n      - backends: [{{service: {AUTHORITY}, weight: 1}}]\n\
-             endpoints:\n  - service: {AUTHORITY}\n    endpoints:\n      - addr: {}\n        identity: spiffe://cluster.local/ns/default/sa/other\n",
-            server.addr("inbound")
-        ),
-    )
-    .unwrap();
-    let client = proxy(&access(&cp, state.path()), CLIENT_ID)
-        .env("MESH_PROXY_CONFIG", config.path())
+    let cp = control_plane().cert_lifetime("1h").run().unwrap();
+    let web = app("web").await.unwrap();
+    let server = cp
+        .proxy(WEB_ID)
+        .app(web.addr())
+        .service(AUTHORITY)
         .run()
         .unwrap();
-    assert_eventually!(ready(&client).await == 200);
+    assert_eventually!(server.ready().await == 200);
+    // Discovery (a static file here) promises `other`; the peer proves to be `web`.
+    let config = format!(
+        "routes:\n  - parent: {AUTHORITY}\n    rules:\n      - backends: [{{service: {AUTHORITY}, weight: 1}}]\n\
+         endpoints:\n  - service: {AUTHORITY}\n    endpoints:\n      - addr: {}\n        identity: spiffe://cluster.local/ns/default/sa/other\n",
+        server.addr("inbound")
+    );
+    let client = cp.proxy(CLIENT_ID).outbound(config).run().unwrap();
+    assert_eventually!(client.ready().await == 200);
     for _ in 0..3 {
         let rsp = get(client.addr("outbound"), &[]).await;
         assert_eq!(rsp.status(), 502);
@@ -321,17 +169,19 @@ async fn a_peer_with_another_identity_is_refused() {
             "{why}"
         );
     }
-    assert_eq!(requests.load(Ordering::SeqCst), 0);
+    assert_eq!(web.hits(), 0);
 }
 
 #[tokio::test]
 async fn certificates_are_renewed_under_traffic_without_a_failed_request() {
-    let state = tempfile::tempdir().unwrap();
-    let cp = control_plane(state.path(), "6s");
-    let (app, _) = app().await;
-    let server = server_proxy(&cp, state.path(), app);
-    let client = proxy(&access(&cp, state.path()), CLIENT_ID).run().unwrap();
-    assert_eventually!(ready(&server).await == 200 && ready(&client).await == 200);
+    let web = app("web").await.unwrap();
+    let pair = mesh_pair(web.addr())
+        .cert_lifetime("6s")
+        .run()
+        .await
+        .unwrap();
+    let (server, client) = (&pair.server, &pair.client);
+    assert_eventually!(server.ready().await == 200 && client.ready().await == 200);
     let outbound = client.addr("outbound");
     assert_eventually!(get(outbound, &[]).await.status() == 200);
 
@@ -350,7 +200,7 @@ async fn certificates_are_renewed_under_traffic_without_a_failed_request() {
     let mut serials = [BTreeSet::new(), BTreeSet::new()];
     assert_eventually!(
         {
-            for (p, seen) in [&server, &client].into_iter().zip(&mut serials) {
+            for (p, seen) in [server, client].into_iter().zip(&mut serials) {
                 if let Some(s) = identity(p).await["serial"].as_str() {
                     seen.insert(s.to_string());
                 }
@@ -367,20 +217,18 @@ async fn certificates_are_renewed_under_traffic_without_a_failed_request() {
 
 #[tokio::test]
 async fn a_bad_token_is_refused_and_the_proxy_stays_unready() {
-    let state = tempfile::tempdir().unwrap();
-    let cp = control_plane(state.path(), "1h");
-    let mut wrong = access(&cp, state.path());
-    wrong.token_file = state.path().join("wrong-token");
+    let cp = control_plane().cert_lifetime("1h").run().unwrap();
+    let mut wrong = cp.access();
+    wrong.token_file = cp.state().join("wrong-token");
     std::fs::write(&wrong.token_file, "not-the-token\n").unwrap();
-    let mut p = proxy(&wrong, CLIENT_ID).run().unwrap();
+    // What the proxy says is in its log: this proxy is the binary.
+    let mut p = proxy().control_plane(&wrong, CLIENT_ID).spawn().unwrap();
     assert_eventually!(
-        std::fs::read_to_string(p.child().log())
-            .unwrap()
-            .contains("refused the bootstrap token"),
+        p.log().contains("refused the bootstrap token"),
         "log: {}",
-        p.child().log_tail(20)
+        p.log_tail(20)
     );
-    assert_eq!(ready(&p).await, 503);
+    assert_eq!(p.ready().await, 503);
     assert!(identity(&p).await.is_null());
 }
 
@@ -389,22 +237,23 @@ async fn a_bad_token_is_refused_and_the_proxy_stays_unready() {
 /// domain, leave it uncertified and unready, saying why.
 #[tokio::test]
 async fn the_proxy_verifies_the_control_plane_before_asking_it_anything() {
-    let state = tempfile::tempdir().unwrap();
-    let cp = control_plane(state.path(), "1h");
+    let cp = control_plane().cert_lifetime("1h").run().unwrap();
 
-    let mut foreign_roots = access(&cp, state.path());
-    foreign_roots.trust_roots_file = state.path().join("other-roots.pem");
+    // What the proxies say is in their logs: these proxies are the binary.
+    let mut foreign_roots = cp.access();
+    foreign_roots.trust_roots_file = cp.state().join("other-roots.pem");
     let other_ca = mesh_test_support::proxy_api::MeshCa::generate().unwrap();
     std::fs::write(&foreign_roots.trust_roots_file, other_ca.roots_pem()).unwrap();
-    let mut untrusting = proxy(&foreign_roots, CLIENT_ID).run().unwrap();
+    let mut untrusting = proxy()
+        .control_plane(&foreign_roots, CLIENT_ID)
+        .spawn()
+        .unwrap();
 
     // Another trust domain expects spiffe://other.org/ns/mesh-system/sa/mesh-controlplane.
-    let mut elsewhere = proxy(
-        &access(&cp, state.path()),
-        "spiffe://other.org/ns/default/sa/client",
-    )
-    .run()
-    .unwrap();
+    let mut elsewhere = cp
+        .proxy("spiffe://other.org/ns/default/sa/client")
+        .spawn()
+        .unwrap();
 
     for (p, why) in [
         (&mut untrusting, "UnknownIssuer"),
@@ -414,13 +263,11 @@ async fn the_proxy_verifies_the_control_plane_before_asking_it_anything() {
         ),
     ] {
         assert_eventually!(
-            std::fs::read_to_string(p.child().log())
-                .unwrap()
-                .contains(why),
+            p.log().contains(why),
             "no {why:?} in the log: {}",
-            p.child().log_tail(20)
+            p.log_tail(20)
         );
-        assert_eq!(ready(p).await, 503);
-        assert!(identity(p).await.is_null());
+        assert_eq!(p.ready().await, 503);
+        assert!(identity(&*p).await.is_null());
     }
 }

@@ -1,47 +1,15 @@
-//! Opaque TCP through `mesh-proxy`'s inbound listener, as a real process: a binary client-first
+//! Opaque TCP through `mesh-proxy`'s inbound listener, started in-process: a binary client-first
 //! protocol and a server-first one (which sends a banner before the client says anything) reach
 //! the app byte for byte, and the `tcp_*` counters count them. HTTP on the same port is covered
 //! by `inbound.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
-
+use mesh_test_support::apps::tcp_echo;
 use mesh_test_support::assert_eventually;
-use mesh_test_support::process::{MeshBinary, MeshProcess};
+use mesh_test_support::proxies::{InProcessProxy, Sidecar, proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// An app that greets each connection with `banner` (if any), then echoes what it reads.
-async fn echo(banner: &'static [u8]) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                s.write_all(banner).await.unwrap();
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
-fn proxy(app: SocketAddr) -> MeshProcess {
-    MeshBinary::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-        .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
-        .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
-        .env("MESH_PROXY_INBOUND_ADDR", "127.0.0.1:0")
-        .env("MESH_PROXY_APP_ADDR", app.to_string())
-        .env("MESH_PROXY_INBOUND_DETECT_TIMEOUT", "300ms")
-        .listener("admin")
-        .listener("outbound")
-        .listener("inbound")
-        .run()
-        .unwrap()
-}
-
-async fn metric(p: &MeshProcess, name: &str) -> u64 {
+async fn metric(p: &InProcessProxy, name: &str) -> u64 {
     // Counters are whole numbers.
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let n = p.metric_sum(name, &["direction=\"inbound\""]).await as u64;
@@ -51,7 +19,11 @@ async fn metric(p: &MeshProcess, name: &str) -> u64 {
 #[tokio::test]
 async fn binary_and_server_first_protocols_pass_through_and_are_counted() {
     // Client first, binary: every byte value, 4 KiB.
-    let p = proxy(echo(b"").await);
+    let p = proxy()
+        .app(tcp_echo().await.unwrap())
+        .env("MESH_PROXY_INBOUND_DETECT_TIMEOUT", "300ms")
+        .run()
+        .unwrap();
     let payload: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
     let mut s = tokio::net::TcpStream::connect(p.addr("inbound"))
         .await
@@ -78,7 +50,15 @@ async fn binary_and_server_first_protocols_pass_through_and_are_counted() {
 
     // Server first: the client waits for the banner; after the detect timeout the proxy
     // connects it through.
-    let p = proxy(echo(b"220 mail.example ESMTP\r\n").await);
+    let smtp = tcp_echo()
+        .banner(b"220 mail.example ESMTP\r\n")
+        .await
+        .unwrap();
+    let p = proxy()
+        .app(smtp)
+        .env("MESH_PROXY_INBOUND_DETECT_TIMEOUT", "300ms")
+        .run()
+        .unwrap();
     let mut s = tokio::net::TcpStream::connect(p.addr("inbound"))
         .await
         .unwrap();

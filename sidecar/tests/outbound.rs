@@ -1,4 +1,4 @@
-//! `mesh-proxy` as a real process with a static config, in front of real upstream HTTP servers:
+//! `mesh-proxy` with a static config, started in-process, in front of real upstream HTTP servers:
 //! weighted splitting, exact 0/100 weights, absolute-form and h2c clients (curl), timeouts,
 //! fault injection, routing errors, `/config` and the golden metrics the canary judge reads.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -6,8 +6,8 @@
 use std::net::SocketAddr;
 
 use mesh_core::{exposition, gates};
-use mesh_test_support::apps::{SEEN_ADDED, SEEN_HOST, app};
-use mesh_test_support::process::{MeshBinary, MeshProcess};
+use mesh_test_support::apps::{SEEN_ADDED, SEEN_HOST, primary_and_canary};
+use mesh_test_support::proxies::{Sidecar, proxy};
 
 fn config(primary: SocketAddr, canary: SocketAddr, weights: (u32, u32)) -> String {
     format!(
@@ -39,35 +39,11 @@ endpoints:
     )
 }
 
-fn proxy(config_yaml: &str, dir: &tempfile::TempDir) -> MeshProcess {
-    let path = dir.path().join(format!("proxy-{}.yaml", fastrand::u32(..)));
-    std::fs::write(&path, config_yaml).unwrap();
-    MeshBinary::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-        .arg("--config")
-        .arg(path)
-        .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
-        .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
-        .listener("admin")
-        .listener("outbound")
-        .run()
-        .unwrap()
-}
-
-/// A client that sends absolute-form requests through the proxy, as an app with HTTP_PROXY does.
-fn via(proxy: &MeshProcess) -> reqwest::Client {
-    let _ = mesh_test_support::http_client();
-    reqwest::Client::builder()
-        .proxy(reqwest::Proxy::http(format!("http://{}", proxy.addr("outbound"))).unwrap())
-        .build()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn weights_split_requests_and_metrics_count_them_per_backend() {
-    let dir = tempfile::tempdir().unwrap();
-    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
-    let p = proxy(&config(v1, v2, (80, 20)), &dir);
-    let client = via(&p);
+    let (v1, v2) = primary_and_canary().await.unwrap();
+    let p = proxy().outbound(config(v1, v2, (80, 20))).run().unwrap();
+    let client = p.client();
     let mut canary = 0;
     for _ in 0..1000 {
         let rsp = client.get("http://web.default:80/").send().await.unwrap();
@@ -89,14 +65,7 @@ async fn weights_split_requests_and_metrics_count_them_per_backend() {
         "canary got {canary} of 1000 at weight 20"
     );
 
-    let text = mesh_test_support::http_client()
-        .get(format!("http://{}/metrics", p.addr("admin")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = p.metrics().await;
     let samples = exposition::parse(&text).unwrap();
     let c = gates::counters(&samples, "web-canary");
     let pr = gates::counters(&samples, "web-primary");
@@ -109,10 +78,9 @@ async fn weights_split_requests_and_metrics_count_them_per_backend() {
 
 #[tokio::test]
 async fn a_90_10_split_over_10000_requests_lands_within_one_and_a_half_points() {
-    let dir = tempfile::tempdir().unwrap();
-    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
-    let p = proxy(&config(v1, v2, (90, 10)), &dir);
-    let client = via(&p);
+    let (v1, v2) = primary_and_canary().await.unwrap();
+    let p = proxy().outbound(config(v1, v2, (90, 10))).run().unwrap();
+    let client = p.client();
     let canary = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     // Eight clients at once, 1250 requests each.
@@ -141,11 +109,10 @@ async fn a_90_10_split_over_10000_requests_lands_within_one_and_a_half_points() 
 
 #[tokio::test]
 async fn weights_of_zero_and_one_hundred_are_exact() {
-    let dir = tempfile::tempdir().unwrap();
-    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
+    let (v1, v2) = primary_and_canary().await.unwrap();
     for (weights, want) in [((100, 0), "v1"), ((0, 100), "v2")] {
-        let p = proxy(&config(v1, v2, weights), &dir);
-        let client = via(&p);
+        let p = proxy().outbound(config(v1, v2, weights)).run().unwrap();
+        let client = p.client();
         for _ in 0..300 {
             let body = client
                 .get("http://web.default:80/")
@@ -162,9 +129,8 @@ async fn weights_of_zero_and_one_hundred_are_exact() {
 
 #[tokio::test]
 async fn origin_form_and_h2c_clients_are_routed() {
-    let dir = tempfile::tempdir().unwrap();
-    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
-    let p = proxy(&config(v1, v2, (100, 0)), &dir);
+    let (v1, v2) = primary_and_canary().await.unwrap();
+    let p = proxy().outbound(config(v1, v2, (100, 0))).run().unwrap();
     let outbound = p.addr("outbound");
     for extra in [&[][..], &["--http2-prior-knowledge"][..]] {
         let out = tokio::process::Command::new("curl")
@@ -186,10 +152,9 @@ async fn origin_form_and_h2c_clients_are_routed() {
 
 #[tokio::test]
 async fn timeouts_faults_and_unknown_routes_answer_from_the_proxy() {
-    let dir = tempfile::tempdir().unwrap();
-    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
-    let p = proxy(&config(v1, v2, (100, 0)), &dir);
-    let client = via(&p);
+    let (v1, v2) = primary_and_canary().await.unwrap();
+    let p = proxy().outbound(config(v1, v2, (100, 0))).run().unwrap();
+    let client = p.client();
 
     let rsp = client
         .get("http://web.default:80/slow")
@@ -215,14 +180,7 @@ async fn timeouts_faults_and_unknown_routes_answer_from_the_proxy() {
     assert!(rsp.text().await.unwrap().contains("nowhere.default:80"));
 
     // The timed-out request counts as a mesh failure against its backend.
-    let text = mesh_test_support::http_client()
-        .get(format!("http://{}/metrics", p.addr("admin")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = p.metrics().await;
     assert!(
         text.lines().any(|l| l.starts_with("response_total")
             && l.contains(r#"route="slow""#)
@@ -235,17 +193,9 @@ async fn timeouts_faults_and_unknown_routes_answer_from_the_proxy() {
 
 #[tokio::test]
 async fn config_endpoint_shows_the_tables() {
-    let dir = tempfile::tempdir().unwrap();
-    let (v1, v2) = (app("v1").await.unwrap(), app("v2").await.unwrap());
-    let p = proxy(&config(v1, v2, (70, 30)), &dir);
-    let cfg: serde_json::Value = mesh_test_support::http_client()
-        .get(format!("http://{}/config", p.addr("admin")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (v1, v2) = primary_and_canary().await.unwrap();
+    let p = proxy().outbound(config(v1, v2, (70, 30))).run().unwrap();
+    let cfg = p.config().await;
     assert_eq!(cfg["routes"][0]["parent"], "web.default:80");
     assert_eq!(cfg["routes"][0]["rules"][2]["backends"][1]["weight"], 30);
     let canary = cfg["endpoints"]

@@ -1,141 +1,20 @@
-//! The endpoint and request layer of `mesh-proxy`, as a real process in front of real upstream
+//! The endpoint and request layer of `mesh-proxy`, started in-process in front of real upstream
 //! HTTP servers on 127.0.0.1: retries and their budget, replayable request bodies, route
 //! timeouts, connect timeouts, P2C over peak-EWMA latency, failure accrual and fault injection. Every assertion counts requests (at the upstream, at the
 //! client, or in the proxy's metrics); none measures time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http_body_util::BodyExt;
+use hyper::Request;
+use hyper_util::rt::TokioExecutor;
+use mesh_test_support::apps::app;
 use mesh_test_support::assert_eventually;
-use mesh_test_support::process::{MeshBinary, MeshProcess};
-
-/// What an upstream saw of one request.
-#[derive(Clone, Debug)]
-struct Seen {
-    /// The request's `x-request-id`, or empty.
-    id: String,
-    /// How many times this id has arrived, this one included.
-    attempt: u32,
-}
-
-/// A real HTTP server whose answers a test decides per request, counting what arrives.
-struct Upstream {
-    addr: SocketAddr,
-    hits: Arc<AtomicUsize>,
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-impl Upstream {
-    /// Starts a server on 127.0.0.1:0 answering `(status, delay)` for each request; the body
-    /// names the server and the body length it received.
-    async fn start(
-        name: &'static str,
-        answer: impl Fn(&Seen) -> (u16, Duration) + Send + Sync + 'static,
-    ) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let hits = Arc::new(AtomicUsize::new(0));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let attempts = Arc::new(Mutex::new(BTreeMap::<String, u32>::new()));
-        let answer = Arc::new(answer);
-        let (h, s) = (hits.clone(), seen.clone());
-        tokio::spawn(async move {
-            while let Ok((io, _)) = listener.accept().await {
-                let (hits, seen, attempts, answer) =
-                    (h.clone(), s.clone(), attempts.clone(), answer.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let (hits, seen, attempts, answer) =
-                            (hits.clone(), seen.clone(), attempts.clone(), answer.clone());
-                        async move {
-                            let id = req
-                                .headers()
-                                .get("x-request-id")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or_default()
-                                .to_string();
-                            let body_len = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map_or(0, |b| b.to_bytes().len());
-                            hits.fetch_add(1, Ordering::SeqCst);
-                            let attempt = {
-                                let mut a = attempts.lock().unwrap();
-                                let n = a.entry(id.clone()).or_insert(0);
-                                *n += 1;
-                                *n
-                            };
-                            let s = Seen { id, attempt };
-                            seen.lock().unwrap().push(s.clone());
-                            let (status, delay) = answer(&s);
-                            if !delay.is_zero() {
-                                tokio::time::sleep(delay).await;
-                            }
-                            let mut rsp =
-                                Response::new(Full::new(Bytes::from(format!("{name} {body_len}"))));
-                            *rsp.status_mut() = StatusCode::from_u16(status).unwrap();
-                            Ok::<_, Infallible>(rsp)
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(io), svc)
-                        .await;
-                });
-            }
-        });
-        Self { addr, hits, seen }
-    }
-
-    fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
-    }
-
-    /// Attempts that arrived for request `id`.
-    fn attempts(&self, id: &str) -> usize {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.id == id)
-            .count()
-    }
-}
-
-/// Starts the proxy with `config_yaml` and extra `MESH_PROXY_*` variables.
-fn proxy(config_yaml: &str, env: &[(&str, &str)], dir: &tempfile::TempDir) -> MeshProcess {
-    let path = dir.path().join(format!("proxy-{}.yaml", fastrand::u32(..)));
-    std::fs::write(&path, config_yaml).unwrap();
-    let mut bin = MeshBinary::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-        .arg("--config")
-        .arg(path)
-        .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
-        .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
-        .listener("admin")
-        .listener("outbound");
-    for (k, v) in env {
-        bin = bin.env(k, v);
-    }
-    bin.run().unwrap()
-}
-
-/// A client that sends absolute-form requests through the proxy, as an app with HTTP_PROXY does.
-fn via(proxy: &MeshProcess) -> reqwest::Client {
-    let _ = mesh_test_support::http_client();
-    reqwest::Client::builder()
-        .proxy(reqwest::Proxy::http(format!("http://{}", proxy.addr("outbound"))).unwrap())
-        .build()
-        .unwrap()
-}
+use mesh_test_support::proxies::{Sidecar, proxy};
 
 /// One route on `web.default:80` with `rule` (YAML fields of the rule, besides backends), to
 /// one backend with `endpoints`.
@@ -164,14 +43,13 @@ const RETRY_5XX: &str = "retry: {statuses: [502, 503, 504], maxRetries: 2}";
 
 #[tokio::test]
 async fn a_retry_turns_a_failed_first_attempt_into_a_success() {
-    let dir = tempfile::tempdir().unwrap();
     // Every request fails its first attempt with 503 and succeeds on the second.
-    let up = Upstream::start("v1", |s| {
-        (if s.attempt == 1 { 503 } else { 200 }, Duration::ZERO)
-    })
-    .await;
-    let p = proxy(&one_backend(RETRY_5XX, &[up.addr]), &[], &dir);
-    let client = via(&p);
+    let up = app("v1").body_len().fail_first_attempt(503).await.unwrap();
+    let p = proxy()
+        .outbound(one_backend(RETRY_5XX, &[up.addr()]))
+        .run()
+        .unwrap();
+    let client = p.client();
     for i in 0..100 {
         let rsp = client
             .get("http://web.default:80/")
@@ -222,21 +100,20 @@ async fn a_retry_turns_a_failed_first_attempt_into_a_success() {
 
 #[tokio::test]
 async fn retries_recover_a_30_percent_failing_backend_within_the_budget() {
-    let dir = tempfile::tempdir().unwrap();
     // A seeded generator and one request at a time: the same failures on every run.
-    let rng = Mutex::new(fastrand::Rng::with_seed(7));
-    let up = Upstream::start("v1", move |_| {
-        let fail = rng.lock().unwrap().f64() < 0.3;
-        (if fail { 503 } else { 200 }, Duration::ZERO)
-    })
-    .await;
+    let up = app("v1")
+        .fail_rate(0.3)
+        .failing_with(503)
+        .seed(7)
+        .await
+        .unwrap();
     // The only endpoint must stay in the pick however the failures fall.
-    let p = proxy(
-        &one_backend(RETRY_5XX, &[up.addr]),
-        &[("MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES", "0")],
-        &dir,
-    );
-    let client = via(&p);
+    let p = proxy()
+        .outbound(one_backend(RETRY_5XX, &[up.addr()]))
+        .env("MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES", "0")
+        .run()
+        .unwrap();
+    let client = p.client();
     let requests = 300;
     let mut ok = 0;
     for i in 0..requests {
@@ -267,13 +144,12 @@ async fn retries_recover_a_30_percent_failing_backend_within_the_budget() {
 
 #[tokio::test]
 async fn a_request_body_over_64_kib_is_never_retried() {
-    let dir = tempfile::tempdir().unwrap();
-    let up = Upstream::start("v1", |s| {
-        (if s.attempt == 1 { 503 } else { 200 }, Duration::ZERO)
-    })
-    .await;
-    let p = proxy(&one_backend(RETRY_5XX, &[up.addr]), &[], &dir);
-    let client = via(&p);
+    let up = app("v1").body_len().fail_first_attempt(503).await.unwrap();
+    let p = proxy()
+        .outbound(one_backend(RETRY_5XX, &[up.addr()]))
+        .run()
+        .unwrap();
+    let client = p.client();
     let rsp = client
         .post("http://web.default:80/")
         .header("x-request-id", "large-post")
@@ -299,7 +175,12 @@ async fn a_request_body_over_64_kib_is_never_retried() {
 
 /// Sends a POST of `chunks` × `chunk` bytes with no Content-Length (chunked), as a streaming
 /// client does, and returns the status and body.
-async fn post_chunked(proxy: &MeshProcess, id: &str, chunks: usize, chunk: usize) -> (u16, String) {
+async fn post_chunked(
+    proxy: &impl Sidecar,
+    id: &str,
+    chunks: usize,
+    chunk: usize,
+) -> (u16, String) {
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(2);
     tokio::spawn(async move {
         for _ in 0..chunks {
@@ -322,12 +203,11 @@ async fn post_chunked(proxy: &MeshProcess, id: &str, chunks: usize, chunk: usize
 
 #[tokio::test]
 async fn a_streamed_body_is_retried_while_it_fits_in_64_kib() {
-    let dir = tempfile::tempdir().unwrap();
-    let up = Upstream::start("v1", |s| {
-        (if s.attempt == 1 { 503 } else { 200 }, Duration::ZERO)
-    })
-    .await;
-    let p = proxy(&one_backend(RETRY_5XX, &[up.addr]), &[], &dir);
+    let up = app("v1").body_len().fail_first_attempt(503).await.unwrap();
+    let p = proxy()
+        .outbound(one_backend(RETRY_5XX, &[up.addr()]))
+        .run()
+        .unwrap();
     assert_eq!(
         post_chunked(&p, "small-stream", 8, 4096).await,
         (200, "v1 32768".to_string()),
@@ -344,17 +224,16 @@ async fn a_streamed_body_is_retried_while_it_fits_in_64_kib() {
 
 #[tokio::test]
 async fn retries_stop_at_the_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let up = Upstream::start("v1", |_| (503, Duration::ZERO)).await;
+    let up = app("v1").status(503).await.unwrap();
     // No minimum, and a window longer than the test: retries may add exactly 20 % of requests.
     let rule = "retry: {statuses: [503], maxRetries: 3, budget: {ratio: 0.2, minPerSecond: 0, ttlMs: 60000}}";
     // Failure accrual would take the only endpoint out after a few 503s; here it must stay in.
-    let p = proxy(
-        &one_backend(rule, &[up.addr]),
-        &[("MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES", "0")],
-        &dir,
-    );
-    let client = via(&p);
+    let p = proxy()
+        .outbound(one_backend(rule, &[up.addr()]))
+        .env("MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES", "0")
+        .run()
+        .unwrap();
+    let client = p.client();
     let requests = 500;
     for i in 0..requests {
         let rsp = client
@@ -383,14 +262,14 @@ async fn retries_stop_at_the_budget() {
 
 #[tokio::test]
 async fn max_retries_bounds_the_attempts_of_one_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let up = Upstream::start("v1", |_| (502, Duration::ZERO)).await;
-    let p = proxy(
-        &one_backend(RETRY_5XX, &[up.addr]),
-        &[("MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES", "0")],
-        &dir,
-    );
-    let rsp = via(&p)
+    let up = app("v1").status(502).await.unwrap();
+    let p = proxy()
+        .outbound(one_backend(RETRY_5XX, &[up.addr()]))
+        .env("MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES", "0")
+        .run()
+        .unwrap();
+    let rsp = p
+        .client()
         .get("http://web.default:80/")
         .header("x-request-id", "doomed")
         .send()
@@ -410,12 +289,15 @@ async fn max_retries_bounds_the_attempts_of_one_request() {
 
 #[tokio::test]
 async fn a_request_past_the_route_timeout_is_answered_504_and_attempted_once() {
-    let dir = tempfile::tempdir().unwrap();
     // Far longer than the test waits: only the proxy's timeout can answer.
-    let up = Upstream::start("v1", |_| (200, Duration::from_secs(600))).await;
+    let up = app("v1").latency(Duration::from_secs(600)).await.unwrap();
     let rule = format!("timeoutMs: 300\n        {RETRY_5XX}");
-    let p = proxy(&one_backend(&rule, &[up.addr]), &[], &dir);
-    let rsp = via(&p)
+    let p = proxy()
+        .outbound(one_backend(&rule, &[up.addr()]))
+        .run()
+        .unwrap();
+    let rsp = p
+        .client()
         .get("http://web.default:80/")
         .header("x-request-id", "slow")
         .send()
@@ -436,11 +318,16 @@ async fn a_request_past_the_route_timeout_is_answered_504_and_attempted_once() {
 
 #[tokio::test]
 async fn p2c_sends_most_requests_to_the_faster_endpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let fast = Upstream::start("fast", |_| (200, Duration::ZERO)).await;
-    let slow = Upstream::start("slow", |_| (200, Duration::from_millis(50))).await;
-    let p = proxy(&one_backend("", &[fast.addr, slow.addr]), &[], &dir);
-    let client = via(&p);
+    let fast = app("fast").await.unwrap();
+    let slow = app("slow")
+        .latency(Duration::from_millis(50))
+        .await
+        .unwrap();
+    let p = proxy()
+        .outbound(one_backend("", &[fast.addr(), slow.addr()]))
+        .run()
+        .unwrap();
+    let client = p.client();
     // Four clients at once, so pending requests weigh in as well as latency.
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..4 {
@@ -474,8 +361,7 @@ async fn get(client: &reqwest::Client, closed: SocketAddr) -> u16 {
 
 #[tokio::test]
 async fn failure_accrual_stops_attempts_to_a_closed_port_and_probes_it_later() {
-    let dir = tempfile::tempdir().unwrap();
-    let healthy = Upstream::start("healthy", |_| (200, Duration::ZERO)).await;
+    let healthy = app("healthy").await.unwrap();
     // A port nobody listens on: every attempt is a connection refused, a fast 502.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -496,18 +382,16 @@ endpoints:
   - service: healthy.default:80
     endpoints: [{{addr: "{}"}}]
 "#,
-        healthy.addr
+        healthy.addr()
     );
     // A backoff long enough that the first phase below cannot outlast it twice.
-    let p = proxy(
-        &config,
-        &[
-            ("MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES", "5"),
-            ("MESH_PROXY_FAILURE_ACCRUAL_MIN_BACKOFF", "5s"),
-        ],
-        &dir,
-    );
-    let client = via(&p);
+    let p = proxy()
+        .outbound(config)
+        .env("MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES", "5")
+        .env("MESH_PROXY_FAILURE_ACCRUAL_MIN_BACKOFF", "5s")
+        .run()
+        .unwrap();
+    let client = p.client();
     // Each 502 is one attempt at the closed port. After five, it gets no more.
     let mut refused = 0;
     let mut sent = 0;
@@ -551,27 +435,11 @@ endpoints:
     );
 
     // Once something listens there, a probe succeeds and the endpoint is back in the pick.
-    let revived = tokio::net::TcpListener::bind(closed).await.unwrap();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let counted = hits.clone();
-    tokio::spawn(async move {
-        while let Ok((io, _)) = revived.accept().await {
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |_req: Request<Incoming>| {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("revived")))) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(io), svc)
-                    .await;
-            });
-        }
-    });
+    let revived = app("revived").on(closed).await.unwrap();
     assert_eventually!(
         {
             assert_eq!(get(&client, closed).await, 200);
-            hits.load(Ordering::SeqCst) >= 20
+            revived.hits() >= 20
         },
         "the revived endpoint did not return to the pick"
     );
@@ -579,11 +447,13 @@ endpoints:
 
 #[tokio::test]
 async fn a_fault_filter_aborts_its_share_of_requests() {
-    let dir = tempfile::tempdir().unwrap();
-    let up = Upstream::start("v1", |_| (200, Duration::ZERO)).await;
+    let up = app("v1").await.unwrap();
     let rule = "filters: [{type: fault, abort: {status: 503, percent: 25}}]";
-    let p = proxy(&one_backend(rule, &[up.addr]), &[], &dir);
-    let client = via(&p);
+    let p = proxy()
+        .outbound(one_backend(rule, &[up.addr()]))
+        .run()
+        .unwrap();
+    let client = p.client();
     let mut aborted = 0;
     for _ in 0..1000 {
         let rsp = client.get("http://web.default:80/").send().await.unwrap();
@@ -606,7 +476,6 @@ async fn a_fault_filter_aborts_its_share_of_requests() {
 
 #[tokio::test]
 async fn a_connect_that_hangs_fails_at_the_connect_timeout_and_counts_for_accrual() {
-    let dir = tempfile::tempdir().unwrap();
     // A listener that never accepts, with its accept queue full: the kernel drops further SYNs,
     // so a connect to it hangs (for minutes of SYN retries) until the connector gives up.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -620,21 +489,14 @@ async fn a_connect_that_hangs_fails_at_the_connect_timeout_and_counts_for_accrua
             fillers.push(c);
         }
     }
-    let p = proxy(
-        &one_backend("", &[hung]),
-        &[
-            ("MESH_PROXY_OUTBOUND_CONNECT_TIMEOUT", "100ms"),
-            ("MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES", "3"),
-        ],
-        &dir,
-    );
-    // A guard, not a measurement: a missing connect timeout shows as this error, not a hang.
-    let _ = mesh_test_support::http_client();
-    let client = reqwest::Client::builder()
-        .proxy(reqwest::Proxy::http(format!("http://{}", p.addr("outbound"))).unwrap())
-        .timeout(mesh_test_support::patience())
-        .build()
+    let p = proxy()
+        .outbound(one_backend("", &[hung]))
+        .env("MESH_PROXY_OUTBOUND_CONNECT_TIMEOUT", "100ms")
+        .env("MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES", "3")
+        .run()
         .unwrap();
+    // A guard, not a measurement: a missing connect timeout shows as this error, not a hang.
+    let client = p.client_with_timeout(mesh_test_support::patience());
     for _ in 0..3 {
         let rsp = client.get("http://web.default:80/").send().await.unwrap();
         assert_eq!(rsp.status(), 502);

@@ -2,8 +2,10 @@
 //! the product the way users run it. [`kube::KubeApiServer`] brings up etcd and kube-apiserver
 //! with generated certificates and our CRDs installed; [`prometheus::Prometheus`] runs a real
 //! Prometheus against a scrape config; [`process::MeshProcess`] starts one of our binaries on
-//! port 0 and reads back the addresses it bound; [`proxy_api`] has mTLS clients of the control
-//! plane's proxy API and a stand-in for it; [`assert_eventually!`] waits for a condition
+//! port 0 and reads back the addresses it bound; [`proxies::proxy`] starts a proxy in-process
+//! (or as the binary), [`apps::app`] an upstream app, and [`mesh::control_plane`] and
+//! [`mesh::mesh_pair`] a control plane and proxies on it; [`proxy_api`] has mTLS clients of the
+//! control plane's proxy API and a stand-in for it; [`assert_eventually!`] waits for a condition
 //! with a patience taken from `MESH_TEST_PATIENCE`. Everything started is killed when its handle
 //! drops, so a failing test leaves no processes behind.
 
@@ -11,9 +13,11 @@ pub mod apps;
 pub mod certs;
 pub mod eventually;
 pub mod kube;
+pub mod mesh;
 pub mod ports;
 pub mod process;
 pub mod prometheus;
+pub mod proxies;
 pub mod proxy_api;
 
 pub use eventually::patience;
@@ -64,6 +68,9 @@ pub enum HarnessError {
     /// A TLS configuration or client could not be built.
     #[error("configuring TLS: {0}")]
     Tls(String),
+    /// An in-process proxy could not start or stop.
+    #[error("in-process proxy: {0}")]
+    Proxy(String),
     /// A Kubernetes API call made by the harness failed.
     #[error("{context}: {source}")]
     Kube {
@@ -104,20 +111,33 @@ pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
     reason = "a test helper fails its test by panicking"
 )]
 pub async fn metric_sum(admin: impl std::fmt::Display, name: &str, labels: &[&str]) -> f64 {
-    let text = http_client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .and_then(reqwest::Response::error_for_status)
-        .expect("scraping /metrics")
-        .text()
-        .await
-        .expect("reading /metrics");
+    let text = metrics_text(admin).await;
     let series = format!("{name}{{");
     text.lines()
         .filter(|l| l.starts_with(&series) && labels.iter().all(|label| l.contains(label)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The text of `http://<admin>/metrics`.
+///
+/// # Panics
+/// When the scrape fails.
+#[allow(
+    clippy::expect_used,
+    reason = "a test helper fails its test by panicking"
+)]
+pub fn metrics_text(admin: impl std::fmt::Display) -> impl Future<Output = String> + Send {
+    let scrape = http_client().get(format!("http://{admin}/metrics")).send();
+    async move {
+        scrape
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .expect("scraping /metrics")
+            .text()
+            .await
+            .expect("reading /metrics")
+    }
 }
 
 /// An HTTP client for talking to components. The workspace builds rustls with the ring provider

@@ -1,0 +1,547 @@
+//! Assembling a whole proxy from its [`Config`]: the admin server, the outbound and inbound
+//! listeners, the workload's identity, discovery and registration, wired together and started
+//! on the current Tokio runtime.
+//!
+//! `mesh-proxy` is this plus signals and an exit code; tests start the same proxy in-process
+//! with listeners on `127.0.0.1:0` and read back the addresses it bound. Start-up happens in
+//! two steps so that a binary can tell bad configuration (exit 64) from a failure to run:
+//! [`Proxy::new`] reads what the config points at (the static config file, the trust roots)
+//! and fails only on bad configuration; [`Proxy::start`] binds the listeners and spawns the
+//! tasks. [`RunningProxy::shutdown`] drains as on SIGTERM: out of readiness, deregistered, then
+//! the listeners finish their requests in flight within [`DRAIN_TIMEOUT`].
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use mesh_core::config::ConfigError;
+use mesh_core::proxy_api::{StaticConfig, WorkloadRegistration};
+use prometheus_client::registry::Registry;
+use rustls::RootCertStore;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+use crate::{
+    admin::{Admin, Readiness},
+    authz::Authz,
+    config::Config,
+    discovery::Discovery,
+    drain::{self, DRAIN_TIMEOUT},
+    identity::Certifier,
+    inbound::Inbound,
+    metrics::Metrics,
+    outbound::{Outbound, Settings as OutboundSettings},
+    registration::{DEREGISTER_TIMEOUT, Registrar, Registration, advertised_addr},
+    tables::Tables,
+    tls,
+};
+
+/// The configuration cannot be used: a binary exits 64 on it.
+#[derive(Debug, thiserror::Error)]
+pub enum BadConfig {
+    /// A variable's value (the trust roots it names, for instance) cannot be used.
+    #[error(transparent)]
+    Env(#[from] ConfigError),
+    /// The static config file cannot be read.
+    #[error("reading config file {path}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The static config file is not a valid config; the error names the field.
+    #[error("config file {path}")]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// The field and what is wrong with it.
+        #[source]
+        source: serde_path_to_error::Error<serde_yaml::Error>,
+    },
+    /// A route in the static config file does not compile.
+    #[error("config file {path}")]
+    Routes {
+        /// The file.
+        path: PathBuf,
+        /// The route and what is wrong with it.
+        #[source]
+        source: mesh_core::routing::RouteRegexError,
+    },
+}
+
+/// The proxy could not start, or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A listener could not be bound.
+    #[error("binding {listener} to {addr}")]
+    Bind {
+        /// Which listener (`admin server`, `outbound listener`, `inbound listener`).
+        listener: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The control plane's identity cannot be derived: no workload identity is configured.
+    #[error("the control plane's identity follows from MESH_PROXY_IDENTITY, which is not set")]
+    ControlPlaneIdentity,
+    /// TLS to the control plane cannot be configured.
+    #[error("configuring TLS to the control plane")]
+    ControlPlaneTls(#[source] rustls::Error),
+    /// The control plane client cannot be built.
+    #[error("building the control plane client")]
+    ControlPlaneClient(#[source] reqwest::Error),
+    /// A listener failed, or stopped serving on its own.
+    #[error("{listener} failed")]
+    Serve {
+        /// Which listener.
+        listener: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A listener's task panicked or was cancelled.
+    #[error("{listener} failed: its task ended abnormally")]
+    Task {
+        /// Which listener.
+        listener: &'static str,
+        /// The panic or cancellation.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+const ADMIN: &str = "admin server";
+const OUTBOUND: &str = "outbound listener";
+const INBOUND: &str = "inbound listener";
+
+/// A proxy ready to start: its configuration, with the files it names already read.
+#[derive(Debug)]
+pub struct Proxy {
+    config: Config,
+    tables: Tables,
+    roots: Option<Arc<RootCertStore>>,
+}
+
+impl Proxy {
+    /// Reads the static config file and the trust roots `config` names. Errors here are bad
+    /// configuration: they name the variable, or the file and the field.
+    pub fn new(config: Config) -> Result<Self, BadConfig> {
+        let tables = load_tables(&config)?;
+        // Read up front: a missing or unreadable roots file is bad config, not a runtime failure.
+        let roots = config
+            .control_plane
+            .as_ref()
+            .map(|cp| cp.trust_roots.load())
+            .transpose()?;
+        Ok(Self {
+            config,
+            tables,
+            roots,
+        })
+    }
+
+    /// Binds the listeners and starts serving on the current runtime. The proxy runs until
+    /// [`RunningProxy::shutdown`], or until the handle is dropped, which stops it at once.
+    pub async fn start(self) -> Result<RunningProxy, ProxyError> {
+        let Self {
+            config,
+            tables,
+            roots,
+        } = self;
+        let admin_listener = bind(ADMIN, config.admin_addr).await?;
+        let outbound_listener = bind(OUTBOUND, config.outbound_addr).await?;
+        let inbound_listener = match config.app_addr {
+            Some(_) => Some(bind(INBOUND, config.inbound_addr).await?),
+            None => None,
+        };
+        let addrs = Addrs {
+            admin: local_addr(ADMIN, &admin_listener)?,
+            outbound: local_addr(OUTBOUND, &outbound_listener)?,
+            inbound: match &inbound_listener {
+                Some(l) => Some(local_addr(INBOUND, l)?),
+                None => None,
+            },
+        };
+
+        // One crypto stack: anything using rustls without naming a provider gets ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        // The proxy's certificate, once the certifier has one; TLS to the control plane and to
+        // peers reads it on every handshake.
+        let (credentials_tx, credentials_rx) = watch::channel(None);
+        // Control-plane calls go over mTLS. A connection's client certificate is fixed at its
+        // handshake, so certify (which runs before there is a certificate) has a client of its
+        // own; discovery streams and registration share the other's HTTP/2 connection, opened
+        // only once a certificate is held, and presenting it.
+        let clients = match (&config.control_plane, roots) {
+            (Some(cp), Some(roots)) => {
+                let expected = config
+                    .control_plane_identity()
+                    .ok_or(ProxyError::ControlPlaneIdentity)?;
+                let tls = tls::control_plane_config(&credentials_rx, roots, &expected)
+                    .map_err(ProxyError::ControlPlaneTls)?;
+                let client = || {
+                    reqwest::Client::builder()
+                        .tls_backend_preconfigured(tls.clone())
+                        .http2_prior_knowledge()
+                        .build()
+                        .map_err(ProxyError::ControlPlaneClient)
+                };
+                Some((cp.url.clone(), client()?, client()?))
+            }
+            _ => None,
+        };
+        let client = clients.as_ref().map(|(_, client, _)| client.clone());
+        // The sender lives as long as the proxy: discovery (if any) publishes through it.
+        let (tables_tx, tables_rx) = watch::channel(Arc::new(tables));
+        let discovery = clients.as_ref().map(|(url, client, _)| {
+            Discovery::new(
+                url,
+                client.clone(),
+                credentials_rx.clone(),
+                tables_tx.clone(),
+            )
+        });
+        if let Some(d) = &discovery {
+            for authority in &config.watch {
+                d.watch_authority(authority);
+            }
+        }
+
+        let certifier = config.certification().zip(clients.as_ref()).map(
+            |((identity, token), (url, _, certify_client))| {
+                Certifier::new(url, certify_client.clone(), identity, token, credentials_tx)
+            },
+        );
+        let credentials = certifier.as_ref().map(Certifier::credentials);
+        let registration = registration_target(&config, addrs.inbound, client);
+        // Readiness goes Certifying (with an identity) -> Registering (with registration) ->
+        // Ready: the workload is announced to peers only once it can serve them over mTLS.
+        let after_certificate = match registration {
+            Some(_) => Readiness::Registering,
+            None => Readiness::Ready,
+        };
+        let (readiness_tx, readiness_rx) = watch::channel(match certifier {
+            Some(_) => Readiness::Certifying,
+            None => after_certificate,
+        });
+        let certifier = certifier
+            .map(|certifier| tokio::spawn(certifier.run(readiness_tx.clone(), after_certificate)));
+        let registration = registration.map(|(addr, client, workload)| {
+            Registrar::new(&addr, client, workload, readiness_tx.clone()).spawn()
+        });
+
+        // The inbound port's policy: the configured default until the control plane answers.
+        let (policy_tx, policy_rx) =
+            watch::channel(Arc::new(config.inbound_default_policy.policy()));
+        if let (Some(d), Some(target)) = (&discovery, config.policy_target()) {
+            d.watch_policy(&target, policy_tx);
+        }
+        let authz = Authz::new(policy_rx, metrics.clone());
+
+        let (drain_signal, drain_watch) = drain::channel();
+        let mut admin = Admin::new(registry, tables_rx.clone()).with_readiness(readiness_rx);
+        if inbound_listener.is_some() {
+            admin = admin.with_authz(authz.clone());
+        }
+        if let Some(c) = &credentials {
+            admin = admin.with_identity(c.clone());
+        }
+        // The admin server keeps answering probes and scrapes while the listeners drain.
+        let admin = tokio::spawn(Arc::new(admin).serve(admin_listener));
+        let settings = OutboundSettings {
+            connect_timeout: Some(config.connect_timeout),
+            balance: config.balance,
+        };
+        let mut outbound = Outbound::with_settings(tables_rx, metrics.clone(), discovery, settings);
+        if let Some(c) = &credentials {
+            outbound = outbound.with_identity(c.clone());
+        }
+        let outbound =
+            tokio::spawn(Arc::new(outbound).serve(outbound_listener, drain_watch.clone()));
+        let inbound = match (inbound_listener, config.app_addr) {
+            (Some(listener), Some(app)) => {
+                let service = config.workload.service.as_ref();
+                let mut inbound = Inbound::new(app, service, metrics)
+                    .with_detect_timeout(config.detect_timeout)
+                    .with_authz(authz);
+                if let Some(c) = credentials {
+                    inbound = inbound.with_identity(c);
+                }
+                Some(tokio::spawn(Arc::new(inbound).serve(listener, drain_watch)))
+            }
+            _ => None,
+        };
+
+        Ok(RunningProxy {
+            addrs,
+            readiness: readiness_tx,
+            registration,
+            drain: drain_signal,
+            tasks: Tasks {
+                admin,
+                outbound,
+                inbound,
+                certifier,
+            },
+        })
+    }
+}
+
+/// Where a running proxy's listeners are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Addrs {
+    /// The admin server.
+    pub admin: SocketAddr,
+    /// The outbound listener.
+    pub outbound: SocketAddr,
+    /// The inbound listener, when the proxy fronts an app.
+    pub inbound: Option<SocketAddr>,
+}
+
+/// A started proxy. Dropping it stops the proxy at once, as a kill would (also when it is
+/// dropped in the middle of [`RunningProxy::shutdown`]); `shutdown` stops it gracefully.
+#[derive(Debug)]
+pub struct RunningProxy {
+    addrs: Addrs,
+    readiness: watch::Sender<Readiness>,
+    registration: Option<Registration>,
+    drain: drain::Signal,
+    tasks: Tasks,
+}
+
+#[derive(Debug)]
+struct Tasks {
+    admin: JoinHandle<std::io::Result<()>>,
+    outbound: JoinHandle<std::io::Result<()>>,
+    inbound: Option<JoinHandle<std::io::Result<()>>>,
+    certifier: Option<JoinHandle<()>>,
+}
+
+impl RunningProxy {
+    /// The bound addresses (the kernel's choice where the config said port 0).
+    pub fn addrs(&self) -> Addrs {
+        self.addrs
+    }
+
+    /// Resolves when a listener stops serving on its own, which ends the proxy's usefulness,
+    /// with the error that stopped it; a healthy proxy never resolves it. Cancel-safe, so a
+    /// binary can wait for it and for a stop signal at once, and drain with
+    /// [`RunningProxy::shutdown`] after the signal. Once it has resolved, drop the proxy.
+    pub async fn stopped(&mut self) -> Result<(), ProxyError> {
+        let Tasks {
+            admin,
+            outbound,
+            inbound,
+            ..
+        } = &mut self.tasks;
+        let has_inbound = inbound.is_some();
+        let inbound = async {
+            match inbound.as_mut() {
+                Some(t) => t.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            res = admin => served(ADMIN, res),
+            res = outbound => served(OUTBOUND, res),
+            res = inbound, if has_inbound => served(INBOUND, res),
+        }
+    }
+
+    /// Stops gracefully: `/ready` turns 503, the workload is deregistered (so peers stop
+    /// choosing it), the listeners stop accepting and finish their requests in flight within
+    /// [`DRAIN_TIMEOUT`], and the admin server stops last.
+    pub async fn shutdown(mut self) -> Result<(), ProxyError> {
+        // Out of the route first, so peers stop choosing this workload while it drains.
+        self.readiness.send_replace(Readiness::Draining);
+        if let Some(registration) = self.registration.take() {
+            match tokio::time::timeout(DEREGISTER_TIMEOUT, registration.deregister()).await {
+                Ok(Ok(Some(lease))) => tracing::info!(%lease, "workload deregistered"),
+                Ok(Ok(None)) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "deregistering failed; the lease will expire");
+                }
+                Err(_) => tracing::warn!("deregistering timed out; the lease will expire"),
+            }
+        }
+        self.drain.drain();
+        let Tasks {
+            outbound, inbound, ..
+        } = &mut self.tasks;
+        let drained = async {
+            let inbound = async {
+                match inbound.as_mut() {
+                    Some(t) => t.await,
+                    None => Ok(Ok(())),
+                }
+            };
+            let (outbound, inbound) = tokio::join!(outbound, inbound);
+            served(OUTBOUND, outbound)?;
+            served(INBOUND, inbound)
+        };
+        match tokio::time::timeout(DRAIN_TIMEOUT, drained).await {
+            Ok(res) => res,
+            Err(_) => {
+                tracing::warn!(
+                    timeout = ?DRAIN_TIMEOUT,
+                    "requests still in flight after the drain timeout; exiting anyway"
+                );
+                Ok(())
+            }
+        }
+        // Dropping `self` here stops the admin server and the certifier.
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        let Tasks {
+            admin,
+            outbound,
+            inbound,
+            certifier,
+        } = &self.tasks;
+        admin.abort();
+        outbound.abort();
+        if let Some(t) = inbound {
+            t.abort();
+        }
+        if let Some(t) = certifier {
+            t.abort();
+        }
+    }
+}
+
+async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ProxyError::Bind {
+            listener,
+            addr,
+            source,
+        })
+}
+
+fn local_addr(listener: &'static str, l: &TcpListener) -> Result<SocketAddr, ProxyError> {
+    l.local_addr()
+        .map_err(|source| ProxyError::Serve { listener, source })
+}
+
+/// How a listener's task ended.
+fn served(
+    listener: &'static str,
+    res: Result<std::io::Result<()>, tokio::task::JoinError>,
+) -> Result<(), ProxyError> {
+    match res {
+        Ok(res) => res.map_err(|source| ProxyError::Serve { listener, source }),
+        Err(source) => Err(ProxyError::Task { listener, source }),
+    }
+}
+
+/// Reads the static config file, if one is set; errors name the file and the field.
+fn load_tables(config: &Config) -> Result<Tables, BadConfig> {
+    let Some(path) = &config.config_file else {
+        return Ok(Tables::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| BadConfig::ReadFile {
+        path: path.clone(),
+        source,
+    })?;
+    let de = serde_yaml::Deserializer::from_str(&text);
+    let parsed: StaticConfig =
+        serde_path_to_error::deserialize(de).map_err(|source| BadConfig::ParseFile {
+            path: path.clone(),
+            source,
+        })?;
+    Tables::from_config(&parsed).map_err(|source| BadConfig::Routes {
+        path: path.clone(),
+        source,
+    })
+}
+
+/// What to register, where and with which client, when registration is configured.
+fn registration_target(
+    config: &Config,
+    inbound: Option<SocketAddr>,
+    client: Option<reqwest::Client>,
+) -> Option<(String, reqwest::Client, WorkloadRegistration)> {
+    let service = config.registration()?;
+    // `Config` refuses registration without an app, so the inbound listener is bound here.
+    let addr = config
+        .workload
+        .addr
+        .or_else(|| inbound.map(advertised_addr))?;
+    Some((
+        config.control_plane.as_ref()?.url.clone(),
+        client?,
+        WorkloadRegistration {
+            service: service.clone(),
+            addr,
+            identity: config.workload.identity.clone(),
+            labels: config.workload.labels.clone(),
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Config {
+        let env: BTreeMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect();
+        Config::from_env(&env).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_proxy_on_port_0_reports_its_addresses_and_drains_on_shutdown() {
+        let proxy = Proxy::new(config(&[
+            ("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0"),
+            ("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0"),
+        ]))
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+        let addrs = proxy.addrs();
+        assert_ne!(addrs.admin.port(), 0);
+        assert_ne!(addrs.outbound.port(), 0);
+        assert_eq!(addrs.inbound, None, "no app, no inbound listener");
+        tokio::net::TcpStream::connect(addrs.outbound)
+            .await
+            .unwrap();
+        proxy.shutdown().await.unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(addrs.outbound)
+                .await
+                .is_err(),
+            "the outbound listener is closed after the drain"
+        );
+    }
+
+    #[test]
+    fn a_bad_config_file_is_bad_config_naming_the_file_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.yaml");
+        std::fs::write(
+            &path,
+            "routes:\n  - parent: web.default:80\n    rules:\n      - backends:\n          - {service: web.default:80, weight: lots}\n",
+        )
+        .unwrap();
+        let error =
+            Proxy::new(config(&[("MESH_PROXY_CONFIG", path.to_str().unwrap())])).unwrap_err();
+        let chain = format!("{:#}", anyhow::Error::from(error));
+        assert!(chain.contains("bad.yaml"), "{chain}");
+        assert!(
+            chain.contains("routes[0].rules[0].backends[0].weight"),
+            "{chain}"
+        );
+    }
+}
