@@ -14,16 +14,16 @@ use hyper::Request;
 use hyper_util::rt::TokioExecutor;
 use mesh_test_support::apps::app;
 use mesh_test_support::assert_eventually;
-use mesh_test_support::proxies::{Sidecar, proxy};
+use mesh_test_support::proxies::{ProxyBuilder, Sidecar, proxy};
 
-/// One route on `web.default:80` with `rule` (YAML fields of the rule, besides backends), to
-/// one backend with `endpoints`.
-fn one_backend(rule: &str, endpoints: &[SocketAddr]) -> String {
+/// A proxy with one route on `web.default:80` with `rule` (YAML fields of the rule, besides
+/// backends), to one backend with `endpoints`.
+fn one_backend(rule: &str, endpoints: &[SocketAddr]) -> ProxyBuilder {
     let endpoints: Vec<String> = endpoints
         .iter()
         .map(|a| format!("{{addr: \"{a}\"}}"))
         .collect();
-    format!(
+    proxy().outbound(format!(
         r#"
 routes:
   - parent: web.default:80
@@ -36,7 +36,7 @@ endpoints:
     endpoints: [{}]
 "#,
         endpoints.join(", ")
-    )
+    ))
 }
 
 const RETRY_5XX: &str = "retry: {statuses: [502, 503, 504], maxRetries: 2}";
@@ -45,10 +45,7 @@ const RETRY_5XX: &str = "retry: {statuses: [502, 503, 504], maxRetries: 2}";
 async fn a_retry_turns_a_failed_first_attempt_into_a_success() {
     // Every request fails its first attempt with 503 and succeeds on the second.
     let up = app("v1").body_len().fail_first_attempt(503).await.unwrap();
-    let p = proxy()
-        .outbound(one_backend(RETRY_5XX, &[up.addr()]))
-        .run()
-        .unwrap();
+    let p = one_backend(RETRY_5XX, &[up.addr()]).run().unwrap();
     let client = p.client();
     for i in 0..100 {
         let rsp = client
@@ -108,8 +105,7 @@ async fn retries_recover_a_30_percent_failing_backend_within_the_budget() {
         .await
         .unwrap();
     // The only endpoint must stay in the pick however the failures fall.
-    let p = proxy()
-        .outbound(one_backend(RETRY_5XX, &[up.addr()]))
+    let p = one_backend(RETRY_5XX, &[up.addr()])
         .env("MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES", "0")
         .run()
         .unwrap();
@@ -145,10 +141,7 @@ async fn retries_recover_a_30_percent_failing_backend_within_the_budget() {
 #[tokio::test]
 async fn a_request_body_over_64_kib_is_never_retried() {
     let up = app("v1").body_len().fail_first_attempt(503).await.unwrap();
-    let p = proxy()
-        .outbound(one_backend(RETRY_5XX, &[up.addr()]))
-        .run()
-        .unwrap();
+    let p = one_backend(RETRY_5XX, &[up.addr()]).run().unwrap();
     let client = p.client();
     let rsp = client
         .post("http://web.default:80/")
@@ -204,10 +197,7 @@ async fn post_chunked(
 #[tokio::test]
 async fn a_streamed_body_is_retried_while_it_fits_in_64_kib() {
     let up = app("v1").body_len().fail_first_attempt(503).await.unwrap();
-    let p = proxy()
-        .outbound(one_backend(RETRY_5XX, &[up.addr()]))
-        .run()
-        .unwrap();
+    let p = one_backend(RETRY_5XX, &[up.addr()]).run().unwrap();
     assert_eq!(
         post_chunked(&p, "small-stream", 8, 4096).await,
         (200, "v1 32768".to_string()),
@@ -228,8 +218,7 @@ async fn retries_stop_at_the_budget() {
     // No minimum, and a window longer than the test: retries may add exactly 20 % of requests.
     let rule = "retry: {statuses: [503], maxRetries: 3, budget: {ratio: 0.2, minPerSecond: 0, ttlMs: 60000}}";
     // Failure accrual would take the only endpoint out after a few 503s; here it must stay in.
-    let p = proxy()
-        .outbound(one_backend(rule, &[up.addr()]))
+    let p = one_backend(rule, &[up.addr()])
         .env("MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES", "0")
         .run()
         .unwrap();
@@ -263,8 +252,7 @@ async fn retries_stop_at_the_budget() {
 #[tokio::test]
 async fn max_retries_bounds_the_attempts_of_one_request() {
     let up = app("v1").status(502).await.unwrap();
-    let p = proxy()
-        .outbound(one_backend(RETRY_5XX, &[up.addr()]))
+    let p = one_backend(RETRY_5XX, &[up.addr()])
         .env("MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES", "0")
         .run()
         .unwrap();
@@ -292,10 +280,7 @@ async fn a_request_past_the_route_timeout_is_answered_504_and_attempted_once() {
     // Far longer than the test waits: only the proxy's timeout can answer.
     let up = app("v1").latency(Duration::from_secs(600)).await.unwrap();
     let rule = format!("timeoutMs: 300\n        {RETRY_5XX}");
-    let p = proxy()
-        .outbound(one_backend(&rule, &[up.addr()]))
-        .run()
-        .unwrap();
+    let p = one_backend(&rule, &[up.addr()]).run().unwrap();
     let rsp = p
         .client()
         .get("http://web.default:80/")
@@ -323,10 +308,7 @@ async fn p2c_sends_most_requests_to_the_faster_endpoint() {
         .latency(Duration::from_millis(50))
         .await
         .unwrap();
-    let p = proxy()
-        .outbound(one_backend("", &[fast.addr(), slow.addr()]))
-        .run()
-        .unwrap();
+    let p = one_backend("", &[fast.addr(), slow.addr()]).run().unwrap();
     let client = p.client();
     // Four clients at once, so pending requests weigh in as well as latency.
     let mut tasks = tokio::task::JoinSet::new();
@@ -449,10 +431,7 @@ endpoints:
 async fn a_fault_filter_aborts_its_share_of_requests() {
     let up = app("v1").await.unwrap();
     let rule = "filters: [{type: fault, abort: {status: 503, percent: 25}}]";
-    let p = proxy()
-        .outbound(one_backend(rule, &[up.addr()]))
-        .run()
-        .unwrap();
+    let p = one_backend(rule, &[up.addr()]).run().unwrap();
     let client = p.client();
     let mut aborted = 0;
     for _ in 0..1000 {
@@ -489,8 +468,7 @@ async fn a_connect_that_hangs_fails_at_the_connect_timeout_and_counts_for_accrua
             fillers.push(c);
         }
     }
-    let p = proxy()
-        .outbound(one_backend("", &[hung]))
+    let p = one_backend("", &[hung])
         .env("MESH_PROXY_OUTBOUND_CONNECT_TIMEOUT", "100ms")
         .env("MESH_PROXY_FAILURE_ACCRUAL_CONSECUTIVE_FAILURES", "3")
         .run()
