@@ -376,15 +376,27 @@ impl Backoff {
 
     /// The delay before reconciling the Canary `id` again after `outcome`.
     pub fn next<T>(&mut self, id: &str, outcome: &Result<T, ReconcileError>) -> Duration {
-        let Err(e) = outcome else {
-            self.failures.remove(id);
-            return self.tick;
-        };
+        match outcome {
+            Ok(_) => self.after_success(id),
+            Err(e) => self.after_failure(id, e.kind()),
+        }
+    }
+
+    /// The delay after a turn that went well: the tick; the failure count starts over.
+    pub fn after_success(&mut self, id: &str) -> Duration {
+        self.failures.remove(id);
+        self.tick
+    }
+
+    /// The delay after a failure of `kind`, counting it.
+    pub fn after_failure(&mut self, id: &str, kind: ErrorKind) -> Duration {
         let n = self.failures.entry(id.to_string()).or_insert(0);
         *n = n.saturating_add(1);
-        match e.kind() {
+        match kind {
             // Someone wrote first: read again right away, but never spin.
-            ErrorKind::Conflict => Duration::from_millis(200).saturating_mul(*n).min(self.tick),
+            ErrorKind::Conflict => Duration::from_millis(200)
+                .saturating_mul(*n)
+                .min(self.tick),
             // The target may appear at any moment (an apply in flight): look again each tick.
             ErrorKind::NotFound => self.tick,
             ErrorKind::InvalidSpec => self.max_backoff,

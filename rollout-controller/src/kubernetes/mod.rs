@@ -94,17 +94,13 @@ pub enum Error {
 }
 
 impl Error {
-    /// The failure as the backoff sees it.
-    fn as_reconcile(&self) -> Result<(), ReconcileError> {
-        Err(match self {
-            Self::Reconcile(e) => ReconcileError::Driver(DriverError::new(e.kind(), e.to_string())),
-            Self::Cleanup { source, .. } => {
-                ReconcileError::Driver(DriverError::new(source.kind, source.to_string()))
-            }
-            Self::Finalizer { message, .. } => {
-                ReconcileError::Driver(DriverError::new(ErrorKind::Unavailable, message.clone()))
-            }
-        })
+    /// The kind of failure, which sets the backoff.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Reconcile(e) => e.kind(),
+            Self::Cleanup { source, .. } => source.kind,
+            Self::Finalizer { .. } => ErrorKind::Unavailable,
+        }
     }
 }
 
@@ -250,7 +246,7 @@ fn error_policy<S>(canary: Arc<Canary>, error: &Error, ctx: Arc<Context<S>>) -> 
         .backoff
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .next(&id(&canary), &error.as_reconcile());
+        .after_failure(&id(&canary), error.kind());
     Requeue::requeue(delay)
 }
 
@@ -307,11 +303,12 @@ where
         )
         .await
     };
+    // A failure is counted once, by `error_policy`; a success resets the count here.
+    outcome?;
     let delay = ctx
         .backoff
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .next(&id(canary), &outcome);
-    outcome?;
+        .after_success(&id(canary));
     Ok(Requeue::requeue(delay))
 }
