@@ -93,31 +93,9 @@ spec:
     )
 }
 
-const CANARY_AND_TEMPLATE: &str = "apiVersion: rollouts.mesh.dev/v1alpha1
-kind: Canary
-metadata:
-  name: web
-spec:
-  targetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
-  service: {port: 80}
-  analysis:
-    interval: 30s
-    threshold: 5
-    maxWeight: 50
-    stepWeight: 10
-    metrics:
-      - name: error-budget
-        templateRef: {name: errors}
-        thresholdRange: {max: 1}
----
-apiVersion: rollouts.mesh.dev/v1alpha1
-kind: MetricTemplate
-metadata:
-  name: errors
-spec:
-  provider: {type: prometheus, address: \"http://prometheus:9090\"}
-  query: sum(rate(response_total{classification=\"failure\"}[{{ interval }}]))
-";
+/// A Canary with a custom metric and its MetricTemplate, shared by the resource tests of
+/// both modes.
+const CANARY_AND_TEMPLATE: &str = include_str!("fixtures/canary-and-template.yaml");
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     let p = dir.join(name);

@@ -140,11 +140,9 @@ pub fn bucket_bound(le: Option<&str>) -> f64 {
     .unwrap_or(f64::INFINITY)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SCRAPE: &str = r#"# HELP response_total Responses.
+/// A small scrape in the proxy's format: outbound responses and latencies of `web-canary` and
+/// `web-primary`, one inbound line, and a label with escapes. Examples and tests read it.
+pub const SAMPLE: &str = r#"# HELP response_total Responses.
 # TYPE response_total counter
 response_total{direction="outbound",dst_service="web-canary",classification="success",status_code="200"} 90
 response_total{direction="outbound",dst_service="web-canary",classification="failure",status_code="503"} 10
@@ -157,9 +155,13 @@ label_escapes{path="a\"b\\c"} 1e3
 # EOF
 "#;
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
     #[test]
     fn parses_openmetrics_text() {
-        let s = parse(SCRAPE).unwrap();
+        let s = parse(SAMPLE).unwrap();
         assert_eq!(s.len(), 8);
         assert_eq!(s[0].labels["classification"], "success");
         assert_eq!(s[0].value, 90.0);

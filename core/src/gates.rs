@@ -295,21 +295,9 @@ mod tests {
         );
     }
 
-    const SCRAPE: &str = r#"# HELP response_total Responses.
-# TYPE response_total counter
-response_total{direction="outbound",dst_service="web-canary",classification="success",status_code="200"} 90
-response_total{direction="outbound",dst_service="web-canary",classification="failure",status_code="503"} 10
-response_total{direction="outbound",dst_service="web-primary",classification="success",status_code="200"} 400
-response_total{direction="inbound",dst_service="web-canary",classification="success",status_code="200"} 7
-response_latency_ms_bucket{direction="outbound",dst_service="web-canary",le="10.0"} 60
-response_latency_ms_bucket{direction="outbound",dst_service="web-canary",le="100.0"} 95
-response_latency_ms_bucket{direction="outbound",dst_service="web-canary",le="+Inf"} 100
-# EOF
-"#;
-
     #[test]
     fn counters_sum_outbound_series_of_one_service() {
-        let s = exposition::parse(SCRAPE).unwrap();
+        let s = exposition::parse(exposition::SAMPLE).unwrap();
         let c = counters(&s, "web-canary");
         assert_eq!(c.requests, 100.0);
         assert_eq!(c.failures, 10.0);

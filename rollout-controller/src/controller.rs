@@ -394,9 +394,7 @@ impl Backoff {
         *n = n.saturating_add(1);
         match kind {
             // Someone wrote first: read again right away, but never spin.
-            ErrorKind::Conflict => Duration::from_millis(200)
-                .saturating_mul(*n)
-                .min(self.tick),
+            ErrorKind::Conflict => Duration::from_millis(200).saturating_mul(*n).min(self.tick),
             // The target may appear at any moment (an apply in flight): look again each tick.
             ErrorKind::NotFound => self.tick,
             ErrorKind::InvalidSpec => self.max_backoff,

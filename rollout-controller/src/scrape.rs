@@ -55,22 +55,9 @@ pub fn window(before: &(ArmCounters, ArmCounters), after: &(ArmCounters, ArmCoun
 mod tests {
     use super::*;
 
-    const SCRAPE: &str = r#"# HELP response_total Responses.
-# TYPE response_total counter
-response_total{direction="outbound",dst_service="web-canary",classification="success",status_code="200"} 90
-response_total{direction="outbound",dst_service="web-canary",classification="failure",status_code="503"} 10
-response_total{direction="outbound",dst_service="web-primary",classification="success",status_code="200"} 400
-response_total{direction="inbound",dst_service="web-canary",classification="success",status_code="200"} 7
-response_latency_ms_bucket{direction="outbound",dst_service="web-canary",le="10.0"} 60
-response_latency_ms_bucket{direction="outbound",dst_service="web-canary",le="100.0"} 95
-response_latency_ms_bucket{direction="outbound",dst_service="web-canary",le="+Inf"} 100
-label_escapes{path="a\"b\\c"} 1e3
-# EOF
-"#;
-
     #[test]
     fn windows_are_differences_and_survive_counter_resets() {
-        let s = parse(SCRAPE).unwrap();
+        let s = parse(mesh_core::exposition::SAMPLE).unwrap();
         let after = (counters(&s, "web-canary"), counters(&s, "web-primary"));
         let mut before = after.clone();
         before.0.requests = 40.0;
