@@ -272,6 +272,17 @@ impl Traffic {
         self.weights.lock().unwrap().clone()
     }
 
+    /// Waits until the callers saw the route's last change, back to the primary (they poll
+    /// it), then checks every weight it went through, in order.
+    async fn assert_back_on_the_primary_through(&self, expected: &[(i32, i32)], what: &str) {
+        assert_eventually!(
+            self.weights().last() == Some(&(100, 0)),
+            "the route never went back to the primary: {:?}",
+            self.weights()
+        );
+        assert_eq!(self.weights(), expected, "{what}");
+    }
+
     /// Where Prometheus scrapes the caller proxy's metrics.
     fn metrics_addr(&self) -> SocketAddr {
         self.proxy.addr("admin")
@@ -391,6 +402,30 @@ async fn start_controller(client: Client, prometheus: &Prometheus) -> RunningCon
         source(prometheus),
         std::future::pending(),
     )))
+}
+
+/// What every test here runs on: the cluster, traffic through the caller's proxy (the canary
+/// failing `canary_fail_rate` of its requests), and Prometheus scraping that proxy.
+struct Rig {
+    cluster: Cluster,
+    client: Client,
+    traffic: Traffic,
+    prometheus: Prometheus,
+}
+
+impl Rig {
+    async fn start(canary_fail_rate: f64) -> Self {
+        let cluster = Cluster::start().await;
+        let client = cluster.client();
+        let traffic = Traffic::start(client.clone(), canary_fail_rate).await;
+        let prometheus = prometheus_for(&traffic).await;
+        Self {
+            cluster,
+            client,
+            traffic,
+            prometheus,
+        }
+    }
 }
 
 async fn prometheus_for(traffic: &Traffic) -> Prometheus {
@@ -557,10 +592,12 @@ fn history_counts(status: &mesh_crds::CanaryStatus) -> BTreeMap<String, i32> {
 
 #[tokio::test]
 async fn a_healthy_canary_steps_its_weights_and_is_promoted() {
-    let cluster = Cluster::start().await;
-    let client = cluster.client();
-    let traffic = Traffic::start(client.clone(), 0.0).await;
-    let prometheus = prometheus_for(&traffic).await;
+    let Rig {
+        cluster: _cluster,
+        client,
+        traffic,
+        prometheus,
+    } = Rig::start(0.0).await;
     let _controller = start_controller(client.clone(), &prometheus).await;
     initialize(&client, false).await;
 
@@ -573,17 +610,12 @@ async fn a_healthy_canary_steps_its_weights_and_is_promoted() {
     );
 
     // Every step of the rollout reached the route, in order, and traffic ended on the primary.
-    // The callers poll the route; let them see its last change.
-    assert_eventually!(
-        traffic.weights().last() == Some(&(100, 0)),
-        "the route never went back to the primary: {:?}",
-        traffic.weights()
-    );
-    assert_eq!(
-        traffic.weights(),
-        [(100, 0), (75, 25), (50, 50), (100, 0)],
-        "weights the route went through"
-    );
+    traffic
+        .assert_back_on_the_primary_through(
+            &[(100, 0), (75, 25), (50, 50), (100, 0)],
+            "weights the route went through",
+        )
+        .await;
     let primary = get_deployment(&client, "podinfo-primary").await.unwrap();
     assert_eq!(
         image(&primary),
@@ -638,11 +670,13 @@ async fn a_healthy_canary_steps_its_weights_and_is_promoted() {
 
 #[tokio::test]
 async fn a_failing_canary_is_rolled_back() {
-    let cluster = Cluster::start().await;
-    let client = cluster.client();
     // A third of the canary's requests fail; the primary's never do.
-    let traffic = Traffic::start(client.clone(), 0.33).await;
-    let prometheus = prometheus_for(&traffic).await;
+    let Rig {
+        cluster: _cluster,
+        client,
+        traffic,
+        prometheus,
+    } = Rig::start(0.33).await;
     let _controller = start_controller(client.clone(), &prometheus).await;
     initialize(&client, false).await;
 
@@ -653,17 +687,12 @@ async fn a_failing_canary_is_rolled_back() {
         describe(&client).await,
         traffic.weights()
     );
-    // The callers poll the route; let them see its last change.
-    assert_eventually!(
-        traffic.weights().last() == Some(&(100, 0)),
-        "the route never went back to the primary: {:?}",
-        traffic.weights()
-    );
-    assert_eq!(
-        traffic.weights(),
-        [(100, 0), (75, 25), (100, 0)],
-        "the canary got its first step, then all traffic went back to the primary"
-    );
+    traffic
+        .assert_back_on_the_primary_through(
+            &[(100, 0), (75, 25), (100, 0)],
+            "the canary got its first step, then all traffic went back to the primary",
+        )
+        .await;
     let route = Api::<HttpRoute>::namespaced(client.clone(), NS)
         .get("podinfo")
         .await
@@ -700,10 +729,12 @@ async fn a_failing_canary_is_rolled_back() {
 
 #[tokio::test]
 async fn deleting_a_canary_mid_rollout_routes_traffic_back_to_the_primary() {
-    let cluster = Cluster::start().await;
-    let client = cluster.client();
-    let traffic = Traffic::start(client.clone(), 0.0).await;
-    let prometheus = prometheus_for(&traffic).await;
+    let Rig {
+        cluster: _cluster,
+        client,
+        traffic,
+        prometheus,
+    } = Rig::start(0.0).await;
     let controller = start_controller(client.clone(), &prometheus).await;
     initialize(&client, false).await;
     set_image(&client, "podinfo:2").await;
@@ -764,10 +795,12 @@ async fn output(mut cmd: tokio::process::Command) -> (bool, String) {
 
 #[tokio::test]
 async fn kubectl_shows_the_columns_and_waits_for_promotion() {
-    let cluster = Cluster::start().await;
-    let client = cluster.client();
-    let traffic = Traffic::start(client.clone(), 0.0).await;
-    let prometheus = prometheus_for(&traffic).await;
+    let Rig {
+        cluster,
+        client,
+        traffic: _traffic,
+        prometheus,
+    } = Rig::start(0.0).await;
     let _controller = start_controller(client.clone(), &prometheus).await;
     initialize(&client, true).await;
 
@@ -870,10 +903,12 @@ async fn canary_weight(client: &Client) -> Option<i32> {
 
 #[tokio::test]
 async fn the_binary_killed_mid_rollout_resumes_from_the_status() {
-    let cluster = Cluster::start().await;
-    let client = cluster.client();
-    let traffic = Traffic::start(client.clone(), 0.0).await;
-    let prometheus = prometheus_for(&traffic).await;
+    let Rig {
+        cluster,
+        client,
+        traffic,
+        prometheus,
+    } = Rig::start(0.0).await;
     let mut first = controller_binary(&cluster.kube, &prometheus, "controller-1.log");
     initialize(&client, false).await;
     set_image(&client, "podinfo:2").await;
@@ -894,17 +929,13 @@ async fn the_binary_killed_mid_rollout_resumes_from_the_status() {
         traffic.weights(),
         cluster.kube.dir().display()
     );
-    assert_eventually!(
-        traffic.weights().last() == Some(&(100, 0)),
-        "the route never went back to the primary: {:?}",
-        traffic.weights()
-    );
     // The new process went on from 25 %: no second start from 0, no step repeated.
-    assert_eq!(
-        traffic.weights(),
-        [(100, 0), (75, 25), (50, 50), (100, 0)],
-        "weights the route went through"
-    );
+    traffic
+        .assert_back_on_the_primary_through(
+            &[(100, 0), (75, 25), (50, 50), (100, 0)],
+            "weights the route went through",
+        )
+        .await;
     let status = Api::<Canary>::namespaced(client.clone(), NS)
         .get("podinfo")
         .await
@@ -941,10 +972,12 @@ async fn event_instances(client: &Client) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn only_the_leader_reconciles_and_a_standby_takes_over() {
-    let cluster = Cluster::start().await;
-    let client = cluster.client();
-    let traffic = Traffic::start(client.clone(), 0.0).await;
-    let prometheus = prometheus_for(&traffic).await;
+    let Rig {
+        cluster: _cluster,
+        client,
+        traffic: _traffic,
+        prometheus,
+    } = Rig::start(0.0).await;
     let replica = |identity: &str| {
         let election = ElectionConfig {
             namespace: NS.into(),
