@@ -2,8 +2,9 @@
 //! real proxy metrics through a real Prometheus, and read back with the real kubectl.
 //!
 //! Real: the apiserver and etcd, the controller (in-process, and the `mesh-rollout-controller`
-//! binary), Prometheus, the caller's sidecar (`mesh-proxy`, which records the golden metrics
-//! the judge reads), the HTTP requests and the apps answering them, kubectl.
+//! binary), Prometheus, the caller's sidecar (`mesh-proxy`, started in-process through
+//! `mesh_test_support::proxies`, which records the golden metrics the judge reads), the HTTP
+//! requests and the apps answering them (`mesh_test_support::apps`), kubectl.
 //!
 //! Stand-ins, because no kubelet, controller-manager or mesh control plane for Kubernetes runs
 //! here:
@@ -15,22 +16,17 @@
 //!   streams, serving the HTTPRoute's weights and the EndpointSlices' addresses as it reads them
 //!   from the apiserver every 100 ms, behind the proxy API's mTLS with a stand-in CA that
 //!   certifies the proxy (`mesh_test_support::proxy_api::StandIn`);
-//! - the apps are plain local HTTP servers without their own sidecar (endpoints are
-//!   unmeshed), so only the caller side of each request is proxied.
+//! - the apps are local HTTP servers without their own sidecar (endpoints are unmeshed), so
+//!   only the caller side of each request is proxied.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
@@ -38,17 +34,16 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt};
-use mesh_core::proxy_api::{
-    Endpoint, Endpoints, RouteRule, RouteTable, ServiceRef, Update, WeightedBackend,
-};
+use mesh_core::proxy_api::ServiceRef;
 use mesh_crds::{Canary, CanaryPhase, HttpRoute};
 use mesh_rollout_controller::judge::JudgeConfig;
 use mesh_rollout_controller::kubernetes::{self, ElectionConfig, FINALIZER, Settings, WindowFloor};
 use mesh_rollout_controller::owned::{REVISION_ANNOTATION, route_weights};
 use mesh_rollout_controller::sources::PrometheusSource;
-use mesh_test_support::process::{MeshBinary, MeshProcess};
-use mesh_test_support::proxy_api::StandIn;
+use mesh_test_support::proxies::{InProcessProxy, Sidecar, proxy};
+use mesh_test_support::proxy_api::{StandIn, canary_split, unmeshed_endpoints, watch_line};
 use mesh_test_support::{
+    apps::app,
     assert_eventually,
     kube::KubeApiServer,
     prometheus::{Prometheus, ScrapeJob},
@@ -60,37 +55,6 @@ const NS: &str = "default";
 
 /// The two versions the test "deploys": each image runs as one local app process.
 const IMAGES: [&str; 2] = ["podinfo:1", "podinfo:2"];
-
-/// An app answering 200, or 500 to `fail_percent` of its requests, spread evenly so the share is
-/// exact.
-async fn app(version: &'static str, fail_percent: u64) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let served = Arc::new(AtomicU64::new(0));
-    tokio::spawn(async move {
-        while let Ok((io, _)) = listener.accept().await {
-            let served = served.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |_req: Request<Incoming>| {
-                    let n = served.fetch_add(1, Ordering::Relaxed);
-                    async move {
-                        let mut rsp = Response::new(Full::new(Bytes::from(version)));
-                        // Spread evenly: runs of failures would trip the proxy's failure
-                        // accrual, which takes the endpoint out instead of counting errors.
-                        if (n + 1) * fail_percent / 100 > n * fail_percent / 100 {
-                            *rsp.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
-                        }
-                        Ok::<_, Infallible>(rsp)
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(io), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 fn svc(name: &str) -> ServiceRef {
     ServiceRef::new(name, NS, 9898)
@@ -105,56 +69,20 @@ struct Served {
     endpoints: BTreeMap<String, Vec<SocketAddr>>,
 }
 
-fn line<T: serde::Serialize>(version: u64, value: Option<T>) -> Bytes {
-    let mut s = serde_json::to_string(&Update { version, value }).unwrap();
-    s.push('\n');
-    Bytes::from(s)
-}
-
 fn answer(path: &str, query: &str, st: &Served) -> Bytes {
     if path == "/v1/watch/routes" {
-        let table = st.weights.map(|(p, c)| RouteTable {
-            parent: svc("podinfo"),
-            rules: vec![RouteRule {
-                name: "podinfo".into(),
-                backends: vec![
-                    WeightedBackend {
-                        service: svc("podinfo-primary"),
-                        weight: p,
-                    },
-                    WeightedBackend {
-                        service: svc("podinfo-canary"),
-                        weight: c,
-                    },
-                ],
-                ..Default::default()
-            }],
-        });
-        line(st.version, table.filter(|_| query.contains("podinfo.")))
+        let table = st
+            .weights
+            .map(|weights| canary_split(&svc("podinfo"), "podinfo", weights));
+        watch_line(st.version, table.filter(|_| query.contains("podinfo.")))
     } else {
         let service: ServiceRef = query.trim_start_matches("service=").parse().unwrap();
-        let endpoints = st.endpoints.get(&service.name).map(|addrs| Endpoints {
-            service,
-            endpoints: addrs
-                .iter()
-                .map(|addr| Endpoint {
-                    addr: *addr,
-                    identity: None,
-                    labels: BTreeMap::new(),
-                })
-                .collect(),
-        });
-        line(st.version, endpoints)
+        let endpoints = st
+            .endpoints
+            .get(&service.name)
+            .map(|addrs| unmeshed_endpoints(service, addrs.iter().copied()));
+        watch_line(st.version, endpoints)
     }
-}
-
-/// Serves the proxy API's watch streams (NDJSON) from `state`, behind `stand_in`'s TLS.
-async fn serve_proxy_api(
-    stand_in: &StandIn,
-    listener: tokio::net::TcpListener,
-    state: watch::Receiver<Served>,
-) {
-    stand_in.serve_watches(listener, state, answer).await;
 }
 
 /// Plays the node's part for traffic: the pods of each Deployment are the app of its image,
@@ -256,9 +184,9 @@ async fn read_cluster(client: &Client) -> (Option<(u32, u32)>, BTreeMap<String, 
 /// to `podinfo.default:9898` through the proxy. Prometheus scrapes the proxy's `/metrics`.
 struct Traffic {
     weights: Arc<Mutex<Vec<(i32, i32)>>>,
-    proxy: MeshProcess,
+    proxy: InProcessProxy,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    _stand_in: Arc<StandIn>,
+    _stand_in: StandIn,
 }
 
 impl Drop for Traffic {
@@ -270,22 +198,24 @@ impl Drop for Traffic {
 }
 
 impl Traffic {
-    /// Starts the apps (`podinfo:2` failing `canary_failure_percent` of its requests), the
+    /// Starts the apps (`podinfo:2` failing `canary_fail_rate` of its requests with 500), the
     /// control plane stand-in, the caller's proxy and about 200 requests a second.
-    async fn start(client: Client, canary_failure_percent: u64) -> Self {
+    async fn start(client: Client, canary_fail_rate: f64) -> Self {
+        // Failures spread evenly: runs of them would trip the proxy's failure accrual, which
+        // takes the endpoint out instead of counting errors.
+        let canary = app("v2").fail_rate(canary_fail_rate).failing_evenly();
         let apps: BTreeMap<&str, SocketAddr> = BTreeMap::from([
-            (IMAGES[0], app("v1", 0).await),
-            (IMAGES[1], app("v2", canary_failure_percent).await),
+            (IMAGES[0], app("v1").await.unwrap().addr()),
+            (IMAGES[1], canary.await.unwrap().addr()),
         ]);
         let weights = Arc::new(Mutex::new(Vec::new()));
         let (state_tx, state_rx) = watch::channel(Served::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let cp_addr = listener.local_addr().unwrap();
-        let stand_in = Arc::new(StandIn::new().unwrap());
-        let serving = Arc::clone(&stand_in);
-        let mut tasks = vec![tokio::spawn(async move {
-            serve_proxy_api(&serving, listener, state_rx).await;
-        })];
+        let stand_in = StandIn::new().unwrap();
+        let mut tasks = vec![tokio::spawn(
+            stand_in.serve_watches(listener, state_rx, answer),
+        )];
         let seen = weights.clone();
         tasks.push(tokio::spawn(async move {
             loop {
@@ -310,24 +240,15 @@ impl Traffic {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }));
-        let proxy = MeshBinary::workspace("mesh-proxy")
-            .expect("mesh-proxy is built with `cargo build -p mesh-sidecar --bins`")
-            .env("MESH_PROXY_ADMIN_ADDR", "127.0.0.1:0")
-            .env("MESH_PROXY_OUTBOUND_ADDR", "127.0.0.1:0")
+        let proxy = proxy()
             .control_plane(
                 &stand_in.access(cp_addr),
                 "spiffe://cluster.local/ns/default/sa/caller",
             )
-            .env("MESH_PROXY_WATCH", "podinfo.default:9898")
-            .listener("admin")
-            .listener("outbound")
+            .watch("podinfo.default:9898")
             .run()
             .unwrap();
-        let _ = mesh_test_support::http_client();
-        let caller = reqwest::Client::builder()
-            .proxy(reqwest::Proxy::http(format!("http://{}", proxy.addr("outbound"))).unwrap())
-            .build()
-            .unwrap();
+        let caller = proxy.client();
         for _ in 0..2 {
             let caller = caller.clone();
             tasks.push(tokio::spawn(async move {
@@ -349,6 +270,17 @@ impl Traffic {
 
     fn weights(&self) -> Vec<(i32, i32)> {
         self.weights.lock().unwrap().clone()
+    }
+
+    /// Waits until the callers saw the route's last change, back to the primary (they poll
+    /// it), then checks every weight it went through, in order.
+    async fn assert_back_on_the_primary_through(&self, expected: &[(i32, i32)], what: &str) {
+        assert_eventually!(
+            self.weights().last() == Some(&(100, 0)),
+            "the route never went back to the primary: {:?}",
+            self.weights()
+        );
+        assert_eq!(self.weights(), expected, "{what}");
     }
 
     /// Where Prometheus scrapes the caller proxy's metrics.
@@ -470,6 +402,30 @@ async fn start_controller(client: Client, prometheus: &Prometheus) -> RunningCon
         source(prometheus),
         std::future::pending(),
     )))
+}
+
+/// What every test here runs on: the cluster, traffic through the caller's proxy (the canary
+/// failing `canary_fail_rate` of its requests), and Prometheus scraping that proxy.
+struct Rig {
+    cluster: Cluster,
+    client: Client,
+    traffic: Traffic,
+    prometheus: Prometheus,
+}
+
+impl Rig {
+    async fn start(canary_fail_rate: f64) -> Self {
+        let cluster = Cluster::start().await;
+        let client = cluster.client();
+        let traffic = Traffic::start(client.clone(), canary_fail_rate).await;
+        let prometheus = prometheus_for(&traffic).await;
+        Self {
+            cluster,
+            client,
+            traffic,
+            prometheus,
+        }
+    }
 }
 
 async fn prometheus_for(traffic: &Traffic) -> Prometheus {
@@ -636,10 +592,12 @@ fn history_counts(status: &mesh_crds::CanaryStatus) -> BTreeMap<String, i32> {
 
 #[tokio::test]
 async fn a_healthy_canary_steps_its_weights_and_is_promoted() {
-    let cluster = Cluster::start().await;
-    let client = cluster.client();
-    let traffic = Traffic::start(client.clone(), 0).await;
-    let prometheus = prometheus_for(&traffic).await;
+    let Rig {
+        cluster: _cluster,
+        client,
+        traffic,
+        prometheus,
+    } = Rig::start(0.0).await;
     let _controller = start_controller(client.clone(), &prometheus).await;
     initialize(&client, false).await;
 
@@ -652,17 +610,12 @@ async fn a_healthy_canary_steps_its_weights_and_is_promoted() {
     );
 
     // Every step of the rollout reached the route, in order, and traffic ended on the primary.
-    // The callers poll the route; let them see its last change.
-    assert_eventually!(
-        traffic.weights().last() == Some(&(100, 0)),
-        "the route never went back to the primary: {:?}",
-        traffic.weights()
-    );
-    assert_eq!(
-        traffic.weights(),
-        [(100, 0), (75, 25), (50, 50), (100, 0)],
-        "weights the route went through"
-    );
+    traffic
+        .assert_back_on_the_primary_through(
+            &[(100, 0), (75, 25), (50, 50), (100, 0)],
+            "weights the route went through",
+        )
+        .await;
     let primary = get_deployment(&client, "podinfo-primary").await.unwrap();
     assert_eq!(
         image(&primary),
@@ -717,11 +670,13 @@ async fn a_healthy_canary_steps_its_weights_and_is_promoted() {
 
 #[tokio::test]
 async fn a_failing_canary_is_rolled_back() {
-    let cluster = Cluster::start().await;
-    let client = cluster.client();
     // A third of the canary's requests fail; the primary's never do.
-    let traffic = Traffic::start(client.clone(), 33).await;
-    let prometheus = prometheus_for(&traffic).await;
+    let Rig {
+        cluster: _cluster,
+        client,
+        traffic,
+        prometheus,
+    } = Rig::start(0.33).await;
     let _controller = start_controller(client.clone(), &prometheus).await;
     initialize(&client, false).await;
 
@@ -732,17 +687,12 @@ async fn a_failing_canary_is_rolled_back() {
         describe(&client).await,
         traffic.weights()
     );
-    // The callers poll the route; let them see its last change.
-    assert_eventually!(
-        traffic.weights().last() == Some(&(100, 0)),
-        "the route never went back to the primary: {:?}",
-        traffic.weights()
-    );
-    assert_eq!(
-        traffic.weights(),
-        [(100, 0), (75, 25), (100, 0)],
-        "the canary got its first step, then all traffic went back to the primary"
-    );
+    traffic
+        .assert_back_on_the_primary_through(
+            &[(100, 0), (75, 25), (100, 0)],
+            "the canary got its first step, then all traffic went back to the primary",
+        )
+        .await;
     let route = Api::<HttpRoute>::namespaced(client.clone(), NS)
         .get("podinfo")
         .await
@@ -779,10 +729,12 @@ async fn a_failing_canary_is_rolled_back() {
 
 #[tokio::test]
 async fn deleting_a_canary_mid_rollout_routes_traffic_back_to_the_primary() {
-    let cluster = Cluster::start().await;
-    let client = cluster.client();
-    let traffic = Traffic::start(client.clone(), 0).await;
-    let prometheus = prometheus_for(&traffic).await;
+    let Rig {
+        cluster: _cluster,
+        client,
+        traffic,
+        prometheus,
+    } = Rig::start(0.0).await;
     let controller = start_controller(client.clone(), &prometheus).await;
     initialize(&client, false).await;
     set_image(&client, "podinfo:2").await;
@@ -843,10 +795,12 @@ async fn output(mut cmd: tokio::process::Command) -> (bool, String) {
 
 #[tokio::test]
 async fn kubectl_shows_the_columns_and_waits_for_promotion() {
-    let cluster = Cluster::start().await;
-    let client = cluster.client();
-    let traffic = Traffic::start(client.clone(), 0).await;
-    let prometheus = prometheus_for(&traffic).await;
+    let Rig {
+        cluster,
+        client,
+        traffic: _traffic,
+        prometheus,
+    } = Rig::start(0.0).await;
     let _controller = start_controller(client.clone(), &prometheus).await;
     initialize(&client, true).await;
 
@@ -949,10 +903,12 @@ async fn canary_weight(client: &Client) -> Option<i32> {
 
 #[tokio::test]
 async fn the_binary_killed_mid_rollout_resumes_from_the_status() {
-    let cluster = Cluster::start().await;
-    let client = cluster.client();
-    let traffic = Traffic::start(client.clone(), 0).await;
-    let prometheus = prometheus_for(&traffic).await;
+    let Rig {
+        cluster,
+        client,
+        traffic,
+        prometheus,
+    } = Rig::start(0.0).await;
     let mut first = controller_binary(&cluster.kube, &prometheus, "controller-1.log");
     initialize(&client, false).await;
     set_image(&client, "podinfo:2").await;
@@ -973,17 +929,13 @@ async fn the_binary_killed_mid_rollout_resumes_from_the_status() {
         traffic.weights(),
         cluster.kube.dir().display()
     );
-    assert_eventually!(
-        traffic.weights().last() == Some(&(100, 0)),
-        "the route never went back to the primary: {:?}",
-        traffic.weights()
-    );
     // The new process went on from 25 %: no second start from 0, no step repeated.
-    assert_eq!(
-        traffic.weights(),
-        [(100, 0), (75, 25), (50, 50), (100, 0)],
-        "weights the route went through"
-    );
+    traffic
+        .assert_back_on_the_primary_through(
+            &[(100, 0), (75, 25), (50, 50), (100, 0)],
+            "weights the route went through",
+        )
+        .await;
     let status = Api::<Canary>::namespaced(client.clone(), NS)
         .get("podinfo")
         .await
@@ -1020,10 +972,12 @@ async fn event_instances(client: &Client) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn only_the_leader_reconciles_and_a_standby_takes_over() {
-    let cluster = Cluster::start().await;
-    let client = cluster.client();
-    let traffic = Traffic::start(client.clone(), 0).await;
-    let prometheus = prometheus_for(&traffic).await;
+    let Rig {
+        cluster: _cluster,
+        client,
+        traffic: _traffic,
+        prometheus,
+    } = Rig::start(0.0).await;
     let replica = |identity: &str| {
         let election = ElectionConfig {
             namespace: NS.into(),

@@ -1,21 +1,16 @@
 //! Both metric sources over the same endpoint serving proxy-format metrics: the direct scrape
 //! reads it itself; the Prometheus source asks a real Prometheus that scrapes it. The endpoint is
-//! a stand-in for a proxy's admin server (the proxy's own end-to-end coverage lives with the
-//! embedded mesh), serving the series names and labels the proxies export.
+//! a stand-in for a proxy's admin server (`mesh_test_support::prometheus::Exporter`; the
+//! proxy's own end-to-end coverage lives with the embedded mesh), serving the series names and
+//! labels the proxies export.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
 use mesh_rollout_controller::sources::{DirectScrape, MetricSource, PrometheusSource, Target};
 use mesh_test_support::{
     assert_eventually,
-    prometheus::{Prometheus, ScrapeJob},
+    prometheus::{Exporter, Prometheus, ScrapeJob},
 };
 
 fn exposition(canary_ok: u64, canary_failed: u64, primary_ok: u64) -> String {
@@ -43,27 +38,6 @@ fn exposition(canary_ok: u64, canary_failed: u64, primary_ok: u64) -> String {
     s
 }
 
-async fn fake_proxy_admin(body: Arc<Mutex<String>>) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (io, _) = listener.accept().await.unwrap();
-            let body = body.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |_req: Request<Incoming>| {
-                    let text = body.lock().unwrap().clone();
-                    async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text)))) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(io), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
 fn target() -> Target {
     Target {
         namespace: "default".into(),
@@ -74,15 +48,14 @@ fn target() -> Target {
 
 #[tokio::test]
 async fn direct_scrape_windows_are_counter_differences() {
-    let body = Arc::new(Mutex::new(exposition(100, 0, 400)));
-    let admin = fake_proxy_admin(body.clone()).await;
-    let mut source = DirectScrape::new(mesh_test_support::http_client(), vec![admin]);
+    let admin = Exporter::start(exposition(100, 0, 400)).await.unwrap();
+    let mut source = DirectScrape::new(mesh_test_support::http_client(), vec![admin.addr()]);
     let first = source
         .window(&target(), Duration::from_secs(30))
         .await
         .unwrap();
     assert_eq!(first.canary.requests, 0, "first window is the baseline");
-    *body.lock().unwrap() = exposition(190, 10, 800);
+    admin.set(exposition(190, 10, 800));
     let w = source
         .window(&target(), Duration::from_secs(30))
         .await
@@ -106,10 +79,9 @@ async fn direct_scrape_windows_are_counter_differences() {
 
 #[tokio::test]
 async fn prometheus_windows_come_from_what_prometheus_scraped() {
-    let body = Arc::new(Mutex::new(exposition(0, 0, 0)));
-    let admin = fake_proxy_admin(body.clone()).await;
+    let admin = Exporter::start(exposition(0, 0, 0)).await.unwrap();
     let prometheus = Prometheus::builder()
-        .scrape(ScrapeJob::new("proxies", [admin]).interval(Duration::from_secs(1)))
+        .scrape(ScrapeJob::new("proxies", [admin.addr()]).interval(Duration::from_secs(1)))
         .start()
         .await
         .unwrap();
@@ -130,7 +102,7 @@ async fn prometheus_windows_come_from_what_prometheus_scraped() {
         "Prometheus at {} has not scraped the endpoint twice",
         prometheus.url()
     );
-    *body.lock().unwrap() = exposition(900, 100, 4000);
+    admin.set(exposition(900, 100, 4000));
     let mut w: mesh_rollout_controller::judge::Window;
     assert_eventually!(
         {

@@ -10,13 +10,11 @@
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use mesh_core::proxy_api::{
-    Endpoint, Endpoints, RouteRule, RouteTable, ServiceRef, Update, WeightedBackend,
-};
+use mesh_core::proxy_api::ServiceRef;
 use mesh_test_support::apps::primary_and_canary;
 use mesh_test_support::assert_eventually;
 use mesh_test_support::proxies::{Sidecar, proxy};
-use mesh_test_support::proxy_api::StandIn;
+use mesh_test_support::proxy_api::{StandIn, canary_split, unmeshed_endpoints, watch_line};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -32,33 +30,13 @@ fn svc(name: &str) -> ServiceRef {
     ServiceRef::new(name, "default", 80)
 }
 
-fn line<T: serde::Serialize>(version: u64, value: Option<T>) -> Bytes {
-    let mut s = serde_json::to_string(&Update { version, value }).unwrap();
-    s.push('\n');
-    Bytes::from(s)
-}
-
 fn answer(path: &str, query: &str, st: &State) -> Bytes {
     if path == "/v1/watch/routes" {
         assert_eq!(query, "authority=web.default:80");
-        let table = RouteTable {
-            parent: svc("web"),
-            rules: vec![RouteRule {
-                name: "split".into(),
-                backends: vec![
-                    WeightedBackend {
-                        service: svc("web-primary"),
-                        weight: st.weights.0,
-                    },
-                    WeightedBackend {
-                        service: svc("web-canary"),
-                        weight: st.weights.1,
-                    },
-                ],
-                ..Default::default()
-            }],
-        };
-        line(st.version, Some(table))
+        watch_line(
+            st.version,
+            Some(canary_split(&svc("web"), "split", st.weights)),
+        )
     } else {
         let service: ServiceRef = query.trim_start_matches("service=").parse().unwrap();
         let addr = match service.name.as_str() {
@@ -66,16 +44,9 @@ fn answer(path: &str, query: &str, st: &State) -> Bytes {
             "web-canary" => Some(st.v2),
             _ => None,
         };
-        line(
+        watch_line(
             st.version,
-            addr.map(|addr| Endpoints {
-                service,
-                endpoints: vec![Endpoint {
-                    addr,
-                    identity: None,
-                    labels: Default::default(),
-                }],
-            }),
+            addr.map(|addr| unmeshed_endpoints(service, [addr])),
         )
     }
 }

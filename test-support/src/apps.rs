@@ -7,6 +7,7 @@
 //! use mesh_test_support::apps::{app, tcp_echo};
 //! let v1 = app("v1").await?;
 //! let v2 = app("v2").latency(Duration::from_millis(50)).fail_rate(0.05).await?;
+//! let v3 = app("v3").fail_rate(0.33).failing_evenly().await?;
 //! let broken = app("v3").status(503).await?;
 //! let smtp = tcp_echo().banner(b"220 mail.example ESMTP\r\n").await?;
 //! # Ok(()) }
@@ -72,6 +73,7 @@ pub struct AppBuilder {
     latency: Duration,
     fail_rate: f64,
     fail_status: u16,
+    fail_evenly: bool,
     seed: Option<u64>,
     first_attempt: Option<u16>,
     answer: Option<Answer>,
@@ -96,6 +98,7 @@ pub fn app(version: impl Into<String>) -> AppBuilder {
         latency: Duration::ZERO,
         fail_rate: 0.0,
         fail_status: 500,
+        fail_evenly: false,
         seed: None,
         first_attempt: None,
         answer: None,
@@ -125,6 +128,15 @@ impl AppBuilder {
     /// The status failed requests get.
     pub fn failing_with(mut self, status: u16) -> Self {
         self.fail_status = status;
+        self
+    }
+
+    /// Picks the failing requests by count instead of at random: request `n` (from 0) fails
+    /// when `floor((n + 1) * rate) > floor(n * rate)`. The share is exact at every moment, and
+    /// below a rate of one half no two failures come in a row (a run of failures trips a
+    /// proxy's failure accrual, which takes the endpoint out instead of counting its errors).
+    pub fn failing_evenly(mut self) -> Self {
+        self.fail_evenly = true;
         self
     }
 
@@ -297,7 +309,7 @@ impl State {
             .await
             .map(http_body_util::Collected::to_bytes)
             .unwrap_or_default();
-        self.hits.fetch_add(1, Ordering::SeqCst);
+        let n = self.hits.fetch_add(1, Ordering::SeqCst);
         let attempt = {
             let mut attempts = self.attempts.lock().unwrap_or_else(PoisonError::into_inner);
             let n = attempts.entry(id.clone()).or_insert(0);
@@ -308,13 +320,17 @@ impl State {
         let (status, delay) = match &self.app.answer {
             Some(answer) => answer(&seen),
             None => {
-                let fail = self.app.fail_rate > 0.0
-                    && self
-                        .rng
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .f64()
-                        < self.app.fail_rate;
+                let rate = self.app.fail_rate;
+                let fail = rate > 0.0
+                    && if self.app.fail_evenly {
+                        ((n + 1) as f64 * rate).floor() > (n as f64 * rate).floor()
+                    } else {
+                        self.rng
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .f64()
+                            < rate
+                    };
                 let status = match self.app.first_attempt {
                     Some(first) if seen.attempt == 1 => first,
                     _ if fail => self.app.fail_status,
@@ -345,7 +361,11 @@ impl State {
 
 /// Binds `addr` and hands each connection to `serve`, in a task of its own, until the runtime
 /// stops; returns the bound address.
-async fn serve_connections<F, Fut>(addr: SocketAddr, what: &str, serve: F) -> Result<SocketAddr>
+pub(crate) async fn serve_connections<F, Fut>(
+    addr: SocketAddr,
+    what: &str,
+    serve: F,
+) -> Result<SocketAddr>
 where
     F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -527,6 +547,22 @@ mod tests {
         // Binomial(400, 0.25): sd 8.7; 40 is beyond 4.5 sd.
         assert!((60..=140).contains(&first.len()), "{} failed", first.len());
         assert_eq!(failures(7).await, first);
+    }
+
+    #[tokio::test]
+    async fn an_even_fail_rate_fails_its_exact_share_never_twice_in_a_row() {
+        let flaky = app("v2").fail_rate(0.33).failing_evenly().await.unwrap();
+        let mut statuses = Vec::new();
+        for _ in 0..300 {
+            let rsp = crate::http_client()
+                .get(format!("http://{}/", flaky.addr()))
+                .send()
+                .await
+                .unwrap();
+            statuses.push(rsp.status().as_u16());
+        }
+        assert_eq!(statuses.iter().filter(|s| **s == 500).count(), 99);
+        assert!(statuses.windows(2).all(|w| w != [500, 500]), "{statuses:?}");
     }
 
     #[tokio::test]

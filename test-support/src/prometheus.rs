@@ -3,13 +3,23 @@
 //! The rollout controller's Prometheus metric source is tested against this, never against a
 //! fake HTTP API: PromQL semantics (rate windows, staleness, histogram_quantile) are the point.
 //! The binary is Debian's `prometheus` package (`MESH_PROMETHEUS_BIN` overrides the path).
+//! [`Exporter`] is a scrape target serving exposition text the test sets.
 
 use std::{
+    convert::Infallible,
     net::SocketAddr,
     path::PathBuf,
     process::Command,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::{
     HarnessError, Result,
@@ -177,6 +187,80 @@ impl Prometheus {
     /// The Prometheus process ID.
     pub fn pid(&self) -> u32 {
         self.child.pid()
+    }
+}
+
+/// A scrape target serving exposition text the test sets, on every path, over HTTP/1.1 and
+/// h2c: a stand-in for a proxy's admin server when a test needs to know the counts exactly.
+///
+/// ```no_run
+/// # async fn f() -> mesh_test_support::Result<()> {
+/// use mesh_test_support::prometheus::Exporter;
+/// let exporter = Exporter::start("requests_total 0\n").await?;
+/// exporter.set("requests_total 10\n");
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Exporter {
+    addr: SocketAddr,
+    state: Arc<ExporterState>,
+}
+
+#[derive(Debug)]
+struct ExporterState {
+    text: Mutex<String>,
+    scrapes: AtomicUsize,
+}
+
+impl Exporter {
+    /// Starts serving `text` on 127.0.0.1:0, until the runtime stops.
+    pub async fn start(text: impl Into<String>) -> Result<Self> {
+        let state = Arc::new(ExporterState {
+            text: Mutex::new(text.into()),
+            scrapes: AtomicUsize::new(0),
+        });
+        let serving = Arc::clone(&state);
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let addr = crate::apps::serve_connections(loopback, "a metrics exporter", move |io| {
+            let state = Arc::clone(&serving);
+            async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    state.scrapes.fetch_add(1, Ordering::SeqCst);
+                    let text = state
+                        .text
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone();
+                    async move {
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(text))))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(io), svc)
+                    .await;
+            }
+        })
+        .await?;
+        Ok(Self { addr, state })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves `text` from now on.
+    pub fn set(&self, text: impl Into<String>) {
+        *self
+            .state
+            .text
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = text.into();
+    }
+
+    /// Requests answered so far.
+    pub fn scrapes(&self) -> usize {
+        self.state.scrapes.load(Ordering::SeqCst)
     }
 }
 

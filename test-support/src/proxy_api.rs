@@ -6,10 +6,12 @@
 //! and presents a certificate for a given identity, the way a proxy's watch streams do.
 //! [`StandIn`] serves a test's own proxy API handler over TLS, with a certificate naming the
 //! control plane's SPIFFE ID, and answers `certify` from its CA, so a real `mesh-proxy` can be
-//! pointed at it. [`ProxyApiAccess`] holds what a `mesh-proxy` needs to reach either one, and
+//! pointed at it; [`StandIn::serve_watches`] serves watch streams from a state the test changes,
+//! written with [`watch_line`], [`canary_split`] and [`unmeshed_endpoints`]. [`ProxyApiAccess`] holds what a `mesh-proxy` needs to reach either one, and
 //! [`MeshBinary::control_plane`] hands it to the proxy.
 
 use std::{
+    collections::BTreeMap,
     convert::Infallible,
     future::Future,
     net::SocketAddr,
@@ -22,7 +24,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::{Request, Response, body::Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mesh_core::proxy_api::{CERTIFY_PATH, CertifyRequest, CertifyResponse};
+use mesh_core::proxy_api::{
+    CERTIFY_PATH, CertifyRequest, CertifyResponse, Endpoint, Endpoints, RouteRule, RouteTable,
+    ServiceRef, Update, WeightedBackend,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use crate::{
@@ -324,6 +329,53 @@ impl StandIn {
                 Response::new(body.boxed_unsync())
             }
         })
+    }
+}
+
+/// One line of a watch stream as the control plane writes it (NDJSON): `value` at `version`,
+/// `None` when there is none.
+pub fn watch_line<T: serde::Serialize>(version: u64, value: Option<T>) -> Bytes {
+    let mut line = serde_json::to_string(&Update { version, value }).unwrap_or_default();
+    line.push('\n');
+    Bytes::from(line)
+}
+
+/// The route table of a Canary's HTTPRoute for `parent`: one rule, `rule`, sending `weights.0`
+/// of the traffic to `<parent>-primary` and `weights.1` to `<parent>-canary`.
+pub fn canary_split(parent: &ServiceRef, rule: &str, weights: (u32, u32)) -> RouteTable {
+    let backend = |suffix: &str, weight| WeightedBackend {
+        service: ServiceRef::new(
+            format!("{}-{suffix}", parent.name),
+            parent.namespace.clone(),
+            parent.port,
+        ),
+        weight,
+    };
+    RouteTable {
+        parent: parent.clone(),
+        rules: vec![RouteRule {
+            name: rule.into(),
+            backends: vec![backend("primary", weights.0), backend("canary", weights.1)],
+            ..Default::default()
+        }],
+    }
+}
+
+/// The endpoints of `service` at `addrs`, unmeshed: no identity, no labels.
+pub fn unmeshed_endpoints(
+    service: ServiceRef,
+    addrs: impl IntoIterator<Item = SocketAddr>,
+) -> Endpoints {
+    Endpoints {
+        service,
+        endpoints: addrs
+            .into_iter()
+            .map(|addr| Endpoint {
+                addr,
+                identity: None,
+                labels: BTreeMap::new(),
+            })
+            .collect(),
     }
 }
 
