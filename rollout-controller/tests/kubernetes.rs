@@ -966,6 +966,9 @@ async fn event_instances(client: &Client) -> BTreeSet<String> {
         .unwrap()
         .items
         .into_iter()
+        // Only the Canary's: the apiserver's own controllers report on other objects in the
+        // namespace (the ipallocator repair controller on the Services, for one).
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("Canary"))
         .filter_map(|e| e.reporting_instance)
         .collect()
 }
