@@ -195,12 +195,33 @@ pub fn waiting_gate(c: &Canary) -> Option<&GateStatus> {
     .then_some(gate)
 }
 
+/// Whether a promotion or a gate's opening was asked for that the controller has not carried
+/// out yet: right after `mesh rollout promote`, the rollout is on its way, not waiting.
+fn promotion_requested(c: &Canary) -> bool {
+    let annotation = |key: &str| {
+        c.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .map(String::as_str)
+    };
+    let applied = c
+        .status
+        .as_ref()
+        .and_then(|s| s.last_applied_spec.as_deref());
+    let opening =
+        waiting_gate(c).is_some_and(|g| annotation(OPEN_GATE_ANNOTATION) == Some(g.id.as_str()));
+    let promote_now = applied.is_some() && annotation(PROMOTE_ANNOTATION) == applied;
+    opening || promote_now
+}
+
 /// The exit code a Canary's state means; `None` while it is in progress.
 pub fn exit_code(c: &Canary) -> Option<u8> {
     let s = c.status.clone().unwrap_or_default();
     match s.phase {
         CanaryPhase::Succeeded | CanaryPhase::Initialized => Some(EXIT_SUCCEEDED),
         CanaryPhase::Failed => Some(EXIT_FAILED),
+        _ if promotion_requested(c) => None,
         CanaryPhase::WaitingPromotion => Some(EXIT_WAITING_PROMOTION),
         _ if waiting_gate(c).is_some() => Some(EXIT_WAITING_PROMOTION),
         _ => None,
@@ -219,7 +240,7 @@ pub fn exit_code_for(c: &Canary, wanted: Option<&str>) -> Option<u8> {
         return exit_code(c);
     }
     waiting_gate(c)
-        .filter(|g| Some(g.revision.as_str()) == wanted)
+        .filter(|g| Some(g.revision.as_str()) == wanted && !promotion_requested(c))
         .map(|_| EXIT_WAITING_PROMOTION)
 }
 
@@ -816,6 +837,28 @@ mod tests {
             None,
             "another revision"
         );
+
+        // Right after `mesh rollout promote` the rollout is on its way, no longer waiting.
+        let mut asked = gated(CanaryPhase::WaitingPromotion, ConfirmPromotion, true);
+        asked.metadata.annotations = Some(
+            [(
+                OPEN_GATE_ANNOTATION.to_string(),
+                "confirm-x/0/rev-2/1".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(exit_code(&asked), None);
+        asked.metadata.annotations = Some(
+            [(
+                OPEN_GATE_ANNOTATION.to_string(),
+                "an-older-wait".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(exit_code(&asked), Some(EXIT_WAITING_PROMOTION));
+        asked.metadata.annotations =
+            Some([(PROMOTE_ANNOTATION.to_string(), "rev-2".to_string())].into());
+        assert_eq!(exit_code(&asked), None, "promote now was asked");
 
         let opened = gated(CanaryPhase::Succeeded, ConfirmPromotion, false);
         let j = to_json(&opened, EXIT_SUCCEEDED);

@@ -361,6 +361,8 @@ impl Machine<'_> {
         }
         gate.opened_at = Some(time(self.obs.now));
         gate.opened_by = Some(open.by.clone());
+        // Opening a gate is progress: the deadline counts from here, not from the wait.
+        self.status.last_progress_time = Some(time(self.obs.now));
         let what = match gate.next_weight {
             Some(w) => format!("; the canary may step to weight {w} at the next passing analysis"),
             None => String::new(),
@@ -419,6 +421,23 @@ impl Machine<'_> {
         self.status.gate = Some(gate);
         self.event("GateWaiting", message, false);
         false
+    }
+
+    /// Whether a gate the mesh holds waits for this revision.
+    fn gate_waits(&self) -> bool {
+        self.status
+            .gate
+            .as_ref()
+            .is_some_and(|g| g.waiting() && g.revision == self.obs.revision)
+    }
+
+    /// Whether the next weight step is the one a gate the mesh holds waits (or waited) at.
+    fn gate_holds_this_step(&self) -> bool {
+        self.status.gate.as_ref().is_some_and(|g| {
+            g.type_ == WebhookType::ConfirmTrafficIncrease
+                && g.revision == self.obs.revision
+                && g.weight == self.status.canary_weight
+        })
     }
 
     /// Forgets a wait the rollout will not pass (promoted now, rolled back, restarted); the
@@ -567,16 +586,18 @@ impl Machine<'_> {
                 }
             }
             // At weight 0 the canary has no traffic to judge, so, as in Flagger, the first
-            // step only needs the gates that can answer (webhooks) not to fail.
+            // step only needs the gates that can answer (webhooks) not to fail; the same holds
+            // while a gate the mesh holds keeps it at weight 0.
             Verdict::Inconclusive
                 if self.status.canary_weight == 0
-                    && self.status.iterations == 0
+                    && (self.status.iterations == 0 || self.gate_holds_this_step())
                     && !self.steps.is_empty() =>
             {
                 self.advance();
             }
             Verdict::Inconclusive => {
-                if self.since_progress() > self.deadline() {
+                // Waiting for a person is not a lack of progress.
+                if !self.gate_waits() && self.since_progress() > self.deadline() {
                     self.rollback(format!(
                         "no conclusive analysis within progressDeadlineSeconds ({}s)",
                         self.deadline().as_secs()

@@ -892,3 +892,23 @@ fn promote_now_and_abort_pass_a_waiting_gate_and_record_who_asked() {
         r.events()
     );
 }
+
+#[test]
+fn waiting_at_a_gate_with_no_canary_traffic_is_not_a_lack_of_progress() {
+    // confirm-traffic-increase holds the canary at weight 0, where it gets no requests: every
+    // tick is inconclusive. Past progressDeadlineSeconds (120 s) it still waits, and opens.
+    let mut r = Rollout::started(mk_spec(json!({
+        "webhooks": [gate("confirm-traffic-increase", "step")]
+    })));
+    for _ in 0..20 {
+        r.tick(30, Some(Window::default()));
+    }
+    assert_eq!(r.status.phase, CanaryPhase::Progressing, "{:?}", r.events());
+    assert_eq!(r.status.canary_weight, 0);
+    r.open("ops");
+    r.tick(30, Some(Window::default()));
+    assert_eq!(r.status.canary_weight, 10);
+    // The deadline counts from the opening: a healthy canary goes on.
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.phase, CanaryPhase::Progressing);
+}
