@@ -5,7 +5,8 @@
 //! - 0: succeeded (or no rollout has started: the primary serves);
 //! - 1: failed, rolled back;
 //! - 2: timed out: still in progress when `--timeout` ran out (at once without `--watch`);
-//! - 3: waiting for promotion (a confirm-promotion webhook holds it).
+//! - 3: waiting for promotion: at a gate the mesh holds (a confirm-* hook without a URL, which
+//!   `mesh rollout promote` opens), or held by a confirm-promotion webhook.
 //!
 //! `--output github` also writes workflow annotations to stdout and a markdown summary to
 //! `$GITHUB_STEP_SUMMARY`.
@@ -19,7 +20,10 @@ use std::{
 use anyhow::Context;
 use mesh_crds::{
     Canary, CanaryPhase,
-    canary::{GateResult, Verdict},
+    canary::{
+        ABORT_ANNOTATION, ABORT_BY_ANNOTATION, GateResult, GateStatus, OPEN_GATE_ANNOTATION,
+        OPEN_GATE_BY_ANNOTATION, PROMOTE_ANNOTATION, PROMOTE_BY_ANNOTATION, Verdict,
+    },
     validate::ResourceKind,
 };
 use serde_json::json;
@@ -32,8 +36,19 @@ pub const EXIT_SUCCEEDED: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
 /// Exit code: still in progress when the timeout ran out.
 pub const EXIT_TIMED_OUT: u8 = 2;
-/// Exit code: analysis passed; waiting for promotion to be confirmed.
+/// Exit code: waiting for promotion to be confirmed: at a gate the mesh holds (which
+/// `mesh rollout promote` opens), or by a confirm-promotion webhook.
 pub const EXIT_WAITING_PROMOTION: u8 = 3;
+
+/// The `result` an exit code means, as `-o json` reports it and the GitHub Action outputs it.
+pub fn result_name(exit: u8) -> &'static str {
+    match exit {
+        EXIT_SUCCEEDED => "promoted",
+        EXIT_FAILED => "rolled-back",
+        EXIT_WAITING_PROMOTION => "waiting-promotion",
+        _ => "timed-out",
+    }
+}
 
 /// Output formats.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +118,35 @@ pub struct NameArgs {
     pub at: Where,
 }
 
+/// Flags of `mesh rollout promote`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PromoteArgs {
+    /// The Canary.
+    pub name: String,
+    /// Who or what is asking, recorded in the rollout's history (a CI run's URL, a person).
+    /// Default: the GitHub Actions run URL when run in one, else $USER@<hostname>.
+    #[arg(long, value_name = "TEXT")]
+    pub by: Option<String>,
+    /// Promote now, skipping the rest of the analysis and every gate, even when the rollout
+    /// waits at a gate the mesh holds.
+    #[arg(long)]
+    pub now: bool,
+    #[command(flatten)]
+    pub at: Where,
+}
+
+/// Flags of `mesh rollout abort`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AbortArgs {
+    /// The Canary.
+    pub name: String,
+    /// Who or what is asking, recorded in the rollout's history. Default as for `promote`.
+    #[arg(long, value_name = "TEXT")]
+    pub by: Option<String>,
+    #[command(flatten)]
+    pub at: Where,
+}
+
 /// Flags of `mesh rollout history`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct HistoryArgs {
@@ -120,10 +164,18 @@ pub struct HistoryArgs {
 pub enum Command {
     /// Show a rollout: phase, step, weights, each gate's numbers and verdict, history.
     Status(StatusArgs),
-    /// Promote the canary now, skipping the rest of its analysis and any confirm-promotion gate.
-    Promote(NameArgs),
+    /// Open the gate the rollout waits at, or else promote the canary now.
+    ///
+    /// When the rollout waits at a gate the mesh holds (a confirm-promotion,
+    /// confirm-traffic-increase or confirm-rollout webhook without a url), this opens that gate
+    /// once and the rollout goes on its normal path: confirm-promotion promotes (stepping
+    /// traffic back by stepWeightPromotion if set), confirm-traffic-increase lets the canary
+    /// take its next weight step (the step after waits again), confirm-rollout lets the
+    /// rollout start. Otherwise, or with --now, it promotes now, skipping the rest of the
+    /// analysis and any confirm-promotion gate. Either way --by is recorded in the history.
+    Promote(PromoteArgs),
     /// Roll the canary back now.
-    Abort(NameArgs),
+    Abort(AbortArgs),
     /// Freeze the rollout where it is (sets `spec.suspend`).
     Pause(NameArgs),
     /// Let a paused rollout go on (clears `spec.suspend`).
@@ -132,15 +184,105 @@ pub enum Command {
     History(HistoryArgs),
 }
 
+/// The gate the mesh holds that the rollout waits at, if any.
+pub fn waiting_gate(c: &Canary) -> Option<&GateStatus> {
+    let s = c.status.as_ref()?;
+    let gate = s.gate.as_ref().filter(|g| g.waiting())?;
+    matches!(
+        s.phase,
+        CanaryPhase::Waiting | CanaryPhase::Progressing | CanaryPhase::WaitingPromotion
+    )
+    .then_some(gate)
+}
+
+/// Whether a promotion or a gate's opening was asked for that the controller has not carried
+/// out yet: right after `mesh rollout promote`, the rollout is on its way, not waiting.
+fn promotion_requested(c: &Canary) -> bool {
+    let annotation = |key: &str| {
+        c.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .map(String::as_str)
+    };
+    let applied = c
+        .status
+        .as_ref()
+        .and_then(|s| s.last_applied_spec.as_deref());
+    let opening =
+        waiting_gate(c).is_some_and(|g| annotation(OPEN_GATE_ANNOTATION) == Some(g.id.as_str()));
+    let promote_now = applied.is_some() && annotation(PROMOTE_ANNOTATION) == applied;
+    opening || promote_now
+}
+
 /// The exit code a Canary's state means; `None` while it is in progress.
 pub fn exit_code(c: &Canary) -> Option<u8> {
     let s = c.status.clone().unwrap_or_default();
     match s.phase {
         CanaryPhase::Succeeded | CanaryPhase::Initialized => Some(EXIT_SUCCEEDED),
         CanaryPhase::Failed => Some(EXIT_FAILED),
+        _ if promotion_requested(c) => None,
         CanaryPhase::WaitingPromotion => Some(EXIT_WAITING_PROMOTION),
+        _ if waiting_gate(c).is_some() => Some(EXIT_WAITING_PROMOTION),
         _ => None,
     }
+}
+
+/// The exit code for `c` when its target asks for revision `wanted` (`None`: unknown). A
+/// status that has not caught up with the wanted revision says nothing final yet, except a
+/// gate waiting for that very revision (confirm-rollout waits before the rollout takes it on).
+pub fn exit_code_for(c: &Canary, wanted: Option<&str>) -> Option<u8> {
+    let applied = c
+        .status
+        .as_ref()
+        .and_then(|s| s.last_applied_spec.as_deref());
+    if wanted.is_none() || wanted == applied {
+        return exit_code(c);
+    }
+    waiting_gate(c)
+        .filter(|g| Some(g.revision.as_str()) == wanted && !promotion_requested(c))
+        .map(|_| EXIT_WAITING_PROMOTION)
+}
+
+/// The command that opens `c`'s waiting gate, as a person would type it.
+pub fn open_command(c: &Canary) -> String {
+    format!(
+        "mesh rollout promote {} -n {}",
+        c.metadata.name.as_deref().unwrap_or_default(),
+        c.metadata.namespace.as_deref().unwrap_or("default")
+    )
+}
+
+fn gate_line(c: &Canary) -> Option<String> {
+    let g = c.status.as_ref()?.gate.as_ref()?;
+    let kind = g.type_.name();
+    let hooks = g.hooks.join(", ");
+    Some(match (&g.opened_at, &g.opened_by) {
+        (Some(at), by) => format!(
+            "{kind} {hooks} opened at {} by {}",
+            at.0.strftime("%H:%M:%S"),
+            by.as_deref().unwrap_or("-")
+        ),
+        (None, _) => format!(
+            "{kind} {hooks} waiting since {}; open it with `{}`",
+            g.since.0.strftime("%H:%M:%S"),
+            open_command(c)
+        ),
+    })
+}
+
+/// The `gate` object of the JSON report: the status's gate, whether it waits, and how to open
+/// it; `null` when no gate the mesh holds was reached in this rollout.
+pub fn gate_json(c: &Canary) -> serde_json::Value {
+    let Some(g) = c.status.as_ref().and_then(|s| s.gate.as_ref()) else {
+        return serde_json::Value::Null;
+    };
+    let mut v = serde_json::to_value(g).unwrap_or_default();
+    v["waiting"] = json!(g.waiting());
+    if waiting_gate(c).is_some() {
+        v["openWith"] = json!(open_command(c));
+    }
+    v
 }
 
 fn verdict(v: Verdict) -> &'static str {
@@ -208,6 +350,9 @@ pub fn render(c: &Canary) -> String {
         s.last_applied_spec.as_deref().unwrap_or("-"),
         s.last_promoted_spec.as_deref().unwrap_or("-"),
     );
+    if let Some(line) = gate_line(c) {
+        out.push_str(&format!("  gate:      {line}\n"));
+    }
     if !s.analysis.is_empty() {
         out.push_str("  gates:\n");
         out.push_str(&format!(
@@ -261,6 +406,8 @@ pub fn to_json(c: &Canary, exit: u8) -> serde_json::Value {
         "gates": s.analysis,
         "history": s.history,
         "exitCode": exit,
+        "result": result_name(exit),
+        "gate": gate_json(c),
     })
 }
 
@@ -270,7 +417,7 @@ pub fn github_summary(c: &Canary) -> String {
     let name = c.metadata.name.clone().unwrap_or_default();
     let mut md = format!(
         "### Canary `{name}`: {:?}\n\n| | |\n|---|---|\n| weights | primary {}% / canary {}% \
-         |\n| failed checks | {} of {} |\n| revision | `{}` |\n\n",
+         |\n| failed checks | {} of {} |\n| revision | `{}` |\n",
         s.phase,
         100 - s.canary_weight,
         s.canary_weight,
@@ -278,6 +425,10 @@ pub fn github_summary(c: &Canary) -> String {
         c.spec.analysis.threshold,
         s.last_applied_spec.as_deref().unwrap_or("-"),
     );
+    if let Some(line) = gate_line(c) {
+        md.push_str(&format!("| gate | {} |\n", line.replace('|', "\\|")));
+    }
+    md.push('\n');
     if !s.analysis.is_empty() {
         md.push_str("| gate | canary | primary | samples c/p | verdict | test |\n|---|---:|---:|---:|---|---|\n");
         for g in &s.analysis {
@@ -311,6 +462,18 @@ pub fn github_annotations(c: &Canary, exit: u8) -> String {
         EXIT_WAITING_PROMOTION => "warning",
         _ => "error",
     };
+    if exit == EXIT_WAITING_PROMOTION
+        && let Some(g) = waiting_gate(c)
+    {
+        return format!(
+            "::{level} title=Canary {name} waiting at {} gate::{} gate {} waits at canary weight {}%; open it with `{} --by <who>`\n",
+            g.type_.name(),
+            g.type_.name(),
+            g.hooks.join(", "),
+            s.canary_weight,
+            open_command(c)
+        );
+    }
     format!(
         "::{level} title=Canary {name} {:?}::weight {}%, failed checks {}/{}: {last}\n",
         s.phase, s.canary_weight, s.failed_checks, c.spec.analysis.threshold
@@ -322,8 +485,10 @@ pub fn run(command: Command) -> ExitCode {
     // 4 is none of the rollout's outcomes: a usage or connection problem.
     let code = match command {
         Command::Status(args) => crate::runtime::block_on(false, status(args)),
-        Command::Promote(args) => crate::runtime::block_on(false, request(args, Request::Promote)),
-        Command::Abort(args) => crate::runtime::block_on(false, request(args, Request::Abort)),
+        Command::Promote(args) => crate::runtime::block_on(false, promote(args)),
+        Command::Abort(args) => {
+            crate::runtime::block_on(false, request(args.name, args.at, args.by, Request::Abort))
+        }
         Command::Pause(args) => crate::runtime::block_on(false, suspend(args, true)),
         Command::Resume(args) => crate::runtime::block_on(false, suspend(args, false)),
         Command::History(args) => crate::runtime::block_on(false, history(args)),
@@ -337,10 +502,89 @@ enum Request {
     Abort,
 }
 
-/// `mesh rollout promote|abort`: annotate the Canary with the revision to act on; the
-/// controller carries it out on its next tick.
+/// Who asked, when `--by` is not given: the GitHub Actions run when in one, else the user at
+/// this host.
+pub fn default_by(env: impl Fn(&str) -> Option<String>) -> String {
+    if let (Some(repo), Some(run)) = (env("GITHUB_REPOSITORY"), env("GITHUB_RUN_ID")) {
+        let server = env("GITHUB_SERVER_URL").unwrap_or_else(|| "https://github.com".into());
+        return format!("{server}/{repo}/actions/runs/{run}");
+    }
+    let user = env("USER")
+        .or_else(|| env("USERNAME"))
+        .unwrap_or_else(|| "unknown".into());
+    let host = env("HOSTNAME")
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{user}@{host}")
+}
+
+/// `--by`, checked, or the default.
+fn requester(by: Option<String>) -> anyhow::Result<String> {
+    let Some(by) = by else {
+        return Ok(default_by(|k| {
+            std::env::var(k).ok().filter(|v| !v.is_empty())
+        }));
+    };
+    let by = by.trim().to_string();
+    if by.is_empty() {
+        anyhow::bail!("--by: must not be empty; name who or what asks (a CI run's URL, a person)");
+    }
+    if by.chars().any(char::is_control) {
+        anyhow::bail!("--by {by:?}: must be one line of text, without control characters");
+    }
+    if by.len() > 1024 {
+        anyhow::bail!("--by: {} bytes is too long; at most 1024", by.len());
+    }
+    Ok(by)
+}
+
+/// `mesh rollout promote`: open the waiting gate, or else promote now.
 #[allow(clippy::print_stdout, reason = "the confirmation is the output")]
-async fn request(args: NameArgs, what: Request) -> anyhow::Result<u8> {
+async fn promote(args: PromoteArgs) -> anyhow::Result<u8> {
+    if args.now {
+        return request(args.name, args.at, args.by, Request::Promote).await;
+    }
+    let by = requester(args.by.clone())?;
+    let backend = Backend::connect(&args.at).await?;
+    let c = fetch(&backend, &args.name).await?;
+    let Some(gate) = waiting_gate(&c) else {
+        return request(args.name, args.at, Some(by), Request::Promote).await;
+    };
+    patch(
+        &backend,
+        &args.name,
+        &json!({"metadata": {"annotations": {
+            OPEN_GATE_ANNOTATION: gate.id,
+            OPEN_GATE_BY_ANNOTATION: by,
+        }}}),
+    )
+    .await?;
+    let next = match (gate.type_, gate.next_weight) {
+        (_, Some(w)) => format!("the canary steps to weight {w} at its next passing analysis"),
+        (mesh_crds::canary::WebhookType::ConfirmRollout, _) => "the rollout starts".into(),
+        _ => "the canary is promoted".into(),
+    };
+    println!(
+        "canary {}: {} gate {} opened by {by}; {next}; follow it with `mesh rollout status {} --watch`",
+        args.name,
+        gate.type_.name(),
+        gate.hooks.join(", "),
+        args.name
+    );
+    Ok(EXIT_SUCCEEDED)
+}
+
+/// `mesh rollout promote --now|abort`: annotate the Canary with the revision to act on, and
+/// who asked; the controller carries it out on its next tick.
+#[allow(clippy::print_stdout, reason = "the confirmation is the output")]
+async fn request(name: String, at: Where, by: Option<String>, what: Request) -> anyhow::Result<u8> {
+    let by = requester(by)?;
+    let args = NameArgs { name, at };
     let backend = Backend::connect(&args.at).await?;
     let c = fetch(&backend, &args.name).await?;
     let phase = c.status.as_ref().map(|s| s.phase).unwrap_or_default();
@@ -353,15 +597,17 @@ async fn request(args: NameArgs, what: Request) -> anyhow::Result<u8> {
             .ok_or_else(|| anyhow::anyhow!("canary {:?} has no revision yet", args.name))?,
     };
     let applied = c.status.as_ref().and_then(|s| s.last_applied_spec.clone());
-    let (verb, key, allowed): (&str, &str, &[CanaryPhase]) = match what {
+    let (verb, key, by_key, allowed): (&str, &str, &str, &[CanaryPhase]) = match what {
         Request::Promote => (
             "promote",
-            mesh_crds::canary::PROMOTE_ANNOTATION,
+            PROMOTE_ANNOTATION,
+            PROMOTE_BY_ANNOTATION,
             &[CanaryPhase::Progressing, CanaryPhase::WaitingPromotion],
         ),
         Request::Abort => (
             "abort",
-            mesh_crds::canary::ABORT_ANNOTATION,
+            ABORT_ANNOTATION,
+            ABORT_BY_ANNOTATION,
             &[
                 CanaryPhase::Waiting,
                 CanaryPhase::Progressing,
@@ -381,11 +627,11 @@ async fn request(args: NameArgs, what: Request) -> anyhow::Result<u8> {
     patch(
         &backend,
         &args.name,
-        &json!({"metadata": {"annotations": {key: revision}}}),
+        &json!({"metadata": {"annotations": {key: revision, by_key: by}}}),
     )
     .await?;
     println!(
-        "canary {} : {verb} of revision {revision} requested; follow it with `mesh rollout status {} --watch`",
+        "canary {}: {verb} of revision {revision} requested by {by}; follow it with `mesh rollout status {} --watch`",
         args.name, args.name
     );
     Ok(EXIT_SUCCEEDED)
@@ -444,9 +690,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<u8> {
     let (canary, code) = loop {
         let c = fetch(&backend, &args.name).await?;
         let wanted = backend.target_revision(&c).await;
-        let applied = c.status.as_ref().and_then(|s| s.last_applied_spec.clone());
-        let caught_up = wanted.is_none() || wanted == applied;
-        let done = exit_code(&c).filter(|_| caught_up);
+        let done = exit_code_for(&c, wanted.as_deref());
         if args.watch && args.output != Output::Json {
             let line = progress_line(&c);
             if line != last {
@@ -526,6 +770,150 @@ mod tests {
             github_annotations(&waiting, EXIT_WAITING_PROMOTION).starts_with("::warning "),
             "{}",
             github_annotations(&waiting, EXIT_WAITING_PROMOTION)
+        );
+    }
+
+    fn gated(phase: CanaryPhase, kind: mesh_crds::canary::WebhookType, waiting: bool) -> Canary {
+        let mut c = canary_in(phase);
+        let since = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        );
+        if let Some(s) = c.status.as_mut() {
+            s.last_applied_spec = Some("rev-2".into());
+            s.gate = Some(GateStatus {
+                type_: kind,
+                hooks: vec!["approval".into()],
+                id: "confirm-x/0/rev-2/1".into(),
+                revision: "rev-2".into(),
+                weight: 0,
+                next_weight: None,
+                since: since.clone(),
+                opened_at: (!waiting).then(|| since.clone()),
+                opened_by: (!waiting).then(|| "https://ci/run/1".into()),
+            });
+        }
+        c
+    }
+
+    #[test]
+    fn a_waiting_gate_exits_3_and_says_how_to_open_it() {
+        use mesh_crds::canary::WebhookType::{
+            ConfirmPromotion, ConfirmRollout, ConfirmTrafficIncrease,
+        };
+        let c = gated(CanaryPhase::Progressing, ConfirmTrafficIncrease, true);
+        assert_eq!(exit_code(&c), Some(EXIT_WAITING_PROMOTION));
+        assert_eq!(
+            exit_code(&gated(
+                CanaryPhase::Progressing,
+                ConfirmTrafficIncrease,
+                false
+            )),
+            None,
+            "an opened gate no longer holds the rollout"
+        );
+        let j = to_json(&c, EXIT_WAITING_PROMOTION);
+        assert_eq!(j["result"], "waiting-promotion");
+        assert_eq!(j["gate"]["type"], "confirm-traffic-increase");
+        assert_eq!(j["gate"]["waiting"], true);
+        assert_eq!(j["gate"]["openWith"], "mesh rollout promote web -n default");
+        assert!(render(&c).contains("open it with `mesh rollout promote web -n default`"));
+        assert!(
+            github_annotations(&c, EXIT_WAITING_PROMOTION).starts_with(
+                "::warning title=Canary web waiting at confirm-traffic-increase gate::"
+            )
+        );
+
+        // confirm-rollout waits before the status takes the new revision on.
+        let mut waiting = gated(CanaryPhase::Waiting, ConfirmRollout, true);
+        if let Some(s) = waiting.status.as_mut() {
+            s.last_applied_spec = Some("rev-1".into());
+        }
+        assert_eq!(
+            exit_code_for(&waiting, Some("rev-2")),
+            Some(EXIT_WAITING_PROMOTION)
+        );
+        assert_eq!(
+            exit_code_for(&waiting, Some("rev-3")),
+            None,
+            "another revision"
+        );
+
+        // Right after `mesh rollout promote` the rollout is on its way, no longer waiting.
+        let mut asked = gated(CanaryPhase::WaitingPromotion, ConfirmPromotion, true);
+        asked.metadata.annotations = Some(
+            [(
+                OPEN_GATE_ANNOTATION.to_string(),
+                "confirm-x/0/rev-2/1".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(exit_code(&asked), None);
+        asked.metadata.annotations = Some(
+            [(
+                OPEN_GATE_ANNOTATION.to_string(),
+                "an-older-wait".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(exit_code(&asked), Some(EXIT_WAITING_PROMOTION));
+        asked.metadata.annotations =
+            Some([(PROMOTE_ANNOTATION.to_string(), "rev-2".to_string())].into());
+        assert_eq!(exit_code(&asked), None, "promote now was asked");
+
+        let opened = gated(CanaryPhase::Succeeded, ConfirmPromotion, false);
+        let j = to_json(&opened, EXIT_SUCCEEDED);
+        assert_eq!(j["result"], "promoted");
+        assert_eq!(j["gate"]["openedBy"], "https://ci/run/1");
+        assert_eq!(j["gate"]["waiting"], false);
+        assert!(j["gate"].get("openWith").is_none());
+        assert_eq!(
+            to_json(&canary_in(CanaryPhase::Failed), 1)["gate"],
+            json!(null)
+        );
+    }
+
+    #[test]
+    fn results_follow_exit_codes() {
+        assert_eq!(result_name(EXIT_SUCCEEDED), "promoted");
+        assert_eq!(result_name(EXIT_FAILED), "rolled-back");
+        assert_eq!(result_name(EXIT_TIMED_OUT), "timed-out");
+        assert_eq!(result_name(EXIT_WAITING_PROMOTION), "waiting-promotion");
+    }
+
+    #[test]
+    fn the_requester_defaults_to_the_ci_run_or_the_user_at_this_host() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_string())
+            }
+        };
+        assert_eq!(
+            default_by(env(&[
+                ("GITHUB_REPOSITORY", "acme/web"),
+                ("GITHUB_RUN_ID", "42"),
+                ("USER", "runner")
+            ])),
+            "https://github.com/acme/web/actions/runs/42"
+        );
+        assert_eq!(
+            default_by(env(&[
+                ("GITHUB_SERVER_URL", "https://ghe.example"),
+                ("GITHUB_REPOSITORY", "acme/web"),
+                ("GITHUB_RUN_ID", "42")
+            ])),
+            "https://ghe.example/acme/web/actions/runs/42"
+        );
+        assert_eq!(
+            default_by(env(&[("USER", "alice"), ("HOSTNAME", "laptop")])),
+            "alice@laptop"
+        );
+        assert!(requester(Some("  ".into())).is_err());
+        assert!(requester(Some("a\nb".into())).is_err());
+        assert_eq!(
+            requester(Some(" https://ci/run/1 ".into())).ok().as_deref(),
+            Some("https://ci/run/1")
         );
     }
 }

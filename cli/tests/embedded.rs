@@ -651,3 +651,142 @@ async fn inbound_policy_in_the_embedded_mesh() {
     );
     assert_eq!(plaintext(http.clone()).await, 403);
 }
+
+/// [`manifest_with`] whose Canary asks for a confirm-promotion gate the mesh holds (a webhook
+/// without a url), stepping 25 % at a time to 50 %.
+fn gated_manifest(dir: &std::path::Path, version: &str) -> std::path::PathBuf {
+    let path = manifest_with(dir, version);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let gated = text
+        .replacen(
+            "    stepWeight: 10\n",
+            "    stepWeight: 25\n    webhooks:\n      - name: approval\n        type: confirm-promotion\n",
+            1,
+        );
+    assert!(
+        gated.contains("type: confirm-promotion"),
+        "the example changed; update this test"
+    );
+    let path = dir.join(format!("mesh-gated-{version}.yaml"));
+    std::fs::write(&path, gated).unwrap();
+    path
+}
+
+/// A Canary that asks for a confirm-promotion gate stops at WaitingPromotion (status exits 3
+/// and says how to open it), keeps waiting across a restart of `mesh up`, and
+/// `mesh rollout promote --by <run URL>` opens it: the rollout
+/// ends Succeeded and the history names the URL.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gated_canary_waits_for_promote_and_records_who_opened_it() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut mesh_up = up(&state, &gated_manifest(dir.path(), "v1"));
+    let server = format!("http://{}", mesh_up.addr("api"));
+    wait_for(&server, Duration::from_secs(60), "initialized", |c| {
+        phase(c) == "Initialized"
+    })
+    .await;
+    apply(&server, &gated_manifest(dir.path(), "v3"));
+
+    let waiting = mesh(
+        &server,
+        &[
+            "rollout",
+            "status",
+            "backend",
+            "--watch",
+            "--timeout",
+            "3m",
+            "-o",
+            "json",
+        ],
+    );
+    let report: Value = serde_json::from_slice(&waiting.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&waiting.stderr)));
+    assert_eq!(waiting.status.code(), Some(3), "{report:#}");
+    assert_eq!(report["phase"], "WaitingPromotion", "{report:#}");
+    assert_eq!(report["result"], "waiting-promotion");
+    assert_eq!(report["canaryWeight"], 50);
+    let gate = &report["gate"];
+    assert_eq!(gate["type"], "confirm-promotion", "{gate:#}");
+    assert_eq!(gate["hooks"], serde_json::json!(["approval"]));
+    assert_eq!(gate["waiting"], true);
+    assert_eq!(gate["openWith"], "mesh rollout promote backend -n default");
+    let id = gate["id"].as_str().unwrap().to_string();
+    let text = mesh(&server, &["rollout", "status", "backend"]);
+    assert_eq!(text.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("confirm-promotion approval waiting since"),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+
+    // A restart mid-wait resumes the same wait; it does not promote, fail or wait anew.
+    terminate(&mut mesh_up);
+    let stopped = mesh_up.child().exited_within(Duration::from_secs(30)).await;
+    assert_eq!(stopped.and_then(|s| s.code()), Some(0));
+    let mut mesh_up = up(&state, &gated_manifest(dir.path(), "v3"));
+    let server = format!("http://{}", mesh_up.addr("api"));
+    let again = mesh(&server, &["rollout", "status", "backend", "-o", "json"]);
+    assert_eq!(again.status.code(), Some(3));
+    let again: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again["gate"]["id"], id.as_str(), "{again:#}");
+
+    let run = "https://github.com/acme/shop/actions/runs/4242";
+    let opened = mesh(&server, &["rollout", "promote", "backend", "--by", run]);
+    let said = String::from_utf8_lossy(&opened.stdout);
+    assert!(
+        opened.status.success(),
+        "{}",
+        String::from_utf8_lossy(&opened.stderr)
+    );
+    assert!(
+        said.contains("confirm-promotion gate approval opened by") && said.contains(run),
+        "{said}"
+    );
+    let done = mesh(
+        &server,
+        &[
+            "rollout",
+            "status",
+            "backend",
+            "--watch",
+            "--timeout",
+            "2m",
+            "-o",
+            "json",
+        ],
+    );
+    let done_report: Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(done.status.code(), Some(0), "{done_report:#}");
+    assert_eq!(done_report["result"], "promoted");
+    assert_eq!(done_report["gate"]["openedBy"], run, "{done_report:#}");
+    assert_eq!(done_report["gate"]["waiting"], false);
+
+    let history = mesh(&server, &["rollout", "history", "backend"]);
+    let history = String::from_utf8_lossy(&history.stdout);
+    assert!(
+        history
+            .lines()
+            .any(|l| l.contains("GateOpened") && l.contains(run)),
+        "{history}"
+    );
+    assert_eq!(
+        history
+            .lines()
+            .filter(|l| l.contains("GateWaiting"))
+            .count(),
+        1,
+        "{history}"
+    );
+    assert!(!history.contains("ManualPromotion"), "{history}");
+    assert!(history.contains("Succeeded"), "{history}");
+    let w = mesh(&server, &["get", "workload", "backend", "-o", "json"]);
+    let w: Value = serde_json::from_slice(&w.stdout).unwrap();
+    assert_eq!(w["status"]["primary"], "v3", "{w:#}");
+
+    terminate(&mut mesh_up);
+    let status = mesh_up.child().exited_within(Duration::from_secs(30)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+}

@@ -155,9 +155,12 @@ pub struct CanaryAnalysis {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub metrics: Vec<CanaryMetric>,
-    /// Hooks called at the rollout's milestones.
+    /// Hooks called at the rollout's milestones. A `confirm-rollout`,
+    /// `confirm-traffic-increase` or `confirm-promotion` hook without a `url` is a gate the
+    /// mesh holds itself until `mesh rollout promote` opens it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
+    #[x_kube(validation = &URL_ONLY_GATES_MAY_OMIT)]
     pub webhooks: Vec<CanaryWebhook>,
 }
 
@@ -215,13 +218,48 @@ pub struct ThresholdRange {
 
 /// The Canary schema's CEL rules, each with its Rust twin, which validation runs for the
 /// embedded store (the built-in gate names' rule on [`CanaryMetric`] is stated with the gate list).
-pub const CEL_RULES: [&CelText; 5] = [
+pub const CEL_RULES: [&CelText; 6] = [
     &STEP_WEIGHT_WITHIN_MAX.text,
     &STEP_WEIGHTS_WITHIN_MAX.text,
     &A_WAY_TO_STEP.text,
     &STEP_WEIGHTS_IN_RANGE.text,
     &THRESHOLD_RANGE_ORDERED.text,
+    &URL_ONLY_GATES_MAY_OMIT.text,
 ];
+
+/// Only the confirm-* hooks may leave `url` out: those are gates the mesh holds itself. Any
+/// other hook is a call the controller makes, and needs somewhere to call.
+pub const URL_ONLY_GATES_MAY_OMIT: CelRule<[CanaryWebhook]> = CelRule {
+    text: CelText {
+        expression: "self.all(h, has(h.url) || (has(h.type) && h.type in ['confirm-rollout', 'confirm-traffic-increase', 'confirm-promotion']))",
+        message: "url is required, except on confirm-rollout, confirm-traffic-increase and confirm-promotion hooks, where leaving it out makes the mesh hold the gate until `mesh rollout promote`",
+        pointer: "/spec/analysis/webhooks",
+        keeps: &[
+            r#"[{"name": "approval", "type": "confirm-promotion"}]"#,
+            r#"[{"name": "step", "type": "confirm-traffic-increase"}, {"name": "start", "type": "confirm-rollout"}]"#,
+            r#"[{"name": "load", "url": "http://loadtester.test/"}]"#,
+        ],
+        breaks: &[
+            r#"[{"name": "load"}]"#,
+            r#"[{"name": "approval", "type": "confirm-promotion"}, {"name": "smoke", "type": "pre-rollout"}]"#,
+        ],
+    },
+    check: |hooks| match hooks
+        .iter()
+        .enumerate()
+        .find(|(_, h)| h.url.is_none() && !h.is_builtin_gate())
+    {
+        Some((i, h)) => Err(Broken::at(
+            format!("[{i}].url"),
+            format!(
+                "hook {:?} is of type {}",
+                h.name,
+                h.type_.unwrap_or(WebhookType::Rollout).name()
+            ),
+        )),
+        None => Ok(()),
+    },
+};
 
 /// A step never jumps past the maximum weight.
 pub const STEP_WEIGHT_WITHIN_MAX: CelRule<CanaryAnalysis> = CelRule {
@@ -374,9 +412,12 @@ pub struct CanaryWebhook {
     /// Hook name, shown in events and status.
     #[schemars(length(min = 1))]
     pub name: String,
-    /// URL the payload is POSTed to.
+    /// URL the payload is POSTed to. Left out on a `confirm-rollout`,
+    /// `confirm-traffic-increase` or `confirm-promotion` hook, the mesh holds the gate itself
+    /// until `mesh rollout promote` opens it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://"))]
-    pub url: String,
+    pub url: Option<String>,
     /// Request timeout, e.g. `10s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
@@ -384,6 +425,39 @@ pub struct CanaryWebhook {
     /// Extra fields passed in the payload's `metadata`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<BTreeMap<String, String>>,
+}
+
+impl WebhookType {
+    /// The types whose hooks hold the rollout until they say yes.
+    pub const CONFIRM: [Self; 3] = [
+        Self::ConfirmRollout,
+        Self::ConfirmTrafficIncrease,
+        Self::ConfirmPromotion,
+    ];
+
+    /// The name a Canary spells it with, e.g. `confirm-promotion`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PreRollout => "pre-rollout",
+            Self::Rollout => "rollout",
+            Self::ConfirmRollout => "confirm-rollout",
+            Self::ConfirmTrafficIncrease => "confirm-traffic-increase",
+            Self::ConfirmPromotion => "confirm-promotion",
+            Self::PostRollout => "post-rollout",
+            Self::Rollback => "rollback",
+            Self::Event => "event",
+        }
+    }
+}
+
+impl CanaryWebhook {
+    /// A confirm-* hook without a URL: a gate the mesh holds until `mesh rollout promote`.
+    pub fn is_builtin_gate(&self) -> bool {
+        self.url.is_none()
+            && self
+                .type_
+                .is_some_and(|t| WebhookType::CONFIRM.contains(&t))
+    }
 }
 
 /// Flagger's rollout phases.
@@ -457,6 +531,46 @@ pub struct CanaryStatus {
     /// last [`HISTORY_LIMIT`] entries.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<HistoryEntry>,
+    /// The gate held by the mesh (a confirm-* hook without a URL) that the rollout waits at,
+    /// or the last one it passed in this rollout, with who opened it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateStatus>,
+}
+
+/// A wait at a gate the mesh holds: a `confirm-rollout`, `confirm-traffic-increase` or
+/// `confirm-promotion` hook without a URL, opened by `mesh rollout promote`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GateStatus {
+    /// Which gate: `confirm-rollout`, `confirm-traffic-increase` or `confirm-promotion`.
+    #[serde(rename = "type")]
+    pub type_: WebhookType,
+    /// The url-less hooks of that type this gate stands for.
+    pub hooks: Vec<String>,
+    /// Names this wait, and no other: [`OPEN_GATE_ANNOTATION`] opens it when it holds this.
+    pub id: String,
+    /// The revision the rollout is for.
+    pub revision: String,
+    /// The canary weight while it waits.
+    pub weight: i32,
+    /// For `confirm-traffic-increase`, the weight the opened gate lets the canary step to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_weight: Option<i32>,
+    /// When the wait began.
+    pub since: Time,
+    /// When the gate was opened; absent while it waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened_at: Option<Time>,
+    /// Who or what opened it (`mesh rollout promote --by`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened_by: Option<String>,
+}
+
+impl GateStatus {
+    /// Whether the rollout still waits here.
+    pub fn waiting(&self) -> bool {
+        self.opened_at.is_none()
+    }
 }
 
 /// How many [`HistoryEntry`]s a status keeps.
@@ -468,6 +582,20 @@ pub const PROMOTE_ANNOTATION: &str = "rollouts.mesh.dev/promote";
 
 /// Annotation set by `mesh rollout abort`: the revision to roll back now.
 pub const ABORT_ANNOTATION: &str = "rollouts.mesh.dev/abort";
+
+/// Annotation set by `mesh rollout promote` when the rollout waits at a gate the mesh holds:
+/// the [`GateStatus::id`] of that wait, which it opens once. Naming the wait means a leftover
+/// annotation never opens a later gate, nor the same gate of a later rollout.
+pub const OPEN_GATE_ANNOTATION: &str = "rollouts.mesh.dev/open-gate";
+
+/// Who or what opened the gate (`mesh rollout promote --by`), recorded in the history.
+pub const OPEN_GATE_BY_ANNOTATION: &str = "rollouts.mesh.dev/open-gate-by";
+
+/// Who or what asked to promote now (`mesh rollout promote --by`).
+pub const PROMOTE_BY_ANNOTATION: &str = "rollouts.mesh.dev/promote-by";
+
+/// Who or what asked to abort (`mesh rollout abort --by`).
+pub const ABORT_BY_ANNOTATION: &str = "rollouts.mesh.dev/abort-by";
 
 /// One thing that happened during a rollout, as an event records it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

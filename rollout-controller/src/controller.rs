@@ -12,13 +12,14 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use mesh_crds::canary::{
-    ABORT_ANNOTATION, HISTORY_LIMIT, HistoryEntry, PROMOTE_ANNOTATION, WebhookType,
+    ABORT_ANNOTATION, ABORT_BY_ANNOTATION, HISTORY_LIMIT, HistoryEntry, OPEN_GATE_ANNOTATION,
+    OPEN_GATE_BY_ANNOTATION, PROMOTE_ANNOTATION, PROMOTE_BY_ANNOTATION, WebhookType,
 };
 use mesh_crds::{Canary, CanaryPhase, CanaryStatus, MetricTemplate};
 
 use crate::error::{DriverError, ErrorKind};
 use crate::judge::JudgeConfig;
-use crate::machine::{self, Action, Observations, UserRequest};
+use crate::machine::{self, Action, GateOpening, Observations, UserRequest};
 use crate::owned::Names;
 use crate::schedule::{self, Schedule};
 use crate::sources::{self, MetricSource, Target};
@@ -185,6 +186,8 @@ pub async fn reconcile<D: Driver, S: MetricSource>(
         custom_metrics,
         webhooks: hooks,
         request: user_request(canary, &target.revision),
+        request_by: request_by(canary, &target.revision),
+        gate_open: gate_opening(canary),
     };
     let step = machine::step(spec, &status, &obs, judge)?;
     let mut next = step.status;
@@ -307,6 +310,37 @@ pub fn user_request(canary: &Canary, revision: &str) -> Option<UserRequest> {
     }
 }
 
+fn annotation<'a>(canary: &'a Canary, key: &str) -> Option<&'a str> {
+    canary
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+/// Who made the promote/abort request that [`user_request`] reads, when it was recorded.
+pub fn request_by(canary: &Canary, revision: &str) -> Option<String> {
+    let by = match user_request(canary, revision)? {
+        UserRequest::Abort => ABORT_BY_ANNOTATION,
+        UserRequest::Promote => PROMOTE_BY_ANNOTATION,
+    };
+    annotation(canary, by).map(str::to_string)
+}
+
+/// The request to open a gate the mesh holds, if the Canary carries one. The machine opens the
+/// wait only when the id names it.
+pub fn gate_opening(canary: &Canary) -> Option<GateOpening> {
+    let id = annotation(canary, OPEN_GATE_ANNOTATION)?;
+    Some(GateOpening {
+        id: id.to_string(),
+        by: annotation(canary, OPEN_GATE_BY_ANNOTATION)
+            .filter(|b| !b.trim().is_empty())
+            .unwrap_or("an unnamed requester (no rollouts.mesh.dev/open-gate-by annotation)")
+            .to_string(),
+    })
+}
+
 /// Calls the notification hooks of `kind`; their failures are logged, never fatal.
 async fn notify(canary: &Canary, client: &reqwest::Client, kind: WebhookType, payload: &Payload) {
     for hook in canary
@@ -314,7 +348,7 @@ async fn notify(canary: &Canary, client: &reqwest::Client, kind: WebhookType, pa
         .analysis
         .webhooks
         .iter()
-        .filter(|h| h.type_ == Some(kind))
+        .filter(|h| h.type_ == Some(kind) && h.url.is_some())
     {
         if let Err(e) = webhooks::call(client, hook, payload).await {
             tracing::info!(canary = ?canary.metadata.name, error = %e, "notification hook failed");

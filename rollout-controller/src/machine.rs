@@ -9,13 +9,18 @@
 //!                                   ▲      (Waiting while confirm-rollout says no)          │ (WaitingPromotion while confirm-promotion says no)
 //!                                   └──────────────── new revision ◄── Failed ◄── failedChecks >= threshold, deadline, rollback hook
 //! ```
+//!
+//! A confirm-* hook without a URL is a gate the mesh holds itself: the machine records the wait
+//! in `status.gate` (with an id naming that wait alone) and an event, and the gate opens when
+//! [`Observations::gate_open`] names that id (`mesh rollout promote` writes it). Everything it
+//! needs to resume lives in the status, so a restarted controller keeps waiting, or goes on.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use mesh_crds::canary::{AnalysisTotals, GateResult, Verdict, WebhookType};
+use mesh_crds::canary::{AnalysisTotals, GateResult, GateStatus, Verdict, WebhookType};
 use mesh_crds::{CanaryPhase, CanarySpec, CanaryStatus};
 
 use crate::duration;
@@ -47,12 +52,25 @@ pub struct Observations {
     pub webhooks: BTreeMap<String, bool>,
     /// What a person asked for this revision (`mesh rollout promote|abort`).
     pub request: Option<UserRequest>,
+    /// Who or what made [`Self::request`], when it was recorded (`--by`).
+    pub request_by: Option<String>,
+    /// A request to open a gate the mesh holds (`mesh rollout promote` while one waits).
+    pub gate_open: Option<GateOpening>,
+}
+
+/// A request to open the wait at a gate the mesh holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GateOpening {
+    /// The [`GateStatus::id`] of the wait it opens; any other wait stays closed.
+    pub id: String,
+    /// Who or what opened it.
+    pub by: String,
 }
 
 /// A person's request about the rollout of the current revision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UserRequest {
-    /// Promote now, skipping the rest of the analysis and any confirm-promotion gate.
+    /// Promote now, skipping the rest of the analysis and every confirm-promotion gate.
     Promote,
     /// Roll back now.
     Abort,
@@ -139,6 +157,8 @@ pub fn due_webhooks(
     spec.analysis
         .webhooks
         .iter()
+        // A hook without a URL is a gate the mesh holds: nothing to call.
+        .filter(|h| h.url.is_some())
         .filter(|h| kinds.contains(&h.type_.unwrap_or(WebhookType::Rollout)))
         .filter(|h| {
             // Pre-rollout hooks run once, before the first weight step.
@@ -148,19 +168,40 @@ pub fn due_webhooks(
         .collect()
 }
 
-fn hooks_pass(spec: &CanarySpec, obs: &Observations, kind: WebhookType) -> bool {
+/// Whether every hook of `kind` that has a URL answered yes.
+fn url_hooks_pass(spec: &CanarySpec, obs: &Observations, kind: WebhookType) -> bool {
     spec.analysis
         .webhooks
         .iter()
-        .filter(|h| h.type_.unwrap_or(WebhookType::Rollout) == kind)
+        .filter(|h| h.url.is_some() && h.type_.unwrap_or(WebhookType::Rollout) == kind)
         .all(|h| obs.webhooks.get(&h.name).copied().unwrap_or(false))
+}
+
+/// The names of the hooks of `kind` that are gates the mesh holds (no URL).
+pub fn builtin_gates(spec: &CanarySpec, kind: WebhookType) -> Vec<String> {
+    spec.analysis
+        .webhooks
+        .iter()
+        .filter(|h| h.is_builtin_gate() && h.type_ == Some(kind))
+        .map(|h| h.name.clone())
+        .collect()
+}
+
+/// The id of a wait: its gate, weight and revision, and the time it began, so that no other
+/// wait (a later step, or the same gate in a later rollout of the same revision) shares it.
+fn gate_id(kind: WebhookType, weight: i32, revision: &str, now: DateTime<Utc>) -> String {
+    format!(
+        "{}/{weight}/{revision}/{}",
+        kind.name(),
+        now.timestamp_millis()
+    )
 }
 
 fn any_hook_fired(spec: &CanarySpec, obs: &Observations, kind: WebhookType) -> Option<String> {
     spec.analysis
         .webhooks
         .iter()
-        .filter(|h| h.type_ == Some(kind))
+        .filter(|h| h.url.is_some() && h.type_ == Some(kind))
         .find(|h| obs.webhooks.get(&h.name).copied().unwrap_or(false))
         .map(|h| h.name.clone())
 }
@@ -233,6 +274,7 @@ impl Machine<'_> {
         if self.user_request(new_revision) {
             return;
         }
+        self.open_gate();
         match self.status.phase {
             CanaryPhase::Initializing => self.initializing(),
             CanaryPhase::Initialized | CanaryPhase::Succeeded | CanaryPhase::Failed
@@ -254,7 +296,7 @@ impl Machine<'_> {
             }
             CanaryPhase::Progressing => self.progressing(),
             CanaryPhase::WaitingPromotion => {
-                if hooks_pass(self.spec, self.obs, WebhookType::ConfirmPromotion) {
+                if self.confirmed(WebhookType::ConfirmPromotion, None) {
                     self.promote();
                 }
             }
@@ -273,8 +315,9 @@ impl Machine<'_> {
             {
                 self.status.last_applied_spec = Some(self.obs.revision.clone());
                 self.rollback(format!(
-                    "rollout of {} aborted by request",
-                    self.obs.revision
+                    "rollout of {} aborted by request{}",
+                    self.obs.revision,
+                    self.requested_by()
                 ));
                 true
             }
@@ -282,15 +325,126 @@ impl Machine<'_> {
                 self.event(
                     "ManualPromotion",
                     format!(
-                        "promotion of {} requested at canary weight {}; skipping the rest of the analysis",
-                        self.obs.revision, self.status.canary_weight
+                        "promotion of {} requested at canary weight {}{}; skipping the rest of the analysis and any gate",
+                        self.obs.revision,
+                        self.status.canary_weight,
+                        self.requested_by()
                     ),
                     false,
                 );
+                self.drop_waiting_gate();
                 self.promote();
                 true
             }
             _ => false,
+        }
+    }
+
+    fn requested_by(&self) -> String {
+        self.obs
+            .request_by
+            .as_ref()
+            .map(|by| format!(" by {by}"))
+            .unwrap_or_default()
+    }
+
+    /// Opens the waiting gate when a request names it.
+    fn open_gate(&mut self) {
+        let Some(open) = &self.obs.gate_open else {
+            return;
+        };
+        let Some(gate) = self.status.gate.as_mut() else {
+            return;
+        };
+        if !gate.waiting() || gate.id != open.id {
+            return;
+        }
+        gate.opened_at = Some(time(self.obs.now));
+        gate.opened_by = Some(open.by.clone());
+        // Opening a gate is progress: the deadline counts from here, not from the wait.
+        self.status.last_progress_time = Some(time(self.obs.now));
+        let what = match gate.next_weight {
+            Some(w) => format!("; the canary may step to weight {w} at the next passing analysis"),
+            None => String::new(),
+        };
+        let message = format!(
+            "{} gate {} opened by {}{what}",
+            gate.type_.name(),
+            gate.hooks.join(", "),
+            open.by
+        );
+        self.event("GateOpened", message, false);
+    }
+
+    /// Whether the hooks of `kind` let the rollout on: those with a URL answered yes, and the
+    /// gate the mesh holds for the url-less ones, if any, was opened for this wait. A wait
+    /// that has not begun yet begins here (recorded in the status and the history).
+    /// `next_weight` is the step a confirm-traffic-increase gate lets the canary take.
+    fn confirmed(&mut self, kind: WebhookType, next_weight: Option<i32>) -> bool {
+        let urls = url_hooks_pass(self.spec, self.obs, kind);
+        let hooks = builtin_gates(self.spec, kind);
+        if hooks.is_empty() {
+            return urls;
+        }
+        let weight = self.status.canary_weight;
+        let this_wait = |g: &GateStatus| {
+            g.type_ == kind && g.revision == self.obs.revision && g.weight == weight
+        };
+        match &self.status.gate {
+            Some(g) if this_wait(g) && !g.waiting() => return urls,
+            Some(g) if this_wait(g) => return false,
+            _ => {}
+        }
+        let gate = GateStatus {
+            type_: kind,
+            hooks,
+            id: gate_id(kind, weight, &self.obs.revision, self.obs.now),
+            revision: self.obs.revision.clone(),
+            weight,
+            next_weight,
+            since: time(self.obs.now),
+            opened_at: None,
+            opened_by: None,
+        };
+        let at = match next_weight {
+            Some(w) => format!("before the step from canary weight {weight} to {w}"),
+            None if kind == WebhookType::ConfirmRollout => {
+                format!("before the rollout of {} starts", self.obs.revision)
+            }
+            None => format!("at canary weight {weight}"),
+        };
+        let message = format!(
+            "{} gate {} waits {at}: `mesh rollout promote` opens it",
+            kind.name(),
+            gate.hooks.join(", ")
+        );
+        self.status.gate = Some(gate);
+        self.event("GateWaiting", message, false);
+        false
+    }
+
+    /// Whether a gate the mesh holds waits for this revision.
+    fn gate_waits(&self) -> bool {
+        self.status
+            .gate
+            .as_ref()
+            .is_some_and(|g| g.waiting() && g.revision == self.obs.revision)
+    }
+
+    /// Whether the next weight step is the one a gate the mesh holds waits (or waited) at.
+    fn gate_holds_this_step(&self) -> bool {
+        self.status.gate.as_ref().is_some_and(|g| {
+            g.type_ == WebhookType::ConfirmTrafficIncrease
+                && g.revision == self.obs.revision
+                && g.weight == self.status.canary_weight
+        })
+    }
+
+    /// Forgets a wait the rollout will not pass (promoted now, rolled back, restarted); the
+    /// history keeps what happened.
+    fn drop_waiting_gate(&mut self) {
+        if self.status.gate.as_ref().is_some_and(GateStatus::waiting) {
+            self.status.gate = None;
         }
     }
 
@@ -319,14 +473,26 @@ impl Machine<'_> {
 
     /// A new revision: start (or restart) a rollout.
     fn start(&mut self) {
-        if !hooks_pass(self.spec, self.obs, WebhookType::ConfirmRollout) {
+        if self
+            .status
+            .gate
+            .as_ref()
+            .is_some_and(|g| g.revision != self.obs.revision)
+        {
+            // The last rollout's gate: this rollout starts with none.
+            self.status.gate = None;
+        }
+        let urls = url_hooks_pass(self.spec, self.obs, WebhookType::ConfirmRollout);
+        if !self.confirmed(WebhookType::ConfirmRollout, None) {
             if self.status.phase != CanaryPhase::Waiting {
                 self.transition(CanaryPhase::Waiting);
-                self.event(
-                    "Waiting",
-                    "waiting for confirm-rollout webhooks to approve".into(),
-                    false,
-                );
+                if !urls {
+                    self.event(
+                        "Waiting",
+                        "waiting for confirm-rollout webhooks to approve".into(),
+                        false,
+                    );
+                }
             }
             return;
         }
@@ -420,16 +586,18 @@ impl Machine<'_> {
                 }
             }
             // At weight 0 the canary has no traffic to judge, so, as in Flagger, the first
-            // step only needs the gates that can answer (webhooks) not to fail.
+            // step only needs the gates that can answer (webhooks) not to fail; the same holds
+            // while a gate the mesh holds keeps it at weight 0.
             Verdict::Inconclusive
                 if self.status.canary_weight == 0
-                    && self.status.iterations == 0
+                    && (self.status.iterations == 0 || self.gate_holds_this_step())
                     && !self.steps.is_empty() =>
             {
                 self.advance();
             }
             Verdict::Inconclusive => {
-                if self.since_progress() > self.deadline() {
+                // Waiting for a person is not a lack of progress.
+                if !self.gate_waits() && self.since_progress() > self.deadline() {
                     self.rollback(format!(
                         "no conclusive analysis within progressDeadlineSeconds ({}s)",
                         self.deadline().as_secs()
@@ -501,12 +669,16 @@ impl Machine<'_> {
         let next = self.steps.iter().copied().find(|w| *w > current);
         match next {
             Some(w) => {
-                if !hooks_pass(self.spec, self.obs, WebhookType::ConfirmTrafficIncrease) {
-                    self.event(
-                        "Halted",
-                        "confirm-traffic-increase webhooks have not approved the next step".into(),
-                        false,
-                    );
+                let urls = url_hooks_pass(self.spec, self.obs, WebhookType::ConfirmTrafficIncrease);
+                if !self.confirmed(WebhookType::ConfirmTrafficIncrease, Some(w)) {
+                    if !urls {
+                        self.event(
+                            "Halted",
+                            "confirm-traffic-increase webhooks have not approved the next step"
+                                .into(),
+                            false,
+                        );
+                    }
                     return;
                 }
                 self.status.canary_weight = w;
@@ -523,15 +695,18 @@ impl Machine<'_> {
                     self.status.last_progress_time = Some(time(self.obs.now));
                     return;
                 }
-                if hooks_pass(self.spec, self.obs, WebhookType::ConfirmPromotion) {
+                let urls = url_hooks_pass(self.spec, self.obs, WebhookType::ConfirmPromotion);
+                if self.confirmed(WebhookType::ConfirmPromotion, None) {
                     self.promote();
                 } else if self.status.phase != CanaryPhase::WaitingPromotion {
                     self.transition(CanaryPhase::WaitingPromotion);
-                    self.event(
-                        "WaitingPromotion",
-                        "analysis passed; waiting for confirm-promotion webhooks".into(),
-                        false,
-                    );
+                    if !urls {
+                        self.event(
+                            "WaitingPromotion",
+                            "analysis passed; waiting for confirm-promotion webhooks".into(),
+                            false,
+                        );
+                    }
                 }
             }
         }
@@ -600,6 +775,7 @@ impl Machine<'_> {
     }
 
     fn rollback(&mut self, why: impl std::fmt::Display) {
+        self.drop_waiting_gate();
         self.status.canary_weight = 0;
         self.actions.push(Action::SetWeights {
             primary: 100,

@@ -32,6 +32,12 @@ pub struct Payload {
 /// How a call went.
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
+    /// The hook has no URL: it is a gate the mesh holds, opened by `mesh rollout promote`.
+    #[error("webhook {hook} has no url: it is a gate the mesh holds, not a call")]
+    NoUrl {
+        /// Hook name.
+        hook: String,
+    },
     /// The hook's `timeout` does not parse.
     #[error("webhook {hook}: timeout: {source}")]
     Timeout {
@@ -70,6 +76,11 @@ pub async fn call(
     hook: &CanaryWebhook,
     payload: &Payload,
 ) -> Result<(), HookError> {
+    let Some(url) = hook.url.as_deref() else {
+        return Err(HookError::NoUrl {
+            hook: hook.name.clone(),
+        });
+    };
     let timeout = match &hook.timeout {
         Some(t) => duration::parse(t).map_err(|source| HookError::Timeout {
             hook: hook.name.clone(),
@@ -85,11 +96,11 @@ pub async fn call(
     }
     let request_error = |source| HookError::Request {
         hook: hook.name.clone(),
-        url: hook.url.clone(),
+        url: url.to_string(),
         source,
     };
     let rsp = client
-        .post(&hook.url)
+        .post(url)
         .timeout(timeout)
         .json(&payload)
         .send()
@@ -102,7 +113,7 @@ pub async fn call(
     let body = rsp.text().await.unwrap_or_default();
     Err(HookError::Status {
         hook: hook.name.clone(),
-        url: hook.url.clone(),
+        url: url.to_string(),
         status: status.as_u16(),
         body: body.chars().take(200).collect(),
     })

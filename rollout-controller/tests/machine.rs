@@ -10,7 +10,9 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use mesh_crds::canary::{Verdict, WebhookType};
 use mesh_crds::{CanaryPhase, CanarySpec, CanaryStatus};
 use mesh_rollout_controller::judge::{ArmWindow, Histogram, JudgeConfig, Window};
-use mesh_rollout_controller::machine::{Action, Observations, PROMOTED, Step, UserRequest, step};
+use mesh_rollout_controller::machine::{
+    Action, GateOpening, Observations, PROMOTED, Step, UserRequest, step,
+};
 use serde_json::json;
 
 fn mk_spec(analysis: serde_json::Value) -> CanarySpec {
@@ -80,6 +82,8 @@ struct Rollout {
     canary_ready: bool,
     hooks: Vec<(String, bool)>,
     request: Option<UserRequest>,
+    request_by: Option<String>,
+    gate_open: Option<GateOpening>,
     last: Vec<Action>,
 }
 
@@ -94,6 +98,8 @@ impl Rollout {
             canary_ready: true,
             hooks: Vec::new(),
             request: None,
+            request_by: None,
+            gate_open: None,
             last: Vec::new(),
         }
     }
@@ -120,6 +126,8 @@ impl Rollout {
             custom_metrics: Default::default(),
             webhooks: self.hooks.iter().cloned().collect(),
             request: self.request,
+            request_by: self.request_by.clone(),
+            gate_open: self.gate_open.clone(),
         };
         let s: Step = step(&self.spec, &self.status, &obs, &JudgeConfig::default()).unwrap();
         // Round-trip through JSON every tick, as the store does: a restarted controller sees
@@ -587,4 +595,320 @@ fn the_first_step_needs_no_canary_traffic() {
     r.tick(30, Some(Window::default()));
     assert_eq!(r.status.canary_weight, 10, "inconclusive counted as pass");
     assert_eq!(r.status.failed_checks, 0);
+}
+
+// Gates the mesh holds: confirm-* hooks without a URL, opened by `mesh rollout promote`.
+
+fn gate(kind: &str, name: &str) -> serde_json::Value {
+    json!({"type": kind, "name": name})
+}
+
+impl Rollout {
+    /// The reasons and messages of the events of the last tick.
+    fn events(&self) -> Vec<(&'static str, String)> {
+        self.last
+            .iter()
+            .filter_map(|a| match a {
+                Action::Event {
+                    reason, message, ..
+                } => Some((*reason, message.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn waiting_gate(&self) -> Option<String> {
+        self.status
+            .gate
+            .as_ref()
+            .filter(|g| g.waiting())
+            .map(|g| g.id.clone())
+    }
+
+    /// What `mesh rollout promote --by BY` writes while a gate waits.
+    fn open(&mut self, by: &str) {
+        let id = self.waiting_gate().expect("a gate waits");
+        self.gate_open = Some(GateOpening { id, by: by.into() });
+    }
+}
+
+#[test]
+fn a_builtin_confirm_promotion_gate_waits_until_opened_and_records_who() {
+    let mut r = Rollout::started(mk_spec(json!({
+        "stepWeightPromotion": 25,
+        "webhooks": [gate("confirm-promotion", "approval")]
+    })));
+    for _ in 0..6 {
+        r.tick(30, Some(healthy()));
+    }
+    assert_eq!(r.status.phase, CanaryPhase::WaitingPromotion);
+    assert_eq!(r.status.canary_weight, 50);
+    let g = r.status.gate.clone().expect("the wait is in the status");
+    assert_eq!(g.type_, WebhookType::ConfirmPromotion);
+    assert_eq!(g.hooks, ["approval"]);
+    assert_eq!((g.revision.as_str(), g.weight), ("rev-2", 50));
+    assert!(g.waiting());
+    let events = r.events();
+    assert!(
+        events
+            .iter()
+            .any(|(reason, m)| *reason == "GateWaiting" && m.contains("mesh rollout promote")),
+        "{events:?}"
+    );
+    assert!(!r.has(&Action::Promote));
+
+    // It keeps waiting, quietly, whatever the analysis says.
+    for _ in 0..3 {
+        r.tick(30, Some(healthy()));
+        assert_eq!(r.status.phase, CanaryPhase::WaitingPromotion);
+        assert!(r.events().is_empty(), "{:?}", r.events());
+    }
+    assert_eq!(r.waiting_gate(), Some(g.id.clone()), "the same wait");
+
+    // An opening that names another wait opens nothing.
+    r.gate_open = Some(GateOpening {
+        id: format!("{}-old", g.id),
+        by: "someone".into(),
+    });
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::WaitingPromotion);
+
+    let run = "https://github.com/acme/web/actions/runs/42";
+    r.open(run);
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Promoting);
+    assert!(r.has(&Action::Promote));
+    let opened = r.status.gate.clone().unwrap();
+    assert_eq!(opened.opened_by.as_deref(), Some(run));
+    assert!(opened.opened_at.is_some());
+    assert!(
+        r.events()
+            .iter()
+            .any(|(reason, m)| *reason == "GateOpened" && m.contains(run)),
+        "{:?}",
+        r.events()
+    );
+    // The normal path goes on: stepWeightPromotion moves traffic back in steps.
+    r.tick(30, None);
+    assert_eq!(r.status.canary_weight, 25);
+    r.tick(30, None);
+    assert_eq!(r.status.canary_weight, 0);
+    r.tick(30, None);
+    assert_eq!(r.status.phase, CanaryPhase::Succeeded);
+    assert_eq!(r.promoted().as_deref(), Some("True"));
+    assert_eq!(
+        r.status.gate.and_then(|g| g.opened_by).as_deref(),
+        Some(run),
+        "who opened it stays in the status"
+    );
+}
+
+#[test]
+fn a_restarted_controller_keeps_waiting_at_the_gate_and_opens_it() {
+    let mut r = Rollout::started(mk_spec(json!({
+        "webhooks": [gate("confirm-promotion", "approval")]
+    })));
+    for _ in 0..6 {
+        r.tick(30, Some(healthy()));
+    }
+    let id = r.waiting_gate().unwrap();
+    // A new controller has only the stored status (the tick round-trips it through JSON).
+    let stored = serde_json::to_string(&r.status).unwrap();
+    let mut again = Rollout::new(r.spec.clone());
+    again.status = serde_json::from_str(&stored).unwrap();
+    again.revision = "rev-2".into();
+    again.now = r.now + Duration::minutes(30);
+    again.tick(30, Some(healthy()));
+    assert_eq!(again.status.phase, CanaryPhase::WaitingPromotion);
+    assert_eq!(
+        again.waiting_gate(),
+        Some(id),
+        "the same wait, not a new one"
+    );
+    assert!(again.events().is_empty(), "{:?}", again.events());
+    again.open("ops@bastion");
+    again.tick(1, None);
+    assert_eq!(again.status.phase, CanaryPhase::Promoting);
+}
+
+#[test]
+fn a_builtin_confirm_traffic_increase_gate_opens_one_step_at_a_time() {
+    let mut r = Rollout::started(mk_spec(json!({
+        "stepWeight": 25,
+        "webhooks": [gate("confirm-traffic-increase", "step")]
+    })));
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.canary_weight, 0);
+    let g = r.status.gate.clone().unwrap();
+    assert_eq!(
+        (g.type_, g.weight, g.next_weight),
+        (WebhookType::ConfirmTrafficIncrease, 0, Some(25))
+    );
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.canary_weight, 0, "held");
+    assert_eq!(r.status.phase, CanaryPhase::Progressing);
+
+    r.open("first");
+    r.tick(1, None);
+    assert_eq!(
+        r.status.canary_weight, 0,
+        "the step waits for the next tick"
+    );
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.canary_weight, 25);
+    // The next step waits again; the opening of the last one (still annotated) does not open it.
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.canary_weight, 25);
+    let second = r.waiting_gate().expect("a new wait");
+    assert_ne!(second, g.id);
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.canary_weight, 25);
+    r.open("second");
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.canary_weight, 50);
+    // Max weight reached: no confirm-promotion gate, so it promotes.
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.phase, CanaryPhase::Promoting);
+}
+
+#[test]
+fn a_builtin_confirm_rollout_gate_holds_the_start() {
+    let mut r = Rollout::new(mk_spec(json!({
+        "webhooks": [gate("confirm-rollout", "start")]
+    })));
+    r.tick(0, None);
+    assert_eq!(r.status.phase, CanaryPhase::Initialized);
+    r.revision = "rev-2".into();
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Waiting);
+    assert!(!r.has(&Action::ScaleCanaryUp));
+    let g = r.status.gate.clone().unwrap();
+    assert_eq!(
+        (g.type_, g.revision.as_str()),
+        (WebhookType::ConfirmRollout, "rev-2")
+    );
+    r.tick(30, None);
+    assert_eq!(r.status.phase, CanaryPhase::Waiting);
+    r.open("release-manager");
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Progressing);
+    assert!(r.has(&Action::ScaleCanaryUp));
+}
+
+#[test]
+fn the_same_revision_rolled_out_again_waits_again() {
+    // rev-2 promoted through the gate, rev-3 rolled out, then rev-2 again (a revert): the
+    // leftover opening of the first rollout must not open the third.
+    let mut r = Rollout::started(mk_spec(json!({
+        "webhooks": [gate("confirm-promotion", "approval")]
+    })));
+    for _ in 0..6 {
+        r.tick(30, Some(healthy()));
+    }
+    r.open("first");
+    for _ in 0..3 {
+        r.tick(30, None);
+    }
+    assert_eq!(r.status.phase, CanaryPhase::Succeeded);
+    let leftover = r.gate_open.clone();
+    for rev in ["rev-3", "rev-2"] {
+        r.revision = rev.into();
+        r.tick(1, None);
+        assert_eq!(r.status.phase, CanaryPhase::Progressing, "{rev}");
+        for _ in 0..6 {
+            r.tick(30, Some(healthy()));
+        }
+        assert_eq!(r.status.phase, CanaryPhase::WaitingPromotion, "{rev}");
+        r.gate_open = leftover.clone();
+        r.tick(30, Some(healthy()));
+        assert_eq!(r.status.phase, CanaryPhase::WaitingPromotion, "{rev}");
+        r.open(rev);
+        for _ in 0..3 {
+            r.tick(30, None);
+        }
+        assert_eq!(r.status.phase, CanaryPhase::Succeeded, "{rev}");
+    }
+}
+
+#[test]
+fn a_gate_and_a_webhook_of_the_same_type_both_must_say_yes() {
+    let mut r = Rollout::started(mk_spec(json!({
+        "webhooks": [gate("confirm-promotion", "approval"), hook("confirm-promotion", "checks")]
+    })));
+    for _ in 0..6 {
+        r.tick(30, Some(healthy()));
+    }
+    assert_eq!(r.status.phase, CanaryPhase::WaitingPromotion);
+    r.open("person");
+    r.tick(1, None);
+    assert_eq!(
+        r.status.phase,
+        CanaryPhase::WaitingPromotion,
+        "the webhook still says no"
+    );
+    assert!(r.status.gate.as_ref().is_some_and(|g| !g.waiting()));
+    r.hooks = vec![("checks".into(), true)];
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Promoting);
+}
+
+#[test]
+fn promote_now_and_abort_pass_a_waiting_gate_and_record_who_asked() {
+    let mut r = Rollout::started(mk_spec(json!({
+        "webhooks": [gate("confirm-promotion", "approval")]
+    })));
+    for _ in 0..6 {
+        r.tick(30, Some(healthy()));
+    }
+    r.request = Some(UserRequest::Promote);
+    r.request_by = Some("alice@laptop".into());
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Promoting);
+    assert_eq!(r.status.gate, None, "the skipped wait is gone");
+    assert!(
+        r.events()
+            .iter()
+            .any(|(reason, m)| *reason == "ManualPromotion" && m.contains("by alice@laptop")),
+        "{:?}",
+        r.events()
+    );
+
+    let mut r = Rollout::started(mk_spec(json!({
+        "webhooks": [gate("confirm-promotion", "approval")]
+    })));
+    for _ in 0..6 {
+        r.tick(30, Some(healthy()));
+    }
+    r.request = Some(UserRequest::Abort);
+    r.request_by = Some("bob".into());
+    r.tick(1, None);
+    assert_eq!(r.status.phase, CanaryPhase::Failed);
+    assert_eq!(r.status.gate, None);
+    assert!(
+        r.events()
+            .iter()
+            .any(|(reason, m)| *reason == "RolledBack" && m.contains("by bob")),
+        "{:?}",
+        r.events()
+    );
+}
+
+#[test]
+fn waiting_at_a_gate_with_no_canary_traffic_is_not_a_lack_of_progress() {
+    // confirm-traffic-increase holds the canary at weight 0, where it gets no requests: every
+    // tick is inconclusive. Past progressDeadlineSeconds (120 s) it still waits, and opens.
+    let mut r = Rollout::started(mk_spec(json!({
+        "webhooks": [gate("confirm-traffic-increase", "step")]
+    })));
+    for _ in 0..20 {
+        r.tick(30, Some(Window::default()));
+    }
+    assert_eq!(r.status.phase, CanaryPhase::Progressing, "{:?}", r.events());
+    assert_eq!(r.status.canary_weight, 0);
+    r.open("ops");
+    r.tick(30, Some(Window::default()));
+    assert_eq!(r.status.canary_weight, 10);
+    // The deadline counts from the opening: a healthy canary goes on.
+    r.tick(30, Some(healthy()));
+    assert_eq!(r.status.phase, CanaryPhase::Progressing);
 }

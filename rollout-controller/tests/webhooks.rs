@@ -60,7 +60,7 @@ fn hook(name: &str, url: String, timeout: Option<&str>) -> CanaryWebhook {
     CanaryWebhook {
         type_: None,
         name: name.into(),
-        url,
+        url: Some(url),
         timeout: timeout.map(Into::into),
         metadata: Some(BTreeMap::from([("cmd".to_string(), "hey".to_string())])),
     }

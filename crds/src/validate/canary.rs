@@ -86,8 +86,15 @@ pub fn validate_canary(canary: &Canary) -> Result<(), FieldError> {
     for (i, w) in a.webhooks.iter().enumerate() {
         let at = |f: &str| format!("spec.analysis.webhooks[{i}].{f}");
         non_empty(&at("name"), &w.name)?;
-        check_url(&at("url"), &w.url)?;
+        if let Some(url) = &w.url {
+            check_url(&at("url"), url)?;
+        }
         check_duration(&at("timeout"), w.timeout.as_deref())?;
     }
+    cel(
+        &canary::URL_ONLY_GATES_MAY_OMIT,
+        "spec.analysis.webhooks",
+        &a.webhooks,
+    )?;
     Ok(())
 }
