@@ -324,6 +324,45 @@ async fn the_action_gates_good_bad_and_gated_rollouts_on_the_embedded_mesh() {
     assert!(step_summary(&bad.log).contains("result `rolled-back`"));
     assert_eq!(primary_version(&server), "v3", "the rollback kept v3");
 
+    // (c) A healthy v4 behind a confirm-promotion gate: the first job stops at the gate (exit
+    // 3, `allow-waiting` lets the job pass), the second opens it with this run's URL.
+    apply(&server, &manifest(dir.path(), "v4", true));
+    let waiting = act(&act_bin, "rollout.yml", &cache, &env).await;
+    assert_ne!(waiting.code, Some(0), "{}", waiting.log);
+    assert_eq!(waiting.get("result"), "waiting-promotion");
+    assert_eq!(waiting.get("phase"), "WaitingPromotion");
+    assert_eq!(waiting.get("exit-code"), "3");
+    assert!(
+        waiting.log.contains("::warning title=Canary backend"),
+        "{}",
+        waiting.log
+    );
+    let run_id = format!("{}", std::process::id());
+    let gated_env = [env.as_slice(), &[("GITHUB_RUN_ID", run_id.as_str())]].concat();
+    let gated = act(&act_bin, "gated.yml", &cache, &gated_env).await;
+    assert_eq!(gated.code, Some(0), "{}", gated.log);
+    assert_eq!(gated.get("analysis.outcome"), "success");
+    assert_eq!(gated.get("analysis.result"), "waiting-promotion");
+    assert_eq!(gated.get("analysis.exit-code"), "3");
+    assert_eq!(gated.get("promote.outcome"), "success");
+    assert_eq!(gated.get("promote.result"), "promoted");
+    assert_eq!(gated.get("promote.phase"), "Succeeded");
+    let run_url = gated.get("promote.run-url");
+    assert!(
+        run_url.ends_with(&format!("/actions/runs/{run_id}")),
+        "{run_url}"
+    );
+    let c = report(&server, "backend");
+    assert_eq!(c["phase"], "Succeeded", "{c:#}");
+    let history = c["history"].as_array().unwrap();
+    assert!(
+        history.iter().any(
+            |h| h["reason"] == "GateOpened" && h["message"].as_str().unwrap().contains(run_url)
+        ),
+        "the history does not name {run_url}: {history:#?}"
+    );
+    assert_eq!(primary_version(&server), "v4");
+
     mesh_up.child().check_running().unwrap();
     mesh_up.child().terminate();
     let status = mesh_up.child().exited_within(Duration::from_secs(30)).await;
@@ -933,18 +972,9 @@ async fn the_action_outputs_and_exit_codes_follow_mesh_rollout_status() {
         assert_eq!(written["canary-weight"], report["canaryWeight"].to_string());
         assert_eq!(written["failed-checks"], report["failedChecks"].to_string());
         assert_eq!(written["exit-code"], code.to_string());
-        let expected = match report.get("result").and_then(Value::as_str) {
-            Some(result) => result.to_string(),
-            // The exit codes documented in cli/src/rollout.rs.
-            None => match code {
-                0 => "promoted",
-                1 => "rolled-back",
-                2 => "timed-out",
-                3 => "waiting-promotion",
-                other => panic!("{phase:?}: exit code {other}"),
-            }
-            .to_string(),
-        };
+        let expected = report["result"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{phase:?}: no result in {report:#}"));
         assert_eq!(written["result"], expected, "{phase:?}");
         if code == 0 {
             assert!(
