@@ -855,6 +855,35 @@ fn declared_outputs() -> BTreeMap<String, (String, String)> {
         .collect()
 }
 
+/// Runs action/run.sh as the action's step does, on the Canary `web` of the cluster behind
+/// `kubeconfig`; returns how it ended and the outputs it wrote.
+fn run_sh(
+    command: &str,
+    kubeconfig: &str,
+    outputs: &Path,
+    summary: &Path,
+) -> (Output, BTreeMap<String, String>) {
+    let step = Command::new(repo_root().join("action/run.sh"))
+        .env("MESH", workspace_bin("mesh").unwrap())
+        .env("INPUT_COMMAND", command)
+        .env("INPUT_CANARY", "web")
+        .env("INPUT_NAMESPACE", "default")
+        .env("INPUT_TIMEOUT", "1s")
+        .env("INPUT_KUBECONFIG", kubeconfig)
+        .env("GITHUB_OUTPUT", outputs)
+        .env("GITHUB_STEP_SUMMARY", summary)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let written = std::fs::read_to_string(outputs)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    (step, written)
+}
+
 /// For every phase, the action's step exits as `mesh rollout status` does and its outputs say
 /// what `mesh rollout status -o json` says; and action.yml declares exactly the outputs the
 /// scripts write. Runs action/run.sh directly (as the action's step does) against Canaries whose
@@ -902,7 +931,6 @@ async fn the_action_outputs_and_exit_codes_follow_mesh_rollout_status() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kc = kube.kubeconfig().to_str().unwrap().to_string();
-    let mesh_bin = workspace_bin("mesh").unwrap();
     for (i, phase) in all_phases().into_iter().enumerate() {
         let weight = i32::try_from(i).unwrap() * 5;
         let checks = i32::try_from(i % 3).unwrap();
@@ -935,30 +963,13 @@ async fn the_action_outputs_and_exit_codes_follow_mesh_rollout_status() {
 
         let outputs = dir.path().join(format!("outputs-{i}"));
         let summary = dir.path().join(format!("summary-{i}"));
-        let step = Command::new(repo_root().join("action/run.sh"))
-            .env("MESH", &mesh_bin)
-            .env("INPUT_COMMAND", "status")
-            .env("INPUT_CANARY", "web")
-            .env("INPUT_NAMESPACE", "default")
-            .env("INPUT_TIMEOUT", "1s")
-            .env("INPUT_KUBECONFIG", &kc)
-            .env("GITHUB_OUTPUT", &outputs)
-            .env("GITHUB_STEP_SUMMARY", &summary)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let (step, written) = run_sh("status", &kc, &outputs, &summary);
         let log = String::from_utf8_lossy(&step.stdout);
         assert_eq!(
             step.status.code().map(i64::from),
             Some(code),
             "{phase:?}: the step's exit status is not mesh rollout status's: {log}"
         );
-        let written: BTreeMap<String, String> = std::fs::read_to_string(&outputs)
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
         assert_eq!(
             written.keys().map(String::as_str).collect::<BTreeSet<_>>(),
             from_run,
@@ -994,4 +1005,35 @@ async fn the_action_outputs_and_exit_codes_follow_mesh_rollout_status() {
             "{phase:?}"
         );
     }
+
+    // The last phase was Failed: abort has nothing to act on, and the step says so with exit 4.
+    let (step, written) = run_sh(
+        "abort",
+        &kc,
+        &dir.path().join("abort-out"),
+        &dir.path().join("abort-summary"),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&step.stdout),
+        String::from_utf8_lossy(&step.stderr)
+    );
+    assert_eq!(step.status.code(), Some(4), "{text}");
+    assert_eq!(written["result"], "error", "{text}");
+    assert!(text.contains("no rollout in progress to abort"), "{text}");
+    // Pause freezes the rollout and the step succeeds.
+    let (step, written) = run_sh(
+        "pause",
+        &kc,
+        &dir.path().join("pause-out"),
+        &dir.path().join("pause-summary"),
+    );
+    assert_eq!(
+        step.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&step.stderr)
+    );
+    assert_eq!(written["result"], "paused");
+    assert!(canaries.get("web").await.unwrap().spec.suspend);
 }
