@@ -528,6 +528,16 @@ async fn the_action_installs_a_released_cli_only_when_its_checksum_matches() {
     assert_eq!(second.code, Some(0), "{}", second.log);
     assert!(second.log.contains("from the tool cache"), "{}", second.log);
     assert_eq!(server.count(), 1, "the cached CLI was downloaded again");
+    // No mesh-version: the newest version with a committed checksum file.
+    let default = run("").await;
+    assert_eq!(default.code, Some(0), "{}", default.log);
+    assert!(
+        default
+            .log
+            .contains(&format!("mesh v{version} ({target}) from the tool cache")),
+        "{}",
+        default.log
+    );
 
     // A download whose sum differs fails the step, names both sums, and is not kept.
     let bad = run(tampered).await;
