@@ -812,6 +812,55 @@ async fn the_action_follows_a_rollout_in_a_cluster_through_a_kubeconfig() {
         .image
         .clone();
     assert_eq!(image.as_deref(), Some("podinfo:2"));
+
+    // The next revision waits for a person before it starts (a confirm-rollout gate the mesh
+    // holds in the cluster): one job stops there with exit 3, a second opens it.
+    let gate = json!({"spec": {"analysis": {"webhooks": [{"name": "approval", "type": "confirm-rollout"}]}}});
+    canaries
+        .patch("podinfo", &PatchParams::default(), &Patch::Merge(&gate))
+        .await
+        .unwrap();
+    let patch = json!({"spec": {"template": {"spec": {"containers": [{"name": "podinfo", "image": "podinfo:3"}]}}}});
+    deployments
+        .patch("podinfo", &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+        .unwrap();
+    let kubeconfig = kube.kubeconfig().to_str().unwrap();
+    let env = [
+        ("MESH_TEST_KUBECONFIG", kubeconfig),
+        ("MESH_TEST_BINARY", binary.to_str().unwrap()),
+        ("MESH_TEST_CANARY", "podinfo"),
+        ("GITHUB_RUN_ID", "4242"),
+    ];
+    let waiting = act(&act_bin, "rollout.yml", &dir.path().join("act"), &env).await;
+    assert_ne!(waiting.code, Some(0), "{}", waiting.log);
+    assert_eq!(
+        waiting.get("result"),
+        "waiting-promotion",
+        "{}",
+        waiting.log
+    );
+    assert_eq!(waiting.get("exit-code"), "3");
+    assert_eq!(waiting.get("phase"), "Waiting");
+    let promote = [env.as_slice(), &[("MESH_TEST_COMMAND", "promote")]].concat();
+    let promoted = act(&act_bin, "rollout.yml", &dir.path().join("act"), &promote).await;
+    assert_eq!(promoted.code, Some(0), "{}", promoted.log);
+    assert_eq!(promoted.get("result"), "promoted");
+    assert_eq!(promoted.get("phase"), "Succeeded");
+    let status = canaries.get("podinfo").await.unwrap().status.unwrap();
+    assert!(
+        status
+            .history
+            .iter()
+            .any(|h| h.reason == "GateOpened" && h.message.contains("/actions/runs/4242")),
+        "{:#?}",
+        status.history
+    );
+    let primary = deployments.get("podinfo-primary").await.unwrap();
+    let image = primary.spec.unwrap().template.spec.unwrap().containers[0]
+        .image
+        .clone();
+    assert_eq!(image.as_deref(), Some("podinfo:3"));
 }
 
 /// Every phase a Canary can be in; the match makes a new phase a compile error here.
