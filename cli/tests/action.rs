@@ -11,6 +11,13 @@
 //! Deployments available). The rollout jobs use the CLI this workspace built (`mesh-binary`),
 //! to save packaging it for each run; the install test downloads it as a release archive.
 //!
+//! What it shows: a healthy canary passes the job with the gate table in the step summary; a
+//! failing one fails it with an annotation naming the gate; a canary behind a confirm-promotion
+//! (embedded) or confirm-rollout (cluster) gate stops the first job at exit 3 and a second job's
+//! `promote` opens it, the history naming the run's URL; a release archive is used only when its
+//! SHA-256 matches the committed sum; and the step's exit status and outputs follow
+//! `mesh rollout status` in every phase.
+//!
 //! act and actionlint are Go modules that `scripts/test` installs, pinned, and passes as
 //! `MESH_ACT` and `MESH_ACTIONLINT` (else they are looked up on PATH); jq and shellcheck are
 //! Debian packages. Under `CI=true` a missing tool fails the test; elsewhere the test says what
