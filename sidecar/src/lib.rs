@@ -34,3 +34,4 @@ pub mod registration;
 pub mod retry;
 pub mod tables;
 pub mod tls;
+pub mod tunnel;
