@@ -199,6 +199,7 @@ where
             None => req.extensions_mut().remove::<ClientIdentity>(),
         };
         req.extensions_mut().insert(PeerAddr(peer));
+        crate::tunnel::refuse_h2c_upgrade(&mut req);
         let head = req.method() == http::Method::HEAD;
         let response = handle(req);
         async move {

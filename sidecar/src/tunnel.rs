@@ -43,6 +43,23 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// Drops an HTTP/1.1 request's offer to upgrade to h2c (`Upgrade: h2c`, as `curl --http2`
+/// sends on plain http): the proxy answers it as HTTP/1.1, so every request stays visible to
+/// routing and metrics, instead of the app switching the connection to HTTP/2 behind it.
+pub fn refuse_h2c_upgrade<B>(req: &mut Request<B>) {
+    let h2c = req
+        .headers()
+        .get(UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"));
+    if h2c {
+        let headers = req.headers_mut();
+        headers.remove(UPGRADE);
+        headers.remove("http2-settings");
+        // Its other tokens are hop-by-hop options for this connection, which ends here.
+        headers.remove(CONNECTION);
+    }
+}
+
 /// Whether the answer to a request for which [`is_upgrade`] held switched the protocol: a 2xx
 /// to a `CONNECT`, a 101 to an `Upgrade`.
 pub fn switched<B>(connect: bool, rsp: &Response<B>) -> bool {
@@ -215,6 +232,26 @@ mod tests {
         let connect = Request::connect("web.default:443").body(()).unwrap();
         assert!(is_upgrade(&connect));
         assert!(!is_upgrade(&Request::get("/").body(()).unwrap()));
+    }
+
+    #[test]
+    fn an_offer_to_upgrade_to_h2c_is_refused() {
+        let mut req = Request::get("/")
+            .header(UPGRADE, "h2c")
+            .header(CONNECTION, "Upgrade, HTTP2-Settings")
+            .header("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA")
+            .body(())
+            .unwrap();
+        refuse_h2c_upgrade(&mut req);
+        assert!(!is_upgrade(&req));
+        assert!(req.headers().is_empty(), "{:?}", req.headers());
+        let mut ws = Request::get("/")
+            .header(UPGRADE, "websocket")
+            .header(CONNECTION, "upgrade")
+            .body(())
+            .unwrap();
+        refuse_h2c_upgrade(&mut ws);
+        assert!(is_upgrade(&ws));
     }
 
     #[test]
