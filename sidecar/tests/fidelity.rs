@@ -77,6 +77,24 @@ async fn head_is_answered_over_http2_and_http1_through_both_listeners() {
 }
 
 #[tokio::test]
+async fn head_is_answered_over_http2_and_http1_across_a_meshed_pair() {
+    let v1 = app("v1").await.unwrap();
+    let pair = mesh_pair(v1.addr()).run().await.unwrap();
+    let url = format!("http://{}/hello", pair.client_outbound());
+    let host = format!("host: {SERVICE}");
+    for (h2, status_line) in [(true, "HTTP/2 200"), (false, "HTTP/1.1 200")] {
+        let mut args = vec!["-I", "-H", &host, &url];
+        if h2 {
+            args.push("--http2-prior-knowledge");
+        }
+        let (ok, out, err) = curl(&args).await;
+        assert!(ok, "HEAD (h2: {h2}): {err}");
+        assert!(out.starts_with(status_line), "{out}");
+        assert!(out.contains("content-length: 2"), "{out}");
+    }
+}
+
+#[tokio::test]
 async fn grpc_reaches_an_unmeshed_server_through_both_listeners() {
     let server = grpc_echo().unwrap();
     let p = proxy()
@@ -154,12 +172,20 @@ async fn websockets_echo_across_a_meshed_pair() {
     )
     .await
     .assert_passed();
+    // And as an app with HTTPS_PROXY would: a CONNECT to the service, then the WebSocket
+    // handshake with the far app inside the tunnel.
+    ws_check(
+        &format!("ws://{SERVICE}/echo"),
+        Via::HttpProxy(pair.client_outbound()),
+    )
+    .await
+    .assert_passed();
     let label = ["direction=\"inbound\""];
     let tunnels = metric_sum(pair.server.addr("admin"), "tcp_open_total", &label).await;
-    assert_eq!(tunnels, 1.0, "the upgrade crossed the server's proxy");
+    assert_eq!(tunnels, 2.0, "both tunnels crossed the server's proxy");
     let label = ["direction=\"outbound\""];
     let tunnels = metric_sum(pair.client.addr("admin"), "tcp_open_total", &label).await;
-    assert_eq!(tunnels, 1.0);
+    assert_eq!(tunnels, 2.0);
 }
 
 /// A CA and an HTTPS server whose certificate names `names`; the CA's certificate is written
