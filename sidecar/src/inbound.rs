@@ -140,7 +140,9 @@ impl Inbound {
         let http1 = headers
             .remove(ORIG_PROTO_HEADER)
             .is_some_and(|v| v == ORIG_PROTO_HTTP1);
-        let to_app = headers.remove(TUNNEL_HEADER).is_some();
+        // Only a peer proxy (a verified identity) carries its app's CONNECT this way.
+        let to_app = headers.remove(TUNNEL_HEADER).is_some()
+            && req.extensions().get::<ClientIdentity>().is_some();
         let h2 = req.version() == http::Version::HTTP_2 && !http1;
         if let Some(ClientIdentity(id)) = req.extensions().get::<ClientIdentity>().cloned()
             && let Ok(v) = HeaderValue::from_str(&id)

@@ -278,13 +278,21 @@ async fn connect_through_the_inbound_listener_reaches_an_app_that_is_a_proxy() {
     let via = format!("http://{}", p.addr("inbound"));
     let ca = dir.path().join("ca.pem");
     let url = format!("https://{https}/c");
-    let (ok, out, err) = curl(&["--cacert", ca.to_str().unwrap(), "-p", "-x", &via, &url]).await;
+    let ca = ca.to_str().unwrap();
+    let (ok, out, err) = curl(&["--cacert", ca, "-p", "-x", &via, &url]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "hello over TLS /c\n");
+    // The mark peers put on their apps' CONNECTs means nothing from a plaintext caller: the
+    // CONNECT still goes to the app.
+    let forged = ["--proxy-header", "mesh-tunnel: app"];
+    let (ok, out, err) =
+        curl(&[&forged[..], &["--cacert", ca, "-p", "-x", &via, &url]].concat()).await;
     assert!(ok, "{err}");
     assert_eq!(out, "hello over TLS /c\n");
     for (who, direction) in [(&p, "inbound"), (&forward_proxy, "outbound")] {
         let label = format!("direction=\"{direction}\"");
         let tunnels = metric_sum(who.addr("admin"), "tcp_open_total", &[&label]).await;
-        assert_eq!(tunnels, 1.0, "{direction}");
+        assert_eq!(tunnels, 2.0, "{direction}");
     }
 }
 

@@ -110,6 +110,7 @@ where
         // Only the far side's inbound sets these, from what it verified and received.
         parts.headers.remove(CLIENT_ID_HEADER);
         parts.headers.remove(ORIG_PROTO_HEADER);
+        parts.headers.remove(TUNNEL_HEADER);
         let sent = match identity {
             None => Either::Left(self.plain.call(Request::from_parts(parts, body))),
             Some(identity) => {
@@ -515,6 +516,7 @@ mod tests {
         let client = Client::new(plain(&seen), Some(mtls(&seen)));
         let id = "spiffe://cluster.local/ns/default/sa/web";
         let ws = app_request()
+            .header(TUNNEL_HEADER, "app")
             .header(http::header::CONNECTION, "upgrade")
             .header(http::header::UPGRADE, "websocket");
         client.oneshot(attempt(Some(id), ws)).await.unwrap();
@@ -522,6 +524,10 @@ mod tests {
         assert_eq!(sent.identity.as_deref(), Some(id));
         assert_eq!(sent.version, Version::HTTP_11, "HTTP/2 has no Upgrade");
         assert!(!sent.headers.contains_key(ORIG_PROTO_HEADER));
+        assert!(
+            !sent.headers.contains_key(TUNNEL_HEADER),
+            "only the mTLS client sets it"
+        );
         assert_eq!(sent.headers[http::header::UPGRADE], "websocket");
     }
 
