@@ -6,8 +6,9 @@
 //! deadline, an error status in trailers); the `websockets` package's client and server; and
 //! bodies streamed both ways in lockstep, which a proxy that buffers would never finish.
 //!
-//! Needs `python3` with `grpcio` and `websockets` (scripts/test installs them) and curl, and
-//! the control plane binary (`cargo build -p mesh-controlplane --bins`) for the meshed cases.
+//! Proxies run in-process, and once as the `mesh-proxy` binary. Needs `python3` with `grpcio`
+//! and `websockets` (scripts/test installs them), curl, and the binaries
+//! (`cargo build -p mesh-sidecar -p mesh-controlplane --bins`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
@@ -118,6 +119,25 @@ async fn grpc_reaches_an_unmeshed_server_through_both_listeners() {
         // Every call but the one cut off by its deadline is a 200 (errors are in trailers).
         assert!(ok >= 5.0, "{direction} counted {ok} calls");
     }
+}
+
+#[tokio::test]
+async fn the_mesh_proxy_binary_carries_grpc_and_answers_head_over_http2() {
+    // The two reports this suite started from, against the binary itself.
+    let server = grpc_echo().unwrap();
+    let v1 = app("v1").await.unwrap();
+    let p = proxy()
+        .outbound(endpoint("grpc.default:80", server.addr("grpc")))
+        .app(v1.addr())
+        .spawn()
+        .unwrap();
+    grpc_check(p.addr("outbound"), Some("grpc.default:80"))
+        .await
+        .assert_passed();
+    let url = format!("http://{}/", p.addr("inbound"));
+    let (ok, out, err) = curl(&["-I", "--http2-prior-knowledge", &url]).await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
 }
 
 #[tokio::test]
