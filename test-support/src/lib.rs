@@ -12,6 +12,7 @@
 pub mod apps;
 pub mod certs;
 pub mod eventually;
+pub mod fixtures;
 pub mod kube;
 pub mod mesh;
 pub mod ports;
