@@ -72,7 +72,19 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // clap's own exit code for a usage error is 2, which `mesh rollout status` uses for "timed
+    // out"; a pipeline must never read a typo as a rollout's verdict.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(rollout::EXIT_ERROR)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     // One crypto stack: ring, for every HTTP client the commands build.
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {

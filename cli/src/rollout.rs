@@ -6,7 +6,8 @@
 //! - 1: failed, rolled back;
 //! - 2: timed out: still in progress when `--timeout` ran out (at once without `--watch`);
 //! - 3: waiting for promotion: at a gate the mesh holds (a confirm-* hook without a URL, which
-//!   `mesh rollout promote` opens), or held by a confirm-promotion webhook.
+//!   `mesh rollout promote` opens), or held by a confirm-promotion webhook;
+//! - 4: the command could not run (a usage error, no such Canary, nothing reachable).
 //!
 //! `--output github` also writes workflow annotations to stdout and a markdown summary to
 //! `$GITHUB_STEP_SUMMARY`.
@@ -39,6 +40,10 @@ pub const EXIT_TIMED_OUT: u8 = 2;
 /// Exit code: waiting for promotion to be confirmed: at a gate the mesh holds (which
 /// `mesh rollout promote` opens), or by a confirm-promotion webhook.
 pub const EXIT_WAITING_PROMOTION: u8 = 3;
+/// Exit code: the command could not run: a usage error (an unknown flag, a missing argument),
+/// no such Canary, or the control plane or cluster could not be reached. Never 2, which a
+/// pipeline reads as "timed out".
+pub const EXIT_ERROR: u8 = 4;
 
 /// The `result` an exit code means, as `-o json` reports it and the GitHub Action outputs it.
 pub fn result_name(exit: u8) -> &'static str {
@@ -493,7 +498,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::Resume(args) => crate::runtime::block_on(false, suspend(args, false)),
         Command::History(args) => crate::runtime::block_on(false, history(args)),
     };
-    code.map_or(ExitCode::from(4), ExitCode::from)
+    code.map_or(ExitCode::from(EXIT_ERROR), ExitCode::from)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -494,3 +494,25 @@ async fn a_weight_change_made_with_mesh_apply_reaches_every_watching_proxy() {
         t.abort();
     }
 }
+
+/// A typo on the command line is exit 4 ("could not run"), never clap's default 2, which a
+/// pipeline gating on `mesh rollout status` would read as "timed out"; `--help` is still 0.
+#[test]
+fn usage_errors_exit_4_not_the_timed_out_code() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mesh"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let typo = run(&["rollout", "status", "web", "--no-such-flag"]);
+    assert_eq!(typo.status.code(), Some(4), "{typo:?}");
+    assert!(
+        String::from_utf8_lossy(&typo.stderr).contains("--no-such-flag"),
+        "{typo:?}"
+    );
+    let missing = run(&["rollout", "promote"]);
+    assert_eq!(missing.status.code(), Some(4), "{missing:?}");
+    let help = run(&["rollout", "status", "--help"]);
+    assert_eq!(help.status.code(), Some(0), "{help:?}");
+}
