@@ -567,7 +567,7 @@ async fn promote(args: PromoteArgs) -> anyhow::Result<u8> {
     let next = match (gate.type_, gate.next_weight) {
         (_, Some(w)) => format!("the canary steps to weight {w} at its next passing analysis"),
         (mesh_crds::canary::WebhookType::ConfirmRollout, _) => "the rollout starts".into(),
-        _ => "the canary is promoted".into(),
+        _ => "promotion follows".into(),
     };
     println!(
         "canary {}: {} gate {} opened by {by}; {next}; follow it with `mesh rollout status {} --watch`",
