@@ -311,7 +311,7 @@ fn gate_brief(g: &GateResult) -> String {
 pub fn progress_line(c: &Canary) -> String {
     let s = c.status.clone().unwrap_or_default();
     let gates: Vec<String> = s.analysis.iter().map(gate_brief).collect();
-    format!(
+    let mut line = format!(
         "{:<16} canary {:>3}%  failed checks {}/{}  {}",
         format!("{:?}", s.phase),
         s.canary_weight,
@@ -322,7 +322,15 @@ pub fn progress_line(c: &Canary) -> String {
         } else {
             format!("[{}]", gates.join(" | "))
         }
-    )
+    );
+    if let Some(g) = waiting_gate(c) {
+        line.push_str(&format!(
+            "  waiting at {} gate {}",
+            g.type_.name(),
+            g.hooks.join(", ")
+        ));
+    }
+    line
 }
 
 fn steps(c: &Canary) -> Vec<i32> {
@@ -817,6 +825,11 @@ mod tests {
         assert_eq!(j["gate"]["waiting"], true);
         assert_eq!(j["gate"]["openWith"], "mesh rollout promote web -n default");
         assert!(render(&c).contains("open it with `mesh rollout promote web -n default`"));
+        assert!(
+            progress_line(&c).ends_with("waiting at confirm-traffic-increase gate approval"),
+            "{}",
+            progress_line(&c)
+        );
         assert!(
             github_annotations(&c, EXIT_WAITING_PROMOTION).starts_with(
                 "::warning title=Canary web waiting at confirm-traffic-increase gate::"
