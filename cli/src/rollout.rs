@@ -877,6 +877,11 @@ mod tests {
         let j = to_json(&opened, EXIT_SUCCEEDED);
         assert_eq!(j["result"], "promoted");
         assert_eq!(j["gate"]["openedBy"], "https://ci/run/1");
+        assert!(
+            github_summary(&opened).contains("| gate | confirm-promotion approval opened at"),
+            "{}",
+            github_summary(&opened)
+        );
         assert_eq!(j["gate"]["waiting"], false);
         assert!(j["gate"].get("openWith").is_none());
         assert_eq!(
