@@ -316,7 +316,7 @@ fn gate_brief(g: &GateResult) -> String {
 pub fn progress_line(c: &Canary) -> String {
     let s = c.status.clone().unwrap_or_default();
     let gates: Vec<String> = s.analysis.iter().map(gate_brief).collect();
-    format!(
+    let mut line = format!(
         "{:<16} canary {:>3}%  failed checks {}/{}  {}",
         format!("{:?}", s.phase),
         s.canary_weight,
@@ -327,7 +327,15 @@ pub fn progress_line(c: &Canary) -> String {
         } else {
             format!("[{}]", gates.join(" | "))
         }
-    )
+    );
+    if let Some(g) = waiting_gate(c) {
+        line.push_str(&format!(
+            "  waiting at {} gate {}",
+            g.type_.name(),
+            g.hooks.join(", ")
+        ));
+    }
+    line
 }
 
 fn steps(c: &Canary) -> Vec<i32> {
@@ -572,7 +580,7 @@ async fn promote(args: PromoteArgs) -> anyhow::Result<u8> {
     let next = match (gate.type_, gate.next_weight) {
         (_, Some(w)) => format!("the canary steps to weight {w} at its next passing analysis"),
         (mesh_crds::canary::WebhookType::ConfirmRollout, _) => "the rollout starts".into(),
-        _ => "the canary is promoted".into(),
+        _ => "promotion follows".into(),
     };
     println!(
         "canary {}: {} gate {} opened by {by}; {next}; follow it with `mesh rollout status {} --watch`",
@@ -823,6 +831,11 @@ mod tests {
         assert_eq!(j["gate"]["openWith"], "mesh rollout promote web -n default");
         assert!(render(&c).contains("open it with `mesh rollout promote web -n default`"));
         assert!(
+            progress_line(&c).ends_with("waiting at confirm-traffic-increase gate approval"),
+            "{}",
+            progress_line(&c)
+        );
+        assert!(
             github_annotations(&c, EXIT_WAITING_PROMOTION).starts_with(
                 "::warning title=Canary web waiting at confirm-traffic-increase gate::"
             )
@@ -869,6 +882,11 @@ mod tests {
         let j = to_json(&opened, EXIT_SUCCEEDED);
         assert_eq!(j["result"], "promoted");
         assert_eq!(j["gate"]["openedBy"], "https://ci/run/1");
+        assert!(
+            github_summary(&opened).contains("| gate | confirm-promotion approval opened at"),
+            "{}",
+            github_summary(&opened)
+        );
         assert_eq!(j["gate"]["waiting"], false);
         assert!(j["gate"].get("openWith").is_none());
         assert_eq!(

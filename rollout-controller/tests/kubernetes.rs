@@ -495,6 +495,11 @@ async fn replicas(client: &Client, name: &str) -> Option<i32> {
 
 /// Creates the target and the Canary and waits for Initialized.
 async fn initialize(client: &Client, skip_analysis: bool) {
+    initialize_canary(client, canary(skip_analysis)).await;
+}
+
+/// Creates the target and `canary` and waits for Initialized.
+async fn initialize_canary(client: &Client, canary: Canary) {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
     deployments
         .create(&PostParams::default(), &deployment("podinfo:1"))
@@ -502,7 +507,7 @@ async fn initialize(client: &Client, skip_analysis: bool) {
         .unwrap();
     let canaries: Api<Canary> = Api::namespaced(client.clone(), NS);
     canaries
-        .create(&PostParams::default(), &canary(skip_analysis))
+        .create(&PostParams::default(), &canary)
         .await
         .unwrap();
     assert_eventually!(
@@ -1032,4 +1037,153 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
     );
     let primary = get_deployment(&client, "podinfo-primary").await.unwrap();
     assert_eq!(image(&primary), "podinfo:2");
+}
+
+/// The `mesh` CLI against the harness's apiserver, run without blocking the controller that
+/// runs in this test's runtime.
+async fn mesh_cli(kube: &KubeApiServer, args: &[&str]) -> std::process::Output {
+    let bin = mesh_test_support::process::workspace_bin("mesh").expect("the mesh binary");
+    tokio::process::Command::new(bin)
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(kube.kubeconfig())
+        .args(["-n", NS])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap()
+}
+
+/// A Canary with a confirm-promotion webhook without a url stops at WaitingPromotion in the
+/// cluster; `mesh rollout status` exits 3 and names the gate; `mesh rollout promote --by`
+/// opens it (an annotation naming the wait), and the rollout finishes: Succeeded, the route
+/// back on the promoted primary, and the opener in the status history and the Events.
+#[tokio::test]
+async fn a_gate_the_mesh_holds_waits_for_mesh_rollout_promote_in_the_cluster() {
+    let Rig {
+        cluster,
+        client,
+        traffic,
+        prometheus,
+    } = Rig::start(0.0).await;
+    let _controller = start_controller(client.clone(), &prometheus).await;
+    let mut gated = canary(false);
+    gated.spec.analysis.webhooks = vec![mesh_crds::canary::CanaryWebhook {
+        type_: Some(mesh_crds::canary::WebhookType::ConfirmPromotion),
+        name: "approval".into(),
+        url: None,
+        timeout: None,
+        metadata: None,
+    }];
+    initialize_canary(&client, gated).await;
+    set_image(&client, "podinfo:2").await;
+
+    let waiting = mesh_cli(
+        &cluster.kube,
+        &[
+            "rollout",
+            "status",
+            "podinfo",
+            "--watch",
+            "--timeout",
+            "3m",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    let report: serde_json::Value = serde_json::from_slice(&waiting.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&waiting.stderr));
+    });
+    assert_eq!(waiting.status.code(), Some(3), "{report:#}");
+    assert_eq!(report["phase"], "WaitingPromotion", "{report:#}");
+    assert_eq!(report["result"], "waiting-promotion");
+    assert_eq!(report["canaryWeight"], 50);
+    assert_eq!(report["gate"]["type"], "confirm-promotion", "{report:#}");
+    assert_eq!(report["gate"]["waiting"], true);
+    let id = report["gate"]["id"].as_str().unwrap().to_string();
+    // The wait survived the apiserver's schema (a pruned status.gate would lose it).
+    let api: Api<Canary> = Api::namespaced(client.clone(), NS);
+    let stored = api.get("podinfo").await.unwrap().status.unwrap();
+    assert_eq!(stored.gate.map(|g| g.id), Some(id.clone()));
+    assert_eventually!(
+        event_counts(&client).await.contains_key("GateWaiting"),
+        "no GateWaiting Event: {:?}",
+        event_counts(&client).await
+    );
+
+    let run = "https://github.com/acme/podinfo/actions/runs/7";
+    let opened = mesh_cli(
+        &cluster.kube,
+        &["rollout", "promote", "podinfo", "--by", run],
+    )
+    .await;
+    assert!(
+        opened.status.success(),
+        "{}",
+        String::from_utf8_lossy(&opened.stderr)
+    );
+    let annotations = api
+        .get("podinfo")
+        .await
+        .unwrap()
+        .metadata
+        .annotations
+        .unwrap();
+    assert_eq!(annotations["rollouts.mesh.dev/open-gate"], id);
+    assert_eq!(annotations["rollouts.mesh.dev/open-gate-by"], run);
+    assert!(
+        !annotations.contains_key("rollouts.mesh.dev/promote"),
+        "opening a gate is not a promote-now"
+    );
+
+    let done = mesh_cli(
+        &cluster.kube,
+        &["rollout", "status", "podinfo", "--watch", "--timeout", "2m"],
+    )
+    .await;
+    assert_eq!(
+        done.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&done.stdout),
+        describe(&client).await
+    );
+    traffic
+        .assert_back_on_the_primary_through(
+            &[(100, 0), (75, 25), (50, 50), (100, 0)],
+            "weights the route went through",
+        )
+        .await;
+    let status = api.get("podinfo").await.unwrap().status.unwrap();
+    assert_eq!(status.phase, CanaryPhase::Succeeded);
+    assert_eq!(status.gate.and_then(|g| g.opened_by).as_deref(), Some(run));
+    assert!(
+        status
+            .history
+            .iter()
+            .any(|h| h.reason == "GateOpened" && h.message.contains(run)),
+        "{:?}",
+        status.history
+    );
+    let waits = status
+        .history
+        .iter()
+        .filter(|h| h.reason == "GateWaiting")
+        .count();
+    assert_eq!(waits, 1, "{:?}", status.history);
+    assert_eventually!(
+        event_counts(&client).await.get("GateOpened") == Some(&1),
+        "Events: {:?}",
+        event_counts(&client).await
+    );
+    let history = mesh_cli(&cluster.kube, &["rollout", "history", "podinfo"]).await;
+    let history = String::from_utf8_lossy(&history.stdout);
+    assert!(
+        history
+            .lines()
+            .any(|l| l.contains("GateOpened") && l.contains(run)),
+        "{history}"
+    );
 }

@@ -11,7 +11,7 @@ use mesh_crds::canary::{Verdict, WebhookType};
 use mesh_crds::{CanaryPhase, CanarySpec, CanaryStatus};
 use mesh_rollout_controller::judge::{ArmWindow, Histogram, JudgeConfig, Window};
 use mesh_rollout_controller::machine::{
-    Action, GateOpening, Observations, PROMOTED, Step, UserRequest, step,
+    Action, GateOpening, Observations, PROMOTED, Step, UserRequest, due_webhooks, step,
 };
 use serde_json::json;
 
@@ -911,4 +911,24 @@ fn waiting_at_a_gate_with_no_canary_traffic_is_not_a_lack_of_progress() {
     // The deadline counts from the opening: a healthy canary goes on.
     r.tick(30, Some(healthy()));
     assert_eq!(r.status.phase, CanaryPhase::Progressing);
+}
+
+#[test]
+fn a_gate_the_mesh_holds_is_never_called() {
+    let r = Rollout::started(mk_spec(json!({
+        "webhooks": [gate("confirm-promotion", "approval"), hook("confirm-promotion", "checks")]
+    })));
+    let schedule = mesh_rollout_controller::schedule::Schedule::of(&r.spec).unwrap();
+    let due = due_webhooks(
+        &r.spec,
+        &r.status,
+        &schedule,
+        "rev-2",
+        r.now + Duration::seconds(30),
+    );
+    assert_eq!(
+        due,
+        [(WebhookType::ConfirmPromotion, "checks".to_string())],
+        "only the hook with a url is called"
+    );
 }

@@ -397,6 +397,46 @@ mod tests {
     }
 
     #[test]
+    fn only_confirm_hooks_may_leave_out_the_url() {
+        let with_hooks = |hooks: Value| {
+            mk_canary(json!({"interval": "1m", "threshold": 5, "stepWeight": 5,
+                "webhooks": hooks}))
+        };
+        for kind in [
+            "confirm-rollout",
+            "confirm-traffic-increase",
+            "confirm-promotion",
+        ] {
+            let c = with_hooks(json!([{"name": "approval", "type": kind}]));
+            assert!(validate(&c).is_ok(), "{kind}: {:?}", validate(&c).err());
+        }
+        let c = with_hooks(json!([
+            {"name": "approval", "type": "confirm-promotion"},
+            {"name": "smoke", "type": "pre-rollout"}
+        ]));
+        let err = validate(&c).unwrap_err();
+        assert_eq!(err.field(), Some("spec.analysis.webhooks[1].url"));
+        let text = err.to_string();
+        assert!(
+            text.contains("url is required") && text.contains("\"smoke\" is of type pre-rollout"),
+            "{text}"
+        );
+        // No type is Flagger's `rollout`, which needs somewhere to call.
+        let c = with_hooks(json!([{"name": "load"}]));
+        assert_eq!(field(&c), "spec.analysis.webhooks[0].url");
+        assert!(
+            validate(&c)
+                .unwrap_err()
+                .to_string()
+                .contains("of type rollout")
+        );
+        // A url, when given, is still checked.
+        let c = with_hooks(json!([{"name": "approval", "type": "confirm-promotion",
+            "url": "loadtester/gate"}]));
+        assert_eq!(field(&c), "spec.analysis.webhooks[0].url");
+    }
+
+    #[test]
     fn unknown_kinds_and_bad_names_are_rejected() {
         let err = validate(&json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}}))
             .unwrap_err();
