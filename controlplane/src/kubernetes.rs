@@ -14,6 +14,9 @@
 //!   ids derived from the slice, address and port; each change of the three caches recomputes
 //!   them and applies only the difference.
 //!
+//! - **Service addresses.** Every ClusterIP and TCP port of a Service is its own address, so a
+//!   proxy that sees a redirected connection to it knows which service the app meant.
+//!
 //! - **Identity.** Proxies present their projected service-account tokens, which the control
 //!   plane checks with TokenReview (see [`crate::tokenreview`]).
 
@@ -96,7 +99,9 @@ pub async fn feed_endpoints(client: Client, trust_domain: String, shared: Arc<Sh
     let mut applied: BTreeMap<String, WorkloadRegistration> = BTreeMap::new();
     while changes.next().await.is_some() {
         let wanted = registrations(&services, &slices, &pods, &trust_domain);
+        let addresses = service_addresses(&services.state());
         let mut index = shared.index();
+        index.reset_service_addresses(addresses);
         for id in applied.keys() {
             if !wanted.contains_key(id) {
                 index.delete_workload(id);
@@ -110,6 +115,37 @@ pub async fn feed_endpoints(client: Client, trust_domain: String, shared: Arc<Sh
         drop(index);
         applied = wanted;
     }
+}
+
+/// Every Service's ClusterIPs and TCP ports, as the service each stands for. Headless Services
+/// (`clusterIP: None`) have none: their clients dial endpoints, which are known by address.
+pub fn service_addresses(services: &[Arc<Service>]) -> BTreeMap<SocketAddr, ServiceRef> {
+    let mut out = BTreeMap::new();
+    for service in services {
+        let Some(spec) = &service.spec else { continue };
+        let ns = service.namespace().unwrap_or_default();
+        let ips = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .filter_map(|ip| ip.parse::<IpAddr>().ok());
+        for ip in ips {
+            for port in spec.ports.iter().flatten() {
+                if port.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+                    continue;
+                }
+                let Ok(p) = u16::try_from(port.port) else {
+                    continue;
+                };
+                out.insert(
+                    SocketAddr::new(ip, p),
+                    ServiceRef::new(service.name_any(), &ns, p),
+                );
+            }
+        }
+    }
+    out
 }
 
 /// The endpoints the three caches describe, as registrations by id.
@@ -226,4 +262,43 @@ pub fn slice_registrations(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(json: serde_json::Value) -> Arc<Service> {
+        Arc::new(serde_json::from_value(json).unwrap())
+    }
+
+    #[test]
+    fn cluster_ips_and_tcp_ports_name_their_service() {
+        let services = [
+            service(serde_json::json!({
+                "metadata": {"name": "db", "namespace": "shop"},
+                "spec": {
+                    "clusterIP": "10.96.0.10",
+                    "clusterIPs": ["10.96.0.10", "fd00::10"],
+                    "ports": [
+                        {"port": 5432},
+                        {"port": 5433, "protocol": "UDP"}
+                    ]
+                }
+            })),
+            service(serde_json::json!({
+                "metadata": {"name": "headless", "namespace": "shop"},
+                "spec": {"clusterIP": "None", "ports": [{"port": 80}]}
+            })),
+        ];
+        let addrs = service_addresses(&services);
+        let db = ServiceRef::new("db", "shop", 5432);
+        assert_eq!(
+            addrs,
+            BTreeMap::from([
+                ("10.96.0.10:5432".parse().unwrap(), db.clone()),
+                ("[fd00::10]:5432".parse().unwrap(), db),
+            ])
+        );
+    }
 }

@@ -27,6 +27,7 @@ pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod opaque;
+pub mod orig_dst;
 pub mod outbound;
 pub mod proxy;
 pub mod readiness;

@@ -226,7 +226,11 @@ impl Proxy {
             connect_timeout: Some(config.connect_timeout),
             balance: config.balance,
         };
-        let mut outbound = Outbound::with_settings(tables_rx, metrics.clone(), discovery, settings);
+        let mut outbound = Outbound::with_settings(tables_rx, metrics.clone(), discovery, settings)
+            .with_transparency(
+                config.outbound_detect_timeout,
+                config.outbound_opaque_ports.clone(),
+            );
         if let Some(c) = &credentials {
             outbound = outbound.with_identity(c.clone());
         }
@@ -237,6 +241,7 @@ impl Proxy {
                 let service = config.workload.service.as_ref();
                 let mut inbound = Inbound::new(app, service, metrics)
                     .with_detect_timeout(config.detect_timeout)
+                    .with_opaque_ports(config.inbound_opaque_ports.clone())
                     .with_authz(authz);
                 if let Some(c) = credentials {
                     inbound = inbound.with_identity(c);
