@@ -7,10 +7,11 @@
 //!   the embedded store's.
 //! - **Endpoints.** Reflectors over Services, EndpointSlices and Pods. Each ready address of an
 //!   EndpointSlice becomes an endpoint of `<service>.<namespace>:<service port>`, at the pod's IP
-//!   and the slice's target port, the address Linkerd's destination service hands out too (in
-//!   an injected pod, iptables sends it to the proxy's inbound port). A pod the injector marked
-//!   (`mesh.dev/injected`) is meshed: its endpoint carries the SPIFFE ID of its service account,
-//!   which peers must present over mTLS. Endpoints are fed to the index as registrations under
+//!   and the slice's target port. A pod the injector marked (`mesh.dev/injected`) is meshed: its
+//!   endpoint carries the SPIFFE ID of its service account, which peers must present over mTLS,
+//!   and is the proxy's inbound port on the pod's IP, which the injector's rules leave
+//!   unredirected. Peer proxies connect there directly, so their mTLS is never taken for the
+//!   app's own traffic on a port declared opaque (which the inbound proxy forwards unsniffed). Endpoints are fed to the index as registrations under
 //!   ids derived from the slice, address and port; each change of the three caches recomputes
 //!   them and applies only the difference.
 //!
@@ -183,6 +184,7 @@ pub fn slice_registrations(
     trust_domain: &str,
 ) -> BTreeMap<String, WorkloadRegistration> {
     let mut out = BTreeMap::new();
+    let proxy_inbound = crate::inject::InjectConfig::default().inbound_port;
     let ns = slice.namespace().unwrap_or_default();
     let svc_name = service.name_any();
     let slice_ports: Vec<(String, u16)> = slice
@@ -244,6 +246,11 @@ pub fn slice_registrations(
                     .map(|id| id.to_string())
             });
             let labels = pod.map(|p| p.labels().clone()).unwrap_or_default();
+            let port = if identity.is_some() {
+                proxy_inbound
+            } else {
+                target
+            };
             for address in &endpoint.addresses {
                 let Ok(ip) = address.parse::<IpAddr>() else {
                     continue;
@@ -253,7 +260,7 @@ pub fn slice_registrations(
                     id,
                     WorkloadRegistration {
                         service: service_ref.clone(),
-                        addr: SocketAddr::new(ip, target),
+                        addr: SocketAddr::new(ip, port),
                         identity: identity.clone(),
                         labels: labels.clone(),
                     },
