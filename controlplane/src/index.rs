@@ -702,7 +702,10 @@ mod tests {
         let seen = vip_rx.borrow_and_update().value.clone().unwrap();
         assert_eq!(seen.service, svc("web.default:80"));
         assert_eq!(seen.endpoint, None);
-        index.apply_workload("a", mk_workload("web-canary.default:80", "10.1.0.5:8080", "v2"));
+        index.apply_workload(
+            "a",
+            mk_workload("web-canary.default:80", "10.1.0.5:8080", "v2"),
+        );
         let seen = pod_rx.borrow().value.clone().unwrap();
         assert_eq!(seen.service, svc("web-canary.default:80"));
         assert_eq!(seen.endpoint.unwrap().addr, pod);

@@ -117,7 +117,12 @@ fn request_line(buf: &[u8]) -> Option<bool> {
     i += 1;
     // The version, then the line's end.
     let rest = &buf[i..];
-    for expected in [&b"HTTP/1.1\r\n"[..], b"HTTP/1.0\r\n", b"HTTP/1.1\n", b"HTTP/1.0\n"] {
+    for expected in [
+        &b"HTTP/1.1\r\n"[..],
+        b"HTTP/1.0\r\n",
+        b"HTTP/1.1\n",
+        b"HTTP/1.0\n",
+    ] {
         let n = rest.len().min(expected.len());
         if rest[..n] == expected[..n] {
             return (n == expected.len()).then_some(true);
@@ -439,7 +444,10 @@ mod tests {
             }
             trickle
         });
-        assert_eq!(detect(&io, Some(Duration::from_secs(30))).await, Protocol::Http);
+        assert_eq!(
+            detect(&io, Some(Duration::from_secs(30))).await,
+            Protocol::Http
+        );
         drop(writer.await.unwrap());
     }
 }

@@ -247,7 +247,9 @@ impl Proxy {
                 if let Some(c) = credentials {
                     inbound = inbound.with_identity(c);
                 }
-                Some(tokio::spawn(Arc::new(inbound).serve(listener, drain_watch.clone())))
+                Some(tokio::spawn(
+                    Arc::new(inbound).serve(listener, drain_watch.clone()),
+                ))
             }
             _ => None,
         };

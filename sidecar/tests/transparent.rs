@@ -301,9 +301,17 @@ async fn an_opaque_port_is_never_sniffed() {
     // Sniffed, this would be HTTP, and the echo server no HTTP server: a 502.
     let sniffing = pod(&[], None).await;
     let answer = roundtrip(sniffing.dial(echo).await, request).await;
-    assert!(answer.starts_with(b"HTTP/1.1 502"), "{}", answer.escape_ascii());
+    assert!(
+        answer.starts_with(b"HTTP/1.1 502"),
+        "{}",
+        answer.escape_ascii()
+    );
     // Declared opaque, the same bytes go through as they are.
-    let opaque = pod(&[(ENV_OUTBOUND_OPAQUE_PORTS, echo.port().to_string())], None).await;
+    let opaque = pod(
+        &[(ENV_OUTBOUND_OPAQUE_PORTS, echo.port().to_string())],
+        None,
+    )
+    .await;
     assert_eq!(roundtrip(opaque.dial(echo).await, request).await, request);
 }
 

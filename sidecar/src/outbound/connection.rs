@@ -216,7 +216,11 @@ impl Outbound {
     }
 
     /// One request on a redirected connection to `dst`.
-    async fn handle_redirected(&self, request: Request<Incoming>, dst: &Destination) -> Response<Body> {
+    async fn handle_redirected(
+        &self,
+        request: Request<Incoming>,
+        dst: &Destination,
+    ) -> Response<Body> {
         match dst {
             Destination::Meshed { addr, service, .. } => {
                 let target = Target::OrigDst {
@@ -286,9 +290,9 @@ impl Outbound {
                 ..
             } => {
                 // The app chose this endpoint; the balancer only learns from it.
-                let in_flight =
-                    self.balancer
-                        .pick(&[endpoint.addr], Instant::now(), |n| fastrand::usize(..n));
+                let in_flight = self
+                    .balancer
+                    .pick(&[endpoint.addr], Instant::now(), |n| fastrand::usize(..n));
                 (service, endpoint.clone(), service.clone(), in_flight)
             }
             Destination::Meshed { service, .. } => {
@@ -303,7 +307,11 @@ impl Outbound {
             authority: service.authority(),
             dst_service: backend.name.clone(),
             dst_namespace: backend.namespace.clone(),
-            tls: if endpoint.identity.is_some() { "true" } else { "" },
+            tls: if endpoint.identity.is_some() {
+                "true"
+            } else {
+                ""
+            },
         };
         let addr = endpoint.addr;
         let timeout = self.connect_timeout;
