@@ -315,9 +315,9 @@ async fn an_opaque_port_is_never_sniffed() {
     assert_eq!(roundtrip(opaque.dial(echo).await, request).await, request);
 }
 
-/// A real `redis-server` on a free port (not Redis's own, which is opaque by default); `None`
-/// when it is not installed, outside CI.
-async fn redis() -> Option<(tokio::process::Child, SocketAddr)> {
+/// A real `redis-server` on a free port (not Redis's own, which is opaque by default);
+/// `scripts/test` installs it.
+async fn redis() -> (tokio::process::Child, SocketAddr) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -328,25 +328,16 @@ async fn redis() -> Option<(tokio::process::Child, SocketAddr)> {
         .args(["--save", "", "--appendonly", "no"])
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
-        .spawn();
-    let child = match child {
-        Ok(c) => c,
-        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("skipping: redis-server: {e}");
-            return None;
-        }
-        Err(e) => panic!("redis-server is needed (apt-get install redis-server): {e}"),
-    };
+        .spawn()
+        .unwrap_or_else(|e| panic!("redis-server is needed (apt-get install redis-server): {e}"));
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     assert_eventually!(TcpStream::connect(addr).await.is_ok());
-    Some((child, addr))
+    (child, addr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_inline_commands_are_not_taken_for_http() {
-    let Some((_redis, addr)) = redis().await else {
-        return;
-    };
+    let (_redis, addr) = redis().await;
     let client = pod(&[(ENV_OUTBOUND_DETECT_TIMEOUT, "5s".into())], None).await;
     let mut io = client.dial(addr).await;
     for (command, reply) in [
