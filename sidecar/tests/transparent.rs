@@ -419,6 +419,15 @@ async fn a_meshed_service_without_endpoints_still_reaches_the_address_dialled() 
     let client = pod(&[], Some(&config)).await;
     let payload = b"\x00still works";
     assert_eq!(roundtrip(client.dial(echo).await, payload).await, payload);
+    // HTTP alike: passed through to the address, not answered 404 for want of a route.
+    let web = app("web").await.unwrap();
+    let config = format!(
+        "addresses:\n  - {{addr: \"{}\", service: web.default:80}}\n",
+        web.addr()
+    );
+    let http = pod(&[], Some(&config)).await;
+    let answer = http_get(http.dial(web.addr()).await, "web").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(
         client
             .metric(

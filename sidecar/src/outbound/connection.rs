@@ -221,6 +221,12 @@ impl Outbound {
     ) -> Response<Body> {
         match dst {
             Destination::Meshed { addr, service, .. } => {
+                // A service with neither routes nor endpoints the proxy knows of: the address
+                // the app dialled still leads somewhere, so the request goes there.
+                let tables = self.tables.borrow().clone();
+                if !tables.routes.contains_key(service) && !tables.available(service) {
+                    return self.pass_through(*addr, request).await;
+                }
                 let target = Target::OrigDst {
                     addr: *addr,
                     service: service.clone(),
