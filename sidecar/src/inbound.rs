@@ -47,6 +47,7 @@ pub struct Inbound {
     credentials: Option<SharedCredentials>,
     detect_timeout: std::time::Duration,
     authz: Option<Authz>,
+    opaque_ports: crate::opaque::Ports,
 }
 
 impl Inbound {
@@ -71,7 +72,15 @@ impl Inbound {
             credentials: None,
             detect_timeout: crate::opaque::DEFAULT_DETECT_TIMEOUT,
             authz: None,
+            opaque_ports: crate::opaque::Ports::default(),
         }
+    }
+
+    /// Ports whose redirected connections are forwarded to the app as opaque TCP at once,
+    /// never sniffed.
+    pub fn with_opaque_ports(mut self, ports: crate::opaque::Ports) -> Self {
+        self.opaque_ports = ports;
+        self
     }
 
     /// How long a silent client may wait before it is taken for a server-first protocol and
@@ -107,8 +116,16 @@ impl Inbound {
         let opaque = Arc::new(crate::opaque::Opaque {
             app: self.app,
             metrics: self.metrics.clone(),
+            labels: crate::metrics::TcpLabels {
+                direction: "inbound",
+                authority: self.labels.authority.clone(),
+                dst_service: self.labels.dst_service.clone(),
+                dst_namespace: self.labels.dst_namespace.clone(),
+                tls: "",
+            },
             detect_timeout: self.detect_timeout,
             authz: self.authz.clone(),
+            opaque_ports: self.opaque_ports.clone(),
         });
         crate::drain::serve_detect(listener, "inbound", drain, tls, Some(opaque), move |req| {
             let this = self.clone();
@@ -151,6 +168,17 @@ impl Inbound {
         }
         let connect = req.method() == Method::CONNECT;
         let downstream = tunnel::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+        let tunnel_labels = crate::metrics::TcpLabels {
+            direction: "inbound",
+            authority: self.labels.authority.clone(),
+            dst_service: self.labels.dst_service.clone(),
+            dst_namespace: self.labels.dst_namespace.clone(),
+            tls: if req.extensions().get::<ClientIdentity>().is_some() {
+                "true"
+            } else {
+                ""
+            },
+        };
         self.metrics.requests.get_or_create(&self.labels).inc();
         let result = if connect {
             self.connect(req, to_app).await
@@ -189,7 +217,7 @@ impl Inbound {
             if let Some(downstream) = downstream
                 && tunnel::switched(connect, &rsp)
             {
-                tunnel::splice(downstream, &mut rsp, &self.metrics, "inbound");
+                tunnel::splice(downstream, &mut rsp, &self.metrics, tunnel_labels);
             }
             rsp
         });

@@ -90,13 +90,13 @@ pub fn connected(io: impl Io) -> Response<Body> {
 }
 
 /// Joins the caller's connection, upgraded once the listener has sent `rsp` (`downstream`), to
-/// the far side `rsp` came from, in a task of its own; `direction` labels its `tcp_*` metrics.
+/// the far side `rsp` came from, in a task of its own; `labels` label its `tcp_*` metrics.
 /// `rsp` loses its body (an upgrade's answer has none) and is to be sent as it is.
 pub fn splice(
     downstream: OnUpgrade,
     rsp: &mut Response<Body>,
     metrics: &Metrics,
-    direction: &'static str,
+    labels: TcpLabels,
 ) {
     let opened = rsp
         .extensions_mut()
@@ -109,7 +109,8 @@ pub fn splice(
     *rsp.body_mut() = empty();
     let metrics = metrics.clone();
     tokio::spawn(async move {
-        if let Err(error) = run(downstream, upstream, &metrics, direction).await {
+        let direction = labels.direction;
+        if let Err(error) = run(downstream, upstream, &metrics, labels).await {
             tracing::debug!(%error, "{direction} tunnel ended with an error");
         }
     });
@@ -124,14 +125,13 @@ async fn run(
     downstream: OnUpgrade,
     upstream: Upstream,
     metrics: &Metrics,
-    direction: &'static str,
+    labels: TcpLabels,
 ) -> io::Result<()> {
     let downstream = TokioIo::new(downstream.await.map_err(io::Error::other)?);
     let upstream: Box<dyn Io> = match upstream {
         Upstream::Opened(io) => io,
         Upstream::Http(on) => Box::new(TokioIo::new(on.await.map_err(io::Error::other)?)),
     };
-    let labels = TcpLabels { direction };
     metrics.tcp_open.get_or_create(&labels).inc();
     metrics.tcp_open_connections.get_or_create(&labels).inc();
     let mut from_caller = Counted {
