@@ -51,6 +51,7 @@ pub fn proxy() -> ProxyBuilder {
             (ENV_OUTBOUND_ADDR.to_string(), LOOPBACK_ANY_PORT.to_string()),
         ]),
         config: None,
+        via: Vec::new(),
     }
 }
 
@@ -60,6 +61,7 @@ pub fn proxy() -> ProxyBuilder {
 pub struct ProxyBuilder {
     env: BTreeMap<String, String>,
     config: Option<String>,
+    via: Vec<std::ffi::OsString>,
 }
 
 impl ProxyBuilder {
@@ -102,6 +104,13 @@ impl ProxyBuilder {
             )
             .env(ENV_TOKEN_FILE, access.token_file.display().to_string())
             .env(ENV_IDENTITY, identity)
+    }
+
+    /// With [`ProxyBuilder::spawn`], runs the binary through `prefix`, such as
+    /// [`crate::netns::Netns::exec_prefix`] to start it in a network namespace as another user.
+    pub fn via(mut self, prefix: Vec<std::ffi::OsString>) -> Self {
+        self.via = prefix;
+        self
     }
 
     /// Sets any `MESH_PROXY_*` variable.
@@ -160,6 +169,7 @@ impl ProxyBuilder {
         let dir = Self::dir()?;
         self.write_config(&dir)?;
         let mut binary = MeshBinary::new(workspace_bin("mesh-proxy")?)
+            .via(self.via.clone())
             .env("RUST_LOG", "info")
             .listener("admin")
             .listener("outbound");

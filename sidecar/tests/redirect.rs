@@ -1,0 +1,466 @@
+//! The redirect path, end to end: a pod network namespace with the injector's own iptables
+//! rules and the real `mesh-proxy` running as the proxy's uid, and a cluster namespace with real
+//! servers. The app in the pod has no proxy settings: it connects to a server's IP and port,
+//! the rules send the connection to the proxy's outbound listener, and the proxy must get it to
+//! where the app was going without breaking the protocol. Real clients check the protocol
+//! (redis-cli, psql, curl verifying a server certificate, a WebSocket client, a gRPC client);
+//! the proxy's own counters for that destination prove it was in the path, so each test fails
+//! if the proxy is taken out of it.
+//!
+//! Needs root (or passwordless sudo), iproute2, iptables, util-linux's `setpriv`, curl,
+//! redis-server and redis-tools, PostgreSQL, and Python 3 with grpcio and websockets;
+//! `scripts/test` installs them. Outside CI a missing tool skips a test with a note; under
+//! `CI=true` it fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use mesh_controlplane::inject::{InjectConfig, PROXY_UID, iptables_script};
+use mesh_test_support::mesh::CLIENT_ID;
+use mesh_test_support::netns::{
+    ADMIN_PORT, CLUSTER_IP, INBOUND_PORT, MeshedPod, OUTBOUND_PORT, Server, meshed_pod,
+};
+
+/// An HTTP (or, given a certificate and key, HTTPS) server answering every GET with its name
+/// and the `x-mesh-client-id` the mesh added (`-` when none), so a test sees who answered and
+/// whether the request came over the mesh's mTLS.
+const HTTP_APP: &str = r#"
+import http.server, ssl, sys
+name, listen = sys.argv[1], sys.argv[2]
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = f"{name} {self.headers.get('x-mesh-client-id', '-')}\n".encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+host, port = listen.rsplit(":", 1)
+server = http.server.ThreadingHTTPServer((host, int(port)), Handler)
+if len(sys.argv) > 3:
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(sys.argv[3], sys.argv[4])
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"#;
+
+/// The pod: the injector's rules for its default ports, no port skipped.
+fn pod() -> MeshedPod {
+    let config = InjectConfig::default();
+    assert_eq!(
+        (config.outbound_port, config.inbound_port, config.admin_port),
+        (OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT),
+        "the harness binds the proxy where the injector's rules send traffic"
+    );
+    let uid = u32::try_from(PROXY_UID).unwrap();
+    meshed_pod(&iptables_script(&config, &[], &[]), uid)
+        .start()
+        .unwrap()
+}
+
+/// Whether `program` can run; outside CI a test without it is skipped with a note, in CI
+/// (`CI=true`) it fails, since `scripts/test` installs everything.
+fn have(programs: &[&str]) -> bool {
+    let missing: Vec<&&str> = programs.iter().filter(|p| which(p).is_none()).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "missing {missing:?}; scripts/test installs them"
+    );
+    eprintln!("skipped: missing {missing:?} (scripts/test installs them)");
+    false
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Path::new(program).is_file().then(|| program.into());
+    }
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Whether Python has `module` (grpcio is `grpc`).
+fn have_python_module(module: &str) -> bool {
+    let found = std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    found || have(&[&format!("python3 module {module}")])
+}
+
+/// A fixture script of the test-support crate.
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../test-support/fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// The labels of the pod proxy's outbound series for traffic to `port` on the cluster IP.
+fn to(port: u16) -> [String; 2] {
+    [
+        "direction=\"outbound\"".to_string(),
+        format!("authority=\"{CLUSTER_IP}:{port}\""),
+    ]
+}
+
+fn labels(l: &[String]) -> Vec<&str> {
+    l.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn redis_cli_reaches_a_real_redis() {
+    if !have(&["redis-server", "redis-cli"]) {
+        return;
+    }
+    let mut pod = pod();
+    let listen = CLUSTER_IP.to_string();
+    let dir = pod.net().dir().display().to_string();
+    pod.serve(
+        Server::new(
+            "redis",
+            &[
+                "redis-server",
+                "--bind",
+                &listen,
+                "--port",
+                "6379",
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &dir,
+            ],
+        )
+        .listening(6379),
+    )
+    .unwrap();
+
+    let cli = |args: &[&str]| {
+        let mut argv = vec!["redis-cli", "-h", &listen, "-p", "6379"];
+        argv.extend_from_slice(args);
+        pod.app_run(&argv).unwrap().trim().to_string()
+    };
+    assert_eq!(cli(&["SET", "mesh:greeting", "through the proxy"]), "OK");
+    assert_eq!(cli(&["GET", "mesh:greeting"]), "through the proxy");
+    // A value larger than any single read, both ways.
+    let big = "x".repeat(256 * 1024);
+    assert_eq!(cli(&["SET", "mesh:big", &big]), "OK");
+    assert_eq!(cli(&["STRLEN", "mesh:big"]), big.len().to_string());
+    assert_eq!(cli(&["GET", "mesh:big"]), big);
+
+    // Four connections, each through the proxy as opaque TCP to where the app was going.
+    let l = to(6379);
+    pod.wait_metric("tcp_open_total", &labels(&l), 5.0).unwrap();
+    pod.wait_metric("tcp_read_bytes_total", &labels(&l), 2.0 * 256.0 * 1024.0)
+        .unwrap();
+}
+
+#[test]
+fn psql_reaches_a_real_postgres() {
+    let Some(bin) = postgres_bin() else {
+        assert!(have(&["/usr/lib/postgresql/<version>/bin/initdb"]));
+        return;
+    };
+    if !have(&["psql"]) {
+        return;
+    }
+    let mut pod = pod();
+    // Postgres refuses to run as root: its data belongs to the postgres user.
+    let uid = user_id("postgres");
+    let data = pod.net().dir().join("pg");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(uid), Some(uid)).unwrap();
+    let data = data.display().to_string();
+    pod.net()
+        .cluster()
+        .run(
+            Some(uid),
+            &[
+                &format!("{bin}/initdb"),
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+            ],
+        )
+        .unwrap();
+    let listen = CLUSTER_IP.to_string();
+    pod.serve(
+        Server::new(
+            "postgres",
+            &[
+                &format!("{bin}/postgres"),
+                "-D",
+                &data,
+                "-h",
+                &listen,
+                "-p",
+                "5432",
+                "-k",
+                &data,
+            ],
+        )
+        .uid(uid)
+        .listening(5432),
+    )
+    .unwrap();
+
+    let psql = |sql: &str| {
+        pod.app_run(&[
+            "psql", "-h", &listen, "-p", "5432", "-U", "postgres", "-d", "postgres", "-Atc", sql,
+        ])
+        .unwrap()
+        .trim()
+        .to_string()
+    };
+    assert_eq!(psql("SELECT 6 * 7"), "42");
+    assert_eq!(
+        psql(
+            "CREATE TABLE t (v text); INSERT INTO t SELECT repeat('y', 100000); \
+             SELECT length(v) FROM t"
+        ),
+        "100000"
+    );
+
+    let l = to(5432);
+    pod.wait_metric("tcp_open_total", &labels(&l), 2.0).unwrap();
+}
+
+fn postgres_bin() -> Option<String> {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| Some(e.ok()?.path().join("bin")))
+        .filter(|bin| bin.join("initdb").is_file())
+        .collect();
+    versions.sort();
+    Some(versions.pop()?.display().to_string())
+}
+
+fn user_id(name: &str) -> u32 {
+    let out = std::process::Command::new("id")
+        .args(["-u", name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "no user {name}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn curl_verifies_an_https_servers_own_certificate() {
+    if !have(&["curl", "python3"]) {
+        return;
+    }
+    let mut pod = pod();
+    let ca = mesh_test_support::certs::TestCa::new("an HTTPS server's CA").unwrap();
+    let leaf = ca
+        .issue(
+            &mesh_test_support::certs::Leaf::new("secure")
+                .san(&CLUSTER_IP.to_string())
+                .server(),
+        )
+        .unwrap();
+    let net = pod.net();
+    let ca_file = net.file("https-ca.pem", ca.cert_pem().as_bytes()).unwrap();
+    let cert = net.file("https.pem", leaf.cert_pem.as_bytes()).unwrap();
+    let key = net.file("https.key", leaf.key_pem.as_bytes()).unwrap();
+    let listen = format!("{CLUSTER_IP}:8443");
+    pod.serve(
+        Server::new(
+            "https",
+            &[
+                "python3",
+                "-c",
+                HTTP_APP,
+                "secure",
+                &listen,
+                &cert.display().to_string(),
+                &key.display().to_string(),
+            ],
+        )
+        .listening(8443),
+    )
+    .unwrap();
+
+    // The client checks the server's own certificate against the CA that issued it: the
+    // proxy passes TLS through untouched, or the handshake fails.
+    let body = pod
+        .app_run(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            &ca_file.display().to_string(),
+            &format!("https://{listen}/"),
+        ])
+        .unwrap();
+    assert_eq!(body.trim(), "secure -");
+
+    let l = to(8443);
+    pod.wait_metric("tcp_open_total", &labels(&l), 1.0).unwrap();
+}
+
+#[test]
+fn a_websocket_client_reaches_an_echo_server() {
+    if !have(&["python3"]) || !have_python_module("websockets") {
+        return;
+    }
+    let mut pod = pod();
+    let listen = format!("{CLUSTER_IP}:8765");
+    let script = fixture("ws_echo.py");
+    pod.serve(
+        Server::new("ws", &["python3", &script, "serve", "--listen", &listen]).listening(8765),
+    )
+    .unwrap();
+
+    let out = pod.net().pod().run(
+        None,
+        &[
+            "python3",
+            &script,
+            "check",
+            "--url",
+            &format!("ws://{listen}/echo"),
+        ],
+    );
+    let out = match out {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Err(e) => panic!("{e}\n--- the proxy's log ---\n{}", pod.proxy_log(20)),
+    };
+    assert!(out.contains("all WebSocket cases passed"), "{out}");
+
+    // The Upgrade request went through the proxy as HTTP, then the tunnel.
+    let l = to(8765);
+    pod.wait_metric("request_total", &labels(&l), 1.0).unwrap();
+}
+
+#[test]
+fn curl_reaches_an_unmeshed_http_host_by_its_ip() {
+    if !have(&["curl", "python3"]) {
+        return;
+    }
+    let mut pod = pod();
+    let listen = format!("{CLUSTER_IP}:8080");
+    pod.serve(Server::new("plain", &["python3", "-c", HTTP_APP, "plain", &listen]).listening(8080))
+        .unwrap();
+    let url = format!("http://{listen}/");
+
+    let body = pod
+        .app_run(&["curl", "-sS", "--max-time", "10", &url])
+        .unwrap();
+    assert_eq!(body.trim(), "plain -");
+    let l = to(8080);
+    let counted = pod.wait_metric("request_total", &labels(&l), 1.0).unwrap();
+
+    // The control: the proxy's own connections (its uid) leave the pod untouched, or the
+    // proxy would loop into itself. The request still arrives, and the proxy counts nothing.
+    let direct = pod
+        .net()
+        .pod()
+        .stdout(
+            Some(u32::try_from(PROXY_UID).unwrap()),
+            &["curl", "-sS", "--max-time", "10", &url],
+        )
+        .unwrap();
+    assert_eq!(direct.trim(), "plain -");
+    assert_eq!(
+        pod.metric("request_total", &labels(&l)).unwrap(),
+        counted,
+        "a connection from the proxy's uid went through the proxy"
+    );
+}
+
+#[test]
+fn a_grpc_client_reaches_an_unmeshed_server() {
+    if !have(&["python3"]) || !have_python_module("grpc") {
+        return;
+    }
+    let mut pod = pod();
+    let listen = format!("{CLUSTER_IP}:50051");
+    let script = fixture("grpc_echo.py");
+    pod.serve(
+        Server::new("grpc", &["python3", &script, "serve", "--listen", &listen]).listening(50051),
+    )
+    .unwrap();
+
+    // Unary (small and 1 MiB), server streaming, bidirectional streaming, a deadline the
+    // server overruns, and an error status with trailing metadata: see the fixture.
+    let out = pod
+        .net()
+        .pod()
+        .run(None, &["python3", &script, "check", "--target", &listen]);
+    let out = match out {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Err(e) => panic!("{e}\n--- the proxy's log ---\n{}", pod.proxy_log(20)),
+    };
+    assert!(out.contains("all gRPC cases passed"), "{out}");
+
+    // Six calls, each a request through the proxy over HTTP/2.
+    let l = to(50051);
+    pod.wait_metric("request_total", &labels(&l), 6.0).unwrap();
+}
+
+#[test]
+fn a_meshed_service_is_reached_by_name_over_mtls() {
+    if !have(&["curl", "python3"]) {
+        return;
+    }
+    let mut pod = pod();
+    let service = "web.default:80";
+    let app_port = 8081;
+    let listen = format!("127.0.0.1:{app_port}");
+    let server = pod
+        .meshed_service(
+            service,
+            mesh_test_support::mesh::SERVER_ID,
+            Server::new("web", &["python3", "-c", HTTP_APP, "web", &listen]),
+            app_port,
+            INBOUND_PORT,
+        )
+        .unwrap();
+
+    // In the embedded mesh a name is not an address the app can dial: apps reach meshed
+    // services by name through the proxy (HTTP_PROXY), as `mesh up` sets it for them. The
+    // proxy's listener is on loopback, which the rules leave alone.
+    let body = pod
+        .net()
+        .pod()
+        .stdout(
+            None,
+            &[
+                "env",
+                &format!("http_proxy=http://127.0.0.1:{OUTBOUND_PORT}"),
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                &format!("http://{service}/"),
+            ],
+        )
+        .unwrap();
+    // The app answered, and saw the pod's identity: the request crossed mTLS between proxies.
+    assert_eq!(body.trim(), format!("web {CLIENT_ID}"));
+    pod.wait_metric(
+        "request_total",
+        &["direction=\"outbound\"", "authority=\"web.default:80\""],
+        1.0,
+    )
+    .unwrap();
+    drop(server);
+}
