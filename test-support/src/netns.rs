@@ -406,17 +406,20 @@ impl PodNetwork {
         reason = "polls subprocesses from a plain thread; nothing async to stall"
     )]
     pub fn serve(&mut self, server: Server) -> Result<()> {
-        let ns = if server.in_pod {
-            &self.pod
-        } else {
-            &self.cluster
-        };
-        let prefix = ns.exec_prefix(server.uid);
+        let Server {
+            name,
+            argv,
+            in_pod,
+            uid,
+            listening,
+        } = server;
+        let ns = if in_pod { &self.pod } else { &self.cluster };
+        let prefix = ns.exec_prefix(uid);
         let mut cmd = Command::new(&prefix[0]);
-        cmd.args(&prefix[1..]).args(&server.argv);
-        let log = self.dir.path().join(format!("{}.log", server.name));
-        let mut child = ChildGuard::spawn(&server.name, cmd, &log)?;
-        if let Some(addr) = server.listening {
+        cmd.args(&prefix[1..]).args(argv);
+        let log = self.dir.path().join(format!("{name}.log"));
+        let mut child = ChildGuard::spawn(&name, cmd, &log)?;
+        if let Some(addr) = listening {
             let waited = crate::patience();
             let deadline = Instant::now() + waited;
             while !ns.accepts(addr) {
