@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use mesh_controlplane::inject::{InjectConfig, PROXY_UID, iptables_script};
 use mesh_test_support::mesh::CLIENT_ID;
 use mesh_test_support::netns::{
-    ADMIN_PORT, CLUSTER_IP, INBOUND_PORT, MeshedPod, OUTBOUND_PORT, Server, meshed_pod,
+    ADMIN_PORT, CLUSTER_IP, INBOUND_PORT, MeshedPod, OUTBOUND_PORT, POD_IP, Server, meshed_pod,
 };
 
 /// An HTTP (or, given a certificate and key, HTTPS) server answering every GET with its name
@@ -121,48 +121,64 @@ fn redis_cli_reaches_a_real_redis() {
     let mut pod = pod();
     let listen = CLUSTER_IP.to_string();
     let dir = pod.net().dir().display().to_string();
-    pod.serve(
-        Server::new(
-            "redis",
-            &[
-                "redis-server",
-                "--bind",
-                &listen,
-                "--port",
-                "6379",
-                "--protected-mode",
-                "no",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                &dir,
-            ],
+    // Redis's own port, which the proxy knows as opaque and never sniffs, and a port nobody
+    // declared: there the proxy must see for itself that the client is not speaking HTTP.
+    for port in [6379, 7379] {
+        let port_arg = port.to_string();
+        pod.serve(
+            Server::new(
+                &format!("redis-{port}"),
+                &[
+                    "redis-server",
+                    "--bind",
+                    &listen,
+                    "--port",
+                    &port_arg,
+                    "--protected-mode",
+                    "no",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    &dir,
+                ],
+            )
+            .listening(port),
         )
-        .listening(6379),
-    )
-    .unwrap();
+        .unwrap();
+    }
 
-    let cli = |args: &[&str]| {
-        let mut argv = vec!["redis-cli", "-h", &listen, "-p", "6379"];
-        argv.extend_from_slice(args);
-        pod.app_run(&argv).unwrap().trim().to_string()
-    };
-    assert_eq!(cli(&["SET", "mesh:greeting", "through the proxy"]), "OK");
-    assert_eq!(cli(&["GET", "mesh:greeting"]), "through the proxy");
-    // A value larger than any single read, both ways.
-    let big = "x".repeat(256 * 1024);
-    assert_eq!(cli(&["SET", "mesh:big", &big]), "OK");
-    assert_eq!(cli(&["STRLEN", "mesh:big"]), big.len().to_string());
-    assert_eq!(cli(&["GET", "mesh:big"]), big);
+    for port in [6379, 7379] {
+        let port_arg = port.to_string();
+        let cli = |args: &[&str]| {
+            let mut argv = vec!["redis-cli", "-h", &listen, "-p", &port_arg];
+            argv.extend_from_slice(args);
+            pod.app_run(&argv).unwrap().trim().to_string()
+        };
+        assert_eq!(cli(&["SET", "mesh:greeting", "through the proxy"]), "OK");
+        assert_eq!(cli(&["GET", "mesh:greeting"]), "through the proxy");
+        // 256 KiB up in four commands on one connection, and back in one reply.
+        let chunk = "x".repeat(64 * 1024);
+        assert_eq!(
+            cli(&["-r", "4", "APPEND", "mesh:big", &chunk]),
+            "65536\n131072\n196608\n262144"
+        );
+        assert_eq!(cli(&["STRLEN", "mesh:big"]), "262144");
+        assert_eq!(cli(&["GET", "mesh:big"]), chunk.repeat(4));
 
-    // Five connections, each through the proxy as opaque TCP to where the app was going, and
-    // the big value counted both ways.
-    let l = to(6379);
-    pod.wait_metric("tcp_open_total", &labels(&l), 5.0).unwrap();
-    for bytes in ["tcp_read_bytes_total", "tcp_write_bytes_total"] {
-        pod.wait_metric(bytes, &labels(&l), 256.0 * 1024.0).unwrap();
+        // Five connections, each through the proxy as opaque TCP to where the app was going,
+        // and the big value counted both ways.
+        let l = to(port);
+        pod.wait_metric("tcp_close_total", &labels(&l), 5.0)
+            .unwrap();
+        for bytes in ["tcp_read_bytes_total", "tcp_write_bytes_total"] {
+            let counted = pod.metric(bytes, &labels(&l)).unwrap();
+            assert!(
+                counted >= 256.0 * 1024.0,
+                "{bytes} to port {port}: {counted}"
+            );
+        }
     }
 }
 
@@ -194,6 +210,11 @@ fn psql_reaches_a_real_postgres() {
             ],
         )
         .unwrap();
+    // The pod connects from its own address, which initdb's loopback-only rules do not cover.
+    let hba = Path::new(&data).join("pg_hba.conf");
+    let mut rules = std::fs::read_to_string(&hba).unwrap();
+    rules.push_str(&format!("host all all {POD_IP}/32 trust\n"));
+    std::fs::write(&hba, rules).unwrap();
     let listen = CLUSTER_IP.to_string();
     pod.serve(
         Server::new(
@@ -217,7 +238,7 @@ fn psql_reaches_a_real_postgres() {
 
     let psql = |sql: &str| {
         pod.app_run(&[
-            "psql", "-h", &listen, "-p", "5432", "-U", "postgres", "-d", "postgres", "-Atc", sql,
+            "psql", "-h", &listen, "-p", "5432", "-U", "postgres", "-d", "postgres", "-qAtc", sql,
         ])
         .unwrap()
         .trim()
@@ -231,9 +252,16 @@ fn psql_reaches_a_real_postgres() {
         ),
         "100000"
     );
+    // A large row back.
+    assert_eq!(psql("SELECT repeat('z', 200000)"), "z".repeat(200_000));
 
+    // Three connections through the proxy, and the large row among the bytes it carried.
     let l = to(5432);
-    pod.wait_metric("tcp_open_total", &labels(&l), 2.0).unwrap();
+    pod.wait_metric("tcp_close_total", &labels(&l), 3.0)
+        .unwrap();
+    let carried = pod.metric("tcp_read_bytes_total", &labels(&l)).unwrap()
+        + pod.metric("tcp_write_bytes_total", &labels(&l)).unwrap();
+    assert!(carried >= 200_000.0, "the proxy counted {carried} bytes");
 }
 
 fn postgres_bin() -> Option<String> {

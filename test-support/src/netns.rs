@@ -295,8 +295,9 @@ impl PodNetwork {
     /// Creates both namespaces, the veth pair between them, and a directory every user can
     /// read (for files the proxy, which runs as another user, must open).
     pub fn create() -> Result<Self> {
+        remove_stale();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}x{n}", std::process::id() % 100_000);
+        let id = format!("{}x{n}", std::process::id());
         let dir = tempfile::Builder::new()
             .prefix("mesh-netns-")
             .tempdir()
@@ -315,11 +316,12 @@ impl PodNetwork {
             servers: Vec::new(),
             dir,
         };
-        let (veth_pod, veth_cluster) = (format!("mp{id}"), format!("mc{id}"));
+        // Each end is born in its namespace, so the host's own never sees either, and each
+        // namespace can call its end eth0.
+        let (veth_pod, veth_cluster) = ("eth0", "eth0");
         let limit = Duration::from_secs(10);
         run_privileged(&["ip", "netns", "add", &net.pod.name], limit)?;
         run_privileged(&["ip", "netns", "add", &net.cluster.name], limit)?;
-        // Both ends are created inside the namespaces, so the host's own never sees them.
         run_privileged(
             &[
                 "ip",
@@ -327,20 +329,20 @@ impl PodNetwork {
                 &net.pod.name,
                 "link",
                 "add",
-                &veth_pod,
+                veth_pod,
                 "type",
                 "veth",
                 "peer",
                 "name",
-                &veth_cluster,
+                veth_cluster,
                 "netns",
                 &net.cluster.name,
             ],
             limit,
         )?;
         for (ns, dev, ip) in [
-            (&net.pod, &veth_pod, POD_IP),
-            (&net.cluster, &veth_cluster, CLUSTER_IP),
+            (&net.pod, veth_pod, POD_IP),
+            (&net.cluster, veth_cluster, CLUSTER_IP),
         ] {
             let addr = format!("{ip}/24");
             run_privileged(
@@ -442,16 +444,41 @@ impl Drop for PodNetwork {
         for server in &mut self.servers {
             server.kill();
         }
-        let limit = Duration::from_secs(10);
-        for ns in [&self.pod, &self.cluster] {
-            // Whatever else still runs inside (a proxy or control plane not dropped yet, a
-            // server's own children) would keep the namespace's sockets alive.
-            if let Ok(out) = run_privileged(&["ip", "netns", "pids", &ns.name], limit) {
-                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                    let _ = run_privileged(&["kill", "-9", pid], limit);
-                }
-            }
-            let _ = run_privileged(&["ip", "netns", "del", &ns.name], limit);
+        delete(&self.pod.name);
+        delete(&self.cluster.name);
+    }
+}
+
+/// Kills every process in namespace `name` (a proxy or control plane not dropped yet, a
+/// server's own children: they would keep its sockets alive) and deletes it.
+fn delete(name: &str) {
+    let limit = Duration::from_secs(10);
+    if let Ok(out) = run_privileged(&["ip", "netns", "pids", name], limit) {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = run_privileged(&["kill", "-9", pid], limit);
+        }
+    }
+    let _ = run_privileged(&["ip", "netns", "del", name], limit);
+}
+
+/// Deletes the namespaces of test processes that are gone (killed before they could drop
+/// their [`PodNetwork`]), found by the pid in their names.
+fn remove_stale() {
+    let Ok(out) = run_privileged(&["ip", "netns", "list"], Duration::from_secs(10)) else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let pid = ["mesh-pod-", "mesh-cluster-"]
+            .iter()
+            .find_map(|prefix| name.strip_prefix(prefix))
+            .and_then(|rest| rest.split_once('x'))
+            .and_then(|(pid, n)| n.parse::<u32>().is_ok().then_some(pid))
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            delete(name);
         }
     }
 }
@@ -623,7 +650,8 @@ impl MeshedPod {
     pub fn wait_metric(&mut self, name: &str, labels: &[&str], at_least: f64) -> Result<f64> {
         let deadline = Instant::now() + crate::patience();
         loop {
-            let value = self.metric(name, labels)?;
+            // An empty sum is -0.0; shown as 0.
+            let value = self.metric(name, labels)? + 0.0;
             if value >= at_least {
                 return Ok(value);
             }
