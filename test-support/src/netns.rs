@@ -18,6 +18,12 @@
 //! either namespace and deletes both (the veth pair goes with them), also when a test panics.
 //! Nothing in the host's own network namespace is changed.
 //!
+//! [`meshed_pod`] puts the mesh in it: the pod gets the rules and a `mesh-proxy` running as the
+//! proxy's uid, bound where the injector binds it, and the cluster a real control plane;
+//! [`MeshedPod::meshed_service`] adds a meshed workload behind a proxy of its own, and
+//! [`MeshedPod::wait_metric`] reads the pod proxy's counters, to prove a connection went
+//! through it.
+//!
 //! Needs root or passwordless sudo, `ip` (iproute2), `iptables`, `setpriv` (util-linux),
 //! `timeout` (coreutils), `curl` and `bash`.
 
@@ -469,17 +475,38 @@ fn remove_stale() {
     };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or_default();
-        let pid = ["mesh-pod-", "mesh-cluster-"]
-            .iter()
-            .find_map(|prefix| name.strip_prefix(prefix))
-            .and_then(|rest| rest.split_once('x'))
-            .and_then(|(pid, n)| n.parse::<u32>().is_ok().then_some(pid))
-            .and_then(|pid| pid.parse::<u32>().ok());
-        if let Some(pid) = pid
+        if let Some(pid) = owner(name)
             && !Path::new(&format!("/proc/{pid}")).exists()
         {
             delete(name);
         }
+    }
+}
+
+/// The pid of the test process that created namespace `name` (`mesh-pod-<pid>x<n>`,
+/// `mesh-cluster-<pid>x<n>`); `None` for anybody else's.
+fn owner(name: &str) -> Option<u32> {
+    let (pid, n) = ["mesh-pod-", "mesh-cluster-"]
+        .iter()
+        .find_map(|prefix| name.strip_prefix(prefix))?
+        .split_once('x')?;
+    n.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_namespaces_named_by_the_harness_have_an_owner() {
+        assert_eq!(owner("mesh-pod-4242x0"), Some(4242));
+        assert_eq!(owner("mesh-cluster-17x12"), Some(17));
+        // controlplane/tests/iptables.rs names its own; other tools name theirs.
+        assert_eq!(owner("mesh-pod-4242"), None);
+        assert_eq!(owner("mesh-peer-4242"), None);
+        assert_eq!(owner("cni-1234x5"), None);
+        assert_eq!(owner("mesh-pod-x1"), None);
     }
 }
 
