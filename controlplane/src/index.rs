@@ -1,6 +1,10 @@
 //! The discovery index: a pure structure that turns HTTPRoutes and workload registrations into
 //! what proxies are told, a [`RouteTable`] per authority and [`Endpoints`] per service.
 //!
+//! It also answers what an address is in the mesh ([`MeshAddress`]), for proxies that see a
+//! redirected connection's original destination: a Service's ClusterIP and port (fed from the
+//! cluster, [`Index::reset_service_addresses`]) or a registered workload's address.
+//!
 //! Store events and registrations come in through `apply`/`delete`/`reset`; every watched key is
 //! recomputed and republished through a `tokio::sync::watch` channel only when its value
 //! changed, stamped with a version that grows with every change. A watch channel keeps just the
@@ -15,9 +19,11 @@
 
 use std::{cmp::Reverse, collections::BTreeMap};
 
+use std::net::SocketAddr;
+
 use mesh_core::proxy_api::{
-    Endpoint, Endpoints, PathMatch, RouteFilter, RouteMatch, RouteRule, RouteTable, ServiceRef,
-    ValueMatch, WeightedBackend, WorkloadRegistration,
+    Endpoint, Endpoints, MeshAddress, PathMatch, RouteFilter, RouteMatch, RouteRule, RouteTable,
+    ServiceRef, ValueMatch, WeightedBackend, WorkloadRegistration,
 };
 use mesh_crds::HttpRoute;
 use serde_json::Value;
@@ -64,6 +70,8 @@ pub struct Index {
     workloads: BTreeMap<String, WorkloadRegistration>,
     route_watches: BTreeMap<ServiceRef, watch::Sender<Published<RouteTable>>>,
     endpoint_watches: BTreeMap<ServiceRef, watch::Sender<Published<Endpoints>>>,
+    service_addrs: BTreeMap<SocketAddr, ServiceRef>,
+    address_watches: BTreeMap<SocketAddr, watch::Sender<Published<MeshAddress>>>,
 }
 
 fn is_core_service(group: Option<&str>, kind: Option<&str>, default_kind: &str) -> bool {
@@ -242,6 +250,8 @@ impl Index {
             workloads: BTreeMap::new(),
             route_watches: BTreeMap::new(),
             endpoint_watches: BTreeMap::new(),
+            service_addrs: BTreeMap::new(),
+            address_watches: BTreeMap::new(),
         }
     }
 
@@ -327,6 +337,48 @@ impl Index {
         let (tx, rx) = watch::channel(update);
         self.endpoint_watches.insert(service.clone(), tx);
         rx
+    }
+
+    /// Replaces the services' own addresses (in Kubernetes, every ClusterIP and port).
+    pub fn reset_service_addresses(&mut self, addrs: BTreeMap<SocketAddr, ServiceRef>) {
+        if self.service_addrs != addrs {
+            self.service_addrs = addrs;
+            self.publish();
+        }
+    }
+
+    /// Follows what `addr` is in the mesh.
+    pub fn watch_address(&mut self, addr: SocketAddr) -> watch::Receiver<Published<MeshAddress>> {
+        if let Some(tx) = self.address_watches.get(&addr) {
+            return tx.subscribe();
+        }
+        let update = Published::new(self.version, self.address(addr));
+        let (tx, rx) = watch::channel(update);
+        self.address_watches.insert(addr, tx);
+        rx
+    }
+
+    /// What `addr` is in the mesh: a service's own address, else an endpoint of the first
+    /// service (by registration id) a workload registered there belongs to; `None` outside the
+    /// mesh.
+    pub fn address(&self, addr: SocketAddr) -> Option<MeshAddress> {
+        if let Some(service) = self.service_addrs.get(&addr) {
+            return Some(MeshAddress {
+                service: service.clone(),
+                endpoint: None,
+            });
+        }
+        self.workloads
+            .values()
+            .find(|w| w.addr == addr)
+            .map(|w| MeshAddress {
+                service: w.service.clone(),
+                endpoint: Some(Endpoint {
+                    addr: w.addr,
+                    identity: w.identity.clone(),
+                    labels: w.labels.clone(),
+                }),
+            })
     }
 
     fn has_workloads(&self, service: &ServiceRef) -> bool {
@@ -438,6 +490,7 @@ impl Index {
         self.route_watches.retain(|_, tx| tx.receiver_count() > 0);
         self.endpoint_watches
             .retain(|_, tx| tx.receiver_count() > 0);
+        self.address_watches.retain(|_, tx| tx.receiver_count() > 0);
         let next = self.version + 1;
         let tables: Vec<_> = self
             .route_watches
@@ -451,6 +504,12 @@ impl Index {
             .map(|s| (s.clone(), self.endpoints(s)))
             .collect();
         send_changed(&self.endpoint_watches, sets, next);
+        let addresses: Vec<_> = self
+            .address_watches
+            .keys()
+            .map(|a| (*a, self.address(*a)))
+            .collect();
+        send_changed(&self.address_watches, addresses, next);
         // Unwatched keys change too; the version still moves so a later watcher never sees an
         // older version for a newer value.
         self.version = next;
@@ -627,6 +686,36 @@ mod tests {
             }
             other => panic!("unexpected filter {other:?}"),
         }
+    }
+
+    #[test]
+    fn addresses_name_their_service_or_endpoint_and_follow_changes() {
+        let mut index = Index::new(0);
+        let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        let pod: SocketAddr = "10.1.0.5:8080".parse().unwrap();
+        let outside: SocketAddr = "93.184.216.34:443".parse().unwrap();
+        let mut vip_rx = index.watch_address(vip);
+        let pod_rx = index.watch_address(pod);
+        assert_eq!(vip_rx.borrow().value, None);
+        index.reset_service_addresses(BTreeMap::from([(vip, svc("web.default:80"))]));
+        assert!(vip_rx.has_changed().unwrap());
+        let seen = vip_rx.borrow_and_update().value.clone().unwrap();
+        assert_eq!(seen.service, svc("web.default:80"));
+        assert_eq!(seen.endpoint, None);
+        index.apply_workload(
+            "a",
+            mk_workload("web-canary.default:80", "10.1.0.5:8080", "v2"),
+        );
+        let seen = pod_rx.borrow().value.clone().unwrap();
+        assert_eq!(seen.service, svc("web-canary.default:80"));
+        assert_eq!(seen.endpoint.unwrap().addr, pod);
+        assert_eq!(index.address(outside), None);
+        // The same addresses again change nothing.
+        let version = index.version();
+        index.reset_service_addresses(BTreeMap::from([(vip, svc("web.default:80"))]));
+        assert_eq!(index.version(), version);
+        index.delete_workload("a");
+        assert_eq!(pod_rx.borrow().value, None);
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub const INJECTED_ANNOTATION: &str = "mesh.dev/injected";
 pub const SKIP_INBOUND_ANNOTATION: &str = "config.mesh.dev/skip-inbound-ports";
 /// Comma-separated outbound ports the proxy must not intercept (e.g. a database's).
 pub const SKIP_OUTBOUND_ANNOTATION: &str = "config.mesh.dev/skip-outbound-ports";
+/// Comma-separated ports (or `a-b` ranges) whose connections the proxy forwards as opaque TCP
+/// without sniffing, both ways, like Linkerd's `config.linkerd.io/opaque-ports`; replaces the
+/// proxy's default list (25, 587, 3306, 4444, 5432, 6379, 9300, 11211).
+pub const OPAQUE_PORTS_ANNOTATION: &str = "config.mesh.dev/opaque-ports";
 /// The proxy container's name.
 pub const PROXY_CONTAINER: &str = "mesh-proxy";
 /// The init container's name.
@@ -148,6 +152,29 @@ fn ports(meta: &ObjectMeta, key: &'static str) -> Result<Vec<u16>, AnnotationErr
         })
 }
 
+/// The opaque-port list of `key`, normalized (`5432,8000-8010`), or `None` when unset.
+fn port_ranges(meta: &ObjectMeta, key: &'static str) -> Result<Option<String>, AnnotationError> {
+    let Some(value) = annotation(meta, key) else {
+        return Ok(None);
+    };
+    let error = || AnnotationError {
+        key,
+        value: value.to_string(),
+    };
+    let port = |p: &str| p.trim().parse::<u16>().ok().filter(|p| *p > 0);
+    let mut items = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match item.split_once('-') {
+            Some((lo, hi)) => match (port(lo), port(hi)) {
+                (Some(lo), Some(hi)) if lo <= hi => items.push(format!("{lo}-{hi}")),
+                _ => return Err(error()),
+            },
+            None => items.push(port(item).ok_or_else(error)?.to_string()),
+        }
+    }
+    Ok(Some(items.join(",")))
+}
+
 /// The init container's script: NAT rules redirecting the pod's TCP through the proxy.
 pub fn iptables_script(
     config: &InjectConfig,
@@ -235,6 +262,7 @@ pub fn inject(
 ) -> Result<(), AnnotationError> {
     let skip_inbound = ports(meta, SKIP_INBOUND_ANNOTATION)?;
     let skip_outbound = ports(meta, SKIP_OUTBOUND_ANNOTATION)?;
+    let opaque_ports = port_ranges(meta, OPAQUE_PORTS_ANNOTATION)?;
 
     let init = Container {
         name: INIT_CONTAINER.into(),
@@ -298,6 +326,10 @@ pub fn inject(
     }
     if let Some(port) = app_port(spec) {
         envs.push(env("MESH_PROXY_APP_ADDR", format!("127.0.0.1:{port}")));
+    }
+    if let Some(list) = opaque_ports {
+        envs.push(env("MESH_PROXY_OUTBOUND_OPAQUE_PORTS", list.clone()));
+        envs.push(env("MESH_PROXY_INBOUND_OPAQUE_PORTS", list));
     }
     let proxy = Container {
         name: PROXY_CONTAINER.into(),
@@ -467,6 +499,40 @@ mod tests {
         assert!(
             matches!(decide(&BTreeMap::new(), &m, &s), Decision::Skip(r) if r == "already injected")
         );
+    }
+
+    #[test]
+    fn opaque_ports_reach_the_proxy_both_ways_and_are_checked() {
+        let config = InjectConfig::default();
+        let env_of = |s: &PodSpec| -> BTreeMap<String, String> {
+            s.containers
+                .iter()
+                .find(|c| c.name == PROXY_CONTAINER)
+                .unwrap()
+                .env
+                .iter()
+                .flatten()
+                .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+                .collect()
+        };
+        let (mut m, mut s) = pod(&[
+            (INJECT_ANNOTATION, "enabled"),
+            (OPAQUE_PORTS_ANNOTATION, "5432, 8000-8010"),
+        ]);
+        inject(&mut m, &mut s, &config).unwrap();
+        let env = env_of(&s);
+        assert_eq!(env["MESH_PROXY_OUTBOUND_OPAQUE_PORTS"], "5432,8000-8010");
+        assert_eq!(env["MESH_PROXY_INBOUND_OPAQUE_PORTS"], "5432,8000-8010");
+        // Unset: the proxy keeps its defaults.
+        let (mut m, mut s) = pod(&[(INJECT_ANNOTATION, "enabled")]);
+        inject(&mut m, &mut s, &config).unwrap();
+        assert!(!env_of(&s).contains_key("MESH_PROXY_OUTBOUND_OPAQUE_PORTS"));
+        for bad in ["5432,postgres", "0", "9-1", "70000"] {
+            let (mut m, mut s) = pod(&[(OPAQUE_PORTS_ANNOTATION, bad)]);
+            let e = inject(&mut m, &mut s, &config).unwrap_err();
+            assert!(e.to_string().contains(OPAQUE_PORTS_ANNOTATION), "{e}");
+            assert!(e.to_string().contains(bad), "{e}");
+        }
     }
 
     #[test]

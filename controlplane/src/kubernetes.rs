@@ -7,12 +7,16 @@
 //!   the embedded store's.
 //! - **Endpoints.** Reflectors over Services, EndpointSlices and Pods. Each ready address of an
 //!   EndpointSlice becomes an endpoint of `<service>.<namespace>:<service port>`, at the pod's IP
-//!   and the slice's target port, the address Linkerd's destination service hands out too (in
-//!   an injected pod, iptables sends it to the proxy's inbound port). A pod the injector marked
-//!   (`mesh.dev/injected`) is meshed: its endpoint carries the SPIFFE ID of its service account,
-//!   which peers must present over mTLS. Endpoints are fed to the index as registrations under
+//!   and the slice's target port. A pod the injector marked (`mesh.dev/injected`) is meshed: its
+//!   endpoint carries the SPIFFE ID of its service account, which peers must present over mTLS,
+//!   and is the proxy's inbound port on the pod's IP, which the injector's rules leave
+//!   unredirected. Peer proxies connect there directly, so their mTLS is never taken for the
+//!   app's own traffic on a port declared opaque (which the inbound proxy forwards unsniffed). Endpoints are fed to the index as registrations under
 //!   ids derived from the slice, address and port; each change of the three caches recomputes
 //!   them and applies only the difference.
+//!
+//! - **Service addresses.** Every ClusterIP and TCP port of a Service is its own address, so a
+//!   proxy that sees a redirected connection to it knows which service the app meant.
 //!
 //! - **Identity.** Proxies present their projected service-account tokens, which the control
 //!   plane checks with TokenReview (see [`crate::tokenreview`]).
@@ -96,7 +100,9 @@ pub async fn feed_endpoints(client: Client, trust_domain: String, shared: Arc<Sh
     let mut applied: BTreeMap<String, WorkloadRegistration> = BTreeMap::new();
     while changes.next().await.is_some() {
         let wanted = registrations(&services, &slices, &pods, &trust_domain);
+        let addresses = service_addresses(&services.state());
         let mut index = shared.index();
+        index.reset_service_addresses(addresses);
         for id in applied.keys() {
             if !wanted.contains_key(id) {
                 index.delete_workload(id);
@@ -110,6 +116,37 @@ pub async fn feed_endpoints(client: Client, trust_domain: String, shared: Arc<Sh
         drop(index);
         applied = wanted;
     }
+}
+
+/// Every Service's ClusterIPs and TCP ports, as the service each stands for. Headless Services
+/// (`clusterIP: None`) have none: their clients dial endpoints, which are known by address.
+pub fn service_addresses(services: &[Arc<Service>]) -> BTreeMap<SocketAddr, ServiceRef> {
+    let mut out = BTreeMap::new();
+    for service in services {
+        let Some(spec) = &service.spec else { continue };
+        let ns = service.namespace().unwrap_or_default();
+        let ips = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .filter_map(|ip| ip.parse::<IpAddr>().ok());
+        for ip in ips {
+            for port in spec.ports.iter().flatten() {
+                if port.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+                    continue;
+                }
+                let Ok(p) = u16::try_from(port.port) else {
+                    continue;
+                };
+                out.insert(
+                    SocketAddr::new(ip, p),
+                    ServiceRef::new(service.name_any(), &ns, p),
+                );
+            }
+        }
+    }
+    out
 }
 
 /// The endpoints the three caches describe, as registrations by id.
@@ -147,6 +184,7 @@ pub fn slice_registrations(
     trust_domain: &str,
 ) -> BTreeMap<String, WorkloadRegistration> {
     let mut out = BTreeMap::new();
+    let proxy_inbound = crate::inject::InjectConfig::default().inbound_port;
     let ns = slice.namespace().unwrap_or_default();
     let svc_name = service.name_any();
     let slice_ports: Vec<(String, u16)> = slice
@@ -208,6 +246,11 @@ pub fn slice_registrations(
                     .map(|id| id.to_string())
             });
             let labels = pod.map(|p| p.labels().clone()).unwrap_or_default();
+            let port = if identity.is_some() {
+                proxy_inbound
+            } else {
+                target
+            };
             for address in &endpoint.addresses {
                 let Ok(ip) = address.parse::<IpAddr>() else {
                     continue;
@@ -217,7 +260,7 @@ pub fn slice_registrations(
                     id,
                     WorkloadRegistration {
                         service: service_ref.clone(),
-                        addr: SocketAddr::new(ip, target),
+                        addr: SocketAddr::new(ip, port),
                         identity: identity.clone(),
                         labels: labels.clone(),
                     },
@@ -226,4 +269,43 @@ pub fn slice_registrations(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(json: serde_json::Value) -> Arc<Service> {
+        Arc::new(serde_json::from_value(json).unwrap())
+    }
+
+    #[test]
+    fn cluster_ips_and_tcp_ports_name_their_service() {
+        let services = [
+            service(serde_json::json!({
+                "metadata": {"name": "db", "namespace": "shop"},
+                "spec": {
+                    "clusterIP": "10.96.0.10",
+                    "clusterIPs": ["10.96.0.10", "fd00::10"],
+                    "ports": [
+                        {"port": 5432},
+                        {"port": 5433, "protocol": "UDP"}
+                    ]
+                }
+            })),
+            service(serde_json::json!({
+                "metadata": {"name": "headless", "namespace": "shop"},
+                "spec": {"clusterIP": "None", "ports": [{"port": 80}]}
+            })),
+        ];
+        let addrs = service_addresses(&services);
+        let db = ServiceRef::new("db", "shop", 5432);
+        assert_eq!(
+            addrs,
+            BTreeMap::from([
+                ("10.96.0.10:5432".parse().unwrap(), db.clone()),
+                ("[fd00::10]:5432".parse().unwrap(), db),
+            ])
+        );
+    }
 }

@@ -29,8 +29,9 @@ use std::{
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use mesh_core::proxy_api::{
-    CERTIFY_PATH, CertifyRequest, NDJSON, PolicyTarget, ServiceRef, WATCH_ENDPOINTS_PATH,
-    WATCH_POLICY_PATH, WATCH_ROUTES_PATH, WORKLOADS_PATH, WorkloadRegistration,
+    CERTIFY_PATH, CertifyRequest, NDJSON, PolicyTarget, ServiceRef, WATCH_ADDRESS_PATH,
+    WATCH_ENDPOINTS_PATH, WATCH_POLICY_PATH, WATCH_ROUTES_PATH, WORKLOADS_PATH,
+    WorkloadRegistration,
 };
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -176,6 +177,10 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
             Ok(service) => stream(shared.index().watch_endpoints(&service)),
             Err(resp) => resp,
         },
+        (&Method::GET, WATCH_ADDRESS_PATH) => match addr_param(query.as_deref()) {
+            Ok(addr) => stream(shared.index().watch_address(addr)),
+            Err(resp) => resp,
+        },
         (&Method::GET, WATCH_POLICY_PATH) => match policy_target(query.as_deref()) {
             Ok(target) => stream(shared.policy().watch(&target)),
             Err(resp) => resp,
@@ -298,6 +303,14 @@ fn service_param(query: Option<&str>, name: &str) -> Result<ServiceRef, Response
         .map(percent_decode)
         .ok_or_else(|| bad_request(format!("{name}: required, as <name>.<namespace>:<port>")))?;
     raw.parse().map_err(|e| bad_request(format!("{name}: {e}")))
+}
+
+fn addr_param(query: Option<&str>) -> Result<std::net::SocketAddr, Response<Body>> {
+    let raw = query_param(query, "addr")
+        .map(percent_decode)
+        .ok_or_else(|| bad_request("addr: required, as <ip>:<port>"))?;
+    raw.parse()
+        .map_err(|_| bad_request(format!("addr: {raw:?} is not <ip>:<port>")))
 }
 
 fn policy_target(query: Option<&str>) -> Result<PolicyTarget, Response<Body>> {

@@ -123,10 +123,19 @@ async fn cluster_objects_become_the_endpoints_and_routes_proxies_watch() {
         "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}], "selector": {"app": "web"}},
     }))
     .unwrap();
-    Api::<Service>::namespaced(client.clone(), "default")
+    let created = Api::<Service>::namespaced(client.clone(), "default")
         .create(&PostParams::default(), &service)
         .await
         .unwrap();
+    // The ClusterIP the apiserver gave the Service is the service's own address: a proxy that
+    // sees a redirected connection to it learns which service the app meant.
+    let cluster_ip = created.spec.unwrap().cluster_ip.unwrap();
+    let address_url = format!("{proxy_api}/v1/watch/address?addr={cluster_ip}:80");
+    assert_eventually!(
+        current(&watcher, &address_url).await["service"] == "web.default:80",
+        "address {cluster_ip}:80: {:?}",
+        current(&watcher, &address_url).await
+    );
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     for (name, annotations, sa) in [
         ("web-1", json!({"mesh.dev/injected": "proxy:dev"}), "web"),
@@ -159,10 +168,11 @@ async fn cluster_objects_become_the_endpoints_and_routes_proxies_watch() {
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
     slices.create(&PostParams::default(), &slice).await.unwrap();
 
-    // Ready addresses, at the target port; the meshed pod with its service account's identity.
+    // Ready addresses, at the target port; the meshed pod with its service account's identity,
+    // at its proxy's inbound port.
     let want = vec![
         (
-            "10.244.0.5:8080".to_string(),
+            "10.244.0.5:4143".to_string(),
             Some("spiffe://cluster.local/ns/default/sa/web".to_string()),
         ),
         ("10.244.0.6:8080".to_string(), None),

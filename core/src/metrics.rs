@@ -100,6 +100,8 @@ pub mod label {
     /// The authorization that admitted a client: `AuthorizationPolicy/<name>` or
     /// `default:<policy>`; empty on a denial.
     pub const AUTHORIZATION: &str = "authorization";
+    /// Whether an opaque connection crossed the mesh over mTLS: `true`, or empty.
+    pub const TLS: &str = "tls";
     /// A histogram bucket's upper bound.
     pub const LE: &str = "le";
 }
@@ -205,8 +207,16 @@ pub const RESPONSE_LABELS: [&str; 8] = [
 /// Labels of per-route series.
 pub const ROUTE_LABELS: [&str; 2] = [label::AUTHORITY, label::ROUTE];
 
-/// Labels of opaque TCP series.
-pub const TCP_LABELS: [&str; 1] = [label::DIRECTION];
+/// Labels of opaque TCP series: the direction, where the connection went (the service's
+/// authority, or `ip:port` for a destination outside the mesh, with empty `dst_*`), and whether
+/// it crossed the mesh over mTLS.
+pub const TCP_LABELS: [&str; 5] = [
+    label::DIRECTION,
+    label::AUTHORITY,
+    label::DST_SERVICE,
+    label::DST_NAMESPACE,
+    label::TLS,
+];
 
 /// Labels of authorization decisions.
 pub const AUTHZ_LABELS: [&str; 2] = [label::SERVER, label::AUTHORIZATION];

@@ -12,6 +12,7 @@
 //! | routes | `GET /v1/watch/routes?authority=<name>.<namespace>:<port>` | an authority |
 //! | endpoints | `GET /v1/watch/endpoints?service=<name>.<namespace>:<port>` | a backend service |
 //! | policy | `GET /v1/watch/policy?namespace=<ns>&port=<port>&labels=<k>=<v>,...` | a workload's inbound port ([`PolicyTarget`]); the value is a `mesh_policies::InboundPolicy` |
+//! | address | `GET /v1/watch/address?addr=<ip>:<port>` | an original destination; the value is a [`MeshAddress`], absent when the address is not meshed |
 //!
 //! Identity and registration are unary JSON calls on the same listener:
 //! `POST /v1/identity/certify` ([`CertifyRequest`] -> [`CertifyResponse`]),
@@ -33,6 +34,8 @@ pub const WATCH_ROUTES_PATH: &str = "/v1/watch/routes";
 pub const WATCH_ENDPOINTS_PATH: &str = "/v1/watch/endpoints";
 /// Path of the inbound policy watch stream.
 pub const WATCH_POLICY_PATH: &str = "/v1/watch/policy";
+/// Path of the address watch stream: what a connection's original destination is in the mesh.
+pub const WATCH_ADDRESS_PATH: &str = "/v1/watch/address";
 /// Path of the certificate-signing call.
 pub const CERTIFY_PATH: &str = "/v1/identity/certify";
 /// Path of workload registration; heartbeats go to `<this>/<lease id>/heartbeat`, and
@@ -324,6 +327,31 @@ pub struct Endpoint {
     pub labels: BTreeMap<String, String>,
 }
 
+/// What an address (a redirected connection's original destination) is in the mesh: a
+/// service's own address (its Kubernetes ClusterIP and port, or an address a static config
+/// gives it), or one endpoint of a service (a registered workload's address, a pod's IP and
+/// port). Addresses the mesh does not know are answered with no value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshAddress {
+    /// The service the address belongs to; HTTP to it is routed by its route table.
+    pub service: ServiceRef,
+    /// Set when the address is one endpoint of the service: opaque connections go to that
+    /// endpoint (over mTLS when it has an identity) instead of being split across the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<Endpoint>,
+}
+
+/// A service's own address in a static config (what a ClusterIP is in Kubernetes).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAddress {
+    /// The address apps connect to.
+    pub addr: SocketAddr,
+    /// The service it stands for.
+    pub service: ServiceRef,
+}
+
 /// A proxy's static configuration file (`mesh-proxy --config FILE`), used standalone and in tests
 /// instead of the control plane's streams.
 #[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
@@ -335,6 +363,10 @@ pub struct StaticConfig {
     /// Endpoints by service.
     #[serde(default)]
     pub endpoints: Vec<Endpoints>,
+    /// Services' own addresses, so redirected connections to them are routed (endpoint
+    /// addresses are known from `endpoints`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<ServiceAddress>,
 }
 
 /// A proxy asks for a certificate.

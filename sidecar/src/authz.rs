@@ -67,11 +67,12 @@ impl Authz {
         }
     }
 
-    /// Checks an opaque TCP connection from `ip` (plaintext, so without an identity).
-    pub fn check_tcp(&self, ip: IpAddr) -> Result<(), Denied> {
+    /// Checks an opaque TCP connection from `ip`, proven as `identity` when it came from a
+    /// peer proxy over mTLS (plaintext connections have none).
+    pub fn check_tcp(&self, ip: IpAddr, identity: Option<&str>) -> Result<(), Denied> {
         let policy = self.policy();
         policy
-            .authorize(&Client { ip, identity: None })
+            .authorize(&Client { ip, identity })
             .map(|_| ())
             .inspect_err(|_| {
                 self.metrics

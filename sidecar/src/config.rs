@@ -58,6 +58,17 @@ pub const ENV_INBOUND_ADDR: &str = "MESH_PROXY_INBOUND_ADDR";
 /// the connection as opaque TCP (a server-first protocol), e.g. `10s`.
 pub const ENV_INBOUND_DETECT_TIMEOUT: &str = "MESH_PROXY_INBOUND_DETECT_TIMEOUT";
 
+/// How long the outbound listener waits for the first bytes of a redirected connection before
+/// it forwards the connection as opaque TCP (a server-first protocol), e.g. `10s`.
+pub const ENV_OUTBOUND_DETECT_TIMEOUT: &str = "MESH_PROXY_OUTBOUND_DETECT_TIMEOUT";
+
+/// Ports (comma-separated, ranges as `a-b`) whose redirected outbound connections are opaque
+/// TCP without detection; empty for none. Default [`crate::opaque::DEFAULT_OPAQUE_PORTS`].
+pub const ENV_OUTBOUND_OPAQUE_PORTS: &str = "MESH_PROXY_OUTBOUND_OPAQUE_PORTS";
+
+/// The same for redirected inbound connections, by the port they were sent to.
+pub const ENV_INBOUND_OPAQUE_PORTS: &str = "MESH_PROXY_INBOUND_OPAQUE_PORTS";
+
 /// Linkerd's inbound port; on every interface, since peers connect to it from elsewhere.
 pub const DEFAULT_INBOUND_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 4143);
@@ -133,6 +144,12 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// See [`ENV_INBOUND_DETECT_TIMEOUT`].
     pub detect_timeout: Duration,
+    /// See [`ENV_OUTBOUND_DETECT_TIMEOUT`].
+    pub outbound_detect_timeout: Duration,
+    /// See [`ENV_OUTBOUND_OPAQUE_PORTS`].
+    pub outbound_opaque_ports: crate::opaque::Ports,
+    /// See [`ENV_INBOUND_OPAQUE_PORTS`].
+    pub inbound_opaque_ports: crate::opaque::Ports,
     /// See [`ENV_INBOUND_DEFAULT_POLICY`].
     pub inbound_default_policy: mesh_policies::DefaultPolicy,
     /// Endpoint selection and failure accrual.
@@ -177,6 +194,18 @@ impl TrustRoots {
             }
         }
     }
+}
+
+/// An opaque-port list from `name`, or the default list when unset.
+fn opaque_ports(env: &impl Env, name: &'static str) -> Result<crate::opaque::Ports, ConfigError> {
+    let value = env
+        .var(name)
+        .unwrap_or_else(|| crate::opaque::DEFAULT_OPAQUE_PORTS.to_string());
+    value.parse().map_err(|reason| ConfigError {
+        name,
+        value: value.clone(),
+        reason,
+    })
 }
 
 /// Certificates from PEM text, at least one.
@@ -281,6 +310,12 @@ impl Config {
                 ENV_INBOUND_DETECT_TIMEOUT,
                 crate::opaque::DEFAULT_DETECT_TIMEOUT,
             )?,
+            outbound_detect_timeout: env.duration_or(
+                ENV_OUTBOUND_DETECT_TIMEOUT,
+                crate::opaque::DEFAULT_DETECT_TIMEOUT,
+            )?,
+            outbound_opaque_ports: opaque_ports(env, ENV_OUTBOUND_OPAQUE_PORTS)?,
+            inbound_opaque_ports: opaque_ports(env, ENV_INBOUND_OPAQUE_PORTS)?,
             inbound_default_policy: env.parse_or(
                 ENV_INBOUND_DEFAULT_POLICY,
                 mesh_policies::DefaultPolicy::AllUnauthenticated,
@@ -307,6 +342,7 @@ impl Config {
         for (name, value) in [
             (ENV_OUTBOUND_CONNECT_TIMEOUT, config.connect_timeout),
             (ENV_INBOUND_DETECT_TIMEOUT, config.detect_timeout),
+            (ENV_OUTBOUND_DETECT_TIMEOUT, config.outbound_detect_timeout),
             (ENV_BALANCER_DECAY, config.balance.decay),
             (
                 ENV_FAILURE_ACCRUAL_MIN_BACKOFF,
@@ -519,6 +555,30 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
             .collect()
+    }
+
+    #[test]
+    fn opaque_ports_default_to_linkerds_and_bad_lists_name_the_variable() {
+        let cfg = Config::from_env(&BTreeMap::new()).unwrap();
+        for port in [25, 587, 3306, 4444, 5432, 6379, 9300, 11211] {
+            assert!(cfg.outbound_opaque_ports.contains(port), "{port}");
+            assert!(cfg.inbound_opaque_ports.contains(port), "{port}");
+        }
+        assert!(!cfg.outbound_opaque_ports.contains(80));
+        let cfg = Config::from_env(&env(&[
+            (ENV_OUTBOUND_OPAQUE_PORTS, ""),
+            (ENV_INBOUND_OPAQUE_PORTS, "8000-8010"),
+            (ENV_OUTBOUND_DETECT_TIMEOUT, "250ms"),
+        ]))
+        .unwrap();
+        assert!(!cfg.outbound_opaque_ports.contains(5432));
+        assert!(cfg.inbound_opaque_ports.contains(8005));
+        assert_eq!(cfg.outbound_detect_timeout, Duration::from_millis(250));
+        let err = Config::from_env(&env(&[(ENV_OUTBOUND_OPAQUE_PORTS, "5432,redis")])).unwrap_err();
+        assert_eq!(err.name, ENV_OUTBOUND_OPAQUE_PORTS);
+        assert!(err.to_string().contains("redis"), "{err}");
+        let err = Config::from_env(&env(&[(ENV_OUTBOUND_DETECT_TIMEOUT, "0s")])).unwrap_err();
+        assert_eq!(err.name, ENV_OUTBOUND_DETECT_TIMEOUT);
     }
 
     #[test]

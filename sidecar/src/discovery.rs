@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_core::proxy_api::{
-    Endpoints, PolicyTarget, RouteTable, ServiceRef, Update, WATCH_ENDPOINTS_PATH,
-    WATCH_POLICY_PATH, WATCH_ROUTES_PATH,
+    Endpoints, MeshAddress, PolicyTarget, RouteTable, ServiceRef, Update, WATCH_ADDRESS_PATH,
+    WATCH_ENDPOINTS_PATH, WATCH_POLICY_PATH, WATCH_ROUTES_PATH,
 };
 use mesh_core::routing::CompiledRoutes;
 use mesh_policies::InboundPolicy;
@@ -38,6 +38,7 @@ pub struct Discovery {
     tables: watch::Sender<Arc<Tables>>,
     watched_routes: Arc<Mutex<BTreeSet<ServiceRef>>>,
     watched_endpoints: Arc<Mutex<BTreeSet<ServiceRef>>>,
+    watched_addresses: Arc<Mutex<BTreeSet<std::net::SocketAddr>>>,
 }
 
 impl Discovery {
@@ -56,6 +57,7 @@ impl Discovery {
             tables,
             watched_routes: Arc::default(),
             watched_endpoints: Arc::default(),
+            watched_addresses: Arc::default(),
         }
     }
 
@@ -99,6 +101,32 @@ impl Discovery {
                         };
                     });
                 }
+            })
+            .await;
+        });
+    }
+
+    /// Watches what the original destination `addr` is in the mesh (idempotent), and the
+    /// routes of the service it belongs to.
+    pub fn watch_address(&self, addr: std::net::SocketAddr) {
+        let fresh = self
+            .watched_addresses
+            .lock()
+            .map(|mut w| w.insert(addr))
+            .unwrap_or(false);
+        if !fresh {
+            return;
+        }
+        let this = self.clone();
+        let url = format!("{}{WATCH_ADDRESS_PATH}?addr={addr}", self.base);
+        tokio::spawn(async move {
+            this.stream::<MeshAddress>(url, move |this, update| {
+                if let Some(meshed) = &update.value {
+                    this.watch_authority(&meshed.service);
+                }
+                this.tables.send_modify(|t| {
+                    Arc::make_mut(t).addresses.insert(addr, update.value);
+                });
             })
             .await;
         });

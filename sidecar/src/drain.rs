@@ -87,7 +87,8 @@ where
 /// terminated with it first (peeked, so plaintext HTTP/1.1 and h2c keep working on the same
 /// port); requests on them carry the client's verified [`ClientIdentity`]. With `opaque` set,
 /// connections that are neither TLS nor HTTP are forwarded to the app as opaque TCP (see
-/// [`crate::opaque`]).
+/// [`crate::opaque`]), as are redirected connections to its opaque ports (never sniffed), and
+/// mTLS connections whose ALPN is [`crate::tls::ALPN_OPAQUE`] (a peer proxy carrying opaque TCP).
 pub async fn serve_detect<H, F>(
     listener: TcpListener,
     what: &'static str,
@@ -113,9 +114,18 @@ where
                 let opaque = opaque.clone();
                 connections.spawn(async move {
                     use crate::opaque::{Protocol, detect, forward};
+                    // A redirected connection to a port declared opaque is never sniffed: its
+                    // protocol may be server-first. Peer proxies connect to the listener itself
+                    // (not redirected), so their mTLS is always recognised.
+                    let opaque_port = opaque.as_ref().is_some_and(|o| {
+                        crate::orig_dst::original_dst(&io)
+                            .is_some_and(|dst| o.opaque_ports.contains(dst.port()))
+                    });
                     // A client that connected but has sent nothing yet is simply dropped by a
                     // drain.
-                    let protocol = if acceptor.is_some() || opaque.is_some() {
+                    let protocol = if opaque_port {
+                        Protocol::Opaque
+                    } else if acceptor.is_some() || opaque.is_some() {
                         let timeout = opaque.as_ref().map(|o| o.detect_timeout);
                         tokio::select! {
                             p = detect(&io, timeout) => p,
@@ -132,7 +142,7 @@ where
                         _ => protocol,
                     };
                     if let (Protocol::Opaque, Some(opaque)) = (protocol, &opaque) {
-                        if let Err(error) = forward(io, peer, opaque).await {
+                        if let Err(error) = forward(io, peer, None, opaque).await {
                             tracing::debug!(%peer, %error, "{what} opaque connection ended with an error");
                         }
                         return;
@@ -143,9 +153,22 @@ where
                             let accept = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io));
                             match accept.await {
                                 Ok(Ok(stream)) => {
-                                    let identity = crate::tls::client_identity(stream.get_ref().1)
-                                        .map(ClientIdentity);
-                                    connection(stream, handle, peer, identity, drain).await
+                                    let (_, conn) = stream.get_ref();
+                                    let identity = crate::tls::client_identity(conn);
+                                    let carries_opaque =
+                                        conn.alpn_protocol() == Some(crate::tls::ALPN_OPAQUE);
+                                    if carries_opaque {
+                                        // A peer proxy carrying an opaque connection: byte for
+                                        // byte to the app, authorized by the peer's identity.
+                                        let Some(opaque) = &opaque else { return };
+                                        let result =
+                                            forward(stream, peer, identity.as_deref(), opaque).await;
+                                        if let Err(error) = result {
+                                            tracing::debug!(%peer, %error, "{what} opaque connection ended with an error");
+                                        }
+                                        return;
+                                    }
+                                    connection(stream, handle, peer, identity.map(ClientIdentity), drain).await
                                 }
                                 Ok(Err(error)) => {
                                     tracing::info!(%peer, %error, "{what} TLS handshake failed");
@@ -180,7 +203,7 @@ where
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on one connection until it ends or the drain asks it to finish.
-async fn connection<I, H, F>(
+pub(crate) async fn connection<I, H, F>(
     io: I,
     handle: H,
     peer: std::net::SocketAddr,

@@ -42,6 +42,7 @@ pub struct Inbound {
     credentials: Option<SharedCredentials>,
     detect_timeout: std::time::Duration,
     authz: Option<Authz>,
+    opaque_ports: crate::opaque::Ports,
 }
 
 impl Inbound {
@@ -66,7 +67,15 @@ impl Inbound {
             credentials: None,
             detect_timeout: crate::opaque::DEFAULT_DETECT_TIMEOUT,
             authz: None,
+            opaque_ports: crate::opaque::Ports::default(),
         }
+    }
+
+    /// Ports whose redirected connections are forwarded to the app as opaque TCP at once,
+    /// never sniffed.
+    pub fn with_opaque_ports(mut self, ports: crate::opaque::Ports) -> Self {
+        self.opaque_ports = ports;
+        self
     }
 
     /// How long a silent client may wait before it is taken for a server-first protocol and
@@ -102,8 +111,16 @@ impl Inbound {
         let opaque = Arc::new(crate::opaque::Opaque {
             app: self.app,
             metrics: self.metrics.clone(),
+            labels: crate::metrics::TcpLabels {
+                direction: "inbound",
+                authority: self.labels.authority.clone(),
+                dst_service: self.labels.dst_service.clone(),
+                dst_namespace: self.labels.dst_namespace.clone(),
+                tls: "",
+            },
             detect_timeout: self.detect_timeout,
             authz: self.authz.clone(),
+            opaque_ports: self.opaque_ports.clone(),
         });
         crate::drain::serve_detect(listener, "inbound", drain, tls, Some(opaque), move |req| {
             let this = self.clone();

@@ -5,7 +5,10 @@
 //! rollout controller judges canaries by. Today: the outbound listener (HTTP/1.1 and h2c,
 //! HTTPRoute matching, weighted backends, P2C/peak-EWMA endpoint selection with failure accrual,
 //! pooled connections with connect timeouts, route timeouts, retries under a retry budget,
-//! filters, golden metrics) driven by a static config file or the control plane's watch streams;
+//! filters, golden metrics) driven by a static config file or the control plane's watch streams,
+//! which also serves connections iptables redirected to it by their original destination
+//! ([`orig_dst`]): meshed services are routed, anything else and anything not HTTP is forwarded
+//! untouched ([`outbound::connection`], [`opaque`]), over mTLS between meshed proxies;
 //! the inbound listener, which hands peers' requests to the local app (mTLS from peer proxies,
 //! or plaintext) once the port's policy authorizes them ([`authz`]); the workload's identity, a
 //! certificate from the control plane's CA renewed at 70 % of its lifetime, with mTLS and
@@ -27,6 +30,7 @@ pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod opaque;
+pub mod orig_dst;
 pub mod outbound;
 pub mod proxy;
 pub mod readiness;

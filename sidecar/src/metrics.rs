@@ -45,15 +45,31 @@ impl EncodeLabelSet for RequestLabels {
 }
 
 /// Labels of an opaque TCP connection.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
 pub struct TcpLabels {
-    /// `inbound` (opaque TCP is forwarded on the inbound side only).
+    /// `outbound` or `inbound`.
     pub direction: &'static str,
+    /// The destination: a service's authority, or `ip:port` outside the mesh. Inbound, the
+    /// workload's own service.
+    pub authority: String,
+    /// The destination service; empty outside the mesh.
+    pub dst_service: String,
+    /// The destination service's namespace; empty outside the mesh.
+    pub dst_namespace: String,
+    /// `true` when the connection crossed the mesh over mTLS, else empty.
+    pub tls: &'static str,
 }
 
 impl EncodeLabelSet for TcpLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
-        encode_labels(&contract::TCP_LABELS, [self.direction], encoder)
+        let values = [
+            self.direction,
+            &self.authority,
+            &self.dst_service,
+            &self.dst_namespace,
+            self.tls,
+        ];
+        encode_labels(&contract::TCP_LABELS, values, encoder)
     }
 }
 
@@ -329,6 +345,10 @@ mod tests {
         }
         let tcp = TcpLabels {
             direction: "inbound",
+            authority: "db.default:5432".into(),
+            dst_service: "db".into(),
+            dst_namespace: "default".into(),
+            tls: "true",
         };
         for f in [
             &m.tcp_open,

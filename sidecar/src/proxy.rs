@@ -226,28 +226,38 @@ impl Proxy {
             connect_timeout: Some(config.connect_timeout),
             balance: config.balance,
         };
-        let mut outbound = Outbound::with_settings(tables_rx, metrics.clone(), discovery, settings);
+        let mut outbound = Outbound::with_settings(tables_rx, metrics.clone(), discovery, settings)
+            .with_transparency(
+                config.outbound_detect_timeout,
+                config.outbound_opaque_ports.clone(),
+            );
         if let Some(c) = &credentials {
             outbound = outbound.with_identity(c.clone());
         }
-        let outbound =
-            tokio::spawn(Arc::new(outbound).serve(outbound_listener, drain_watch.clone()));
+        let outbound = Arc::new(outbound);
+        let outbound_proxy = outbound.clone();
+        let outbound = tokio::spawn(outbound.serve(outbound_listener, drain_watch.clone()));
         let inbound = match (inbound_listener, config.app_addr) {
             (Some(listener), Some(app)) => {
                 let service = config.workload.service.as_ref();
                 let mut inbound = Inbound::new(app, service, metrics)
                     .with_detect_timeout(config.detect_timeout)
+                    .with_opaque_ports(config.inbound_opaque_ports.clone())
                     .with_authz(authz);
                 if let Some(c) = credentials {
                     inbound = inbound.with_identity(c);
                 }
-                Some(tokio::spawn(Arc::new(inbound).serve(listener, drain_watch)))
+                Some(tokio::spawn(
+                    Arc::new(inbound).serve(listener, drain_watch.clone()),
+                ))
             }
             _ => None,
         };
 
         Ok(RunningProxy {
             addrs,
+            outbound: outbound_proxy,
+            drain_watch,
             readiness: readiness_tx,
             registration,
             drain: drain_signal,
@@ -277,6 +287,8 @@ pub struct Addrs {
 #[derive(Debug)]
 pub struct RunningProxy {
     addrs: Addrs,
+    outbound: Arc<Outbound>,
+    drain_watch: drain::Watch,
     readiness: watch::Sender<Readiness>,
     registration: Option<Registration>,
     drain: drain::Signal,
@@ -295,6 +307,13 @@ impl RunningProxy {
     /// The bound addresses (the kernel's choice where the config said port 0).
     pub fn addrs(&self) -> Addrs {
         self.addrs
+    }
+
+    /// The outbound proxy, to hand it connections accepted elsewhere with their original
+    /// destination ([`Outbound::serve_connection`]): how a redirected connection is served can
+    /// be driven without iptables. The drain watch goes with it.
+    pub fn outbound(&self) -> (Arc<Outbound>, drain::Watch) {
+        (self.outbound.clone(), self.drain_watch.clone())
     }
 
     /// Resolves when a listener stops serving on its own, which ends the proxy's usefulness,

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use mesh_core::proxy_api::{Endpoint, Endpoints, RouteTable, ServiceRef, StaticConfig};
+use mesh_core::proxy_api::{
+    Endpoint, Endpoints, MeshAddress, RouteTable, ServiceAddress, ServiceRef, StaticConfig,
+};
 use mesh_core::routing::{CompiledRoutes, RouteRegexError};
 
 /// Everything the outbound path routes by.
@@ -17,6 +19,10 @@ pub struct Tables {
     pub endpoints: BTreeMap<ServiceRef, Vec<Endpoint>>,
     /// Authorities whose route watch has answered at least once (with or without a table).
     pub answered_routes: std::collections::BTreeSet<ServiceRef>,
+    /// What redirected connections' original destinations are in the mesh, as far as asked:
+    /// `Some` for a meshed service's address or endpoint, `None` for an address known not to
+    /// be meshed. With a static config, addresses it does not name are not meshed.
+    pub addresses: BTreeMap<std::net::SocketAddr, Option<MeshAddress>>,
 }
 
 impl Tables {
@@ -29,6 +35,24 @@ impl Tables {
         }
         for e in &config.endpoints {
             t.endpoints.insert(e.service.clone(), e.endpoints.clone());
+            for endpoint in &e.endpoints {
+                t.addresses.entry(endpoint.addr).or_insert_with(|| {
+                    Some(MeshAddress {
+                        service: e.service.clone(),
+                        endpoint: Some(endpoint.clone()),
+                    })
+                });
+            }
+        }
+        // A service's own address wins over an endpoint that happens to share it.
+        for a in &config.addresses {
+            t.addresses.insert(
+                a.addr,
+                Some(MeshAddress {
+                    service: a.service.clone(),
+                    endpoint: None,
+                }),
+            );
         }
         Ok(t)
     }
@@ -47,6 +71,20 @@ impl Tables {
                 .map(|(service, endpoints)| Endpoints {
                     service: service.clone(),
                     endpoints: endpoints.clone(),
+                })
+                .collect(),
+            addresses: self
+                .addresses
+                .iter()
+                .filter_map(|(addr, known)| match known {
+                    Some(MeshAddress {
+                        service,
+                        endpoint: None,
+                    }) => Some(ServiceAddress {
+                        addr: *addr,
+                        service: service.clone(),
+                    }),
+                    _ => None,
                 })
                 .collect(),
         }

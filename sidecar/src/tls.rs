@@ -9,7 +9,8 @@
 //! does not check a server name: it checks the chain with the WebPKI verifier and then that the
 //! URI SAN is exactly the identity discovery promised for the endpoint. The server side requires
 //! a client certificate chaining to the roots and hands the caller's SPIFFE ID to the inbound
-//! path. Only TLS 1.3 is offered; ALPN is `h2`, as proxies talk HTTP/2 to each other.
+//! path. Only TLS 1.3 is offered; ALPN is `h2`, as proxies talk HTTP/2 to each other, or
+//! [`ALPN_OPAQUE`] for an opaque TCP connection carried to the peer's app byte for byte.
 //!
 //! The control plane's proxy API is reached the same way ([`control_plane_config`]): its
 //! certificate must chain to the trust roots and name the control plane's SPIFFE ID, and the
@@ -44,6 +45,11 @@ use crate::identity::{Credentials, SharedCredentials};
 
 /// ALPN protocol of proxy-to-proxy connections.
 pub const ALPN_H2: &[u8] = b"h2";
+
+/// ALPN protocol of an opaque TCP connection between proxies: the peer's inbound listener
+/// forwards what the connection carries to its app byte for byte, and authorizes it by the
+/// client's identity like an HTTP request.
+pub const ALPN_OPAQUE: &[u8] = b"opaque.mesh.dev/v1";
 
 /// The SPIFFE ID a certificate names (see [`mesh_policies::certificate_identity`]).
 pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
@@ -238,6 +244,22 @@ pub fn client_config(
     credentials: &SharedCredentials,
     expected: &str,
 ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    peer_config(credentials, expected, ALPN_H2)
+}
+
+/// As [`client_config`], for opaque TCP connections ([`ALPN_OPAQUE`]).
+pub fn opaque_client_config(
+    credentials: &SharedCredentials,
+    expected: &str,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    peer_config(credentials, expected, ALPN_OPAQUE)
+}
+
+fn peer_config(
+    credentials: &SharedCredentials,
+    expected: &str,
+    alpn: &[u8],
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     let provider = provider();
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -249,7 +271,7 @@ pub fn client_config(
             provider,
         }))
         .with_client_cert_resolver(Arc::new(CurrentCert(credentials.clone())));
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     // Every connection is verified in full: a resumed session would skip the identity check
     // and could outlive the certificates it was made with. Pooling keeps handshakes rare.
     config.resumption = rustls::client::Resumption::disabled();
@@ -295,7 +317,7 @@ pub fn server_config(
             provider,
         }))
         .with_cert_resolver(Arc::new(CurrentCert(credentials.clone())));
-    config.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec(), ALPN_OPAQUE.to_vec()];
     // No resumption (see `client_config`): every client certificate is verified.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
@@ -362,6 +384,35 @@ pub enum ConnectError {
     /// The peer did not agree to HTTP/2.
     #[error("peer {0} did not negotiate h2")]
     NoH2(SocketAddr),
+    /// The peer did not agree to carry opaque TCP (a proxy that predates it).
+    #[error("peer {0} did not negotiate opaque TCP")]
+    NoOpaque(SocketAddr),
+}
+
+/// Opens an opaque TCP connection to the peer proxy at `addr` over mTLS with `config` (from
+/// [`opaque_client_config`]), failing when TCP and TLS together take longer than `timeout`.
+pub async fn connect_opaque(
+    config: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
+    let connect = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ConnectError::Tcp { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+            .map_err(|source| ConnectError::Tls { addr, source })?;
+        if stream.get_ref().1.alpn_protocol() != Some(ALPN_OPAQUE) {
+            return Err(ConnectError::NoOpaque(addr));
+        }
+        Ok(stream)
+    };
+    tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| ConnectError::Timeout(addr))?
 }
 
 impl tower_service::Service<Uri> for MtlsConnector {

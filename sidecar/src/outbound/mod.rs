@@ -1,7 +1,9 @@
-//! The outbound listener: every request the local app sends to another service. It accepts
-//! HTTP/1.1 (origin-form with Host, and absolute-form so apps can use `HTTP_PROXY`) and HTTP/2
-//! with prior knowledge, works out each request's [`Target`], waits (briefly) for discovery to
-//! answer for it, and hands it to a stack of `tower` layers built once per proxy:
+//! The outbound listener: every connection and request the local app sends to another service.
+//! What each connection is (redirected or not, to a meshed service or not, HTTP or opaque) is
+//! decided first, in [`connection`]. HTTP/1.1 (origin-form with Host, and absolute-form so apps
+//! can use `HTTP_PROXY`) and HTTP/2 with prior knowledge are routed: the listener works out each
+//! request's [`Target`], waits (briefly) for discovery to answer for it, and hands it to a
+//! stack of `tower` layers built once per proxy:
 //!
 //! ```text
 //! route      authority -> route table -> first matching rule (404 when none)     route.rs
@@ -22,6 +24,7 @@
 
 pub mod balance;
 pub mod client;
+pub mod connection;
 pub mod error;
 pub mod filters;
 pub mod metrics;
@@ -39,12 +42,10 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use mesh_core::proxy_api::ServiceRef;
-use tokio::net::TcpListener;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::{Layer, ServiceBuilder, ServiceExt};
 
 use crate::balance::{BalanceConfig, Balancer};
 use crate::discovery::Discovery;
-use crate::drain::Watch;
 use crate::http::{Body, CONNECT_TIMEOUT};
 use crate::identity::SharedCredentials;
 use crate::metrics::Metrics;
@@ -84,6 +85,10 @@ type Stack<C> = route::RouteService<
 /// The pooled clients at the bottom of the proxy's stack.
 type Clients = Client<PlainClient, MtlsClients>;
 
+/// The bottom of the stack alone (metrics over the clients): requests passed through to an
+/// address outside the mesh go here directly.
+type Bottom = metrics::Record<Clients>;
+
 /// The outbound proxy.
 #[derive(Debug)]
 pub struct Outbound {
@@ -95,7 +100,12 @@ pub struct Outbound {
     balancer: Arc<Balancer>,
     budgets: Arc<Budgets>,
     mtls: Option<MtlsClients>,
+    credentials: Option<SharedCredentials>,
     stack: Stack<Clients>,
+    bottom: Bottom,
+    /// See [`Outbound::with_transparency`].
+    detect_timeout: Duration,
+    opaque_ports: crate::opaque::Ports,
     /// The tables that per-endpoint and per-route state was last pruned against.
     pruned: Mutex<Weak<Tables>>,
 }
@@ -117,6 +127,7 @@ impl Outbound {
         let budgets = Arc::new(Budgets::default());
         let connect_timeout = settings.connect_timeout.unwrap_or(CONNECT_TIMEOUT);
         let client = Client::new(PlainClient::new(connect_timeout), None);
+        let bottom = MetricsLayer::new(metrics.clone()).layer(client.clone());
         let stack = stack(&tables, &metrics, &balancer, &budgets, client);
         Self {
             tables,
@@ -126,15 +137,33 @@ impl Outbound {
             balancer,
             budgets,
             mtls: None,
+            credentials: None,
             stack,
+            bottom,
+            detect_timeout: crate::opaque::DEFAULT_DETECT_TIMEOUT,
+            opaque_ports: crate::opaque::Ports::default(),
             pruned: Mutex::default(),
         }
     }
 
+    /// How redirected connections are told apart: a client silent for `detect_timeout` is
+    /// taken for a server-first protocol, and connections to `opaque_ports` are never sniffed.
+    pub fn with_transparency(
+        mut self,
+        detect_timeout: Duration,
+        opaque_ports: crate::opaque::Ports,
+    ) -> Self {
+        self.detect_timeout = detect_timeout;
+        self.opaque_ports = opaque_ports;
+        self
+    }
+
     /// Reaches meshed endpoints over mTLS with the certificate in `credentials`.
     pub fn with_identity(mut self, credentials: SharedCredentials) -> Self {
-        let mtls = MtlsClients::new(credentials, self.connect_timeout);
+        let mtls = MtlsClients::new(credentials.clone(), self.connect_timeout);
         let client = Client::new(PlainClient::new(self.connect_timeout), Some(mtls.clone()));
+        self.bottom = MetricsLayer::new(self.metrics.clone()).layer(client.clone());
+        self.credentials = Some(credentials);
         self.stack = stack(
             &self.tables,
             &self.metrics,
@@ -146,25 +175,17 @@ impl Outbound {
         self
     }
 
-    /// Serves the outbound listener until `drain` fires and its requests in flight finish.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        drain: Watch,
-    ) -> std::io::Result<()> {
-        crate::drain::serve(listener, "outbound", drain, move |req| {
-            let this = self.clone();
-            async move { this.handle(req).await }
-        })
-        .await
-    }
-
-    /// Routes and forwards one request.
+    /// Routes and forwards one request, by its authority.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let target = match Target::from_request(&request) {
             Ok(target) => target,
             Err(e) => return e.into_response(),
         };
+        self.handle_target(target, request).await
+    }
+
+    /// Routes and forwards one request to `target`.
+    async fn handle_target(&self, target: Target, request: Request<Incoming>) -> Response<Body> {
         let tables = self.discover(target.service()).await;
         self.prune(&tables);
         let req = Targeted {

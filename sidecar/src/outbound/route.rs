@@ -151,9 +151,9 @@ where
             tables,
             request,
         } = req;
-        // Every kind of target routes by a service today; an original destination address
-        // will be resolved to one (or passed through) here.
-        let Target::Authority(service) = target;
+        // Every kind of target routes by a service: an original destination outside the mesh
+        // never reaches the stack (it is passed through below it).
+        let (Target::Authority(service) | Target::OrigDst { service, .. }) = target;
         match Route::select(&tables, service, &request) {
             Ok(route) => Either::Right(self.inner.call(Routed {
                 route: Arc::new(route),

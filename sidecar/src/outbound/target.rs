@@ -1,10 +1,14 @@
 //! What the app meant a request for, worked out once, by the listener, before any routing:
 //! the [`Target`]. Everything below routes by this typed value and never reads Host again.
 //!
-//! Today a target is the service the request's authority names (the absolute-form URI of an app
-//! using `HTTP_PROXY`, or Host). Transparent proxying adds a second kind here, the connection's
-//! original destination address (`SO_ORIGINAL_DST`), decided per connection beside protocol
-//! detection; route selection then maps that address to a service or passes it through.
+//! A target is either the service the request's authority names (the absolute-form URI of an
+//! app using `HTTP_PROXY`, or Host, on a connection that was not redirected), or, on a
+//! redirected connection, the meshed service its original destination address belongs to
+//! (`SO_ORIGINAL_DST`, decided per connection beside protocol detection; see
+//! [`crate::outbound::connection`]). A redirected connection to an address outside the mesh has
+//! no target: its requests are passed through to that address below the routing layers.
+
+use std::net::SocketAddr;
 
 use http::Request;
 use http::header::HOST;
@@ -18,6 +22,13 @@ use crate::tables::parse_authority;
 pub enum Target {
     /// A service named by the request's authority.
     Authority(ServiceRef),
+    /// A redirected connection's original destination, an address of a meshed service.
+    OrigDst {
+        /// The address the app dialled.
+        addr: SocketAddr,
+        /// The service it belongs to.
+        service: ServiceRef,
+    },
 }
 
 impl Target {
@@ -40,7 +51,7 @@ impl Target {
     /// The service the request is for; discovery watches it.
     pub fn service(&self) -> &ServiceRef {
         match self {
-            Self::Authority(service) => service,
+            Self::Authority(service) | Self::OrigDst { service, .. } => service,
         }
     }
 }
