@@ -222,11 +222,23 @@ where
             None => req.extensions_mut().remove::<ClientIdentity>(),
         };
         req.extensions_mut().insert(PeerAddr(peer));
+        crate::tunnel::refuse_h2c_upgrade(&mut req);
+        let head = req.method() == http::Method::HEAD;
         let response = handle(req);
-        async move { Ok::<_, Infallible>(response.await) }
+        async move {
+            let mut response = response.await;
+            // A response to HEAD has no content. HTTP/1.1 drops it on its own; HTTP/2 would send
+            // it as DATA, which the client takes for a protocol error, so it goes here, for
+            // answers from the far side and from the proxy alike.
+            if head {
+                *response.body_mut() = crate::http::empty();
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    // Upgrades (WebSocket, CONNECT) hand the connection over once answered; see crate::tunnel.
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => result,

@@ -8,9 +8,10 @@ use bytes::Bytes;
 use http::header::{HOST, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 /// Body of responses on the proxying listeners.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -27,6 +28,11 @@ pub const ORIG_PROTO_HEADER: &str = "mesh-orig-proto";
 
 /// The value of [`ORIG_PROTO_HEADER`].
 pub const ORIG_PROTO_HTTP1: &str = "HTTP/1.1";
+
+/// Header on a `CONNECT` a proxy sends to a peer's inbound listener when it carries an app's
+/// `CONNECT` to a meshed endpoint: the peer answers it itself and tunnels to its app, rather
+/// than handing the `CONNECT` to the app (see [`crate::tunnel`]).
+pub const TUNNEL_HEADER: &str = "mesh-tunnel";
 
 /// Default connect timeout to endpoints and to the local app (Linkerd's).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -46,6 +52,29 @@ pub fn error(status: StatusCode, why: &str) -> Response<Body> {
         rsp.headers_mut().insert(PROXY_ERROR_HEADER, v);
     }
     rsp
+}
+
+/// An empty body, as responses to HEAD and to upgrades have.
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// Sends `req` on a new HTTP/1.1 connection over `io`, one that can be upgraded: what the
+/// proxy uses for `Upgrade` and `CONNECT`, whose connections are never pooled.
+pub async fn send_http1<I, B>(io: I, req: Request<B>) -> hyper::Result<Response<Incoming>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        if let Err(error) = conn.with_upgrades().await {
+            tracing::debug!(%error, "upgradable HTTP/1.1 connection ended with an error");
+        }
+    });
+    send.send_request(req).await
 }
 
 /// Puts the request's authority in Host when it has none: HTTP/2 callers send the authority in
@@ -76,7 +105,8 @@ where
         .build(connector(connect_timeout))
 }
 
-/// A pooled HTTP/2 client with prior knowledge (h2c), for apps that were called over HTTP/2.
+/// A pooled HTTP/2 client with prior knowledge (h2c), for requests that came in as HTTP/2 and
+/// go on in plaintext: inbound to the app, outbound to unmeshed endpoints.
 pub fn h2c_client<B>(connect_timeout: Duration) -> Client<HttpConnector, B>
 where
     B: hyper::body::Body + Send + Unpin + 'static,

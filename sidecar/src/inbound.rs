@@ -9,13 +9,17 @@
 //! identity reaches the app. Golden metrics are recorded with
 //! `direction="inbound"` and the workload's own service as `dst_service`, so the same queries
 //! that judge a canary from its callers' side can read it from the workload's side.
+//!
+//! An `Upgrade` (WebSocket) goes to the app like any request and becomes a tunnel when the app
+//! answers 101; a `CONNECT` becomes one when answered 2xx (see [`crate::tunnel`] and
+//! [`Inbound::connect`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::HeaderValue;
-use http::{Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
@@ -25,11 +29,12 @@ use tokio::net::TcpListener;
 use crate::authz::Authz;
 use crate::drain::{ClientIdentity, PeerAddr, Watch};
 use crate::http::{
-    Body, CLIENT_ID_HEADER, CONNECT_TIMEOUT, ORIG_PROTO_HEADER, ORIG_PROTO_HTTP1,
+    Body, CLIENT_ID_HEADER, CONNECT_TIMEOUT, ORIG_PROTO_HEADER, ORIG_PROTO_HTTP1, TUNNEL_HEADER,
     authority_to_host, error,
 };
 use crate::identity::SharedCredentials;
 use crate::metrics::{Metrics, RequestLabels};
+use crate::tunnel;
 
 /// The inbound proxy.
 #[derive(Debug)]
@@ -152,39 +157,59 @@ impl Inbound {
         let http1 = headers
             .remove(ORIG_PROTO_HEADER)
             .is_some_and(|v| v == ORIG_PROTO_HTTP1);
+        // Only a peer proxy (a verified identity) carries its app's CONNECT this way.
+        let to_app = headers.remove(TUNNEL_HEADER).is_some()
+            && req.extensions().get::<ClientIdentity>().is_some();
         let h2 = req.version() == http::Version::HTTP_2 && !http1;
         if let Some(ClientIdentity(id)) = req.extensions().get::<ClientIdentity>().cloned()
             && let Ok(v) = HeaderValue::from_str(&id)
         {
             req.headers_mut().insert(CLIENT_ID_HEADER, v);
         }
-        // HTTP/2 callers send the authority in the URI, not in Host; the app speaks HTTP/1.1
-        // and needs it in Host.
-        authority_to_host(&mut req);
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        let uri = match Uri::builder()
-            .scheme("http")
-            .authority(self.app.to_string())
-            .path_and_query(path)
-            .build()
-        {
-            Ok(uri) => uri,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request target: {e}")),
-        };
-        *req.uri_mut() = uri;
+        let connect = req.method() == Method::CONNECT;
+        let downstream = tunnel::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         self.metrics.requests.get_or_create(&self.labels).inc();
-
-        let result = if h2 {
-            *req.version_mut() = http::Version::HTTP_2;
-            self.h2_client.request(req).await
+        let result = if connect {
+            self.connect(req, to_app).await
         } else {
-            *req.version_mut() = http::Version::HTTP_11;
-            self.client.request(req).await
+            // HTTP/2 callers send the authority in the URI, not in Host; the app speaks
+            // HTTP/1.1 and needs it in Host.
+            authority_to_host(&mut req);
+            let path = req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+            let uri = match Uri::builder()
+                .scheme("http")
+                .authority(self.app.to_string())
+                .path_and_query(path)
+                .build()
+            {
+                Ok(uri) => uri,
+                Err(e) => {
+                    return error(StatusCode::BAD_REQUEST, &format!("bad request target: {e}"));
+                }
+            };
+            *req.uri_mut() = uri;
+            let sent = if h2 {
+                *req.version_mut() = http::Version::HTTP_2;
+                self.h2_client.request(req).await
+            } else {
+                *req.version_mut() = http::Version::HTTP_11;
+                self.client.request(req).await
+            };
+            sent.map(|rsp| rsp.map(BodyExt::boxed))
+                .map_err(|e| mesh_core::error::chain(&e))
         };
+        let result = result.map(|mut rsp| {
+            if let Some(downstream) = downstream
+                && tunnel::switched(connect, &rsp)
+            {
+                tunnel::splice(downstream, &mut rsp, &self.metrics, "inbound");
+            }
+            rsp
+        });
         match result {
             Ok(rsp) => {
                 self.metrics.record(
@@ -193,7 +218,7 @@ impl Inbound {
                     false,
                     start.elapsed(),
                 );
-                rsp.map(BodyExt::boxed)
+                rsp
             }
             Err(e) => {
                 let status = StatusCode::BAD_GATEWAY;
@@ -202,5 +227,30 @@ impl Inbound {
                 error(status, &format!("app at {}: {e}", self.app))
             }
         }
+    }
+
+    /// A `CONNECT` for the app: from a peer proxy carrying its app's `CONNECT`
+    /// ([`TUNNEL_HEADER`]), answered here with a connection to the app; from anyone else,
+    /// handed to the app as it came (the app is the proxy it was meant for) on a connection of
+    /// its own, which the app's 2xx turns into the tunnel.
+    async fn connect(
+        &self,
+        req: Request<Incoming>,
+        to_app: bool,
+    ) -> Result<Response<Body>, String> {
+        let connect = tokio::net::TcpStream::connect(self.app);
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("connecting timed out".to_string()),
+        };
+        let _ = tcp.set_nodelay(true);
+        if to_app {
+            return Ok(crate::tunnel::connected(tcp));
+        }
+        crate::http::send_http1(tcp, req)
+            .await
+            .map(|rsp| rsp.map(BodyExt::boxed))
+            .map_err(|e| mesh_core::error::chain(&e))
     }
 }

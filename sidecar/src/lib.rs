@@ -13,7 +13,9 @@
 //! or plaintext) once the port's policy authorizes them ([`authz`]); the workload's identity, a
 //! certificate from the control plane's CA renewed at 70 % of its lifetime, with mTLS and
 //! HTTP/2 between proxies; registration of the local workload with the control plane, which
-//! makes it an endpoint of its service; graceful drain on shutdown; and the admin server (`/live`, `/ready`,
+//! makes it an endpoint of its service; protocol fidelity through both listeners (h2 stays h2 to
+//! plaintext endpoints, HEAD over HTTP/2, `Upgrade` and `CONNECT` tunnelled, see [`tunnel`]);
+//! graceful drain on shutdown; and the admin server (`/live`, `/ready`,
 //! `/metrics`, `/config`). [`proxy::Proxy`] assembles all of it from a [`config::Config`] and
 //! starts it in-process: `mesh-proxy` is that plus signals, and tests start proxies the same way.
 
@@ -38,3 +40,4 @@ pub mod registration;
 pub mod retry;
 pub mod tables;
 pub mod tls;
+pub mod tunnel;

@@ -3,29 +3,37 @@
 //! to it over mTLS (the peer must present exactly that identity) as HTTP/2, on one pooled
 //! client per peer identity ([`MtlsClients`]), and an HTTP/1.1 request is marked with
 //! [`ORIG_PROTO_HEADER`] so the peer restores it. Endpoints without an identity are not meshed
-//! and get plaintext HTTP/1.1 ([`PlainClient`]).
+//! and hear what the app spoke ([`PlainClient`]): HTTP/1.1, or h2c when the app sent HTTP/2
+//! (gRPC to an unmeshed server).
+//!
+//! Upgrades and `CONNECT` (see [`crate::tunnel`]) are the exception: to a peer they go as
+//! HTTP/1.1 on an mTLS connection of their own, and a `CONNECT` to an unmeshed endpoint is
+//! answered here with a TCP connection to it.
 //!
 //! The choice sits last because it depends on the endpoint picked, and everything above it is
 //! the same for both kinds. The clients themselves are inner services, so the choice and the
 //! rewriting are tested without a socket.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::TryFutureExt;
-use futures_util::future::{BoxFuture, Either, Ready, ready};
+use futures_util::future::{BoxFuture, Either, ready};
 use http::header::HeaderValue;
-use http::{Request, Response, Uri, Version};
+use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
 use tower::Service;
 
 use crate::http::{
-    Body, CLIENT_ID_HEADER, ORIG_PROTO_HEADER, ORIG_PROTO_HTTP1, POOL_IDLE_TIMEOUT,
+    Body, CLIENT_ID_HEADER, ORIG_PROTO_HEADER, ORIG_PROTO_HTTP1, POOL_IDLE_TIMEOUT, TUNNEL_HEADER,
     authority_to_host,
 };
 use crate::identity::SharedCredentials;
@@ -88,15 +96,21 @@ where
             Ok(uri) => uri,
             Err(e) => return Box::pin(ready(Err(Error::BadTarget(e)))),
         };
+        let upgrade = crate::tunnel::is_upgrade(&request);
         let (mut parts, body) = request.into_parts();
         let app_version = parts.version;
         parts.uri = uri;
-        parts.version = Version::HTTP_11;
+        // What the app spoke goes on: HTTP/2 (gRPC, h2c) stays HTTP/2, HTTP/1.x goes as
+        // HTTP/1.1, and to a peer proxy everything but an upgrade goes as HTTP/2 (below).
+        if app_version != Version::HTTP_2 {
+            parts.version = Version::HTTP_11;
+        }
         // What the proxy itself noted on the request stays here.
         parts.extensions = http::Extensions::new();
         // Only the far side's inbound sets these, from what it verified and received.
         parts.headers.remove(CLIENT_ID_HEADER);
         parts.headers.remove(ORIG_PROTO_HEADER);
+        parts.headers.remove(TUNNEL_HEADER);
         let sent = match identity {
             None => Either::Left(self.plain.call(Request::from_parts(parts, body))),
             Some(identity) => {
@@ -111,13 +125,17 @@ where
                         error,
                     })));
                 };
-                if app_version < Version::HTTP_2 {
-                    parts.headers.insert(
-                        ORIG_PROTO_HEADER,
-                        HeaderValue::from_static(ORIG_PROTO_HTTP1),
-                    );
+                if upgrade {
+                    // Carried as HTTP/1.1 on a connection of its own: see crate::tunnel.
+                } else {
+                    if app_version < Version::HTTP_2 {
+                        parts.headers.insert(
+                            ORIG_PROTO_HEADER,
+                            HeaderValue::from_static(ORIG_PROTO_HTTP1),
+                        );
+                    }
+                    parts.version = Version::HTTP_2;
                 }
-                parts.version = Version::HTTP_2;
                 Either::Right(mtls.call((identity, Request::from_parts(parts, body))))
             }
         };
@@ -155,28 +173,70 @@ where
         .map_err(AttemptError::from as fn(_) -> _)
 }
 
-/// The pooled plaintext HTTP/1.1 client to unmeshed endpoints.
+/// The pooled plaintext clients to unmeshed endpoints: HTTP/1.1, and h2c for requests the app
+/// sent as HTTP/2. A `CONNECT` is answered here, by opening a TCP connection to the endpoint.
 #[derive(Clone, Debug)]
-pub struct PlainClient(hyper_util::client::legacy::Client<HttpConnector, ReplayBody>);
+pub struct PlainClient {
+    http1: hyper_util::client::legacy::Client<HttpConnector, ReplayBody>,
+    h2c: hyper_util::client::legacy::Client<HttpConnector, ReplayBody>,
+    connect_timeout: Duration,
+}
 
 impl PlainClient {
     /// Connections fail as connect errors when not made within `connect_timeout`.
     pub fn new(connect_timeout: Duration) -> Self {
-        Self(crate::http::client(connect_timeout))
+        Self {
+            http1: crate::http::client(connect_timeout),
+            h2c: crate::http::h2c_client(connect_timeout),
+            connect_timeout,
+        }
     }
 }
 
 impl Service<Request<ReplayBody>> for PlainClient {
     type Response = Response<Body>;
     type Error = AttemptError;
-    type Future = Sent;
+    type Future = BoxFuture<'static, Result<Response<Body>, AttemptError>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), AttemptError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<ReplayBody>) -> Sent {
-        send(&self.0, req)
+    fn call(&mut self, req: Request<ReplayBody>) -> Self::Future {
+        if req.method() == Method::CONNECT {
+            let addr = endpoint_addr(&req);
+            let timeout = self.connect_timeout;
+            return Box::pin(async move {
+                let addr = addr?;
+                let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| connect_error(format!("connecting to {addr} timed out")))?
+                    .map_err(|e| connect_error(format!("connecting to {addr}: {e}")))?;
+                let _ = tcp.set_nodelay(true);
+                Ok(crate::tunnel::connected(tcp))
+            });
+        }
+        if req.version() == Version::HTTP_2 {
+            Box::pin(send(&self.h2c, req))
+        } else {
+            Box::pin(send(&self.http1, req))
+        }
+    }
+}
+
+/// The endpoint address a request's URI names (the client layer put it there).
+fn endpoint_addr<B>(req: &Request<B>) -> Result<SocketAddr, AttemptError> {
+    let authority = req.uri().authority().map_or("", |a| a.as_str());
+    authority
+        .parse()
+        .map_err(|_| connect_error(format!("endpoint {authority} is not an ip:port")))
+}
+
+/// A failure before anything was sent.
+fn connect_error(why: String) -> AttemptError {
+    AttemptError::Client {
+        connect: true,
+        error: why.into(),
     }
 }
 
@@ -231,19 +291,83 @@ impl MtlsClients {
     }
 }
 
+impl MtlsClients {
+    /// Sends an upgrade (see [`crate::tunnel`]) to the peer that must be `identity`, as
+    /// HTTP/1.1 on an mTLS connection of its own; an app's `CONNECT` goes as a `CONNECT`
+    /// marked with [`TUNNEL_HEADER`], which the peer answers by tunnelling to its app.
+    fn upgrade(
+        &self,
+        identity: String,
+        req: Request<ReplayBody>,
+    ) -> BoxFuture<'static, Result<Response<Body>, AttemptError>> {
+        let credentials = self.0.credentials.clone();
+        let timeout = self.0.connect_timeout;
+        Box::pin(async move {
+            let addr = endpoint_addr(&req)?;
+            let mut config =
+                (*crate::tls::client_config(&credentials, &identity).map_err(|e| {
+                    AttemptError::NoIdentity(format!(
+                        "cannot build the TLS client for {identity}: {e}"
+                    ))
+                })?)
+                .clone();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+            let connect = async {
+                let tcp = TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| connect_error(format!("connecting to {addr}: {e}")))?;
+                let _ = tcp.set_nodelay(true);
+                // As the pooled connector: the verifier checks the peer's SPIFFE ID, not the IP.
+                tls.connect(ServerName::IpAddress(addr.ip().into()), tcp)
+                    .await
+                    .map_err(|e| connect_error(format!("mTLS handshake with {addr}: {e}")))
+            };
+            let io = tokio::time::timeout(timeout, connect)
+                .await
+                .map_err(|_| connect_error(format!("connecting to {addr} timed out")))??;
+            let (mut parts, body) = req.into_parts();
+            if parts.method == Method::CONNECT {
+                parts.uri = Uri::from(
+                    http::uri::Authority::try_from(addr.to_string())
+                        .map_err(|e| connect_error(format!("endpoint {addr}: {e}")))?,
+                );
+                parts
+                    .headers
+                    .insert(TUNNEL_HEADER, HeaderValue::from_static("app"));
+            } else {
+                // HTTP/1.1 on a connection of its own goes in origin form.
+                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                parts.uri = Uri::try_from(path)
+                    .map_err(|e| connect_error(format!("request target {path}: {e}")))?;
+            }
+            crate::http::send_http1(io, Request::from_parts(parts, body))
+                .await
+                .map(boxed)
+                .map_err(|e| AttemptError::Client {
+                    connect: false,
+                    error: Box::new(e),
+                })
+        })
+    }
+}
+
 impl Service<ToPeer<ReplayBody>> for MtlsClients {
     type Response = Response<Body>;
     type Error = AttemptError;
-    type Future = Either<Ready<Result<Response<Body>, AttemptError>>, Sent>;
+    type Future = BoxFuture<'static, Result<Response<Body>, AttemptError>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), AttemptError>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, (identity, req): ToPeer<ReplayBody>) -> Self::Future {
+        if crate::tunnel::is_upgrade(&req) {
+            return self.upgrade(identity, req);
+        }
         match self.client(&identity) {
-            Ok(client) => Either::Right(send(&client, req)),
-            Err(e) => Either::Left(ready(Err(AttemptError::NoIdentity(format!(
+            Ok(client) => Box::pin(send(&client, req)),
+            Err(e) => Box::pin(ready(Err(AttemptError::NoIdentity(format!(
                 "cannot build the TLS client for {identity}: {e}"
             ))))),
         }
@@ -254,6 +378,7 @@ impl Service<ToPeer<ReplayBody>> for MtlsClients {
 mod tests {
     use super::*;
     use crate::outbound::route::{Routed, mk};
+    use futures_util::future::Ready;
     use mesh_core::proxy_api::ServiceRef;
     use tower::ServiceExt;
 
@@ -331,15 +456,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unmeshed_endpoints_get_plaintext_http1_in_origin_form() {
+    async fn unmeshed_endpoints_hear_the_apps_protocol_in_plaintext() {
         let seen = Seen::default();
         let client = Client::new(plain(&seen), Some(mtls(&seen)));
+        client
+            .clone()
+            .oneshot(attempt(None, app_request()))
+            .await
+            .unwrap();
+        let sent = seen.lock().unwrap().pop().unwrap();
+        assert_eq!(sent.version, Version::HTTP_11);
+        // gRPC and other h2c callers keep HTTP/2: an HTTP/2-only server could not answer
+        // HTTP/1.1.
         let req = attempt(None, app_request().version(Version::HTTP_2));
         client.oneshot(req).await.unwrap();
         let sent = seen.lock().unwrap().pop().unwrap();
         assert_eq!(sent.identity, None);
         assert_eq!(sent.uri, "http://127.0.0.1:9000/a?b=c");
-        assert_eq!(sent.version, Version::HTTP_11);
+        assert_eq!(sent.version, Version::HTTP_2);
         assert_eq!(
             sent.headers[http::header::HOST],
             "web.default:80",
@@ -374,6 +508,27 @@ mod tests {
         client.oneshot(attempt(Some(id), h2)).await.unwrap();
         let sent = seen.lock().unwrap().pop().unwrap();
         assert!(!sent.headers.contains_key(ORIG_PROTO_HEADER));
+    }
+
+    #[tokio::test]
+    async fn upgrades_go_to_peers_as_http1_unmarked() {
+        let seen = Seen::default();
+        let client = Client::new(plain(&seen), Some(mtls(&seen)));
+        let id = "spiffe://cluster.local/ns/default/sa/web";
+        let ws = app_request()
+            .header(TUNNEL_HEADER, "app")
+            .header(http::header::CONNECTION, "upgrade")
+            .header(http::header::UPGRADE, "websocket");
+        client.oneshot(attempt(Some(id), ws)).await.unwrap();
+        let sent = seen.lock().unwrap().pop().unwrap();
+        assert_eq!(sent.identity.as_deref(), Some(id));
+        assert_eq!(sent.version, Version::HTTP_11, "HTTP/2 has no Upgrade");
+        assert!(!sent.headers.contains_key(ORIG_PROTO_HEADER));
+        assert!(
+            !sent.headers.contains_key(TUNNEL_HEADER),
+            "only the mTLS client sets it"
+        );
+        assert_eq!(sent.headers[http::header::UPGRADE], "websocket");
     }
 
     #[tokio::test]

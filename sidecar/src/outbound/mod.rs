@@ -39,7 +39,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use mesh_core::proxy_api::ServiceRef;
 use tower::{Layer, ServiceBuilder, ServiceExt};
@@ -50,6 +50,7 @@ use crate::http::{Body, CONNECT_TIMEOUT};
 use crate::identity::SharedCredentials;
 use crate::metrics::Metrics;
 use crate::tables::{SharedTables, Tables};
+use crate::tunnel;
 
 use self::balance::BalanceLayer;
 use self::client::{Client, MtlsClients, PlainClient};
@@ -175,29 +176,92 @@ impl Outbound {
         self
     }
 
-    /// Routes and forwards one request, by its authority.
-    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+    /// Routes and forwards one request, by its authority. An `Upgrade` or `CONNECT` whose
+    /// answer switches protocols becomes a tunnel to where the stack sent it (see
+    /// [`crate::tunnel`]); a `CONNECT` to a host:port that is no known service is tunnelled
+    /// straight there.
+    pub async fn handle(&self, mut request: Request<Incoming>) -> Response<Body> {
+        let connect = request.method() == Method::CONNECT;
+        if connect && let Some(why) = tunnel::bad_connect_target(&request) {
+            return crate::http::error(StatusCode::BAD_REQUEST, &why);
+        }
         let target = match Target::from_request(&request) {
             Ok(target) => target,
+            Err(_) if connect => {
+                let downstream =
+                    tunnel::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+                return self.passthrough(request, downstream).await;
+            }
             Err(e) => return e.into_response(),
         };
         self.handle_target(target, request).await
     }
 
-    /// Routes and forwards one request to `target`.
-    async fn handle_target(&self, target: Target, request: Request<Incoming>) -> Response<Body> {
+    /// Routes and forwards one request to `target` (from its authority, or from where a
+    /// redirected connection was going).
+    async fn handle_target(
+        &self,
+        target: Target,
+        mut request: Request<Incoming>,
+    ) -> Response<Body> {
+        let connect = request.method() == Method::CONNECT;
+        // Taken before the request goes down the stack, which keeps none of its extensions.
+        let downstream = tunnel::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let tables = self.discover(target.service()).await;
         self.prune(&tables);
+        if connect
+            && !tables.routes.contains_key(target.service())
+            && !tables.available(target.service())
+        {
+            return self.passthrough(request, downstream).await;
+        }
         let req = Targeted {
             target,
             tables,
             request,
         };
-        self.stack
+        let mut rsp = self
+            .stack
             .clone()
             .oneshot(req)
             .await
-            .unwrap_or_else(Error::into_response)
+            .unwrap_or_else(Error::into_response);
+        if let Some(downstream) = downstream
+            && tunnel::switched(connect, &rsp)
+        {
+            tunnel::splice(downstream, &mut rsp, &self.metrics, "outbound");
+        }
+        rsp
+    }
+
+    /// Tunnels a `CONNECT` to the host:port it names, which is not a service the mesh knows.
+    async fn passthrough(
+        &self,
+        request: Request<Incoming>,
+        downstream: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<Body> {
+        let authority = request
+            .uri()
+            .authority()
+            .map_or_else(String::new, ToString::to_string);
+        let connect = tokio::net::TcpStream::connect(authority.as_str());
+        let tcp = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                let why = format!("CONNECT to {authority}: {e}");
+                return crate::http::error(StatusCode::BAD_GATEWAY, &why);
+            }
+            Err(_) => {
+                let why = format!("CONNECT to {authority}: timed out");
+                return crate::http::error(StatusCode::GATEWAY_TIMEOUT, &why);
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let mut rsp = tunnel::connected(tcp);
+        if let Some(downstream) = downstream {
+            tunnel::splice(downstream, &mut rsp, &self.metrics, "outbound");
+        }
+        rsp
     }
 
     /// The tables, after making sure discovery watches `service`: the first request to an
