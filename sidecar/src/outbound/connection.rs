@@ -236,7 +236,17 @@ impl Outbound {
     /// Sends a request to an address outside the mesh, as the app sent it, through the client
     /// and metrics layers every routed request ends in. Its metrics name the address as the
     /// authority and no destination service, so they never mix with a service's.
-    async fn pass_through(&self, addr: SocketAddr, request: Request<Incoming>) -> Response<Body> {
+    ///
+    /// An `Upgrade` (a WebSocket) the destination accepts becomes a tunnel to it, as on routed
+    /// requests (see [`crate::tunnel`]).
+    async fn pass_through(
+        &self,
+        addr: SocketAddr,
+        mut request: Request<Incoming>,
+    ) -> Response<Body> {
+        // Taken before the request goes down, which keeps none of its extensions.
+        let downstream =
+            crate::tunnel::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let outside = ServiceRef::new("", "", addr.port());
         let route = Arc::new(Route {
             service: outside.clone(),
@@ -260,11 +270,18 @@ impl Outbound {
             },
             request: Request::from_parts(parts, body),
         };
-        self.bottom
+        let mut rsp = self
+            .bottom
             .clone()
             .oneshot(attempt)
             .await
-            .unwrap_or_else(Error::into_response)
+            .unwrap_or_else(Error::into_response);
+        if let Some(downstream) = downstream
+            && crate::tunnel::switched(false, &rsp)
+        {
+            crate::tunnel::splice(downstream, &mut rsp, &self.metrics, "outbound");
+        }
+        rsp
     }
 
     /// Forwards an opaque connection to `dst` byte for byte.
