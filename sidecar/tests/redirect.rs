@@ -15,16 +15,17 @@
 use std::path::{Path, PathBuf};
 
 use mesh_controlplane::inject::{InjectConfig, PROXY_UID, iptables_script};
+use mesh_test_support::fixtures::script;
 use mesh_test_support::mesh::CLIENT_ID;
 use mesh_test_support::netns::{
     ADMIN_PORT, CLUSTER_IP, INBOUND_PORT, MeshedPod, OUTBOUND_PORT, POD_IP, Server, meshed_pod,
 };
 
-/// An HTTP (or, given a certificate and key, HTTPS) server answering every GET with its name
-/// and the `x-mesh-client-id` the mesh added (`-` when none), so a test sees who answered and
-/// whether the request came over the mesh's mTLS.
+/// An HTTP server answering every GET with its name and the `x-mesh-client-id` the mesh added
+/// (`-` when none), so a test sees who answered and whether the request came over the mesh's
+/// mTLS.
 const HTTP_APP: &str = r#"
-import http.server, ssl, sys
+import http.server, sys
 name, listen = sys.argv[1], sys.argv[2]
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -37,12 +38,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 host, port = listen.rsplit(":", 1)
-server = http.server.ThreadingHTTPServer((host, int(port)), Handler)
-if len(sys.argv) > 3:
-    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls.load_cert_chain(sys.argv[3], sys.argv[4])
-    server.socket = tls.wrap_socket(server.socket, server_side=True)
-server.serve_forever()
+http.server.ThreadingHTTPServer((host, int(port)), Handler).serve_forever()
 "#;
 
 /// The pod: the injector's rules for its default ports, no port skipped.
@@ -94,13 +90,9 @@ fn require_python_module(module: &str) {
     );
 }
 
-/// A fixture script of the test-support crate.
+/// A fixture script of the test-support crate, as an argument.
 fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../test-support/fixtures")
-        .join(name)
-        .display()
-        .to_string()
+    script(name).display().to_string()
 }
 
 /// The labels of the pod proxy's outbound series for traffic to `port` on the cluster IP.
@@ -290,7 +282,7 @@ fn curl_verifies_an_https_servers_own_certificate() {
     let ca = mesh_test_support::certs::TestCa::new("an HTTPS server's CA").unwrap();
     let leaf = ca
         .issue(
-            &mesh_test_support::certs::Leaf::new("secure")
+            &mesh_test_support::certs::Leaf::new("https")
                 .san(&CLUSTER_IP.to_string())
                 .server(),
         )
@@ -305,11 +297,13 @@ fn curl_verifies_an_https_servers_own_certificate() {
             "https",
             &[
                 "python3",
-                "-c",
-                HTTP_APP,
-                "secure",
+                &fixture("https_hello.py"),
+                "serve",
+                "--listen",
                 &listen,
+                "--cert",
                 &cert.display().to_string(),
+                "--key",
                 &key.display().to_string(),
             ],
         )
@@ -327,10 +321,10 @@ fn curl_verifies_an_https_servers_own_certificate() {
             "10",
             "--cacert",
             &ca_file.display().to_string(),
-            &format!("https://{listen}/"),
+            &format!("https://{listen}/end-to-end"),
         ])
         .unwrap();
-    assert_eq!(body.trim(), "secure -");
+    assert_eq!(body.trim(), "hello over TLS /end-to-end");
 
     let l = to(8443);
     pod.wait_metric("tcp_open_total", &labels(&l), 1.0).unwrap();
@@ -449,32 +443,41 @@ fn a_meshed_service_is_reached_by_name_over_mtls() {
         )
         .unwrap();
 
-    // In the embedded mesh a name is not an address the app can dial: apps reach meshed
-    // services by name through the proxy (HTTP_PROXY), as `mesh up` sets it for them. The
-    // proxy's listener is on loopback, which the rules leave alone.
+    // 1. No proxy settings: the app dials the address the name stands for, here the address
+    // the workload registered (what a headless Service's DNS answers in a cluster; the
+    // control plane knows it as an endpoint of web.default:80). The rules redirect the
+    // connection, and the proxy routes it as the service over mTLS.
+    let registered = format!("{CLUSTER_IP}:{INBOUND_PORT}");
     let body = pod
-        .net()
-        .pod()
-        .stdout(
-            None,
-            &[
-                "env",
-                &format!("http_proxy=http://127.0.0.1:{OUTBOUND_PORT}"),
-                "curl",
-                "-sS",
-                "--max-time",
-                "10",
-                &format!("http://{service}/"),
-            ],
-        )
+        .app_run(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--resolve",
+            &format!("web.default:{INBOUND_PORT}:{CLUSTER_IP}"),
+            &format!("http://web.default:{INBOUND_PORT}/"),
+        ])
         .unwrap();
     // The app answered, and saw the pod's identity: the request crossed mTLS between proxies.
+    assert_eq!(body.trim(), format!("web {CLIENT_ID}"), "via {registered}");
+    let routed = ["direction=\"outbound\"", "authority=\"web.default:80\""];
+    pod.wait_metric("request_total", &routed, 1.0).unwrap();
+
+    // 2. By name through HTTP_PROXY, as `mesh up` sets it for the apps it runs: the proxy's
+    // listener is on loopback, which the rules leave alone.
+    let body = pod
+        .app_run(&[
+            "env",
+            &format!("http_proxy=http://127.0.0.1:{OUTBOUND_PORT}"),
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://{service}/"),
+        ])
+        .unwrap();
     assert_eq!(body.trim(), format!("web {CLIENT_ID}"));
-    pod.wait_metric(
-        "request_total",
-        &["direction=\"outbound\"", "authority=\"web.default:80\""],
-        1.0,
-    )
-    .unwrap();
+    pod.wait_metric("request_total", &routed, 2.0).unwrap();
     drop(server);
 }
