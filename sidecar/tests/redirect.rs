@@ -481,3 +481,31 @@ fn a_meshed_service_is_reached_by_name_over_mtls() {
     pod.wait_metric("request_total", &routed, 2.0).unwrap();
     drop(server);
 }
+
+/// The control for every test above: a pod without the rules reaches the same server
+/// directly, and the proxy's counters for it stay at zero, so "the proxy counted it" is what
+/// tells the redirected path from a direct one.
+#[test]
+fn without_the_rules_the_proxy_counts_nothing() {
+    require(&["curl", "python3"]);
+    let mut pod = meshed_pod("true", u32::try_from(PROXY_UID).unwrap())
+        .start()
+        .unwrap();
+    let listen = format!("{CLUSTER_IP}:8080");
+    pod.serve(Server::new("plain", &["python3", "-c", HTTP_APP, "plain", &listen]).listening(8080))
+        .unwrap();
+    let body = pod
+        .app_run(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://{listen}/"),
+        ])
+        .unwrap();
+    assert_eq!(body.trim(), "plain -");
+    let l = to(8080);
+    for family in ["request_total", "tcp_open_total"] {
+        assert_eq!(pod.metric(family, &labels(&l)).unwrap(), 0.0, "{family}");
+    }
+}
