@@ -5,7 +5,13 @@
 //! where the app was going without breaking the protocol. Real clients check the protocol
 //! (redis-cli, psql, curl verifying a server certificate, a WebSocket client, a gRPC client);
 //! the proxy's own counters for that destination prove it was in the path, so each test fails
-//! if the proxy is taken out of it.
+//! if the proxy is taken out of it (the last test is that control: without the rules the
+//! counters stay at zero).
+//!
+//! A meshed service is reached the two ways an app in the embedded mesh has: with no proxy
+//! settings, at the address its name stands for (the workload's registered address, which the
+//! control plane answers for as an endpoint of the service, as a cluster's DNS answers with a
+//! ClusterIP or pod IP), and by name through `HTTP_PROXY`, as `mesh up` configures its apps.
 //!
 //! Needs root (or passwordless sudo), iproute2, iptables, util-linux's `setpriv`, curl,
 //! redis-server and redis-tools, PostgreSQL, and Python 3 with grpcio and websockets;
