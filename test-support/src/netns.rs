@@ -387,6 +387,25 @@ impl PodNetwork {
         Ok(path)
     }
 
+    /// `program` where every user can run it: the proxy's uid cannot reach a target directory
+    /// under a private home (CI keeps it in `~/.cache`). A hard link where the file system
+    /// allows, else a copy.
+    pub fn executable(&self, program: &Path) -> Result<PathBuf> {
+        let name = program.file_name().unwrap_or(program.as_os_str());
+        let path = self.dir.path().join(name);
+        if std::fs::hard_link(program, &path).is_err() {
+            std::fs::copy(program, &path).map_err(HarnessError::io(format!(
+                "copying {} to {}",
+                program.display(),
+                path.display()
+            )))?;
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(
+            HarnessError::io(format!("making {} executable", path.display())),
+        )?;
+        Ok(path)
+    }
+
     /// `access` with its trust roots and token copied into [`PodNetwork::dir`], so a proxy
     /// running as another user can read them (as a pod reads its mounted secrets).
     pub fn readable_access(&self, access: &ProxyApiAccess) -> Result<ProxyApiAccess> {
@@ -566,7 +585,9 @@ impl MeshedPodBuilder {
             .env("MESH_CONTROLPLANE_PROXY_ADDR", &any_port)
             .run()?;
         let access = net.readable_access(&control_plane.access())?;
+        let binary = net.executable(&crate::process::workspace_bin("mesh-proxy")?)?;
         let mut builder = crate::proxies::proxy()
+            .binary(binary)
             .control_plane(&access, &self.identity)
             .env(ENV_OUTBOUND_ADDR, format!("127.0.0.1:{OUTBOUND_PORT}"))
             .env(ENV_ADMIN_ADDR, format!("0.0.0.0:{ADMIN_PORT}"))

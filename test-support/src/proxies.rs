@@ -52,6 +52,7 @@ pub fn proxy() -> ProxyBuilder {
         ]),
         config: None,
         via: Vec::new(),
+        binary: None,
     }
 }
 
@@ -62,6 +63,7 @@ pub struct ProxyBuilder {
     env: BTreeMap<String, String>,
     config: Option<String>,
     via: Vec<std::ffi::OsString>,
+    binary: Option<std::path::PathBuf>,
 }
 
 impl ProxyBuilder {
@@ -110,6 +112,12 @@ impl ProxyBuilder {
     /// [`crate::netns::Netns::exec_prefix`] to start it in a network namespace as another user.
     pub fn via(mut self, prefix: Vec<std::ffi::OsString>) -> Self {
         self.via = prefix;
+        self
+    }
+
+    /// With [`ProxyBuilder::spawn`], runs the binary at `path` rather than the workspace's.
+    pub fn binary(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.binary = Some(path.into());
         self
     }
 
@@ -168,7 +176,11 @@ impl ProxyBuilder {
     pub fn spawn(mut self) -> Result<SpawnedProxy> {
         let dir = Self::dir()?;
         self.write_config(&dir)?;
-        let mut binary = MeshBinary::new(workspace_bin("mesh-proxy")?)
+        let path = match self.binary.take() {
+            Some(path) => path,
+            None => workspace_bin("mesh-proxy")?,
+        };
+        let mut binary = MeshBinary::new(path)
             .via(self.via.clone())
             .env("RUST_LOG", "info")
             .listener("admin")
