@@ -8,6 +8,9 @@
 //! if the proxy is taken out of it (the last test is that control: without the rules the
 //! counters stay at zero).
 //!
+//! The other way in is covered too: a client in the cluster reaches the pod's app, which
+//! listens on loopback only, through the rule that sends what arrives to the inbound listener.
+//!
 //! A meshed service is reached the two ways an app in the embedded mesh has: with no proxy
 //! settings, at the address its name stands for (the workload's registered address, which the
 //! control plane answers for as an endpoint of the service, as a cluster's DNS answers with a
@@ -21,6 +24,7 @@
 use std::path::{Path, PathBuf};
 
 use mesh_controlplane::inject::{InjectConfig, PROXY_UID, iptables_script};
+use mesh_sidecar::config::{ENV_APP_ADDR, ENV_INBOUND_ADDR};
 use mesh_test_support::fixtures::script;
 use mesh_test_support::mesh::CLIENT_ID;
 use mesh_test_support::netns::{
@@ -486,6 +490,38 @@ fn a_meshed_service_is_reached_by_name_over_mtls() {
     assert_eq!(body.trim(), format!("web {CLIENT_ID}"));
     pod.wait_metric("request_total", &routed, 2.0).unwrap();
     drop(server);
+}
+
+#[test]
+fn a_client_in_the_cluster_reaches_the_pods_app_through_its_inbound_listener() {
+    require(&["curl", "python3"]);
+    // The injector points the proxy at the app's declared port; the rules send everything
+    // arriving for the pod to the inbound listener.
+    let config = InjectConfig::default();
+    let mut pod = meshed_pod(
+        &iptables_script(&config, &[], &[]),
+        u32::try_from(PROXY_UID).unwrap(),
+    )
+    .env(ENV_INBOUND_ADDR, &format!("0.0.0.0:{INBOUND_PORT}"))
+    .env(ENV_APP_ADDR, "127.0.0.1:8080")
+    .start()
+    .unwrap();
+    pod.serve(
+        Server::new("app", &["python3", "-c", HTTP_APP, "app", "127.0.0.1:8080"])
+            .in_pod()
+            .listening_on("127.0.0.1:8080".parse().unwrap()),
+    )
+    .unwrap();
+
+    // The app listens on loopback only: nothing but the proxy can hand it this request.
+    let (status, body) = pod
+        .net()
+        .cluster()
+        .http_get(&format!("http://{POD_IP}:8080/"))
+        .unwrap();
+    assert_eq!((status, body.trim()), (200, "app -"));
+    pod.wait_metric("request_total", &["direction=\"inbound\""], 1.0)
+        .unwrap();
 }
 
 /// The control for every test above: a pod without the rules reaches the same server
