@@ -15,6 +15,7 @@
 //! settings, at the address its name stands for (the workload's registered address, which the
 //! control plane answers for as an endpoint of the service, as a cluster's DNS answers with a
 //! ClusterIP or pod IP), and by name through `HTTP_PROXY`, as `mesh up` configures its apps.
+//! A meshed Redis is reached the first way, its bytes carried between the proxies over mTLS.
 //!
 //! Needs root (or passwordless sudo), iproute2, iptables, util-linux's `setpriv`, curl,
 //! redis-server and redis-tools, PostgreSQL, and Python 3 with grpcio and websockets;
@@ -30,6 +31,7 @@ use mesh_test_support::mesh::CLIENT_ID;
 use mesh_test_support::netns::{
     ADMIN_PORT, CLUSTER_IP, INBOUND_PORT, MeshedPod, OUTBOUND_PORT, POD_IP, Server, meshed_pod,
 };
+use mesh_test_support::proxies::Sidecar;
 
 /// An HTTP server answering every GET with its name and the `x-mesh-client-id` the mesh added
 /// (`-` when none), so a test sees who answered and whether the request came over the mesh's
@@ -490,6 +492,70 @@ fn a_meshed_service_is_reached_by_name_over_mtls() {
     assert_eq!(body.trim(), format!("web {CLIENT_ID}"));
     pod.wait_metric("request_total", &routed, 2.0).unwrap();
     drop(server);
+}
+
+#[test]
+fn redis_cli_reaches_a_meshed_redis_over_mtls() {
+    require(&["redis-server", "redis-cli"]);
+    let mut pod = pod();
+    let dir = pod.net().dir().display().to_string();
+    let server = pod
+        .meshed_service(
+            "cache.default:6379",
+            "spiffe://cluster.local/ns/default/sa/cache",
+            Server::new(
+                "redis",
+                &[
+                    "redis-server",
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    "6390",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    &dir,
+                ],
+            ),
+            6390,
+            INBOUND_PORT,
+        )
+        .unwrap();
+
+    // The app dials the workload's registered address; the pod's proxy carries the bytes to
+    // the workload's proxy over mTLS, which hands them to Redis on its loopback.
+    let host = CLUSTER_IP.to_string();
+    let port = INBOUND_PORT.to_string();
+    let cli = |args: &[&str]| {
+        let mut argv = vec!["redis-cli", "-h", &host, "-p", &port];
+        argv.extend_from_slice(args);
+        pod.app_run(&argv).unwrap().trim().to_string()
+    };
+    assert_eq!(cli(&["SET", "mesh:meshed", "over mTLS"]), "OK");
+    assert_eq!(cli(&["GET", "mesh:meshed"]), "over mTLS");
+
+    let meshed = [
+        "direction=\"outbound\"",
+        "authority=\"cache.default:6379\"",
+        "tls=\"true\"",
+    ];
+    pod.wait_metric("tcp_close_total", &meshed, 2.0).unwrap();
+    // The far side counted them as opaque connections arriving over the mesh.
+    let far = pod
+        .net()
+        .cluster()
+        .metric_sum(
+            server.addr("admin"),
+            "tcp_open_total",
+            &["direction=\"inbound\""],
+        )
+        .unwrap();
+    assert!(
+        far >= 2.0,
+        "the workload's proxy counted {far} inbound connections"
+    );
 }
 
 #[test]
