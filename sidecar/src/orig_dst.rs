@@ -16,9 +16,15 @@ use tokio::net::TcpStream;
 pub fn original_dst(io: &TcpStream) -> Option<SocketAddr> {
     let local = io.local_addr().ok()?;
     let sock = socket2::SockRef::from(io);
-    let orig = match local {
-        SocketAddr::V4(_) => sock.original_dst_v4(),
-        SocketAddr::V6(_) => sock.original_dst_v6(),
+    // An IPv4 client of a dual-stack listener is tracked as IPv4.
+    let v4 = match local {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_some(),
+    };
+    let orig = if v4 {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
     };
     let orig = orig.ok()?.as_socket()?;
     redirected(local, orig)

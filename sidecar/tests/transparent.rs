@@ -409,3 +409,32 @@ endpoints:
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meshed_service_without_endpoints_still_reaches_the_address_dialled() {
+    // The address is a service's, but no endpoint of it is known (discovery has not answered,
+    // or none is ready): the connection goes where the app dialled rather than fail.
+    let echo = tcp_echo().await.unwrap();
+    let config = format!("addresses:\n  - {{addr: \"{echo}\", service: db.default:5432}}\n");
+    let client = pod(&[], Some(&config)).await;
+    let payload = b"\x00still works";
+    assert_eq!(roundtrip(client.dial(echo).await, payload).await, payload);
+    // HTTP alike: passed through to the address, not answered 404 for want of a route.
+    let web = app("web").await.unwrap();
+    let config = format!(
+        "addresses:\n  - {{addr: \"{}\", service: web.default:80}}\n",
+        web.addr()
+    );
+    let http = pod(&[], Some(&config)).await;
+    let answer = http_get(http.dial(web.addr()).await, "web").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        client
+            .metric(
+                "tcp_open_total",
+                &[r#"authority="db.default:5432""#, r#"dst_service="""#]
+            )
+            .await,
+        1.0
+    );
+}

@@ -17,6 +17,7 @@
 //!          client and metrics layers at the bottom of the stack
 //! opaque   meshed: a backend by weight and an endpoint by P2C, per connection; over mTLS
 //!          (ALPN opaque) to meshed endpoints, whose proxies authorize it by identity
+//!          (to the original destination when no endpoint can be picked)
 //!          passthrough: byte for byte to the original destination
 //! ```
 //!
@@ -97,9 +98,6 @@ pub fn tcp_backends(tables: &Tables, service: &ServiceRef) -> Vec<WeightedBacken
 /// Why an opaque connection could not be forwarded.
 #[derive(Debug, thiserror::Error)]
 pub enum TcpError {
-    /// No backend of the service has an endpoint that can take it.
-    #[error("no endpoint of {0} can take the connection")]
-    Unavailable(ServiceRef),
     /// The endpoint is a peer proxy, and this proxy has no identity to reach it with.
     #[error("endpoint {addr} is meshed ({identity}) and this proxy has no identity")]
     NoIdentity {
@@ -223,6 +221,12 @@ impl Outbound {
     ) -> Response<Body> {
         match dst {
             Destination::Meshed { addr, service, .. } => {
+                // A service with neither routes nor endpoints the proxy knows of: the address
+                // the app dialled still leads somewhere, so the request goes there.
+                let tables = self.tables.borrow().clone();
+                if !tables.routes.contains_key(service) && !tables.available(service) {
+                    return self.pass_through(*addr, request).await;
+                }
                 let target = Target::OrigDst {
                     addr: *addr,
                     service: service.clone(),
@@ -312,11 +316,29 @@ impl Outbound {
                     .pick(&[endpoint.addr], Instant::now(), |n| fastrand::usize(..n));
                 (service, endpoint.clone(), service.clone(), in_flight)
             }
-            Destination::Meshed { service, .. } => {
-                let (backend, endpoint, in_flight) = self
-                    .pick_tcp_endpoint(&tables, service)
-                    .ok_or_else(|| TcpError::Unavailable(service.clone()))?;
-                (service, endpoint, backend, Some(in_flight))
+            Destination::Meshed { addr, service, .. } => {
+                match self.pick_tcp_endpoint(&tables, service) {
+                    Some((backend, endpoint, in_flight)) => {
+                        (service, endpoint, backend, Some(in_flight))
+                    }
+                    // Discovery knows no endpoint that can take it (not answered yet, or all
+                    // failing): the address the app dialled still leads somewhere (kube-proxy
+                    // balances a ClusterIP), so the connection goes there rather than fail.
+                    None => {
+                        tracing::debug!(%service, %addr, "no endpoint picked; passing the connection through");
+                        let labels = TcpLabels {
+                            direction: "outbound",
+                            authority: service.authority(),
+                            ..TcpLabels::default()
+                        };
+                        let timeout = self.connect_timeout;
+                        let addr = *addr;
+                        return Ok(relay(io, &labels, &self.metrics, async move {
+                            connect_plain(addr, timeout).await
+                        })
+                        .await?);
+                    }
+                }
             }
         };
         let labels = TcpLabels {
