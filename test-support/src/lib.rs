@@ -4,7 +4,8 @@
 //! Prometheus against a scrape config; [`process::MeshProcess`] starts one of our binaries on
 //! port 0 and reads back the addresses it bound; [`proxies::proxy`] starts a proxy in-process
 //! (or as the binary), [`apps::app`] an upstream app, and [`mesh::control_plane`] and
-//! [`mesh::mesh_pair`] a control plane and proxies on it; [`proxy_api`] has mTLS clients of the
+//! [`mesh::mesh_pair`] a control plane and proxies on it; [`netns::PodNetwork`] a pod and a
+//! cluster in network namespaces, for the path the injector's iptables rules redirect; [`proxy_api`] has mTLS clients of the
 //! control plane's proxy API and a stand-in for it; [`assert_eventually!`] waits for a condition
 //! with a patience taken from `MESH_TEST_PATIENCE`. Everything started is killed when its handle
 //! drops, so a failing test leaves no processes behind.
@@ -15,6 +16,7 @@ pub mod eventually;
 pub mod fixtures;
 pub mod kube;
 pub mod mesh;
+pub mod netns;
 pub mod ports;
 pub mod process;
 pub mod prometheus;
@@ -63,6 +65,14 @@ pub enum HarnessError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A command the harness ran failed or ran out of time.
+    #[error("{command}: {detail}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// How it failed, with its output.
+        detail: String,
+    },
     /// Certificate generation failed.
     #[error("generating test certificates: {0}")]
     Certs(#[from] rcgen::Error),
@@ -107,12 +117,12 @@ pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
 ///
 /// # Panics
 /// When the scrape fails.
-#[allow(
-    clippy::expect_used,
-    reason = "a test helper fails its test by panicking"
-)]
 pub async fn metric_sum(admin: impl std::fmt::Display, name: &str, labels: &[&str]) -> f64 {
-    let text = metrics_text(admin).await;
+    metric_sum_in(&metrics_text(admin).await, name, labels)
+}
+
+/// [`metric_sum`] over an already scraped `/metrics` text.
+pub fn metric_sum_in(text: &str, name: &str, labels: &[&str]) -> f64 {
     let series = format!("{name}{{");
     text.lines()
         .filter(|l| l.starts_with(&series) && labels.iter().all(|label| l.contains(label)))

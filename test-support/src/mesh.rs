@@ -46,6 +46,7 @@ pub const SERVICE: &str = "web.default:80";
 pub fn control_plane() -> ControlPlaneBuilder {
     ControlPlaneBuilder {
         binary: None,
+        via: Vec::new(),
         state: None,
         env: BTreeMap::from([
             (
@@ -65,6 +66,7 @@ pub fn control_plane() -> ControlPlaneBuilder {
 #[must_use = "a control plane starts with run()"]
 pub struct ControlPlaneBuilder {
     binary: Option<PathBuf>,
+    via: Vec<std::ffi::OsString>,
     state: Option<PathBuf>,
     env: BTreeMap<String, String>,
 }
@@ -109,6 +111,13 @@ impl ControlPlaneBuilder {
         self
     }
 
+    /// Runs the binary through `prefix`, such as [`crate::netns::Netns::exec_prefix`] to start
+    /// it in a network namespace.
+    pub fn via(mut self, prefix: Vec<std::ffi::OsString>) -> Self {
+        self.via = prefix;
+        self
+    }
+
     /// Starts the control plane and waits for its listeners.
     pub fn run(self) -> Result<ControlPlane> {
         let (state, dir) = match self.state {
@@ -128,6 +137,7 @@ impl ControlPlaneBuilder {
             None => workspace_bin("mesh-controlplane")?,
         };
         let mut bin = MeshBinary::new(binary)
+            .via(self.via)
             .env("MESH_CONTROLPLANE_STATE_DIR", &state)
             .listener("api")
             .listener("proxy");

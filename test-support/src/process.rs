@@ -201,6 +201,7 @@ pub fn workspace_bin(name: &str) -> Result<PathBuf> {
 #[derive(Debug)]
 pub struct MeshBinary {
     path: PathBuf,
+    via: Vec<OsString>,
     args: Vec<OsString>,
     env: BTreeMap<OsString, OsString>,
     listeners: Vec<String>,
@@ -211,6 +212,7 @@ impl MeshBinary {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
+            via: Vec::new(),
             args: Vec::new(),
             env: BTreeMap::new(),
             listeners: Vec::new(),
@@ -220,6 +222,14 @@ impl MeshBinary {
     /// Starts the workspace binary `name` (see [`workspace_bin`]).
     pub fn workspace(name: &str) -> Result<Self> {
         Ok(Self::new(workspace_bin(name)?))
+    }
+
+    /// Runs the binary through a command that runs its arguments, such as
+    /// [`crate::netns::Netns::exec_prefix`] (`ip netns exec <name> …`); the environment is
+    /// passed through it.
+    pub fn via(mut self, prefix: impl IntoIterator<Item = impl Into<OsString>>) -> Self {
+        self.via = prefix.into_iter().map(Into::into).collect();
+        self
     }
 
     /// Adds a command-line argument.
@@ -257,7 +267,14 @@ impl MeshBinary {
             .try_clone()
             .map_err(HarnessError::io("duplicating a log handle"))?;
 
-        let mut cmd = Command::new(&self.path);
+        let mut cmd = match self.via.split_first() {
+            None => Command::new(&self.path),
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&self.path);
+                cmd
+            }
+        };
         cmd.args(&self.args)
             .envs(&self.env)
             .stdin(Stdio::null())

@@ -51,6 +51,8 @@ pub fn proxy() -> ProxyBuilder {
             (ENV_OUTBOUND_ADDR.to_string(), LOOPBACK_ANY_PORT.to_string()),
         ]),
         config: None,
+        via: Vec::new(),
+        binary: None,
     }
 }
 
@@ -60,6 +62,8 @@ pub fn proxy() -> ProxyBuilder {
 pub struct ProxyBuilder {
     env: BTreeMap<String, String>,
     config: Option<String>,
+    via: Vec<std::ffi::OsString>,
+    binary: Option<std::path::PathBuf>,
 }
 
 impl ProxyBuilder {
@@ -102,6 +106,19 @@ impl ProxyBuilder {
             )
             .env(ENV_TOKEN_FILE, access.token_file.display().to_string())
             .env(ENV_IDENTITY, identity)
+    }
+
+    /// With [`ProxyBuilder::spawn`], runs the binary through `prefix`, such as
+    /// [`crate::netns::Netns::exec_prefix`] to start it in a network namespace as another user.
+    pub fn via(mut self, prefix: Vec<std::ffi::OsString>) -> Self {
+        self.via = prefix;
+        self
+    }
+
+    /// With [`ProxyBuilder::spawn`], runs the binary at `path` rather than the workspace's.
+    pub fn binary(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.binary = Some(path.into());
+        self
     }
 
     /// Sets any `MESH_PROXY_*` variable.
@@ -159,7 +176,12 @@ impl ProxyBuilder {
     pub fn spawn(mut self) -> Result<SpawnedProxy> {
         let dir = Self::dir()?;
         self.write_config(&dir)?;
-        let mut binary = MeshBinary::new(workspace_bin("mesh-proxy")?)
+        let path = match self.binary.take() {
+            Some(path) => path,
+            None => workspace_bin("mesh-proxy")?,
+        };
+        let mut binary = MeshBinary::new(path)
+            .via(self.via.clone())
             .env("RUST_LOG", "info")
             .listener("admin")
             .listener("outbound");

@@ -240,6 +240,9 @@ impl Outbound {
     /// Sends a request to an address outside the mesh, as the app sent it, through the client
     /// and metrics layers every routed request ends in. Its metrics name the address as the
     /// authority and no destination service, so they never mix with a service's.
+    ///
+    /// An `Upgrade` (a WebSocket) the destination accepts becomes a tunnel to it, as on routed
+    /// requests (see [`crate::tunnel`]).
     async fn pass_through(
         &self,
         addr: SocketAddr,
@@ -247,8 +250,8 @@ impl Outbound {
     ) -> Response<Body> {
         let connect = request.method() == http::Method::CONNECT;
         // Taken before the request goes down, which keeps none of its extensions.
-        let downstream = crate::tunnel::is_upgrade(&request)
-            .then(|| hyper::upgrade::on(&mut request));
+        let downstream =
+            crate::tunnel::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let outside = ServiceRef::new("", "", addr.port());
         let route = Arc::new(Route {
             service: outside.clone(),

@@ -203,7 +203,11 @@ impl Outbound {
 
     /// Routes and forwards one request to `target` (a redirected connection's destination),
     /// tunnelling it when it upgrades.
-    async fn handle_target(&self, target: Target, mut request: Request<Incoming>) -> Response<Body> {
+    async fn handle_target(
+        &self,
+        target: Target,
+        mut request: Request<Incoming>,
+    ) -> Response<Body> {
         let downstream = tunnel::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let tables = self.discover(target.service()).await;
         self.forward(target, tables, request, downstream).await
