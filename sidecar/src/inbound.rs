@@ -168,7 +168,8 @@ impl Inbound {
         }
         let connect = req.method() == Method::CONNECT;
         let downstream = tunnel::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-        let tunnel_labels = crate::metrics::TcpLabels {
+        // Built only for a request that may become a tunnel; most never do.
+        let tunnel_labels = downstream.is_some().then(|| crate::metrics::TcpLabels {
             direction: "inbound",
             authority: self.labels.authority.clone(),
             dst_service: self.labels.dst_service.clone(),
@@ -178,7 +179,7 @@ impl Inbound {
             } else {
                 ""
             },
-        };
+        });
         self.metrics.requests.get_or_create(&self.labels).inc();
         let result = if connect {
             self.connect(req, to_app).await
@@ -215,9 +216,10 @@ impl Inbound {
         };
         let result = result.map(|mut rsp| {
             if let Some(downstream) = downstream
+                && let Some(labels) = tunnel_labels
                 && tunnel::switched(connect, &rsp)
             {
-                tunnel::splice(downstream, &mut rsp, &self.metrics, tunnel_labels);
+                tunnel::splice(downstream, &mut rsp, &self.metrics, labels);
             }
             rsp
         });

@@ -224,14 +224,17 @@ impl Outbound {
     ) -> Response<Body> {
         self.prune(&tables);
         let connect = request.method() == Method::CONNECT;
-        let service = target.service();
-        let labels = TcpLabels {
-            direction: "outbound",
-            authority: service.authority(),
-            dst_service: service.name.clone(),
-            dst_namespace: service.namespace.clone(),
-            tls: "",
-        };
+        // Built only for a request that may become a tunnel; most never do.
+        let labels = downstream.as_ref().map(|_| {
+            let service = target.service();
+            TcpLabels {
+                direction: "outbound",
+                authority: service.authority(),
+                dst_service: service.name.clone(),
+                dst_namespace: service.namespace.clone(),
+                tls: "",
+            }
+        });
         let req = Targeted {
             target,
             tables,
@@ -244,6 +247,7 @@ impl Outbound {
             .await
             .unwrap_or_else(Error::into_response);
         if let Some(downstream) = downstream
+            && let Some(labels) = labels
             && tunnel::switched(connect, &rsp)
         {
             tunnel::splice(downstream, &mut rsp, &self.metrics, labels);
