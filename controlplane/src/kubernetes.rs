@@ -11,9 +11,9 @@
 //!   endpoint carries the SPIFFE ID of its service account, which peers must present over mTLS,
 //!   and is the proxy's inbound port on the pod's IP, which the injector's rules leave
 //!   unredirected. Peer proxies connect there directly, so their mTLS is never taken for the
-//!   app's own traffic on a port declared opaque (which the inbound proxy forwards unsniffed). Endpoints are fed to the index as registrations under
-//!   ids derived from the slice, address and port; each change of the three caches recomputes
-//!   them and applies only the difference.
+//!   app's own traffic on a port declared opaque (which the inbound proxy forwards unsniffed).
+//!   Endpoints are fed to the index as registrations under ids derived from the slice, address
+//!   and port; each change of the three caches recomputes them and applies only the difference.
 //!
 //! - **Service addresses.** Every ClusterIP and TCP port of a Service is its own address, so a
 //!   proxy that sees a redirected connection to it knows which service the app meant.
