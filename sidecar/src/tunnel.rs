@@ -12,16 +12,13 @@
 //! the tunnel anyway.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
 
 use http::header::{CONNECTION, UPGRADE};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::http::{Body, empty};
 use crate::metrics::{Metrics, TcpLabels};
@@ -132,61 +129,8 @@ async fn run(
         Upstream::Opened(io) => io,
         Upstream::Http(on) => Box::new(TokioIo::new(on.await.map_err(io::Error::other)?)),
     };
-    metrics.tcp_open.get_or_create(&labels).inc();
-    metrics.tcp_open_connections.get_or_create(&labels).inc();
-    let mut from_caller = Counted {
-        inner: downstream,
-        read: metrics.tcp_read_bytes.get_or_create(&labels).clone(),
-    };
-    let mut from_far_side = Counted {
-        inner: upstream,
-        read: metrics.tcp_write_bytes.get_or_create(&labels).clone(),
-    };
-    let result = tokio::io::copy_bidirectional(&mut from_caller, &mut from_far_side).await;
-    metrics.tcp_open_connections.get_or_create(&labels).dec();
-    metrics.tcp_close.get_or_create(&labels).inc();
-    result.map(|_| ())
-}
-
-/// A stream whose reads are added to a counter as they happen, so long-lived tunnels show
-/// their bytes before they close.
-struct Counted<S> {
-    inner: S,
-    read: Counter,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &poll {
-            let n = buf.filled().len().saturating_sub(before);
-            self.read.inc_by(u64::try_from(n).unwrap_or(u64::MAX));
-        }
-        poll
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+    // The tunnel is relayed and counted like any opaque connection; both sides are open.
+    crate::opaque::relay(downstream, &labels, metrics, async { Ok(upstream) }).await
 }
 
 /// Why a `CONNECT`'s target cannot be tunnelled to, or `None` when it is a `host:port`.
