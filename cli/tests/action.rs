@@ -48,7 +48,7 @@ use mesh_crds::{Canary, CanaryPhase};
 use mesh_test_support::{
     assert_eventually,
     kube::KubeApiServer,
-    process::{MeshBinary, MeshProcess, workspace_bin},
+    process::{MeshProcess, workspace_bin},
 };
 use serde_json::{Value, json};
 
@@ -234,26 +234,7 @@ fn primary_version(server: &str) -> String {
 }
 
 fn up(dir: &Path, file: &Path) -> MeshProcess {
-    MeshBinary::workspace("mesh")
-        .unwrap()
-        .arg("up")
-        .arg("-f")
-        .arg(file)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--api-addr")
-        .arg("127.0.0.1:0")
-        .arg("--proxy-addr")
-        .arg("127.0.0.1:0")
-        .listener("api")
-        .listener("proxy")
-        .run()
-        .map(|mut p| {
-            // A failing test must not leave the workloads running.
-            p.child().set_stop_grace(Duration::from_secs(20));
-            p
-        })
-        .unwrap()
+    mesh_test_support::mesh::mesh_up(&dir.join("state"), file, &[]).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -18,10 +18,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_test_support::{
-    assert_eventually,
-    process::{MeshBinary, workspace_bin},
-};
+use mesh_test_support::{assert_eventually, process::workspace_bin};
 use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -118,28 +115,7 @@ fn up_with(
     file: &std::path::Path,
     extra: &[&str],
 ) -> mesh_test_support::process::MeshProcess {
-    let mut binary = MeshBinary::workspace("mesh").unwrap().arg("up");
-    for arg in extra {
-        binary = binary.arg(arg);
-    }
-    binary
-        .arg("-f")
-        .arg(file)
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--api-addr")
-        .arg("127.0.0.1:0")
-        .arg("--proxy-addr")
-        .arg("127.0.0.1:0")
-        .listener("api")
-        .listener("proxy")
-        .run()
-        .map(|mut p| {
-            // A failing test must not leave the workloads running.
-            p.child().set_stop_grace(Duration::from_secs(20));
-            p
-        })
-        .unwrap()
+    mesh_test_support::mesh::mesh_up(state, file, extra).unwrap()
 }
 
 fn terminate(p: &mut mesh_test_support::process::MeshProcess) {

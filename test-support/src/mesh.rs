@@ -42,6 +42,30 @@ pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 /// The service a [`MeshPair`]'s server registers as.
 pub const SERVICE: &str = "web.default:80";
 
+/// The embedded mesh, as a user starts it: `mesh up [extra...] -f file --state-dir state`, its
+/// resource API and proxy API on free ports of 127.0.0.1 (the `api` and `proxy` listeners). It is
+/// given 20 s to stop, so a failing test does not leave its workloads running.
+pub fn mesh_up(state: &Path, file: &Path, extra: &[&str]) -> Result<MeshProcess> {
+    let mut binary = MeshBinary::workspace("mesh")?.arg("up");
+    for arg in extra {
+        binary = binary.arg(arg);
+    }
+    let mut process = binary
+        .arg("-f")
+        .arg(file)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--api-addr")
+        .arg("127.0.0.1:0")
+        .arg("--proxy-addr")
+        .arg("127.0.0.1:0")
+        .listener("api")
+        .listener("proxy")
+        .run()?;
+    process.child().set_stop_grace(Duration::from_secs(20));
+    Ok(process)
+}
+
 /// A control plane to start: API and proxy API on 127.0.0.1:0, state in a fresh directory.
 pub fn control_plane() -> ControlPlaneBuilder {
     ControlPlaneBuilder {
