@@ -55,10 +55,13 @@ enum Command {
         at: backend::Where,
     },
     /// Render everything a Kubernetes cluster needs, for `| kubectl apply -f -`.
+    // `--version` is the mesh's image tag here, not this CLI's version.
+    #[command(disable_version_flag = true)]
     Install(k8s::install::InstallArgs),
     /// Check a cluster: ready for the mesh (--pre), or the mesh healthy on it.
     Check(k8s::CheckArgs),
     /// Add the proxy to the workloads in a YAML file, offline, as the injector webhook would.
+    #[command(disable_version_flag = true)]
     Inject(k8s::InjectArgs),
     /// Delete a resource.
     Delete {

@@ -208,29 +208,16 @@ async fn install_check_and_inject_on_a_real_apiserver() {
         .create(&PostParams::default(), &d)
         .await
         .unwrap();
-    let names: Vec<String> = created
-        .spec
-        .unwrap()
-        .template
-        .spec
-        .unwrap()
-        .containers
-        .iter()
-        .map(|c| c.name.clone())
-        .collect();
-    assert_eq!(names, ["mesh-proxy", "web"]);
-    let proxy_env = d
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
-        .env
-        .clone()
-        .unwrap();
+    let template = created.spec.unwrap().template.spec.unwrap();
+    let names = |cs: &[k8s_openapi::api::core::v1::Container]| -> Vec<String> {
+        cs.iter().map(|c| c.name.clone()).collect()
+    };
+    // A native sidecar by default: the API server accepts it (restartPolicy: Always).
+    let init = template.init_containers.as_deref().unwrap();
+    assert_eq!(names(init), ["mesh-init", "mesh-proxy"]);
+    assert_eq!(init[1].restart_policy.as_deref(), Some("Always"));
+    assert_eq!(names(&template.containers), ["web"]);
+    let proxy_env = init[1].env.clone().unwrap();
     let roots_env = proxy_env
         .iter()
         .find(|e| e.name == "MESH_PROXY_TRUST_ROOTS")

@@ -6,7 +6,11 @@
 //! - an init container, `mesh-init`, that installs the iptables rules sending the pod's inbound
 //!   TCP to the proxy's inbound port and its outbound TCP to the outbound port, except the
 //!   proxy's own traffic (it runs as [`PROXY_UID`]) and loopback;
-//! - the `mesh-proxy` container, configured through `MESH_PROXY_*` variables, with the pod's
+//! - the `mesh-proxy` container, as a native sidecar (an init container with
+//!   `restartPolicy: Always`, after `mesh-init`, which the kubelet starts and sees ready before
+//!   the app's containers and stops after them, so a Job's pod still completes) on API servers
+//!   that have them ([`ProxyLayout::for_server`]), or else first among the app's containers;
+//!   configured through `MESH_PROXY_*` variables, with the pod's
 //!   SPIFFE identity from its namespace and service account, a projected service-account
 //!   token (audience [`TOKEN_AUDIENCE`]) to bootstrap it, and the mesh's trust roots
 //!   (`MESH_PROXY_TRUST_ROOTS`, as Linkerd passes its trust anchors) to verify the control
@@ -48,9 +52,43 @@ pub const TOKEN_AUDIENCE: &str = "identity.mesh.dev";
 /// Where the projected token is mounted.
 pub const TOKEN_DIR: &str = "/var/run/mesh/tokens";
 
+/// Where the proxy goes in the pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyLayout {
+    /// An init container with `restartPolicy: Always` (a native sidecar), after `mesh-init`:
+    /// started, and ready, before the app's containers, stopped after them.
+    NativeSidecar,
+    /// The first of the pod's containers, for API servers without native sidecars.
+    Container,
+}
+
+impl ProxyLayout {
+    /// The first Kubernetes release whose API servers and kubelets have native sidecars on by
+    /// default (the `SidecarContainers` feature went beta, enabled, in 1.29 and GA in 1.33).
+    pub const NATIVE_SINCE: (u32, u32) = (1, 29);
+
+    /// The layout for an API server reporting `major` and `minor` in its `/version` (`minor`
+    /// may carry a suffix, as in `"29+"`). A version that does not parse gets the layout every
+    /// release accepts.
+    pub fn for_server(major: &str, minor: &str) -> Self {
+        let number = |s: &str| {
+            let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<u32>().ok()
+        };
+        match (number(major), number(minor)) {
+            (Some(major), Some(minor)) if (major, minor) >= Self::NATIVE_SINCE => {
+                Self::NativeSidecar
+            }
+            _ => Self::Container,
+        }
+    }
+}
+
 /// What to inject.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InjectConfig {
+    /// Where the proxy goes; the webhook picks it from the API server's version.
+    pub layout: ProxyLayout,
     /// The proxy image.
     pub proxy_image: String,
     /// An image with `sh` and `iptables` for the init container.
@@ -74,6 +112,7 @@ pub struct InjectConfig {
 impl Default for InjectConfig {
     fn default() -> Self {
         Self {
+            layout: ProxyLayout::NativeSidecar,
             proxy_image: format!("ghcr.io/mesh-dev/proxy:{}", env!("CARGO_PKG_VERSION")),
             init_image: format!("ghcr.io/mesh-dev/proxy-init:{}", env!("CARGO_PKG_VERSION")),
             control_plane_addr: "mesh-controlplane.mesh-system.svc.cluster.local:4181".into(),
@@ -104,7 +143,8 @@ fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
 
 /// Decides for a pod with `meta` and `spec` in a namespace annotated `namespace`.
 pub fn decide(namespace: &BTreeMap<String, String>, meta: &ObjectMeta, spec: &PodSpec) -> Decision {
-    if spec.containers.iter().any(|c| c.name == PROXY_CONTAINER) {
+    let in_init = spec.init_containers.iter().flatten();
+    if spec.containers.iter().chain(in_init).any(|c| c.name == PROXY_CONTAINER) {
         return Decision::Skip("already injected".into());
     }
     let from_pod = annotation(meta, INJECT_ANNOTATION);
@@ -385,11 +425,28 @@ pub fn inject(
     // so offline injection (`mesh inject`) yields the same pod.
     spec.service_account_name
         .get_or_insert_with(|| "default".to_string());
-    spec.init_containers
-        .get_or_insert_with(Vec::new)
-        .insert(0, init);
-    // The proxy goes first so that it is started (and ready) before the app's containers.
-    spec.containers.insert(0, proxy);
+    let init_containers = spec.init_containers.get_or_insert_with(Vec::new);
+    init_containers.insert(0, init);
+    match config.layout {
+        ProxyLayout::NativeSidecar => {
+            // Right after mesh-init, before any of the pod's own init containers, which then
+            // reach the network through the proxy too. The kubelet starts the next container
+            // only once this one's startup probe passes: the app never starts before the proxy
+            // has its identity and is ready.
+            let sidecar = Container {
+                restart_policy: Some("Always".into()),
+                startup_probe: Some(Probe {
+                    period_seconds: Some(1),
+                    failure_threshold: Some(300),
+                    ..http_probe("/ready", config.admin_port)
+                }),
+                ..proxy
+            };
+            init_containers.insert(1, sidecar);
+        }
+        // The proxy goes first so that it is started (and ready) before the app's containers.
+        ProxyLayout::Container => spec.containers.insert(0, proxy),
+    }
     spec.volumes.get_or_insert_with(Vec::new).push(token);
     meta.annotations
         .get_or_insert_with(BTreeMap::new)
@@ -448,8 +505,64 @@ mod tests {
     }
 
     #[test]
+    fn native_sidecars_from_1_29_on_and_the_old_layout_before() {
+        for (major, minor, layout) in [
+            ("1", "36", ProxyLayout::NativeSidecar),
+            ("1", "29", ProxyLayout::NativeSidecar),
+            ("1", "33+", ProxyLayout::NativeSidecar),
+            ("2", "0", ProxyLayout::NativeSidecar),
+            ("1", "28", ProxyLayout::Container),
+            ("1", "28+", ProxyLayout::Container),
+            ("1", "", ProxyLayout::Container),
+            ("", "", ProxyLayout::Container),
+        ] {
+            assert_eq!(ProxyLayout::for_server(major, minor), layout, "{major}.{minor}");
+        }
+    }
+
+    #[test]
+    fn a_native_sidecar_starts_after_mesh_init_and_before_everything_else() {
+        let (mut m, mut s) = pod(&[(INJECT_ANNOTATION, "enabled")]);
+        s.init_containers = Some(vec![Container {
+            name: "migrate".into(),
+            ..Container::default()
+        }]);
+        let config = InjectConfig {
+            layout: ProxyLayout::NativeSidecar,
+            ..InjectConfig::default()
+        };
+        inject(&mut m, &mut s, &config).unwrap();
+        let names = |cs: &[Container]| cs.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+        let init = s.init_containers.as_deref().unwrap();
+        assert_eq!(names(init), [INIT_CONTAINER, PROXY_CONTAINER, "migrate"]);
+        assert_eq!(names(&s.containers), ["app"]);
+        let proxy = &init[1];
+        assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
+        assert_eq!(
+            proxy.startup_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(),
+            Some("/ready")
+        );
+        assert_eq!(init[0].restart_policy, None);
+        // Injected once: the proxy among the init containers counts.
+        assert!(
+            matches!(decide(&BTreeMap::new(), &m, &s), Decision::Skip(r) if r == "already injected")
+        );
+
+        let (mut m, mut s) = pod(&[(INJECT_ANNOTATION, "enabled")]);
+        let old = InjectConfig {
+            layout: ProxyLayout::Container,
+            ..InjectConfig::default()
+        };
+        inject(&mut m, &mut s, &old).unwrap();
+        assert_eq!(names(s.init_containers.as_deref().unwrap()), [INIT_CONTAINER]);
+        assert_eq!(names(&s.containers), [PROXY_CONTAINER, "app"]);
+        assert_eq!(s.containers[0].restart_policy, None);
+    }
+
+    #[test]
     fn injection_adds_the_proxy_the_init_container_and_the_token_once() {
         let config = InjectConfig {
+            layout: ProxyLayout::Container,
             trust_roots_pem: "-----BEGIN CERTIFICATE-----\n...".into(),
             ..InjectConfig::default()
         };
@@ -505,8 +618,9 @@ mod tests {
     fn opaque_ports_reach_the_proxy_both_ways_and_are_checked() {
         let config = InjectConfig::default();
         let env_of = |s: &PodSpec| -> BTreeMap<String, String> {
-            s.containers
+            s.init_containers
                 .iter()
+                .flatten()
                 .find(|c| c.name == PROXY_CONTAINER)
                 .unwrap()
                 .env

@@ -21,7 +21,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{
     http::{Body, json_response, read_body},
-    inject::{self, Decision, InjectConfig},
+    inject::{self, Decision, InjectConfig, ProxyLayout},
 };
 
 /// The path the webhook configuration points at.
@@ -42,6 +42,15 @@ impl Namespaces for kube::Client {
         let ns = api.get(name).await.map_err(|e| e.to_string())?;
         Ok(ns.metadata.annotations.unwrap_or_default())
     }
+}
+
+/// Where this cluster's pods get the proxy: as a native sidecar when the API server's version
+/// has them ([`ProxyLayout::for_server`]), else as a plain container. The version is read once,
+/// when the injector starts: an upgraded cluster gets native sidecars once the control plane
+/// restarts (as `mesh upgrade` does).
+pub async fn proxy_layout(client: &kube::Client) -> Result<ProxyLayout, kube::Error> {
+    let info = client.apiserver_version().await?;
+    Ok(ProxyLayout::for_server(&info.major, &info.minor))
 }
 
 /// A TLS server configuration from a PEM certificate chain and PEM private key.
@@ -248,9 +257,10 @@ mod tests {
             .unwrap();
         let patch: Value = serde_json::from_slice(&patch).unwrap();
         assert_eq!(
-            patch[0]["value"]["containers"][0]["name"],
+            patch[0]["value"]["initContainers"][1]["name"],
             inject::PROXY_CONTAINER
         );
+        assert_eq!(patch[0]["value"]["initContainers"][1]["restartPolicy"], "Always");
         assert_eq!(patch[1]["op"], "add");
 
         let off = review_response(&config, &Fixed(BTreeMap::new()), &review()).await;

@@ -132,10 +132,20 @@ async fn injector(
     let listener = TcpListener::bind(settings.addr)
         .await
         .with_context(|| format!("{ENV_INJECTOR_ADDR}: binding {}", settings.addr))?;
-    println!("{}", Listening::new("injector", listener.local_addr()?));
     let client = kube::Client::try_default()
         .await
         .context("the injector needs the Kubernetes API (in-cluster config or a kubeconfig)")?;
+    // An API server that cannot say its version gets the layout every release accepts.
+    let layout = match injector::proxy_layout(&client).await {
+        Ok(layout) => layout,
+        Err(error) => {
+            tracing::warn!(%error, "reading the API server's version; injecting the proxy as a plain container");
+            mesh_controlplane::inject::ProxyLayout::Container
+        }
+    };
+    tracing::info!(?layout, "the injector's proxy layout");
+    let inject = InjectConfig { layout, ..inject };
+    println!("{}", Listening::new("injector", listener.local_addr()?));
     Ok(Box::pin(injector::serve(listener, tls, inject, client)))
 }
 

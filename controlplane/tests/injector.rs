@@ -1,5 +1,6 @@
 //! The proxy-injector webhook behind a real kube-apiserver: pods created in an annotated
-//! namespace come back with the proxy; others are left alone.
+//! namespace come back with the proxy, as a native sidecar since this API server's version has
+//! them; others are left alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -9,7 +10,7 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Api;
 use kube::api::PostParams;
-use mesh_controlplane::inject::{self, InjectConfig};
+use mesh_controlplane::inject::{self, InjectConfig, ProxyLayout};
 use mesh_controlplane::injector;
 use mesh_test_support::certs::{Leaf, TestCa};
 use mesh_test_support::kube::KubeApiServer;
@@ -39,12 +40,13 @@ fn pod(name: &str, annotations: &serde_json::Value) -> Pod {
     .unwrap()
 }
 
+/// The pod's init containers, then its containers, by name.
 fn containers(p: &Pod) -> Vec<String> {
-    p.spec
-        .as_ref()
-        .unwrap()
-        .containers
+    let spec = p.spec.as_ref().unwrap();
+    spec.init_containers
         .iter()
+        .flatten()
+        .chain(&spec.containers)
         .map(|c| c.name.clone())
         .collect()
 }
@@ -63,7 +65,11 @@ async fn pods_in_annotated_namespaces_get_the_proxy() {
     let tls = injector::tls_config(&serving.cert_pem, &serving.key_pem).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    // The layout comes from the API server's version, as in the control plane.
+    let layout = injector::proxy_layout(&client).await.unwrap();
+    assert_eq!(layout, ProxyLayout::NativeSidecar);
     let config = InjectConfig {
+        layout,
         proxy_image: "example.test/mesh-proxy:dev".into(),
         ..InjectConfig::default()
     };
@@ -116,21 +122,22 @@ async fn pods_in_annotated_namespaces_get_the_proxy() {
             )
             .await
             .unwrap();
-        if containers(&p).first().map(String::as_str) == Some(inject::PROXY_CONTAINER) {
+        if containers(&p).iter().any(|c| c == inject::PROXY_CONTAINER) {
             injected = Some(p);
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     let p = injected.expect("no pod in the annotated namespace was injected");
-    assert_eq!(containers(&p), [inject::PROXY_CONTAINER, "app"]);
-    let spec = p.spec.as_ref().unwrap();
     assert_eq!(
-        spec.containers[0].image.as_deref(),
-        Some("example.test/mesh-proxy:dev")
+        containers(&p),
+        [inject::INIT_CONTAINER, inject::PROXY_CONTAINER, "app"]
     );
+    let spec = p.spec.as_ref().unwrap();
     let init = spec.init_containers.as_ref().unwrap();
-    assert_eq!(init[0].name, inject::INIT_CONTAINER);
+    // The API server kept the sidecar's restartPolicy: it validates native sidecars.
+    assert_eq!(init[1].restart_policy.as_deref(), Some("Always"));
+    assert_eq!(init[1].image.as_deref(), Some("example.test/mesh-proxy:dev"));
     assert_eq!(
         p.metadata.annotations.as_ref().unwrap()[inject::INJECTED_ANNOTATION],
         "example.test/mesh-proxy:dev"
@@ -164,7 +171,10 @@ async fn pods_in_annotated_namespaces_get_the_proxy() {
         )
         .await
         .unwrap();
-    assert_eq!(containers(&opted_in), [inject::PROXY_CONTAINER, "app"]);
+    assert_eq!(
+        containers(&opted_in),
+        [inject::INIT_CONTAINER, inject::PROXY_CONTAINER, "app"]
+    );
 
     // Point the webhook at a port nothing listens on: pods are still admitted (failurePolicy:
     // Ignore), uninjected. The mesh being down never blocks a deploy.

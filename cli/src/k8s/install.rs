@@ -35,12 +35,12 @@ pub struct InstallArgs {
     /// Leave out the Gateway API HTTPRoute CRD (when the cluster already has Gateway API).
     #[arg(long)]
     pub skip_gateway_api_crds: bool,
-    /// Image of the control plane.
-    #[arg(long, default_value_t = format!("ghcr.io/mesh-dev/controlplane:{}", env!("CARGO_PKG_VERSION")))]
-    pub controlplane_image: String,
-    /// Image of the rollout controller.
-    #[arg(long, default_value_t = format!("ghcr.io/mesh-dev/rollout-controller:{}", env!("CARGO_PKG_VERSION")))]
-    pub rollout_controller_image: String,
+    /// Image of the control plane [default: <registry>/controlplane:<version>].
+    #[arg(long)]
+    pub controlplane_image: Option<String>,
+    /// Image of the rollout controller [default: <registry>/rollout-controller:<version>].
+    #[arg(long)]
+    pub rollout_controller_image: Option<String>,
     /// Prometheus the rollout controller reads gate metrics from.
     #[arg(long, default_value = "http://prometheus.monitoring:9090")]
     pub prometheus_url: String,
@@ -48,26 +48,104 @@ pub struct InstallArgs {
     pub proxy: ProxyArgs,
 }
 
-/// What injected pods run; shared by `mesh install` and `mesh inject`.
+/// Where the mesh's images come from when no `--*-image` flag names one.
+pub const DEFAULT_REGISTRY: &str = "ghcr.io/mesh-dev";
+
+/// The images `scripts/build-images` writes and `mesh install` refers to, by short name:
+/// `<registry>/<name>:<version>`.
+pub mod image {
+    /// The sidecar proxy.
+    pub const PROXY: &str = "proxy";
+    /// The init container (sh and iptables).
+    pub const PROXY_INIT: &str = "proxy-init";
+    /// The control plane.
+    pub const CONTROLPLANE: &str = "controlplane";
+    /// The rollout controller.
+    pub const ROLLOUT_CONTROLLER: &str = "rollout-controller";
+}
+
+/// Checks `--image-registry`: `host[:port][/path]`, lowercase, as image references need.
+fn parse_registry(value: &str) -> Result<String, String> {
+    let value = value.trim_end_matches('/');
+    let mut parts = value.split('/');
+    let host = parts.next().unwrap_or_default();
+    let (name, port) = host.split_once(':').unwrap_or((host, ""));
+    let host_ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+        && (port.is_empty() || port.parse::<u16>().is_ok());
+    let path_ok = parts.all(|p| {
+        !p.is_empty()
+            && p.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '_' || c == '-'
+            })
+    });
+    if host_ok && path_ok {
+        Ok(value.to_string())
+    } else {
+        Err(format!(
+            "{value:?} is not a registry: expected host[:port][/path] in lowercase, \
+             e.g. ghcr.io/mesh-dev or localhost/mesh"
+        ))
+    }
+}
+
+/// Checks `--version`: an image tag (letters, digits, `_`, `.`, `-`; at most 128, not
+/// starting with `.` or `-`). A leading `v` is kept: the tag is what was given.
+fn parse_tag(value: &str) -> Result<String, String> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && !value.starts_with(['.', '-'])
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(value.to_string())
+    } else {
+        Err(format!(
+            "{value:?} is not an image tag: letters, digits, '_', '.' and '-', at most 128, \
+             not starting with '.' or '-'"
+        ))
+    }
+}
+
+/// Which images the mesh runs, and what injected pods run; shared by `mesh install` and
+/// `mesh inject`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProxyArgs {
-    /// Image of the proxy.
-    #[arg(long, default_value_t = InjectConfig::default().proxy_image)]
-    pub proxy_image: String,
-    /// Image of the init container (needs sh and iptables).
-    #[arg(long, default_value_t = InjectConfig::default().init_image)]
-    pub init_image: String,
+    /// Registry (and path) of the mesh's images: <registry>/proxy, proxy-init, controlplane and
+    /// rollout-controller, the names scripts/build-images writes.
+    #[arg(long, default_value = DEFAULT_REGISTRY, value_parser = parse_registry)]
+    pub image_registry: String,
+    /// Tag of the mesh's images.
+    #[arg(long, default_value = env!("CARGO_PKG_VERSION"), value_parser = parse_tag)]
+    pub version: String,
+    /// Image of the proxy [default: <registry>/proxy:<version>].
+    #[arg(long)]
+    pub proxy_image: Option<String>,
+    /// Image of the init container, which needs sh and iptables
+    /// [default: <registry>/proxy-init:<version>].
+    #[arg(long)]
+    pub init_image: Option<String>,
     /// SPIFFE trust domain.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
 }
 
 impl ProxyArgs {
+    /// The reference of one of the mesh's images: the flag that names it, else
+    /// `<registry>/<name>:<version>`.
+    pub fn image(&self, name: &str, flag: Option<&String>) -> String {
+        flag.cloned()
+            .unwrap_or_else(|| format!("{}/{name}:{}", self.image_registry, self.version))
+    }
+
     /// The injector's configuration.
     pub fn inject_config(&self) -> InjectConfig {
         InjectConfig {
-            proxy_image: self.proxy_image.clone(),
-            init_image: self.init_image.clone(),
+            proxy_image: self.image(image::PROXY, self.proxy_image.as_ref()),
+            init_image: self.image(image::PROXY_INIT, self.init_image.as_ref()),
             trust_domain: self.trust_domain.clone(),
             control_plane_addr: format!(
                 "{CONTROLPLANE}.{NAMESPACE}.svc.{}:{PROXY_API_PORT}",
@@ -231,7 +309,9 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
         };
     docs.push(deployment(
         CONTROLPLANE,
-        &args.controlplane_image,
+        &args
+            .proxy
+            .image(image::CONTROLPLANE, args.controlplane_image.as_ref()),
         json!([
             {"name": "MESH_CONTROLPLANE_STATE_DIR", "value": "/var/lib/mesh"},
             {"name": "MESH_CONTROLPLANE_KUBERNETES", "value": "true"},
@@ -256,7 +336,9 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
     ));
     docs.push(deployment(
         ROLLOUT_CONTROLLER,
-        &args.rollout_controller_image,
+        &args
+            .proxy
+            .image(image::ROLLOUT_CONTROLLER, args.rollout_controller_image.as_ref()),
         json!([{"name": mesh_rollout_controller::config::ENV_PROMETHEUS_URL, "value": args.prometheus_url}]),
         json!([]),
         json!([]),
@@ -313,12 +395,14 @@ mod tests {
         InstallArgs {
             crds,
             skip_gateway_api_crds: false,
-            controlplane_image: "cp:dev".into(),
-            rollout_controller_image: "rc:dev".into(),
+            controlplane_image: Some("cp:dev".into()),
+            rollout_controller_image: Some("rc:dev".into()),
             prometheus_url: "http://prom:9090".into(),
             proxy: ProxyArgs {
-                proxy_image: "proxy:dev".into(),
-                init_image: "init:dev".into(),
+                image_registry: DEFAULT_REGISTRY.into(),
+                version: "0.1.0".into(),
+                proxy_image: Some("proxy:dev".into()),
+                init_image: Some("init:dev".into()),
                 trust_domain: "cluster.local".into(),
             },
         }
@@ -366,5 +450,87 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.contains("kind: MutatingWebhookConfiguration"));
         assert!(a.contains("cp:dev") && a.contains("rc:dev"));
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        install: InstallArgs,
+    }
+
+    fn parse(flags: &[&str]) -> Result<InstallArgs, clap::Error> {
+        use clap::Parser as _;
+        Cli::try_parse_from(std::iter::once("install").chain(flags.iter().copied()))
+            .map(|c| c.install)
+    }
+
+    fn images(docs: &[Value]) -> Vec<String> {
+        let mut out: Vec<String> = docs
+            .iter()
+            .filter(|d| d["kind"] == "Deployment")
+            .flat_map(|d| d["spec"]["template"]["spec"]["containers"].as_array().unwrap().clone())
+            .flat_map(|c| {
+                let mut refs = vec![c["image"].as_str().unwrap().to_string()];
+                for e in c["env"].as_array().unwrap() {
+                    if e["name"] == "MESH_CONTROLPLANE_PROXY_IMAGE"
+                        || e["name"] == "MESH_CONTROLPLANE_INIT_IMAGE"
+                    {
+                        refs.push(e["value"].as_str().unwrap().to_string());
+                    }
+                }
+                refs
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn registry_and_version_name_every_image() {
+        let args = parse(&["--image-registry", "localhost/mesh", "--version", "dev"]).unwrap();
+        assert_eq!(
+            images(&render(&args).unwrap()),
+            [
+                "localhost/mesh/controlplane:dev",
+                "localhost/mesh/proxy-init:dev",
+                "localhost/mesh/proxy:dev",
+                "localhost/mesh/rollout-controller:dev",
+            ]
+        );
+        // A flag naming one image wins over the registry for that image only.
+        let args = parse(&["--version", "1.2.3", "--proxy-image", "example.test/p:x"]).unwrap();
+        assert_eq!(
+            images(&render(&args).unwrap()),
+            [
+                "example.test/p:x",
+                "ghcr.io/mesh-dev/controlplane:1.2.3",
+                "ghcr.io/mesh-dev/proxy-init:1.2.3",
+                "ghcr.io/mesh-dev/rollout-controller:1.2.3",
+            ]
+        );
+        // The defaults are this CLI's version on the project's registry.
+        let v = env!("CARGO_PKG_VERSION");
+        assert!(
+            images(&render(&parse(&[]).unwrap()).unwrap())
+                .contains(&format!("ghcr.io/mesh-dev/proxy:{v}"))
+        );
+    }
+
+    #[test]
+    fn bad_registries_and_tags_are_refused_by_name() {
+        for (flags, needle) in [
+            (&["--image-registry", "Local/Mesh"][..], "is not a registry"),
+            (&["--image-registry", "host:port/x"][..], "is not a registry"),
+            (&["--image-registry", "a//b"][..], "is not a registry"),
+            (&["--version=-rc1"][..], "is not an image tag"),
+            (&["--version=1.0/x"][..], "is not an image tag"),
+        ] {
+            let error = parse(flags).unwrap_err().to_string();
+            assert!(error.contains(needle) && error.contains(flags[0].split('=').next().unwrap()), "{flags:?}: {error}");
+        }
+        assert_eq!(
+            parse(&["--image-registry", "localhost:5000/mesh/"]).unwrap().proxy.image_registry,
+            "localhost:5000/mesh"
+        );
     }
 }

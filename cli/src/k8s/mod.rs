@@ -67,8 +67,31 @@ pub struct InjectArgs {
     /// by itself; offline they must be given.
     #[arg(long, value_name = "FILE")]
     pub trust_roots: Option<PathBuf>,
+    /// Where the proxy goes: `native`, an init container with restartPolicy: Always
+    /// (Kubernetes 1.29 and later; the webhook picks it from the API server's version), or
+    /// `container`, among the app's containers, for older clusters.
+    #[arg(long, value_enum, default_value_t = ProxyLayoutArg::Native)]
+    pub proxy_layout: ProxyLayoutArg,
     #[command(flatten)]
     pub proxy: install::ProxyArgs,
+}
+
+/// `--proxy-layout` of `mesh inject`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyLayoutArg {
+    /// A native sidecar.
+    Native,
+    /// A plain container.
+    Container,
+}
+
+impl From<ProxyLayoutArg> for mesh_controlplane::inject::ProxyLayout {
+    fn from(arg: ProxyLayoutArg) -> Self {
+        match arg {
+            ProxyLayoutArg::Native => Self::NativeSidecar,
+            ProxyLayoutArg::Container => Self::Container,
+        }
+    }
 }
 
 /// `mesh install`.
@@ -92,6 +115,7 @@ pub fn install(args: &install::InstallArgs) -> ExitCode {
 )]
 pub fn inject(args: &InjectArgs) -> ExitCode {
     let mut config = args.proxy.inject_config();
+    config.layout = args.proxy_layout.into();
     match &args.trust_roots {
         Some(path) => match std::fs::read_to_string(path) {
             Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => config.trust_roots_pem = pem,
