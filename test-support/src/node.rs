@@ -389,6 +389,22 @@ impl Node {
         }
     }
 
+    /// Starts a long-running host program inside the node's namespaces (e.g. a Prometheus that
+    /// scrapes pods, or a server pods call at [`NODE_IP`]), logging to
+    /// `<dir>/logs/<name>.log`; dropping the guard kills it, and so does the node's teardown.
+    pub fn spawn_in_node(&self, name: &str, argv: &[&str]) -> Result<ChildGuard> {
+        let mut cmd = self.in_node_command();
+        cmd.args(argv);
+        ChildGuard::spawn(name, cmd, &self.dir.join("logs").join(format!("{name}.log")))
+    }
+
+    /// A kubeconfig for programs run inside the node (with [`Node::run_in_node`] or
+    /// [`Node::spawn_in_node`]): the same admin, reaching the apiserver on the namespace's
+    /// loopback.
+    pub fn inner_kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig.node")
+    }
+
     /// The network namespace the node runs in (`ip netns list`).
     pub fn netns(&self) -> &str {
         &self.netns

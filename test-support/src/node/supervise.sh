@@ -10,11 +10,12 @@ ns="$1" cg="$2" dir="$3" api_port="$4"
 # Ctrl-C reaches the whole process group: the node's processes die of it, but this script must
 # live on to clean up after them.
 trap '' INT
+forwarder=""
 
 controllers() { find /sys/fs/cgroup -mindepth 1 -maxdepth 1 -type d; }
 
 teardown() {
-  kill "$forwarder" 2>/dev/null
+  [ -n "$forwarder" ] && kill "$forwarder" 2>/dev/null
   # Every process in the node's network namespace (node daemons, container shims, the holder)
   # and every container process (they live in the pods' namespaces, under the node's cgroups).
   for _ in $(seq 100); do
@@ -30,6 +31,8 @@ teardown() {
   ip netns del "$ns" 2>/dev/null
   if [ -z "${MESH_NODE_KEEP_DIR:-}" ]; then rm -rf "$dir"; else echo "kept $dir" >&2; fi
 }
+
+fail() { echo "$*" >&2; teardown; exit 1; }
 
 ip netns add "$ns" || exit 1
 ip -n "$ns" link set lo up
@@ -50,14 +53,20 @@ cat /sys/fs/cgroup/cpuset/cpuset.mems > "/sys/fs/cgroup/cpuset/$cg/cpuset.mems" 
 
 nsenter --net="/run/netns/$ns" unshare --mount --propagation slave sleep infinity &
 holder=$!
+# Until unshare has run, the holder is still in the host's mount namespace: a mount made
+# through it now would land on the host.
+host_mnt="$(readlink /proc/self/ns/mnt)"
+for _ in $(seq 100); do
+  mnt="$(readlink "/proc/$holder/ns/mnt" 2>/dev/null)" || fail "the holder died"
+  [[ "$mnt" != "$host_mnt" ]] && break
+  sleep 0.05
+done
+[[ "$mnt" != "$host_mnt" ]] || fail "the holder never left the host's mount namespace"
 # Paths the kubelet and containerd use whatever they are told: inside the node's mount namespace
 # they are the node's own directories.
 for p in /var/lib/kubelet /var/log/pods /var/log/containers /run/containerd; do
   mkdir -p "$dir/host$p" "$p"
-  for _ in $(seq 50); do
-    nsenter -t "$holder" -m -- mount --bind "$dir/host$p" "$p" 2>/dev/null && break
-    sleep 0.1
-  done
+  nsenter -t "$holder" -m -- mount --bind "$dir/host$p" "$p" || fail "cannot bind $p in the node"
 done
 
 # The apiserver listens inside the namespace; the test process reaches it on loopback.
