@@ -103,49 +103,62 @@ fn build_and_import_images(node: &Node) {
         .filter(|p| p.extension().is_some_and(|e| e == "tar"))
         .collect();
     archives.sort();
-    assert!(!archives.is_empty(), "no archives in {}", out_dir.path().display());
+    assert!(
+        !archives.is_empty(),
+        "no archives in {}",
+        out_dir.path().display()
+    );
     for a in &archives {
         node.import_image(a).unwrap();
     }
 }
 
-/// A real Prometheus inside the node, discovering every injected pod through the API and
-/// scraping its proxy's admin port, as a user's Prometheus would.
-fn start_prometheus(node: &Node) -> mesh_test_support::process::ChildGuard {
+/// A real Prometheus inside the node scraping every pod's proxy admin port, as a user's would.
+/// Debian's Prometheus is built without Kubernetes discovery, so a loop beside it writes the
+/// demo namespace's pod addresses to a file it watches.
+fn start_prometheus(node: &Node) -> [mesh_test_support::process::ChildGuard; 2] {
     let dir = node.dir().join("prometheus");
     std::fs::create_dir_all(&dir).unwrap();
+    let targets = dir.join("targets.json");
+    std::fs::write(&targets, "[]").unwrap();
     let config = format!(
         r#"global: {{scrape_interval: 1s, evaluation_interval: 1s}}
 scrape_configs:
 - job_name: mesh-proxies
-  kubernetes_sd_configs:
-  - role: pod
-    kubeconfig_file: {kc}
-  relabel_configs:
-  - source_labels: [__meta_kubernetes_pod_container_name]
-    regex: mesh-proxy
-    action: keep
-  - source_labels: [__meta_kubernetes_pod_ip]
-    regex: (.+)
-    target_label: __address__
-    replacement: $1:4191
-  - source_labels: [__meta_kubernetes_pod_name]
-    target_label: pod
+  file_sd_configs:
+  - files: ["{targets}"]
 "#,
-        kc = node.inner_kubeconfig().display()
+        targets = targets.display()
     );
     let path = dir.join("prometheus.yml");
     std::fs::write(&path, config).unwrap();
-    node.spawn_in_node(
-        "prometheus",
-        &[
+    let discovery = format!(
+        r#"while :; do
+  ips=$({kubectl} --kubeconfig {kc} -n {NS} get pods -o jsonpath='{{range .items[*]}}{{.status.podIP}} {{end}}') || ips=
+  out='[{{"targets":['; sep=
+  for ip in $ips; do out="$out$sep\"$ip:4191\""; sep=,; done
+  echo "$out]}}]" > {targets}.tmp && mv {targets}.tmp {targets}
+  sleep 1
+done"#,
+        kubectl = node.kubectl_bin().display(),
+        kc = node.inner_kubeconfig().display(),
+        targets = targets.display(),
+    );
+    let discovery = node
+        .spawn_in_node("prometheus-discovery", &["bash", "-c", &discovery])
+        .unwrap();
+    let prometheus = node
+        .spawn_in_node(
             "prometheus",
-            &format!("--config.file={}", path.display()),
-            &format!("--storage.tsdb.path={}", dir.join("data").display()),
-            "--web.listen-address=0.0.0.0:9090",
-        ],
-    )
-    .unwrap()
+            &[
+                "prometheus",
+                &format!("--config.file={}", path.display()),
+                &format!("--storage.tsdb.path={}", dir.join("data").display()),
+                "--web.listen-address=0.0.0.0:9090",
+            ],
+        )
+        .unwrap();
+    [discovery, prometheus]
 }
 
 fn workloads() -> String {
@@ -238,8 +251,9 @@ spec:
     )
 }
 
-/// The status line of `GET /` to `host:port`, sent with `nc` from `pod`.
-fn status_from(node: &Node, namespace: &str, pod: &str, host: &str) -> String {
+/// The status line of `GET /` with `Host: host` to `addr:9898`, sent with `nc` from `pod`.
+/// (Static busybox cannot resolve names itself: its glibc has no NSS modules in the image.)
+fn status_from(node: &Node, namespace: &str, pod: &str, host: &str, addr: &str) -> String {
     let out = node.kubectl(&[
         "-n",
         namespace,
@@ -250,7 +264,9 @@ fn status_from(node: &Node, namespace: &str, pod: &str, host: &str) -> String {
         "--",
         "sh",
         "-c",
-        &format!("printf 'GET / HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n' | nc -w 5 {host} 9898 | head -1"),
+        // stdin stays open a moment: an HTTP server may drop a request whose client has
+        // already shut down its sending side, as nc does at the end of its input.
+        &format!("(printf 'GET / HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n'; sleep 1) | nc -w 5 {addr} 9898 | head -1"),
     ]);
     match out {
         Ok(s) => s.trim().to_string(),
@@ -259,8 +275,16 @@ fn status_from(node: &Node, namespace: &str, pod: &str, host: &str) -> String {
 }
 
 fn canary_phase(node: &Node) -> String {
-    node.kubectl(&["-n", NS, "get", "canary", "backend", "-o", "jsonpath={.status.phase}"])
-        .unwrap_or_default()
+    node.kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "canary",
+        "backend",
+        "-o",
+        "jsonpath={.status.phase}",
+    ])
+    .unwrap_or_default()
 }
 
 fn set_backend_image(node: &Node, tag: &str) {
@@ -328,12 +352,22 @@ fn the_mesh_installs_rolls_out_enforces_policy_and_survives_its_control_plane() 
 
     // An injected namespace with the demo, a load generator and a policy target.
     kubectl(node, &["create", "namespace", NS]);
-    kubectl(node, &["annotate", "namespace", NS, "mesh.dev/inject=enabled"]);
+    kubectl(
+        node,
+        &["annotate", "namespace", NS, "mesh.dev/inject=enabled"],
+    );
     node.apply_text(&workloads()).unwrap();
     for d in ["backend", "frontend", "policy-target", "loadgen"] {
         kubectl(
             node,
-            &["-n", NS, "rollout", "status", &format!("deployment/{d}"), "--timeout=180s"],
+            &[
+                "-n",
+                NS,
+                "rollout",
+                "status",
+                &format!("deployment/{d}"),
+                "--timeout=180s",
+            ],
         );
     }
     let containers = kubectl(
@@ -349,7 +383,10 @@ fn the_mesh_installs_rolls_out_enforces_policy_and_survives_its_control_plane() 
             "jsonpath={.items[0].spec.initContainers[*].name}",
         ],
     );
-    assert!(containers.contains("mesh-proxy"), "backend is not injected: {containers}");
+    assert!(
+        containers.contains("mesh-proxy"),
+        "backend is not injected: {containers}"
+    );
 
     // A Canary with short intervals: the good version is promoted...
     node.apply_text(&format!(
@@ -377,17 +414,37 @@ spec:
     });
     kubectl(
         node,
-        &["-n", NS, "rollout", "status", "deployment/backend-primary", "--timeout=180s"],
+        &[
+            "-n",
+            NS,
+            "rollout",
+            "status",
+            "deployment/backend-primary",
+            "--timeout=180s",
+        ],
     );
 
     let rollout = Instant::now();
     set_backend_image(node, &format!("{VERSION}-v2"));
     let status = mesh(
         node,
-        &["rollout", "status", "backend", "-n", NS, "--watch", "--timeout", "5m", "--kube"],
+        &[
+            "rollout",
+            "status",
+            "backend",
+            "-n",
+            NS,
+            "--watch",
+            "--timeout",
+            "5m",
+            "--kube",
+        ],
     );
     assert!(status.status.success(), "promotion: {}", text(&status));
-    assert_eq!(primary_image(node), format!("{REGISTRY}/demo-app:{VERSION}-v2"));
+    assert_eq!(
+        primary_image(node),
+        format!("{REGISTRY}/demo-app:{VERSION}-v2")
+    );
     eprintln!("good version promoted in {:?}", rollout.elapsed());
 
     // ...and the bad one (half of its answers are 500) is rolled back.
@@ -395,11 +452,24 @@ spec:
     set_backend_image(node, &format!("{VERSION}-bad"));
     let status = mesh(
         node,
-        &["rollout", "status", "backend", "-n", NS, "--watch", "--timeout", "5m", "--kube"],
+        &[
+            "rollout",
+            "status",
+            "backend",
+            "-n",
+            NS,
+            "--watch",
+            "--timeout",
+            "5m",
+            "--kube",
+        ],
     );
     assert_eq!(status.status.code(), Some(1), "rollback: {}", text(&status));
     assert_eq!(canary_phase(node), "Failed");
-    assert_eq!(primary_image(node), format!("{REGISTRY}/demo-app:{VERSION}-v2"));
+    assert_eq!(
+        primary_image(node),
+        format!("{REGISTRY}/demo-app:{VERSION}-v2")
+    );
     eprintln!("bad version rolled back in {:?}", rollout.elapsed());
 
     // Policy: only the `allowed` identity may call policy-target.
@@ -414,14 +484,30 @@ spec:
     for (ns, pod) in [(NS, "allowed"), (NS, "other"), ("plain", "unmeshed")] {
         kubectl(
             node,
-            &["-n", ns, "wait", "--for=condition=Ready", &format!("pod/{pod}"), "--timeout=180s"],
+            &[
+                "-n",
+                ns,
+                "wait",
+                "--for=condition=Ready",
+                &format!("pod/{pod}"),
+                "--timeout=180s",
+            ],
         );
     }
     let target = format!("policy-target.{NS}");
-    let open = poll("the meshed client reaches policy-target", Duration::from_secs(60), || {
-        let s = status_from(node, NS, "allowed", &target);
-        s.contains(" 200").then_some(s)
-    });
+    let target_ip = kubectl(
+        node,
+        &["-n", NS, "get", "svc", "policy-target", "-o", "jsonpath={.spec.clusterIP}"],
+    );
+    let open = poll(
+        "the meshed client reaches policy-target",
+        Duration::from_secs(60),
+        || {
+            let s = status_from(node, NS, "allowed", &target, &target_ip);
+            eprintln!("allowed -> {s:?}");
+            s.contains(" 200").then_some(s)
+        },
+    );
     eprintln!("before the policy: {open}");
     node.apply_text(&format!(
         r#"
@@ -448,16 +534,27 @@ spec:
 "#
     ))
     .unwrap();
-    let denied = poll("the other identity is denied", Duration::from_secs(60), || {
-        let s = status_from(node, NS, "other", &target);
-        s.contains(" 403").then_some(s)
-    });
-    let unmeshed = poll("the unmeshed pod is denied", Duration::from_secs(60), || {
-        let s = status_from(node, "plain", "unmeshed", &target);
-        (s.contains(" 403") || s.is_empty()).then_some(s)
-    });
-    let admitted = status_from(node, NS, "allowed", &target);
-    assert!(admitted.contains(" 200"), "the allowed identity: {admitted}");
+    let denied = poll(
+        "the other identity is denied",
+        Duration::from_secs(60),
+        || {
+            let s = status_from(node, NS, "other", &target, &target_ip);
+            s.contains(" 403").then_some(s)
+        },
+    );
+    let unmeshed = poll(
+        "the unmeshed pod is denied",
+        Duration::from_secs(60),
+        || {
+            let s = status_from(node, "plain", "unmeshed", &target, &target_ip);
+            (s.contains(" 403") || s.is_empty()).then_some(s)
+        },
+    );
+    let admitted = status_from(node, NS, "allowed", &target, &target_ip);
+    assert!(
+        admitted.contains(" 200"),
+        "the allowed identity: {admitted}"
+    );
     eprintln!("policy: other -> {denied:?}, unmeshed -> {unmeshed:?}, allowed -> {admitted:?}");
 
     // The control plane's pod is deleted: a meshed pod's requests keep succeeding meanwhile.
@@ -474,39 +571,65 @@ spec:
             "jsonpath={.items[0].metadata.name}",
         ],
     );
-    kubectl(node, &["-n", "mesh-system", "delete", "pod", &old, "--wait=false"]);
+    kubectl(
+        node,
+        &["-n", "mesh-system", "delete", "pod", &old, "--wait=false"],
+    );
     let loop_script = format!(
-        "ok=0; for i in $(seq 30); do \
-           printf 'GET / HTTP/1.1\\r\\nHost: {target}\\r\\nConnection: close\\r\\n\\r\\n' \
-             | nc -w 5 {target} 9898 | head -1 | grep -q ' 200' && ok=$((ok+1)); \
-           sleep 0.3; done; echo ok=$ok"
+        "ok=0; for i in $(seq 20); do \
+           (printf 'GET / HTTP/1.1\\r\\nHost: {target}\\r\\nConnection: close\\r\\n\\r\\n'; sleep 1) \
+             | nc -w 5 {target_ip} 9898 | head -1 | grep -q ' 200' && ok=$((ok+1)); \
+           done; echo ok=$ok"
     );
     let during = kubectl(
         node,
-        &["-n", NS, "exec", "allowed", "-c", "client", "--", "sh", "-c", &loop_script],
+        &[
+            "-n",
+            NS,
+            "exec",
+            "allowed",
+            "-c",
+            "client",
+            "--",
+            "sh",
+            "-c",
+            &loop_script,
+        ],
     );
-    let rescheduled = poll("the control plane is rescheduled", Duration::from_secs(180), || {
-        let pods = kubectl(
-            node,
-            &[
-                "-n",
-                "mesh-system",
-                "get",
-                "pods",
-                "-l",
-                "app.kubernetes.io/name=mesh-controlplane",
-                "-o",
-                "jsonpath={range .items[*]}{.metadata.name}={.status.containerStatuses[0].ready}{\"\\n\"}{end}",
-            ],
-        );
-        pods.lines()
-            .find(|l| !l.starts_with(&old) && l.ends_with("=true"))
-            .map(str::to_string)
-    });
-    assert_eq!(during.trim(), "ok=30", "requests while the control plane was away");
+    let rescheduled = poll(
+        "the control plane is rescheduled",
+        Duration::from_secs(180),
+        || {
+            let pods = kubectl(
+                node,
+                &[
+                    "-n",
+                    "mesh-system",
+                    "get",
+                    "pods",
+                    "-l",
+                    "app.kubernetes.io/name=mesh-controlplane",
+                    "-o",
+                    "jsonpath={range .items[*]}{.metadata.name}={.status.containerStatuses[0].ready}{\"\\n\"}{end}",
+                ],
+            );
+            pods.lines()
+                .find(|l| !l.starts_with(&old) && l.ends_with("=true"))
+                .map(str::to_string)
+        },
+    );
+    assert_eq!(
+        during.trim(),
+        "ok=30",
+        "requests while the control plane was away"
+    );
     eprintln!("control plane {old} replaced by {rescheduled}; {during}");
     let check = mesh(node, &["check"]);
-    assert!(check.status.success(), "mesh check after the reschedule: {}", text(&check));
+    assert!(
+        check.status.success(),
+        "mesh check after the reschedule: {}",
+        text(&check)
+    );
 
     eprintln!("end-to-end test took {:?}", begun.elapsed());
 }

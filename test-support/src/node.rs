@@ -167,12 +167,19 @@ impl Node {
         let pki = Pki::write(&dir)?;
         // Components inside the namespace talk to the apiserver directly; the test process goes
         // through the forwarded loopback port.
-        let inner = write_kubeconfig(&dir, "kubeconfig.node", &format!("https://127.0.0.1:{API_PORT}"), &pki)?;
+        let inner = write_kubeconfig(
+            &dir,
+            "kubeconfig.node",
+            &format!("https://127.0.0.1:{API_PORT}"),
+            &pki,
+        )?;
         node.kubeconfig = write_kubeconfig(&dir, "kubeconfig", &node.url, &pki)?;
         let configs = Configs::write(&dir, &name, &pki, &inner)?;
 
         node.spawn("containerd", &logs, |c| {
-            c.arg(&bins.containerd).arg("--config").arg(&configs.containerd);
+            c.arg(&bins.containerd)
+                .arg("--config")
+                .arg(&configs.containerd);
         })?;
         node.spawn("etcd", &logs, |c| {
             c.arg(&bins.etcd).args([
@@ -197,7 +204,10 @@ impl Node {
                 format!("--client-ca-file={}", pki.ca.display()),
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
                 format!("--service-account-key-file={}", pki.sa_public.display()),
-                format!("--service-account-signing-key-file={}", pki.sa_private.display()),
+                format!(
+                    "--service-account-signing-key-file={}",
+                    pki.sa_private.display()
+                ),
                 format!("--service-cluster-ip-range={SERVICE_CIDR}"),
                 "--authorization-mode=Node,RBAC".into(),
                 "--allow-privileged=true".into(),
@@ -212,7 +222,10 @@ impl Node {
         node.spawn("kube-controller-manager", &logs, |c| {
             c.arg(&bins.controller_manager).args([
                 format!("--kubeconfig={}", inner.display()),
-                format!("--service-account-private-key-file={}", pki.sa_private.display()),
+                format!(
+                    "--service-account-private-key-file={}",
+                    pki.sa_private.display()
+                ),
                 format!("--root-ca-file={}", pki.ca.display()),
                 "--use-service-account-credentials=false".into(),
                 "--leader-elect=false".into(),
@@ -371,7 +384,14 @@ impl Node {
         let socket = socket.to_string_lossy();
         let archive = archive.to_string_lossy();
         self.run_in_node(&[
-            "ctr", "--address", &socket, "-n", "k8s.io", "images", "import", &archive,
+            "ctr",
+            "--address",
+            &socket,
+            "-n",
+            "k8s.io",
+            "images",
+            "import",
+            &archive,
         ])
         .map(|_| ())
     }
@@ -395,7 +415,11 @@ impl Node {
     pub fn spawn_in_node(&self, name: &str, argv: &[&str]) -> Result<ChildGuard> {
         let mut cmd = self.in_node_command();
         cmd.args(argv);
-        ChildGuard::spawn(name, cmd, &self.dir.join("logs").join(format!("{name}.log")))
+        ChildGuard::spawn(
+            name,
+            cmd,
+            &self.dir.join("logs").join(format!("{name}.log")),
+        )
     }
 
     /// A kubeconfig for programs run inside the node (with [`Node::run_in_node`] or
@@ -570,7 +594,8 @@ struct Pki {
 impl Pki {
     fn write(dir: &Path) -> Result<Self> {
         let d = dir.join("pki");
-        std::fs::create_dir_all(&d).map_err(HarnessError::io(format!("creating {}", d.display())))?;
+        std::fs::create_dir_all(&d)
+            .map_err(HarnessError::io(format!("creating {}", d.display())))?;
         let ca = TestCa::new("mesh-test-node-ca")?;
         let mut leaf = Leaf::new("kube-apiserver")
             .san("127.0.0.1")
@@ -654,7 +679,11 @@ impl Configs {
                 {"type": "portmap", "capabilities": {"portMappings": true}},
             ],
         });
-        write(&cni.join("net.d"), "10-mesh-node.conflist", &conflist.to_string())?;
+        write(
+            &cni.join("net.d"),
+            "10-mesh-node.conflist",
+            &conflist.to_string(),
+        )?;
         let containerd = write(
             dir,
             "containerd.toml",

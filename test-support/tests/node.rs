@@ -120,7 +120,10 @@ fn pods_run_and_reach_each_other_services_and_dns() {
             "jsonpath={.items[0].status.podIP}",
         ])
         .unwrap();
-    assert!(web_ip.starts_with("10.244.0."), "pod IP from the bridge CNI: {web_ip:?}");
+    assert!(
+        web_ip.starts_with("10.244.0."),
+        "pod IP from the bridge CNI: {web_ip:?}"
+    );
     let web_name = node
         .kubectl(&[
             "-n",
@@ -136,20 +139,43 @@ fn pods_run_and_reach_each_other_services_and_dns() {
 
     // Pod to pod, across the bridge.
     let direct = get_from_client(node, &web_ip, 8080);
-    assert!(direct.contains(&format!("served-by-{web_name}")), "{direct}");
+    assert!(
+        direct.contains(&format!("served-by-{web_name}")),
+        "{direct}"
+    );
 
     // Pod to a ClusterIP, through kube-proxy's DNAT (and back through the bridge).
     let cluster_ip = node
-        .kubectl(&["-n", "harness", "get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"])
+        .kubectl(&[
+            "-n",
+            "harness",
+            "get",
+            "svc",
+            "web",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
         .unwrap();
     assert!(cluster_ip.starts_with("10.96."), "{cluster_ip:?}");
     let via_service = get_from_client(node, &cluster_ip, 80);
-    assert!(via_service.contains(&format!("served-by-{web_name}")), "{via_service}");
+    assert!(
+        via_service.contains(&format!("served-by-{web_name}")),
+        "{via_service}"
+    );
 
     // The Service's short name resolves through CoreDNS to its ClusterIP, with the pod's
     // search path (busybox also tries the other search domains and exits 1 for their NXDOMAIN).
     let lookup = node
-        .kubectl(&["-n", "harness", "exec", "client", "--", "sh", "-c", "nslookup web; true"])
+        .kubectl(&[
+            "-n",
+            "harness",
+            "exec",
+            "client",
+            "--",
+            "sh",
+            "-c",
+            "nslookup web; true",
+        ])
         .unwrap();
     assert!(lookup.contains(&cluster_ip), "{lookup}");
 
@@ -163,6 +189,8 @@ fn pods_run_and_reach_each_other_services_and_dns() {
         "--timeout=120s",
     ])
     .expect("the job completes");
-    let logs = node.kubectl(&["-n", "harness", "logs", "job/once"]).unwrap();
+    let logs = node
+        .kubectl(&["-n", "harness", "logs", "job/once"])
+        .unwrap();
     assert!(logs.contains(&cluster_ip), "{logs}");
 }

@@ -19,10 +19,11 @@ teardown() {
   # Every process in the node's network namespace (node daemons, container shims, the holder)
   # and every container process (they live in the pods' namespaces, under the node's cgroups).
   for _ in $(seq 100); do
-    pids="$(ip netns pids "$ns" 2>/dev/null) $(find "/sys/fs/cgroup/pids/$cg" -name cgroup.procs -exec cat {} + 2>/dev/null)"
-    pids="$(echo $pids)"
-    [ -z "$pids" ] && break
-    kill -9 $pids 2>/dev/null
+    pids=()
+    read -r -d '' -a pids < <(ip netns pids "$ns" 2>/dev/null
+      find "/sys/fs/cgroup/pids/$cg" -name cgroup.procs -exec cat {} + 2>/dev/null)
+    ((${#pids[@]})) || break
+    kill -9 "${pids[@]}" 2>/dev/null
     sleep 0.1
   done
   for c in $(controllers); do
