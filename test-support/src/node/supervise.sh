@@ -67,6 +67,9 @@ done
 # they are the node's own directories.
 for p in /var/lib/kubelet /var/log/pods /var/log/containers /run/containerd; do
   mkdir -p "$dir/host$p" "$p"
+  # Whatever is mounted there on the host (a kubelet's, a stale bind) is unmounted in the node's
+  # copy of the mount table only: unmounts in a slave namespace never reach the host.
+  nsenter -t "$holder" -m -- umount -R -l "$p" 2>/dev/null
   nsenter -t "$holder" -m -- mount --bind "$dir/host$p" "$p" || fail "cannot bind $p in the node"
 done
 
