@@ -163,6 +163,69 @@ async fn install_check_and_inject_on_a_real_apiserver() {
     }
     let healthy = mesh(&kube, &["check"], None);
     assert!(healthy.status.success(), "{}", text(&healthy));
+    assert!(
+        text(&healthy).contains("√ the mesh's certificates are valid"),
+        "{}",
+        text(&healthy)
+    );
+
+    // Broken on purpose, one thing at a time: check names it, and passes once it is repaired.
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(client.clone(), "mesh-system");
+    services
+        .delete("mesh-controlplane", &Default::default())
+        .await
+        .unwrap();
+    let no_service = mesh(&kube, &["check"], None);
+    assert_eq!(no_service.status.code(), Some(1), "{}", text(&no_service));
+    assert!(
+        text(&no_service).contains(
+            "× the proxy injector's Service: Service mesh-system/mesh-controlplane, which the API \
+             server calls the proxy injector through, is missing"
+        ),
+        "{}",
+        text(&no_service)
+    );
+    let service = docs.iter().find(|d| d["kind"] == "Service").unwrap();
+    apply(&client, &discovery, service).await;
+    assert!(mesh(&kube, &["check"], None).status.success());
+
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), "mesh-system");
+    let good = secrets.get("mesh-injector-tls").await.unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["mesh-controlplane.mesh-system.svc".into()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let expired = params.self_signed(&key).unwrap().pem();
+    let mut bad = good.clone();
+    bad.metadata.managed_fields = None;
+    bad.data.as_mut().unwrap().insert(
+        "tls.crt".into(),
+        k8s_openapi::ByteString(expired.into_bytes()),
+    );
+    secrets
+        .replace("mesh-injector-tls", &PostParams::default(), &bad)
+        .await
+        .unwrap();
+    let expired = mesh(&kube, &["check"], None);
+    assert_eq!(expired.status.code(), Some(1), "{}", text(&expired));
+    assert!(
+        text(&expired).contains(
+            "× the mesh's certificates are valid: the proxy injector's serving certificate \
+             (Secret mesh-system/mesh-injector-tls) expired on 2021-01-01"
+        ),
+        "{}",
+        text(&expired)
+    );
+    let mut repaired = secrets.get("mesh-injector-tls").await.unwrap();
+    repaired.data = good.data.clone();
+    secrets
+        .replace("mesh-injector-tls", &PostParams::default(), &repaired)
+        .await
+        .unwrap();
+    assert!(mesh(&kube, &["check"], None).status.success());
     let again = mesh(&kube, &["check", "--pre"], None);
     assert_eq!(again.status.code(), Some(1), "{}", text(&again));
     assert!(text(&again).contains("already exists"), "{}", text(&again));
