@@ -178,12 +178,22 @@ pub fn crds(skip_gateway_api: bool) -> Vec<Value> {
     out
 }
 
-struct Pki {
-    issuer_cert: String,
-    issuer_key: String,
-    webhook_ca: String,
-    webhook_cert: String,
-    webhook_key: String,
+/// The keys and certificates an install holds: the identity issuer (the CA workload
+/// certificates chain to, which injected proxies trust) and the injector's serving certificate
+/// with the CA the API server checks it against. `mesh install` makes new ones; `mesh upgrade`
+/// keeps the cluster's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pki {
+    /// The identity issuer's certificate, PEM.
+    pub issuer_cert: String,
+    /// The identity issuer's key, PEM.
+    pub issuer_key: String,
+    /// The CA in the webhook's caBundle, PEM.
+    pub webhook_ca: String,
+    /// The injector's serving certificate, PEM.
+    pub webhook_cert: String,
+    /// The injector's serving key, PEM.
+    pub webhook_key: String,
 }
 
 fn ca_params(cn: &str) -> anyhow::Result<CertificateParams> {
@@ -195,11 +205,21 @@ fn ca_params(cn: &str) -> anyhow::Result<CertificateParams> {
     Ok(params)
 }
 
-/// The identity issuer (a CA the control plane signs workload certificates with) and the
-/// injector's serving certificate with the CA the API server checks it against.
-fn pki() -> anyhow::Result<Pki> {
+/// A new identity issuer (a CA the control plane signs workload certificates with) and a new
+/// injector serving certificate with the CA the API server checks it against.
+pub fn pki() -> anyhow::Result<Pki> {
     let issuer_key = KeyPair::generate()?;
     let issuer = ca_params("identity.mesh.dev")?.self_signed(&issuer_key)?;
+    let webhook = webhook_pki()?;
+    Ok(Pki {
+        issuer_cert: issuer.pem(),
+        issuer_key: issuer_key.serialize_pem(),
+        ..webhook
+    })
+}
+
+/// A new injector serving certificate and its CA (the issuer fields are left empty).
+pub fn webhook_pki() -> anyhow::Result<Pki> {
     let webhook_ca_key = KeyPair::generate()?;
     let webhook_ca_params = ca_params("webhook.mesh.dev")?;
     let webhook_ca = webhook_ca_params.self_signed(&webhook_ca_key)?;
@@ -211,25 +231,45 @@ fn pki() -> anyhow::Result<Pki> {
     params.not_after = rcgen::date_time_ymd(2036, 1, 1);
     let leaf = params.signed_by(&key, &signer)?;
     Ok(Pki {
-        issuer_cert: issuer.pem(),
-        issuer_key: issuer_key.serialize_pem(),
+        issuer_cert: String::new(),
+        issuer_key: String::new(),
         webhook_ca: webhook_ca.pem(),
         webhook_cert: leaf.pem(),
         webhook_key: key.serialize_pem(),
     })
 }
 
+/// On the control plane's pod template: the serial number of the injector's certificate.
+pub const INJECTOR_CERT_ANNOTATION: &str = "mesh.dev/injector-certificate-serial";
+
+/// The serial number of a PEM certificate, in hex.
+pub fn cert_serial(pem: &str) -> anyhow::Result<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("the injector certificate is not PEM: {e}"))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| anyhow::anyhow!("the injector certificate does not parse: {e}"))?;
+    Ok(cert.raw_serial_as_string().replace(':', ""))
+}
+
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
-/// Renders the whole install as documents, in apply order.
+/// Renders the whole install as documents, in apply order, with new keys.
 pub fn render(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
+    if args.crds {
+        return Ok(crds(args.skip_gateway_api_crds));
+    }
+    render_with(args, &pki()?)
+}
+
+/// Renders the whole install with the given keys and certificates.
+pub fn render_with(args: &InstallArgs, pki: &Pki) -> anyhow::Result<Vec<Value>> {
     let mut docs = crds(args.skip_gateway_api_crds);
     if args.crds {
         return Ok(docs);
     }
-    let pki = pki()?;
     let labels =
         |app: &str| json!({"app.kubernetes.io/name": app, "app.kubernetes.io/part-of": "mesh"});
     let meta = |name: &str| json!({"name": name, "namespace": NAMESPACE, "labels": labels(name)});
@@ -361,6 +401,13 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
                {"name": "injector-tls", "mountPath": "/var/run/mesh/injector", "readOnly": true},
                {"name": "identity-issuer", "mountPath": ISSUER_DIR, "readOnly": true}]),
     ));
+    // The control plane reads its serving certificate at start: a new one (from `mesh upgrade`)
+    // must restart its pods, so the pod template names the certificate.
+    let serial = cert_serial(&pki.webhook_cert)?;
+    if let Some(cp) = docs.last_mut() {
+        cp["spec"]["template"]["metadata"]["annotations"] =
+            json!({INJECTOR_CERT_ANNOTATION: serial});
+    }
     docs.push(deployment(
         ROLLOUT_CONTROLLER,
         &args
