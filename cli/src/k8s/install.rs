@@ -51,6 +51,10 @@ pub struct InstallArgs {
     /// spread over nodes where possible, with PodDisruptionBudgets.
     #[arg(long)]
     pub ha: bool,
+    /// Write the Helm chart made from this rendering into DIR (deploy/helm/mesh in the
+    /// repository) instead of printing manifests.
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub helm_chart: Option<std::path::PathBuf>,
     /// Prometheus the rollout controller reads gate metrics from.
     #[arg(long, default_value = "http://prometheus.monitoring:9090")]
     pub prometheus_url: String,
@@ -488,6 +492,7 @@ mod tests {
             crds,
             skip_gateway_api_crds: false,
             ha: false,
+            helm_chart: None,
             controlplane_image: Some("cp:dev".into()),
             rollout_controller_image: Some("rc:dev".into()),
             prometheus_url: "http://prom:9090".into(),

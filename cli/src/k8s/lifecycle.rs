@@ -218,6 +218,7 @@ pub async fn uninstall(client: &Client, crds: bool) -> anyhow::Result<Vec<String
         controlplane_image: None,
         rollout_controller_image: None,
         ha: true,
+        helm_chart: None,
         prometheus_url: String::new(),
         proxy: super::install::ProxyArgs {
             image_registry: super::install::DEFAULT_REGISTRY.into(),

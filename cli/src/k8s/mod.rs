@@ -2,6 +2,7 @@
 //! `mesh uninstall`.
 
 pub mod check;
+pub mod helm;
 pub mod inject;
 pub mod install;
 pub mod lifecycle;
@@ -99,6 +100,12 @@ impl From<ProxyLayoutArg> for mesh_controlplane::inject::ProxyLayout {
 /// `mesh install`.
 #[allow(clippy::print_stdout, reason = "the manifests are the output")]
 pub fn install(args: &install::InstallArgs) -> ExitCode {
+    if let Some(dir) = &args.helm_chart {
+        return match crate::runtime::block_on(false, async { helm::write(dir) }) {
+            Some(()) => ExitCode::SUCCESS,
+            None => ExitCode::FAILURE,
+        };
+    }
     let rendered = install::render(args).and_then(|docs| install::to_yaml(&docs));
     match crate::runtime::block_on(false, async { rendered }) {
         Some(yaml) => {
