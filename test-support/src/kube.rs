@@ -73,7 +73,7 @@ pub fn bin_dir() -> PathBuf {
     root.join("kube").join(pinned_version())
 }
 
-fn find(program: &str) -> Result<PathBuf> {
+pub(crate) fn find(program: &str) -> Result<PathBuf> {
     let path = bin_dir().join(program);
     if path.is_file() {
         return Ok(path);

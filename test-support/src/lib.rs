@@ -17,6 +17,7 @@ pub mod fixtures;
 pub mod kube;
 pub mod mesh;
 pub mod netns;
+pub mod node;
 pub mod ports;
 pub mod process;
 pub mod prometheus;
