@@ -74,14 +74,14 @@ fn mesh_apply(node: &Node, args: &[&str]) {
     assert!(out.status.success(), "kubectl apply: {}", text(&out));
 }
 
-fn poll<T>(what: &str, patience: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+async fn poll<T>(what: &str, patience: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
             return v;
         }
         assert!(start.elapsed() < patience, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(250));
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -162,8 +162,8 @@ fn events(node: &Node, reason: &str) -> u64 {
         .sum()
 }
 
-#[test]
-fn the_leaders_pod_dies_mid_promotion_and_the_rollout_finishes_once() {
+#[tokio::test]
+async fn the_leaders_pod_dies_mid_promotion_and_the_rollout_finishes_once() {
     let started = Instant::now();
     let node = Node::shared().expect("a one-node cluster");
     images(node);
@@ -214,7 +214,8 @@ fn the_leaders_pod_dies_mid_promotion_and_the_rollout_finishes_once() {
     assert_eq!(replicas, "3");
     let first = poll("a leader", Duration::from_secs(120), || {
         Some(lease_holder(node)).filter(|h| h.starts_with("mesh-rollout-controller-"))
-    });
+    })
+    .await;
 
     kubectl(node, &["create", "namespace", NS]);
     let demo = format!("{REGISTRY}/demo-app:{VERSION}");
@@ -248,7 +249,8 @@ spec:
     .unwrap();
     poll("the Canary initializes", Duration::from_secs(240), || {
         (phase(node) == "Initialized").then_some(())
-    });
+    })
+    .await;
 
     // A new revision; as soon as the promotion is under way, the leader's pod goes at once (as
     // when its node dies): no graceful shutdown in which it could finish the work itself.
@@ -266,7 +268,8 @@ spec:
     let during = poll("the promotion starts", Duration::from_secs(120), || {
         let p = phase(node);
         matches!(p.as_str(), "Progressing" | "Promoting" | "Finalising").then_some(p)
-    });
+    })
+    .await;
     let leader = lease_holder(node);
     kubectl(
         node,
