@@ -58,6 +58,12 @@ enum Command {
     // `--version` is the mesh's image tag here, not this CLI's version.
     #[command(disable_version_flag = true)]
     Install(k8s::install::InstallArgs),
+    /// Upgrade the mesh in the cluster to this CLI's rendering (images, --ha, flags), keeping
+    /// its identity issuer.
+    #[command(disable_version_flag = true)]
+    Upgrade(k8s::lifecycle::UpgradeArgs),
+    /// Remove everything `mesh install` added; injected workloads keep running.
+    Uninstall(k8s::lifecycle::UninstallArgs),
     /// Check a cluster: ready for the mesh (--pre), or the mesh healthy on it.
     Check(k8s::CheckArgs),
     /// Add the proxy to the workloads in a YAML file, offline, as the injector webhook would.
@@ -96,6 +102,8 @@ fn main() -> ExitCode {
         Command::Up(args) => up::run(args),
         Command::Install(args) => k8s::install(&args),
         Command::Check(args) => k8s::check(&args),
+        Command::Upgrade(args) => k8s::upgrade(&args),
+        Command::Uninstall(args) => k8s::uninstall(&args),
         Command::Inject(args) => k8s::inject(&args),
         Command::Apply { files, at } => resources::run(&at, resources::Action::Apply(files)),
         Command::Get {

@@ -60,7 +60,11 @@ fn is_root() -> bool {
 /// chroot, which lives in /usr/sbin, off some users' PATH.
 fn chroot() -> Command {
     let sbin = Path::new("/usr/sbin/chroot");
-    Command::new(if sbin.is_file() { sbin } else { Path::new("chroot") })
+    Command::new(if sbin.is_file() {
+        sbin
+    } else {
+        Path::new("chroot")
+    })
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -96,7 +100,9 @@ fn skopeo_inspect(archive: &str, reference: &str, config: bool) -> Value {
 fn unpack(archive: &str, reference: &str, dir: &Path) -> PathBuf {
     let layout = dir.join("layout");
     std::fs::create_dir_all(&layout).unwrap();
-    run(Command::new("tar").args(["-xf", archive, "-C"]).arg(&layout));
+    run(Command::new("tar")
+        .args(["-xf", archive, "-C"])
+        .arg(&layout));
     let bundle = dir.join("bundle");
     run(Command::new("umoci")
         .args(["unpack", "--image"])
@@ -160,15 +166,15 @@ fn images_carry_their_labels_users_and_demo_variants_and_their_binaries_run() {
     )
     .unwrap();
     let listed = std::fs::read_to_string(out_dir.path().join("images.txt")).unwrap();
-    let tags: Vec<(&str, &str)> = listed
-        .lines()
-        .map(|l| l.split_once(' ').unwrap())
-        .collect();
+    let tags: Vec<(&str, &str)> = listed.lines().map(|l| l.split_once(' ').unwrap()).collect();
     assert_eq!(tags.len(), 8, "{listed}");
     for (archive, reference) in &tags {
         let inspected = skopeo_inspect(archive, reference, false);
         let labels = &inspected["Labels"];
-        assert_eq!(labels["org.opencontainers.image.version"], "t1", "{reference}");
+        assert_eq!(
+            labels["org.opencontainers.image.version"], "t1",
+            "{reference}"
+        );
         assert!(
             labels["org.opencontainers.image.revision"]
                 .as_str()
@@ -202,16 +208,25 @@ fn images_carry_their_labels_users_and_demo_variants_and_their_binaries_run() {
     // Non-root where possible; the proxy as the uid the init container's rules let through.
     assert_eq!(user("localhost/mesh-test/proxy:t1"), "2102:2102");
     assert_eq!(user("localhost/mesh-test/controlplane:t1"), "2103:2103");
-    assert_eq!(user("localhost/mesh-test/rollout-controller:t1"), "2103:2103");
+    assert_eq!(
+        user("localhost/mesh-test/rollout-controller:t1"),
+        "2103:2103"
+    );
     assert_eq!(user("localhost/mesh-test/demo-app:t1"), "65532:65532");
     assert_eq!(user("localhost/mesh-test/proxy-init:t1"), "0:0");
     // The demo's variants: the same binary, told by its environment what version it is.
     let good = env("localhost/mesh-test/demo-app:t1-v2");
     assert!(good.contains(&"DEMO_VERSION=v2".to_string()), "{good:?}");
-    assert!(!good.iter().any(|e| e.starts_with("DEMO_ERROR_RATE")), "{good:?}");
+    assert!(
+        !good.iter().any(|e| e.starts_with("DEMO_ERROR_RATE")),
+        "{good:?}"
+    );
     let bad = env("localhost/mesh-test/demo-app:t1-bad");
     assert!(bad.contains(&"DEMO_ERROR_RATE=0.5".to_string()), "{bad:?}");
-    assert!(bad.contains(&"DEMO_LISTEN_HOST=0.0.0.0".to_string()), "{bad:?}");
+    assert!(
+        bad.contains(&"DEMO_LISTEN_HOST=0.0.0.0".to_string()),
+        "{bad:?}"
+    );
 
     if !is_root() {
         eprintln!("skipping the chroot runs: they need root");
@@ -227,7 +242,11 @@ fn images_carry_their_labels_users_and_demo_variants_and_their_binaries_run() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let archive = format!("{out}/{image}.tar");
-        let rootfs = unpack(&archive, &format!("localhost/mesh-test/{image}:t1"), dir.path());
+        let rootfs = unpack(
+            &archive,
+            &format!("localhost/mesh-test/{image}:t1"),
+            dir.path(),
+        );
         // Every binary starts without a missing library (`--help`; the control plane and the
         // proxy take no flags and say so, or fail later on their own terms).
         let ran = chroot()
@@ -274,7 +293,10 @@ fn images_carry_their_labels_users_and_demo_variants_and_their_binaries_run() {
 fn bad_invocations_are_refused_naming_what_is_wrong() {
     let cases: [(&[&str], &str); 5] = [
         (&[], "--out DIR is required"),
-        (&["--out", "/nonexistent/x", "nope"], "unknown image \"nope\""),
+        (
+            &["--out", "/nonexistent/x", "nope"],
+            "unknown image \"nope\"",
+        ),
         (
             &["--out", "/nonexistent/x", "--registry", "Upper/Case"],
             "bad --registry \"Upper/Case\"",
@@ -283,7 +305,10 @@ fn bad_invocations_are_refused_naming_what_is_wrong() {
             &["--out", "/nonexistent/x", "--version", "-x"],
             "bad --version \"-x\"",
         ),
-        (&["--out", "/nonexistent/x", "--frobnicate"], "unknown flag --frobnicate"),
+        (
+            &["--out", "/nonexistent/x", "--frobnicate"],
+            "unknown flag --frobnicate",
+        ),
     ];
     for (args, needle) in cases {
         let out = build_images(args);

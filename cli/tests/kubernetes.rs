@@ -163,6 +163,69 @@ async fn install_check_and_inject_on_a_real_apiserver() {
     }
     let healthy = mesh(&kube, &["check"], None);
     assert!(healthy.status.success(), "{}", text(&healthy));
+    assert!(
+        text(&healthy).contains("√ the mesh's certificates are valid"),
+        "{}",
+        text(&healthy)
+    );
+
+    // Broken on purpose, one thing at a time: check names it, and passes once it is repaired.
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(client.clone(), "mesh-system");
+    services
+        .delete("mesh-controlplane", &Default::default())
+        .await
+        .unwrap();
+    let no_service = mesh(&kube, &["check"], None);
+    assert_eq!(no_service.status.code(), Some(1), "{}", text(&no_service));
+    assert!(
+        text(&no_service).contains(
+            "× the proxy injector's Service: Service mesh-system/mesh-controlplane, which the API \
+             server calls the proxy injector through, is missing"
+        ),
+        "{}",
+        text(&no_service)
+    );
+    let service = docs.iter().find(|d| d["kind"] == "Service").unwrap();
+    apply(&client, &discovery, service).await;
+    assert!(mesh(&kube, &["check"], None).status.success());
+
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), "mesh-system");
+    let good = secrets.get("mesh-injector-tls").await.unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["mesh-controlplane.mesh-system.svc".into()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let expired = params.self_signed(&key).unwrap().pem();
+    let mut bad = good.clone();
+    bad.metadata.managed_fields = None;
+    bad.data.as_mut().unwrap().insert(
+        "tls.crt".into(),
+        k8s_openapi::ByteString(expired.into_bytes()),
+    );
+    secrets
+        .replace("mesh-injector-tls", &PostParams::default(), &bad)
+        .await
+        .unwrap();
+    let expired = mesh(&kube, &["check"], None);
+    assert_eq!(expired.status.code(), Some(1), "{}", text(&expired));
+    assert!(
+        text(&expired).contains(
+            "× the mesh's certificates are valid: the proxy injector's serving certificate \
+             (Secret mesh-system/mesh-injector-tls) expired on 2021-01-01"
+        ),
+        "{}",
+        text(&expired)
+    );
+    let mut repaired = secrets.get("mesh-injector-tls").await.unwrap();
+    repaired.data = good.data.clone();
+    secrets
+        .replace("mesh-injector-tls", &PostParams::default(), &repaired)
+        .await
+        .unwrap();
+    assert!(mesh(&kube, &["check"], None).status.success());
     let again = mesh(&kube, &["check", "--pre"], None);
     assert_eq!(again.status.code(), Some(1), "{}", text(&again));
     assert!(text(&again).contains("already exists"), "{}", text(&again));
@@ -474,5 +537,297 @@ async fn resource_commands_apply_get_and_delete_in_the_cluster() {
         stderr(&none).contains("No resources found in default namespace."),
         "{}",
         text(&none)
+    );
+}
+
+/// Applies `mesh install --crds` and then `mesh install <flags>`, as the docs say.
+async fn install(kube: &KubeApiServer, flags: &[&str]) -> Vec<Value> {
+    let client = kube.client();
+    let crds = mesh(kube, &["install", "--crds"], None);
+    assert!(crds.status.success(), "{}", text(&crds));
+    let discovery = Discovery::new(client.clone()).run().await.unwrap();
+    let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in documents(&crds.stdout) {
+        apply(&client, &discovery, &crd).await;
+        let name = crd["metadata"]["name"].as_str().unwrap().to_string();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            await_condition(crd_api.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    let args: Vec<&str> = std::iter::once("install")
+        .chain(flags.iter().copied())
+        .collect();
+    let rendered = mesh(kube, &args, None);
+    assert!(rendered.status.success(), "{}", text(&rendered));
+    let docs = documents(&rendered.stdout);
+    let discovery = Discovery::new(client.clone()).run().await.unwrap();
+    for doc in docs
+        .iter()
+        .filter(|d| d["kind"] != "CustomResourceDefinition")
+    {
+        apply(&client, &discovery, doc).await;
+    }
+    docs
+}
+
+#[tokio::test]
+async fn upgrade_keeps_the_keys_and_uninstall_leaves_injected_workloads_running() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use k8s_openapi::api::core::v1::{Namespace, Secret};
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+
+    let kube = KubeApiServer::start()
+        .await
+        .expect("start etcd + kube-apiserver");
+    let client = kube.client();
+    // Upgrading nothing is refused, naming why.
+    let nothing = mesh(&kube, &["upgrade"], None);
+    assert_eq!(nothing.status.code(), Some(1), "{}", text(&nothing));
+    assert!(
+        text(&nothing).contains("the mesh is not installed here"),
+        "{}",
+        text(&nothing)
+    );
+
+    install(
+        &kube,
+        &["--image-registry", "localhost/mesh", "--version", "1.0.0"],
+    )
+    .await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "mesh-system");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "mesh-system");
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), "mesh-system");
+    let issuer = secrets.get("mesh-identity-issuer").await.unwrap().data;
+    let serving = secrets.get("mesh-injector-tls").await.unwrap().data;
+    let bundle = |h: MutatingWebhookConfiguration| {
+        h.webhooks.unwrap()[0]
+            .client_config
+            .ca_bundle
+            .clone()
+            .unwrap()
+    };
+    let ca = bundle(hooks.get("mesh-proxy-injector").await.unwrap());
+    let image = |d: Deployment| {
+        d.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .clone()
+            .unwrap()
+    };
+
+    // An injected workload, as the webhook would have made it.
+    let web: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"},
+                                           "annotations": {"mesh.dev/injected": "localhost/mesh/proxy:1.0.0"}},
+                              "spec": {"initContainers": [{"name": "mesh-proxy", "image": "localhost/mesh/proxy:1.0.0", "restartPolicy": "Always"}],
+                                       "containers": [{"name": "web", "image": "localhost/mesh/demo-app:1.0.0"}]}}},
+    }))
+    .unwrap();
+    let web = Api::<Deployment>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &web)
+        .await
+        .unwrap();
+
+    // A new version, now highly available: new images, same keys, budgets added.
+    let up = mesh(
+        &kube,
+        &[
+            "upgrade",
+            "--image-registry",
+            "localhost/mesh",
+            "--version",
+            "1.1.0",
+            "--ha",
+        ],
+        None,
+    );
+    assert!(up.status.success(), "{}", text(&up));
+    assert!(
+        text(&up).contains("kept the identity issuer and the injector certificate"),
+        "{}",
+        text(&up)
+    );
+    let cp = deployments.get("mesh-controlplane").await.unwrap();
+    assert_eq!(image(cp.clone()), "localhost/mesh/controlplane:1.1.0");
+    assert_eq!(cp.spec.as_ref().unwrap().replicas, Some(3));
+    assert_eq!(
+        image(deployments.get("mesh-rollout-controller").await.unwrap()),
+        "localhost/mesh/rollout-controller:1.1.0"
+    );
+    assert_eq!(
+        secrets.get("mesh-identity-issuer").await.unwrap().data,
+        issuer
+    );
+    assert_eq!(
+        secrets.get("mesh-injector-tls").await.unwrap().data,
+        serving
+    );
+    assert_eq!(bundle(hooks.get("mesh-proxy-injector").await.unwrap()), ca);
+    assert_eq!(pdbs.list(&Default::default()).await.unwrap().items.len(), 2);
+
+    // Back to one replica: the budgets go.
+    let down = mesh(
+        &kube,
+        &[
+            "upgrade",
+            "--image-registry",
+            "localhost/mesh",
+            "--version",
+            "1.1.0",
+        ],
+        None,
+    );
+    assert!(down.status.success(), "{}", text(&down));
+    assert!(
+        pdbs.list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert_eq!(
+        deployments
+            .get("mesh-controlplane")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .replicas,
+        Some(1)
+    );
+
+    // An injector certificate close to expiry is replaced, with the caBundle that checks it,
+    // and the control plane's pods are told to restart; the identity issuer stays.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["mesh-controlplane.mesh-system.svc".into()]).unwrap();
+    params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    let old = params.self_signed(&key).unwrap().pem();
+    let mut s = secrets.get("mesh-injector-tls").await.unwrap();
+    s.metadata.managed_fields = None;
+    s.data
+        .as_mut()
+        .unwrap()
+        .insert("tls.crt".into(), k8s_openapi::ByteString(old.into_bytes()));
+    secrets
+        .replace("mesh-injector-tls", &PostParams::default(), &s)
+        .await
+        .unwrap();
+    let template_serial = |d: Deployment| {
+        d.spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap()["mesh.dev/injector-certificate-serial"]
+            .clone()
+    };
+    let before = template_serial(deployments.get("mesh-controlplane").await.unwrap());
+    let renewed = mesh(
+        &kube,
+        &[
+            "upgrade",
+            "--image-registry",
+            "localhost/mesh",
+            "--version",
+            "1.1.0",
+        ],
+        None,
+    );
+    assert!(renewed.status.success(), "{}", text(&renewed));
+    assert!(
+        text(&renewed).contains("issued a new injector certificate"),
+        "{}",
+        text(&renewed)
+    );
+    assert_ne!(
+        secrets.get("mesh-injector-tls").await.unwrap().data,
+        serving
+    );
+    assert_ne!(bundle(hooks.get("mesh-proxy-injector").await.unwrap()), ca);
+    assert_eq!(
+        secrets.get("mesh-identity-issuer").await.unwrap().data,
+        issuer
+    );
+    assert_ne!(
+        template_serial(deployments.get("mesh-controlplane").await.unwrap()),
+        before
+    );
+    // Play the node, then check: the new certificate chains to the new caBundle.
+    for name in ["mesh-controlplane", "mesh-rollout-controller"] {
+        let status = json!({"status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1}});
+        deployments
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap();
+    }
+    let checked = mesh(&kube, &["check"], None);
+    assert!(checked.status.success(), "{}", text(&checked));
+
+    // Uninstall: everything install added is gone, the injected workload is untouched.
+    let gone = mesh(&kube, &["uninstall"], None);
+    assert!(gone.status.success(), "{}", text(&gone));
+    assert!(
+        text(&gone).contains("deleted MutatingWebhookConfiguration mesh-proxy-injector"),
+        "{}",
+        text(&gone)
+    );
+    assert!(
+        hooks
+            .get_opt("mesh-proxy-injector")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    for name in ["mesh-controlplane", "mesh-rollout-controller"] {
+        assert!(roles.get_opt(name).await.unwrap().is_none(), "{name}");
+        assert!(deployments.get_opt(name).await.unwrap().is_none(), "{name}");
+    }
+    assert!(
+        secrets
+            .get_opt("mesh-identity-issuer")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // No namespace controller runs here: the namespace is on its way out, or gone.
+    let ns = Api::<Namespace>::all(client.clone())
+        .get_opt("mesh-system")
+        .await
+        .unwrap();
+    assert!(ns.is_none_or(|n| n.metadata.deletion_timestamp.is_some()));
+    let after = Api::<Deployment>::namespaced(client.clone(), "default")
+        .get("web")
+        .await
+        .unwrap();
+    assert_eq!(after.metadata.generation, web.metadata.generation);
+    assert_eq!(after.spec, web.spec);
+    // The CRDs stay unless asked for; then the mesh's go and HTTPRoute stays.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    assert!(
+        crds.get_opt("canaries.rollouts.mesh.dev")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let all = mesh(&kube, &["uninstall", "--crds"], None);
+    assert!(all.status.success(), "{}", text(&all));
+    let canaries = crds.get_opt("canaries.rollouts.mesh.dev").await.unwrap();
+    assert!(canaries.is_none_or(|c| c.metadata.deletion_timestamp.is_some()));
+    assert!(
+        crds.get_opt("httproutes.gateway.networking.k8s.io")
+            .await
+            .unwrap()
+            .is_some()
     );
 }

@@ -144,7 +144,12 @@ fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
 /// Decides for a pod with `meta` and `spec` in a namespace annotated `namespace`.
 pub fn decide(namespace: &BTreeMap<String, String>, meta: &ObjectMeta, spec: &PodSpec) -> Decision {
     let in_init = spec.init_containers.iter().flatten();
-    if spec.containers.iter().chain(in_init).any(|c| c.name == PROXY_CONTAINER) {
+    if spec
+        .containers
+        .iter()
+        .chain(in_init)
+        .any(|c| c.name == PROXY_CONTAINER)
+    {
         return Decision::Skip("already injected".into());
     }
     let from_pod = annotation(meta, INJECT_ANNOTATION);
@@ -516,7 +521,11 @@ mod tests {
             ("1", "", ProxyLayout::Container),
             ("", "", ProxyLayout::Container),
         ] {
-            assert_eq!(ProxyLayout::for_server(major, minor), layout, "{major}.{minor}");
+            assert_eq!(
+                ProxyLayout::for_server(major, minor),
+                layout,
+                "{major}.{minor}"
+            );
         }
     }
 
@@ -539,7 +548,15 @@ mod tests {
         let proxy = &init[1];
         assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
         assert_eq!(
-            proxy.startup_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(),
+            proxy
+                .startup_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
             Some("/ready")
         );
         assert_eq!(init[0].restart_policy, None);
@@ -554,7 +571,10 @@ mod tests {
             ..InjectConfig::default()
         };
         inject(&mut m, &mut s, &old).unwrap();
-        assert_eq!(names(s.init_containers.as_deref().unwrap()), [INIT_CONTAINER]);
+        assert_eq!(
+            names(s.init_containers.as_deref().unwrap()),
+            [INIT_CONTAINER]
+        );
         assert_eq!(names(&s.containers), [PROXY_CONTAINER, "app"]);
         assert_eq!(s.containers[0].restart_policy, None);
     }

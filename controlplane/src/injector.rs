@@ -260,7 +260,10 @@ mod tests {
             patch[0]["value"]["initContainers"][1]["name"],
             inject::PROXY_CONTAINER
         );
-        assert_eq!(patch[0]["value"]["initContainers"][1]["restartPolicy"], "Always");
+        assert_eq!(
+            patch[0]["value"]["initContainers"][1]["restartPolicy"],
+            "Always"
+        );
         assert_eq!(patch[1]["op"], "add");
 
         let off = review_response(&config, &Fixed(BTreeMap::new()), &review()).await;

@@ -137,7 +137,10 @@ async fn pods_in_annotated_namespaces_get_the_proxy() {
     let init = spec.init_containers.as_ref().unwrap();
     // The API server kept the sidecar's restartPolicy: it validates native sidecars.
     assert_eq!(init[1].restart_policy.as_deref(), Some("Always"));
-    assert_eq!(init[1].image.as_deref(), Some("example.test/mesh-proxy:dev"));
+    assert_eq!(
+        init[1].image.as_deref(),
+        Some("example.test/mesh-proxy:dev")
+    );
     assert_eq!(
         p.metadata.annotations.as_ref().unwrap()[inject::INJECTED_ANNOTATION],
         "example.test/mesh-proxy:dev"

@@ -6,12 +6,14 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::PostParams;
 use kube::{Api, Client};
 
-use super::install::{CONTROLPLANE, NAMESPACE, ROLLOUT_CONTROLLER, WEBHOOK};
+use super::install::{
+    CONTROLPLANE, INJECTOR_TLS_SECRET, ISSUER_SECRET, NAMESPACE, ROLLOUT_CONTROLLER, WEBHOOK,
+};
 
 /// The outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +98,156 @@ async fn deployment_available(client: &Client, name: &str) -> Result<String, Str
             "{available}/{want} replicas available; see `kubectl -n {NAMESPACE} describe deployment {name}`"
         ))
     }
+}
+
+/// A certificate's validity and names, from PEM.
+struct CertInfo {
+    subject: String,
+    issuer: String,
+    not_before: i64,
+    not_after: i64,
+}
+
+fn cert_info(pem: &[u8]) -> Result<CertInfo, String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).map_err(|e| format!("not PEM: {e}"))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    Ok(CertInfo {
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+fn date(ts: i64) -> String {
+    chrono::DateTime::from_timestamp(ts, 0)
+        .map(|d| d.format("%Y-%m-%d %H:%M UTC").to_string())
+        .unwrap_or_else(|| ts.to_string())
+}
+
+/// Whether `what` (read from `source`) is valid now; `fix` says how to replace it.
+fn valid_now(what: &str, source: &str, cert: &CertInfo, now: i64, fix: &str) -> Result<(), String> {
+    if cert.not_after < now {
+        Err(format!(
+            "{what} ({source}) expired on {}; {fix}",
+            date(cert.not_after)
+        ))
+    } else if cert.not_before > now {
+        Err(format!(
+            "{what} ({source}) is not valid before {}; check the clocks, or {fix}",
+            date(cert.not_before)
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+async fn secret_cert(client: &Client, name: &str) -> Result<CertInfo, String> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    let secret = api
+        .get_opt(name)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!("Secret {NAMESPACE}/{name} not found; run `mesh install | kubectl apply -f -`")
+        })?;
+    let crt = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("tls.crt"))
+        .ok_or_else(|| format!("Secret {NAMESPACE}/{name} has no tls.crt"))?;
+    cert_info(&crt.0).map_err(|e| format!("Secret {NAMESPACE}/{name} tls.crt: {e}"))
+}
+
+/// The webhook's Service exists with the port the webhook calls.
+async fn webhook_service(
+    client: &Client,
+    hook: &MutatingWebhookConfiguration,
+) -> Result<String, String> {
+    let Some(svc) = hook
+        .webhooks
+        .iter()
+        .flatten()
+        .find_map(|w| w.client_config.service.clone())
+    else {
+        return Ok("called by URL, not through a Service".into());
+    };
+    let port = svc.port.unwrap_or(443);
+    let name = format!("{}/{}", svc.namespace, svc.name);
+    let api: Api<Service> = Api::namespaced(client.clone(), &svc.namespace);
+    let found = api.get_opt(&svc.name).await.map_err(|e| e.to_string())?;
+    let Some(found) = found else {
+        return Err(format!(
+            "Service {name}, which the API server calls the proxy injector through, is missing: \
+             new pods start without the proxy (the webhook fails open); re-apply \
+             `mesh install | kubectl apply -f -`"
+        ));
+    };
+    let ports = found.spec.and_then(|s| s.ports).unwrap_or_default();
+    if ports.iter().any(|p| p.port == port) {
+        Ok(format!("{name}:{port}"))
+    } else {
+        Err(format!(
+            "Service {name} has no port {port}, which the proxy injector webhook calls: new pods \
+             start without the proxy; re-apply `mesh install | kubectl apply -f -`"
+        ))
+    }
+}
+
+/// The injector's serving certificate is valid now and issued by the CA the webhook trusts; the
+/// identity issuer is valid now.
+async fn certificates(
+    client: &Client,
+    hook: &MutatingWebhookConfiguration,
+    now: i64,
+) -> Result<String, String> {
+    let renew = "run `mesh upgrade` to issue a new one";
+    let serving = secret_cert(client, INJECTOR_TLS_SECRET).await?;
+    valid_now(
+        "the proxy injector's serving certificate",
+        &format!("Secret {NAMESPACE}/{INJECTOR_TLS_SECRET}"),
+        &serving,
+        now,
+        &format!(
+            "until then the API server cannot call the injector and new pods start without the proxy; {renew}"
+        ),
+    )?;
+    let bundle = hook
+        .webhooks
+        .iter()
+        .flatten()
+        .find_map(|w| w.client_config.ca_bundle.clone())
+        .ok_or_else(|| format!("{WEBHOOK} has no caBundle; {renew}"))?;
+    let ca = cert_info(&bundle.0).map_err(|e| format!("{WEBHOOK} caBundle: {e}"))?;
+    valid_now(
+        "the CA the API server checks the injector with",
+        &format!("{WEBHOOK} caBundle"),
+        &ca,
+        now,
+        renew,
+    )?;
+    if serving.issuer != ca.subject {
+        return Err(format!(
+            "the proxy injector's certificate is issued by {:?}, but {WEBHOOK} trusts {:?}: the \
+             API server cannot call the injector; {renew}",
+            serving.issuer, ca.subject
+        ));
+    }
+    let issuer = secret_cert(client, ISSUER_SECRET).await?;
+    valid_now(
+        "the identity issuer",
+        &format!("Secret {NAMESPACE}/{ISSUER_SECRET}"),
+        &issuer,
+        now,
+        "proxies cannot get certificates; replace the issuer and restart the injected pods",
+    )?;
+    Ok(format!(
+        "injector certificate valid until {}, identity issuer until {}",
+        date(serving.not_after),
+        date(issuer.not_after)
+    ))
 }
 
 /// Runs the checks.
@@ -187,9 +339,10 @@ pub async fn run(client: &Client, pre: bool) -> Vec<Check> {
         ));
     }
     let hooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let hook = hooks.get_opt(WEBHOOK).await.map_err(|e| e.to_string());
     out.push(check(
         "the proxy injector webhook is registered",
-        match hooks.get_opt(WEBHOOK).await {
+        match hook.clone() {
             Ok(Some(h)) => {
                 let with_ca = h.webhooks.unwrap_or_default().iter().all(|w| {
                     w.client_config
@@ -206,9 +359,20 @@ pub async fn run(client: &Client, pre: bool) -> Vec<Check> {
             Ok(None) => Err(format!(
                 "{WEBHOOK} not found; run `mesh install | kubectl apply -f -`"
             )),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         },
     ));
+    if let Ok(Some(hook)) = hook {
+        out.push(check(
+            "the proxy injector's Service",
+            webhook_service(client, &hook).await,
+        ));
+        let now = chrono::Utc::now().timestamp();
+        out.push(check(
+            "the mesh's certificates are valid",
+            certificates(client, &hook, now).await,
+        ));
+    }
     out
 }
 

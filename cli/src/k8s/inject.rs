@@ -126,7 +126,10 @@ mod tests {
         let mut d = deployment(&json!({}));
         assert_eq!(inject_document(&mut d, &config).unwrap(), Outcome::Injected);
         let t = &d["spec"]["template"];
-        assert_eq!(t["spec"]["initContainers"][1]["name"], inject::PROXY_CONTAINER);
+        assert_eq!(
+            t["spec"]["initContainers"][1]["name"],
+            inject::PROXY_CONTAINER
+        );
         assert_eq!(t["spec"]["initContainers"][1]["restartPolicy"], "Always");
         assert_eq!(t["metadata"]["annotations"][INJECT_ANNOTATION], "enabled");
         // Twice is the same as once.

@@ -25,6 +25,12 @@ pub const INJECTOR_PORT: u16 = 8443;
 pub const PROXY_API_PORT: u16 = 4181;
 /// Where the control plane mounts the identity issuer Secret (its CA).
 pub const ISSUER_DIR: &str = "/var/run/mesh/issuer";
+/// The Secret holding the identity issuer (the CA workload certificates are signed with).
+pub const ISSUER_SECRET: &str = "mesh-identity-issuer";
+/// The Secret holding the injector's serving certificate.
+pub const INJECTOR_TLS_SECRET: &str = "mesh-injector-tls";
+/// Replicas of each Deployment with `--ha`.
+pub const HA_REPLICAS: i32 = 3;
 
 /// Flags of `mesh install`.
 #[derive(clap::Args, Debug, Clone)]
@@ -41,6 +47,14 @@ pub struct InstallArgs {
     /// Image of the rollout controller [default: <registry>/rollout-controller:<version>].
     #[arg(long)]
     pub rollout_controller_image: Option<String>,
+    /// High availability: the control plane and the rollout controller with 3 replicas each,
+    /// spread over nodes where possible, with PodDisruptionBudgets.
+    #[arg(long)]
+    pub ha: bool,
+    /// Write the Helm chart made from this rendering into DIR (deploy/helm/mesh in the
+    /// repository) instead of printing manifests.
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub helm_chart: Option<std::path::PathBuf>,
     /// Prometheus the rollout controller reads gate metrics from.
     #[arg(long, default_value = "http://prometheus.monitoring:9090")]
     pub prometheus_url: String,
@@ -168,12 +182,22 @@ pub fn crds(skip_gateway_api: bool) -> Vec<Value> {
     out
 }
 
-struct Pki {
-    issuer_cert: String,
-    issuer_key: String,
-    webhook_ca: String,
-    webhook_cert: String,
-    webhook_key: String,
+/// The keys and certificates an install holds: the identity issuer (the CA workload
+/// certificates chain to, which injected proxies trust) and the injector's serving certificate
+/// with the CA the API server checks it against. `mesh install` makes new ones; `mesh upgrade`
+/// keeps the cluster's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pki {
+    /// The identity issuer's certificate, PEM.
+    pub issuer_cert: String,
+    /// The identity issuer's key, PEM.
+    pub issuer_key: String,
+    /// The CA in the webhook's caBundle, PEM.
+    pub webhook_ca: String,
+    /// The injector's serving certificate, PEM.
+    pub webhook_cert: String,
+    /// The injector's serving key, PEM.
+    pub webhook_key: String,
 }
 
 fn ca_params(cn: &str) -> anyhow::Result<CertificateParams> {
@@ -185,11 +209,21 @@ fn ca_params(cn: &str) -> anyhow::Result<CertificateParams> {
     Ok(params)
 }
 
-/// The identity issuer (a CA the control plane signs workload certificates with) and the
-/// injector's serving certificate with the CA the API server checks it against.
-fn pki() -> anyhow::Result<Pki> {
+/// A new identity issuer (a CA the control plane signs workload certificates with) and a new
+/// injector serving certificate with the CA the API server checks it against.
+pub fn pki() -> anyhow::Result<Pki> {
     let issuer_key = KeyPair::generate()?;
     let issuer = ca_params("identity.mesh.dev")?.self_signed(&issuer_key)?;
+    let webhook = webhook_pki()?;
+    Ok(Pki {
+        issuer_cert: issuer.pem(),
+        issuer_key: issuer_key.serialize_pem(),
+        ..webhook
+    })
+}
+
+/// A new injector serving certificate and its CA (the issuer fields are left empty).
+pub fn webhook_pki() -> anyhow::Result<Pki> {
     let webhook_ca_key = KeyPair::generate()?;
     let webhook_ca_params = ca_params("webhook.mesh.dev")?;
     let webhook_ca = webhook_ca_params.self_signed(&webhook_ca_key)?;
@@ -201,25 +235,45 @@ fn pki() -> anyhow::Result<Pki> {
     params.not_after = rcgen::date_time_ymd(2036, 1, 1);
     let leaf = params.signed_by(&key, &signer)?;
     Ok(Pki {
-        issuer_cert: issuer.pem(),
-        issuer_key: issuer_key.serialize_pem(),
+        issuer_cert: String::new(),
+        issuer_key: String::new(),
         webhook_ca: webhook_ca.pem(),
         webhook_cert: leaf.pem(),
         webhook_key: key.serialize_pem(),
     })
 }
 
+/// On the control plane's pod template: the serial number of the injector's certificate.
+pub const INJECTOR_CERT_ANNOTATION: &str = "mesh.dev/injector-certificate-serial";
+
+/// The serial number of a PEM certificate, in hex.
+pub fn cert_serial(pem: &str) -> anyhow::Result<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("the injector certificate is not PEM: {e}"))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| anyhow::anyhow!("the injector certificate does not parse: {e}"))?;
+    Ok(cert.raw_serial_as_string().replace(':', ""))
+}
+
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
-/// Renders the whole install as documents, in apply order.
+/// Renders the whole install as documents, in apply order, with new keys.
 pub fn render(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
+    if args.crds {
+        return Ok(crds(args.skip_gateway_api_crds));
+    }
+    render_with(args, &pki()?)
+}
+
+/// Renders the whole install with the given keys and certificates.
+pub fn render_with(args: &InstallArgs, pki: &Pki) -> anyhow::Result<Vec<Value>> {
     let mut docs = crds(args.skip_gateway_api_crds);
     if args.crds {
         return Ok(docs);
     }
-    let pki = pki()?;
     let labels =
         |app: &str| json!({"app.kubernetes.io/name": app, "app.kubernetes.io/part-of": "mesh"});
     let meta = |name: &str| json!({"name": name, "namespace": NAMESPACE, "labels": labels(name)});
@@ -275,21 +329,22 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
     }
     docs.push(json!({
         "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-        "metadata": meta("mesh-identity-issuer"),
+        "metadata": meta(ISSUER_SECRET),
         "data": {"tls.crt": b64(&pki.issuer_cert), "tls.key": b64(&pki.issuer_key)},
     }));
     docs.push(json!({
         "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-        "metadata": meta("mesh-injector-tls"),
+        "metadata": meta(INJECTOR_TLS_SECRET),
         "data": {"tls.crt": b64(&pki.webhook_cert), "tls.key": b64(&pki.webhook_key)},
     }));
     let inject = args.proxy.inject_config();
+    let replicas = if args.ha { HA_REPLICAS } else { 1 };
     let deployment =
         |name: &str, image: &str, env: Value, ports: Value, volumes: Value, mounts: Value| {
-            json!({
+            let mut d = json!({
                 "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(name),
                 "spec": {
-                    "replicas": 1,
+                    "replicas": replicas,
                     "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
                     "template": {
                         "metadata": {"labels": labels(name)},
@@ -306,7 +361,23 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
                         },
                     },
                 },
-            })
+            });
+            if args.ha {
+                // Preferred, not required: a cluster with fewer nodes than replicas still runs
+                // them all, spread as far as its nodes allow.
+                d["spec"]["template"]["spec"]["affinity"] = json!({"podAntiAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [{
+                        "weight": 100,
+                        "podAffinityTerm": {
+                            "labelSelector": {"matchLabels": {"app.kubernetes.io/name": name}},
+                            "topologyKey": "kubernetes.io/hostname",
+                        },
+                    }],
+                }});
+                d["spec"]["strategy"] = json!({"type": "RollingUpdate",
+                    "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 1}});
+            }
+            d
         };
     docs.push(deployment(
         CONTROLPLANE,
@@ -329,22 +400,47 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
         json!([{"name": "proxy-api", "containerPort": PROXY_API_PORT},
                {"name": "injector", "containerPort": INJECTOR_PORT}]),
         json!([{"name": "state", "emptyDir": {}},
-               {"name": "injector-tls", "secret": {"secretName": "mesh-injector-tls"}},
-               {"name": "identity-issuer", "secret": {"secretName": "mesh-identity-issuer"}}]),
+               {"name": "injector-tls", "secret": {"secretName": INJECTOR_TLS_SECRET}},
+               {"name": "identity-issuer", "secret": {"secretName": ISSUER_SECRET}}]),
         json!([{"name": "state", "mountPath": "/var/lib/mesh"},
                {"name": "injector-tls", "mountPath": "/var/run/mesh/injector", "readOnly": true},
                {"name": "identity-issuer", "mountPath": ISSUER_DIR, "readOnly": true}]),
     ));
+    // The control plane reads its serving certificate at start: a new one (from `mesh upgrade`)
+    // must restart its pods, so the pod template names the certificate.
+    let serial = cert_serial(&pki.webhook_cert)?;
+    if let Some(cp) = docs.last_mut() {
+        cp["spec"]["template"]["metadata"]["annotations"] =
+            json!({INJECTOR_CERT_ANNOTATION: serial});
+    }
     docs.push(deployment(
         ROLLOUT_CONTROLLER,
         &args
             .proxy
             .image(image::ROLLOUT_CONTROLLER, args.rollout_controller_image.as_ref()),
-        json!([{"name": mesh_rollout_controller::config::ENV_PROMETHEUS_URL, "value": args.prometheus_url}]),
+        // The Lease the replicas elect a leader on lives in mesh-system, and names its holder
+        // by pod.
+        json!([
+            {"name": mesh_rollout_controller::config::ENV_PROMETHEUS_URL, "value": args.prometheus_url},
+            {"name": mesh_rollout_controller::config::ENV_INSTANCE,
+             "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": mesh_rollout_controller::config::ENV_LEASE_NAMESPACE,
+             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        ]),
         json!([]),
         json!([]),
         json!([]),
     ));
+    if args.ha {
+        // Voluntary disruptions (drains, upgrades) take one replica at a time.
+        for name in [CONTROLPLANE, ROLLOUT_CONTROLLER] {
+            docs.push(json!({
+                "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": meta(name),
+                "spec": {"maxUnavailable": 1,
+                         "selector": {"matchLabels": {"app.kubernetes.io/name": name}}},
+            }));
+        }
+    }
     docs.push(json!({
         "apiVersion": "v1", "kind": "Service", "metadata": meta(CONTROLPLANE),
         "spec": {
@@ -396,6 +492,8 @@ mod tests {
         InstallArgs {
             crds,
             skip_gateway_api_crds: false,
+            ha: false,
+            helm_chart: None,
             controlplane_image: Some("cp:dev".into()),
             rollout_controller_image: Some("rc:dev".into()),
             prometheus_url: "http://prom:9090".into(),
@@ -469,7 +567,12 @@ mod tests {
         let mut out: Vec<String> = docs
             .iter()
             .filter(|d| d["kind"] == "Deployment")
-            .flat_map(|d| d["spec"]["template"]["spec"]["containers"].as_array().unwrap().clone())
+            .flat_map(|d| {
+                d["spec"]["template"]["spec"]["containers"]
+                    .as_array()
+                    .unwrap()
+                    .clone()
+            })
             .flat_map(|c| {
                 let mut refs = vec![c["image"].as_str().unwrap().to_string()];
                 for e in c["env"].as_array().unwrap() {
@@ -518,19 +621,78 @@ mod tests {
     }
 
     #[test]
+    fn ha_runs_three_spread_replicas_behind_budgets_and_the_webhook_still_fails_open() {
+        let docs = render(&parse(&["--ha"]).unwrap()).unwrap();
+        for name in [CONTROLPLANE, ROLLOUT_CONTROLLER] {
+            let d = docs
+                .iter()
+                .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == name)
+                .unwrap();
+            assert_eq!(d["spec"]["replicas"], HA_REPLICAS, "{name}");
+            let term = &d["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+                [0]["podAffinityTerm"];
+            assert_eq!(term["topologyKey"], "kubernetes.io/hostname");
+            assert_eq!(
+                term["labelSelector"]["matchLabels"]["app.kubernetes.io/name"],
+                name
+            );
+            let pdb = docs
+                .iter()
+                .find(|d| d["kind"] == "PodDisruptionBudget" && d["metadata"]["name"] == name)
+                .unwrap();
+            assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+            assert_eq!(
+                pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+                name
+            );
+        }
+        let hook = docs
+            .iter()
+            .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+            .unwrap();
+        assert_eq!(hook["webhooks"][0]["failurePolicy"], "Ignore");
+        // Replicas of the rollout controller elect their leader on a Lease in mesh-system.
+        let rc = docs
+            .iter()
+            .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == ROLLOUT_CONTROLLER)
+            .unwrap();
+        let env = rc["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap();
+        assert!(env.iter().any(|e| e["name"] == "POD_NAMESPACE"
+            && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"));
+
+        // Without --ha: one replica, no budgets, no affinity.
+        let docs = render(&parse(&[]).unwrap()).unwrap();
+        assert!(!docs.iter().any(|d| d["kind"] == "PodDisruptionBudget"));
+        let d = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+        assert_eq!(d["spec"]["replicas"], 1);
+        assert!(d["spec"]["template"]["spec"].get("affinity").is_none());
+    }
+
+    #[test]
     fn bad_registries_and_tags_are_refused_by_name() {
         for (flags, needle) in [
             (&["--image-registry", "Local/Mesh"][..], "is not a registry"),
-            (&["--image-registry", "host:port/x"][..], "is not a registry"),
+            (
+                &["--image-registry", "host:port/x"][..],
+                "is not a registry",
+            ),
             (&["--image-registry", "a//b"][..], "is not a registry"),
             (&["--version=-rc1"][..], "is not an image tag"),
             (&["--version=1.0/x"][..], "is not an image tag"),
         ] {
             let error = parse(flags).unwrap_err().to_string();
-            assert!(error.contains(needle) && error.contains(flags[0].split('=').next().unwrap()), "{flags:?}: {error}");
+            assert!(
+                error.contains(needle) && error.contains(flags[0].split('=').next().unwrap()),
+                "{flags:?}: {error}"
+            );
         }
         assert_eq!(
-            parse(&["--image-registry", "localhost:5000/mesh/"]).unwrap().proxy.image_registry,
+            parse(&["--image-registry", "localhost:5000/mesh/"])
+                .unwrap()
+                .proxy
+                .image_registry,
             "localhost:5000/mesh"
         );
     }

@@ -1,8 +1,11 @@
-//! Commands for Kubernetes: `mesh install`, `mesh check` and `mesh inject`.
+//! Commands for Kubernetes: `mesh install`, `mesh check`, `mesh inject`, `mesh upgrade` and
+//! `mesh uninstall`.
 
 pub mod check;
+pub mod helm;
 pub mod inject;
 pub mod install;
+pub mod lifecycle;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -97,6 +100,12 @@ impl From<ProxyLayoutArg> for mesh_controlplane::inject::ProxyLayout {
 /// `mesh install`.
 #[allow(clippy::print_stdout, reason = "the manifests are the output")]
 pub fn install(args: &install::InstallArgs) -> ExitCode {
+    if let Some(dir) = &args.helm_chart {
+        return match crate::runtime::block_on(false, async { helm::write(dir) }) {
+            Some(()) => ExitCode::SUCCESS,
+            None => ExitCode::FAILURE,
+        };
+    }
     let rendered = install::render(args).and_then(|docs| install::to_yaml(&docs));
     match crate::runtime::block_on(false, async { rendered }) {
         Some(yaml) => {
@@ -145,6 +154,47 @@ pub fn inject(args: &InjectArgs) -> ExitCode {
                 eprintln!("{line}");
             }
             print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::FAILURE,
+    }
+}
+
+/// `mesh upgrade`.
+#[allow(clippy::print_stdout, reason = "the report is the output")]
+pub fn upgrade(args: &lifecycle::UpgradeArgs) -> ExitCode {
+    let done = crate::runtime::block_on(false, async {
+        let client = args.kube.client().await?;
+        lifecycle::upgrade(&client, &args.install).await
+    });
+    match done {
+        Some(report) => {
+            for line in report {
+                println!("{line}");
+            }
+            println!("upgraded; `mesh check` says when the new pods are available");
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::FAILURE,
+    }
+}
+
+/// `mesh uninstall`.
+#[allow(clippy::print_stdout, reason = "the report is the output")]
+pub fn uninstall(args: &lifecycle::UninstallArgs) -> ExitCode {
+    let done = crate::runtime::block_on(false, async {
+        let client = args.kube.client().await?;
+        lifecycle::uninstall(&client, args.crds).await
+    });
+    match done {
+        Some(report) => {
+            for line in report {
+                println!("{line}");
+            }
+            println!(
+                "uninstalled; injected pods keep their proxies until they restart (remove the \
+                 mesh.dev/inject annotations from namespaces and workloads, then restart them)"
+            );
             ExitCode::SUCCESS
         }
         None => ExitCode::FAILURE,

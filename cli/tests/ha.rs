@@ -1,0 +1,326 @@
+//! `mesh install --ha` on a real one-node cluster (test-support's `node`): three rollout
+//! controller replicas elect a leader on their Lease; the leader's pod is deleted while a
+//! promotion is under way; another replica takes the Lease over, the rollout finishes, and the
+//! promotion happens once.
+//!
+//! Real: the node (kubelet, containerd, kube-proxy, CoreDNS), the images `scripts/build-images`
+//! builds from this workspace's binaries, `mesh install --ha` applied with kubectl, the rollout
+//! controller's replicas in pods, `mesh rollout status`. The Canary skips analysis
+//! (`skipAnalysis: true`), so no Prometheus or traffic is needed: the rollout under way when the
+//! leader dies is the promotion itself, held open by a new primary revision that takes seconds
+//! to become ready (a readiness delay), which the new leader must wait out and finish.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stderr,
+    reason = "tests print their measurements"
+)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use mesh_test_support::{node::Node, process::workspace_bin};
+use serde_json::Value;
+
+const REGISTRY: &str = "localhost/mesh";
+const VERSION: &str = "ha";
+const NS: &str = "shop";
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn kubectl(node: &Node, args: &[&str]) -> String {
+    node.kubectl(args)
+        .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
+}
+
+fn mesh(node: &Node, args: &[&str]) -> Output {
+    Command::new(workspace_bin("mesh").unwrap())
+        .args(args)
+        .env("KUBECONFIG", node.kubeconfig())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// `mesh ARGS | kubectl apply --server-side -f -`.
+fn mesh_apply(node: &Node, args: &[&str]) {
+    let rendered = mesh(node, args);
+    assert!(rendered.status.success(), "{}", text(&rendered));
+    let mut apply = node.kubectl_command();
+    apply
+        .args([
+            "apply",
+            "--server-side",
+            "--field-manager",
+            "mesh",
+            "-f",
+            "-",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = apply.spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &rendered.stdout).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "kubectl apply: {}", text(&out));
+}
+
+async fn poll<T>(what: &str, patience: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < patience, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn images(node: &Node) {
+    let bin_dir: PathBuf = workspace_bin("mesh-proxy")
+        .expect("the workspace's binaries (cargo build --workspace --bins)")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let out = tempfile::tempdir().unwrap();
+    let built = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-images"))
+        .args(["--out", out.path().to_str().unwrap(), "--bin-dir"])
+        .arg(&bin_dir)
+        .args(["--registry", REGISTRY, "--version", VERSION])
+        .args([
+            "controlplane",
+            "rollout-controller",
+            "demo-app",
+            "proxy",
+            "proxy-init",
+        ])
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", text(&built));
+    for image in [
+        "controlplane",
+        "rollout-controller",
+        "demo-app",
+        "proxy",
+        "proxy-init",
+    ] {
+        node.import_image(&out.path().join(format!("{image}.tar")))
+            .unwrap();
+    }
+}
+
+fn lease_holder(node: &Node) -> String {
+    node.kubectl(&[
+        "-n",
+        "mesh-system",
+        "get",
+        "lease",
+        "mesh-rollout-controller",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ])
+    .unwrap_or_default()
+}
+
+fn phase(node: &Node) -> String {
+    node.kubectl(&[
+        "-n",
+        NS,
+        "get",
+        "canary",
+        "backend",
+        "-o",
+        "jsonpath={.status.phase}",
+    ])
+    .unwrap_or_default()
+}
+
+/// How many times the controller recorded `reason` on the Canary (counting repeats an Event's
+/// series folds together).
+fn events(node: &Node, reason: &str) -> u64 {
+    let list: Value = serde_json::from_str(&kubectl(
+        node,
+        &["-n", NS, "get", "events.events.k8s.io", "-o", "json"],
+    ))
+    .unwrap();
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["regarding"]["kind"] == "Canary" && e["regarding"]["name"] == "backend")
+        .filter(|e| e["reason"] == reason)
+        .map(|e| e["series"]["count"].as_u64().unwrap_or(1))
+        .sum()
+}
+
+#[tokio::test]
+async fn the_leaders_pod_dies_mid_promotion_and_the_rollout_finishes_once() {
+    let started = Instant::now();
+    let node = Node::shared().expect("a one-node cluster");
+    images(node);
+    mesh_apply(node, &["install", "--crds"]);
+    kubectl(
+        node,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd/canaries.rollouts.mesh.dev",
+            "--timeout=60s",
+        ],
+    );
+    mesh_apply(
+        node,
+        &[
+            "install",
+            "--ha",
+            "--image-registry",
+            REGISTRY,
+            "--version",
+            VERSION,
+        ],
+    );
+    kubectl(
+        node,
+        &[
+            "-n",
+            "mesh-system",
+            "rollout",
+            "status",
+            "deployment/mesh-rollout-controller",
+            "--timeout=300s",
+        ],
+    );
+    let replicas = kubectl(
+        node,
+        &[
+            "-n",
+            "mesh-system",
+            "get",
+            "deployment",
+            "mesh-rollout-controller",
+            "-o",
+            "jsonpath={.status.readyReplicas}",
+        ],
+    );
+    assert_eq!(replicas, "3");
+    let first = poll("a leader", Duration::from_secs(120), || {
+        Some(lease_holder(node)).filter(|h| h.starts_with("mesh-rollout-controller-"))
+    })
+    .await;
+
+    kubectl(node, &["create", "namespace", NS]);
+    let demo = format!("{REGISTRY}/demo-app:{VERSION}");
+    node.apply_text(&format!(
+        r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: backend, namespace: {NS}}}
+spec:
+  selector: {{matchLabels: {{app: backend}}}}
+  template:
+    metadata: {{labels: {{app: backend}}}}
+    spec:
+      containers:
+      - name: app
+        image: {demo}
+        ports: [{{name: http, containerPort: 9898}}]
+        # A revision takes seconds to become ready: the promotion waits for it.
+        readinessProbe: {{tcpSocket: {{port: 9898}}, initialDelaySeconds: 12, periodSeconds: 1}}
+---
+apiVersion: rollouts.mesh.dev/v1alpha1
+kind: Canary
+metadata: {{name: backend, namespace: {NS}}}
+spec:
+  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: backend}}
+  service: {{port: 9898}}
+  skipAnalysis: true
+  analysis: {{interval: 2s, threshold: 2, stepWeight: 50, maxWeight: 50}}
+"#
+    ))
+    .unwrap();
+    poll("the Canary initializes", Duration::from_secs(240), || {
+        (phase(node) == "Initialized").then_some(())
+    })
+    .await;
+
+    // A new revision; as soon as the promotion is under way, the leader's pod goes at once (as
+    // when its node dies): no graceful shutdown in which it could finish the work itself.
+    kubectl(
+        node,
+        &[
+            "-n",
+            NS,
+            "set",
+            "image",
+            "deployment/backend",
+            &format!("app={demo}-v2"),
+        ],
+    );
+    let during = poll("the promotion starts", Duration::from_secs(120), || {
+        let p = phase(node);
+        matches!(p.as_str(), "Progressing" | "Promoting" | "Finalising").then_some(p)
+    })
+    .await;
+    let leader = lease_holder(node);
+    kubectl(
+        node,
+        &[
+            "-n",
+            "mesh-system",
+            "delete",
+            "pod",
+            &leader,
+            "--grace-period=0",
+            "--force",
+        ],
+    );
+    eprintln!("deleted the leader {leader} (first leader {first}) while the Canary was {during}");
+
+    let status = mesh(
+        node,
+        &[
+            "rollout",
+            "status",
+            "backend",
+            "-n",
+            NS,
+            "--watch",
+            "--timeout",
+            "5m",
+            "--kube",
+        ],
+    );
+    assert!(status.status.success(), "{}", text(&status));
+    assert_eq!(phase(node), "Succeeded");
+    let primary = kubectl(
+        node,
+        &[
+            "-n",
+            NS,
+            "get",
+            "deployment",
+            "backend-primary",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].image}",
+        ],
+    );
+    assert_eq!(primary, format!("{demo}-v2"));
+    let now = lease_holder(node);
+    assert!(
+        now != leader && now.starts_with("mesh-rollout-controller-"),
+        "{now}"
+    );
+    // Promoted once: one Promoting and one Succeeded for this revision.
+    assert_eq!(events(node, "Promoting"), 1);
+    assert_eq!(events(node, "Succeeded"), 1);
+    eprintln!("HA failover test took {:?}", started.elapsed());
+}
