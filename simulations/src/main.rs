@@ -5,8 +5,8 @@
 //! - `run --scenario NAME [--strategy NAME] [--seeds N]` prints the figures of one or all
 //!   strategies (including `mesh-previous`, the settings shipped before the simulations'
 //!   recommendations were adopted) on one scenario. With `--strategy mesh`, the judge and the
-//!   Canary spec can be changed: `--alpha`, `--min-samples`, `--min-window-samples`, `--error-effect`,
-//!   `--latency-effect`, `--slow-quantile`, `--interval`, `--threshold`, `--deadline`,
+//!   Canary spec can be changed: `--alpha`, `--min-samples`, `--min-window-samples`, `--window-alpha`,
+//!   `--promote-alpha`, `--error-floor`, `--step-weight`, `--slow-quantile`, `--interval`, `--threshold`, `--deadline`,
 //!   `--no-absolute-gates`.
 
 use std::io::Write;
@@ -74,11 +74,20 @@ fn mesh_config(args: &Args) -> anyhow::Result<MeshConfig> {
     if let Some(v) = args.value("--min-window-samples")? {
         c.judge.min_window_samples = v;
     }
-    if let Some(v) = args.value("--error-effect")? {
-        c.judge.error_effect = v;
+    if let Some(v) = args.value("--window-alpha")? {
+        c.judge.window_alpha = v;
     }
-    if let Some(v) = args.value("--latency-effect")? {
-        c.judge.latency_effect = v;
+    if let Some(v) = args.value("--hold-ratio")? {
+        c.judge.hold_ratio = v;
+    }
+    if let Some(v) = args.value("--promote-alpha")? {
+        c.judge.promote_alpha = v;
+    }
+    if let Some(v) = args.value("--error-floor")? {
+        c.judge.error_floor = v;
+    }
+    if let Some(v) = args.value("--step-weight")? {
+        c.step_weight = v;
     }
     if let Some(v) = args.value("--slow-quantile")? {
         c.judge.slow_quantile = v;

@@ -14,6 +14,9 @@ use crate::strategy::{self, Kind, MeshConfig, Strategy};
 pub const SEEDS: u64 = 1_000;
 /// File name of the plot; it sits next to `docs/simulations.md`, which links it by this name.
 pub const PLOT: &str = "simulations-decision-times.svg";
+/// The round-2 notes: what each change to the judge did, measured with `run` before and after
+/// it, kept beside the generator and printed into the report.
+const NOTES: &str = include_str!("../round2.md");
 /// Name of the mesh strategy run with the settings shipped before the simulations'
 /// recommendations were adopted ([`MeshConfig::previous`]).
 pub const PREVIOUS: &str = "mesh-previous";
@@ -48,8 +51,8 @@ pub enum Variant {
     PreviousDeadline,
     /// Only the sequential comparisons judge, and one failure rolls back.
     SequentialOnly,
-    /// The same with a smaller `error_effect`.
-    SequentialSmallEffect,
+    /// The same with a ten times larger `alpha`.
+    SequentialLooseAlpha,
     /// The absolute gates need 100 canary requests a window.
     MinWindowSamples,
     /// For about one request per second: a 5 minute interval and a one hour deadline.
@@ -67,7 +70,7 @@ impl Variant {
         Self::PreviousMinSamples,
         Self::PreviousDeadline,
         Self::SequentialOnly,
-        Self::SequentialSmallEffect,
+        Self::SequentialLooseAlpha,
         Self::MinWindowSamples,
     ];
     /// The settings run on `low-traffic-1rps` only.
@@ -99,10 +102,10 @@ impl Variant {
                 c.absolute_gates = false;
                 c.threshold = 1;
             }),
-            Self::SequentialSmallEffect => with(&|c| {
+            Self::SequentialLooseAlpha => with(&|c| {
                 c.absolute_gates = false;
                 c.threshold = 1;
-                c.judge.error_effect = 0.005;
+                c.judge.alpha *= 10.0;
             }),
             Self::MinWindowSamples => with(&|c| c.judge.min_window_samples = 100),
             Self::Slow => slow(d.judge.min_samples),
@@ -131,9 +134,9 @@ impl Variant {
             Self::SequentialOnly => {
                 format!("sequential gates only, threshold {}", c.threshold)
             }
-            Self::SequentialSmallEffect => format!(
-                "sequential only, threshold {}, error_effect {}",
-                c.threshold, j.error_effect
+            Self::SequentialLooseAlpha => format!(
+                "sequential only, threshold {}, alpha {}",
+                c.threshold, j.alpha
             ),
             Self::MinWindowSamples => format!("min_window_samples {}", j.min_window_samples),
             Self::Slow | Self::SlowPreviousMinSamples => format!(
@@ -628,13 +631,17 @@ fn ratio(k: u64, n: u64) -> f64 {
 pub fn describe_judge(c: &MeshConfig) -> String {
     let j = &c.judge;
     format!(
-        "alpha {}, min_samples {}, min_window_samples {}, error_effect {}, latency_effect {}, \
-         slow_quantile {}",
+        "alpha {}, min_samples {}, min_window_samples {}, window_alpha {}, promote_alpha {}, \
+         error_ratio {}, error_floor {}, slow_ratio {}, slow_floor {}, slow_quantile {}",
         j.alpha,
         j.min_samples,
         j.min_window_samples,
-        j.error_effect,
-        j.latency_effect,
+        j.window_alpha,
+        j.promote_alpha,
+        j.error_ratio,
+        j.error_floor,
+        j.slow_ratio,
+        j.slow_floor,
         j.slow_quantile
     )
 }
@@ -660,14 +667,19 @@ pub fn changes(from: &MeshConfig, to: &MeshConfig) -> Vec<String> {
         b.min_window_samples.to_string(),
     );
     cmp(
-        "error_effect",
-        a.error_effect.to_string(),
-        b.error_effect.to_string(),
+        "window_alpha",
+        a.window_alpha.to_string(),
+        b.window_alpha.to_string(),
     );
     cmp(
-        "latency_effect",
-        a.latency_effect.to_string(),
-        b.latency_effect.to_string(),
+        "promote_alpha",
+        a.promote_alpha.to_string(),
+        b.promote_alpha.to_string(),
+    );
+    cmp(
+        "stepWeight",
+        from.step_weight.to_string(),
+        to.step_weight.to_string(),
     );
     cmp(
         "slow_quantile",
@@ -912,446 +924,11 @@ impl Report<'_> {
         out
     }
 
-    /// What the simulations taught, what changed as a result and what is still open, as
-    /// markdown, with this run's numbers.
-    #[allow(clippy::too_many_lines)]
+    /// The settings table and the round-2 notes, as markdown lines.
     fn findings(&self) -> Vec<String> {
-        use Variant::{
-            Defaults, MinWindowSamples, Previous, PreviousDeadline, PreviousMinSamples,
-            PreviousThreshold, SequentialOnly, SequentialSmallEffect, Slow, SlowPreviousMinSamples,
-        };
-        let v = |row: Variant, sc: &str| self.variant(row, sc);
-        let rb = |row: Variant, sc: &str| pct(v(row, sc).map_or(f64::NAN, Summary::p_rollback));
-        let rbf = |row: Variant, sc: &str| v(row, sc).map_or(f64::NAN, Summary::p_rollback);
-        let p95 = |row: Variant, sc: &str| fmt_s(v(row, sc).and_then(|s| s.decision_s_p95));
-        let med = |row: Variant, sc: &str| fmt_s(v(row, sc).and_then(|s| s.decision_s_median));
-        let prom = |row: Variant| fmt_s(v(row, "healthy").and_then(|s| s.promote_s_median));
-        let nv = |row: Variant, sc: &str| pct(v(row, sc).map_or(f64::NAN, Summary::p_inconclusive));
-        let pp = |row: Variant, sc: &str| pct(v(row, sc).map_or(f64::NAN, Summary::p_promote));
-        let wilson = |row: Variant| {
-            v(row, "healthy").map_or("-".into(), |s| {
-                let (lo, hi) = stats::wilson(s.rollbacks, s.runs, 0.95);
-                format!(
-                    "{} of {} ({}, 95 % Wilson interval {} to {})",
-                    s.rollbacks,
-                    s.runs,
-                    pct(s.p_rollback()),
-                    pct(lo),
-                    pct(hi)
-                )
-            })
-        };
-        let within = |row: Variant| {
-            v(row, "errors-5pct").map_or(f64::NAN, |s| {
-                s.decision_times
-                    .iter()
-                    .filter(|&&t| t <= ROLLBACK_BUDGET_S)
-                    .count() as f64
-                    / s.runs.max(1) as f64
-            })
-        };
-        let blast = |row: Variant| {
-            v(row, "errors-5pct").map_or("-".into(), |s| {
-                format!("{:.0} ({:.1})", s.blast_failed_median, s.blast_failed_mean)
-            })
-        };
-        let (d, p) = (Defaults.config(), Previous.config());
-        let share = f64::from(d.step_weight) / 100.0;
-        let interval = d.interval_s as f64;
-
-        // What the first windows of errors-5pct look like at the first step's weight, from the
-        // scenario's own numbers: requests are Poisson, so a window passes the success-rate
-        // gate only when none of its requests fails.
-        let e5 = scenario::by_name("errors-5pct");
-        let (rps, canary_fail, primary_fail) =
-            e5.as_ref().map_or((f64::NAN, f64::NAN, f64::NAN), |s| {
-                (s.rps, s.canary_fail, s.primary_fail)
-            });
-        let window_n = rps * share * interval;
-        let pass_5pct = (-window_n * canary_fail).exp();
-        let ticks = crate::traffic::to_u64((ROLLBACK_BUDGET_S / interval).floor());
-        let within_expected = |threshold: i32| {
-            stats::binomial_at_least(
-                u64::try_from(threshold).unwrap_or(0),
-                ticks,
-                1.0 - pass_5pct,
-            )
-        };
-        // The sequential error test at the budget, on the counts errors-5pct shows by then.
-        let cn = rps * share * ROLLBACK_BUDGET_S;
-        let pn = rps * (1.0 - share) * ROLLBACK_BUDGET_S;
-        let counts = (
-            (
-                crate::traffic::to_u64((cn * canary_fail).round()),
-                crate::traffic::to_u64(cn),
-            ),
-            (
-                crate::traffic::to_u64((pn * primary_fail).round()),
-                crate::traffic::to_u64(pn),
-            ),
-        );
-        let (lr, _) =
-            mesh_rollout_controller::judge::msprt(counts.0, counts.1, d.judge.error_effect);
-        let seq_p = (1.0 / lr).min(1.0);
-        let pooled_p =
-            (1.0 / stats::pooled_msprt(counts.0, counts.1, d.judge.error_effect)).min(1.0);
-        let healthy_tick_fail = 1.0 - (-window_n * scenario::BASE_FAIL).exp();
-        let one_failure_rate = 100.0 * (window_n - 1.0) / window_n;
-        let canary_rps = rps * share;
-        let floor_rps = d.judge.min_window_samples as f64 / (interval * share);
-        let seconds_to = |min_samples: u64| min_samples as f64 / canary_rps;
-
-        let mut out = vec![
-            "The table runs the real state machine and judge on the same seeds and random \
-             streams: the shipped defaults (the `mesh` rows above), the previous settings (the \
-             `mesh-previous` rows), the defaults with each change undone on its own (what that \
-             change alone buys), and settings that switch Flagger's absolute gates off so that \
-             only the sequential comparisons decide (with threshold 1, a failing sequential gate \
-             rolls back at once)."
-                .to_string(),
-            String::new(),
-        ];
-        out.extend(self.sensitivity_table());
+        let mut out = self.sensitivity_table();
         out.push(String::new());
-        out.push(format!(
-            "### The changes made: `{PREVIOUS}` -> `mesh`\n\n\
-             1. **`threshold` {} -> {}: errors-5pct is rolled back within {:.0} s.** Decision \
-             p95 {} s -> {} s (median {} s -> {} s); decided within {:.0} s: {} -> {}. With a \
-             {:.0} s interval the earliest rollback is the threshold-th failing tick, \
-             threshold x interval after the canary's first request ({:.0} s -> {:.0} s). A window \
-             at {} % of {:.0} RPS holds about {:.0} canary requests, and at {} errors it passes \
-             the success-rate gate only when none of them fails, {} of the time; so the chance \
-             that at least `threshold` of the first {} windows fail is {} at threshold {} and {} \
-             at threshold {}, close to the simulated shares. The sequential error gate cannot \
-             help that early: at {:.0} s (about {} failures in {} canary requests against {} in \
-             {}) the judge's mSPRT gives p = {:.2}. Undoing only the threshold gives a p95 of {} \
-             s. Failed canary requests before the decision, median (mean): {} -> {}.",
-            p.threshold,
-            d.threshold,
-            ROLLBACK_BUDGET_S,
-            p95(Previous, "errors-5pct"),
-            p95(Defaults, "errors-5pct"),
-            med(Previous, "errors-5pct"),
-            med(Defaults, "errors-5pct"),
-            ROLLBACK_BUDGET_S,
-            pct(within(Previous)),
-            pct(within(Defaults)),
-            interval,
-            f64::from(p.threshold) * interval,
-            f64::from(d.threshold) * interval,
-            d.step_weight,
-            rps,
-            window_n,
-            pct(canary_fail),
-            pct(pass_5pct),
-            ticks,
-            pct(within_expected(p.threshold)),
-            p.threshold,
-            pct(within_expected(d.threshold)),
-            d.threshold,
-            ROLLBACK_BUDGET_S,
-            counts.0.0,
-            counts.0.1,
-            counts.1.0,
-            counts.1.1,
-            seq_p,
-            p95(PreviousThreshold, "errors-5pct"),
-            blast(Previous),
-            blast(Defaults),
-        ));
-        let ms_cost = rbf(PreviousMinSamples, "errors-1pct") > rbf(Defaults, "errors-1pct");
-        out.push(format!(
-            "2. **`min_samples` {} -> {}: healthy canaries are promoted sooner.** Median time to \
-             promotion {} s -> {} s (undoing only `min_samples`: {} s). The sequential gates are \
-             inconclusive until each side has `min_samples` requests, and an inconclusive tick \
-             holds the weight: at {:.0} RPS of canary traffic that is {:.0} s at {} and {:.0} s \
-             at {}. The mSPRT stays valid at any sample size; `min_samples` only guards the \
-             normal approximation.{}",
-            p.judge.min_samples,
-            d.judge.min_samples,
-            prom(Previous),
-            prom(Defaults),
-            prom(PreviousMinSamples),
-            canary_rps,
-            seconds_to(p.judge.min_samples),
-            p.judge.min_samples,
-            seconds_to(d.judge.min_samples),
-            d.judge.min_samples,
-            if ms_cost {
-                format!(
-                    " The price is some power on small regressions, because the rollout's \
-                     life is shorter: with threshold {} and `min_samples` {}, errors-1pct would \
-                     be caught in {} and errors-0.5pct in {}, against {} and {} as shipped.",
-                    d.threshold,
-                    p.judge.min_samples,
-                    rb(PreviousMinSamples, "errors-1pct"),
-                    rb(PreviousMinSamples, "errors-0.5pct"),
-                    rb(Defaults, "errors-1pct"),
-                    rb(Defaults, "errors-0.5pct"),
-                )
-            } else {
-                String::new()
-            },
-        ));
-        out.push(format!(
-            "3. **`progressDeadlineSeconds` {} -> {}: fewer rollouts end without a verdict.** \
-             Metric gaps of {} s left {} of healthy rollouts without a verdict and now leave \
-             {}; diurnal traffic {} -> {} (undoing only the deadline: metric gaps {}, diurnal {}). What remains on \
-             diurnal traffic is the night: the absolute gates need {} canary requests per {:.0} \
-             s window, so below about {:.0} RPS in total every tick at {} % is inconclusive, for \
-             hours. Neither is a wrong promotion, but each needed a person.",
-            p.deadline_s,
-            d.deadline_s,
-            scenario::by_name("metric-gaps")
-                .and_then(|s| s.gaps)
-                .map_or("-".into(), |g| format!("{}-{}", g.min_s, g.max_s)),
-            nv(Previous, "metric-gaps"),
-            nv(Defaults, "metric-gaps"),
-            nv(Previous, "diurnal"),
-            nv(Defaults, "diurnal"),
-            nv(PreviousDeadline, "metric-gaps"),
-            nv(PreviousDeadline, "diurnal"),
-            d.judge.min_window_samples,
-            interval,
-            floor_rps,
-            d.step_weight,
-        ));
-        let healthy_note = {
-            let (before, after) = (rbf(Previous, "healthy"), rbf(Defaults, "healthy"));
-            let direction = if after > before {
-                "rose"
-            } else if after < before {
-                "fell"
-            } else {
-                "stayed the same"
-            };
-            let within_alpha = v(Defaults, "healthy")
-                .is_some_and(|s| stats::wilson(s.rollbacks, s.runs, 0.95).1 <= d.judge.alpha);
-            // Why, when the rows bear it out: each change alone moves the rate its own way.
-            let why = rbf(PreviousMinSamples, "healthy") > after
-                && rbf(PreviousThreshold, "healthy") < after;
-            format!(
-                "It {direction}; the shipped settings' whole interval is {} alpha ({}). \
-                 Threshold {} without the lower `min_samples` gives {}, `min_samples` {} without \
-                 threshold {} gives {}{}",
-                if within_alpha { "below" } else { "not below" },
-                d.judge.alpha,
-                d.threshold,
-                rb(PreviousMinSamples, "healthy"),
-                d.judge.min_samples,
-                d.threshold,
-                rb(PreviousThreshold, "healthy"),
-                if why {
-                    ": a lower threshold forgives one fewer failed tick on a small window, and a \
-                     lower `min_samples` lets the rollout leave the smallest windows sooner."
-                } else {
-                    "."
-                },
-            )
-        };
-        out.push(format!(
-            "\nTaken together, measured on this run:\n\n\
-             - **Healthy canaries wrongly rolled back:** {} -> {}. {}\n\
-             - **errors-5pct, decision p95:** {} s -> {} s.\n\
-             - **Healthy, median time to promotion:** {} s -> {} s.\n\
-             - **Small regressions caught (P(rollback)):** errors-1pct {} -> {}, errors-0.5pct \
-             {} -> {}, latency-1.2x {} -> {}.\n\
-             - **Low traffic (`low-traffic-1rps`):** {}; the controller now waits {} s instead \
-             of {} s before rolling back with \"no conclusive analysis within \
-             progressDeadlineSeconds\". A {:.0} s interval can never promote at 1 RPS: a window \
-             holds about {:.1} canary requests and the absolute gates need {}. With a 5 minute \
-             interval and a 1 hour deadline the mesh promotes {} of healthy 1 RPS canaries \
-             (median {:.0} min), against {} (median {:.0} min) with the previous `min_samples` \
-             {}, none of them on fewer than {} canary requests.",
-            wilson(Previous),
-            wilson(Defaults),
-            healthy_note,
-            p95(Previous, "errors-5pct"),
-            p95(Defaults, "errors-5pct"),
-            prom(Previous),
-            prom(Defaults),
-            rb(Previous, "errors-1pct"),
-            rb(Defaults, "errors-1pct"),
-            rb(Previous, "errors-0.5pct"),
-            rb(Defaults, "errors-0.5pct"),
-            rb(Previous, "latency-1.2x"),
-            rb(Defaults, "latency-1.2x"),
-            self.low_traffic_line(),
-            d.deadline_s,
-            p.deadline_s,
-            interval,
-            share * interval,
-            d.judge.min_window_samples,
-            pp(Slow, "low-traffic-1rps"),
-            v(Slow, "low-traffic-1rps")
-                .and_then(|s| s.promote_s_median)
-                .unwrap_or(f64::NAN)
-                / 60.0,
-            pp(SlowPreviousMinSamples, "low-traffic-1rps"),
-            v(SlowPreviousMinSamples, "low-traffic-1rps")
-                .and_then(|s| s.promote_s_median)
-                .unwrap_or(f64::NAN)
-                / 60.0,
-            p.judge.min_samples,
-            v(Slow, "low-traffic-1rps")
-                .zip(v(SlowPreviousMinSamples, "low-traffic-1rps"))
-                .map_or(0, |(a, b)| {
-                    a.min_promote_requests
-                        .unwrap_or(u64::MAX)
-                        .min(b.min_promote_requests.unwrap_or(u64::MAX))
-                }),
-        ));
-
-        out.push(format!(
-            "\n### Recommendations still open: code changes, not made yet\n\n\
-             1. **The absolute success-rate gate, not the sequential test, makes most decisions \
-             and most mistakes.** With about {:.0} requests in a window, one failure puts the \
-             success rate at {:.0} %, below 99 %. On a healthy canary that happens in {} of the \
-             ticks at {} % weight; on the noisy primary ({} errors on both arms) it rolls \
-             back {} of healthy canaries with the defaults, against {} when only the sequential \
-             comparisons judge. Without the absolute gates, though, errors-1pct is caught in \
-             only {} of rollouts (defaults: {}). Raising `min_window_samples` to 100 does not fix \
-             it: a {:.0} s window at {} % weight holds about {:.0} requests, so every tick there \
-             is inconclusive, {} of healthy canaries are promoted before the deadline, and \
-             errors-5pct waits for the sequential gates ({} s at p95). The fix is in code, not a \
-             default: the success-rate gate should fail only when the window's failures exceed \
-             what the threshold allows with some confidence (a one-sided binomial test against \
-             1 - min/100) instead of when the point estimate dips below 99 %, and should not \
-             fail a canary whose primary shows the same failure rate in the same window.",
-            window_n,
-            one_failure_rate,
-            pct(healthy_tick_fail),
-            d.step_weight,
-            pct(scenario::by_name("noisy-primary").map_or(f64::NAN, |s| s.primary_fail)),
-            rb(Defaults, "noisy-primary"),
-            rb(SequentialOnly, "noisy-primary"),
-            rb(SequentialOnly, "errors-1pct"),
-            rb(Defaults, "errors-1pct"),
-            interval,
-            d.step_weight,
-            window_n,
-            pp(MinWindowSamples, "healthy"),
-            p95(MinWindowSamples, "errors-5pct"),
-        ));
-        out.push(format!(
-            "2. **The sequential error test is weak on rare failures.** Its variance uses the \
-             canary's observed failure share, which grows exactly when the canary is worse; on \
-             0.1 % baselines that costs most of its power. On the counts of change 1 above ({} \
-             failures in {} against {} in {}) it gives p = {:.2}; the same test with a pooled \
-             variance (both arms' failures over both arms' requests, the variance under the \
-             null hypothesis, still valid) gives p = {:.1e}. That is a change to \
-             `judge::msprt`, not made yet; it should be simulated next. `error_effect` {} is \
-             the right order: {} changes false rollbacks on the noisy primary from {} to {} and \
-             the errors-5pct p95 from {} s to {} s (sequential gates only).",
-            counts.0.0,
-            counts.0.1,
-            counts.1.0,
-            counts.1.1,
-            seq_p,
-            pooled_p,
-            d.judge.error_effect,
-            SequentialSmallEffect.config().judge.error_effect,
-            rb(SequentialOnly, "noisy-primary"),
-            rb(SequentialSmallEffect, "noisy-primary"),
-            p95(SequentialOnly, "errors-5pct"),
-            p95(SequentialSmallEffect, "errors-5pct"),
-        ));
-        let seq_noisy = rbf(SequentialOnly, "noisy-primary");
-        out.push(format!(
-            "3. **Totals across weight steps are not always comparable.** With only the \
-             sequential gates, the noisy primary's healthy canary is rolled back {} of the time, \
-             {} alpha ({}): both arms fail together in bursts, but a burst that lands while the \
-             canary has 30 % of traffic weighs more in the canary's totals than in the \
-             primary's. A comparison stratified by window (or weighting each window by the \
-             canary's share) would keep alpha; a code change, not made yet.",
-            pct(seq_noisy),
-            if seq_noisy > d.judge.alpha {
-                "above"
-            } else {
-                "within"
-            },
-            d.judge.alpha,
-        ));
-        out.push(format!(
-            "4. **A sequential failure could roll back at once.** Its p-value is already valid \
-             under checking at every tick, so counting it towards `threshold` only adds \
-             (threshold - 1) intervals of bad traffic: {} x {:.0} s with the shipped threshold of \
-             {}. Only the absolute gates, judged afresh on each small window, need the \
-             threshold's tolerance. That is a change to `machine.rs` (count only absolute-gate \
-             failures towards `threshold`; roll back on a sequential failure), not made yet; the \
-             rows with threshold 1 and no absolute gates show what the sequential part does \
-             alone.",
-            d.threshold - 1,
-            interval,
-            d.threshold,
-        ));
-
-        let k = |sc: &str| {
-            pct(self
-                .get("kayenta", sc)
-                .map_or(f64::NAN, Summary::p_rollback))
-        };
-        let latency_caught = |name: &str| {
-            self.get(name, "latency-2x")
-                .map_or(f64::NAN, Summary::p_rollback)
-        };
-        out.push(format!(
-            "\n### What the defaults get right, and what the baselines add\n\n\
-             - On a healthy canary at 100 RPS the shipped settings roll back {}; latency-2x (p99 \
-             {:.0} ms) is caught in {} of runs by the slow-share comparison, against {} by \
-             flagger-tutorial and {} by Argo, whose 500 ms p99 thresholds it stays under; and at \
-             low traffic the judge does not promote on too little evidence, where \
-             flagger-tutorial promotes {} of 1 RPS canaries with fewer than {} canary requests.\n\
-             - The Kayenta-style judge, comparing the canary with a baseline of the same size and \
-             traffic, is the most sensitive to small regressions (errors-1pct {}, latency-1.2x \
-             {}) and shrugs off the noisy primary ({} rolled back), because both arms see the \
-             same conditions. It pays with time (a {} minute lifetime) and with {} false \
-             rollbacks on a healthy canary, the price of repeating a fixed-sample test at every \
-             interval. The mesh's sequential comparison keeps the like-for-like idea without \
-             that price, once open recommendations 1 to 3 are done.",
-            pct(rbf(Defaults, "healthy")),
-            scenario::by_name("latency-2x")
-                .map_or(f64::NAN, |s| scenario::P99_MS * s.canary_latency_factor),
-            pct(latency_caught("mesh")),
-            pct(latency_caught("flagger-tutorial")),
-            pct(latency_caught("argo")),
-            pct(self
-                .get("flagger-tutorial", "low-traffic-1rps")
-                .map_or(f64::NAN, |s| ratio(s.promoted_on_few, s.runs))),
-            run::FEW_REQUESTS,
-            k("errors-1pct"),
-            k("latency-1.2x"),
-            k("noisy-primary"),
-            strategy::KayentaConfig::default().lifetime_s / 60,
-            k("healthy"),
-        ));
-        out.push(format!(
-            "\nIn short: the three default changes ({}) are made and measured above; `alpha` \
-             {}, `min_window_samples` {}, `error_effect` {}, `latency_effect` {} and \
-             `slow_quantile` {} stay. The larger gains need code: the four open \
-             recommendations.",
-            changes(&p, &d).join(", "),
-            d.judge.alpha,
-            d.judge.min_window_samples,
-            d.judge.error_effect,
-            d.judge.latency_effect,
-            d.judge.slow_quantile,
-        ));
+        out.push(NOTES.trim_end().to_string());
         out
-    }
-
-    /// Low traffic, before and after, in words.
-    fn low_traffic_line(&self) -> String {
-        let line = |name: &str| {
-            self.get(name, "low-traffic-1rps").map_or("-".into(), |s| {
-                format!(
-                    "{} promotions, {} without a verdict at a median of {} s",
-                    s.promotions,
-                    pct(s.p_inconclusive()),
-                    fmt_s(s.decision_s_median)
-                )
-            })
-        };
-        format!("{} -> {}", line(PREVIOUS), line("mesh"))
     }
 }

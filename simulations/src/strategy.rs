@@ -395,10 +395,9 @@ fn run_mesh(config: &MeshConfig, world: &mut World) -> Outcome {
             | CanaryPhase::Finalising
             | CanaryPhase::Succeeded => return finish(world, first_traffic, Decision::Promote),
             CanaryPhase::Failed => {
-                let decision = if status.failed_checks >= spec.analysis.threshold {
-                    Decision::Rollback
-                } else {
-                    Decision::Inconclusive
+                let decision = match status.decision.as_ref().map(|d| d.outcome) {
+                    Some(mesh_crds::canary::Outcome::RolledBack) => Decision::Rollback,
+                    _ => Decision::Inconclusive,
                 };
                 return finish(world, first_traffic, decision);
             }
