@@ -947,6 +947,38 @@ mod tests {
     }
 
     #[test]
+    fn a_decision_is_rendered_with_its_test_statistic_and_counts() {
+        let mut c = canary_in(CanaryPhase::Failed);
+        let d = DecisionExplanation {
+            outcome: Outcome::RolledBack,
+            decided_by: "canary-vs-primary-errors".into(),
+            test: "sequential likelihood ratio per window".into(),
+            statistic: Some(2.8e26),
+            threshold: Some(500.0),
+            canary_requests: 2_500,
+            canary_events: 40,
+            primary_requests: 10_000,
+            primary_events: 0,
+            summary: "Rolled back by canary-vs-primary-errors: 40 of 2500 canary requests failed."
+                .into(),
+        };
+        c.status.as_mut().unwrap().decision = Some(d);
+        let text = render(&c);
+        assert!(text.contains("decision:  rolled back"), "{text}");
+        assert!(text.contains("40 of 2500 canary requests failed"), "{text}");
+        assert!(
+            text.contains("statistic:  2.8e26 against a threshold of 500"),
+            "{text}"
+        );
+        assert!(
+            text.contains("counts:     canary 40 events in 2500 requests, primary 0 in 10000"),
+            "{text}"
+        );
+        assert_eq!(to_json(&c, 1)["decision"]["outcome"], "RolledBack");
+        assert!(github_summary(&c).contains("| decision | Rolled back by"));
+    }
+
+    #[test]
     fn results_follow_exit_codes() {
         assert_eq!(result_name(EXIT_SUCCEEDED), "promoted");
         assert_eq!(result_name(EXIT_FAILED), "rolled-back");

@@ -278,6 +278,15 @@ pub fn add_window(evidence: &mut Evidence, canary: (u64, u64), primary: (u64, u6
     }
 }
 
+/// A likelihood ratio as a person reads it: `1200`, or `2.8e26` when it is huge.
+fn readable(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{v:.1e}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
 /// The equal-weight mixture of likelihood ratios whose logarithms are `logs`.
 fn mixture(logs: &[f64]) -> f64 {
     if logs.is_empty() {
@@ -418,9 +427,11 @@ pub fn threshold_gates(
 /// the failure rate it assumed.
 fn success_rate_test(window: &Window, min: f64, config: &JudgeConfig) -> (Verdict, f64, f64) {
     let allowed = (1.0 - min / 100.0).clamp(0.0, 1.0);
-    let primary = (window.primary.requests > 0)
-        .then(|| window.primary.failures as f64 / window.primary.requests as f64)
-        .unwrap_or(0.0);
+    let primary = if window.primary.requests > 0 {
+        window.primary.failures as f64 / window.primary.requests as f64
+    } else {
+        0.0
+    };
     let p0 = allowed.max(primary);
     let (x, n) = (window.canary.failures, window.canary.requests);
     let p = if x == 0 {
@@ -481,8 +492,8 @@ fn compare(
     if p <= config.alpha {
         result.verdict = Verdict::Fail;
         result.message = format!(
-            "{what}: {counts}; the canary is worse, likelihood ratio {:.0} >= {:.0} (p = {p:.1e} <= {})",
-            1.0 / p,
+            "{what}: {counts}; the canary is worse, likelihood ratio {} >= {:.0} (p = {p:.1e} <= {})",
+            readable(1.0 / p),
             1.0 / config.alpha,
             config.alpha
         );
@@ -591,7 +602,10 @@ pub fn promotion_guarantee(totals: &AnalysisTotals, config: &JudgeConfig) -> Gat
             format!("{name} rate below {ratio}x the primary's")
         };
         if lr >= needed {
-            format!("{claim}: shown (likelihood ratio {lr:.0} >= {needed:.0})")
+            format!(
+                "{claim}: shown (likelihood ratio {} >= {needed:.0})",
+                readable(lr)
+            )
         } else {
             format!("{name}: not yet shown (likelihood ratio {lr:.1} < {needed:.0})")
         }
@@ -659,6 +673,69 @@ pub fn overall(gates: &[GateResult]) -> Verdict {
     }
 }
 
+/// Canary requests the promotion guarantee's floor test needs, in expectation, to show that a
+/// canary failing a share `share` of its requests is below `floor`: the fewest `n` whose
+/// expected counts (`share * n` failures) reach the likelihood ratio `2 / promote_alpha`. `None`
+/// when it never does (`share` at or above the floor).
+pub fn requests_to_clear_floor(share: f64, floor: f64, config: &JudgeConfig) -> Option<u64> {
+    let needed = 2.0 / config.promote_alpha;
+    let lr = |n: u64| {
+        let x = share * n as f64;
+        let logs: Vec<f64> = FLOOR_FRACTIONS
+            .iter()
+            .map(|f| {
+                let a = f * floor;
+                x * (a / floor).ln() + (n as f64 - x) * ((1.0 - a) / (1.0 - floor)).ln()
+            })
+            .collect();
+        mixture(&logs)
+    };
+    let mut hi = 1u64;
+    while lr(hi) < needed {
+        hi = hi.checked_mul(2)?;
+        if hi > 1 << 40 {
+            return None;
+        }
+    }
+    let mut lo = hi / 2;
+    while lo + 1 < hi {
+        let mid = (lo + hi) / 2;
+        if lr(mid) >= needed {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Some(hi)
+}
+
+/// Events (slow requests, or failures) on both sides that the relative side of the promotion
+/// guarantee needs, in expectation, to show a canary identical to the primary is below `guard`
+/// times its rate, when the canary carries a share `pi` of the traffic.
+pub fn events_to_clear_ratio(pi: f64, guard: f64, config: &JudgeConfig) -> Option<f64> {
+    let needed = 2.0 / config.promote_alpha;
+    // Expected log-likelihood ratio per event: the event is the canary's with probability pi.
+    let per_event: Vec<f64> = NOT_WORSE_FRACTIONS
+        .iter()
+        .map(|f| {
+            let r = f * guard;
+            pi * (r / guard).ln() - ((r * pi + 1.0 - pi) / (guard * pi + 1.0 - pi)).ln()
+        })
+        .collect();
+    if per_event.iter().all(|e| *e <= 0.0) {
+        return None;
+    }
+    let lr = |events: f64| mixture(&per_event.iter().map(|e| e * events).collect::<Vec<_>>());
+    let mut events = 1.0;
+    while lr(events) < needed {
+        events += 1.0;
+        if events > 1e7 {
+            return None;
+        }
+    }
+    Some(events)
+}
+
 /// The explanation of a rollback that `gate`, a failing gate, decided.
 pub fn explain_rollback(
     gate: &GateResult,
@@ -690,13 +767,14 @@ pub fn explain_rollback(
         let summary = format!(
             "Rolled back by {}: {cx} of {} canary requests {what}{slow_bound} ({:.2} %) against {px} of \
              {} on the primary ({:.2} %). Comparing the two window by window, the likelihood ratio \
-             that the canary is worse reached {lr:.0}, past the {:.0} that keeps false rollbacks \
+             that the canary is worse reached {}, past the {:.0} that keeps false rollbacks \
              below {} %.",
             gate.name,
             c.requests,
             pct(cx, c.requests),
             p.requests,
             pct(px, p.requests),
+            readable(lr),
             1.0 / config.alpha,
             100.0 * config.alpha
         );
@@ -718,6 +796,11 @@ pub fn explain_rollback(
         rate.map_or(0, |v| {
             let x = (samples as f64 * (100.0 - v) / 100.0).round();
             // A share of a count: finite, between 0 and `samples`.
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a rounded share of a u64 count: finite, non-negative, at most the count"
+            )]
             if x > 0.0 { x as u64 } else { 0 }
         })
     };

@@ -785,7 +785,7 @@ impl Machine<'_> {
                 judge::explain_promotion(g, totals)
             }
             _ => other_decision(
-                if self.obs.request == Some(UserRequest::Promote) {
+                &if self.obs.request == Some(UserRequest::Promote) {
                     format!("promotion requested{}", self.requested_by())
                 } else if self.spec.skip_analysis {
                     "skipAnalysis is set".to_string()
@@ -859,7 +859,7 @@ impl Machine<'_> {
 
     fn rollback(&mut self, why: impl std::fmt::Display) {
         // Callers whose decision a test made replace this with the test's explanation.
-        self.status.decision = Some(other_decision(why.to_string(), Outcome::Other));
+        self.status.decision = Some(other_decision(&why.to_string(), Outcome::Other));
         self.drop_waiting_gate();
         self.status.canary_weight = 0;
         self.actions.push(Action::SetWeights {
@@ -906,10 +906,10 @@ impl Machine<'_> {
 }
 
 /// The explanation of an ending no statistical test decided.
-fn other_decision(why: String, outcome: Outcome) -> DecisionExplanation {
+fn other_decision(why: &str, outcome: Outcome) -> DecisionExplanation {
     DecisionExplanation {
         outcome,
-        decided_by: why.clone(),
+        decided_by: why.to_string(),
         test: String::new(),
         statistic: None,
         threshold: None,

@@ -3,11 +3,10 @@
 //! - `report [--seeds N] [--threads N]` runs every strategy on every scenario and writes
 //!   `docs/simulations.md`, its plot and `target/sim/results.json` under the workspace root.
 //! - `run --scenario NAME [--strategy NAME] [--seeds N]` prints the figures of one or all
-//!   strategies (including `mesh-previous`, the settings shipped before the simulations'
-//!   recommendations were adopted) on one scenario. With `--strategy mesh`, the judge and the
-//!   Canary spec can be changed: `--alpha`, `--min-samples`, `--min-window-samples`, `--window-alpha`,
-//!   `--promote-alpha`, `--error-floor`, `--step-weight`, `--slow-quantile`, `--interval`, `--threshold`, `--deadline`,
-//!   `--no-absolute-gates`.
+//!   strategies on one scenario. With `--strategy mesh`, the judge and the Canary spec can be
+//!   changed: `--alpha`, `--min-samples`, `--min-window-samples`, `--window-alpha`,
+//!   `--hold-ratio`, `--promote-alpha`, `--error-floor`, `--step-weight`, `--slow-quantile`,
+//!   `--interval`, `--threshold`, `--deadline`, `--no-absolute-gates`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -161,7 +160,7 @@ fn cli() -> anyhow::Result<()> {
                     )));
                 }
             }
-            // The mesh options change `mesh` only; `mesh-previous` keeps its settings.
+            // The mesh options change `mesh`; the baselines keep their documented settings.
             for s in &mut strategies {
                 if let (Kind::Mesh(c), "mesh") = (&mut s.kind, s.name.as_str()) {
                     **c = mesh_config(&args)?;

@@ -83,6 +83,9 @@ pub struct Scenario {
     pub shared_outage: Option<Outage>,
     /// A slow tail on the canary alone.
     pub canary_tail: Option<Tail>,
+    /// A slow tail on the canary for its first seconds of traffic only (a cold start: new
+    /// processes, new connections and handshakes through the proxies), in seconds.
+    pub canary_warmup: Option<(u64, Tail)>,
     /// The right outcome.
     pub expect: Expect,
 }
@@ -109,6 +112,7 @@ impl Scenario {
             gaps: None,
             shared_outage: None,
             canary_tail: None,
+            canary_warmup: None,
             expect: Expect::Promote,
         }
     }
@@ -252,6 +256,19 @@ fn realistic() -> Vec<Scenario> {
             "canary fails 20 % on one route carrying 5 % of requests (1.1 % over the canary); the judge sees the service's totals",
             0.95 * BASE_FAIL + 0.05 * 0.2,
         ),
+        Scenario {
+            canary_warmup: Some((
+                15,
+                Tail {
+                    share: 0.05,
+                    factor: 5.0,
+                },
+            )),
+            ..Scenario::base(
+                "healthy-cold-start",
+                "healthy canary whose first 15 s of traffic are slow for 5 % of its requests (5x): a cold start on a loaded node, sized to the real trials",
+            )
+        },
         Scenario {
             shared_bursts: Some(Bursts {
                 mean_gap_s: 60.0,

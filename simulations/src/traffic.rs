@@ -149,6 +149,8 @@ pub struct World {
     rng: ChaCha8Rng,
     primary_latency: [f64; BUCKETS],
     canary_latency: [f64; BUCKETS],
+    warm_latency: Option<(u64, [f64; BUCKETS])>,
+    canary_since: Option<u64>,
     canary_bursts: Vec<(u64, u64)>,
     shared_bursts: Vec<(u64, u64)>,
     outages: Vec<(u64, u64)>,
@@ -181,6 +183,14 @@ impl World {
             rng: ChaCha8Rng::seed_from_u64(mix(&[name_hash(scenario.name), seed, stream])),
             primary_latency: bucket_masses(MEDIAN_MS, P99_MS),
             canary_latency: canary_masses(scenario),
+            warm_latency: scenario.canary_warmup.map(|(secs, tail)| {
+                let with_tail = Scenario {
+                    canary_tail: Some(tail),
+                    ..scenario.clone()
+                };
+                (secs, canary_masses(&with_tail))
+            }),
+            canary_since: None,
             canary_bursts,
             shared_bursts,
             outages,
@@ -240,7 +250,13 @@ impl World {
         let t = self.now();
         let rate = self.rate(t);
         let (pc, pp) = self.fail_probs(t);
-        let canary_latency = self.canary_latency;
+        if canary_share > 0.0 && self.canary_since.is_none() {
+            self.canary_since = Some(t);
+        }
+        let canary_latency = match (self.warm_latency, self.canary_since) {
+            (Some((secs, warm)), Some(since)) if t < since + secs => warm,
+            _ => self.canary_latency,
+        };
         let primary_latency = self.primary_latency;
         let second = Second {
             canary: self.arm(rate * canary_share, pc, &canary_latency),

@@ -80,3 +80,42 @@ fn too_little_traffic_ends_inconclusive_never_promoted() {
     assert_eq!(r.promotions, 0);
     assert_eq!(r.inconclusive, r.runs, "every rollout ends inconclusive");
 }
+
+/// docs/rollout.md states the traffic the guarantee needs; the figures come from the judge's
+/// own test math (`judge::requests_to_clear_floor`, `judge::events_to_clear_ratio`) and this
+/// test fails when the page and the math drift apart.
+#[test]
+fn the_traffic_docs_rollout_states_is_the_tests_own_math() {
+    use mesh_rollout_controller::judge::{
+        JudgeConfig, events_to_clear_ratio, requests_to_clear_floor,
+    };
+    let c = JudgeConfig::default();
+    let line = guarantee_line(&c);
+    let page = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/rollout.md"),
+    )
+    .unwrap();
+    assert!(
+        page.contains(&line),
+        "docs/rollout.md should state, word for word:\n{line}"
+    );
+    // And the figures mean what they say: the floor test needs more requests as failures rise.
+    let a = requests_to_clear_floor(0.0, c.error_floor, &c).unwrap();
+    let b = requests_to_clear_floor(0.001, c.error_floor, &c).unwrap();
+    assert!(a < b, "{a} {b}");
+    assert!(requests_to_clear_floor(c.error_floor, c.error_floor, &c).is_none());
+    assert!(events_to_clear_ratio(0.5, c.slow_ratio, &c).is_some());
+}
+
+/// The sentence of docs/rollout.md with the traffic the guarantee needs.
+fn guarantee_line(c: &mesh_rollout_controller::judge::JudgeConfig) -> String {
+    use mesh_rollout_controller::judge::{events_to_clear_ratio, requests_to_clear_floor};
+    let floor0 = requests_to_clear_floor(0.0, c.error_floor, c).unwrap();
+    let floor1 = requests_to_clear_floor(0.001, c.error_floor, c).unwrap();
+    let slow = events_to_clear_ratio(0.5, c.slow_ratio, c).unwrap();
+    format!(
+        "To promote, the canary needs about {floor0} requests without a failure, or {floor1} at a \
+         0.1 % failure rate, and about {slow:.0} slow requests (above the primary's p95 bucket) \
+         on both sides together at a 50 % weight."
+    )
+}
