@@ -891,9 +891,12 @@ fn sources(md: &mut String) {
          metrics): <https://spinnaker.io/guides/user/canary/judge>\n\
          - Spinnaker, canary best practices (compare against a baseline deployed at the same time \
          with the same size and traffic): <https://spinnaker.io/guides/user/canary/best-practices>\n\
-         - Mixture sequential probability ratio tests and always-valid p-values, as used by the \
-         mesh judge: Johari, Pekelis, Walsh, \"Always Valid Inference: Bringing Sequential \
-         Analysis to A/B Testing\" (2015), <https://arxiv.org/abs/1512.04922>"
+         - Mixtures of likelihood ratios as test martingales, and always-valid p-values from \
+         Ville's inequality, which the mesh judge's comparisons are: Ramdas, Grünwald, Vovk, \
+         Shafer, \"Game-theoretic statistics and safe anytime-valid inference\" (2023), \
+         <https://arxiv.org/abs/2210.01948>; the first report's mSPRT: Johari, Pekelis, Walsh, \
+         \"Always Valid Inference: Bringing Sequential Analysis to A/B Testing\" (2015), \
+         <https://arxiv.org/abs/1512.04922>"
     );
 }
 
