@@ -43,6 +43,31 @@ pub enum Scenario {
     Latency,
     /// v2 fails half its requests during 3 s of every 10 s.
     Flaky,
+    /// For `scripts/rollout-trials`, the simulator's scenarios on real processes: v1 and v2
+    /// both fail 0.1 % of requests (latency median 5 ms, p99 20 ms); should be promoted.
+    #[value(name = "healthy")]
+    TrialHealthy,
+    /// v1 fails 0.1 %, v2 1 %: should be rolled back.
+    #[value(name = "errors-1pct")]
+    TrialErrors1,
+    /// v1 fails 0.1 %, v2 5 %: should be rolled back.
+    #[value(name = "errors-5pct")]
+    TrialErrors5,
+    /// v1 fails 0.1 %; v2 too, at twice the latency (median 10 ms, p99 40 ms).
+    #[value(name = "latency-2x")]
+    TrialLatency2x,
+}
+
+impl Scenario {
+    /// The v1 command line: the trials' primary fails 0.1 % of requests, as the simulator's.
+    fn v1_args(self) -> &'static str {
+        match self {
+            Self::TrialHealthy | Self::TrialErrors1 | Self::TrialErrors5 | Self::TrialLatency2x => {
+                r#"[mesh-demo-app, --version, v1, --latency-ms, "5", --latency-p99-ms, "20", --error-rate, "0.001"]"#
+            }
+            _ => r#"[mesh-demo-app, --version, v1, --latency-ms, "5", --latency-p99-ms, "20"]"#,
+        }
+    }
 }
 
 /// How the result is printed.
@@ -86,12 +111,25 @@ fn v2_args(scenario: Scenario) -> &'static str {
         Scenario::Flaky => {
             r#"["mesh-demo-app", "--version", "v2", "--latency-ms", "5", "--latency-p99-ms", "20", "--burst-every", "10s", "--burst-for", "3s", "--burst-error-rate", "0.5"]"#
         }
+        Scenario::TrialHealthy => {
+            r#"["mesh-demo-app", "--version", "v2", "--latency-ms", "5", "--latency-p99-ms", "20", "--error-rate", "0.001"]"#
+        }
+        Scenario::TrialErrors1 => {
+            r#"["mesh-demo-app", "--version", "v2", "--latency-ms", "5", "--latency-p99-ms", "20", "--error-rate", "0.01"]"#
+        }
+        Scenario::TrialErrors5 => {
+            r#"["mesh-demo-app", "--version", "v2", "--latency-ms", "5", "--latency-p99-ms", "20", "--error-rate", "0.05"]"#
+        }
+        Scenario::TrialLatency2x => {
+            r#"["mesh-demo-app", "--version", "v2", "--latency-ms", "10", "--latency-p99-ms", "40", "--error-rate", "0.001"]"#
+        }
     }
 }
 
 /// The demo's resources, as a user would write them in mesh.yaml.
 pub fn manifests(scenario: Scenario, rate: u32, backend_version: &str) -> String {
     let v2 = v2_args(scenario);
+    let v1 = scenario.v1_args();
     format!(
         r#"apiVersion: workloads.mesh.dev/v1alpha1
 kind: Workload
@@ -111,7 +149,7 @@ spec:
   version: {backend_version}
   versions:
     v1:
-      command: [mesh-demo-app, --version, v1, --latency-ms, "5", --latency-p99-ms, "20"]
+      command: {v1}
     v2:
       command: {v2}
 ---
@@ -170,6 +208,12 @@ pub struct Summary {
     pub after: After,
     /// Why it ended, in the controller's words.
     pub reason: String,
+    /// How it ended, by the judge's account: `Promoted`, `RolledBack`, `Inconclusive` or
+    /// `Other` (absent when the rollout did not end).
+    pub outcome: Option<String>,
+    /// Seconds from the canary's first weight step to the decision (promotion or rollback), by
+    /// the Canary's history: what the simulator measures.
+    pub analysis_seconds: Option<f64>,
 }
 
 /// Backend traffic after the decision.
@@ -393,10 +437,31 @@ async fn drive(mesh: &Mesh, args: &Args, say: &Say) -> anyhow::Result<Summary> {
         .find(|h| matches!(h.reason.as_str(), "Succeeded" | "RolledBack"))
         .map(|h| h.message.clone())
         .unwrap_or_default();
+    let first_step = status
+        .history
+        .iter()
+        .rev()
+        .take_while(|h| h.reason != "Progressing")
+        .filter(|h| h.reason == "WeightStepped")
+        .map(|h| h.time.0)
+        .min();
+    let decided_at = status
+        .history
+        .iter()
+        .rev()
+        .find(|h| matches!(h.reason.as_str(), "Promoting" | "RolledBack"))
+        .map(|h| h.time.0);
+    let analysis_seconds = match (first_step, decided_at) {
+        (Some(a), Some(b)) => Some(b.duration_since(a).as_secs_f64()),
+        _ => None,
+    };
     let total = |c: &(ArmCounters, ArmCounters)| c.0.requests + c.1.requests;
     let failed = |c: &(ArmCounters, ArmCounters)| c.0.failures + c.1.failures;
     Ok(Summary {
-        scenario: format!("{:?}", args.scenario).to_lowercase(),
+        scenario: clap::ValueEnum::to_possible_value(&args.scenario).map_or_else(
+            || format!("{:?}", args.scenario),
+            |v| v.get_name().to_string(),
+        ),
         phase: format!("{:?}", status.phase),
         decision_seconds: (decision.as_secs_f64() * 10.0).round() / 10.0,
         canary_requests: diff(at_decision.0.requests, before.0.requests),
@@ -411,6 +476,8 @@ async fn drive(mesh: &Mesh, args: &Args, say: &Say) -> anyhow::Result<Summary> {
             canary: diff(later.0.requests, settled.0.requests),
         },
         reason,
+        outcome: status.decision.as_ref().map(|d| format!("{:?}", d.outcome)),
+        analysis_seconds,
     })
 }
 

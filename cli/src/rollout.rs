@@ -22,8 +22,9 @@ use anyhow::Context;
 use mesh_crds::{
     Canary, CanaryPhase,
     canary::{
-        ABORT_ANNOTATION, ABORT_BY_ANNOTATION, GateResult, GateStatus, OPEN_GATE_ANNOTATION,
-        OPEN_GATE_BY_ANNOTATION, PROMOTE_ANNOTATION, PROMOTE_BY_ANNOTATION, Verdict,
+        ABORT_ANNOTATION, ABORT_BY_ANNOTATION, DecisionExplanation, GateResult, GateStatus,
+        OPEN_GATE_ANNOTATION, OPEN_GATE_BY_ANNOTATION, Outcome, PROMOTE_ANNOTATION,
+        PROMOTE_BY_ANNOTATION, Verdict,
     },
     validate::ResourceKind,
 };
@@ -366,6 +367,9 @@ pub fn render(c: &Canary) -> String {
     if let Some(line) = gate_line(c) {
         out.push_str(&format!("  gate:      {line}\n"));
     }
+    if let Some(d) = &s.decision {
+        out.push_str(&decision_lines(d));
+    }
     if !s.analysis.is_empty() {
         out.push_str("  gates:\n");
         out.push_str(&format!(
@@ -401,6 +405,46 @@ pub fn render(c: &Canary) -> String {
     out
 }
 
+/// Why the rollout ended as it did: the outcome, the test, its statistic against its threshold,
+/// the counts on each side, and the sentence a person reads first.
+pub fn decision_lines(d: &DecisionExplanation) -> String {
+    let outcome = match d.outcome {
+        Outcome::Promoted => "promoted",
+        Outcome::RolledBack => "rolled back",
+        Outcome::Inconclusive => "inconclusive (rolled back without a verdict)",
+        Outcome::Other => "decided by a person or a hook",
+    };
+    let mut out = format!("  decision:  {outcome}\n    {}\n", d.summary);
+    if !d.test.is_empty() {
+        out.push_str(&format!("    decided by: {} ({})\n", d.decided_by, d.test));
+    }
+    if let Some(stat) = d.statistic {
+        let threshold = d
+            .threshold
+            .map(|t| format!(" against a threshold of {}", short(t)))
+            .unwrap_or_default();
+        out.push_str(&format!("    statistic:  {}{threshold}\n", short(stat)));
+    }
+    if d.canary_requests + d.primary_requests > 0 {
+        out.push_str(&format!(
+            "    counts:     canary {} events in {} requests, primary {} in {}\n",
+            d.canary_events, d.canary_requests, d.primary_events, d.primary_requests
+        ));
+    }
+    out
+}
+
+/// A number in the fewest characters that keep it readable: 1200, 0.013, 2.3e-5.
+fn short(v: f64) -> String {
+    if v != 0.0 && (v.abs() < 0.001 || v.abs() >= 1e6) {
+        format!("{v:.1e}")
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
 /// The JSON report.
 pub fn to_json(c: &Canary, exit: u8) -> serde_json::Value {
     let s = c.status.clone().unwrap_or_default();
@@ -417,6 +461,7 @@ pub fn to_json(c: &Canary, exit: u8) -> serde_json::Value {
         "revision": s.last_applied_spec,
         "lastPromotedRevision": s.last_promoted_spec,
         "gates": s.analysis,
+        "decision": s.decision,
         "history": s.history,
         "exitCode": exit,
         "result": result_name(exit),
@@ -440,6 +485,12 @@ pub fn github_summary(c: &Canary) -> String {
     );
     if let Some(line) = gate_line(c) {
         md.push_str(&format!("| gate | {} |\n", line.replace('|', "\\|")));
+    }
+    if let Some(d) = &s.decision {
+        md.push_str(&format!(
+            "| decision | {} |\n",
+            d.summary.replace('|', "\\|")
+        ));
     }
     md.push('\n');
     if !s.analysis.is_empty() {
@@ -893,6 +944,38 @@ mod tests {
             to_json(&canary_in(CanaryPhase::Failed), 1)["gate"],
             json!(null)
         );
+    }
+
+    #[test]
+    fn a_decision_is_rendered_with_its_test_statistic_and_counts() {
+        let mut c = canary_in(CanaryPhase::Failed);
+        let d = DecisionExplanation {
+            outcome: Outcome::RolledBack,
+            decided_by: "canary-vs-primary-errors".into(),
+            test: "sequential likelihood ratio per window".into(),
+            statistic: Some(2.8e26),
+            threshold: Some(500.0),
+            canary_requests: 2_500,
+            canary_events: 40,
+            primary_requests: 10_000,
+            primary_events: 0,
+            summary: "Rolled back by canary-vs-primary-errors: 40 of 2500 canary requests failed."
+                .into(),
+        };
+        c.status.as_mut().unwrap().decision = Some(d);
+        let text = render(&c);
+        assert!(text.contains("decision:  rolled back"), "{text}");
+        assert!(text.contains("40 of 2500 canary requests failed"), "{text}");
+        assert!(
+            text.contains("statistic:  2.8e26 against a threshold of 500"),
+            "{text}"
+        );
+        assert!(
+            text.contains("counts:     canary 40 events in 2500 requests, primary 0 in 10000"),
+            "{text}"
+        );
+        assert_eq!(to_json(&c, 1)["decision"]["outcome"], "RolledBack");
+        assert!(github_summary(&c).contains("| decision | Rolled back by"));
     }
 
     #[test]

@@ -535,6 +535,54 @@ pub struct CanaryStatus {
     /// or the last one it passed in this rollout, with who opened it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<GateStatus>,
+    /// Why the last rollout ended as it did: which test decided, its statistic and threshold,
+    /// and the counts on each side. Absent while a rollout runs, and in statuses stored before
+    /// the field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<DecisionExplanation>,
+}
+
+/// How a rollout ended.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Outcome {
+    /// The analysis showed the canary is not worse than the guarantee allows; it was promoted.
+    Promoted,
+    /// A test showed the canary is worse; it was rolled back.
+    RolledBack,
+    /// The rollout ran out of time without the evidence the guarantee needs either way; the
+    /// canary was rolled back without being judged worse.
+    Inconclusive,
+    /// A person or a hook decided (`mesh rollout promote|abort`, a rollback webhook, skipAnalysis,
+    /// a canary that never became ready).
+    Other,
+}
+
+/// The explanation of a rollout's ending, in numbers and in words.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DecisionExplanation {
+    /// How the rollout ended.
+    pub outcome: Outcome,
+    /// The gate that decided, e.g. `canary-vs-primary-errors`, or the reason when no test did.
+    pub decided_by: String,
+    /// The test, e.g. `sequential likelihood ratio, canary vs primary failures`.
+    pub test: String,
+    /// The test's statistic when it decided (a likelihood ratio, a p-value, a rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statistic: Option<f64>,
+    /// The threshold the statistic was compared with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
+    /// The canary's requests behind the decision.
+    pub canary_requests: u64,
+    /// The canary's events (failures, or slow requests) behind the decision.
+    pub canary_events: u64,
+    /// The primary's requests over the same windows.
+    pub primary_requests: u64,
+    /// The primary's events.
+    pub primary_events: u64,
+    /// One or two sentences a person reads at a glance.
+    pub summary: String,
 }
 
 /// A wait at a gate the mesh holds: a `confirm-rollout`, `confirm-traffic-increase` or
@@ -674,4 +722,25 @@ pub struct AnalysisTotals {
     /// primary traffic (the primary's p95 histogram bucket) so counts stay comparable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_ms: Option<f64>,
+    /// Evidence of the failure comparison, accumulated window by window; absent in statuses
+    /// stored before it existed (the judge then starts it afresh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_evidence: Option<Evidence>,
+    /// Evidence of the slow-request comparison, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_evidence: Option<Evidence>,
+}
+
+/// Log-likelihood ratios of a canary-vs-primary comparison, summed over analysis windows (each
+/// window compared within itself, so a burst hitting both sides at a moment when the canary
+/// carries more traffic does not count against it).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Evidence {
+    /// Against "the canary's rate is no higher than the primary's": one per rate ratio of the
+    /// judge's grid of alternatives.
+    pub worse: Vec<f64>,
+    /// Against "the canary's rate is at least the guarded ratio times the primary's": one per
+    /// alternative ratio below it.
+    pub not_worse: Vec<f64>,
 }

@@ -1,23 +1,42 @@
-//! The canary judge: per-tick gates over one window of proxy metrics, and sequential
-//! canary-vs-primary comparisons over everything seen since the rollout started.
+//! The canary judge: per-tick gates over one window of proxy metrics, sequential
+//! canary-vs-primary comparisons over everything seen since the rollout started, and the
+//! promotion guarantee.
 //!
-//! Two kinds of gate run at every analysis tick:
+//! Three kinds of gate run at every analysis tick:
 //! - Flagger's absolute thresholds, on the canary's numbers in the last window: the built-in
 //!   gates defined in `mesh_core::gates` (`request-success-rate`, percent, `thresholdRange.min`,
 //!   default 99; `request-duration`, p99 in ms, `thresholdRange.max`, default 500), whose
-//!   [`Measure`]s are computed here; custom metrics against their range.
-//! - Sequential comparisons of the canary with the primary, on totals accumulated in the status:
-//!   the share of failed requests and the share of slow requests. Each is a one-sided mixture
-//!   sequential probability ratio test (mSPRT, normal mixture over the difference of two
-//!   proportions). Its p-value is *always valid*: checking it at every tick, for as long as the
-//!   rollout runs, keeps the chance of failing a canary that is as good as the primary at or below
-//!   `alpha`. A fixed-sample test checked every tick would not.
+//!   [`Measure`]s are computed here; custom metrics against their range. The success rate fails
+//!   only when the window's failures are more than the threshold allows *with confidence* (a
+//!   one-sided binomial test against the larger of `1 - min/100` and the primary's failure share
+//!   in the same window): one failure in 50 requests is not evidence of a 99 % breach, and a
+//!   failure both sides share is not the canary's fault.
+//! - Sequential comparisons of the canary with the primary, for failures and for slow requests.
+//!   Each window is compared within itself: given the events (failures, or requests slower than
+//!   a bound frozen at the start) both sides had in that window, each event is the canary's with
+//!   probability `canary requests / all requests` if the two are alike. The judge sums the
+//!   log-likelihood ratio of that against "the canary's rate is `r` times the primary's" over
+//!   windows, for a grid of `r`, and mixes them. The mixture is a test martingale, so checking
+//!   it at every tick for as long as the rollout runs keeps the chance of failing a canary as good
+//!   as the primary at or below `alpha` (Ville's inequality); it is exact for counts, needs no
+//!   normal approximation, pools both sides' events under the null, and a burst that both sides
+//!   share while the canary carries more traffic weighs nothing against it.
+//! - The promotion guarantee: before the last step promotes, the same per-window evidence must
+//!   show that the canary's failure rate is below [`JudgeConfig::error_ratio`] times the
+//!   primary's (or below [`JudgeConfig::error_floor`] outright) and its slow share below
+//!   [`JudgeConfig::slow_ratio`] times the primary's (or below [`JudgeConfig::slow_floor`]), each
+//!   at level `promote_alpha`. A canary that is that much worse is therefore promoted with
+//!   probability at most `promote_alpha`, at any traffic; at too little traffic the evidence
+//!   never comes and the rollout ends inconclusive at its progress deadline.
 //!
 //! Too little traffic on either side makes a gate *inconclusive*: not a pass, not a failure.
 
 use mesh_core::gates::{self, Measure, Threshold};
-use mesh_crds::canary::{AnalysisTotals, ArmTotals, CanaryMetric, GateResult, Verdict};
-use statrs::distribution::{ContinuousCDF, Normal};
+use mesh_crds::canary::{
+    AnalysisTotals, ArmTotals, CanaryMetric, DecisionExplanation, Evidence, GateResult, Outcome,
+    Verdict,
+};
+use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, Normal};
 
 /// Name of the built-in success-rate gate (Flagger's), from its definition in `mesh_core::gates`.
 pub const REQUEST_SUCCESS_RATE: &str = gates::REQUEST_SUCCESS_RATE.name;
@@ -27,21 +46,46 @@ pub const REQUEST_DURATION: &str = gates::REQUEST_DURATION.name;
 pub const COMPARE_ERRORS: &str = "canary-vs-primary-errors";
 /// Name of the sequential slow-share comparison.
 pub const COMPARE_LATENCY: &str = "canary-vs-primary-latency";
+/// Name of the promotion guarantee's gate: it passes once the evidence rules out a canary
+/// `error_ratio` times worse on failures and `slow_ratio` times worse on slow requests.
+pub const PROMOTION_GUARANTEE: &str = "promotion-guarantee";
 
-/// Tuning of the judge. The defaults suit request rates from a few per second upwards.
+/// Whether a gate is one of the sequential comparisons, whose failure is final: its error rate
+/// already holds under checking at every tick, so there is nothing for `threshold` to forgive.
+pub fn is_sequential(name: &str) -> bool {
+    name == COMPARE_ERRORS || name == COMPARE_LATENCY
+}
+
+/// Tuning of the judge. The defaults are what the guarantee in docs/rollout.md is stated for.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JudgeConfig {
-    /// Largest chance of failing a canary no worse than the primary, per sequential gate.
+    /// Largest chance of rolling back a canary no worse than the primary, per sequential
+    /// comparison (failures, slow requests), over the whole rollout.
     pub alpha: f64,
-    /// Requests each side needs, accumulated, before a sequential gate may conclude.
+    /// Requests each side needs, accumulated, before a sequential comparison reports a pass;
+    /// below it the comparison is inconclusive (it may still fail on overwhelming evidence).
     pub min_samples: u64,
     /// Canary requests a window needs before an absolute gate may conclude.
     pub min_window_samples: u64,
-    /// Regression, in failure share, the error comparison is tuned to find fastest (the
-    /// mixture's standard deviation); any value keeps the test valid.
-    pub error_effect: f64,
-    /// The same for the slow-request share.
-    pub latency_effect: f64,
+    /// Level of the absolute success-rate gate's binomial test in one window.
+    pub window_alpha: f64,
+    /// A comparison whose likelihood ratio that the canary is worse has reached this, without
+    /// reaching `1 / alpha`, holds the weight (inconclusive) instead of passing: a canary that
+    /// looks worse gets no more traffic until the evidence settles, which keeps the failures a
+    /// bad canary serves before it is caught low.
+    pub hold_ratio: f64,
+    /// Largest chance of promoting a canary the guarantee excludes, per comparison.
+    pub promote_alpha: f64,
+    /// A canary whose failure rate is this many times the primary's is never promoted (with
+    /// probability `1 - promote_alpha`) ...
+    pub error_ratio: f64,
+    /// ... unless its failure share is shown to be below this floor: rarer failures than that
+    /// are not a regression worth holding a rollout for.
+    pub error_floor: f64,
+    /// A canary whose share of slow requests is this many times the primary's is never promoted.
+    pub slow_ratio: f64,
+    /// ... unless its slow share is shown to be below this floor.
+    pub slow_floor: f64,
     /// Quantile of the primary's latency that defines "slow" for the latency comparison.
     pub slow_quantile: f64,
 }
@@ -49,15 +93,31 @@ pub struct JudgeConfig {
 impl Default for JudgeConfig {
     fn default() -> Self {
         Self {
-            alpha: 0.05,
+            alpha: 0.002,
             min_samples: 100,
             min_window_samples: 20,
-            error_effect: 0.02,
-            latency_effect: 0.05,
+            window_alpha: 0.001,
+            hold_ratio: 3.0,
+            promote_alpha: 0.01,
+            error_ratio: 5.0,
+            error_floor: 0.005,
+            slow_ratio: 3.0,
+            slow_floor: 0.01,
             slow_quantile: 0.95,
         }
     }
 }
+
+/// Rate ratios (canary over primary) the "canary is worse" comparisons look for, mixed with
+/// equal weights: from a 50 % rise to a hundredfold one.
+pub const WORSE_RATIOS: [f64; 7] = [1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0];
+
+/// Rate ratios, as fractions of the guarded ratio, that the "canary is not that much worse"
+/// comparisons look for, mixed with equal weights.
+pub const NOT_WORSE_FRACTIONS: [f64; 3] = [0.1, 0.2, 0.4];
+
+/// Shares, as fractions of a floor, that the "canary is below the floor" tests look for.
+pub const FLOOR_FRACTIONS: [f64; 3] = [0.1, 0.25, 0.5];
 
 /// A cumulative latency histogram in milliseconds: `(upper bound, count <= bound)`, ascending,
 /// the last bound `f64::INFINITY`, as Prometheus histograms are.
@@ -169,6 +229,87 @@ pub fn accumulate(totals: &mut AnalysisTotals, window: &Window, config: &JudgeCo
     };
     add(&mut totals.canary, &window.canary, totals.slow_ms);
     add(&mut totals.primary, &window.primary, totals.slow_ms);
+    let (nc, np) = (window.canary.requests, window.primary.requests);
+    let errors = totals.error_evidence.get_or_insert_with(Evidence::default);
+    add_window(
+        errors,
+        (window.canary.failures, nc),
+        (window.primary.failures, np),
+        config.error_ratio,
+    );
+    if let Some(bound) = totals.slow_ms {
+        let slow = totals.slow_evidence.get_or_insert_with(Evidence::default);
+        add_window(
+            slow,
+            (window.canary.latency.above(bound), nc),
+            (window.primary.latency.above(bound), np),
+            config.slow_ratio,
+        );
+    }
+}
+
+/// Adds one window's events to a comparison's evidence. Given `x_c + x_p` events in the window,
+/// each is the canary's with probability `pi = n_c / (n_c + n_p)` when both sides have the same
+/// rate, and `r pi / (r pi + 1 - pi)` when the canary's rate is `r` times the primary's; the
+/// log-likelihood ratio of the window is `x_c ln r - (x_c + x_p) ln(r pi + 1 - pi)`.
+pub fn add_window(evidence: &mut Evidence, canary: (u64, u64), primary: (u64, u64), guard: f64) {
+    let (xc, nc) = canary;
+    let (xp, np) = primary;
+    if evidence.worse.len() != WORSE_RATIOS.len() {
+        evidence.worse = vec![0.0; WORSE_RATIOS.len()];
+    }
+    if evidence.not_worse.len() != NOT_WORSE_FRACTIONS.len() {
+        evidence.not_worse = vec![0.0; NOT_WORSE_FRACTIONS.len()];
+    }
+    let events = xc + xp;
+    if nc == 0 || np == 0 || events == 0 {
+        return;
+    }
+    let pi = nc as f64 / (nc + np) as f64;
+    let (xc, events) = (xc as f64, events as f64);
+    let log_odds = |r: f64| (r * pi + 1.0 - pi).ln();
+    for (l, r) in evidence.worse.iter_mut().zip(WORSE_RATIOS) {
+        *l += xc * r.ln() - events * log_odds(r);
+    }
+    let null = log_odds(guard);
+    for (l, f) in evidence.not_worse.iter_mut().zip(NOT_WORSE_FRACTIONS) {
+        let r = f * guard;
+        *l += xc * (r / guard).ln() - events * (log_odds(r) - null);
+    }
+}
+
+/// A likelihood ratio as a person reads it: `1200`, or `2.8e26` when it is huge.
+fn readable(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{v:.1e}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// The equal-weight mixture of likelihood ratios whose logarithms are `logs`.
+fn mixture(logs: &[f64]) -> f64 {
+    if logs.is_empty() {
+        return 1.0;
+    }
+    logs.iter().map(|l| l.exp()).sum::<f64>() / logs.len() as f64
+}
+
+/// The mixture likelihood ratio against "the canary's share is at least `floor`", from the
+/// canary's own counts: a sequential test of one binomial proportion.
+pub fn below_floor(events: u64, requests: u64, floor: f64) -> f64 {
+    if requests == 0 || !(0.0..1.0).contains(&floor) || floor == 0.0 {
+        return 1.0;
+    }
+    let (x, n) = (events as f64, requests as f64);
+    let logs: Vec<f64> = FLOOR_FRACTIONS
+        .iter()
+        .map(|f| {
+            let a = f * floor;
+            x * (a / floor).ln() + (n - x) * ((1.0 - a) / (1.0 - floor)).ln()
+        })
+        .collect();
+    mixture(&logs)
 }
 
 /// Judges the built-in and custom metric gates on one window. `custom` holds the values of
@@ -212,7 +353,32 @@ pub fn threshold_gates(
                 (None, None) => "threshold none".to_string(),
             };
             let enough = !builtin || window.canary.requests >= config.min_window_samples;
+            let success_rate = gate.is_some_and(|g| g.measure == Measure::SuccessRate);
+            let mut p_value = None;
             let (verdict, message) = match canary {
+                Some(v) if enough && success_rate && min.is_some_and(|lo| v < lo) => {
+                    let lo = min.unwrap_or(100.0);
+                    let (verdict, p, allowed) = success_rate_test(window, lo, config);
+                    p_value = Some(p);
+                    let (x, n) = (window.canary.failures, window.canary.requests);
+                    let msg = if verdict == Verdict::Fail {
+                        format!(
+                            "{} is {v:.2}, below {lo}: {x} of {n} canary requests failed, more than \
+                             a {:.2} % failure rate explains (binomial p = {p:.2e} <= {})",
+                            m.name,
+                            100.0 * allowed,
+                            config.window_alpha
+                        )
+                    } else {
+                        format!(
+                            "{} is {v:.2}, below {lo} on {n} requests, but {x} failures are what a \
+                             {:.2} % failure rate gives (binomial p = {p:.3}); not a breach",
+                            m.name,
+                            100.0 * allowed
+                        )
+                    };
+                    (verdict, msg)
+                }
                 Some(v) if enough => {
                     let low = min.is_some_and(|lo| v < lo);
                     let high = max.is_some_and(|hi| v > hi);
@@ -247,7 +413,7 @@ pub fn threshold_gates(
                 canary_samples: window.canary.requests,
                 primary_samples: window.primary.requests,
                 test,
-                p_value: None,
+                p_value,
                 verdict,
                 message,
             }
@@ -255,87 +421,106 @@ pub fn threshold_gates(
         .collect()
 }
 
-/// One-sided mSPRT of "the canary's share is no higher than the primary's". Returns the
-/// likelihood ratio against that hypothesis (large means the canary is worse) and the observed
-/// difference of shares.
-pub fn msprt(canary: (u64, u64), primary: (u64, u64), effect: f64) -> (f64, f64) {
-    let (cx, cn) = canary;
-    let (px, pn) = primary;
-    if cn == 0 || pn == 0 {
-        return (1.0, 0.0);
-    }
-    // Half a count of continuity keeps the variance positive when a side has no events.
-    let share = |x: u64, n: u64| (x as f64).clamp(0.5, n as f64 - 0.5) / n as f64;
-    let (pc, pp) = (share(cx, cn), share(px, pn));
-    let diff = cx as f64 / cn as f64 - px as f64 / pn as f64;
-    let v = pc * (1.0 - pc) / cn as f64 + pp * (1.0 - pp) / pn as f64;
-    let tau2 = effect * effect;
-    let ratio = (v / (v + tau2)).sqrt() * (diff * diff * tau2 / (2.0 * v * (v + tau2))).exp();
-    (ratio, diff)
+/// The success-rate gate's test on one window whose success rate is below `min` percent: the
+/// chance of at least the canary's failures if its failure rate were the larger of what the
+/// threshold allows and the primary's in the same window. Returns the verdict, that chance and
+/// the failure rate it assumed.
+fn success_rate_test(window: &Window, min: f64, config: &JudgeConfig) -> (Verdict, f64, f64) {
+    let allowed = (1.0 - min / 100.0).clamp(0.0, 1.0);
+    let primary = if window.primary.requests > 0 {
+        window.primary.failures as f64 / window.primary.requests as f64
+    } else {
+        0.0
+    };
+    let p0 = allowed.max(primary);
+    let (x, n) = (window.canary.failures, window.canary.requests);
+    let p = if x == 0 {
+        1.0
+    } else if p0 <= 0.0 {
+        0.0
+    } else if p0 >= 1.0 {
+        1.0
+    } else {
+        Binomial::new(p0, n).map_or(1.0, |b| b.sf(x - 1))
+    };
+    let verdict = if p <= config.window_alpha {
+        Verdict::Fail
+    } else {
+        Verdict::Pass
+    };
+    (verdict, p, p0)
 }
 
-/// Runs one sequential comparison on accumulated counts, carrying the always-valid p-value
+/// Runs one sequential comparison on accumulated evidence, carrying the always-valid p-value
 /// forward from the previous tick (it can only fall).
-#[allow(clippy::too_many_arguments)]
 fn compare(
     name: &str,
     what: &str,
     canary: (u64, u64),
     primary: (u64, u64),
-    effect: f64,
+    evidence: Option<&Evidence>,
     previous_p: Option<f64>,
     config: &JudgeConfig,
 ) -> GateResult {
     let share = |(x, n): (u64, u64)| (n > 0).then(|| 100.0 * x as f64 / n as f64);
-    let test = format!("mSPRT one-sided, alpha {}", config.alpha);
+    let ratio = evidence.map_or(1.0, |e| mixture(&e.worse));
+    let p = previous_p.unwrap_or(1.0).min(1.0 / ratio).clamp(0.0, 1.0);
     let mut result = GateResult {
         name: name.to_string(),
         canary: share(canary),
         primary: share(primary),
         canary_samples: canary.1,
         primary_samples: primary.1,
-        test,
-        p_value: previous_p,
+        test: format!(
+            "sequential likelihood ratio per window, canary vs primary, alpha {}",
+            config.alpha
+        ),
+        p_value: Some(p),
         verdict: Verdict::Inconclusive,
         message: String::new(),
     };
-    if canary.1 < config.min_samples || primary.1 < config.min_samples {
-        result.message = format!(
-            "{} canary and {} primary requests so far; {} each are needed to compare {what}",
-            canary.1, primary.1, config.min_samples
-        );
-        return result;
-    }
-    let (ratio, diff) = msprt(canary, primary, effect);
-    let mut p = previous_p.unwrap_or(1.0);
-    if diff > 0.0 && ratio.is_finite() && ratio > 0.0 {
-        p = p.min(1.0 / ratio);
-    } else if !ratio.is_finite() && diff > 0.0 {
-        p = 0.0;
-    }
-    result.p_value = Some(p);
     let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}%"));
+    let counts = format!(
+        "canary {} of {} ({}) vs primary {} of {} ({})",
+        canary.0,
+        canary.1,
+        pct(result.canary),
+        primary.0,
+        primary.1,
+        pct(result.primary)
+    );
     if p <= config.alpha {
         result.verdict = Verdict::Fail;
         result.message = format!(
-            "canary {what} {} vs primary {}: worse with always-valid p = {p:.4} <= {}",
-            pct(result.canary),
-            pct(result.primary),
+            "{what}: {counts}; the canary is worse, likelihood ratio {} >= {:.0} (p = {p:.1e} <= {})",
+            readable(1.0 / p),
+            1.0 / config.alpha,
             config.alpha
+        );
+    } else if ratio >= config.hold_ratio {
+        result.message = format!(
+            "{what}: {counts}; the canary looks worse (likelihood ratio {ratio:.1} >= {}), not yet \
+             proven ({:.0} needed): holding the weight",
+            config.hold_ratio,
+            1.0 / config.alpha
+        );
+    } else if canary.1 < config.min_samples || primary.1 < config.min_samples {
+        result.message = format!(
+            "{what}: {} canary and {} primary requests so far; {} each are needed to compare",
+            canary.1, primary.1, config.min_samples
         );
     } else {
         result.verdict = Verdict::Pass;
         result.message = format!(
-            "canary {what} {} vs primary {}: no evidence it is worse (p = {p:.3})",
-            pct(result.canary),
-            pct(result.primary)
+            "{what}: {counts}; no evidence the canary is worse (p = {p:.3} > {})",
+            config.alpha
         );
     }
     result
 }
 
-/// The sequential canary-vs-primary gates on accumulated totals. `previous` is the last tick's
-/// results, from which each gate's p-value carries on.
+/// The sequential canary-vs-primary gates on accumulated totals, and the promotion guarantee.
+/// `previous` is the last tick's results, from which each comparison's p-value carries on.
 pub fn sequential_gates(
     totals: &AnalysisTotals,
     previous: &[GateResult],
@@ -351,38 +536,358 @@ pub fn sequential_gates(
     let p = &totals.primary;
     let mut gates = vec![compare(
         COMPARE_ERRORS,
-        "failure share",
+        "failures",
         (c.failures, c.requests),
         (p.failures, p.requests),
-        config.error_effect,
+        totals.error_evidence.as_ref(),
         prev(COMPARE_ERRORS),
         config,
     )];
     if let Some(slow_ms) = totals.slow_ms {
         let mut g = compare(
             COMPARE_LATENCY,
-            &format!("share slower than {slow_ms} ms"),
+            &format!("requests slower than {slow_ms} ms"),
             (c.slow, c.requests),
             (p.slow, p.requests),
-            config.latency_effect,
+            totals.slow_evidence.as_ref(),
             prev(COMPARE_LATENCY),
             config,
         );
         g.test = format!("{} on requests slower than {slow_ms} ms", g.test);
         gates.push(g);
     }
+    gates.push(promotion_guarantee(totals, config));
     gates
+}
+
+/// How strongly one side of the guarantee is shown: the larger of the two likelihood ratios
+/// (against "the canary is `ratio` times worse", against "its share is at least the floor"),
+/// each at half the level, and which one it was.
+fn cleared(evidence: Option<&Evidence>, events: u64, requests: u64, floor: f64) -> (f64, bool) {
+    let relative = evidence.map_or(1.0, |e| mixture(&e.not_worse));
+    let absolute = below_floor(events, requests, floor);
+    if absolute > relative {
+        (absolute, true)
+    } else {
+        (relative, false)
+    }
+}
+
+/// The promotion guarantee: passes once the evidence shows, at level `promote_alpha` each, that
+/// the canary's failure rate is below `error_ratio` times the primary's (or below `error_floor`)
+/// and its slow share below `slow_ratio` times the primary's (or below `slow_floor`).
+/// Inconclusive until then; it never fails (the comparisons above do that).
+pub fn promotion_guarantee(totals: &AnalysisTotals, config: &JudgeConfig) -> GateResult {
+    // Each side is shown by either of two tests; half the level to each keeps the union's.
+    let needed = 2.0 / config.promote_alpha;
+    let c = &totals.canary;
+    let (err, err_floor) = cleared(
+        totals.error_evidence.as_ref(),
+        c.failures,
+        c.requests,
+        config.error_floor,
+    );
+    let slow = totals.slow_ms.map(|_| {
+        cleared(
+            totals.slow_evidence.as_ref(),
+            c.slow,
+            c.requests,
+            config.slow_floor,
+        )
+    });
+    let side = |name: &str, (lr, floor): (f64, bool), ratio: f64, floor_share: f64| {
+        let claim = if floor {
+            format!("{name} share below {:.2} %", 100.0 * floor_share)
+        } else {
+            format!("{name} rate below {ratio}x the primary's")
+        };
+        if lr >= needed {
+            format!(
+                "{claim}: shown (likelihood ratio {} >= {needed:.0})",
+                readable(lr)
+            )
+        } else {
+            format!("{name}: not yet shown (likelihood ratio {lr:.1} < {needed:.0})")
+        }
+    };
+    let mut parts = vec![side(
+        "failure",
+        (err, err_floor),
+        config.error_ratio,
+        config.error_floor,
+    )];
+    let slow_ok = match slow {
+        Some(s) => {
+            parts.push(side(
+                "slow-request",
+                s,
+                config.slow_ratio,
+                config.slow_floor,
+            ));
+            s.0 >= needed
+        }
+        None => {
+            parts.push("slow-request: no latency data yet".to_string());
+            false
+        }
+    };
+    let pass = err >= needed && slow_ok;
+    let weakest = err.min(slow.map_or(1.0, |s| s.0));
+    GateResult {
+        name: PROMOTION_GUARANTEE.to_string(),
+        canary: None,
+        primary: None,
+        canary_samples: c.requests,
+        primary_samples: totals.primary.requests,
+        test: format!(
+            "sequential likelihood ratios, promote_alpha {} per side: failures < {}x primary or < {} %, \
+             slow share < {}x primary or < {} %",
+            config.promote_alpha,
+            config.error_ratio,
+            100.0 * config.error_floor,
+            config.slow_ratio,
+            100.0 * config.slow_floor
+        ),
+        p_value: Some((1.0 / weakest).min(1.0)),
+        verdict: if pass {
+            Verdict::Pass
+        } else {
+            Verdict::Inconclusive
+        },
+        message: parts.join("; "),
+    }
 }
 
 /// The combined verdict of a tick: any failure fails; else any inconclusive gate makes the tick
 /// inconclusive; else it passes.
+/// The promotion guarantee takes no part: it holds only the last step, and the machine reads it
+/// there.
 pub fn overall(gates: &[GateResult]) -> Verdict {
-    if gates.iter().any(|g| g.verdict == Verdict::Fail) {
+    let gates = || gates.iter().filter(|g| g.name != PROMOTION_GUARANTEE);
+    if gates().any(|g| g.verdict == Verdict::Fail) {
         Verdict::Fail
-    } else if gates.iter().any(|g| g.verdict == Verdict::Inconclusive) {
+    } else if gates().any(|g| g.verdict == Verdict::Inconclusive) {
         Verdict::Inconclusive
     } else {
         Verdict::Pass
+    }
+}
+
+/// Canary requests the promotion guarantee's floor test needs, in expectation, to show that a
+/// canary failing a share `share` of its requests is below `floor`: the fewest `n` whose
+/// expected counts (`share * n` failures) reach the likelihood ratio `2 / promote_alpha`. `None`
+/// when it never does (`share` at or above the floor).
+pub fn requests_to_clear_floor(share: f64, floor: f64, config: &JudgeConfig) -> Option<u64> {
+    let needed = 2.0 / config.promote_alpha;
+    let lr = |n: u64| {
+        let x = share * n as f64;
+        let logs: Vec<f64> = FLOOR_FRACTIONS
+            .iter()
+            .map(|f| {
+                let a = f * floor;
+                x * (a / floor).ln() + (n as f64 - x) * ((1.0 - a) / (1.0 - floor)).ln()
+            })
+            .collect();
+        mixture(&logs)
+    };
+    let mut hi = 1u64;
+    while lr(hi) < needed {
+        hi = hi.checked_mul(2)?;
+        if hi > 1 << 40 {
+            return None;
+        }
+    }
+    let mut lo = hi / 2;
+    while lo + 1 < hi {
+        let mid = (lo + hi) / 2;
+        if lr(mid) >= needed {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Some(hi)
+}
+
+/// Events (slow requests, or failures) on both sides that the relative side of the promotion
+/// guarantee needs, in expectation, to show a canary identical to the primary is below `guard`
+/// times its rate, when the canary carries a share `pi` of the traffic.
+pub fn events_to_clear_ratio(pi: f64, guard: f64, config: &JudgeConfig) -> Option<f64> {
+    let needed = 2.0 / config.promote_alpha;
+    // Expected log-likelihood ratio per event: the event is the canary's with probability pi.
+    let per_event: Vec<f64> = NOT_WORSE_FRACTIONS
+        .iter()
+        .map(|f| {
+            let r = f * guard;
+            pi * (r / guard).ln() - ((r * pi + 1.0 - pi) / (guard * pi + 1.0 - pi)).ln()
+        })
+        .collect();
+    if per_event.iter().all(|e| *e <= 0.0) {
+        return None;
+    }
+    let lr = |events: f64| mixture(&per_event.iter().map(|e| e * events).collect::<Vec<_>>());
+    let mut events = 1.0;
+    while lr(events) < needed {
+        events += 1.0;
+        if events > 1e7 {
+            return None;
+        }
+    }
+    Some(events)
+}
+
+/// The explanation of a rollback that `gate`, a failing gate, decided.
+pub fn explain_rollback(
+    gate: &GateResult,
+    totals: &AnalysisTotals,
+    config: &JudgeConfig,
+    failed_checks: i32,
+) -> DecisionExplanation {
+    let (c, p) = (&totals.canary, &totals.primary);
+    let pct = |x: u64, n: u64| {
+        if n == 0 {
+            0.0
+        } else {
+            100.0 * x as f64 / n as f64
+        }
+    };
+    if is_sequential(&gate.name) {
+        let errors = gate.name == COMPARE_ERRORS;
+        let (what, cx, px) = if errors {
+            ("failed", c.failures, p.failures)
+        } else {
+            ("were slow", c.slow, p.slow)
+        };
+        let slow_bound = if errors {
+            String::new()
+        } else {
+            format!(" (slower than {} ms)", totals.slow_ms.unwrap_or_default())
+        };
+        let lr = 1.0 / gate.p_value.unwrap_or(1.0).max(f64::MIN_POSITIVE);
+        let summary = format!(
+            "Rolled back by {}: {cx} of {} canary requests {what}{slow_bound} ({:.2} %) against {px} of \
+             {} on the primary ({:.2} %). Comparing the two window by window, the likelihood ratio \
+             that the canary is worse reached {}, past the {:.0} that keeps false rollbacks \
+             below {} %.",
+            gate.name,
+            c.requests,
+            pct(cx, c.requests),
+            p.requests,
+            pct(px, p.requests),
+            readable(lr),
+            1.0 / config.alpha,
+            100.0 * config.alpha
+        );
+        return DecisionExplanation {
+            outcome: Outcome::RolledBack,
+            decided_by: gate.name.clone(),
+            test: gate.test.clone(),
+            statistic: Some(lr),
+            threshold: Some(1.0 / config.alpha),
+            canary_requests: c.requests,
+            canary_events: cx,
+            primary_requests: p.requests,
+            primary_events: px,
+            summary,
+        };
+    }
+    // An absolute gate or a webhook: its numbers are the last window's.
+    let events = |samples: u64, rate: Option<f64>| {
+        rate.map_or(0, |v| {
+            let x = (samples as f64 * (100.0 - v) / 100.0).round();
+            // A share of a count: finite, between 0 and `samples`.
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a rounded share of a u64 count: finite, non-negative, at most the count"
+            )]
+            if x > 0.0 { x as u64 } else { 0 }
+        })
+    };
+    let success = gate.name == REQUEST_SUCCESS_RATE;
+    let (ce, pe) = if success {
+        (
+            events(gate.canary_samples, gate.canary),
+            events(gate.primary_samples, gate.primary),
+        )
+    } else {
+        (0, 0)
+    };
+    let (statistic, threshold) = if success && gate.p_value.is_some() {
+        (gate.p_value, Some(config.window_alpha))
+    } else {
+        (gate.canary, None)
+    };
+    DecisionExplanation {
+        outcome: Outcome::RolledBack,
+        decided_by: gate.name.clone(),
+        test: gate.test.clone(),
+        statistic,
+        threshold,
+        canary_requests: gate.canary_samples,
+        canary_events: ce,
+        primary_requests: gate.primary_samples,
+        primary_events: pe,
+        summary: format!(
+            "Rolled back by {} at the check that made {failed_checks} failed checks (the \
+             threshold): {}.",
+            gate.name, gate.message
+        ),
+    }
+}
+
+/// The explanation of a promotion that the promotion guarantee allowed.
+pub fn explain_promotion(guarantee: &GateResult, totals: &AnalysisTotals) -> DecisionExplanation {
+    let (c, p) = (&totals.canary, &totals.primary);
+    let lr = 1.0 / guarantee.p_value.unwrap_or(1.0).max(f64::MIN_POSITIVE);
+    DecisionExplanation {
+        outcome: Outcome::Promoted,
+        decided_by: guarantee.name.clone(),
+        test: guarantee.test.clone(),
+        statistic: Some(lr),
+        threshold: None,
+        canary_requests: c.requests,
+        canary_events: c.failures,
+        primary_requests: p.requests,
+        primary_events: p.failures,
+        summary: format!(
+            "Promoted: {} of {} canary requests failed against {} of {} on the primary, {} vs {} \
+             were slow; no comparison found the canary worse, and the evidence rules out a large \
+             regression: {}.",
+            c.failures, c.requests, p.failures, p.requests, c.slow, p.slow, guarantee.message
+        ),
+    }
+}
+
+/// The explanation of a rollout that ran out of time without the evidence to decide.
+pub fn explain_inconclusive(
+    totals: Option<&AnalysisTotals>,
+    guarantee: Option<&GateResult>,
+    why: &str,
+) -> DecisionExplanation {
+    let t = totals.cloned().unwrap_or_default();
+    let (c, p) = (&t.canary, &t.primary);
+    let evidence =
+        guarantee.map_or_else(String::new, |g| format!(" Evidence so far: {}.", g.message));
+    DecisionExplanation {
+        outcome: Outcome::Inconclusive,
+        decided_by: guarantee
+            .map_or_else(|| "progressDeadlineSeconds".to_string(), |g| g.name.clone()),
+        test: guarantee.map_or_else(String::new, |g| g.test.clone()),
+        statistic: guarantee
+            .and_then(|g| g.p_value)
+            .map(|p| 1.0 / p.max(f64::MIN_POSITIVE)),
+        threshold: None,
+        canary_requests: c.requests,
+        canary_events: c.failures,
+        primary_requests: p.requests,
+        primary_events: p.failures,
+        summary: format!(
+            "Inconclusive: {why}. The canary served {} requests ({} failed), the primary {} ({} \
+             failed): too few to show the canary is good or bad, so it was rolled back without a \
+             verdict; give it more traffic or a longer progressDeadlineSeconds.{evidence}",
+            c.requests, c.failures, p.requests, p.failures
+        ),
     }
 }
 
@@ -459,7 +964,7 @@ mod tests {
         let fast = mk_hist(&[(10.0, 100)]);
         let slow = mk_hist(&[(1000.0, 100)]);
         let w = Window {
-            canary: mk_arm(100, 2, slow),
+            canary: mk_arm(100, 10, slow),
             primary: mk_arm(100, 0, fast),
         };
         let metrics = [
@@ -468,7 +973,7 @@ mod tests {
         ];
         let gates = threshold_gates(&metrics, &w, &BTreeMap::new(), &JudgeConfig::default());
         assert_eq!(gates[0].verdict, Verdict::Fail);
-        assert_eq!(gates[0].canary, Some(98.0));
+        assert_eq!(gates[0].canary, Some(90.0));
         assert_eq!(gates[0].primary, Some(100.0));
         assert_eq!(gates[1].verdict, Verdict::Fail);
         assert!(gates[1].message.contains("outside"), "{}", gates[1].message);
@@ -487,6 +992,11 @@ mod tests {
             &JudgeConfig::default(),
         );
         assert_eq!(gates[0].verdict, Verdict::Inconclusive);
+        // Three clean canary requests: no comparison can pass or fail on them.
+        let w = Window {
+            canary: mk_arm(3, 0, mk_hist(&[(10.0, 3)])),
+            ..w
+        };
         let mut totals = AnalysisTotals::default();
         accumulate(&mut totals, &w, &JudgeConfig::default());
         let seq = sequential_gates(&totals, &[], &JudgeConfig::default());
@@ -514,23 +1024,30 @@ mod tests {
         assert_eq!(gates[0].verdict, Verdict::Inconclusive);
     }
 
+    /// A window of `n` canary and `m` primary requests with the given failures, all fast.
+    fn mk_window(n: u64, nf: u64, m: u64, mf: u64) -> Window {
+        Window {
+            canary: mk_arm(n, nf, mk_hist(&[(10.0, n)])),
+            primary: mk_arm(m, mf, mk_hist(&[(10.0, m)])),
+        }
+    }
+
+    fn judge(windows: &[Window], config: &JudgeConfig) -> (AnalysisTotals, Vec<GateResult>) {
+        let mut totals = AnalysisTotals::default();
+        let mut prev = Vec::new();
+        for w in windows {
+            accumulate(&mut totals, w, config);
+            prev = sequential_gates(&totals, &prev, config);
+        }
+        (totals, prev)
+    }
+
     #[test]
     fn a_clearly_worse_canary_fails_the_sequential_test() {
         let config = JudgeConfig::default();
-        let totals = AnalysisTotals {
-            canary: ArmTotals {
-                requests: 2_000,
-                failures: 100,
-                slow: 0,
-            },
-            primary: ArmTotals {
-                requests: 18_000,
-                failures: 18,
-                slow: 0,
-            },
-            slow_ms: None,
-        };
-        let gates = sequential_gates(&totals, &[], &config);
+        let windows = vec![mk_window(200, 10, 1_800, 2); 10];
+        let (_, gates) = judge(&windows, &config);
+        assert_eq!(gates[0].name, COMPARE_ERRORS);
         assert_eq!(gates[0].verdict, Verdict::Fail, "{}", gates[0].message);
         assert!(gates[0].p_value.unwrap() < 1e-6);
     }
@@ -538,34 +1055,85 @@ mod tests {
     #[test]
     fn an_equal_canary_passes_and_a_p_value_never_rises() {
         let config = JudgeConfig::default();
-        let mut totals = AnalysisTotals {
-            canary: ArmTotals {
-                requests: 1_000,
-                failures: 1,
-                slow: 0,
-            },
-            primary: ArmTotals {
-                requests: 9_000,
-                failures: 9,
-                slow: 0,
-            },
-            slow_ms: None,
-        };
-        let first = sequential_gates(&totals, &[], &config);
+        let windows = vec![mk_window(100, 0, 900, 1), mk_window(100, 1, 900, 8)];
+        let (totals, first) = judge(&windows, &config);
         assert_eq!(first[0].verdict, Verdict::Pass, "{}", first[0].message);
         // A previous tick had seen stronger evidence: the carried p-value stays the minimum.
         let mut prev = first;
         prev[0].p_value = Some(0.2);
-        totals.canary.requests += 1_000;
         let second = sequential_gates(&totals, &prev, &config);
         assert_eq!(second[0].p_value, Some(0.2));
+    }
+
+    /// Recommendation 3 of the first report: a burst both sides share, while the canary carries
+    /// half the traffic, counts for nothing against it; pooled totals would have blamed it.
+    #[test]
+    fn a_shared_burst_at_a_higher_weight_does_not_count_against_the_canary() {
+        let config = JudgeConfig::default();
+        let mut windows = vec![mk_window(100, 0, 900, 1); 10];
+        windows.extend(vec![mk_window(500, 50, 500, 50); 2]);
+        let (totals, gates) = judge(&windows, &config);
+        // Pooled: canary 100 of 2,000 (5 %), primary 110 of 10,000 (1.1 %).
+        assert!(totals.canary.failures * 10_000 > 4 * totals.primary.failures * 2_000);
+        assert_eq!(gates[0].verdict, Verdict::Pass, "{}", gates[0].message);
+    }
+
+    #[test]
+    fn the_guarantee_needs_evidence_and_a_bad_canary_never_gets_it() {
+        let config = JudgeConfig::default();
+        // Too little traffic: inconclusive.
+        let (_, gates) = judge(&[mk_window(50, 0, 450, 0)], &config);
+        let g = gates
+            .iter()
+            .find(|g| g.name == PROMOTION_GUARANTEE)
+            .unwrap();
+        assert_eq!(g.verdict, Verdict::Inconclusive, "{}", g.message);
+        // Plenty of clean traffic: shown.
+        let (_, gates) = judge(&vec![mk_window(500, 0, 500, 1); 10], &config);
+        let g = gates
+            .iter()
+            .find(|g| g.name == PROMOTION_GUARANTEE)
+            .unwrap();
+        assert_eq!(g.verdict, Verdict::Pass, "{}", g.message);
+        // A canary at 5x the primary's 1 % never shows it, however long it runs.
+        let (_, gates) = judge(&vec![mk_window(500, 25, 500, 5); 40], &config);
+        let g = gates
+            .iter()
+            .find(|g| g.name == PROMOTION_GUARANTEE)
+            .unwrap();
+        assert_eq!(g.verdict, Verdict::Inconclusive, "{}", g.message);
+    }
+
+    #[test]
+    fn one_failure_in_a_small_window_is_not_a_success_rate_breach() {
+        let w = mk_window(50, 1, 450, 0);
+        let gates = threshold_gates(
+            &[mk_metric(REQUEST_SUCCESS_RATE, Some(99.0), None)],
+            &w,
+            &BTreeMap::new(),
+            &JudgeConfig::default(),
+        );
+        assert_eq!(gates[0].canary, Some(98.0));
+        assert_eq!(gates[0].verdict, Verdict::Pass, "{}", gates[0].message);
+        // The same share with the primary failing as often: not the canary's fault either.
+        let w = mk_window(500, 25, 500, 25);
+        let gates = threshold_gates(
+            &[mk_metric(REQUEST_SUCCESS_RATE, Some(99.0), None)],
+            &w,
+            &BTreeMap::new(),
+            &JudgeConfig::default(),
+        );
+        assert_eq!(gates[0].verdict, Verdict::Pass, "{}", gates[0].message);
     }
 
     /// The property the sequential test exists for: peeking at every tick keeps false failures
     /// of an identical canary at or below alpha. Deterministic pseudo-random traffic.
     #[test]
     fn peeking_every_tick_keeps_false_failures_under_alpha() {
-        let config = JudgeConfig::default();
+        let config = JudgeConfig {
+            alpha: 0.05,
+            ..JudgeConfig::default()
+        };
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut rand = move || {
             seed ^= seed << 13;
@@ -579,14 +1147,10 @@ mod tests {
             let mut totals = AnalysisTotals::default();
             let mut prev = Vec::new();
             for _tick in 0..30 {
-                for _ in 0..50 {
-                    totals.canary.requests += 1;
-                    totals.canary.failures += u64::from(rand() < 0.01);
-                }
-                for _ in 0..200 {
-                    totals.primary.requests += 1;
-                    totals.primary.failures += u64::from(rand() < 0.01);
-                }
+                let mut w = mk_window(50, 0, 200, 0);
+                w.canary.failures = (0..50).filter(|_| rand() < 0.01).count() as u64;
+                w.primary.failures = (0..200).filter(|_| rand() < 0.01).count() as u64;
+                accumulate(&mut totals, &w, &config);
                 prev = sequential_gates(&totals, &prev, &config);
                 if prev[0].verdict == Verdict::Fail {
                     false_failures += 1;

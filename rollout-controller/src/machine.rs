@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use mesh_crds::canary::{AnalysisTotals, GateResult, GateStatus, Verdict, WebhookType};
+use mesh_crds::canary::{
+    AnalysisTotals, DecisionExplanation, GateResult, GateStatus, Outcome, Verdict, WebhookType,
+};
 use mesh_crds::{CanaryPhase, CanarySpec, CanaryStatus};
 
 use crate::duration;
@@ -501,6 +503,7 @@ impl Machine<'_> {
         self.status.failed_checks = 0;
         self.status.iterations = 0;
         self.status.analysis.clear();
+        self.status.decision = None;
         self.status.totals = Some(AnalysisTotals::default());
         self.status.last_analysis_time = None;
         self.status.last_progress_time = Some(time(self.obs.now));
@@ -566,23 +569,42 @@ impl Machine<'_> {
         let verdict = self.analyse();
         match verdict {
             Verdict::Fail => {
-                self.status.failed_checks += 1;
-                let failing: Vec<&str> = self
+                let failing: Vec<GateResult> = self
                     .status
                     .analysis
                     .iter()
                     .filter(|g| g.verdict == Verdict::Fail)
-                    .map(|g| g.message.as_str())
+                    .cloned()
                     .collect();
+                let messages: Vec<&str> = failing.iter().map(|g| g.message.as_str()).collect();
+                // A sequential comparison's failure is final: its error rate already holds under
+                // checking at every tick, so `threshold` has nothing to forgive. Only the
+                // absolute gates and webhooks, judged afresh on each window, count towards it.
+                if let Some(g) = failing.iter().find(|g| judge::is_sequential(&g.name)) {
+                    let totals = self.status.totals.clone().unwrap_or_default();
+                    let explanation =
+                        judge::explain_rollback(g, &totals, self.config, self.status.failed_checks);
+                    let msg = format!("sequential check failed: {}", messages.join("; "));
+                    self.event("CheckFailed", msg.clone(), true);
+                    self.rollback(msg);
+                    self.status.decision = Some(explanation);
+                    return;
+                }
+                self.status.failed_checks += 1;
                 let msg = format!(
                     "check failed ({}/{}): {}",
                     self.status.failed_checks,
                     self.spec.analysis.threshold,
-                    failing.join("; ")
+                    messages.join("; ")
                 );
                 self.event("CheckFailed", msg.clone(), true);
                 if self.status.failed_checks >= self.spec.analysis.threshold {
+                    let totals = self.status.totals.clone().unwrap_or_default();
+                    let explanation = failing.first().map(|g| {
+                        judge::explain_rollback(g, &totals, self.config, self.status.failed_checks)
+                    });
                     self.rollback(msg);
+                    self.status.decision = explanation;
                 }
             }
             // At weight 0 the canary has no traffic to judge, so, as in Flagger, the first
@@ -595,16 +617,56 @@ impl Machine<'_> {
             {
                 self.advance();
             }
-            Verdict::Inconclusive => {
-                // Waiting for a person is not a lack of progress.
-                if !self.gate_waits() && self.since_progress() > self.deadline() {
-                    self.rollback(format!(
-                        "no conclusive analysis within progressDeadlineSeconds ({}s)",
-                        self.deadline().as_secs()
-                    ));
-                }
-            }
+            Verdict::Inconclusive => self.hold(),
+            // At the last step, promotion also needs the evidence the guarantee asks for.
+            Verdict::Pass if self.at_last_step() && !self.guarantee_shown() => self.hold(),
             Verdict::Pass => self.advance(),
+        }
+    }
+
+    /// Keeps the weight while the analysis cannot conclude; past the deadline the rollout ends
+    /// inconclusive: rolled back without a verdict on the canary, and said so.
+    fn hold(&mut self) {
+        // Waiting for a person is not a lack of progress.
+        if !self.gate_waits() && self.since_progress() > self.deadline() {
+            let why = format!(
+                "no conclusive analysis within progressDeadlineSeconds ({}s)",
+                self.deadline().as_secs()
+            );
+            let guarantee = self
+                .status
+                .analysis
+                .iter()
+                .find(|g| g.name == judge::PROMOTION_GUARANTEE)
+                .cloned();
+            let explanation =
+                judge::explain_inconclusive(self.status.totals.as_ref(), guarantee.as_ref(), &why);
+            self.rollback(why);
+            self.status.decision = Some(explanation);
+            self.set_condition_reason("Inconclusive");
+        }
+    }
+
+    /// Whether the canary is at the weight after which a passing analysis promotes.
+    fn at_last_step(&self) -> bool {
+        !self.steps.is_empty() && !self.steps.iter().any(|w| *w > self.status.canary_weight)
+    }
+
+    /// Whether this tick's promotion guarantee gate passed.
+    fn guarantee_shown(&self) -> bool {
+        self.status
+            .analysis
+            .iter()
+            .any(|g| g.name == judge::PROMOTION_GUARANTEE && g.verdict == Verdict::Pass)
+    }
+
+    fn set_condition_reason(&mut self, reason: &str) {
+        for c in &mut self.status.conditions {
+            if c.type_ == PROMOTED {
+                c.reason = reason.to_string();
+                c.message =
+                    "no conclusive analysis: rolled back without a verdict on the canary".into();
+            }
         }
     }
 
@@ -713,6 +775,27 @@ impl Machine<'_> {
     }
 
     fn promote(&mut self) {
+        let guarantee = self
+            .status
+            .analysis
+            .iter()
+            .find(|g| g.name == judge::PROMOTION_GUARANTEE && g.verdict == Verdict::Pass);
+        self.status.decision = Some(match (guarantee, &self.status.totals) {
+            (Some(g), Some(totals)) if self.obs.request.is_none() => {
+                judge::explain_promotion(g, totals)
+            }
+            _ => other_decision(
+                &if self.obs.request == Some(UserRequest::Promote) {
+                    format!("promotion requested{}", self.requested_by())
+                } else if self.spec.skip_analysis {
+                    "skipAnalysis is set".to_string()
+                } else {
+                    "promoted without the promotion guarantee (no weight steps to judge)"
+                        .to_string()
+                },
+                Outcome::Other,
+            ),
+        });
         self.actions.push(Action::Promote);
         self.status.last_progress_time = Some(time(self.obs.now));
         self.transition(CanaryPhase::Promoting);
@@ -775,6 +858,8 @@ impl Machine<'_> {
     }
 
     fn rollback(&mut self, why: impl std::fmt::Display) {
+        // Callers whose decision a test made replace this with the test's explanation.
+        self.status.decision = Some(other_decision(&why.to_string(), Outcome::Other));
         self.drop_waiting_gate();
         self.status.canary_weight = 0;
         self.actions.push(Action::SetWeights {
@@ -817,5 +902,28 @@ impl Machine<'_> {
             warning,
         });
         self.actions.push(Action::Notify(WebhookType::Event));
+    }
+}
+
+/// The explanation of an ending no statistical test decided.
+fn other_decision(why: &str, outcome: Outcome) -> DecisionExplanation {
+    DecisionExplanation {
+        outcome,
+        decided_by: why.to_string(),
+        test: String::new(),
+        statistic: None,
+        threshold: None,
+        canary_requests: 0,
+        canary_events: 0,
+        primary_requests: 0,
+        primary_events: 0,
+        summary: {
+            let mut chars = why.chars();
+            let first: String = chars
+                .next()
+                .map(|c| c.to_uppercase().collect())
+                .unwrap_or_default();
+            format!("{first}{}.", chars.as_str())
+        },
     }
 }

@@ -43,6 +43,10 @@ impl MetricSource for Healthy {
         let mut w = Window::default();
         w.canary.requests = 1000;
         w.primary.requests = 9000;
+        // Every request fast: the latency comparison and the promotion guarantee need a
+        // histogram, as the proxies export one.
+        w.canary.latency.buckets = vec![(10.0, 1000), (f64::INFINITY, 1000)];
+        w.primary.latency.buckets = vec![(10.0, 9000), (f64::INFINITY, 9000)];
         Ok(w)
     }
 }

@@ -228,13 +228,21 @@ fn ticks_before_the_interval_do_nothing() {
     assert_eq!(r.status.canary_weight, 20);
 }
 
+/// Both sides slow (every request in the 10-1000 ms bucket): the canary's p99 breaks the
+/// absolute request-duration gate, but it is no slower than the primary, so no sequential
+/// comparison fails and only the threshold counts.
+fn both_slow() -> Window {
+    let mut w = mk_window(500, 0, 500);
+    w.primary.latency = hist(0, 2_000);
+    w
+}
+
 #[test]
 fn failed_checks_freeze_the_weight_and_roll_back_at_threshold() {
     let mut r = Rollout::started(mk_spec(json!({})));
     r.tick(30, Some(healthy()));
     assert_eq!(r.status.canary_weight, 10);
-    // 10 % errors: fails request-success-rate (min 99).
-    r.tick(30, Some(mk_window(500, 50, 0)));
+    r.tick(30, Some(both_slow()));
     assert_eq!(r.status.failed_checks, 1);
     assert_eq!(r.status.canary_weight, 10, "weight moved while failing");
     assert_eq!(r.status.phase, CanaryPhase::Progressing);
@@ -242,18 +250,20 @@ fn failed_checks_freeze_the_weight_and_roll_back_at_threshold() {
         .status
         .analysis
         .iter()
-        .find(|g| g.name == "request-success-rate")
+        .find(|g| g.name == "request-duration")
         .unwrap();
-    assert_eq!(gate.verdict, Verdict::Fail);
-    assert_eq!(gate.canary, Some(90.0));
-    r.tick(30, Some(mk_window(500, 50, 0)));
+    assert_eq!(gate.verdict, Verdict::Fail, "{}", gate.message);
+    r.tick(30, Some(both_slow()));
     assert_eq!(r.status.failed_checks, 2);
-    r.tick(30, Some(mk_window(500, 50, 0)));
+    r.tick(30, Some(both_slow()));
     assert_eq!(r.status.phase, CanaryPhase::Failed);
     assert_eq!(r.status.canary_weight, 0);
     assert_eq!(r.weights(), Some((100, 0)));
     assert!(r.has(&Action::ScaleCanaryDown));
     assert_eq!(r.promoted().as_deref(), Some("False"));
+    let d = r.status.decision.clone().unwrap();
+    assert_eq!(d.outcome, mesh_crds::canary::Outcome::RolledBack);
+    assert_eq!(d.decided_by, "request-duration");
     // Failed stays failed until another revision.
     r.tick(30, Some(healthy()));
     assert_eq!(r.status.phase, CanaryPhase::Failed);
@@ -931,4 +941,62 @@ fn a_gate_the_mesh_holds_is_never_called() {
         [(WebhookType::ConfirmPromotion, "checks".to_string())],
         "only the hook with a url is called"
     );
+}
+
+#[test]
+fn a_sequential_failure_rolls_back_at_once_and_says_why() {
+    // threshold 3, but the comparison's error rate already holds under checking every tick.
+    let mut r = Rollout::started(mk_spec(json!({"metrics": []})));
+    r.tick(30, Some(healthy()));
+    r.tick(30, Some(mk_window(2_000, 40, 0)));
+    assert_eq!(r.status.phase, CanaryPhase::Failed);
+    assert_eq!(r.status.failed_checks, 0);
+    let d = r.status.decision.clone().unwrap();
+    assert_eq!(d.outcome, mesh_crds::canary::Outcome::RolledBack);
+    assert_eq!(d.decided_by, "canary-vs-primary-errors");
+    assert_eq!((d.canary_events, d.primary_events), (40, 0));
+    assert!(d.statistic.unwrap() >= d.threshold.unwrap());
+    assert!(
+        d.summary.contains("40 of 2500 canary requests failed"),
+        "{}",
+        d.summary
+    );
+}
+
+#[test]
+fn without_the_evidence_the_guarantee_needs_the_rollout_ends_inconclusive() {
+    let mut r = Rollout::started(mk_spec(json!({"metrics": []})));
+    // Enough for each comparison to pass, too little to rule out a canary 5x worse.
+    let small = || mk_window(30, 0, 0);
+    while r.status.canary_weight < 50 {
+        r.tick(30, Some(small()));
+        assert_eq!(r.status.phase, CanaryPhase::Progressing);
+    }
+    r.tick(30, Some(small()));
+    assert_eq!(
+        r.status.phase,
+        CanaryPhase::Progressing,
+        "promoted without evidence"
+    );
+    let g = r
+        .status
+        .analysis
+        .iter()
+        .find(|g| g.name == "promotion-guarantee")
+        .unwrap();
+    assert_eq!(g.verdict, Verdict::Inconclusive, "{}", g.message);
+    // progressDeadlineSeconds is 120.
+    for _ in 0..5 {
+        r.tick(30, Some(small()));
+    }
+    assert_eq!(r.status.phase, CanaryPhase::Failed);
+    let d = r.status.decision.clone().unwrap();
+    assert_eq!(d.outcome, mesh_crds::canary::Outcome::Inconclusive);
+    let c = r
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == PROMOTED)
+        .unwrap();
+    assert_eq!(c.reason, "Inconclusive");
 }

@@ -3,11 +3,10 @@
 //! - `report [--seeds N] [--threads N]` runs every strategy on every scenario and writes
 //!   `docs/simulations.md`, its plot and `target/sim/results.json` under the workspace root.
 //! - `run --scenario NAME [--strategy NAME] [--seeds N]` prints the figures of one or all
-//!   strategies (including `mesh-previous`, the settings shipped before the simulations'
-//!   recommendations were adopted) on one scenario. With `--strategy mesh`, the judge and the
-//!   Canary spec can be changed: `--alpha`, `--min-samples`, `--min-window-samples`, `--error-effect`,
-//!   `--latency-effect`, `--slow-quantile`, `--interval`, `--threshold`, `--deadline`,
-//!   `--no-absolute-gates`.
+//!   strategies on one scenario. With `--strategy mesh`, the judge and the Canary spec can be
+//!   changed: `--alpha`, `--min-samples`, `--min-window-samples`, `--window-alpha`,
+//!   `--hold-ratio`, `--promote-alpha`, `--error-floor`, `--step-weight`, `--slow-quantile`,
+//!   `--interval`, `--threshold`, `--deadline`, `--no-absolute-gates`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -74,11 +73,20 @@ fn mesh_config(args: &Args) -> anyhow::Result<MeshConfig> {
     if let Some(v) = args.value("--min-window-samples")? {
         c.judge.min_window_samples = v;
     }
-    if let Some(v) = args.value("--error-effect")? {
-        c.judge.error_effect = v;
+    if let Some(v) = args.value("--window-alpha")? {
+        c.judge.window_alpha = v;
     }
-    if let Some(v) = args.value("--latency-effect")? {
-        c.judge.latency_effect = v;
+    if let Some(v) = args.value("--hold-ratio")? {
+        c.judge.hold_ratio = v;
+    }
+    if let Some(v) = args.value("--promote-alpha")? {
+        c.judge.promote_alpha = v;
+    }
+    if let Some(v) = args.value("--error-floor")? {
+        c.judge.error_floor = v;
+    }
+    if let Some(v) = args.value("--step-weight")? {
+        c.step_weight = v;
     }
     if let Some(v) = args.value("--slow-quantile")? {
         c.judge.slow_quantile = v;
@@ -152,7 +160,7 @@ fn cli() -> anyhow::Result<()> {
                     )));
                 }
             }
-            // The mesh options change `mesh` only; `mesh-previous` keeps its settings.
+            // The mesh options change `mesh`; the baselines keep their documented settings.
             for s in &mut strategies {
                 if let (Kind::Mesh(c), "mesh") = (&mut s.kind, s.name.as_str()) {
                     **c = mesh_config(&args)?;

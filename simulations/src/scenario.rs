@@ -35,6 +35,26 @@ pub struct Gaps {
     pub max_s: u64,
 }
 
+/// One failure of something both arms depend on, at a fixed time into the rollout.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Outage {
+    /// Seconds after the rollout starts.
+    pub start_s: u64,
+    /// How long it lasts, in seconds.
+    pub length_s: u64,
+    /// Failure probability of a request meanwhile, on both arms.
+    pub fail: f64,
+}
+
+/// A slow tail: a share of the canary's requests takes longer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tail {
+    /// Share of the canary's requests in the tail.
+    pub share: f64,
+    /// Their latency, as a multiple of the primary's.
+    pub factor: f64,
+}
+
 /// One simulated situation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scenario {
@@ -59,6 +79,13 @@ pub struct Scenario {
     pub shared_bursts: Option<Bursts>,
     /// Outages of the metrics source.
     pub gaps: Option<Gaps>,
+    /// A failure of a shared dependency: both arms fail alike for a while.
+    pub shared_outage: Option<Outage>,
+    /// A slow tail on the canary alone.
+    pub canary_tail: Option<Tail>,
+    /// A slow tail on the canary for its first seconds of traffic only (a cold start: new
+    /// processes, new connections and handshakes through the proxies), in seconds.
+    pub canary_warmup: Option<(u64, Tail)>,
     /// The right outcome.
     pub expect: Expect,
 }
@@ -83,6 +110,9 @@ impl Scenario {
             canary_bursts: None,
             shared_bursts: None,
             gaps: None,
+            shared_outage: None,
+            canary_tail: None,
+            canary_warmup: None,
             expect: Expect::Promote,
         }
     }
@@ -183,6 +213,71 @@ pub fn all() -> Vec<Scenario> {
             ..Scenario::base(
                 "metric-gaps",
                 "healthy canary; the metrics source is down 20-90 s at a time, every 2 min on average",
+            )
+        },
+    ]
+    .into_iter()
+    .chain(realistic())
+    .collect()
+}
+
+/// The round-2 scenarios: closer to what production does to a rollout.
+fn realistic() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            shared_outage: Some(Outage {
+                start_s: 20,
+                length_s: 60,
+                fail: 0.2,
+            }),
+            ..Scenario::base(
+                "primary-degrades",
+                "healthy canary; 20 s in, a shared dependency fails 20 % of both arms' requests for 60 s",
+            )
+        },
+        Scenario::errors(
+            "one-bad-pod",
+            "one canary pod of three fails 3 % of its requests (1.07 % over the canary), 0.1 % on the others",
+            (2.0 * BASE_FAIL + 0.03) / 3.0,
+        ),
+        Scenario {
+            canary_tail: Some(Tail {
+                share: 0.002,
+                factor: 20.0,
+            }),
+            expect: Expect::Rollback,
+            ..Scenario::base(
+                "latency-p99.9",
+                "canary's slowest 0.2 % take 20x longer (p99.9 about 1 s); p99 unchanged",
+            )
+        },
+        Scenario::errors(
+            "one-route",
+            "canary fails 20 % on one route carrying 5 % of requests (1.1 % over the canary); the judge sees the service's totals",
+            0.95 * BASE_FAIL + 0.05 * 0.2,
+        ),
+        Scenario {
+            canary_warmup: Some((
+                15,
+                Tail {
+                    share: 0.05,
+                    factor: 5.0,
+                },
+            )),
+            ..Scenario::base(
+                "healthy-cold-start",
+                "healthy canary whose first 15 s of traffic are slow for 5 % of its requests (5x): a cold start on a loaded node, sized to the real trials",
+            )
+        },
+        Scenario {
+            shared_bursts: Some(Bursts {
+                mean_gap_s: 60.0,
+                length_s: 5,
+                fail: 0.5,
+            }),
+            ..Scenario::base(
+                "client-5xx-bursts",
+                "healthy canary; a client sends bursts of bad requests that fail on both arms (50 % for 5 s, every 60 s on average)",
             )
         },
     ]

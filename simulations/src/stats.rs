@@ -83,25 +83,6 @@ pub fn mann_whitney(a: &[f64], b: &[f64]) -> Option<(f64, f64)> {
     Some((u, p.min(1.0)))
 }
 
-/// The judge's mSPRT likelihood ratio (`mesh_rollout_controller::judge::msprt`) with the pooled
-/// variance instead: both arms' failures over both arms' requests, the variance under the null
-/// hypothesis that the arms fail alike. Not used by any strategy; the report computes it to
-/// show what the open recommendation on `judge::msprt` would change. Returns the ratio; its
-/// inverse is the always-valid p-value.
-pub fn pooled_msprt(canary: (u64, u64), primary: (u64, u64), effect: f64) -> f64 {
-    let (cx, cn) = canary;
-    let (px, pn) = primary;
-    if cn == 0 || pn == 0 {
-        return 1.0;
-    }
-    let (cnf, pnf) = (cn as f64, pn as f64);
-    let pooled = ((cx + px) as f64).clamp(0.5, cnf + pnf - 0.5) / (cnf + pnf);
-    let v = pooled * (1.0 - pooled) * (1.0 / cnf + 1.0 / pnf);
-    let diff = cx as f64 / cnf - px as f64 / pnf;
-    let tau2 = effect * effect;
-    (v / (v + tau2)).sqrt() * (diff * diff * tau2 / (2.0 * v * (v + tau2))).exp()
-}
-
 /// P(X >= k) for X ~ Binomial(n, p).
 pub fn binomial_at_least(k: u64, n: u64, p: f64) -> f64 {
     let mut total = 0.0;
@@ -164,18 +145,5 @@ mod tests {
         assert!((binomial_at_least(2, 2, 0.5) - 0.25).abs() < 1e-12);
         assert!((binomial_at_least(0, 3, 0.2) - 1.0).abs() < 1e-12);
         assert_eq!(binomial_at_least(4, 3, 0.9), 0.0);
-    }
-
-    #[test]
-    fn pooled_msprt_agrees_with_the_judge_on_equal_arms_and_is_stronger_on_rare_failures() {
-        let judge = |c, p| mesh_rollout_controller::judge::msprt(c, p, 0.02).0;
-        // Equal shares on equal arms: the two variances are the same.
-        let (a, b) = ((50, 1_000), (50, 1_000));
-        assert!((pooled_msprt(a, b, 0.02) - judge(a, b)).abs() < 1e-9);
-        // 8 failures in 150 against 1 in 1,350: the canary's own share inflates the judge's
-        // variance, the pooled one stays near the null's.
-        let (a, b) = ((8, 150), (1, 1_350));
-        assert!(1.0 / judge(a, b) > 0.05);
-        assert!(1.0 / pooled_msprt(a, b, 0.02) < 0.001);
     }
 }

@@ -92,19 +92,6 @@ impl Default for MeshConfig {
 }
 
 impl MeshConfig {
-    /// What the product shipped before the simulations' recommendations were adopted:
-    /// `threshold: 3`, `progressDeadlineSeconds: 60` and the judge's `min_samples` at 200; kept
-    /// as the comparison that shows what the change bought.
-    pub fn previous() -> Self {
-        let mut c = Self {
-            threshold: 3,
-            deadline_s: 60,
-            ..Self::default()
-        };
-        c.judge.min_samples = 200;
-        c
-    }
-
     /// The Canary spec this configuration stands for.
     pub fn spec(&self) -> Result<CanarySpec, serde_json::Error> {
         let interval = format!("{}s", self.interval_s);
@@ -395,10 +382,9 @@ fn run_mesh(config: &MeshConfig, world: &mut World) -> Outcome {
             | CanaryPhase::Finalising
             | CanaryPhase::Succeeded => return finish(world, first_traffic, Decision::Promote),
             CanaryPhase::Failed => {
-                let decision = if status.failed_checks >= spec.analysis.threshold {
-                    Decision::Rollback
-                } else {
-                    Decision::Inconclusive
+                let decision = match status.decision.as_ref().map(|d| d.outcome) {
+                    Some(mesh_crds::canary::Outcome::RolledBack) => Decision::Rollback,
+                    _ => Decision::Inconclusive,
                 };
                 return finish(world, first_traffic, decision);
             }

@@ -87,6 +87,20 @@ pub fn bucket_masses(median_ms: f64, p99_ms: f64) -> [f64; BUCKETS] {
     masses
 }
 
+/// The canary's latency buckets: the primary's shape times the scenario's factor, with its slow
+/// tail, if any, mixed in.
+fn canary_masses(s: &Scenario) -> [f64; BUCKETS] {
+    let f = s.canary_latency_factor;
+    let mut m = bucket_masses(MEDIAN_MS * f, P99_MS * f);
+    if let Some(tail) = s.canary_tail {
+        let slow = bucket_masses(MEDIAN_MS * tail.factor, P99_MS * tail.factor);
+        for (a, b) in m.iter_mut().zip(slow) {
+            *a = (1.0 - tail.share) * *a + tail.share * b;
+        }
+    }
+    m
+}
+
 /// A non-negative, finite count or time held in an `f64` (a Poisson draw, a rounded start
 /// time), as an integer. Negative or non-finite values become 0.
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -135,6 +149,8 @@ pub struct World {
     rng: ChaCha8Rng,
     primary_latency: [f64; BUCKETS],
     canary_latency: [f64; BUCKETS],
+    warm_latency: Option<(u64, [f64; BUCKETS])>,
+    canary_since: Option<u64>,
     canary_bursts: Vec<(u64, u64)>,
     shared_bursts: Vec<(u64, u64)>,
     outages: Vec<(u64, u64)>,
@@ -166,10 +182,15 @@ impl World {
             scenario: scenario.clone(),
             rng: ChaCha8Rng::seed_from_u64(mix(&[name_hash(scenario.name), seed, stream])),
             primary_latency: bucket_masses(MEDIAN_MS, P99_MS),
-            canary_latency: bucket_masses(
-                MEDIAN_MS * scenario.canary_latency_factor,
-                P99_MS * scenario.canary_latency_factor,
-            ),
+            canary_latency: canary_masses(scenario),
+            warm_latency: scenario.canary_warmup.map(|(secs, tail)| {
+                let with_tail = Scenario {
+                    canary_tail: Some(tail),
+                    ..scenario.clone()
+                };
+                (secs, canary_masses(&with_tail))
+            }),
+            canary_since: None,
             canary_bursts,
             shared_bursts,
             outages,
@@ -214,6 +235,12 @@ impl World {
             canary = canary.max(b.fail);
             primary = primary.max(b.fail);
         }
+        if let Some(o) = s.shared_outage
+            && (o.start_s..o.start_s + o.length_s).contains(&t)
+        {
+            canary = canary.max(o.fail);
+            primary = primary.max(o.fail);
+        }
         (canary, primary)
     }
 
@@ -223,7 +250,13 @@ impl World {
         let t = self.now();
         let rate = self.rate(t);
         let (pc, pp) = self.fail_probs(t);
-        let canary_latency = self.canary_latency;
+        if canary_share > 0.0 && self.canary_since.is_none() {
+            self.canary_since = Some(t);
+        }
+        let canary_latency = match (self.warm_latency, self.canary_since) {
+            (Some((secs, warm)), Some(since)) if t < since + secs => warm,
+            _ => self.canary_latency,
+        };
         let primary_latency = self.primary_latency;
         let second = Second {
             canary: self.arm(rate * canary_share, pc, &canary_latency),

@@ -84,8 +84,10 @@ fn the_mesh_strategy_runs_the_judge_it_is_given() {
             absolute_gates: false,
             ..MeshConfig::default()
         };
-        // A test that can never conclude: the canary is never judged, so it is never failed.
+        // A test that can never conclude: it never passes (too few samples, always) and never
+        // fails (a likelihood ratio of at least 1 / alpha is out of reach at alpha 0).
         c.judge.min_samples = u64::MAX;
+        c.judge.alpha = 0.0;
         Strategy::mesh("mesh-blind", c)
     };
     let o = lenient.run(&sc, 1);
@@ -126,18 +128,5 @@ fn the_mesh_strategy_runs_the_shipped_canary() {
     assert_eq!(
         c.judge,
         mesh_rollout_controller::judge::JudgeConfig::default()
-    );
-}
-
-#[test]
-fn the_previous_settings_differ_from_the_shipped_ones_in_the_three_adopted_changes() {
-    let (now, before) = (MeshConfig::default(), MeshConfig::previous());
-    assert_eq!(
-        mesh_simulations::report::changes(&before, &now),
-        [
-            "min_samples 200 -> 100",
-            "threshold 3 -> 2",
-            "progressDeadlineSeconds 60 -> 600"
-        ]
     );
 }
