@@ -230,7 +230,8 @@ impl Proxy {
             .with_transparency(
                 config.outbound_detect_timeout,
                 config.outbound_opaque_ports.clone(),
-            );
+            )
+            .with_limits(config.limits);
         if let Some(c) = &credentials {
             outbound = outbound.with_identity(c.clone());
         }
@@ -243,6 +244,7 @@ impl Proxy {
                 let mut inbound = Inbound::new(app, service, metrics)
                     .with_detect_timeout(config.detect_timeout)
                     .with_opaque_ports(config.inbound_opaque_ports.clone())
+                    .with_limits(config.limits)
                     .with_authz(authz);
                 if let Some(c) = credentials {
                     inbound = inbound.with_identity(c);
