@@ -428,7 +428,7 @@ mod tests {
     }
 
     fn verify(chain_pem: &str, roots_pem: &str, at: SystemTime) -> Result<(), rustls::Error> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let mut roots = rustls::RootCertStore::empty();
         for root in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
             roots.add(root.unwrap()).unwrap();
@@ -525,7 +525,7 @@ mod tests {
             .unwrap();
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             std::sync::Arc::new(store),
-            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+            std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
         )
         .build()
         .unwrap();

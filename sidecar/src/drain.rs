@@ -158,6 +158,8 @@ where
                                 Ok(Ok(stream)) => {
                                     let (_, conn) = stream.get_ref();
                                     let identity = crate::tls::client_identity(conn);
+                                    let group = conn.negotiated_key_exchange_group().map(|g| g.name());
+                                    tracing::debug!(%peer, ?group, ?identity, "{what} TLS handshake");
                                     let carries_opaque =
                                         conn.alpn_protocol() == Some(crate::tls::ALPN_OPAQUE);
                                     if carries_opaque {

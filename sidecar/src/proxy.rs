@@ -156,8 +156,8 @@ impl Proxy {
             addrs,
         } = Listeners::bind(&config).await?;
 
-        // One crypto stack: anything using rustls without naming a provider gets ring.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        // One crypto stack: anything using rustls without naming a provider gets aws-lc-rs.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
         // The proxy's certificate, once the certifier has one; TLS to the control plane and to

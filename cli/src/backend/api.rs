@@ -28,8 +28,8 @@ pub struct ResourceApi {
 impl ResourceApi {
     /// A client of the API at `conn.server`.
     pub fn new(conn: &Conn) -> anyhow::Result<Self> {
-        // One crypto stack in the workspace: rustls with ring, installed before the first client.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        // One crypto stack in the workspace: rustls with aws-lc-rs, installed before the first client.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(token) = token(conn)? {
             headers.insert(reqwest::header::AUTHORIZATION, token);

@@ -108,7 +108,7 @@ fn watcher_tls(state_dir: &Path) -> anyhow::Result<rustls::ClientConfig> {
         .collect::<Result<Vec<_>, _>>()?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])?
     .with_root_certificates(roots)
@@ -310,7 +310,7 @@ fn update_section(doc: &Path, body: &str) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let mut args = std::env::args().skip(1);
     let out_dir = PathBuf::from(args.next().unwrap_or_else(|| "target/bench".into()));
     let doc = PathBuf::from(args.next().unwrap_or_else(|| "docs/benchmarks.md".into()));
