@@ -94,8 +94,8 @@ fn main() -> ExitCode {
             };
         }
     };
-    // One crypto stack: ring, for every HTTP client the commands build.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // One crypto stack: aws-lc-rs, for every HTTP client the commands build.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Rollout(c) => rollout::run(c),

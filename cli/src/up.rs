@@ -72,9 +72,10 @@ async fn up(args: Args) -> anyhow::Result<()> {
     println!("{}", Listening::new("api", mesh.api_addr));
     println!("{}", Listening::new("proxy", mesh.proxy_addr));
     eprintln!(
-        "mesh is up: resource API http://{}, proxy API https://{} (mTLS; trust roots in {}), \
-         state in {}. Ctrl-C stops everything.",
+        "mesh is up: resource API http://{} (token in {}, which `mesh` finds on its own), \
+         proxy API https://{} (mTLS; trust roots in {}), state in {}. Ctrl-C stops everything.",
         mesh.api_addr,
+        mesh.api_token_file.display(),
         mesh.proxy_addr,
         mesh.trust_roots_file.display(),
         state_dir.display()

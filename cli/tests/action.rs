@@ -253,7 +253,12 @@ async fn the_action_gates_good_bad_and_gated_rollouts_on_the_embedded_mesh() {
     );
     let binary = workspace_bin("mesh").unwrap();
     let binary = binary.to_str().unwrap();
+    // The runner's steps may not share this user's home, where mesh up left the pointer to its
+    // token; the job is given the token file as a workflow would be.
+    let token = dir.path().join("state/controlplane/api-token");
+    let token = token.to_str().unwrap();
     let env = [
+        ("MESH_TOKEN_FILE", token),
         ("MESH_TEST_SERVER", server.as_str()),
         ("MESH_TEST_BINARY", binary),
         ("MESH_TEST_CANARY", "backend"),

@@ -21,7 +21,7 @@ use std::{
 };
 
 use mesh_core::proxy_api::{RouteTable, Update};
-use mesh_test_support::{assert_eventually, http_client, mesh::control_plane, proxy_api::MeshCa};
+use mesh_test_support::{assert_eventually, mesh::control_plane, proxy_api::MeshCa};
 use serde_json::Value;
 
 struct ControlPlane {
@@ -245,7 +245,9 @@ async fn invalid_documents_name_the_field_and_store_nothing() {
             "{what}: something was stored"
         );
     }
-    let list: Value = http_client()
+    let list: Value = cp
+        .process
+        .api_client()
         .get(format!(
             "{}/apis/rollouts.mesh.dev/v1alpha1/canaries",
             cp.api
@@ -269,8 +271,8 @@ async fn acknowledged_applies_survive_sigkill() {
     let writer = {
         let api = cp.api.clone();
         let acked = Arc::clone(&acked);
+        let client = cp.process.api_client();
         tokio::spawn(async move {
-            let client = http_client();
             for i in 0..10_000u64 {
                 let doc: Value =
                     serde_yaml::from_str(&route_yaml(&format!("r{i}"), 90, 10)).unwrap();
@@ -359,7 +361,7 @@ async fn watches_resume_from_a_version_across_restarts() {
         "{}/apis/gateway.networking.k8s.io/v1/namespaces/default/httproutes",
         cp.api
     );
-    let client = http_client();
+    let client = cp.process.api_client();
     // A watch without a version starts with a snapshot and a bookmark.
     let mut snapshot = Lines::new(
         client

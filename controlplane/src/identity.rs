@@ -131,13 +131,19 @@ fn write_private(path: &Path, contents: &str) -> Result<(), IdentityError> {
 
 /// The bootstrap token in `state_dir`, made on first use.
 fn load_or_create_token(state_dir: &Path) -> Result<String, IdentityError> {
-    std::fs::create_dir_all(state_dir).map_err(|e| files_err(state_dir)(&e))?;
-    let token_path = state_dir.join(TOKEN_FILE);
-    if !token_path.exists() {
-        write_private(&token_path, &format!("{}\n", random_hex(32)?))?;
+    load_or_create_secret(&state_dir.join(TOKEN_FILE))
+}
+
+/// A random secret in `path` (mode 0600), made on first use.
+pub(crate) fn load_or_create_secret(path: &Path) -> Result<String, IdentityError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| files_err(dir)(&e))?;
     }
-    Ok(std::fs::read_to_string(&token_path)
-        .map_err(|e| files_err(&token_path)(&e))?
+    if !path.exists() {
+        write_private(path, &format!("{}\n", random_hex(32)?))?;
+    }
+    Ok(std::fs::read_to_string(path)
+        .map_err(|e| files_err(path)(&e))?
         .trim()
         .to_string())
 }
@@ -422,7 +428,7 @@ mod tests {
     }
 
     fn verify(chain_pem: &str, roots_pem: &str, at: SystemTime) -> Result<(), rustls::Error> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let mut roots = rustls::RootCertStore::empty();
         for root in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
             roots.add(root.unwrap()).unwrap();
@@ -519,7 +525,7 @@ mod tests {
             .unwrap();
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             std::sync::Arc::new(store),
-            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+            std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
         )
         .build()
         .unwrap();

@@ -64,7 +64,15 @@ impl ControlPlane {
             trust_domain,
             Arc::clone(&self.shared),
         ));
-        crate::serve_apis(store, self.shared, &self.proxy_tls, api, proxy).await;
+        crate::serve_apis(
+            store,
+            self.shared,
+            &self.proxy_tls,
+            &self.api_token,
+            api,
+            proxy,
+        )
+        .await;
     }
 }
 

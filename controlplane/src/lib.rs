@@ -6,6 +6,7 @@
 //! watch streams ([`proxy`]) carry to the sidecars over mTLS ([`tls`]); and it is the CA
 //! ([`identity`]) that issues workload certificates, and its own for the proxy listener.
 
+pub mod access;
 pub mod api;
 pub mod config;
 pub mod http;
@@ -63,6 +64,7 @@ pub struct ControlPlane {
     shared: Arc<Shared>,
     proxy_tls: Arc<ProxyTls>,
     trust_roots_file: PathBuf,
+    api_token: access::ApiToken,
 }
 
 impl ControlPlane {
@@ -84,6 +86,7 @@ impl ControlPlane {
             )?,
         };
         let trust_roots_file = ca.write_trust_roots(&config.state_dir)?;
+        let api_token = access::ApiToken::load_or_create(&config.state_dir)?;
         let proxy_tls = ProxyTls::new(&ca, ServerNames::for_listener(config.proxy_addr.ip()))?;
         // Versions proxies see start from the clock, so they keep growing across restarts of
         // the control plane and a proxy never mistakes a fresh value for a stale one.
@@ -106,6 +109,7 @@ impl ControlPlane {
             }),
             proxy_tls: Arc::new(proxy_tls),
             trust_roots_file,
+            api_token,
         })
     }
 
@@ -113,6 +117,11 @@ impl ControlPlane {
     /// certificate), PEM.
     pub fn trust_roots_file(&self) -> &Path {
         &self.trust_roots_file
+    }
+
+    /// The file holding the resource API's token ([`access`]).
+    pub fn api_token_file(&self) -> &Path {
+        self.api_token.path()
     }
 
     /// The trust roots, PEM.
@@ -129,7 +138,15 @@ impl ControlPlane {
     pub async fn serve(self, api: TcpListener, proxy: TcpListener) {
         spawn_feeds(&self.store, &self.shared);
         tokio::spawn(sweep_workloads(Arc::clone(&self.shared)));
-        serve_apis(self.store, self.shared, &self.proxy_tls, api, proxy).await;
+        serve_apis(
+            self.store,
+            self.shared,
+            &self.proxy_tls,
+            &self.api_token,
+            api,
+            proxy,
+        )
+        .await;
     }
 }
 
@@ -178,12 +195,27 @@ async fn serve_apis<S: ResourceStore>(
     store: S,
     shared: Arc<Shared>,
     proxy_tls: &Arc<ProxyTls>,
+    api_token: &access::ApiToken,
     api: TcpListener,
     proxy: TcpListener,
 ) {
     let store = Arc::new(store);
     tokio::spawn(Arc::clone(proxy_tls).renew(Arc::clone(&shared.ca)));
-    let api_server = http::serve(api, "api", move |req| api::handle(Arc::clone(&store), req));
+    if let Ok(addr) = api.local_addr() {
+        api_token.register(addr);
+    }
+    let token = api_token.clone();
+    let api_server = http::serve(api, "api", move |req| {
+        let store = Arc::clone(&store);
+        let admitted = token.admits(&req) || req.uri().path() == "/healthz";
+        async move {
+            if admitted {
+                api::handle(store, req).await
+            } else {
+                access::unauthorized()
+            }
+        }
+    });
     let proxy_server = http::serve_tls(proxy, "proxy", proxy_tls.config(), move |req| {
         proxy::handle(Arc::clone(&shared), req)
     });

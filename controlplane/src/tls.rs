@@ -81,7 +81,7 @@ fn certified_key(cert: &ServingCert) -> Result<Arc<CertifiedKey>, TlsError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Config(format!("serving certificate: {e}")))?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pkcs8_der.clone()));
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+    let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
         .map_err(|e| TlsError::Config(format!("serving key: {e}")))?;
     Ok(Arc::new(CertifiedKey::new(chain, signer)))
 }
@@ -122,7 +122,7 @@ impl ProxyTls {
                 .add(root)
                 .map_err(|e| TlsError::Config(format!("trust roots: {e}")))?;
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .allow_unauthenticated()

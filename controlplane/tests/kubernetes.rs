@@ -397,10 +397,10 @@ async fn policy_objects_in_the_cluster_become_the_policy_proxies_watch() {
 /// reads see objects made with any other client, and deletes delete.
 #[tokio::test]
 async fn the_resource_api_reads_and_writes_the_cluster() {
-    let (kube, _state, cp) = cluster().await;
+    let (kube, state, cp) = cluster().await;
     let client = kube.client();
     let api = format!("http://{}", cp.addr("api"));
-    let http = mesh_test_support::http_client();
+    let http = mesh_test_support::mesh::api_client(state.path());
     let apply = |body: &'static str| {
         http.post(format!("{api}/apply?namespace=default"))
             .header("content-type", "application/yaml")

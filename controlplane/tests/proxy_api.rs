@@ -498,7 +498,7 @@ async fn serving_certificate(addr: std::net::SocketAddr, roots_pem: &str) -> Vec
         roots.add(root.unwrap()).unwrap();
     }
     let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()

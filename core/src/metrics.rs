@@ -79,6 +79,8 @@ const BUCKET_SUFFIX: &str = "_bucket";
 
 /// Label names.
 pub mod label {
+    /// The proxy listener a connection arrived on: `inbound` or `outbound`.
+    pub const LISTENER: &str = "listener";
     /// `inbound` or `outbound` ([`super::Direction`]).
     pub const DIRECTION: &str = "direction";
     /// The authority a request was routed by.
@@ -342,9 +344,30 @@ pub const TCP_AUTHZ_DENY: Family = Family {
     labels: &AUTHZ_LABELS,
 };
 
-/// Every family the proxy exports: golden HTTP metrics, per-route retries, opaque TCP, then
-/// inbound authorization (the order of the reference table in docs/proxy.md).
-pub const FAMILIES: [Family; 15] = [
+/// Labels of the listener families.
+pub const LISTENER_LABELS: [&str; 1] = [label::LISTENER];
+
+/// `listener_open_connections`: connections a listener holds open now (under its cap).
+pub const LISTENER_OPEN_CONNECTIONS: Family = Family {
+    name: "listener_open_connections",
+    kind: Kind::Gauge,
+    help: "Connections a proxy listener holds open now",
+    labels: &LISTENER_LABELS,
+};
+
+/// `listener_connection_limit_reached_total`: times a listener reached its connection cap and
+/// stopped accepting until a connection closed.
+pub const LISTENER_LIMIT_REACHED: Family = Family {
+    name: "listener_connection_limit_reached",
+    kind: Kind::Counter,
+    help: "Times a proxy listener reached its connection cap and paused accepting",
+    labels: &LISTENER_LABELS,
+};
+
+/// Every family the proxy exports: golden HTTP metrics, per-route retries, opaque TCP,
+/// inbound authorization, then the listeners' connection cap (the order of the reference table
+/// in docs/proxy.md).
+pub const FAMILIES: [Family; 17] = [
     REQUEST,
     RESPONSE,
     RESPONSE_LATENCY_MS,
@@ -360,12 +383,14 @@ pub const FAMILIES: [Family; 15] = [
     HTTP_AUTHZ_ALLOW,
     HTTP_AUTHZ_DENY,
     TCP_AUTHZ_DENY,
+    LISTENER_OPEN_CONNECTIONS,
+    LISTENER_LIMIT_REACHED,
 ];
 
 /// The label values that form a closed set, by label name.
 pub fn closed_values(label: &str) -> Option<Vec<&'static str>> {
     match label {
-        label::DIRECTION => Some(Direction::ALL.map(Direction::as_str).to_vec()),
+        label::DIRECTION | label::LISTENER => Some(Direction::ALL.map(Direction::as_str).to_vec()),
         label::CLASSIFICATION => Some(Classification::ALL.map(Classification::as_str).to_vec()),
         label::ERROR => Some(
             std::iter::once(ErrorSource::label(None))

@@ -22,11 +22,11 @@ pub const HEADER_DOWNSTREAM_VERSION: &str = "x-demo-downstream-version";
 /// A reqwest client builder with the process-wide TLS provider installed.
 ///
 /// The workspace builds reqwest without a built-in crypto provider (one crypto stack: rustls
-/// with ring), and reqwest refuses to build a client until one is installed. Proxy settings
+/// with aws-lc-rs), and reqwest refuses to build a client until one is installed. Proxy settings
 /// are left at reqwest's default, which honours `HTTP_PROXY`, `HTTPS_PROXY` and `NO_PROXY`.
 pub fn http_client_builder() -> reqwest::ClientBuilder {
     // Installing fails only when a provider is already installed, which is as good.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     reqwest::Client::builder()
 }
 

@@ -10,14 +10,17 @@ use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 
 use crate::balance::{self, BalanceConfig, FailureAccrual};
+use crate::limits::Limits;
 use mesh_core::proxy_api::{PolicyTarget, ServiceRef, parse_labels};
 
 /// Address of the admin server (`/live`, `/ready`, `/metrics`).
 pub const ENV_ADMIN_ADDR: &str = "MESH_PROXY_ADMIN_ADDR";
 
-/// Linkerd's admin port, so existing scrape configs and probes keep working.
+/// Linkerd's admin port, so existing scrape configs and probes keep working; on loopback
+/// unless asked otherwise, since `/config` shows the mesh's routing to whoever can reach it (in
+/// a pod the injector sets the pod's address, for the kubelet's probes and Prometheus).
 pub const DEFAULT_ADMIN_ADDR: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 4191);
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 4191);
 
 /// Address of the outbound listener the local app sends its requests to.
 pub const ENV_OUTBOUND_ADDR: &str = "MESH_PROXY_OUTBOUND_ADDR";
@@ -121,6 +124,97 @@ pub const ENV_FAILURE_ACCRUAL_MIN_BACKOFF: &str = "MESH_PROXY_FAILURE_ACCRUAL_MI
 /// Longest wait between probes of a failing endpoint.
 pub const ENV_FAILURE_ACCRUAL_MAX_BACKOFF: &str = "MESH_PROXY_FAILURE_ACCRUAL_MAX_BACKOFF";
 
+/// Time a client has to send a whole request head (and that a kept-alive HTTP/1.1
+/// connection may sit idle), on both listeners, e.g. `30s`.
+pub const ENV_HEADER_READ_TIMEOUT: &str = "MESH_PROXY_HEADER_READ_TIMEOUT";
+
+/// Time a connection may carry no byte before it is asked to close, on both listeners.
+pub const ENV_IDLE_TIMEOUT: &str = "MESH_PROXY_IDLE_TIMEOUT";
+
+/// Connections each listener keeps open at once; at the cap it stops accepting until one
+/// closes.
+pub const ENV_MAX_CONNECTIONS: &str = "MESH_PROXY_MAX_CONNECTIONS";
+
+/// Bytes of an HTTP/1.1 connection's read and write buffers (each); a longer request head is
+/// refused with 431. At least 8192.
+pub const ENV_HTTP1_MAX_BUFFER: &str = "MESH_PROXY_HTTP1_MAX_BUFFER";
+
+/// Header fields in an HTTP/1.1 request head; more is refused with 431.
+pub const ENV_HTTP1_MAX_HEADERS: &str = "MESH_PROXY_HTTP1_MAX_HEADERS";
+
+/// Concurrent streams per HTTP/2 connection.
+pub const ENV_H2_MAX_CONCURRENT_STREAMS: &str = "MESH_PROXY_H2_MAX_CONCURRENT_STREAMS";
+
+/// Bytes of a decoded HTTP/2 header list; it also bounds a run of CONTINUATION frames.
+pub const ENV_H2_MAX_HEADER_LIST_SIZE: &str = "MESH_PROXY_H2_MAX_HEADER_LIST_SIZE";
+
+/// HTTP/2 streams a client may open and reset before the proxy accepts them (rapid reset).
+pub const ENV_H2_MAX_PENDING_RESETS: &str = "MESH_PROXY_H2_MAX_PENDING_RESETS";
+
+/// HTTP/2 streams the proxy may reset for a client's errors before closing the connection.
+pub const ENV_H2_MAX_LOCAL_RESETS: &str = "MESH_PROXY_H2_MAX_LOCAL_RESETS";
+
+/// The listeners' limits from `env`; see [`crate::limits`].
+fn limits(env: &impl Env) -> Result<Limits, ConfigError> {
+    use crate::limits as l;
+    let limits = Limits {
+        header_read_timeout: env
+            .duration_or(ENV_HEADER_READ_TIMEOUT, l::DEFAULT_HEADER_READ_TIMEOUT)?,
+        idle_timeout: env.duration_or(ENV_IDLE_TIMEOUT, l::DEFAULT_IDLE_TIMEOUT)?,
+        max_connections: env.parse_or(ENV_MAX_CONNECTIONS, l::DEFAULT_MAX_CONNECTIONS)?,
+        http1_max_buffer: env.parse_or(ENV_HTTP1_MAX_BUFFER, l::DEFAULT_HTTP1_MAX_BUFFER)?,
+        http1_max_headers: env.parse_or(ENV_HTTP1_MAX_HEADERS, l::DEFAULT_HTTP1_MAX_HEADERS)?,
+        h2_max_concurrent_streams: env.parse_or(
+            ENV_H2_MAX_CONCURRENT_STREAMS,
+            l::DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+        )?,
+        h2_max_header_list_size: env.parse_or(
+            ENV_H2_MAX_HEADER_LIST_SIZE,
+            l::DEFAULT_H2_MAX_HEADER_LIST_SIZE,
+        )?,
+        h2_max_pending_resets: env
+            .parse_or(ENV_H2_MAX_PENDING_RESETS, l::DEFAULT_H2_MAX_PENDING_RESETS)?,
+        h2_max_local_resets: env
+            .parse_or(ENV_H2_MAX_LOCAL_RESETS, l::DEFAULT_H2_MAX_LOCAL_RESETS)?,
+    };
+    let bad = |name: &'static str, reason: &str| ConfigError {
+        name,
+        value: env.var(name).unwrap_or_default(),
+        reason: reason.to_string(),
+    };
+    for (name, value) in [
+        (ENV_HEADER_READ_TIMEOUT, limits.header_read_timeout),
+        (ENV_IDLE_TIMEOUT, limits.idle_timeout),
+    ] {
+        if value.is_zero() {
+            return Err(bad(name, "must be longer than zero"));
+        }
+    }
+    for (name, value) in [
+        (ENV_MAX_CONNECTIONS, limits.max_connections),
+        (ENV_HTTP1_MAX_HEADERS, limits.http1_max_headers),
+        (
+            ENV_H2_MAX_CONCURRENT_STREAMS,
+            limits.h2_max_concurrent_streams as usize,
+        ),
+        (
+            ENV_H2_MAX_HEADER_LIST_SIZE,
+            limits.h2_max_header_list_size as usize,
+        ),
+    ] {
+        if value == 0 {
+            return Err(bad(name, "must be at least 1"));
+        }
+    }
+    if limits.http1_max_buffer < l::MIN_HTTP1_BUFFER {
+        return Err(bad(
+            ENV_HTTP1_MAX_BUFFER,
+            &format!("must be at least {} bytes", l::MIN_HTTP1_BUFFER),
+        ));
+    }
+    Ok(limits)
+}
+
 /// Typed proxy configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -154,6 +248,8 @@ pub struct Config {
     pub inbound_default_policy: mesh_policies::DefaultPolicy,
     /// Endpoint selection and failure accrual.
     pub balance: BalanceConfig,
+    /// What a peer may make each listener hold ([`crate::limits`]).
+    pub limits: Limits,
 }
 
 /// Where the control plane's proxy API is and what verifies it.
@@ -338,6 +434,7 @@ impl Config {
                     )?,
                 },
             },
+            limits: limits(env)?,
         };
         for (name, value) in [
             (ENV_OUTBOUND_CONNECT_TIMEOUT, config.connect_timeout),
@@ -545,9 +642,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_to_linkerd_admin_port() {
+    fn defaults_to_linkerd_admin_port_on_loopback() {
         let cfg = Config::from_env(&BTreeMap::new()).unwrap();
         assert_eq!(cfg.admin_addr.port(), 4191);
+        assert!(cfg.admin_addr.ip().is_loopback());
+    }
+
+    #[test]
+    fn limits_default_and_bad_values_name_the_variable() {
+        let cfg = Config::from_env(&BTreeMap::new()).unwrap();
+        assert_eq!(cfg.limits, Limits::default());
+        let cfg = Config::from_env(&env(&[
+            (ENV_HEADER_READ_TIMEOUT, "5s"),
+            (ENV_IDLE_TIMEOUT, "2m"),
+            (ENV_MAX_CONNECTIONS, "100"),
+            (ENV_HTTP1_MAX_BUFFER, "16384"),
+            (ENV_H2_MAX_CONCURRENT_STREAMS, "10"),
+            (ENV_H2_MAX_HEADER_LIST_SIZE, "8192"),
+            (ENV_H2_MAX_PENDING_RESETS, "5"),
+        ]))
+        .unwrap();
+        assert_eq!(cfg.limits.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(cfg.limits.idle_timeout, Duration::from_secs(120));
+        assert_eq!(cfg.limits.max_connections, 100);
+        assert_eq!(cfg.limits.http1_max_buffer, 16384);
+        assert_eq!(cfg.limits.h2_max_concurrent_streams, 10);
+        assert_eq!(cfg.limits.h2_max_header_list_size, 8192);
+        assert_eq!(cfg.limits.h2_max_pending_resets, 5);
+        for (name, value) in [
+            (ENV_HTTP1_MAX_BUFFER, "4096"),
+            (ENV_MAX_CONNECTIONS, "0"),
+            (ENV_MAX_CONNECTIONS, "lots"),
+            (ENV_IDLE_TIMEOUT, "0s"),
+            (ENV_H2_MAX_CONCURRENT_STREAMS, "0"),
+        ] {
+            let err = Config::from_env(&env(&[(name, value)])).unwrap_err();
+            assert_eq!((err.name, err.value.as_str()), (name, value));
+        }
     }
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -7,16 +7,18 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::http::Body;
+use crate::limits::{Activity, ConnectionCap, Limits, Tracked};
 
 /// Longest wait for requests in flight once shutdown begins; slower ones are cut off.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,32 +71,24 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves HTTP/1.1 and h2c on `listener`, answering each request with `handle`, until `drain`
 /// fires; then stops accepting and returns once the open connections have finished. `what`
-/// names the listener in logs.
-pub async fn serve<H, F>(
-    listener: TcpListener,
-    what: &'static str,
-    drain: Watch,
-    handle: H,
-) -> std::io::Result<()>
-where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
-{
-    serve_detect(listener, what, drain, None, None, handle).await
-}
-
-/// As [`serve`], and with `tls` set, connections that open with a TLS ClientHello are
+/// names the listener in logs. `limits` bound what each connection may hold, and `cap` how many
+/// are open at once (see [`crate::limits`]).
+///
+/// With `tls` set, connections that open with a TLS ClientHello are
 /// terminated with it first (peeked, so plaintext HTTP/1.1 and h2c keep working on the same
 /// port); requests on them carry the client's verified [`ClientIdentity`]. With `opaque` set,
 /// connections that are neither TLS nor HTTP are forwarded to the app as opaque TCP (see
 /// [`crate::opaque`]), as are redirected connections to its opaque ports (never sniffed), and
 /// mTLS connections whose ALPN is [`crate::tls::ALPN_OPAQUE`] (a peer proxy carrying opaque TCP).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_detect<H, F>(
     listener: TcpListener,
     what: &'static str,
     mut drain: Watch,
     tls: Option<Arc<rustls::ServerConfig>>,
     opaque: Option<Arc<crate::opaque::Opaque>>,
+    limits: Limits,
+    cap: Arc<ConnectionCap>,
     handle: H,
 ) -> std::io::Result<()>
 where
@@ -103,16 +97,25 @@ where
 {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut connections = JoinSet::new();
+    // A slot is taken before accepting: at the cap, connections wait in the kernel's queue.
+    let mut slot = None;
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
+            admitted = cap.admit(), if slot.is_none() => match admitted {
+                Some(admitted) => slot = Some(admitted),
+                None => break,
+            },
+            accepted = listener.accept(), if slot.is_some() => {
                 let (io, peer) = accepted?;
+                let admitted = slot.take().map(crate::limits::Admitted::accepted);
                 let _ = io.set_nodelay(true);
                 let handle = handle.clone();
                 let mut drain = drain.clone();
                 let acceptor = acceptor.clone();
                 let opaque = opaque.clone();
                 connections.spawn(async move {
+                    // Held for as long as the connection is open.
+                    let _admitted = admitted;
                     use crate::opaque::{Protocol, detect, forward};
                     // A redirected connection to a port declared opaque is never sniffed: its
                     // protocol may be server-first. Peer proxies connect to the listener itself
@@ -155,6 +158,8 @@ where
                                 Ok(Ok(stream)) => {
                                     let (_, conn) = stream.get_ref();
                                     let identity = crate::tls::client_identity(conn);
+                                    let group = conn.negotiated_key_exchange_group().map(|g| g.name());
+                                    tracing::debug!(%peer, ?group, ?identity, "{what} TLS handshake");
                                     let carries_opaque =
                                         conn.alpn_protocol() == Some(crate::tls::ALPN_OPAQUE);
                                     if carries_opaque {
@@ -168,7 +173,7 @@ where
                                         }
                                         return;
                                     }
-                                    connection(stream, handle, peer, identity.map(ClientIdentity), drain).await
+                                    connection(stream, handle, peer, identity.map(ClientIdentity), drain, &limits).await
                                 }
                                 Ok(Err(error)) => {
                                     tracing::info!(%peer, %error, "{what} TLS handshake failed");
@@ -180,7 +185,7 @@ where
                                 }
                             }
                         }
-                        _ => connection(io, handle, peer, None, drain).await,
+                        _ => connection(io, handle, peer, None, drain, &limits).await,
                     };
                     if let Err(error) = result {
                         tracing::debug!(%peer, %error, "{what} connection ended with an error");
@@ -203,18 +208,28 @@ where
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on one connection until it ends or the drain asks it to finish.
+/// A client that sends no request head within the header-read deadline is cut off; one that
+/// sends no byte for the idle timeout is asked to finish (HTTP/1.1 closes after the response
+/// in flight, HTTP/2 sends GOAWAY).
 pub(crate) async fn connection<I, H, F>(
     io: I,
     handle: H,
     peer: std::net::SocketAddr,
     identity: Option<ClientIdentity>,
     mut drain: Watch,
+    limits: &Limits,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    let activity = Activity::new();
+    let io = Tracked::new(io, activity.clone());
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(AtomicBool::new(false));
+    let counted = in_flight.clone();
+    let saw = seen.clone();
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         // Set here, by the connection, so nothing a peer sends can claim an identity.
         match &identity {
@@ -224,8 +239,11 @@ where
         req.extensions_mut().insert(PeerAddr(peer));
         crate::tunnel::refuse_h2c_upgrade(&mut req);
         let head = req.method() == http::Method::HEAD;
+        saw.store(true, Ordering::Relaxed);
+        let in_flight = InFlight::new(&counted);
         let response = handle(req);
         async move {
+            let _in_flight = in_flight;
             let mut response = response.await;
             // A response to HEAD has no content. HTTP/1.1 drops it on its own; HTTP/2 would send
             // it as DATA, which the client takes for a protocol error, so it goes here, for
@@ -236,15 +254,75 @@ where
             Ok::<_, Infallible>(response)
         }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let builder = limits.builder();
     // Upgrades (WebSocket, CONNECT) hand the connection over once answered; see crate::tunnel.
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => result,
-        () = drain.signaled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    // hyper's own deadline starts once it reads a request head; this one covers what comes
+    // before (telling HTTP/1.1 from HTTP/2, the HTTP/2 preface and settings).
+    let first_request = tokio::time::sleep(limits.header_read_timeout);
+    tokio::pin!(first_request);
+    let mut answered = false;
+    loop {
+        let idle_at = activity.last() + limits.idle_timeout;
+        tokio::select! {
+            result = conn.as_mut() => return result,
+            () = &mut first_request, if !answered => {
+                if !seen.load(Ordering::Relaxed) {
+                    return Err(Box::new(Timeout("no request within the header-read deadline")));
+                }
+                answered = true;
+            }
+            () = tokio::time::sleep_until(idle_at.into()) => {
+                if activity.last().elapsed() >= limits.idle_timeout {
+                    break;
+                }
+            }
+            () = drain.signaled() => {
+                conn.as_mut().graceful_shutdown();
+                return conn.await;
+            }
         }
+    }
+    tracing::debug!(%peer, "closing an idle connection");
+    conn.as_mut().graceful_shutdown();
+    // A request still waiting for its answer finishes (or the drain ends it); a connection with
+    // nothing in flight that does not close on its own (a half-sent request) is cut off.
+    if in_flight.load(Ordering::Relaxed) > 0 {
+        tokio::select! {
+            result = conn.as_mut() => result,
+            () = drain.signaled() => {
+                match tokio::time::timeout(DRAIN_TIMEOUT, conn).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Box::new(Timeout("drain deadline"))),
+                }
+            }
+        }
+    } else {
+        match tokio::time::timeout(limits.header_read_timeout, conn).await {
+            Ok(result) => result,
+            Err(_) => Err(Box::new(Timeout("idle connection did not close"))),
+        }
+    }
+}
+
+/// A connection the proxy cut off for taking too long.
+#[derive(Debug, thiserror::Error)]
+#[error("connection closed: {0}")]
+struct Timeout(&'static str);
+
+/// Counts a request from its head to its response head.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

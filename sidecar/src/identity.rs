@@ -85,7 +85,7 @@ impl Credentials {
         }
         let serial = serial_hex(leaf)?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8_der));
-        let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
             .map_err(|e| format!("private key: {e}"))?;
         let mut roots = RootCertStore::empty();
         for root in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {

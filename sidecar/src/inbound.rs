@@ -48,6 +48,7 @@ pub struct Inbound {
     detect_timeout: std::time::Duration,
     authz: Option<Authz>,
     opaque_ports: crate::opaque::Ports,
+    limits: crate::limits::Limits,
 }
 
 impl Inbound {
@@ -73,7 +74,14 @@ impl Inbound {
             detect_timeout: crate::opaque::DEFAULT_DETECT_TIMEOUT,
             authz: None,
             opaque_ports: crate::opaque::Ports::default(),
+            limits: crate::limits::Limits::default(),
         }
+    }
+
+    /// What each connection may hold, and how many may be open at once.
+    pub fn with_limits(mut self, limits: crate::limits::Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Ports whose redirected connections are forwarded to the app as opaque TCP at once,
@@ -127,10 +135,25 @@ impl Inbound {
             authz: self.authz.clone(),
             opaque_ports: self.opaque_ports.clone(),
         });
-        crate::drain::serve_detect(listener, "inbound", drain, tls, Some(opaque), move |req| {
-            let this = self.clone();
-            async move { this.handle(req).await }
-        })
+        let limits = self.limits;
+        let cap = Arc::new(crate::limits::ConnectionCap::new(
+            "inbound",
+            limits.max_connections,
+            &self.metrics,
+        ));
+        crate::drain::serve_detect(
+            listener,
+            "inbound",
+            drain,
+            tls,
+            Some(opaque),
+            limits,
+            cap,
+            move |req| {
+                let this = self.clone();
+                async move { this.handle(req).await }
+            },
+        )
         .await
     }
 

@@ -30,6 +30,7 @@ pub mod drain;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod limits;
 pub mod metrics;
 pub mod opaque;
 pub mod orig_dst;

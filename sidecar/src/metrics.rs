@@ -129,6 +129,19 @@ impl EncodeLabelSet for AuthzLabels {
     }
 }
 
+/// Labels of the listener series: which listener (`inbound` or `outbound`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct ListenerLabels {
+    /// `inbound` or `outbound`.
+    pub listener: &'static str,
+}
+
+impl EncodeLabelSet for ListenerLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encode_labels(&contract::LISTENER_LABELS, [self.listener], encoder)
+    }
+}
+
 /// Labels of per-route series: the authority and the HTTPRoute rule.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct RouteLabels {
@@ -196,6 +209,10 @@ pub struct Metrics {
     pub http_authz_deny: Family<AuthzLabels, Counter>,
     /// Inbound opaque TCP connections refused by policy (closed).
     pub tcp_authz_deny: Family<AuthzLabels, Counter>,
+    /// Connections each listener holds open now.
+    pub listener_open: Family<ListenerLabels, Gauge>,
+    /// Times each listener reached its connection cap.
+    pub listener_limit_reached: Family<ListenerLabels, Counter>,
 }
 
 impl Metrics {
@@ -219,6 +236,8 @@ impl Metrics {
             http_authz_allow: Family::default(),
             http_authz_deny: Family::default(),
             tcp_authz_deny: Family::default(),
+            listener_open: Family::default(),
+            listener_limit_reached: Family::default(),
         };
         // Registration order is the exposition's order; it is kept as it always was.
         register(
@@ -275,6 +294,16 @@ impl Metrics {
             registry,
             &contract::RETRY_OVERFLOW,
             m.retry_overflow.clone(),
+        );
+        register(
+            registry,
+            &contract::LISTENER_OPEN_CONNECTIONS,
+            m.listener_open.clone(),
+        );
+        register(
+            registry,
+            &contract::LISTENER_LIMIT_REACHED,
+            m.listener_limit_reached.clone(),
         );
         m
     }
@@ -366,6 +395,11 @@ mod tests {
         for f in [&m.http_authz_allow, &m.http_authz_deny, &m.tcp_authz_deny] {
             f.get_or_create(&authz).inc();
         }
+        let listener = ListenerLabels {
+            listener: "inbound",
+        };
+        m.listener_open.get_or_create(&listener).inc();
+        m.listener_limit_reached.get_or_create(&listener).inc();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         text

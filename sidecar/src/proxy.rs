@@ -156,8 +156,8 @@ impl Proxy {
             addrs,
         } = Listeners::bind(&config).await?;
 
-        // One crypto stack: anything using rustls without naming a provider gets ring.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        // One crypto stack: anything using rustls without naming a provider gets aws-lc-rs.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
         // The proxy's certificate, once the certifier has one; TLS to the control plane and to
@@ -230,7 +230,8 @@ impl Proxy {
             .with_transparency(
                 config.outbound_detect_timeout,
                 config.outbound_opaque_ports.clone(),
-            );
+            )
+            .with_limits(config.limits);
         if let Some(c) = &credentials {
             outbound = outbound.with_identity(c.clone());
         }
@@ -243,6 +244,7 @@ impl Proxy {
                 let mut inbound = Inbound::new(app, service, metrics)
                     .with_detect_timeout(config.detect_timeout)
                     .with_opaque_ports(config.inbound_opaque_ports.clone())
+                    .with_limits(config.limits)
                     .with_authz(authz);
                 if let Some(c) = credentials {
                     inbound = inbound.with_identity(c);

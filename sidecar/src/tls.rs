@@ -1,4 +1,4 @@
-//! mTLS between proxies (rustls with the ring provider).
+//! mTLS between proxies (rustls with the aws-lc-rs provider; X25519MLKEM768 preferred).
 //!
 //! Both ends present the certificate [`crate::identity`] holds and verify the peer against the
 //! trust roots that came with it. Certificates and roots are read through the credentials'

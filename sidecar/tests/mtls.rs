@@ -271,3 +271,38 @@ async fn the_proxy_verifies_the_control_plane_before_asking_it_anything() {
         assert!(identity(&*p).await.is_null());
     }
 }
+
+/// Two proxies agree on the hybrid post-quantum key exchange: the server proxy's log names the
+/// group of the mTLS handshake its peer made.
+#[tokio::test]
+async fn proxies_negotiate_post_quantum_key_exchange() {
+    let web = app("v1").await.unwrap();
+    let cp = control_plane().run().unwrap();
+    let mut server = cp
+        .proxy(WEB_ID)
+        .app(web.addr())
+        .service(AUTHORITY)
+        .env("RUST_LOG", "info,mesh_sidecar::drain=debug")
+        .spawn()
+        .unwrap();
+    let client = cp.proxy(CLIENT_ID).run().unwrap();
+    mesh_test_support::proxies::wait_ready(&server)
+        .await
+        .unwrap();
+    mesh_test_support::proxies::wait_ready(&client)
+        .await
+        .unwrap();
+    assert_eventually!(get(client.addr("outbound"), &[]).await.status() == StatusCode::OK);
+    assert_eventually!(server.log().contains("TLS handshake"));
+    let log = server.log();
+    let handshakes: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("TLS handshake"))
+        .collect();
+    assert!(
+        handshakes
+            .iter()
+            .all(|l| l.contains("Some(X25519MLKEM768)")),
+        "{handshakes:#?}"
+    );
+}

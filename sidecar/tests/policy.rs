@@ -38,6 +38,7 @@ async fn delete(cp: &ControlPlane, plural: &str, name: &str) {
             "http://{}/apis/policy.mesh.dev/v1alpha1/namespaces/default/{plural}/{name}",
             cp.api()
         ))
+        .header("authorization", cp.api_authorization())
         .send()
         .await
         .unwrap();

@@ -225,6 +225,23 @@ impl ControlPlane {
         &mut self.process
     }
 
+    /// The `Authorization` value the resource API admits: its token, from the state directory.
+    ///
+    /// # Panics
+    /// When the control plane has not written its token.
+    #[allow(
+        clippy::expect_used,
+        reason = "a test helper fails its test by panicking"
+    )]
+    pub fn api_authorization(&self) -> String {
+        api_authorization(&self.state)
+    }
+
+    /// An HTTP client of the resource API that presents its token.
+    pub fn api_client(&self) -> reqwest::Client {
+        api_client(&self.state)
+    }
+
     /// Applies a multi-document YAML in namespace `default` through the resource API.
     ///
     /// # Panics
@@ -236,6 +253,7 @@ impl ControlPlane {
     pub async fn apply(&self, yaml: &str) {
         let rsp = crate::http_client()
             .post(format!("{}/apply?namespace=default", self.api_url()))
+            .header("authorization", self.api_authorization())
             .header("content-type", "application/yaml")
             .body(yaml.to_string())
             .send()
@@ -245,6 +263,43 @@ impl ControlPlane {
         let body = rsp.text().await.unwrap_or_default();
         assert!(status.is_success(), "apply: {status}: {body}");
     }
+}
+
+/// The `Authorization` value the resource API of the control plane whose state is in `state`
+/// admits: its token.
+///
+/// # Panics
+/// When the control plane has not written its token.
+#[allow(
+    clippy::expect_used,
+    reason = "a test helper fails its test by panicking"
+)]
+pub fn api_authorization(state: &Path) -> String {
+    // mesh_controlplane::access::API_TOKEN_FILE, named here so this crate stays below it.
+    let path = state.join("api-token");
+    let token = std::fs::read_to_string(&path).expect("reading the control plane's api-token");
+    format!("Bearer {}", token.trim())
+}
+
+/// An HTTP client of the resource API of the control plane whose state is in `state`, which
+/// presents its token on every request.
+///
+/// # Panics
+/// When the control plane has not written its token.
+#[allow(
+    clippy::expect_used,
+    reason = "a test helper fails its test by panicking"
+)]
+pub fn api_client(state: &Path) -> reqwest::Client {
+    let _ = crate::http_client();
+    let mut value = reqwest::header::HeaderValue::from_str(&api_authorization(state))
+        .expect("a token is a header value");
+    value.set_sensitive(true);
+    let headers = reqwest::header::HeaderMap::from_iter([(reqwest::header::AUTHORIZATION, value)]);
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("an HTTP client")
 }
 
 /// A mesh pair to start: a control plane, a server proxy in front of `app` registered as

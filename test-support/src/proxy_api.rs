@@ -109,7 +109,7 @@ pub fn client(roots_pem: &str, cert: Option<&CertifiedKey>) -> Result<reqwest::C
         roots.add(root.map_err(tls_err)?).map_err(tls_err)?;
     }
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(tls_err)?
@@ -205,7 +205,7 @@ impl StandIn {
         for root in CertificateDer::pem_slice_iter(ca.roots_pem().as_bytes()) {
             roots.add(root.map_err(tls_err)?).map_err(tls_err)?;
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
             provider.clone(),

@@ -602,6 +602,7 @@ every_crate! {
     core_has_no_module_cycles => "core",
     crds_has_no_module_cycles => "crds",
     demo_has_no_module_cycles => "demo",
+    fuzz_has_no_module_cycles => "fuzz",
     policies_has_no_module_cycles => "policies",
     rollout_controller_has_no_module_cycles => "rollout-controller",
     sidecar_has_no_module_cycles => "sidecar",

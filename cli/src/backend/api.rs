@@ -28,10 +28,15 @@ pub struct ResourceApi {
 impl ResourceApi {
     /// A client of the API at `conn.server`.
     pub fn new(conn: &Conn) -> anyhow::Result<Self> {
-        // One crypto stack in the workspace: rustls with ring, installed before the first client.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        // One crypto stack in the workspace: rustls with aws-lc-rs, installed before the first client.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = token(conn)? {
+            headers.insert(reqwest::header::AUTHORIZATION, token);
+        }
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            .default_headers(headers)
             .build()
             .context("building the HTTP client")?;
         Ok(Self {
@@ -189,6 +194,34 @@ async fn body_of(resp: reqwest::Response) -> anyhow::Result<Value> {
     resp.json()
         .await
         .with_context(|| format!("reading the control plane's answer ({status})"))
+}
+
+/// The `Authorization` value for the control plane at `conn.server`: from `--token-file` /
+/// `MESH_TOKEN_FILE` (which must be readable), else from the file the control plane left a
+/// pointer to; `None` when there is neither, and the API will answer 401 saying what it needs.
+fn token(conn: &Conn) -> anyhow::Result<Option<reqwest::header::HeaderValue>> {
+    let (path, explicit) = match &conn.token_file {
+        Some(path) => (path.clone(), true),
+        None => match mesh_controlplane::access::token_file_for(&conn.server) {
+            Some(path) => (path, false),
+            None => return Ok(None),
+        },
+    };
+    let secret = match std::fs::read_to_string(&path) {
+        Ok(s) => s,
+        Err(e) if explicit => {
+            bail!(
+                "reading the token file {} (--token-file / MESH_TOKEN_FILE): {e}",
+                path.display()
+            )
+        }
+        Err(_) => return Ok(None),
+    };
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", secret.trim()))
+        .with_context(|| format!("the token file {} holds no usable token", path.display()))?;
+    // Kept out of debug output.
+    value.set_sensitive(true);
+    Ok(Some(value))
 }
 
 /// The response's JSON when it succeeded; its `Status` as a [`Refused`] otherwise.

@@ -10,6 +10,11 @@ pub struct Conn {
     /// The control plane's resource API.
     #[arg(long, env = "MESH_SERVER", default_value = "http://127.0.0.1:4180")]
     pub server: String,
+    /// The file holding the resource API's token (the control plane's `api-token`, mode
+    /// 0600); by default the one the control plane at --server left a pointer to for the user
+    /// who started it (`~/.mesh/servers/`).
+    #[arg(long, env = "MESH_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// Namespace of the resources.
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,

@@ -59,6 +59,8 @@ pub struct Mesh {
     pub proxy_addr: SocketAddr,
     /// The trust roots that verify the proxy API, PEM (what sidecars are given).
     pub trust_roots_file: PathBuf,
+    /// The resource API's token (mode 0600), which `mesh` presents.
+    pub api_token_file: PathBuf,
     /// The supervisor.
     pub supervisor: Arc<Supervisor>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -107,6 +109,7 @@ impl Mesh {
         let proxy_addr = proxy.local_addr()?;
         let store = control_plane.store().clone();
         let trust_roots_file = control_plane.trust_roots_file().to_path_buf();
+        let api_token_file = control_plane.api_token_file().to_path_buf();
         let supervisor = Arc::new(Supervisor::new(
             programs,
             proxy_addr,
@@ -127,6 +130,7 @@ impl Mesh {
             api_addr,
             proxy_addr,
             trust_roots_file,
+            api_token_file,
             supervisor,
             tasks,
         })

@@ -108,7 +108,7 @@ fn watcher_tls(state_dir: &Path) -> anyhow::Result<rustls::ClientConfig> {
         .collect::<Result<Vec<_>, _>>()?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])?
     .with_root_certificates(roots)
@@ -155,7 +155,20 @@ struct Row {
     max: f64,
 }
 
+/// The `Authorization` header carrying `token`.
+fn token_header(
+    token: &mesh_controlplane::access::ApiToken,
+) -> anyhow::Result<reqwest::header::HeaderMap> {
+    let secret = std::fs::read_to_string(token.path())?;
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", secret.trim()))?;
+    value.set_sensitive(true);
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    Ok(headers)
+}
+
 async fn measure(
+    state_dir: &Path,
     api: SocketAddr,
     proxy: SocketAddr,
     tls: &rustls::ClientConfig,
@@ -163,7 +176,12 @@ async fn measure(
     rounds: usize,
     first_weight: u32,
 ) -> anyhow::Result<Row> {
-    let apply_client = reqwest::Client::new();
+    // The resource API admits the holder of its token, which the control plane wrote to its
+    // state directory (the parent of the CA's files the watchers read).
+    let token = mesh_controlplane::access::ApiToken::load_or_create(state_dir)?;
+    let apply_client = reqwest::Client::builder()
+        .default_headers(token_header(&token)?)
+        .build()?;
     let apply_url = format!("http://{api}/apply?namespace=default");
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, u32, Instant)>();
     let connections = watchers.div_ceil(STREAMS_PER_CONNECTION);
@@ -292,7 +310,7 @@ fn update_section(doc: &Path, body: &str) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let mut args = std::env::args().skip(1);
     let out_dir = PathBuf::from(args.next().unwrap_or_else(|| "target/bench".into()));
     let doc = PathBuf::from(args.next().unwrap_or_else(|| "docs/benchmarks.md".into()));
@@ -310,7 +328,7 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for (i, watchers) in WATCHER_COUNTS.into_iter().enumerate() {
         let first = u32::try_from(10 + i * 20).unwrap_or(10);
-        let row = measure(api, proxy, &tls, watchers, rounds, first).await?;
+        let row = measure(&state, api, proxy, &tls, watchers, rounds, first).await?;
         eprintln!(
             "{:>6} watchers: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             row.watchers, row.p50, row.p99, row.max

@@ -111,8 +111,8 @@ where
     S: ResourceStore + Clone,
     W: Workloads,
 {
-    // The workspace builds rustls with ring only; Err means a provider is installed.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // The workspace builds rustls with aws-lc-rs only; Err means a provider is installed.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let client = reqwest::Client::new();
     let mut source = DirectScrape::new(client.clone(), Vec::new());
     let mut driver = EmbeddedDriver::new(store.clone(), Arc::clone(&workloads));

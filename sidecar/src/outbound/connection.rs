@@ -122,13 +122,30 @@ impl Outbound {
         mut drain: Watch,
     ) -> std::io::Result<()> {
         let mut connections = JoinSet::new();
+        let cap = crate::limits::ConnectionCap::new(
+            "outbound",
+            self.limits.max_connections,
+            &self.metrics,
+        );
+        // A slot is taken before accepting: at the cap, connections wait in the kernel's queue.
+        let mut slot = None;
         loop {
             tokio::select! {
-                accepted = listener.accept() => {
+                admitted = cap.admit(), if slot.is_none() => match admitted {
+                    Some(admitted) => slot = Some(admitted),
+                    None => break,
+                },
+                accepted = listener.accept(), if slot.is_some() => {
                     let (io, peer) = accepted?;
+                    let admitted = slot.take().map(crate::limits::Admitted::accepted);
                     let _ = io.set_nodelay(true);
                     let orig = crate::orig_dst::original_dst(&io);
-                    connections.spawn(self.clone().serve_connection(io, peer, orig, drain.clone()));
+                    let served = self.clone().serve_connection(io, peer, orig, drain.clone());
+                    connections.spawn(async move {
+                        // Held for as long as the connection is open.
+                        let _admitted = admitted;
+                        served.await;
+                    });
                 }
                 // Reaps finished connections so the set only holds open ones.
                 Some(_) = connections.join_next() => {}
@@ -160,7 +177,9 @@ impl Outbound {
                 let this = this.clone();
                 async move { this.handle(req).await }
             };
-            if let Err(error) = crate::drain::connection(io, handle, peer, None, drain).await {
+            if let Err(error) =
+                crate::drain::connection(io, handle, peer, None, drain, &self.limits).await
+            {
                 tracing::debug!(%peer, %error, "outbound connection ended with an error");
             }
             return;
@@ -188,7 +207,9 @@ impl Outbound {
             let dst = dst.clone();
             async move { this.handle_redirected(req, &dst).await }
         };
-        if let Err(error) = crate::drain::connection(io, handle, peer, None, drain).await {
+        if let Err(error) =
+            crate::drain::connection(io, handle, peer, None, drain, &self.limits).await
+        {
             tracing::debug!(%peer, %error, "outbound connection ended with an error");
         }
     }

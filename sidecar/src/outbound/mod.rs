@@ -107,6 +107,8 @@ pub struct Outbound {
     /// See [`Outbound::with_transparency`].
     detect_timeout: Duration,
     opaque_ports: crate::opaque::Ports,
+    /// What each connection may hold, and how many may be open at once.
+    limits: crate::limits::Limits,
     /// The tables that per-endpoint and per-route state was last pruned against.
     pruned: Mutex<Weak<Tables>>,
 }
@@ -143,8 +145,15 @@ impl Outbound {
             bottom,
             detect_timeout: crate::opaque::DEFAULT_DETECT_TIMEOUT,
             opaque_ports: crate::opaque::Ports::default(),
+            limits: crate::limits::Limits::default(),
             pruned: Mutex::default(),
         }
+    }
+
+    /// What each connection may hold, and how many may be open at once.
+    pub fn with_limits(mut self, limits: crate::limits::Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// How redirected connections are told apart: a client silent for `detect_timeout` is
