@@ -61,9 +61,9 @@ enum Command {
     /// Upgrade the mesh in the cluster to this CLI's rendering (images, --ha, flags), keeping
     /// its identity issuer.
     #[command(disable_version_flag = true)]
-    Upgrade(k8s::lifecycle::UpgradeArgs),
+    Upgrade(k8s::UpgradeArgs),
     /// Remove everything `mesh install` added; injected workloads keep running.
-    Uninstall(k8s::lifecycle::UninstallArgs),
+    Uninstall(k8s::UninstallArgs),
     /// Check a cluster: ready for the mesh (--pre), or the mesh healthy on it.
     Check(k8s::CheckArgs),
     /// Add the proxy to the workloads in a YAML file, offline, as the injector webhook would.

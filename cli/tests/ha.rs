@@ -16,63 +16,16 @@
     reason = "tests print their measurements"
 )]
 
-use std::{
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use mesh_test_support::{node::Node, process::workspace_bin};
+use mesh_test_support::node::Node;
 use serde_json::Value;
 
-const REGISTRY: &str = "localhost/mesh";
+mod support;
+use support::{REGISTRY, build_and_import_images, canary_phase, kubectl, mesh, mesh_apply, text};
+
 const VERSION: &str = "ha";
 const NS: &str = "shop";
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn kubectl(node: &Node, args: &[&str]) -> String {
-    node.kubectl(args)
-        .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
-}
-
-fn mesh(node: &Node, args: &[&str]) -> Output {
-    Command::new(workspace_bin("mesh").unwrap())
-        .args(args)
-        .env("KUBECONFIG", node.kubeconfig())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-/// `mesh ARGS | kubectl apply --server-side -f -`.
-fn mesh_apply(node: &Node, args: &[&str]) {
-    let rendered = mesh(node, args);
-    assert!(rendered.status.success(), "{}", text(&rendered));
-    let mut apply = node.kubectl_command();
-    apply
-        .args([
-            "apply",
-            "--server-side",
-            "--field-manager",
-            "mesh",
-            "-f",
-            "-",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = apply.spawn().unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &rendered.stdout).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "kubectl apply: {}", text(&out));
-}
 
 async fn poll<T>(what: &str, patience: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -85,39 +38,6 @@ async fn poll<T>(what: &str, patience: Duration, mut f: impl FnMut() -> Option<T
     }
 }
 
-fn images(node: &Node) {
-    let bin_dir: PathBuf = workspace_bin("mesh-proxy")
-        .expect("the workspace's binaries (cargo build --workspace --bins)")
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let out = tempfile::tempdir().unwrap();
-    let built = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-images"))
-        .args(["--out", out.path().to_str().unwrap(), "--bin-dir"])
-        .arg(&bin_dir)
-        .args(["--registry", REGISTRY, "--version", VERSION])
-        .args([
-            "controlplane",
-            "rollout-controller",
-            "demo-app",
-            "proxy",
-            "proxy-init",
-        ])
-        .output()
-        .unwrap();
-    assert!(built.status.success(), "{}", text(&built));
-    for image in [
-        "controlplane",
-        "rollout-controller",
-        "demo-app",
-        "proxy",
-        "proxy-init",
-    ] {
-        node.import_image(&out.path().join(format!("{image}.tar")))
-            .unwrap();
-    }
-}
-
 fn lease_holder(node: &Node) -> String {
     node.kubectl(&[
         "-n",
@@ -127,19 +47,6 @@ fn lease_holder(node: &Node) -> String {
         "mesh-rollout-controller",
         "-o",
         "jsonpath={.spec.holderIdentity}",
-    ])
-    .unwrap_or_default()
-}
-
-fn phase(node: &Node) -> String {
-    node.kubectl(&[
-        "-n",
-        NS,
-        "get",
-        "canary",
-        "backend",
-        "-o",
-        "jsonpath={.status.phase}",
     ])
     .unwrap_or_default()
 }
@@ -166,7 +73,17 @@ fn events(node: &Node, reason: &str) -> u64 {
 async fn the_leaders_pod_dies_mid_promotion_and_the_rollout_finishes_once() {
     let started = Instant::now();
     let node = Node::shared().expect("a one-node cluster");
-    images(node);
+    build_and_import_images(
+        node,
+        VERSION,
+        &[
+            "controlplane",
+            "rollout-controller",
+            "demo-app",
+            "proxy",
+            "proxy-init",
+        ],
+    );
     mesh_apply(node, &["install", "--crds"]);
     kubectl(
         node,
@@ -248,7 +165,7 @@ spec:
     ))
     .unwrap();
     poll("the Canary initializes", Duration::from_secs(240), || {
-        (phase(node) == "Initialized").then_some(())
+        (canary_phase(node, NS, "backend") == "Initialized").then_some(())
     })
     .await;
 
@@ -266,7 +183,7 @@ spec:
         ],
     );
     let during = poll("the promotion starts", Duration::from_secs(120), || {
-        let p = phase(node);
+        let p = canary_phase(node, NS, "backend");
         matches!(p.as_str(), "Progressing" | "Promoting" | "Finalising").then_some(p)
     })
     .await;
@@ -300,7 +217,7 @@ spec:
         ],
     );
     assert!(status.status.success(), "{}", text(&status));
-    assert_eq!(phase(node), "Succeeded");
+    assert_eq!(canary_phase(node, NS, "backend"), "Succeeded");
     let primary = kubectl(
         node,
         &[

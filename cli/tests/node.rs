@@ -20,51 +20,15 @@
               synchronously, so the polls between its runs block"
 )]
 
-use std::{
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use mesh_test_support::{
-    node::{BUSYBOX_IMAGE, NODE_IP, Node},
-    process::workspace_bin,
-};
+use mesh_test_support::node::{BUSYBOX_IMAGE, NODE_IP, Node};
 
-const REGISTRY: &str = "localhost/mesh";
+mod support;
+use support::{REGISTRY, build_and_import_images, canary_phase, kubectl, mesh, mesh_apply, text};
+
 const VERSION: &str = "dev";
 const NS: &str = "demo";
-
-fn mesh(node: &Node, args: &[&str]) -> Output {
-    Command::new(workspace_bin("mesh").unwrap())
-        .args(args)
-        .env("KUBECONFIG", node.kubeconfig())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run mesh")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// `mesh ARGS | kubectl apply -f -`, as the docs tell users.
-fn mesh_apply(node: &Node, args: &[&str]) {
-    let out = mesh(node, args);
-    assert!(out.status.success(), "mesh {args:?}: {}", text(&out));
-    node.apply_text(&String::from_utf8(out.stdout).unwrap())
-        .unwrap_or_else(|e| panic!("kubectl apply of mesh {args:?}: {e}"));
-}
-
-fn kubectl(node: &Node, args: &[&str]) -> String {
-    node.kubectl(args)
-        .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
-}
 
 /// Polls `f` every half second until it returns `Some`, for at most `limit`.
 fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -75,41 +39,6 @@ fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
         }
         assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
         std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// The images of this workspace, built from the debug binaries and imported into the node.
-fn build_and_import_images(node: &Node) {
-    let out_dir = tempfile::tempdir().unwrap();
-    let bin_dir = workspace_bin("mesh-proxy").unwrap();
-    let bin_dir = bin_dir.parent().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let started = Instant::now();
-    let built = Command::new(root.join("scripts/build-images"))
-        .args(["--out", out_dir.path().to_str().unwrap()])
-        .args(["--bin-dir", bin_dir.to_str().unwrap()])
-        .args(["--registry", REGISTRY, "--version", VERSION])
-        .output()
-        .expect("run scripts/build-images");
-    assert!(built.status.success(), "build-images: {}", text(&built));
-    eprintln!(
-        "images built in {:?}:\n{}",
-        started.elapsed(),
-        String::from_utf8_lossy(&built.stdout)
-    );
-    let mut archives: Vec<PathBuf> = std::fs::read_dir(out_dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "tar"))
-        .collect();
-    archives.sort();
-    assert!(
-        !archives.is_empty(),
-        "no archives in {}",
-        out_dir.path().display()
-    );
-    for a in &archives {
-        node.import_image(a).unwrap();
     }
 }
 
@@ -274,19 +203,6 @@ fn status_from(node: &Node, namespace: &str, pod: &str, host: &str, addr: &str) 
     }
 }
 
-fn canary_phase(node: &Node) -> String {
-    node.kubectl(&[
-        "-n",
-        NS,
-        "get",
-        "canary",
-        "backend",
-        "-o",
-        "jsonpath={.status.phase}",
-    ])
-    .unwrap_or_default()
-}
-
 fn set_backend_image(node: &Node, tag: &str) {
     kubectl(
         node,
@@ -321,7 +237,7 @@ fn the_mesh_installs_rolls_out_enforces_policy_and_survives_its_control_plane() 
     let begun = Instant::now();
     let node = Node::shared().expect("start the one-node cluster");
     eprintln!("node ready in {:?}", node.started_in());
-    build_and_import_images(node);
+    build_and_import_images(node, VERSION, &[]);
     let _prometheus = start_prometheus(node);
 
     // Install, as the docs say, and time apply -> passing check.
@@ -410,7 +326,11 @@ spec:
     ))
     .unwrap();
     poll("the Canary initializes", Duration::from_secs(180), || {
-        matches!(canary_phase(node).as_str(), "Initialized" | "Succeeded").then_some(())
+        matches!(
+            canary_phase(node, NS, "backend").as_str(),
+            "Initialized" | "Succeeded"
+        )
+        .then_some(())
     });
     kubectl(
         node,
@@ -465,7 +385,7 @@ spec:
         ],
     );
     assert_eq!(status.status.code(), Some(1), "rollback: {}", text(&status));
-    assert_eq!(canary_phase(node), "Failed");
+    assert_eq!(canary_phase(node, NS, "backend"), "Failed");
     assert_eq!(
         primary_image(node),
         format!("{REGISTRY}/demo-app:{VERSION}-v2")

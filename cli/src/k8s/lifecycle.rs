@@ -32,26 +32,6 @@ pub const FIELD_MANAGER: &str = "mesh";
 /// days left than this.
 pub const RENEW_BEFORE_DAYS: i64 = 30;
 
-/// Flags of `mesh upgrade`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct UpgradeArgs {
-    #[command(flatten)]
-    pub install: InstallArgs,
-    #[command(flatten)]
-    pub kube: super::KubeArgs,
-}
-
-/// Flags of `mesh uninstall`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct UninstallArgs {
-    /// Also delete the mesh's CRDs, and with them every Canary, MetricTemplate and policy
-    /// resource in the cluster. The Gateway API HTTPRoute CRD is kept: other software may use it.
-    #[arg(long)]
-    pub crds: bool,
-    #[command(flatten)]
-    pub kube: super::KubeArgs,
-}
-
 fn pem_field(secret: &Secret, key: &str) -> anyhow::Result<String> {
     let name = secret.metadata.name.as_deref().unwrap_or("?");
     let bytes = secret

@@ -160,9 +160,29 @@ pub fn inject(args: &InjectArgs) -> ExitCode {
     }
 }
 
+/// Flags of `mesh upgrade`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UpgradeArgs {
+    #[command(flatten)]
+    pub install: install::InstallArgs,
+    #[command(flatten)]
+    pub kube: KubeArgs,
+}
+
+/// Flags of `mesh uninstall`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UninstallArgs {
+    /// Also delete the mesh's CRDs, and with them every Canary, MetricTemplate and policy
+    /// resource in the cluster. The Gateway API HTTPRoute CRD is kept: other software may use it.
+    #[arg(long)]
+    pub crds: bool,
+    #[command(flatten)]
+    pub kube: KubeArgs,
+}
+
 /// `mesh upgrade`.
 #[allow(clippy::print_stdout, reason = "the report is the output")]
-pub fn upgrade(args: &lifecycle::UpgradeArgs) -> ExitCode {
+pub fn upgrade(args: &UpgradeArgs) -> ExitCode {
     let done = crate::runtime::block_on(false, async {
         let client = args.kube.client().await?;
         lifecycle::upgrade(&client, &args.install).await
@@ -181,7 +201,7 @@ pub fn upgrade(args: &lifecycle::UpgradeArgs) -> ExitCode {
 
 /// `mesh uninstall`.
 #[allow(clippy::print_stdout, reason = "the report is the output")]
-pub fn uninstall(args: &lifecycle::UninstallArgs) -> ExitCode {
+pub fn uninstall(args: &UninstallArgs) -> ExitCode {
     let done = crate::runtime::block_on(false, async {
         let client = args.kube.client().await?;
         lifecycle::uninstall(&client, args.crds).await
