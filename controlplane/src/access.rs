@@ -15,10 +15,20 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use http::header::{HeaderValue, InvalidHeaderValue};
 use http::{Request, Response, StatusCode, header};
 
 use crate::http::{Body, status_error};
 use crate::identity::IdentityError;
+
+/// The `Authorization` value that presents `secret` (a token file's contents) to the resource
+/// API, marked sensitive so it stays out of debug output; an error when the file's contents
+/// cannot be a header value.
+pub fn authorization(secret: &str) -> Result<HeaderValue, InvalidHeaderValue> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {}", secret.trim()))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
 
 /// The token file, in the state directory.
 pub const API_TOKEN_FILE: &str = "api-token";
@@ -53,6 +63,12 @@ impl ApiToken {
     /// The file holding it.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The `Authorization` value that carries the token; an error when the token file was
+    /// edited into something no header can hold.
+    pub fn authorization(&self) -> Result<HeaderValue, InvalidHeaderValue> {
+        authorization(&self.secret)
     }
 
     /// Whether `req` carries the token (`Authorization: Bearer <token>`).

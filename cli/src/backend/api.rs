@@ -217,10 +217,8 @@ fn token(conn: &Conn) -> anyhow::Result<Option<reqwest::header::HeaderValue>> {
         }
         Err(_) => return Ok(None),
     };
-    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", secret.trim()))
+    let value = mesh_controlplane::access::authorization(&secret)
         .with_context(|| format!("the token file {} holds no usable token", path.display()))?;
-    // Kept out of debug output.
-    value.set_sensitive(true);
     Ok(Some(value))
 }
 

@@ -159,11 +159,8 @@ struct Row {
 fn token_header(
     token: &mesh_controlplane::access::ApiToken,
 ) -> anyhow::Result<reqwest::header::HeaderMap> {
-    let secret = std::fs::read_to_string(token.path())?;
-    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", secret.trim()))?;
-    value.set_sensitive(true);
     let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(reqwest::header::AUTHORIZATION, value);
+    headers.insert(reqwest::header::AUTHORIZATION, token.authorization()?);
     Ok(headers)
 }
 
