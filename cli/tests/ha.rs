@@ -22,7 +22,9 @@ use mesh_test_support::node::Node;
 use serde_json::Value;
 
 mod support;
-use support::{REGISTRY, build_and_import_images, canary_phase, kubectl, mesh, mesh_apply, text};
+use support::{
+    REGISTRY, build_and_import_images, canary_phase, kubectl, mesh_apply, text, watch_rollout,
+};
 
 const VERSION: &str = "ha";
 const NS: &str = "shop";
@@ -202,20 +204,7 @@ spec:
     );
     eprintln!("deleted the leader {leader} (first leader {first}) while the Canary was {during}");
 
-    let status = mesh(
-        node,
-        &[
-            "rollout",
-            "status",
-            "backend",
-            "-n",
-            NS,
-            "--watch",
-            "--timeout",
-            "5m",
-            "--kube",
-        ],
-    );
+    let status = watch_rollout(node, NS, "backend");
     assert!(status.status.success(), "{}", text(&status));
     assert_eq!(canary_phase(node, NS, "backend"), "Succeeded");
     let primary = kubectl(

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use mesh_test_support::node::{BUSYBOX_IMAGE, NODE_IP, Node};
 
 mod support;
-use support::{REGISTRY, build_and_import_images, canary_phase, kubectl, mesh, mesh_apply, text};
+use support::{
+    REGISTRY, build_and_import_images, canary_phase, kubectl, mesh, mesh_apply, text, watch_rollout,
+};
 
 const VERSION: &str = "dev";
 const NS: &str = "demo";
@@ -346,20 +348,7 @@ spec:
 
     let rollout = Instant::now();
     set_backend_image(node, &format!("{VERSION}-v2"));
-    let status = mesh(
-        node,
-        &[
-            "rollout",
-            "status",
-            "backend",
-            "-n",
-            NS,
-            "--watch",
-            "--timeout",
-            "5m",
-            "--kube",
-        ],
-    );
+    let status = watch_rollout(node, NS, "backend");
     assert!(status.status.success(), "promotion: {}", text(&status));
     assert_eq!(
         primary_image(node),
@@ -370,20 +359,7 @@ spec:
     // ...and the bad one (half of its answers are 500) is rolled back.
     let rollout = Instant::now();
     set_backend_image(node, &format!("{VERSION}-bad"));
-    let status = mesh(
-        node,
-        &[
-            "rollout",
-            "status",
-            "backend",
-            "-n",
-            NS,
-            "--watch",
-            "--timeout",
-            "5m",
-            "--kube",
-        ],
-    );
+    let status = watch_rollout(node, NS, "backend");
     assert_eq!(status.status.code(), Some(1), "rollback: {}", text(&status));
     assert_eq!(canary_phase(node, NS, "backend"), "Failed");
     assert_eq!(

@@ -48,6 +48,25 @@ pub fn kubectl(node: &Node, args: &[&str]) -> String {
         .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
 }
 
+/// `mesh rollout status NAME --watch` against the node, for at most five minutes: exits 0 on a
+/// promotion, 1 on a rollback.
+pub fn watch_rollout(node: &Node, namespace: &str, name: &str) -> Output {
+    mesh(
+        node,
+        &[
+            "rollout",
+            "status",
+            name,
+            "-n",
+            namespace,
+            "--watch",
+            "--timeout",
+            "5m",
+            "--kube",
+        ],
+    )
+}
+
 /// A Canary's phase, or "" before it has a status.
 pub fn canary_phase(node: &Node, namespace: &str, name: &str) -> String {
     node.kubectl(&[
