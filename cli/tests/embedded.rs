@@ -169,7 +169,14 @@ async fn mesh_up_rolls_out_with_apply_gates_with_rollout_status_and_resumes() {
     );
     let mut mesh_up = up(&state, &manifest);
     let server = format!("http://{}", mesh_up.addr("api"));
+    // At once, as a user would after reading the announcement: the token's pointer for the
+    // new address is already there.
     let after = mesh(&server, &["get", "canary", "backend", "-o", "json"]);
+    assert!(
+        after.status.success(),
+        "mesh get right after the restart: {}",
+        String::from_utf8_lossy(&after.stderr)
+    );
     let after: Value = serde_json::from_slice(&after.stdout).unwrap();
     assert_eq!(
         before["status"]["lastTransitionTime"], after["status"]["lastTransitionTime"],

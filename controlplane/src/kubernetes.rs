@@ -53,6 +53,9 @@ impl ControlPlane {
         api: TcpListener,
         proxy: TcpListener,
     ) {
+        if let Ok(addr) = api.local_addr() {
+            self.api_token.register(addr);
+        }
         // Proxies in pods authenticate with their projected tokens, checked by TokenReview.
         let _ = self.shared.kube.set(client.clone());
         // The cluster is the store: the resource API serves it, and it feeds the route and

@@ -135,18 +135,31 @@ impl ControlPlane {
     }
 
     /// Serves the resource API and the proxy API until the process ends.
-    pub async fn serve(self, api: TcpListener, proxy: TcpListener) {
-        spawn_feeds(&self.store, &self.shared);
-        tokio::spawn(sweep_workloads(Arc::clone(&self.shared)));
-        serve_apis(
-            self.store,
-            self.shared,
-            &self.proxy_tls,
-            &self.api_token,
-            api,
-            proxy,
-        )
-        .await;
+    ///
+    /// The pointer to the API token ([`access::ApiToken::register`]) is left before this
+    /// returns, not when the future is first polled: a caller that announces the address
+    /// after calling this may be asked by `mesh` at once.
+    pub fn serve(
+        self,
+        api: TcpListener,
+        proxy: TcpListener,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        if let Ok(addr) = api.local_addr() {
+            self.api_token.register(addr);
+        }
+        async move {
+            spawn_feeds(&self.store, &self.shared);
+            tokio::spawn(sweep_workloads(Arc::clone(&self.shared)));
+            serve_apis(
+                self.store,
+                self.shared,
+                &self.proxy_tls,
+                &self.api_token,
+                api,
+                proxy,
+            )
+            .await;
+        }
     }
 }
 
@@ -201,9 +214,6 @@ async fn serve_apis<S: ResourceStore>(
 ) {
     let store = Arc::new(store);
     tokio::spawn(Arc::clone(proxy_tls).renew(Arc::clone(&shared.ca)));
-    if let Ok(addr) = api.local_addr() {
-        api_token.register(addr);
-    }
     let token = api_token.clone();
     let api_server = http::serve(api, "api", move |req| {
         let store = Arc::clone(&store);
