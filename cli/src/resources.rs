@@ -283,7 +283,7 @@ fn table(kind: ResourceKind, items: &[Value], now: chrono::DateTime<chrono::Utc>
                 })
                 .collect(),
         ),
-        ResourceKind::HttpRoute => (
+        ResourceKind::HttpRoute | ResourceKind::GrpcRoute => (
             vec!["NAME", "PARENTS", "BACKENDS", "AGE"],
             items
                 .iter()

@@ -22,10 +22,10 @@ use std::{cmp::Reverse, collections::BTreeMap};
 use std::net::SocketAddr;
 
 use mesh_core::proxy_api::{
-    Endpoint, Endpoints, MeshAddress, PathMatch, RouteFilter, RouteMatch, RouteRule, RouteTable,
-    ServiceRef, ValueMatch, WeightedBackend, WorkloadRegistration,
+    Endpoint, Endpoints, MeshAddress, PathMatch, PathModifier, Redirect, RouteFilter, RouteMatch,
+    RouteRule, RouteTable, ServiceRef, ValueMatch, WeightedBackend, WorkloadRegistration,
 };
-use mesh_crds::HttpRoute;
+use mesh_crds::{GrpcRoute, HttpRoute};
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -67,6 +67,8 @@ struct IndexedRoute {
 pub struct Index {
     version: u64,
     routes: BTreeMap<(String, String), IndexedRoute>,
+    /// GRPCRoutes, in the same shape: a gRPC method is a path.
+    grpc_routes: BTreeMap<(String, String), IndexedRoute>,
     workloads: BTreeMap<String, WorkloadRegistration>,
     route_watches: BTreeMap<ServiceRef, watch::Sender<Published<RouteTable>>>,
     endpoint_watches: BTreeMap<ServiceRef, watch::Sender<Published<Endpoints>>>,
@@ -113,25 +115,7 @@ fn convert(route: &HttpRoute) -> IndexedRoute {
                 .filters
                 .iter()
                 .flatten()
-                .filter_map(|f| {
-                    let m = f.request_header_modifier.as_ref()?;
-                    let pairs = |v: Option<Vec<(String, String)>>| -> BTreeMap<String, String> {
-                        v.unwrap_or_default().into_iter().collect()
-                    };
-                    Some(RouteFilter::RequestHeaderModifier {
-                        set: pairs(m.set.as_ref().map(|s| {
-                            s.iter()
-                                .map(|h| (h.name.clone(), h.value.clone()))
-                                .collect()
-                        })),
-                        add: pairs(m.add.as_ref().map(|s| {
-                            s.iter()
-                                .map(|h| (h.name.clone(), h.value.clone()))
-                                .collect()
-                        })),
-                        remove: m.remove.clone().unwrap_or_default(),
-                    })
-                })
+                .filter_map(convert_filter)
                 .collect(),
             backends: rule
                 .backend_refs
@@ -166,6 +150,225 @@ fn convert(route: &HttpRoute) -> IndexedRoute {
         parents,
         rules,
     }
+}
+
+/// A header modifier's `set`, `add` and `remove`, from any of the generated modifier types.
+fn header_lists<'a>(
+    set: impl Iterator<Item = (&'a String, &'a String)>,
+    add: impl Iterator<Item = (&'a String, &'a String)>,
+    remove: Option<&Vec<String>>,
+) -> (
+    BTreeMap<String, String>,
+    BTreeMap<String, String>,
+    Vec<String>,
+) {
+    let own = |(k, v): (&String, &String)| (k.clone(), v.clone());
+    (
+        set.map(own).collect(),
+        add.map(own).collect(),
+        remove.cloned().unwrap_or_default(),
+    )
+}
+
+/// A rule filter as proxies apply it; `None` for kinds the mesh does not carry (CORS,
+/// extension refs, request mirrors), which docs/gateway-api.md lists.
+fn convert_filter(f: &gateway_api_types::HttpRouteRulesFilters) -> Option<RouteFilter> {
+    use gateway_api_types::{
+        HttpRouteRulesFiltersRequestRedirectPathType as R,
+        HttpRouteRulesFiltersRequestRedirectScheme as Scheme,
+        HttpRouteRulesFiltersUrlRewritePathType as W,
+    };
+    if let Some(m) = &f.request_header_modifier {
+        let (set, add, remove) = header_lists(
+            m.set.iter().flatten().map(|h| (&h.name, &h.value)),
+            m.add.iter().flatten().map(|h| (&h.name, &h.value)),
+            m.remove.as_ref(),
+        );
+        return Some(RouteFilter::RequestHeaderModifier { set, add, remove });
+    }
+    if let Some(m) = &f.response_header_modifier {
+        let (set, add, remove) = header_lists(
+            m.set.iter().flatten().map(|h| (&h.name, &h.value)),
+            m.add.iter().flatten().map(|h| (&h.name, &h.value)),
+            m.remove.as_ref(),
+        );
+        return Some(RouteFilter::ResponseHeaderModifier { set, add, remove });
+    }
+    if let Some(r) = &f.request_redirect {
+        let path = r.path.as_ref().and_then(|p| match p.r#type {
+            R::ReplaceFullPath => p
+                .replace_full_path
+                .clone()
+                .map(PathModifier::ReplaceFullPath),
+            R::ReplacePrefixMatch => p
+                .replace_prefix_match
+                .clone()
+                .map(PathModifier::ReplacePrefixMatch),
+        });
+        return Some(RouteFilter::RequestRedirect(Redirect {
+            scheme: r.scheme.as_ref().map(|s| {
+                match s {
+                    Scheme::Http => "http",
+                    Scheme::Https => "https",
+                }
+                .to_string()
+            }),
+            hostname: r.hostname.clone(),
+            port: port(r.port),
+            path,
+            status_code: r
+                .status_code
+                .and_then(|c| u16::try_from(c).ok())
+                .unwrap_or(302),
+        }));
+    }
+    if let Some(w) = &f.url_rewrite {
+        let path = w.path.as_ref().and_then(|p| match p.r#type {
+            W::ReplaceFullPath => p
+                .replace_full_path
+                .clone()
+                .map(PathModifier::ReplaceFullPath),
+            W::ReplacePrefixMatch => p
+                .replace_prefix_match
+                .clone()
+                .map(PathModifier::ReplacePrefixMatch),
+        });
+        return Some(RouteFilter::UrlRewrite {
+            hostname: w.hostname.clone(),
+            path,
+        });
+    }
+    None
+}
+
+/// A GRPCRoute as the same rules an HTTPRoute makes: gRPC calls are HTTP/2 POSTs to
+/// `/<service>/<method>`, so a method match is a path match (exact for a service and method,
+/// a prefix for a service alone, a regular expression otherwise) and header matches carry over.
+fn convert_grpc(route: &GrpcRoute) -> IndexedRoute {
+    use gateway_api::apis::standard::grpcroutes::{
+        GrpcRouteRulesMatchesHeadersType as H, GrpcRouteRulesMatchesMethodType as M,
+    };
+    let namespace = route.metadata.namespace.clone().unwrap_or_default();
+    let parents = route
+        .spec
+        .parent_refs
+        .iter()
+        .flatten()
+        .filter(|p| is_core_service(p.group.as_deref(), p.kind.as_deref(), "Gateway"))
+        .map(|p| Parent {
+            name: p.name.clone(),
+            namespace: p.namespace.clone().unwrap_or_else(|| namespace.clone()),
+            port: port(p.port),
+        })
+        .collect();
+    let rules = route
+        .spec
+        .rules
+        .iter()
+        .flatten()
+        .map(|rule| Rule {
+            matches: rule
+                .matches
+                .iter()
+                .flatten()
+                .map(|m| {
+                    let path = m.method.as_ref().and_then(|method| {
+                        let service = method.service.as_deref().filter(|s| !s.is_empty());
+                        let name = method.method.as_deref().filter(|s| !s.is_empty());
+                        match (method.r#type.as_ref().unwrap_or(&M::Exact), service, name) {
+                            (_, None, None) => None,
+                            (M::Exact, Some(s), Some(n)) => {
+                                Some(PathMatch::Exact(format!("/{s}/{n}")))
+                            }
+                            (M::Exact, Some(s), None) => {
+                                Some(PathMatch::PathPrefix(format!("/{s}")))
+                            }
+                            (M::Exact, None, Some(n)) => Some(PathMatch::RegularExpression(
+                                format!("/[^/]+/{}", regex_escape(n)),
+                            )),
+                            (M::RegularExpression, s, n) => Some(PathMatch::RegularExpression(
+                                format!("/{}/{}", s.unwrap_or("[^/]+"), n.unwrap_or("[^/]+")),
+                            )),
+                        }
+                    });
+                    RouteMatch {
+                        path,
+                        headers: m
+                            .headers
+                            .iter()
+                            .flatten()
+                            .map(|h| ValueMatch {
+                                name: h.name.clone(),
+                                value: h.value.clone(),
+                                regex: matches!(h.r#type, Some(H::RegularExpression)),
+                            })
+                            .collect(),
+                        ..RouteMatch::default()
+                    }
+                })
+                .collect(),
+            filters: rule
+                .filters
+                .iter()
+                .flatten()
+                .filter_map(|f| {
+                    if let Some(m) = &f.request_header_modifier {
+                        let (set, add, remove) = header_lists(
+                            m.set.iter().flatten().map(|h| (&h.name, &h.value)),
+                            m.add.iter().flatten().map(|h| (&h.name, &h.value)),
+                            m.remove.as_ref(),
+                        );
+                        return Some(RouteFilter::RequestHeaderModifier { set, add, remove });
+                    }
+                    let m = f.response_header_modifier.as_ref()?;
+                    let (set, add, remove) = header_lists(
+                        m.set.iter().flatten().map(|h| (&h.name, &h.value)),
+                        m.add.iter().flatten().map(|h| (&h.name, &h.value)),
+                        m.remove.as_ref(),
+                    );
+                    Some(RouteFilter::ResponseHeaderModifier { set, add, remove })
+                })
+                .collect(),
+            backends: rule
+                .backend_refs
+                .iter()
+                .flatten()
+                .filter(|b| is_core_service(b.group.as_deref(), b.kind.as_deref(), "Service"))
+                .map(|b| Backend {
+                    name: b.name.clone(),
+                    namespace: b.namespace.clone().unwrap_or_else(|| namespace.clone()),
+                    port: port(b.port),
+                    weight: b.weight.map_or(1, |w| u32::try_from(w).unwrap_or(0)),
+                })
+                .collect(),
+            timeout_ms: None,
+        })
+        .collect();
+    IndexedRoute {
+        name: route.metadata.name.clone().unwrap_or_default(),
+        created: route
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| serde_json::to_value(t).ok())
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        parents,
+        rules,
+    }
+}
+
+/// `s` with regex metacharacters escaped, for a literal inside a pattern.
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let special = "\\.+*?()|[]{}^$#&-~".contains(c);
+            special
+                .then_some('\\')
+                .into_iter()
+                .chain(std::iter::once(c))
+        })
+        .collect()
 }
 
 fn convert_match(m: &gateway_api_types::HttpRouteRulesMatches, _namespace: &str) -> RouteMatch {
@@ -214,6 +417,8 @@ fn convert_match(m: &gateway_api_types::HttpRouteRulesMatches, _namespace: &str)
 /// The generated HTTPRoute types, named once.
 mod gateway_api_types {
     pub use gateway_api::apis::standard::httproutes::{
+        HttpRouteRulesFilters, HttpRouteRulesFiltersRequestRedirectPathType,
+        HttpRouteRulesFiltersRequestRedirectScheme, HttpRouteRulesFiltersUrlRewritePathType,
         HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
         HttpRouteRulesMatchesQueryParamsType,
     };
@@ -247,6 +452,7 @@ impl Index {
         Self {
             version: initial_version,
             routes: BTreeMap::new(),
+            grpc_routes: BTreeMap::new(),
             workloads: BTreeMap::new(),
             route_watches: BTreeMap::new(),
             endpoint_watches: BTreeMap::new(),
@@ -267,6 +473,44 @@ impl Index {
             route.metadata.name.clone().unwrap_or_default(),
         );
         self.routes.insert(key, convert(route));
+        self.publish();
+    }
+
+    /// Adds or replaces a GRPCRoute.
+    pub fn apply_grpc_route(&mut self, route: &GrpcRoute) {
+        let key = (
+            route.metadata.namespace.clone().unwrap_or_default(),
+            route.metadata.name.clone().unwrap_or_default(),
+        );
+        self.grpc_routes.insert(key, convert_grpc(route));
+        self.publish();
+    }
+
+    /// Removes a GRPCRoute.
+    pub fn delete_grpc_route(&mut self, namespace: &str, name: &str) {
+        if self
+            .grpc_routes
+            .remove(&(namespace.to_string(), name.to_string()))
+            .is_some()
+        {
+            self.publish();
+        }
+    }
+
+    /// Replaces every GRPCRoute, as after a relist.
+    pub fn reset_grpc_routes(&mut self, routes: &[GrpcRoute]) {
+        self.grpc_routes = routes
+            .iter()
+            .map(|r| {
+                (
+                    (
+                        r.metadata.namespace.clone().unwrap_or_default(),
+                        r.metadata.name.clone().unwrap_or_default(),
+                    ),
+                    convert_grpc(r),
+                )
+            })
+            .collect();
         self.publish();
     }
 
@@ -391,6 +635,7 @@ impl Index {
         let mut routes: Vec<&IndexedRoute> = self
             .routes
             .values()
+            .chain(self.grpc_routes.values())
             .filter(|r| {
                 r.parents.iter().any(|p| {
                     p.name == authority.name
@@ -471,13 +716,17 @@ impl Index {
             .collect();
         endpoints.sort_by_key(|e| e.addr);
         endpoints.dedup_by_key(|e| e.addr);
-        let referenced = self.routes.values().any(|r| {
-            r.rules.iter().any(|rule| {
-                rule.backends
-                    .iter()
-                    .any(|b| b.name == service.name && b.namespace == service.namespace)
-            })
-        });
+        let referenced = self
+            .routes
+            .values()
+            .chain(self.grpc_routes.values())
+            .any(|r| {
+                r.rules.iter().any(|rule| {
+                    rule.backends
+                        .iter()
+                        .any(|b| b.name == service.name && b.namespace == service.namespace)
+                })
+            });
         (!endpoints.is_empty() || referenced).then(|| Endpoints {
             service: service.clone(),
             endpoints,
@@ -518,6 +767,11 @@ impl Index {
 
 /// Parses a stored HTTPRoute object for the index.
 pub fn parse_route(object: &Value) -> Option<HttpRoute> {
+    serde_json::from_value(object.clone()).ok()
+}
+
+/// Parses a stored GRPCRoute object for the index.
+pub fn parse_grpc_route(object: &Value) -> Option<GrpcRoute> {
     serde_json::from_value(object.clone()).ok()
 }
 
@@ -686,6 +940,123 @@ mod tests {
             }
             other => panic!("unexpected filter {other:?}"),
         }
+    }
+
+    #[test]
+    fn redirects_rewrites_and_response_header_modifiers_are_carried() {
+        let mut index = Index::new(0);
+        index.apply_route(&mk_route(
+            "web",
+            "web",
+            json!([
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
+                 "filters": [{"type": "RequestRedirect", "requestRedirect": {
+                    "scheme": "https", "hostname": "example.org", "port": 8443, "statusCode": 301,
+                    "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"}}}]},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/moved"}}],
+                 "filters": [{"type": "RequestRedirect", "requestRedirect": {"hostname": "a.b"}}]},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/rw"}}],
+                 "filters": [
+                    {"type": "URLRewrite", "urlRewrite": {"hostname": "inner",
+                     "path": {"type": "ReplaceFullPath", "replaceFullPath": "/x"}}},
+                    {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                     "add": [{"name": "x-a", "value": "1"}], "remove": ["server"]}}],
+                 "backendRefs": [{"name": "web", "port": 80}]}
+            ]),
+        ));
+        let table = index.route_table(&svc("web.default:80")).unwrap();
+        let filters = |prefix: &str| {
+            table
+                .rules
+                .iter()
+                .find(|r| r.matched_prefix() == Some(prefix))
+                .unwrap()
+                .filters
+                .clone()
+        };
+        assert_eq!(
+            filters("/old"),
+            [RouteFilter::RequestRedirect(Redirect {
+                scheme: Some("https".into()),
+                hostname: Some("example.org".into()),
+                port: Some(8443),
+                path: Some(PathModifier::ReplacePrefixMatch("/new".into())),
+                status_code: 301,
+            })]
+        );
+        assert_eq!(
+            filters("/moved"),
+            [RouteFilter::RequestRedirect(Redirect {
+                hostname: Some("a.b".into()),
+                status_code: 302,
+                ..Default::default()
+            })],
+            "302 is the default status"
+        );
+        assert_eq!(
+            filters("/rw"),
+            [
+                RouteFilter::UrlRewrite {
+                    hostname: Some("inner".into()),
+                    path: Some(PathModifier::ReplaceFullPath("/x".into())),
+                },
+                RouteFilter::ResponseHeaderModifier {
+                    set: BTreeMap::new(),
+                    add: [("x-a".to_string(), "1".to_string())].into(),
+                    remove: vec!["server".into()],
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn grpc_routes_split_by_weight_and_match_methods_as_paths() {
+        let mut index = Index::new(0);
+        let route: GrpcRoute = serde_json::from_value(json!({
+            "metadata": {"name": "grpc", "namespace": "default"},
+            "spec": {
+                "parentRefs": [{"name": "echo", "kind": "Service", "group": "", "port": 7070}],
+                "rules": [
+                    {"matches": [{"method": {"service": "echo.Echo", "method": "Say"}}],
+                     "backendRefs": [{"name": "say", "port": 7070}]},
+                    {"matches": [{"method": {"service": "echo.Echo"}},
+                                 {"method": {"method": "Other"}, "headers": [{"name": "x-a", "value": "1"}]}],
+                     "backendRefs": [{"name": "svc", "port": 7070}]},
+                    {"backendRefs": [{"name": "echo-v1", "port": 7070, "weight": 70},
+                                     {"name": "echo-v2", "port": 7070, "weight": 30}]}
+                ]
+            }
+        }))
+        .unwrap();
+        index.apply_grpc_route(&route);
+        assert!(index.route_table(&svc("echo.default:80")).is_none());
+        let table = index.route_table(&svc("echo.default:7070")).unwrap();
+        let paths: Vec<String> = table
+            .rules
+            .iter()
+            .map(|r| format!("{:?}", r.matches.first().and_then(|m| m.path.clone())))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "Some(Exact(\"/echo.Echo/Say\"))",
+                "Some(PathPrefix(\"/echo.Echo\"))",
+                // A method without a service is a regular expression, which ranks below a
+                // rule without matches, as regular-expression paths do in HTTPRoutes.
+                "None",
+                "Some(RegularExpression(\"/[^/]+/Other\"))",
+            ]
+        );
+        assert_eq!(table.rules[3].matches[0].headers[0].name, "x-a");
+        assert_eq!(
+            weights(&RouteTable {
+                parent: table.parent.clone(),
+                rules: vec![table.rules[2].clone()],
+            }),
+            [("echo-v1".to_string(), 70), ("echo-v2".to_string(), 30)]
+        );
+        index.delete_grpc_route("default", "grpc");
+        assert!(index.route_table(&svc("echo.default:7070")).is_none());
     }
 
     #[test]

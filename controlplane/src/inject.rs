@@ -290,8 +290,9 @@ fn http_probe(path: &str, port: u16) -> Probe {
     }
 }
 
-/// The first port the app containers declare: where the proxy forwards inbound requests.
-fn app_port(spec: &PodSpec) -> Option<i32> {
+/// The first port the app containers declare: where the proxy forwards inbound requests that
+/// were not redirected.
+pub(crate) fn app_port(spec: &PodSpec) -> Option<i32> {
     spec.containers
         .iter()
         .flat_map(|c| c.ports.iter().flatten())
@@ -369,9 +370,13 @@ pub fn inject(
             config.trust_roots_pem.clone(),
         ));
     }
-    if let Some(port) = app_port(spec) {
-        envs.push(env("MESH_PROXY_APP_ADDR", format!("127.0.0.1:{port}")));
-    }
+    // Inbound connections are redirected to the proxy, which sends each to the port it was
+    // meant for; the declared port is where peer proxies' own connections to the inbound
+    // listener go. An app that declares no port still gets the listener, with port 0 (nothing)
+    // as that default: the control plane then sends peers to the app's ports through the
+    // redirect instead (see `kubernetes::slice_registrations`).
+    let port = app_port(spec).unwrap_or(0);
+    envs.push(env("MESH_PROXY_APP_ADDR", format!("127.0.0.1:{port}")));
     if let Some(list) = opaque_ports {
         envs.push(env("MESH_PROXY_OUTBOUND_OPAQUE_PORTS", list.clone()));
         envs.push(env("MESH_PROXY_INBOUND_OPAQUE_PORTS", list));

@@ -257,7 +257,15 @@ pub fn slice_registrations(
                     .map(|id| id.to_string())
             });
             let labels = pod.map(|p| p.labels().clone()).unwrap_or_default();
-            let port = if identity.is_some() {
+            // A meshed pod is reached at its proxy's inbound listener when the port is the one
+            // its proxy forwards to by default (the app's declared port); any other port of the
+            // app is dialled as is, and the pod's redirect hands it to the proxy, which sends it
+            // on to that port.
+            let app_port = pod
+                .and_then(|p| p.spec.as_ref())
+                .and_then(crate::inject::app_port)
+                .and_then(|p| u16::try_from(p).ok());
+            let port = if identity.is_some() && app_port == Some(target) {
                 proxy_inbound
             } else {
                 target

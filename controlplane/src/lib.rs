@@ -189,6 +189,29 @@ fn spawn_feeds<S: ResourceStore + Clone>(store: &S, shared: &Arc<Shared>) {
             }
         },
     ));
+    let grpc = Arc::clone(shared);
+    tokio::spawn(feed(
+        store.clone(),
+        ResourceKind::GrpcRoute,
+        move |change| {
+            let mut index = grpc.index();
+            match change {
+                Change::Reset(objects) => {
+                    let routes: Vec<_> = objects
+                        .iter()
+                        .filter_map(|o| index::parse_grpc_route(o))
+                        .collect();
+                    index.reset_grpc_routes(&routes);
+                }
+                Change::Apply(object) => {
+                    if let Some(route) = index::parse_grpc_route(object) {
+                        index.apply_grpc_route(&route);
+                    }
+                }
+                Change::Delete(key) => index.delete_grpc_route(&key.namespace, &key.name),
+            }
+        },
+    ));
     for kind in ResourceKind::POLICY {
         let shared = Arc::clone(shared);
         tokio::spawn(feed(store.clone(), kind, move |change| {

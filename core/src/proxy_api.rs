@@ -219,6 +219,29 @@ pub enum RouteFilter {
         #[serde(default)]
         remove: Vec<String>,
     },
+    /// Gateway API ResponseHeaderModifier: applied to the response on its way back to the app.
+    ResponseHeaderModifier {
+        /// Headers set (replacing existing values).
+        #[serde(default)]
+        set: BTreeMap<String, String>,
+        /// Headers added (kept beside existing values).
+        #[serde(default)]
+        add: BTreeMap<String, String>,
+        /// Header names removed.
+        #[serde(default)]
+        remove: Vec<String>,
+    },
+    /// Gateway API RequestRedirect: the proxy answers with a redirect and forwards nothing.
+    RequestRedirect(Redirect),
+    /// Gateway API URLRewrite: the request's host and/or path change before it is forwarded.
+    UrlRewrite {
+        /// Replaces the `Host` header (and the authority of an absolute-form URI).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hostname: Option<String>,
+        /// Rewrites the path.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<PathModifier>,
+    },
     /// Fault injection for testing resilience: abort and/or delay a share of requests.
     Fault {
         /// Answer this share of requests with a status instead of forwarding them.
@@ -228,6 +251,42 @@ pub enum RouteFilter {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         delay: Option<FaultDelay>,
     },
+}
+
+/// A Gateway API RequestRedirect: each part left out keeps the request's own.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Redirect {
+    /// `http` or `https`; the request's scheme when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    /// The host; the request's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The port; when absent, the scheme's well-known port if `scheme` is set, else the
+    /// request's port. A scheme's well-known port is left out of the `Location`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Rewrites the path; the request's path when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifier>,
+    /// 301, 302 (the default), 303, 307 or 308.
+    #[serde(default = "default_redirect_status")]
+    pub status_code: u16,
+}
+
+fn default_redirect_status() -> u16 {
+    302
+}
+
+/// How a redirect or rewrite changes the path (Gateway API HTTPPathModifier).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "value")]
+pub enum PathModifier {
+    /// The whole path becomes the value.
+    ReplaceFullPath(String),
+    /// The part of the path the rule's PathPrefix match matched becomes the value.
+    ReplacePrefixMatch(String),
 }
 
 /// The abort half of a fault filter.

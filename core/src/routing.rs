@@ -3,7 +3,8 @@
 //! compiled regexes, which are built once per table by [`CompiledRoutes`].
 
 use crate::proxy_api::{
-    PathMatch, RetryPolicy, RouteMatch, RouteRule, RouteTable, ValueMatch, WeightedBackend,
+    PathMatch, PathModifier, Redirect, RetryPolicy, RouteMatch, RouteRule, RouteTable, ValueMatch,
+    WeightedBackend,
 };
 
 /// Statuses a control plane should put in a retry policy whose HTTPRoute names no codes: the
@@ -178,6 +179,98 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
     path.strip_prefix(prefix)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+impl RouteRule {
+    /// The prefix this rule's PathPrefix match matched, which a `ReplacePrefixMatch` replaces.
+    /// The control plane sends one match per rule, so there is at most one.
+    pub fn matched_prefix(&self) -> Option<&str> {
+        self.matches.iter().find_map(|m| match &m.path {
+            Some(PathMatch::PathPrefix(p)) => Some(p.as_str()),
+            _ => None,
+        })
+    }
+}
+
+/// The path after a Gateway API path modifier. `ReplacePrefixMatch` replaces the matched prefix
+/// element-wise (`/api` matched in `/api/v1`, replaced by `/v2`, gives `/v2/v1`; replaced by `/`,
+/// gives `/v1`); without a matched prefix it replaces nothing but the leading `/`.
+pub fn modified_path(modifier: &PathModifier, matched_prefix: Option<&str>, path: &str) -> String {
+    match modifier {
+        PathModifier::ReplaceFullPath(full) => full.clone(),
+        PathModifier::ReplacePrefixMatch(replacement) => {
+            let prefix = matched_prefix.unwrap_or("/").trim_end_matches('/');
+            let rest = path.get(prefix.len()..).unwrap_or("");
+            let rest = if rest.is_empty() || rest.starts_with('/') {
+                rest.to_string()
+            } else {
+                format!("/{rest}")
+            };
+            let out = format!("{}{rest}", replacement.trim_end_matches('/'));
+            if out.is_empty() {
+                "/".into()
+            } else if out.starts_with('/') {
+                out
+            } else {
+                format!("/{out}")
+            }
+        }
+    }
+}
+
+/// What a redirect reads from the request it answers.
+#[derive(Clone, Copy, Debug)]
+pub struct RedirectFrom<'a> {
+    /// `http` or `https`.
+    pub scheme: &'a str,
+    /// The host the request named, without a port.
+    pub host: &'a str,
+    /// The port the request was for.
+    pub port: u16,
+    /// Path, without the query.
+    pub path: &'a str,
+    /// Raw query string, without `?`.
+    pub query: Option<&'a str>,
+}
+
+fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    }
+}
+
+/// The `Location` of a Gateway API RequestRedirect. Parts the redirect leaves out keep the
+/// request's; the port is the redirect's, else the new scheme's well-known one when the scheme
+/// changes, else the request's, and is left out when it is the scheme's well-known port. The
+/// query is kept.
+pub fn redirect_location(
+    redirect: &Redirect,
+    matched_prefix: Option<&str>,
+    from: &RedirectFrom<'_>,
+) -> String {
+    let scheme = redirect.scheme.as_deref().unwrap_or(from.scheme);
+    let host = redirect.hostname.as_deref().unwrap_or(from.host);
+    let port = match (redirect.port, &redirect.scheme) {
+        (Some(p), _) => Some(p),
+        (None, Some(s)) => default_port(s),
+        (None, None) => Some(from.port),
+    };
+    let path = redirect.path.as_ref().map_or_else(
+        || from.path.to_string(),
+        |m| modified_path(m, matched_prefix, from.path),
+    );
+    let mut out = format!("{scheme}://{host}");
+    if let Some(p) = port.filter(|p| Some(*p) != default_port(scheme)) {
+        out += &format!(":{p}");
+    }
+    out += &path;
+    if let Some(q) = from.query {
+        out += "?";
+        out += q;
+    }
+    out
 }
 
 /// Picks a backend by weight. `available(i)` says whether backend `i` has ready endpoints; an
@@ -385,6 +478,108 @@ mod tests {
         assert!(policy.retries_status(503));
         assert!(!policy.retries_status(500));
         assert!(!policy.retries_status(200));
+    }
+
+    #[test]
+    fn path_modifiers_replace_the_whole_path_or_the_matched_prefix() {
+        let full = PathModifier::ReplaceFullPath("/new".into());
+        assert_eq!(modified_path(&full, Some("/old"), "/old/x"), "/new");
+        let prefix = |r: &str| PathModifier::ReplacePrefixMatch(r.into());
+        let cases = [
+            (
+                "/original-prefix",
+                "/replacement-prefix",
+                "/original-prefix/lemon",
+                "/replacement-prefix/lemon",
+            ),
+            (
+                "/original-prefix",
+                "/replacement-prefix",
+                "/original-prefix",
+                "/replacement-prefix",
+            ),
+            ("/strip", "/", "/strip/three", "/three"),
+            ("/strip", "/", "/strip", "/"),
+            ("/strip/", "/", "/strip/three", "/three"),
+            ("/prefix/one", "/one", "/prefix/one/two", "/one/two"),
+            ("/", "/api", "/x", "/api/x"),
+        ];
+        for (matched, replacement, path, want) in cases {
+            assert_eq!(
+                modified_path(&prefix(replacement), Some(matched), path),
+                want,
+                "{matched} -> {replacement} on {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn redirects_keep_what_they_do_not_replace() {
+        let from = RedirectFrom {
+            scheme: "http",
+            host: "echo",
+            port: 80,
+            path: "/hostname-redirect",
+            query: Some("a=1"),
+        };
+        let r = |f: fn(&mut Redirect)| {
+            let mut r = Redirect {
+                status_code: 302,
+                ..Default::default()
+            };
+            f(&mut r);
+            r
+        };
+        let loc = |redirect: &Redirect, prefix| redirect_location(redirect, prefix, &from);
+        assert_eq!(
+            loc(&r(|r| r.hostname = Some("example.org".into())), None),
+            "http://example.org/hostname-redirect?a=1"
+        );
+        assert_eq!(
+            loc(&r(|r| r.port = Some(8083)), None),
+            "http://echo:8083/hostname-redirect?a=1"
+        );
+        assert_eq!(
+            loc(&r(|r| r.scheme = Some("https".into())), None),
+            "https://echo/hostname-redirect?a=1",
+            "a new scheme takes its own well-known port"
+        );
+        assert_eq!(
+            loc(
+                &r(|r| {
+                    r.scheme = Some("https".into());
+                    r.port = Some(8443);
+                }),
+                None
+            ),
+            "https://echo:8443/hostname-redirect?a=1"
+        );
+        assert_eq!(
+            loc(
+                &r(|r| r.path = Some(PathModifier::ReplacePrefixMatch("/new".into()))),
+                Some("/hostname-redirect")
+            ),
+            "http://echo/new?a=1"
+        );
+        let from_8080 = RedirectFrom { port: 8080, ..from };
+        assert_eq!(
+            redirect_location(&r(|_| {}), None, &from_8080),
+            "http://echo:8080/hostname-redirect?a=1",
+            "the request's own port is kept when not well known"
+        );
+    }
+
+    #[test]
+    fn the_matched_prefix_is_the_rules_path_prefix() {
+        let rule = mk_rule(
+            "r",
+            vec![RouteMatch {
+                path: Some(PathMatch::PathPrefix("/api".into())),
+                ..Default::default()
+            }],
+        );
+        assert_eq!(rule.matched_prefix(), Some("/api"));
+        assert_eq!(mk_rule("all", vec![]).matched_prefix(), None);
     }
 
     #[test]

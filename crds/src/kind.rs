@@ -13,6 +13,8 @@ pub enum ResourceKind {
     MetricTemplate,
     /// `gateway.networking.k8s.io/v1` HTTPRoute.
     HttpRoute,
+    /// `gateway.networking.k8s.io/v1` GRPCRoute.
+    GrpcRoute,
     /// `workloads.mesh.dev/v1alpha1` Workload (embedded mesh only).
     Workload,
     /// `policy.mesh.dev/v1alpha1` Server.
@@ -27,10 +29,11 @@ pub enum ResourceKind {
 
 impl ResourceKind {
     /// Every served kind.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Canary,
         Self::MetricTemplate,
         Self::HttpRoute,
+        Self::GrpcRoute,
         Self::Workload,
         Self::Server,
         Self::AuthorizationPolicy,
@@ -52,6 +55,7 @@ impl ResourceKind {
             Self::Canary => "Canary",
             Self::MetricTemplate => "MetricTemplate",
             Self::HttpRoute => "HTTPRoute",
+            Self::GrpcRoute => "GRPCRoute",
             Self::Workload => "Workload",
             Self::Server => "Server",
             Self::AuthorizationPolicy => "AuthorizationPolicy",
@@ -64,7 +68,7 @@ impl ResourceKind {
     pub fn group(self) -> &'static str {
         match self {
             Self::Canary | Self::MetricTemplate => crate::ROLLOUTS_GROUP,
-            Self::HttpRoute => "gateway.networking.k8s.io",
+            Self::HttpRoute | Self::GrpcRoute => "gateway.networking.k8s.io",
             Self::Workload => crate::workload::WORKLOADS_GROUP,
             Self::Server
             | Self::AuthorizationPolicy
@@ -83,7 +87,7 @@ impl ResourceKind {
             | Self::AuthorizationPolicy
             | Self::MeshTlsAuthentication
             | Self::NetworkAuthentication => "v1alpha1",
-            Self::HttpRoute => "v1",
+            Self::HttpRoute | Self::GrpcRoute => "v1",
         }
     }
 
@@ -98,6 +102,7 @@ impl ResourceKind {
             Self::Canary => "canaries",
             Self::MetricTemplate => "metrictemplates",
             Self::HttpRoute => "httproutes",
+            Self::GrpcRoute => "grpcroutes",
             Self::Workload => "workloads",
             Self::Server => "servers",
             Self::AuthorizationPolicy => "authorizationpolicies",
@@ -112,6 +117,7 @@ impl ResourceKind {
             Self::Canary => &["canary", "canaries"],
             Self::MetricTemplate => &["metrictemplate", "metrictemplates", "mt"],
             Self::HttpRoute => &["httproute", "httproutes"],
+            Self::GrpcRoute => &["grpcroute", "grpcroutes"],
             Self::Workload => &["workload", "workloads", "wl"],
             Self::Server => &["server", "servers", "srv"],
             Self::AuthorizationPolicy => &[

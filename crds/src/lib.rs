@@ -20,6 +20,7 @@ pub use workload::{Workload, WorkloadSpec, WorkloadStatus, WorkloadVersion};
 
 /// Traffic splitting uses the standard Gateway API HTTPRoute with a Service parentRef (GAMMA);
 /// it is re-exported so every crate names one version of it.
+pub use gateway_api::apis::standard::grpcroutes::GrpcRoute;
 pub use gateway_api::apis::standard::httproutes::{HttpRoute, HttpRouteSpec};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -54,6 +55,20 @@ pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
 /// with the approval annotation upstream's manifests carry.
 pub fn httproute_crd() -> CustomResourceDefinition {
     let mut crd = HttpRoute::crd();
+    crd.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(
+            "api-approved.kubernetes.io".into(),
+            "https://github.com/kubernetes-sigs/gateway-api/pull/2466".into(),
+        );
+    crd
+}
+
+/// The Gateway API GRPCRoute CRD (standard channel), installed beside [`httproute_crd`]: the
+/// control plane routes gRPC by GRPCRoutes with a Service parent as it routes HTTP.
+pub fn grpcroute_crd() -> CustomResourceDefinition {
+    let mut crd = GrpcRoute::crd();
     crd.metadata
         .annotations
         .get_or_insert_with(Default::default)

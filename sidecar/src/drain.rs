@@ -66,6 +66,11 @@ pub struct ClientIdentity(pub String);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
+/// Where a redirected connection was going (`SO_ORIGINAL_DST`), in the extensions of the
+/// requests it carries; absent on connections made to the listener itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDst(pub std::net::SocketAddr);
+
 /// Longest wait for a TLS handshake on an accepted connection.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -120,10 +125,18 @@ where
                     // A redirected connection to a port declared opaque is never sniffed: its
                     // protocol may be server-first. Peer proxies connect to the listener itself
                     // (not redirected), so their mTLS is always recognised.
+                    let orig = crate::orig_dst::original_dst(&io);
                     let opaque_port = opaque.as_ref().is_some_and(|o| {
-                        crate::orig_dst::original_dst(&io)
-                            .is_some_and(|dst| o.opaque_ports.contains(dst.port()))
+                        orig.is_some_and(|dst| o.opaque_ports.contains(dst.port()))
                     });
+                    // Requests learn the port their connection was redirected from, so a
+                    // listener in front of several app ports sends each to its own.
+                    let handle = move |mut req: Request<Incoming>| {
+                        if let Some(dst) = orig {
+                            req.extensions_mut().insert(OriginalDst(dst));
+                        }
+                        handle(req)
+                    };
                     // A client that connected but has sent nothing yet is simply dropped by a
                     // drain.
                     let protocol = if opaque_port {

@@ -27,7 +27,7 @@ use mesh_core::proxy_api::ServiceRef;
 use tokio::net::TcpListener;
 
 use crate::authz::Authz;
-use crate::drain::{ClientIdentity, PeerAddr, Watch};
+use crate::drain::{ClientIdentity, OriginalDst, PeerAddr, Watch};
 use crate::http::{
     Body, CLIENT_ID_HEADER, CONNECT_TIMEOUT, ORIG_PROTO_HEADER, ORIG_PROTO_HTTP1, TUNNEL_HEADER,
     authority_to_host, error,
@@ -189,6 +189,14 @@ impl Inbound {
         {
             req.headers_mut().insert(CLIENT_ID_HEADER, v);
         }
+        // A connection redirected to this listener goes to the app port it was meant for; a
+        // peer proxy connecting to the listener itself goes to the app's declared port.
+        let app = req
+            .extensions()
+            .get::<OriginalDst>()
+            .map_or(self.app, |OriginalDst(dst)| {
+                SocketAddr::new(self.app.ip(), dst.port())
+            });
         let connect = req.method() == Method::CONNECT;
         let downstream = tunnel::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         // Built only for a request that may become a tunnel; most never do.
@@ -205,7 +213,7 @@ impl Inbound {
         });
         self.metrics.requests.get_or_create(&self.labels).inc();
         let result = if connect {
-            self.connect(req, to_app).await
+            self.connect(app, req, to_app).await
         } else {
             // HTTP/2 callers send the authority in the URI, not in Host; the app speaks
             // HTTP/1.1 and needs it in Host.
@@ -217,7 +225,7 @@ impl Inbound {
                 .to_string();
             let uri = match Uri::builder()
                 .scheme("http")
-                .authority(self.app.to_string())
+                .authority(app.to_string())
                 .path_and_query(path)
                 .build()
             {
@@ -260,7 +268,7 @@ impl Inbound {
                 let status = StatusCode::BAD_GATEWAY;
                 self.metrics
                     .record(&self.labels, Some(status.as_u16()), true, start.elapsed());
-                error(status, &format!("app at {}: {e}", self.app))
+                error(status, &format!("app at {app}: {e}"))
             }
         }
     }
@@ -271,10 +279,11 @@ impl Inbound {
     /// its own, which the app's 2xx turns into the tunnel.
     async fn connect(
         &self,
+        app: SocketAddr,
         req: Request<Incoming>,
         to_app: bool,
     ) -> Result<Response<Body>, String> {
-        let connect = tokio::net::TcpStream::connect(self.app);
+        let connect = tokio::net::TcpStream::connect(app);
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => return Err(e.to_string()),

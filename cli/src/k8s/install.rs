@@ -1,6 +1,6 @@
 //! `mesh install [--crds]`: everything a cluster needs, as YAML for `kubectl apply -f -`.
 //!
-//! The output holds, in apply order: the CRDs (ours, plus the Gateway API HTTPRoute unless
+//! The output holds, in apply order: the CRDs (ours, plus Gateway API's HTTPRoute and GRPCRoute unless
 //! `--skip-gateway-api-crds`); then, without `--crds`, the `mesh-system` namespace, service
 //! accounts and RBAC, the identity issuer and the injector's serving certificate (generated
 //! here with rcgen, so every install gets its own keys), the control plane and rollout
@@ -38,7 +38,8 @@ pub struct InstallArgs {
     /// Render only the CRDs.
     #[arg(long)]
     pub crds: bool,
-    /// Leave out the Gateway API HTTPRoute CRD (when the cluster already has Gateway API).
+    /// Leave out the Gateway API HTTPRoute and GRPCRoute CRDs (when the cluster already has
+    /// Gateway API).
     #[arg(long)]
     pub skip_gateway_api_crds: bool,
     /// Image of the control plane [default: <registry>/controlplane:<version>].
@@ -176,8 +177,12 @@ pub fn crds(skip_gateway_api: bool) -> Vec<Value> {
         .into_iter()
         .filter_map(|(_, crd)| serde_json::to_value(crd).ok())
         .collect();
-    if !skip_gateway_api && let Ok(v) = serde_json::to_value(mesh_crds::httproute_crd()) {
-        out.push(v);
+    if !skip_gateway_api {
+        for crd in [mesh_crds::httproute_crd(), mesh_crds::grpcroute_crd()] {
+            if let Ok(v) = serde_json::to_value(crd) {
+                out.push(v);
+            }
+        }
     }
     out
 }
@@ -294,7 +299,7 @@ pub fn render_with(args: &InstallArgs, pki: &Pki) -> anyhow::Result<Vec<Value>> 
                 {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
                 // The cluster is the control plane's store: its resource API reads and writes
                 // the mesh's kinds (writes are server-side applies and deletes).
-                {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"], "verbs": ["get", "list", "watch", "patch", "delete"]},
+                {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "grpcroutes"], "verbs": ["get", "list", "watch", "patch", "delete"]},
                 {"apiGroups": ["rollouts.mesh.dev"], "resources": ["canaries", "metrictemplates"], "verbs": ["get", "list", "watch", "patch", "delete"]},
                 {"apiGroups": ["policy.mesh.dev"], "resources": ["servers", "authorizationpolicies", "meshtlsauthentications", "networkauthentications"], "verbs": ["get", "list", "watch", "patch", "delete"]},
                 {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},

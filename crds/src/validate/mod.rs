@@ -54,6 +54,8 @@ pub enum Validated {
     MetricTemplate(Box<MetricTemplate>),
     /// An HTTPRoute.
     HttpRoute(Box<HttpRoute>),
+    /// A GRPCRoute.
+    GrpcRoute(Box<crate::GrpcRoute>),
     /// A Workload.
     Workload(Box<Workload>),
     /// A Server.
@@ -113,6 +115,10 @@ pub fn validate(object: &Value) -> Result<Validated, ValidationError> {
             let r: HttpRoute = parse(object).map_err(fail)?;
             validate_http_route(&r).map_err(fail)?;
             Validated::HttpRoute(Box::new(r))
+        }
+        ResourceKind::GrpcRoute => {
+            let r: crate::GrpcRoute = parse(object).map_err(fail)?;
+            Validated::GrpcRoute(Box::new(r))
         }
         ResourceKind::Workload => {
             let w: Workload = parse(object).map_err(fail)?;
