@@ -40,6 +40,8 @@ struct Parent {
 
 #[derive(Clone, Debug, PartialEq)]
 struct Backend {
+    /// Its backendRef filters (request header modifiers).
+    filters: Vec<RouteFilter>,
     name: String,
     namespace: String,
     port: Option<u16>,
@@ -70,7 +72,8 @@ pub struct Index {
     /// GRPCRoutes, in the same shape: a gRPC method is a path.
     grpc_routes: BTreeMap<(String, String), IndexedRoute>,
     workloads: BTreeMap<String, WorkloadRegistration>,
-    route_watches: BTreeMap<ServiceRef, watch::Sender<Published<RouteTable>>>,
+    /// Per authority and the namespace of the proxies asking (consumer routes differ by it).
+    route_watches: BTreeMap<(ServiceRef, Option<String>), watch::Sender<Published<RouteTable>>>,
     endpoint_watches: BTreeMap<ServiceRef, watch::Sender<Published<Endpoints>>>,
     service_addrs: BTreeMap<SocketAddr, ServiceRef>,
     address_watches: BTreeMap<SocketAddr, watch::Sender<Published<MeshAddress>>>,
@@ -123,6 +126,20 @@ fn convert(route: &HttpRoute) -> IndexedRoute {
                 .flatten()
                 .filter(|b| is_core_service(b.group.as_deref(), b.kind.as_deref(), "Service"))
                 .map(|b| Backend {
+                    filters: b
+                        .filters
+                        .iter()
+                        .flatten()
+                        .filter_map(|f| {
+                            let m = f.request_header_modifier.as_ref()?;
+                            let (set, add, remove) = header_lists(
+                                m.set.iter().flatten().map(|h| (&h.name, &h.value)),
+                                m.add.iter().flatten().map(|h| (&h.name, &h.value)),
+                                m.remove.as_ref(),
+                            );
+                            Some(RouteFilter::RequestHeaderModifier { set, add, remove })
+                        })
+                        .collect(),
                     name: b.name.clone(),
                     namespace: b.namespace.clone().unwrap_or_else(|| namespace.clone()),
                     port: port(b.port),
@@ -335,6 +352,7 @@ fn convert_grpc(route: &GrpcRoute) -> IndexedRoute {
                 .flatten()
                 .filter(|b| is_core_service(b.group.as_deref(), b.kind.as_deref(), "Service"))
                 .map(|b| Backend {
+                    filters: Vec::new(),
                     name: b.name.clone(),
                     namespace: b.namespace.clone().unwrap_or_else(|| namespace.clone()),
                     port: port(b.port),
@@ -560,12 +578,23 @@ impl Index {
         &mut self,
         authority: &ServiceRef,
     ) -> watch::Receiver<Published<RouteTable>> {
-        if let Some(tx) = self.route_watches.get(authority) {
+        self.watch_routes_from(authority, None)
+    }
+
+    /// Follows the route table of `authority` as proxies in namespace `client` see it (see
+    /// [`Index::route_table_from`]).
+    pub fn watch_routes_from(
+        &mut self,
+        authority: &ServiceRef,
+        client: Option<&str>,
+    ) -> watch::Receiver<Published<RouteTable>> {
+        let key = (authority.clone(), client.map(str::to_string));
+        if let Some(tx) = self.route_watches.get(&key) {
             return tx.subscribe();
         }
-        let update = Published::new(self.version, self.route_table(authority));
+        let update = Published::new(self.version, self.route_table_from(authority, client));
         let (tx, rx) = watch::channel(update);
-        self.route_watches.insert(authority.clone(), tx);
+        self.route_watches.insert(key, tx);
         rx
     }
 
@@ -632,18 +661,43 @@ impl Index {
     /// The route table proxies get for `authority`: its HTTPRoutes' rules in precedence order,
     /// a catch-all to the service itself when it has workloads but no routes, else `None`.
     pub fn route_table(&self, authority: &ServiceRef) -> Option<RouteTable> {
-        let mut routes: Vec<&IndexedRoute> = self
+        self.route_table_from(authority, None)
+    }
+
+    /// The route table proxies in namespace `client` get for `authority` (GAMMA's producer and
+    /// consumer routes): the routes in the client's own namespace that attach to the service
+    /// when there are any (consumer routes, for that namespace's clients only), else the routes
+    /// in the service's namespace (producer routes). Routes in any other namespace never apply.
+    pub fn route_table_from(
+        &self,
+        authority: &ServiceRef,
+        client: Option<&str>,
+    ) -> Option<RouteTable> {
+        let attached: Vec<(&str, &IndexedRoute)> = self
             .routes
-            .values()
-            .chain(self.grpc_routes.values())
-            .filter(|r| {
+            .iter()
+            .chain(self.grpc_routes.iter())
+            .filter(|(_, r)| {
                 r.parents.iter().any(|p| {
                     p.name == authority.name
                         && p.namespace == authority.namespace
                         && p.port.is_none_or(|port| port == authority.port)
                 })
             })
+            .map(|((ns, _), r)| (ns.as_str(), r))
             .collect();
+        let consumer = client.filter(|c| *c != authority.namespace);
+        let from = |ns: &str| -> Vec<&IndexedRoute> {
+            attached
+                .iter()
+                .filter(|(n, _)| *n == ns)
+                .map(|(_, r)| *r)
+                .collect()
+        };
+        let mut routes = consumer.map(from).unwrap_or_default();
+        if routes.is_empty() {
+            routes = from(&authority.namespace);
+        }
         // BTreeMap order is namespace/name already; a stable sort by age keeps it for ties.
         routes.sort_by(|a, b| a.created.cmp(&b.created));
         let mut rules = Vec::new();
@@ -661,6 +715,12 @@ impl Index {
                         weight: b.weight,
                     })
                     .collect();
+                let backend_filters: Vec<Vec<RouteFilter>> =
+                    if rule.backends.iter().any(|b| !b.filters.is_empty()) {
+                        rule.backends.iter().map(|b| b.filters.clone()).collect()
+                    } else {
+                        Vec::new()
+                    };
                 let matches: Vec<Option<&RouteMatch>> = if rule.matches.is_empty() {
                     vec![None]
                 } else {
@@ -674,6 +734,7 @@ impl Index {
                             matches: m.cloned().into_iter().collect(),
                             filters: rule.filters.clone(),
                             backends: backends.clone(),
+                            backend_filters: backend_filters.clone(),
                             timeout_ms: rule.timeout_ms,
                             retry: None,
                         },
@@ -744,7 +805,10 @@ impl Index {
         let tables: Vec<_> = self
             .route_watches
             .keys()
-            .map(|a| (a.clone(), self.route_table(a)))
+            .map(|(a, client)| {
+                let table = self.route_table_from(a, client.as_deref());
+                ((a.clone(), client.clone()), table)
+            })
             .collect();
         send_changed(&self.route_watches, tables, next);
         let sets: Vec<_> = self
@@ -1007,6 +1071,70 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn consumer_routes_apply_to_their_namespaces_clients_only() {
+        let mut index = Index::new(0);
+        let route = |ns: &str, backend: &str| -> HttpRoute {
+            serde_json::from_value(json!({
+                "metadata": {"name": "r", "namespace": ns},
+                "spec": {
+                    "parentRefs": [{"name": "web", "namespace": "default", "kind": "Service", "group": ""}],
+                    "rules": [{"backendRefs": [{"name": backend, "namespace": "default", "port": 80}]}]
+                }
+            }))
+            .unwrap()
+        };
+        index.apply_route(&route("default", "producer"));
+        index.apply_route(&route("shop", "consumer"));
+        index.apply_route(&route("other", "other"));
+        let web = svc("web.default:80");
+        let backend = |client: Option<&str>| {
+            index.route_table_from(&web, client).unwrap().rules[0].backends[0]
+                .service
+                .name
+                .clone()
+        };
+        assert_eq!(backend(None), "producer");
+        assert_eq!(backend(Some("default")), "producer");
+        assert_eq!(
+            backend(Some("shop")),
+            "consumer",
+            "a consumer route wins for its clients"
+        );
+        assert_eq!(backend(Some("elsewhere")), "producer");
+        let mut shop = index.watch_routes_from(&web, Some("shop"));
+        let plain = index.watch_routes(&web);
+        index.delete_route("shop", "r");
+        assert!(shop.has_changed().unwrap());
+        assert!(
+            !plain.has_changed().unwrap(),
+            "producer clients saw no change"
+        );
+        let table = shop.borrow_and_update().value.clone().unwrap();
+        assert_eq!(table.rules[0].backends[0].service.name, "producer");
+    }
+
+    #[test]
+    fn backend_request_header_modifiers_are_carried_per_backend() {
+        let mut index = Index::new(0);
+        index.apply_route(&mk_route(
+            "web",
+            "web",
+            json!([{"backendRefs": [
+                {"name": "a", "port": 80, "filters": [{"type": "RequestHeaderModifier",
+                  "requestHeaderModifier": {"set": [{"name": "x-b", "value": "a"}]}}]},
+                {"name": "b", "port": 80}
+            ]}]),
+        ));
+        let rule = &index.route_table(&svc("web.default:80")).unwrap().rules[0];
+        assert_eq!(rule.backend_filters.len(), 2);
+        assert!(matches!(
+            &rule.backend_filters[0][..],
+            [RouteFilter::RequestHeaderModifier { set, .. }] if set["x-b"] == "a"
+        ));
+        assert!(rule.backend_filters[1].is_empty());
     }
 
     #[test]

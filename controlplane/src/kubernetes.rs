@@ -18,6 +18,8 @@
 //! - **Service addresses.** Every ClusterIP and TCP port of a Service is its own address, so a
 //!   proxy that sees a redirected connection to it knows which service the app meant.
 //!
+//! - **Route status.** HTTPRoutes and GRPCRoutes with Service parents get `Accepted` and
+//!   `ResolvedRefs` under the mesh's controller name ([`crate::route_status`]).
 //! - **Identity.** Proxies present their projected service-account tokens, which the control
 //!   plane checks with TokenReview (see [`crate::tokenreview`]).
 
@@ -62,6 +64,7 @@ impl ControlPlane {
         // policy indexes exactly as the embedded store does.
         let store = KubernetesStore::start(client.clone());
         crate::spawn_feeds(&store, &self.shared);
+        tokio::spawn(crate::route_status::write_statuses(client.clone()));
         tokio::spawn(feed_endpoints(
             client,
             trust_domain,
@@ -274,7 +277,13 @@ pub fn slice_registrations(
                 let Ok(ip) = address.parse::<IpAddr>() else {
                     continue;
                 };
-                let id = format!("k8s/{ns}/{}/{ip}/{port}", slice.name_any());
+                // One registration per service port: two ports of a service may share a
+                // target port, and each is its own endpoint set.
+                let id = format!(
+                    "k8s/{ns}/{}/{ip}/{}/{port}",
+                    slice.name_any(),
+                    service_ref.port
+                );
                 out.insert(
                     id,
                     WorkloadRegistration {
@@ -296,6 +305,61 @@ mod tests {
 
     fn service(json: serde_json::Value) -> Arc<Service> {
         Arc::new(serde_json::from_value(json).unwrap())
+    }
+
+    #[test]
+    fn meshed_pods_are_reached_at_the_proxy_for_their_declared_port_and_through_the_redirect_otherwise()
+     {
+        let svc = service(serde_json::json!({
+            "metadata": {"name": "echo", "namespace": "mesh"},
+            "spec": {"ports": [
+                {"name": "http", "port": 80, "targetPort": 8080},
+                {"name": "http-alt", "port": 8080},
+                {"name": "grpc", "port": 7070}
+            ]}
+        }));
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "echo-abc", "namespace": "mesh"},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}, {"name": "http-alt", "port": 8080},
+                      {"name": "grpc", "port": 7070}],
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "targetRef": {"kind": "Pod", "name": "declared"}},
+                {"addresses": ["10.0.0.2"], "targetRef": {"kind": "Pod", "name": "undeclared"}}
+            ]
+        }))
+        .unwrap();
+        let pod = |name: &str, ports: serde_json::Value| {
+            let p: Pod = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "mesh",
+                             "annotations": {INJECTED_ANNOTATION: "true"}},
+                "spec": {"containers": [{"name": "app", "ports": ports}]}
+            }))
+            .unwrap();
+            (("mesh".to_string(), name.to_string()), Arc::new(p))
+        };
+        let pods = BTreeMap::from([
+            pod("declared", serde_json::json!([{"containerPort": 8080}])),
+            pod("undeclared", serde_json::json!([])),
+        ]);
+        let regs = slice_registrations(&svc, &slice, &pods, "cluster.local");
+        let mut got: Vec<(u16, SocketAddr)> =
+            regs.values().map(|r| (r.service.port, r.addr)).collect();
+        got.sort();
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            got,
+            [
+                (80, a("10.0.0.1:4143")),
+                (80, a("10.0.0.2:8080")),
+                (7070, a("10.0.0.1:7070")),
+                (7070, a("10.0.0.2:7070")),
+                (8080, a("10.0.0.1:4143")),
+                (8080, a("10.0.0.2:8080")),
+            ],
+            "two service ports on one target port are both served"
+        );
+        assert!(regs.values().all(|r| r.identity.is_some()));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod kubernetes;
 pub mod policy;
 pub mod proxy;
 pub mod publish;
+pub mod route_status;
 pub mod tls;
 pub mod tokenreview;
 pub mod workloads;

@@ -170,7 +170,20 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
     match (req.method(), path.as_str()) {
         (&Method::GET, "/ready") => json_response(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, WATCH_ROUTES_PATH) => match service_param(query.as_deref(), "authority") {
-            Ok(authority) => stream(shared.index().watch_routes(&authority)),
+            Ok(authority) => {
+                // The asking proxy's namespace, from its verified identity: consumer routes
+                // in that namespace apply to it alone.
+                let client = req
+                    .extensions()
+                    .get::<PeerIdentity>()
+                    .and_then(|PeerIdentity(id)| id.parse::<mesh_core::SpiffeId>().ok())
+                    .map(|id| id.namespace().to_string());
+                stream(
+                    shared
+                        .index()
+                        .watch_routes_from(&authority, client.as_deref()),
+                )
+            }
             Err(resp) => resp,
         },
         (&Method::GET, WATCH_ENDPOINTS_PATH) => match service_param(query.as_deref(), "service") {

@@ -152,6 +152,10 @@ pub struct RouteRule {
     pub filters: Vec<RouteFilter>,
     /// Backends picked per request in proportion to weight.
     pub backends: Vec<WeightedBackend>,
+    /// Filters of each backend (Gateway API backendRef filters), in the order of `backends`,
+    /// applied to an attempt once its backend is picked; empty when no backend has any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend_filters: Vec<Vec<RouteFilter>>,
     /// Timeout for the whole request including retries, in milliseconds; none means no timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,

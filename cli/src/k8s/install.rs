@@ -300,6 +300,8 @@ pub fn render_with(args: &InstallArgs, pki: &Pki) -> anyhow::Result<Vec<Value>> 
                 // The cluster is the control plane's store: its resource API reads and writes
                 // the mesh's kinds (writes are server-side applies and deletes).
                 {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes", "grpcroutes"], "verbs": ["get", "list", "watch", "patch", "delete"]},
+                // Route status: Accepted and ResolvedRefs on routes with Service parents.
+                {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status", "grpcroutes/status"], "verbs": ["get", "patch", "update"]},
                 {"apiGroups": ["rollouts.mesh.dev"], "resources": ["canaries", "metrictemplates"], "verbs": ["get", "list", "watch", "patch", "delete"]},
                 {"apiGroups": ["policy.mesh.dev"], "resources": ["servers", "authorizationpolicies", "meshtlsauthentications", "networkauthentications"], "verbs": ["get", "list", "watch", "patch", "delete"]},
                 {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},

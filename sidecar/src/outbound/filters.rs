@@ -204,7 +204,7 @@ fn roll(percent: f64) -> bool {
     fastrand::f64() * 100.0 < percent
 }
 
-fn modify_headers(
+pub(crate) fn modify_headers(
     headers: &mut HeaderMap,
     set: &BTreeMap<String, String>,
     add: &BTreeMap<String, String>,

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use futures_util::future::{Either, Ready, ready};
 use http::{Request, Response};
-use mesh_core::proxy_api::ServiceRef;
+use mesh_core::proxy_api::{RouteFilter, ServiceRef};
 use mesh_core::routing::pick_backend;
 use tower::{Layer, Service};
 
@@ -67,14 +67,14 @@ pub struct Split<S> {
 
 impl<S> Split<S> {
     /// The backend picked for an attempt on `route` with `roll` (uniform in [0, 1)).
-    fn pick(&self, route: &Route, tables: &Tables, roll: f64) -> Option<ServiceRef> {
+    fn pick(&self, route: &Route, tables: &Tables, roll: f64) -> Option<usize> {
         let backends = &route.rule.backends;
         let now = Instant::now();
         let available = |i: usize| {
             let addrs = tables.addrs(&backends[i].service);
             !addrs.is_empty() && self.balancer.any_ready(&addrs, now)
         };
-        pick_backend(backends, available, roll).map(|i| backends[i].service.clone())
+        pick_backend(backends, available, roll)
     }
 }
 
@@ -94,15 +94,29 @@ where
         let Routed {
             route,
             tables,
-            request,
+            mut request,
         } = req;
         match self.pick(&route, &tables, fastrand::f64()) {
-            Some(backend) => Either::Right(self.inner.call(ToBackend {
-                route,
-                tables,
-                backend,
-                request,
-            })),
+            Some(i) => {
+                // The picked backend's own filters (backendRef filters) change this attempt only.
+                for filter in route.rule.backend_filters.get(i).into_iter().flatten() {
+                    if let RouteFilter::RequestHeaderModifier { set, add, remove } = filter {
+                        crate::outbound::filters::modify_headers(
+                            request.headers_mut(),
+                            set,
+                            add,
+                            remove,
+                        );
+                    }
+                }
+                let backend = route.rule.backends[i].service.clone();
+                Either::Right(self.inner.call(ToBackend {
+                    route,
+                    tables,
+                    backend,
+                    request,
+                }))
+            }
             None => {
                 let why = Unavailable::of(&route.service, &route.rule.backends, &tables);
                 Either::Left(ready(Err(why.into())))
@@ -171,6 +185,39 @@ mod tests {
         // Binomial(2000, 0.1): sd 13.4; 60 is beyond 4 sd.
         assert!((140..=260).contains(&canary), "{picked:?}");
         assert_eq!(picked["web-primary"] + canary, 2000);
+    }
+
+    #[tokio::test]
+    async fn the_picked_backends_own_filters_change_its_attempts_only() {
+        let balancer = Arc::new(Balancer::default());
+        let t = tables(&["127.0.0.1:9001"], &["127.0.0.1:9002"]);
+        let rule = "{name: main, backends: [{service: web-primary.default:80, weight: 1}, \
+                    {service: web-canary.default:80, weight: 1}], \
+                    backendFilters: [[{type: requestHeaderModifier, set: {x-to: primary}}], []]}";
+        let inner = tower::service_fn(|req: ToBackend<()>| {
+            let mut rsp = mk::response(200);
+            let seen = req.request.headers().get("x-to").cloned();
+            rsp.headers_mut()
+                .insert("x-backend", req.backend.name.parse().unwrap());
+            if let Some(v) = seen {
+                rsp.headers_mut().insert("x-to", v);
+            }
+            std::future::ready(Ok::<_, Error>(rsp))
+        });
+        let svc = SplitLayer::new(balancer.clone()).layer(inner);
+        let mut seen = BTreeMap::new();
+        for _ in 0..200 {
+            let req = mk::routed_with(rule, &t, http::Request::get("/").body(()));
+            let rsp = svc.clone().oneshot(req).await.unwrap();
+            let backend = rsp.headers()["x-backend"].to_str().unwrap().to_string();
+            let header = rsp
+                .headers()
+                .get("x-to")
+                .map(|v| v.to_str().unwrap().to_string());
+            seen.insert(backend, header);
+        }
+        assert_eq!(seen["web-primary"].as_deref(), Some("primary"));
+        assert_eq!(seen["web-canary"], None);
     }
 
     #[tokio::test]
