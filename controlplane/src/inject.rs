@@ -243,6 +243,14 @@ pub fn iptables_script(
     // Outbound: the app's connections go to the proxy's outbound port; the proxy's own (by its
     // uid), loopback and opted-out ports leave untouched.
     s += "iptables -t nat -N MESH_OUTBOUND\n";
+    // The proxy calling its own pod (a client of a service this pod also serves) dials the
+    // pod's IP, which the kernel delivers over loopback, past PREROUTING: send it to the
+    // inbound listener as if it had come from outside (the listener's own port excepted).
+    s += &format!(
+        "iptables -t nat -A MESH_OUTBOUND -o lo ! -d 127.0.0.1/32 -p tcp ! --dport {inbound} \
+         -m owner --uid-owner {PROXY_UID} -j REDIRECT --to-ports {inbound}\n",
+        inbound = config.inbound_port
+    );
     s += &format!("iptables -t nat -A MESH_OUTBOUND -m owner --uid-owner {PROXY_UID} -j RETURN\n");
     s += "iptables -t nat -A MESH_OUTBOUND -o lo -j RETURN\n";
     for port in skip_outbound {
