@@ -51,7 +51,29 @@ const PROFILES: &str = "MESH-HTTP,MESH-GRPC";
 /// Every feature the mesh claims: the profiles' core features and each extended feature whose
 /// tests pass. A feature goes here only with its tests passing (docs/gateway-api.md lists the
 /// rest and why).
-const FEATURES: &[&str] = &["Mesh", "HTTPRoute", "GRPCRoute"];
+const FEATURES: &[&str] = &[
+    // The profiles' core features.
+    "Mesh",
+    "HTTPRoute",
+    "GRPCRoute",
+    // MESH-HTTP's extended features: every one.
+    "MeshClusterIPMatching",
+    "MeshConsumerRoute",
+    "MeshHTTPRouteBackendRequestHeaderModification",
+    "MeshHTTPRouteNamedRouteRule",
+    "MeshHTTPRouteQueryParamMatching",
+    "MeshHTTPRouteRedirectPath",
+    "MeshHTTPRouteRedirectPort",
+    "MeshHTTPRouteRewritePath",
+    "MeshHTTPRouteSchemeRedirect",
+    // HTTPRoute features that mesh tests also rely on (MeshFrontend, MeshPorts, the 30x
+    // redirect tests).
+    "HTTPRouteResponseHeaderModification",
+    "HTTPRouteParentRefPort",
+    "HTTPRoute303RedirectStatusCode",
+    "HTTPRoute307RedirectStatusCode",
+    "HTTPRoute308RedirectStatusCode",
+];
 
 /// The core features of both profiles: the bounded run claims only these.
 const CORE_FEATURES: &[&str] = &["Mesh", "HTTPRoute", "GRPCRoute"];
