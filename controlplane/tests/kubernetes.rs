@@ -145,7 +145,8 @@ async fn cluster_objects_become_the_endpoints_and_routes_proxies_watch() {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": "default", "labels": {"app": "web", "version": "v1"},
                          "annotations": annotations},
-            "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "podinfo"}]},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "podinfo",
+                     "ports": [{"containerPort": 8080}]}]},
         }))
         .unwrap();
         pods.create(&PostParams::default(), &pod).await.unwrap();
@@ -169,7 +170,8 @@ async fn cluster_objects_become_the_endpoints_and_routes_proxies_watch() {
     slices.create(&PostParams::default(), &slice).await.unwrap();
 
     // Ready addresses, at the target port; the meshed pod with its service account's identity,
-    // at its proxy's inbound port.
+    // at its proxy's inbound port (the target port is the one its app declares, where the proxy
+    // forwards by default).
     let want = vec![
         (
             "10.244.0.5:4143".to_string(),
