@@ -146,8 +146,20 @@ async fn main() -> std::process::ExitCode {
     let settings = config.settings(&identity);
     let source = WindowFloor::new(PrometheusSource::new(prometheus), config.metrics_interval);
     tracing::info!(namespace = ?settings.namespace, %identity, "mesh: rollout controller started");
+    // Kubernetes stops a pod with SIGTERM; Ctrl-C is for a terminal. Either releases the Lease,
+    // so a standby takes over at once instead of after the lease duration.
     let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = async {
+                match term.as_mut() {
+                    Some(t) => { t.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
+        }
     };
     if !config.leader_elect {
         kubernetes::run(client, settings, source, shutdown).await;

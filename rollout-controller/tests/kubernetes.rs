@@ -974,6 +974,46 @@ async fn the_binary_killed_mid_rollout_resumes_from_the_status() {
     assert_eq!(image(&primary), "podinfo:2");
 }
 
+/// Kubernetes stops a pod with SIGTERM: the binary gives the Lease up and exits 0, so a standby
+/// need not wait out the lease duration.
+#[tokio::test]
+async fn the_binary_releases_its_lease_on_sigterm() {
+    let Rig {
+        cluster,
+        client,
+        traffic: _traffic,
+        prometheus,
+    } = Rig::start(0.0).await;
+    let mut controller = controller_binary(&cluster.kube, &prometheus, "controller.log");
+    assert_eventually!(
+        lease_holder(&client).await.is_some(),
+        "the controller never took the Lease; log in {}",
+        cluster.kube.dir().display()
+    );
+    let pid = controller.id().expect("a running controller");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exited = tokio::time::timeout(Duration::from_secs(30), controller.wait())
+        .await
+        .expect("the controller did not stop on SIGTERM")
+        .unwrap();
+    assert_eq!(exited.code(), Some(0), "log in {}", cluster.kube.dir().display());
+    let api: Api<Lease> = Api::namespaced(client.clone(), NS);
+    let spec = api
+        .get("mesh-rollout-controller")
+        .await
+        .unwrap()
+        .spec
+        .unwrap();
+    assert_eq!(
+        spec.holder_identity, None,
+        "the Lease was not released: {spec:?}"
+    );
+}
+
 async fn lease_holder(client: &Client) -> Option<(String, i32)> {
     let api: Api<Lease> = Api::namespaced(client.clone(), NS);
     let spec = api.get_opt("mesh-rollout-controller").await.ok()??.spec?;
