@@ -289,3 +289,58 @@ async fn flagger_s_linkerd_queries_on_prometheus_match_the_load_generator() {
     up.child().terminate();
     drop(prometheus);
 }
+
+/// Both scrape configs, as `mesh install --prometheus` and docs/metrics.md give them, are
+/// accepted by the Prometheus that runs the test above (its `promtool check config`). Debian
+/// builds Prometheus without Kubernetes discovery, so in the cluster's config the pod discovery
+/// is swapped for a static target: what is checked there is the relabeling.
+#[test]
+fn the_rendered_scrape_configs_are_valid_prometheus_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("api-token");
+    std::fs::write(&token, "secret\n").unwrap();
+    let out = Command::new(workspace_bin("mesh").unwrap())
+        .args(["install", "--prometheus"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<Value> = serde_yaml_docs(&String::from_utf8_lossy(&out.stdout));
+    let cluster = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "mesh-prometheus")
+        .and_then(|d| d["data"]["scrape-configs.yaml"].as_str())
+        .expect("mesh install --prometheus renders the scrape config")
+        .replacen(
+            "kubernetes_sd_configs:\n    - role: pod\n",
+            "static_configs:\n    - targets: [\"127.0.0.1:4191\"]\n",
+            1,
+        );
+    assert!(cluster.contains("static_configs"), "{cluster}");
+    let embedded = embedded_scrape_config("http://127.0.0.1:7000", token.to_str().unwrap(), "10s");
+    for (name, jobs) in [("cluster", cluster), ("embedded", embedded)] {
+        let indented: String = jobs.lines().map(|l| format!("  {l}\n")).collect();
+        let path = dir.path().join(format!("{name}.yml"));
+        std::fs::write(&path, format!("scrape_configs:\n{indented}")).unwrap();
+        let check = Command::new("promtool")
+            .args(["check", "config", path.to_str().unwrap()])
+            .output()
+            .expect("promtool (Debian's prometheus package) runs");
+        assert!(
+            check.status.success(),
+            "{name}: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+}
+
+fn serde_yaml_docs(text: &str) -> Vec<Value> {
+    text.split("\n---\n")
+        .filter_map(|d| serde_yaml::from_str::<Value>(d).ok())
+        .filter(|d| !d.is_null())
+        .collect()
+}
