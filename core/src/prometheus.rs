@@ -105,6 +105,62 @@ pub fn kubernetes_relabeling(source: &str, target: &str, indent: &str) -> String
 mod tests {
     use super::*;
 
+    /// docs/metrics.md shows the metric table and both scrape configs as this crate renders them.
+    #[test]
+    fn the_metrics_doc_shows_the_contract_and_the_scrape_configs() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md");
+        let doc = std::fs::read_to_string(path).unwrap_or_default();
+        let blocks = [
+            (
+                "metrics table: generated from mesh_core::metrics",
+                "end of metrics table",
+                crate::metrics::markdown_table(),
+            ),
+            (
+                "embedded scrape config: generated from mesh_core::prometheus",
+                "end of embedded scrape config",
+                format!(
+                    "```yaml\nscrape_configs:\n{}```\n",
+                    indent(&embedded_scrape_config(
+                        "http://127.0.0.1:7070",
+                        "/var/lib/mesh/controlplane/api-token",
+                        "10s"
+                    ))
+                ),
+            ),
+            (
+                "cluster scrape config: generated from mesh_core::prometheus",
+                "end of cluster scrape config",
+                format!(
+                    "```yaml\nscrape_configs:\n{}```\n",
+                    indent(&kubernetes_scrape_config(&[], "10s"))
+                ),
+            ),
+        ];
+        let mut want = doc.clone();
+        for (begin, end, body) in blocks {
+            let (begin, end) = (format!("<!-- {begin} -->\n"), format!("<!-- {end} -->"));
+            let Some((head, rest)) = want.split_once(&begin) else {
+                panic!("docs/metrics.md lacks {begin}");
+            };
+            let Some((_, tail)) = rest.split_once(&end) else {
+                panic!("docs/metrics.md lacks {end}");
+            };
+            want = format!("{head}{begin}{body}{end}{tail}");
+        }
+        if std::env::var_os("MESH_UPDATE_DOCS").is_some() {
+            std::fs::write(path, &want).unwrap();
+        }
+        assert!(
+            doc == want,
+            "docs/metrics.md drifted from the code; rerun with MESH_UPDATE_DOCS=1"
+        );
+    }
+
+    fn indent(text: &str) -> String {
+        text.lines().map(|l| format!("  {l}\n")).collect()
+    }
+
     #[test]
     fn the_embedded_config_discovers_through_the_control_plane() {
         let c = embedded_scrape_config("http://127.0.0.1:7000/", "/s/api-token", "5s");
