@@ -161,6 +161,15 @@ async fn flagger_s_linkerd_queries_on_prometheus_match_the_load_generator() {
         .await
         .unwrap();
 
+    // The rollout metrics, scraped from the control plane: Flagger's series before the rollout.
+    let weight =
+        r#"flagger_canary_weight{job="mesh-controlplane",namespace="default",workload="backend"}"#;
+    let primary_weight = r#"flagger_canary_weight{namespace="default",workload="backend-primary"}"#;
+    let status = r#"flagger_canary_status{namespace="default",name="backend"}"#;
+    assert_eventually!(query(&prometheus, weight).await == Some(0.0));
+    assert_eq!(query(&prometheus, primary_weight).await, Some(100.0));
+    assert_eq!(query(&prometheus, status).await, Some(1.0));
+
     // v2 rolls out: the canary arm (Deployment `backend`) starts and holds at 50 %.
     let applied = mesh(
         &server,
@@ -172,6 +181,12 @@ async fn flagger_s_linkerd_queries_on_prometheus_match_the_load_generator() {
         String::from_utf8_lossy(&applied.stderr)
     );
     assert_eventually!(canary(&server)["status"]["canaryWeight"] == 50);
+    // ... and the rollout metrics move with it.
+    assert_eventually!(query(&prometheus, weight).await == Some(50.0));
+    assert_eq!(query(&prometheus, primary_weight).await, Some(50.0));
+    assert_eq!(query(&prometheus, status).await, Some(0.0));
+    let progressing = r#"mesh_canary_phase{name="backend",phase="Progressing"}"#;
+    assert_eq!(query(&prometheus, progressing).await, Some(1.0));
 
     // The control plane lists the canary's proxy for Prometheus, with its deployment.
     let secret = std::fs::read_to_string(&token).unwrap();

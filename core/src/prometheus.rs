@@ -15,18 +15,25 @@ use crate::metrics::label;
 /// The name of the scrape job both configs define.
 pub const JOB: &str = "mesh-proxy";
 
+/// The name of the scrape job of the embedded control plane's own `/metrics`.
+pub const CONTROLPLANE_JOB: &str = "mesh-controlplane";
+
 /// The name of the proxy's admin port in an injected pod.
 pub const ADMIN_PORT_NAME: &str = "mesh-admin";
 
 /// The proxy container's name in an injected pod.
 pub const PROXY_CONTAINER: &str = "mesh-proxy";
 
-/// One `scrape_configs` entry (indented as a list item under `scrape_configs:`) scraping every
-/// proxy the embedded control plane at `api` (`http://host:port`, its resource API) has
-/// registered, every `interval` (a Prometheus duration such as `10s`), presenting the token in
+/// Two `scrape_configs` entries (list items under `scrape_configs:`): every proxy the embedded
+/// control plane at `api` (`http://host:port`, its resource API) has registered, and the control
+/// plane's own `/metrics` (the rollout metrics), every `interval` (a Prometheus duration such as `10s`), presenting the token in
 /// `token_file` (`<state>/controlplane/api-token`).
 pub fn embedded_scrape_config(api: &str, token_file: &str, interval: &str) -> String {
     let api = api.trim_end_matches('/');
+    let host = api
+        .strip_prefix("http://")
+        .or_else(|| api.strip_prefix("https://"))
+        .unwrap_or(api);
     let path = crate::proxy_api::HTTP_SD_PATH;
     format!(
         "- job_name: {JOB}
@@ -38,6 +45,15 @@ pub fn embedded_scrape_config(api: &str, token_file: &str, interval: &str) -> St
       authorization:
         type: Bearer
         credentials_file: {token_file}
+# The rollout metrics (Flagger's `flagger_canary_*` and `mesh_canary_*`) and the control
+# plane's own, from the same API.
+- job_name: {CONTROLPLANE_JOB}
+  scrape_interval: {interval}
+  authorization:
+    type: Bearer
+    credentials_file: {token_file}
+  static_configs:
+    - targets: [\"{host}\"]
 "
     )
 }
