@@ -1,6 +1,7 @@
 //! The embedded mesh's proxies through a real Prometheus, found by the documented scrape config
 //! (HTTP service discovery from the control plane), queried with Flagger's built-in Linkerd
-//! queries, and checked against the load generator's own counts.
+//! queries, and checked against the load generator's own counts; the rollout metrics move with
+//! the Canary; and every panel of the Grafana dashboards in deploy/grafana returns data.
 //!
 //! Everything is real: `mesh up` supervises `mesh-demo-app` with a `mesh-proxy` beside each
 //! instance; `mesh-loadgen` sends to the canary's proxy; Debian's `prometheus` scrapes.
@@ -300,6 +301,39 @@ async fn flagger_s_linkerd_queries_on_prometheus_match_the_load_generator() {
         got.abs_diff(want) <= 1,
         "p99 {p99} ms is in bucket {got}, the configured {P99_MS} ms in {want}"
     );
+
+    // Every Grafana panel's query returns data for this canary.
+    let dashboards = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana");
+    let mut panels = 0;
+    for entry in std::fs::read_dir(&dashboards).unwrap() {
+        let path = entry.unwrap().path();
+        let dashboard: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                let promql = expr
+                    .replace("$namespace", "default")
+                    .replace("$deployment", "backend")
+                    .replace("$canary", "backend")
+                    .replace("$__rate_interval", "1m");
+                let answer = prometheus.client().query(promql.as_str()).get().await;
+                let series = answer
+                    .as_ref()
+                    .ok()
+                    .and_then(|a| a.data().as_vector())
+                    .map_or(0, |v| v.len());
+                assert!(
+                    series > 0,
+                    "{}: panel {:?} returns nothing: {promql}: {answer:?}",
+                    path.display(),
+                    panel["title"]
+                );
+                panels += 1;
+            }
+        }
+    }
+    eprintln!("{panels} Grafana panel queries returned data");
+    assert!(panels >= 9, "{panels}");
 
     up.child().terminate();
     drop(prometheus);
