@@ -310,6 +310,23 @@ fn deployment_of(pod: &Pod) -> Option<String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_pod_s_deployment_is_its_replica_set_without_the_template_hash() {
+        let pod = |owner: &str, hash: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "x", "labels": {"pod-template-hash": hash},
+                             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                                  "name": owner, "uid": "u"}]},
+            }))
+            .unwrap()
+        };
+        assert_eq!(
+            deployment_of(&pod("web-canary-7d9f8b6c5", "7d9f8b6c5")).as_deref(),
+            Some("web-canary")
+        );
+        assert_eq!(deployment_of(&pod("web-canary-7d9f8b6c5", "other")), None);
+    }
+
     fn service(json: serde_json::Value) -> Arc<Service> {
         Arc::new(serde_json::from_value(json).unwrap())
     }
