@@ -268,6 +268,8 @@ pub fn slice_registrations(
                 .and_then(|p| p.spec.as_ref())
                 .and_then(crate::inject::app_port)
                 .and_then(|p| u16::try_from(p).ok());
+            let deployment = pod.and_then(|p| deployment_of(p));
+            let pod_name = pod.map(|p| p.name_any());
             let port = if identity.is_some() && app_port == Some(target) {
                 proxy_inbound
             } else {
@@ -291,6 +293,11 @@ pub fn slice_registrations(
                         addr: SocketAddr::new(ip, port),
                         identity: identity.clone(),
                         labels: labels.clone(),
+                        // In a cluster Prometheus finds pods itself (kubernetes_sd), so
+                        // the admin port is not listed.
+                        admin_addr: None,
+                        deployment: deployment.clone(),
+                        pod: pod_name.clone(),
                     },
                 );
             }
@@ -299,9 +306,43 @@ pub fn slice_registrations(
     out
 }
 
+/// The Deployment a pod belongs to: its ReplicaSet owner's name without the
+/// `pod-template-hash` suffix, as Linkerd's `deployment` label names it.
+fn deployment_of(pod: &Pod) -> Option<String> {
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.kind == "ReplicaSet")?;
+    let hash = pod.labels().get("pod-template-hash")?;
+    owner
+        .name
+        .strip_suffix(hash.as_str())?
+        .strip_suffix('-')
+        .map(str::to_string)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pod_s_deployment_is_its_replica_set_without_the_template_hash() {
+        let pod = |owner: &str, hash: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "x", "labels": {"pod-template-hash": hash},
+                             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                                  "name": owner, "uid": "u"}]},
+            }))
+            .unwrap()
+        };
+        assert_eq!(
+            deployment_of(&pod("web-canary-7d9f8b6c5", "7d9f8b6c5")).as_deref(),
+            Some("web-canary")
+        );
+        assert_eq!(deployment_of(&pod("web-canary-7d9f8b6c5", "other")), None);
+    }
 
     fn service(json: serde_json::Value) -> Arc<Service> {
         Arc::new(serde_json::from_value(json).unwrap())

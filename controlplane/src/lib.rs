@@ -239,14 +239,23 @@ async fn serve_apis<S: ResourceStore>(
     let store = Arc::new(store);
     tokio::spawn(Arc::clone(proxy_tls).renew(Arc::clone(&shared.ca)));
     let token = api_token.clone();
+    let sd = Arc::clone(&shared);
     let api_server = http::serve(api, "api", move |req| {
         let store = Arc::clone(&store);
         let admitted = token.admits(&req) || req.uri().path() == "/healthz";
+        // Prometheus HTTP service discovery: the registered proxies' admin addresses, from the
+        // index (the proxy API's state), behind the resource API's token like everything else.
+        let get = admitted && req.method() == ::http::Method::GET;
+        let targets = (get && req.uri().path() == mesh_core::proxy_api::HTTP_SD_PATH)
+            .then(|| sd.index().scrape_targets());
+        // The rollout metrics, from the Canaries in the store, and the control plane's own.
+        let metrics = (get && req.uri().path() == METRICS_PATH).then(|| metrics_text(&*store, &sd));
         async move {
-            if admitted {
-                api::handle(store, req).await
-            } else {
-                access::unauthorized()
+            match (admitted, targets, metrics) {
+                (true, Some(targets), _) => http::json_response(::http::StatusCode::OK, &targets),
+                (true, None, Some(text)) => http::text_response(text),
+                (true, None, None) => api::handle(store, req).await,
+                (false, ..) => access::unauthorized(),
             }
         }
     });
@@ -254,6 +263,32 @@ async fn serve_apis<S: ResourceStore>(
         proxy::handle(Arc::clone(&shared), req)
     });
     tokio::join!(api_server, proxy_server);
+}
+
+/// Path of the control plane's metrics on the resource API: the rollout metrics of every
+/// Canary (`mesh_crds::metrics`) and the control plane's own.
+pub const METRICS_PATH: &str = "/metrics";
+
+/// The exposition text [`METRICS_PATH`] serves.
+fn metrics_text<S: ResourceStore>(store: &S, shared: &Shared) -> String {
+    let canaries: Vec<mesh_crds::Canary> = store
+        .list(&Selector::kind(ResourceKind::Canary, None))
+        .map(|listed| {
+            listed
+                .items
+                .iter()
+                .filter_map(|v| serde_json::from_value((**v).clone()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut text = mesh_crds::metrics::exposition(&canaries);
+    let proxies = shared.index().scrape_targets().len();
+    text.push_str(&format!(
+        "# HELP mesh_controlplane_registered_proxies Registered proxies that gave their admin address.\n\
+         # TYPE mesh_controlplane_registered_proxies gauge\n\
+         mesh_controlplane_registered_proxies {proxies}\n"
+    ));
+    text
 }
 
 /// A change to the objects of one kind, as [`feed`] hands it on.

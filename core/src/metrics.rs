@@ -102,11 +102,28 @@ pub mod label {
     /// The authorization that admitted a client: `AuthorizationPolicy/<name>` or
     /// `default:<policy>`; empty on a denial.
     pub const AUTHORIZATION: &str = "authorization";
-    /// Whether an opaque connection crossed the mesh over mTLS: `true`, or empty.
+    /// Whether a request or connection crossed the mesh over mTLS: `true`, or empty.
     pub const TLS: &str = "tls";
     /// A histogram bucket's upper bound.
     pub const LE: &str = "le";
+    /// The workload's namespace (a resource label, [`super::RESOURCE_LABELS`]).
+    pub const NAMESPACE: &str = "namespace";
+    /// The workload's owner: the Deployment in a cluster, the arm (`<target>` or
+    /// `<target>-primary`) in the embedded mesh (a resource label).
+    pub const DEPLOYMENT: &str = "deployment";
+    /// The workload's instance: the pod in a cluster, the supervised instance in the embedded
+    /// mesh (a resource label).
+    pub const POD: &str = "pod";
+    /// The owner of the endpoint a request was sent to (outbound; empty when unknown or
+    /// inbound).
+    pub const DST_DEPLOYMENT: &str = "dst_deployment";
 }
+
+/// Linkerd's resource labels: on every series of a proxy, naming the workload beside it. The
+/// proxy writes them itself when it is told its workload (`MESH_PROXY_WORKLOAD_DEPLOYMENT`, as
+/// the embedded mesh does); in a cluster the scrape config's relabeling adds them from the pod.
+/// They come first in a sample's label set.
+pub const RESOURCE_LABELS: [&str; 3] = [label::NAMESPACE, label::DEPLOYMENT, label::POD];
 
 /// Which way a request or connection went through the proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -185,22 +202,26 @@ pub const LATENCY_BUCKETS_MS: [f64; 25] = [
     1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 10000.0, 20000.0, 30000.0, 40000.0, 50000.0,
 ];
 
-/// Labels of a request.
-pub const REQUEST_LABELS: [&str; 5] = [
+/// Labels of a request (after the [`RESOURCE_LABELS`], when the proxy writes them).
+pub const REQUEST_LABELS: [&str; 7] = [
     label::DIRECTION,
     label::AUTHORITY,
     label::ROUTE,
     label::DST_SERVICE,
     label::DST_NAMESPACE,
+    label::DST_DEPLOYMENT,
+    label::TLS,
 ];
 
 /// Labels of a response: the request's plus status and classification.
-pub const RESPONSE_LABELS: [&str; 8] = [
+pub const RESPONSE_LABELS: [&str; 10] = [
     label::DIRECTION,
     label::AUTHORITY,
     label::ROUTE,
     label::DST_SERVICE,
     label::DST_NAMESPACE,
+    label::DST_DEPLOYMENT,
+    label::TLS,
     label::STATUS_CODE,
     label::CLASSIFICATION,
     label::ERROR,

@@ -42,6 +42,8 @@ pub struct Inbound {
     app: SocketAddr,
     metrics: Metrics,
     labels: RequestLabels,
+    /// The same, for requests from a peer proxy over mTLS (`tls="true"`).
+    labels_mtls: RequestLabels,
     client: Client<HttpConnector, Incoming>,
     h2_client: Client<HttpConnector, Incoming>,
     credentials: Option<SharedCredentials>,
@@ -59,15 +61,28 @@ impl Inbound {
         // number of series by sending odd Host headers.
         let labels = RequestLabels {
             direction: "inbound",
-            authority: service.map(ServiceRef::authority).unwrap_or_default(),
-            route: "default".to_string(),
-            dst_service: service.map(|s| s.name.clone()).unwrap_or_default(),
-            dst_namespace: service.map(|s| s.namespace.clone()).unwrap_or_default(),
+            authority: service
+                .map(ServiceRef::authority)
+                .unwrap_or_default()
+                .into(),
+            route: "default".into(),
+            dst_service: service.map(|s| s.name.as_str()).unwrap_or_default().into(),
+            dst_namespace: service
+                .map(|s| s.namespace.as_str())
+                .unwrap_or_default()
+                .into(),
+            dst_deployment: "".into(),
+            tls: "",
+        };
+        let labels_mtls = RequestLabels {
+            tls: crate::metrics::tls_label(true),
+            ..labels.clone()
         };
         Self {
             app,
             metrics,
             labels,
+            labels_mtls,
             client: crate::http::client(CONNECT_TIMEOUT),
             h2_client: crate::http::h2c_client(CONNECT_TIMEOUT),
             credentials: None,
@@ -126,9 +141,9 @@ impl Inbound {
             metrics: self.metrics.clone(),
             labels: crate::metrics::TcpLabels {
                 direction: "inbound",
-                authority: self.labels.authority.clone(),
-                dst_service: self.labels.dst_service.clone(),
-                dst_namespace: self.labels.dst_namespace.clone(),
+                authority: self.labels.authority.to_string(),
+                dst_service: self.labels.dst_service.to_string(),
+                dst_namespace: self.labels.dst_namespace.to_string(),
                 tls: "",
             },
             detect_timeout: self.detect_timeout,
@@ -202,16 +217,21 @@ impl Inbound {
         // Built only for a request that may become a tunnel; most never do.
         let tunnel_labels = downstream.is_some().then(|| crate::metrics::TcpLabels {
             direction: "inbound",
-            authority: self.labels.authority.clone(),
-            dst_service: self.labels.dst_service.clone(),
-            dst_namespace: self.labels.dst_namespace.clone(),
+            authority: self.labels.authority.to_string(),
+            dst_service: self.labels.dst_service.to_string(),
+            dst_namespace: self.labels.dst_namespace.to_string(),
             tls: if req.extensions().get::<ClientIdentity>().is_some() {
                 "true"
             } else {
                 ""
             },
         });
-        self.metrics.requests.get_or_create(&self.labels).inc();
+        let labels = if req.extensions().get::<ClientIdentity>().is_some() {
+            &self.labels_mtls
+        } else {
+            &self.labels
+        };
+        self.metrics.requests.get_or_create(labels).inc();
         let result = if connect {
             self.connect(app, req, to_app).await
         } else {
@@ -256,18 +276,14 @@ impl Inbound {
         });
         match result {
             Ok(rsp) => {
-                self.metrics.record(
-                    &self.labels,
-                    Some(rsp.status().as_u16()),
-                    false,
-                    start.elapsed(),
-                );
+                self.metrics
+                    .record(labels, Some(rsp.status().as_u16()), false, start.elapsed());
                 rsp
             }
             Err(e) => {
                 let status = StatusCode::BAD_GATEWAY;
                 self.metrics
-                    .record(&self.labels, Some(status.as_u16()), true, start.elapsed());
+                    .record(labels, Some(status.as_u16()), true, start.elapsed());
                 error(status, &format!("app at {app}: {e}"))
             }
         }
