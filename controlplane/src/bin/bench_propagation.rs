@@ -34,7 +34,7 @@ use anyhow::{Context, bail};
 use mesh_controlplane::identity::Ca;
 use mesh_core::{
     Listening,
-    proxy_api::{CertifyRequest, RouteTable, Update, WATCH_ROUTES_PATH},
+    proxy_api::{CertifyRequest, Update, WATCH_ROUTES_PATH},
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
 use serde_json::json;
@@ -118,6 +118,23 @@ fn watcher_tls(state_dir: &Path) -> anyhow::Result<rustls::ClientConfig> {
     .with_client_auth_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
+}
+
+/// The part of a [`mesh_core::proxy_api::RouteTable`] a watcher checks: its rules' backend
+/// weights (other fields are skipped unread).
+#[derive(serde::Deserialize)]
+struct Weights {
+    rules: Vec<RuleWeights>,
+}
+
+#[derive(serde::Deserialize)]
+struct RuleWeights {
+    backends: Vec<BackendWeight>,
+}
+
+#[derive(serde::Deserialize)]
+struct BackendWeight {
+    weight: u32,
 }
 
 fn route(canary_weight: u32) -> serde_json::Value {
@@ -232,9 +249,11 @@ async fn measure(
             while let Some(chunk) = resp.chunk().await? {
                 buf.extend_from_slice(&chunk);
                 while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<_> = buf.drain(..=pos).collect();
                     let now = Instant::now();
-                    let update: Update<RouteTable> = serde_json::from_slice(&line)?;
+                    // Only the weights are decoded: the watchers share the control plane's
+                    // cores here, and a proxy's full decode happens on its own.
+                    let update: Update<Weights> = serde_json::from_slice(&buf[..=pos])?;
+                    buf.drain(..=pos);
                     let weight = update
                         .value
                         .and_then(|t| {
