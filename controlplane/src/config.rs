@@ -36,6 +36,10 @@ pub const ENV_INJECTOR_TLS_DIR: &str = "MESH_CONTROLPLANE_INJECTOR_TLS_DIR";
 pub const ENV_PROXY_IMAGE: &str = "MESH_CONTROLPLANE_PROXY_IMAGE";
 /// Image of the init container (iptables) the injector adds.
 pub const ENV_INIT_IMAGE: &str = "MESH_CONTROLPLANE_INIT_IMAGE";
+/// Worker threads of the control plane's runtime (at least 1); `1` runs it on one thread,
+/// where a weight change wakes every watch stream before any connection writes, so each
+/// connection sends its streams' updates in one write. Unset: the cores the process may use.
+pub const ENV_CORES: &str = "MESH_CONTROLPLANE_CORES";
 
 /// The proxy-injector webhook's settings.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -8,7 +8,10 @@ use mesh_controlplane::{
     ControlPlane,
     config::{Config, ENV_INJECTOR_ADDR},
 };
-use mesh_core::{Listening, config::ProcessEnv};
+use mesh_core::{
+    Listening,
+    config::{Env, ProcessEnv},
+};
 use tokio::net::TcpListener;
 
 #[allow(
@@ -31,10 +34,24 @@ fn main() -> ExitCode {
             return ExitCode::from(mesh_core::config::EXIT_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let cores =
+        match ProcessEnv.parse::<std::num::NonZeroUsize>(mesh_controlplane::config::ENV_CORES) {
+            Ok(cores) => cores,
+            Err(e) => {
+                eprintln!("mesh-controlplane: {e}");
+                return ExitCode::from(mesh_core::config::EXIT_CONFIG);
+            }
+        };
+    let mut builder = match cores {
+        Some(n) if n.get() == 1 => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.get());
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("mesh-controlplane: starting the runtime: {e}");

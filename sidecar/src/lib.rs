@@ -39,6 +39,7 @@ pub mod proxy;
 pub mod readiness;
 pub mod registration;
 pub mod retry;
+pub mod runtime;
 pub mod tables;
 pub mod tls;
 pub mod tunnel;

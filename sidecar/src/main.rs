@@ -11,6 +11,7 @@ use mesh_core::{
 use mesh_sidecar::{
     config::Config,
     proxy::{Proxy, RunningProxy},
+    runtime,
 };
 
 fn main() -> ExitCode {
@@ -42,9 +43,16 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let result = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let cores = match runtime::cores(&ProcessEnv, runtime::available()) {
+        Ok(cores) => cores,
+        Err(error) => {
+            tracing::error!("{error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let flavor = runtime::Flavor::for_cores(cores);
+    tracing::debug!(%flavor, "runtime");
+    let result = runtime::build(flavor)
         .context("starting the runtime")
         .and_then(|rt| rt.block_on(run(proxy)));
     match result {

@@ -111,54 +111,107 @@ where
     S: ResourceStore + Clone,
     W: Workloads,
 {
-    // The workspace builds rustls with aws-lc-rs only; Err means a provider is installed.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let client = reqwest::Client::new();
-    let mut source = DirectScrape::new(client.clone(), Vec::new());
-    let mut driver = EmbeddedDriver::new(store.clone(), Arc::clone(&workloads));
-    let mut backoff = Backoff::new(settings.tick, settings.error_backoff, settings.max_backoff);
-    let mut due: BTreeMap<String, Due> = BTreeMap::new();
     let mut tick = tokio::time::interval(settings.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut controller = Controller::new(store, workloads, settings);
     loop {
         tick.tick().await;
-        let canaries: Vec<Canary> = match store.list(&Selector::kind(ResourceKind::Canary, None)) {
-            Ok(listed) => listed.items.iter().filter_map(|v| typed(v)).collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "rollout controller: listing canaries failed");
-                continue;
-            }
+        controller.turn().await;
+    }
+}
+
+/// What one [`Controller::turn`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Turn {
+    /// Canaries in the store.
+    pub canaries: usize,
+    /// Of those, the ones reconciled (the others were waiting out a backoff).
+    pub reconciled: usize,
+    /// Of those, the reconciles that failed.
+    pub failed: usize,
+}
+
+/// The embedded loop's state between ticks: [`run`] calls [`Controller::turn`] every tick; a
+/// benchmark calls it itself to time each turn.
+pub struct Controller<S, W> {
+    store: S,
+    workloads: Arc<W>,
+    settings: Settings,
+    client: reqwest::Client,
+    source: DirectScrape,
+    driver: EmbeddedDriver<S, W>,
+    backoff: Backoff,
+    due: BTreeMap<String, Due>,
+}
+
+impl<S, W> Controller<S, W>
+where
+    S: ResourceStore + Clone,
+    W: Workloads,
+{
+    /// A controller over `store`, with `workloads` running the arms.
+    pub fn new(store: S, workloads: Arc<W>, settings: Settings) -> Self {
+        // The workspace builds rustls with aws-lc-rs only; Err means a provider is installed.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let client = reqwest::Client::new();
+        Self {
+            source: DirectScrape::new(client.clone(), Vec::new()),
+            driver: EmbeddedDriver::new(store.clone(), Arc::clone(&workloads)),
+            backoff: Backoff::new(settings.tick, settings.error_backoff, settings.max_backoff),
+            due: BTreeMap::new(),
+            client,
+            store,
+            workloads,
+            settings,
+        }
+    }
+
+    /// One tick: reads every stored Canary and reconciles each one that is due.
+    pub async fn turn(&mut self) -> Turn {
+        let canaries: Vec<Canary> =
+            match self.store.list(&Selector::kind(ResourceKind::Canary, None)) {
+                Ok(listed) => listed.items.iter().filter_map(|v| typed(v)).collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "rollout controller: listing canaries failed");
+                    return Turn::default();
+                }
+            };
+        let mut turn = Turn {
+            canaries: canaries.len(),
+            ..Turn::default()
         };
-        let ids: Vec<String> = canaries.iter().map(canary_id).collect();
-        due.retain(|id, _| {
+        let ids: std::collections::BTreeSet<String> = canaries.iter().map(canary_id).collect();
+        let backoff = &mut self.backoff;
+        self.due.retain(|id, _| {
             let present = ids.contains(id);
             if !present {
                 backoff.forget(id);
             }
             present
         });
-        source.set_proxies(workloads.admin_addrs().await);
+        self.source.set_proxies(self.workloads.admin_addrs().await);
         for canary in &canaries {
             let id = canary_id(canary);
             let now = Instant::now();
             let version = canary.metadata.resource_version.clone();
-            if let Some(d) = due.get(&id)
+            if let Some(d) = self.due.get(&id)
                 && d.at > now
                 && d.version == version
             {
                 continue;
             }
+            turn.reconciled += 1;
             let outcome = controller::reconcile_and_store(
                 canary,
-                &mut driver,
-                &mut source,
-                &client,
-                &settings.judge,
+                &mut self.driver,
+                &mut self.source,
+                &self.client,
+                &self.settings.judge,
                 chrono::Utc::now(),
             )
             .await;
-            let delay = backoff.next(&id, &outcome);
-            let entry = due.entry(id.clone()).or_insert(Due {
+            let delay = self.backoff.next(&id, &outcome);
+            let entry = self.due.entry(id.clone()).or_insert(Due {
                 at: now,
                 version: None,
                 error: None,
@@ -168,6 +221,7 @@ where
             match outcome {
                 Ok(_) => entry.error = None,
                 Err(e) => {
+                    turn.failed += 1;
                     // Said once per distinct error, not every tick.
                     let msg = e.to_string();
                     if entry.error.as_ref() != Some(&msg) {
@@ -177,6 +231,7 @@ where
                 }
             }
         }
+        turn
     }
 }
 
