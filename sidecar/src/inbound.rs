@@ -34,6 +34,7 @@ use crate::http::{
 };
 use crate::identity::SharedCredentials;
 use crate::metrics::{Metrics, RequestLabels};
+use crate::tap::TapEvent;
 use crate::tunnel;
 
 /// The inbound proxy.
@@ -204,6 +205,16 @@ impl Inbound {
             },
         });
         self.metrics.requests.get_or_create(&self.labels).inc();
+        // Built only while someone taps; otherwise one atomic load.
+        let mut tap = self.metrics.tap.active().then(|| {
+            let mut e = TapEvent::of_request("inbound", req.method(), req.uri(), req.headers());
+            e.authority.clone_from(&self.labels.authority);
+            e.src_identity = req
+                .extensions()
+                .get::<ClientIdentity>()
+                .map(|ClientIdentity(id)| id.clone());
+            Box::new(e)
+        });
         let result = if connect {
             self.connect(req, to_app).await
         } else {
@@ -248,18 +259,24 @@ impl Inbound {
         });
         match result {
             Ok(rsp) => {
-                self.metrics.record(
-                    &self.labels,
-                    Some(rsp.status().as_u16()),
-                    false,
-                    start.elapsed(),
-                );
+                let status = rsp.status().as_u16();
+                self.metrics
+                    .record(&self.labels, Some(status), false, start.elapsed());
+                if let Some(mut event) = tap.take() {
+                    let error = if status >= 500 { "upstream" } else { "" };
+                    event.finish(status, error, start.elapsed());
+                    self.metrics.tap.publish(*event);
+                }
                 rsp
             }
             Err(e) => {
                 let status = StatusCode::BAD_GATEWAY;
                 self.metrics
                     .record(&self.labels, Some(status.as_u16()), true, start.elapsed());
+                if let Some(mut event) = tap.take() {
+                    event.finish(status.as_u16(), "mesh", start.elapsed());
+                    self.metrics.tap.publish(*event);
+                }
                 error(status, &format!("app at {}: {e}", self.app))
             }
         }
