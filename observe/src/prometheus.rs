@@ -1,0 +1,1 @@
+//! PromQL source: placeholder filled below.
