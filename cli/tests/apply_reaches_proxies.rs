@@ -126,6 +126,9 @@ async fn register(
             addr,
             identity: None,
             labels: Default::default(),
+            admin_addr: None,
+            deployment: None,
+            pod: None,
         };
         let rsp = client
             .post(format!("https://{proxy_api}{WORKLOADS_PATH}"))

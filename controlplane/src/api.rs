@@ -7,6 +7,7 @@
 //! | POST | `/apis/<group>/<version>/namespaces/<ns>/<plural>` | apply one object |
 //! | GET, PUT, DELETE | `/apis/<group>/<version>/namespaces/<ns>/<plural>/<name>` | get, apply, delete |
 //! | POST | `/apply?namespace=<ns>` | apply a JSON `List`, an array, or multi-document YAML, atomically |
+//! | GET | `/v1/prometheus/targets` | Prometheus HTTP service discovery of the registered proxies ([`mesh_core::proxy_api::HTTP_SD_PATH`], answered from the index in `serve_apis`) |
 //!
 //! Errors are Kubernetes `Status` objects; validation failures carry `details.causes[].field`.
 

@@ -304,6 +304,19 @@ impl Index {
         self.publish();
     }
 
+    /// Every registered proxy that sent its admin address, as Prometheus HTTP service discovery
+    /// lists it, ordered by admin address.
+    pub fn scrape_targets(&self) -> Vec<mesh_core::proxy_api::ScrapeTarget> {
+        let mut targets: Vec<_> = self
+            .workloads
+            .values()
+            .filter_map(WorkloadRegistration::scrape_target)
+            .collect();
+        targets.sort_by(|a, b| a.targets.cmp(&b.targets));
+        targets.dedup_by(|a, b| a.targets == b.targets);
+        targets
+    }
+
     /// Removes a workload registration.
     pub fn delete_workload(&mut self, id: &str) {
         if self.workloads.remove(id).is_some() {
@@ -377,6 +390,7 @@ impl Index {
                     addr: w.addr,
                     identity: w.identity.clone(),
                     labels: w.labels.clone(),
+                    deployment: w.deployment.clone(),
                 }),
             })
     }
@@ -467,6 +481,7 @@ impl Index {
                 addr: w.addr,
                 identity: w.identity.clone(),
                 labels: w.labels.clone(),
+                deployment: w.deployment.clone(),
             })
             .collect();
         endpoints.sort_by_key(|e| e.addr);
@@ -565,6 +580,9 @@ mod tests {
             addr: addr.parse().unwrap(),
             identity: Some("spiffe://cluster.local/ns/default/sa/web".into()),
             labels: [("version".to_string(), version.to_string())].into(),
+            admin_addr: None,
+            deployment: None,
+            pod: None,
         }
     }
 

@@ -257,6 +257,8 @@ pub fn slice_registrations(
                     .map(|id| id.to_string())
             });
             let labels = pod.map(|p| p.labels().clone()).unwrap_or_default();
+            let deployment = pod.and_then(|p| deployment_of(p));
+            let pod_name = pod.map(|p| p.name_any());
             let port = if identity.is_some() {
                 proxy_inbound
             } else {
@@ -274,12 +276,34 @@ pub fn slice_registrations(
                         addr: SocketAddr::new(ip, port),
                         identity: identity.clone(),
                         labels: labels.clone(),
+                        // In a cluster Prometheus finds pods itself (kubernetes_sd), so
+                        // the admin port is not listed.
+                        admin_addr: None,
+                        deployment: deployment.clone(),
+                        pod: pod_name.clone(),
                     },
                 );
             }
         }
     }
     out
+}
+
+/// The Deployment a pod belongs to: its ReplicaSet owner's name without the
+/// `pod-template-hash` suffix, as Linkerd's `deployment` label names it.
+fn deployment_of(pod: &Pod) -> Option<String> {
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.kind == "ReplicaSet")?;
+    let hash = pod.labels().get("pod-template-hash")?;
+    owner
+        .name
+        .strip_suffix(hash.as_str())?
+        .strip_suffix('-')
+        .map(str::to_string)
 }
 
 #[cfg(test)]

@@ -215,14 +215,21 @@ async fn serve_apis<S: ResourceStore>(
     let store = Arc::new(store);
     tokio::spawn(Arc::clone(proxy_tls).renew(Arc::clone(&shared.ca)));
     let token = api_token.clone();
+    let sd = Arc::clone(&shared);
     let api_server = http::serve(api, "api", move |req| {
         let store = Arc::clone(&store);
         let admitted = token.admits(&req) || req.uri().path() == "/healthz";
+        // Prometheus HTTP service discovery: the registered proxies' admin addresses, from the
+        // index (the proxy API's state), behind the resource API's token like everything else.
+        let targets = (admitted
+            && req.method() == ::http::Method::GET
+            && req.uri().path() == mesh_core::proxy_api::HTTP_SD_PATH)
+            .then(|| sd.index().scrape_targets());
         async move {
-            if admitted {
-                api::handle(store, req).await
-            } else {
-                access::unauthorized()
+            match (admitted, targets) {
+                (true, Some(targets)) => http::json_response(::http::StatusCode::OK, &targets),
+                (true, None) => api::handle(store, req).await,
+                (false, _) => access::unauthorized(),
             }
         }
     });

@@ -202,6 +202,9 @@ mod tests {
             addr: addr.parse().unwrap(),
             identity: None,
             labels: BTreeMap::new(),
+            admin_addr: None,
+            deployment: None,
+            pod: None,
         }
     }
 

@@ -13,8 +13,8 @@ use std::{
 };
 
 use mesh_core::proxy_api::{
-    CERTIFY_PATH, CertifyRequest, CertifyResponse, Endpoints, Update, WATCH_ENDPOINTS_PATH,
-    WORKLOADS_PATH, WorkloadLease, WorkloadRegistration,
+    CERTIFY_PATH, CertifyRequest, CertifyResponse, Endpoints, HTTP_SD_PATH, ScrapeTarget, Update,
+    WATCH_ENDPOINTS_PATH, WORKLOADS_PATH, WorkloadLease, WorkloadRegistration,
 };
 use mesh_test_support::{
     assert_eventually,
@@ -54,7 +54,7 @@ fn start(state_dir: &std::path::Path, ttl: &str) -> (ControlPlane, String) {
 #[tokio::test]
 async fn registered_workloads_become_endpoints_until_their_lease_expires() {
     let state = tempfile::tempdir().unwrap();
-    let (_cp, proxy) = start(state.path(), "1s");
+    let (cp, proxy) = start(state.path(), "1s");
     let client = client_for(state.path(), WEB);
 
     let latest: Arc<Mutex<Option<Update<Endpoints>>>> = Arc::default();
@@ -97,6 +97,10 @@ async fn registered_workloads_become_endpoints_until_their_lease_expires() {
         addr: addr.parse().unwrap(),
         identity: Some(WEB.into()),
         labels: BTreeMap::from([("version".to_string(), "v2".to_string())]),
+        // The first workload's proxy says where its admin server is; the second does not.
+        admin_addr: (addr == "127.0.0.1:9001").then(|| "127.0.0.1:4191".parse().unwrap()),
+        deployment: Some("web".into()),
+        pod: Some(format!("web-{addr}")),
     };
     let mut leases = Vec::new();
     for addr in ["127.0.0.1:9001", "127.0.0.1:9002"] {
@@ -125,6 +129,33 @@ async fn registered_workloads_become_endpoints_until_their_lease_expires() {
         .labels
         .clone();
     assert_eq!(labels["version"], "v2");
+
+    // Prometheus HTTP service discovery lists the proxy that gave its admin address, behind
+    // the resource API's token.
+    let sd = format!("{}{HTTP_SD_PATH}", cp.api_url());
+    let refused = cp
+        .api_client()
+        .get(&sd)
+        .header("authorization", "Bearer not-the-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let targets: Vec<ScrapeTarget> = cp
+        .api_client()
+        .get(&sd)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(targets.len(), 1, "{targets:?}");
+    assert_eq!(targets[0].targets, ["127.0.0.1:4191"]);
+    assert_eq!(targets[0].labels["__meta_mesh_deployment"], "web");
+    assert_eq!(targets[0].labels["__meta_mesh_pod"], "web-127.0.0.1:9001");
+    assert_eq!(targets[0].labels["__meta_mesh_service"], "web-canary");
+    assert_eq!(targets[0].labels["__meta_mesh_label_version"], "v2");
 
     // Only the first workload keeps heartbeating; the second drops out after its TTL.
     let heartbeat = format!("{proxy}{WORKLOADS_PATH}/{}/heartbeat", leases[0].id);
@@ -184,6 +215,9 @@ async fn a_deregistered_workload_leaves_the_endpoints_at_once() {
             addr: addr.parse().unwrap(),
             identity: None,
             labels: BTreeMap::new(),
+            admin_addr: None,
+            deployment: None,
+            pod: None,
         };
         let resp = client
             .post(format!("{proxy}{WORKLOADS_PATH}"))
@@ -343,6 +377,9 @@ async fn without_a_client_certificate_only_certify_and_readiness_answer() {
         addr: "127.0.0.1:9001".parse().unwrap(),
         identity: None,
         labels: BTreeMap::new(),
+        admin_addr: None,
+        deployment: None,
+        pod: None,
     };
     for rsp in [
         anonymous.get(&watch).send().await.unwrap(),
@@ -448,6 +485,9 @@ async fn registrations_and_leases_belong_to_the_certificate_s_identity() {
         addr: "127.0.0.1:9001".parse().unwrap(),
         identity: Some(identity.into()),
         labels: BTreeMap::new(),
+        admin_addr: None,
+        deployment: None,
+        pod: None,
     };
     let register = |client: &reqwest::Client, identity: &str| {
         client

@@ -106,7 +106,24 @@ pub mod label {
     pub const TLS: &str = "tls";
     /// A histogram bucket's upper bound.
     pub const LE: &str = "le";
+    /// The workload's namespace (a resource label, [`super::RESOURCE_LABELS`]).
+    pub const NAMESPACE: &str = "namespace";
+    /// The workload's owner: the Deployment in a cluster, the arm (`<target>` or
+    /// `<target>-primary`) in the embedded mesh (a resource label).
+    pub const DEPLOYMENT: &str = "deployment";
+    /// The workload's instance: the pod in a cluster, the supervised instance in the embedded
+    /// mesh (a resource label).
+    pub const POD: &str = "pod";
+    /// The owner of the endpoint a request was sent to (outbound; empty when unknown or
+    /// inbound).
+    pub const DST_DEPLOYMENT: &str = "dst_deployment";
 }
+
+/// Linkerd's resource labels: on every series of a proxy, naming the workload beside it. The
+/// proxy writes them itself when it is told its workload (`MESH_PROXY_WORKLOAD_DEPLOYMENT`, as
+/// the embedded mesh does); in a cluster the scrape config's relabeling adds them from the pod.
+/// They come first in a sample's label set.
+pub const RESOURCE_LABELS: [&str; 3] = [label::NAMESPACE, label::DEPLOYMENT, label::POD];
 
 /// Which way a request or connection went through the proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

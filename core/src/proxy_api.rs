@@ -43,6 +43,9 @@ pub const CERTIFY_PATH: &str = "/v1/identity/certify";
 pub const WORKLOADS_PATH: &str = "/v1/workloads";
 /// Content type of a watch stream: one JSON [`Update`] per line.
 pub const NDJSON: &str = "application/x-ndjson";
+/// Path of Prometheus HTTP service discovery (`http_sd_configs`) on the control plane's
+/// resource API: every registered proxy's admin address as a [`ScrapeTarget`].
+pub const HTTP_SD_PATH: &str = "/v1/prometheus/targets";
 
 /// One message of a watch stream: the whole current value of the watched key.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -325,6 +328,10 @@ pub struct Endpoint {
     /// Workload labels (for example `version`), shown in `/config` and metrics.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The workload's owner ([`WorkloadRegistration::deployment`]): the `dst_deployment` label
+    /// of requests sent to this endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
 }
 
 /// What an address (a redirected connection's original destination) is in the mesh: a
@@ -411,6 +418,75 @@ pub struct WorkloadRegistration {
     /// Labels, such as `version`.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The proxy's admin server (`/metrics`, `/ready`), where Prometheus and `mesh` scrape it;
+    /// absent from proxies older than this field, which are then not scrape targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_addr: Option<SocketAddr>,
+    /// The workload's owner, Linkerd's `deployment` label (in the embedded mesh, the arm:
+    /// `<target>` for the canary, `<target>-primary` for the primary); peers label what they
+    /// send to this endpoint `dst_deployment` with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
+    /// The instance, Linkerd's `pod` label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+}
+
+impl WorkloadRegistration {
+    /// Where Prometheus scrapes this workload's proxy, with what it knows of the workload as
+    /// `__meta_mesh_*` labels; `None` when the proxy did not send its admin address.
+    ///
+    /// The labels are meta labels (dropped after relabeling unless a rule keeps them) because
+    /// the proxy already writes `namespace`, `deployment` and `pod` on its own series when it
+    /// knows them; target labels of the same names would rename those to `exported_*`.
+    pub fn scrape_target(&self) -> Option<ScrapeTarget> {
+        let admin = self.admin_addr?;
+        let mut labels = BTreeMap::new();
+        let mut put = |name: &str, value: &str| {
+            labels.insert(format!("{SD_META_PREFIX}{name}"), value.to_string());
+        };
+        put("namespace", &self.service.namespace);
+        put("service", &self.service.name);
+        put("authority", &self.service.to_string());
+        put("addr", &self.addr.to_string());
+        if let Some(d) = &self.deployment {
+            put("deployment", d);
+        }
+        if let Some(p) = &self.pod {
+            put("pod", p);
+        }
+        if let Some(id) = &self.identity {
+            put("identity", id);
+        }
+        for (k, v) in &self.labels {
+            put(&format!("label_{}", sd_label_name(k)), v);
+        }
+        Some(ScrapeTarget {
+            targets: vec![admin.to_string()],
+            labels,
+        })
+    }
+}
+
+/// The prefix of the labels [`WorkloadRegistration::scrape_target`] gives a target.
+pub const SD_META_PREFIX: &str = "__meta_mesh_";
+
+/// A workload label's key as a Prometheus label name: anything but `[a-zA-Z0-9_]` becomes `_`.
+fn sd_label_name(key: &str) -> String {
+    key.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+/// One target group of Prometheus HTTP service discovery, in its JSON shape
+/// (`[{"targets": ["host:port"], "labels": {...}}]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrapeTarget {
+    /// `host:port` of the proxy's admin server.
+    pub targets: Vec<String>,
+    /// `__meta_mesh_*` labels: `namespace`, `service`, `authority`, `addr` (the inbound
+    /// address), `deployment`, `pod`, `identity` when known, and `label_<key>` per workload label.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// The key of a policy watch: one inbound port of a workload, which `Server`s select by the
@@ -480,6 +556,30 @@ mod tests {
         ] {
             assert!(bad.parse::<ServiceRef>().is_err(), "{bad} parsed");
         }
+    }
+
+    #[test]
+    fn a_registration_with_an_admin_address_is_a_scrape_target() {
+        let json = r#"{"service": "web-canary.shop:80", "addr": "127.0.0.1:4143",
+                      "adminAddr": "127.0.0.1:4191", "deployment": "web", "pod": "web-v2-0",
+                      "labels": {"app.kubernetes.io/version": "v2"}}"#;
+        let reg: WorkloadRegistration = serde_json::from_str(json).unwrap();
+        let target = reg.scrape_target().unwrap();
+        assert_eq!(target.targets, ["127.0.0.1:4191"]);
+        let label = |k: &str| target.labels.get(k).map(String::as_str);
+        assert_eq!(label("__meta_mesh_namespace"), Some("shop"));
+        assert_eq!(label("__meta_mesh_deployment"), Some("web"));
+        assert_eq!(label("__meta_mesh_pod"), Some("web-v2-0"));
+        assert_eq!(label("__meta_mesh_service"), Some("web-canary"));
+        assert_eq!(
+            label("__meta_mesh_label_app_kubernetes_io_version"),
+            Some("v2")
+        );
+        // An older proxy, without the field: no target.
+        let old: WorkloadRegistration =
+            serde_json::from_str(r#"{"service": "web.shop:80", "addr": "127.0.0.1:4143"}"#)
+                .unwrap();
+        assert_eq!(old.scrape_target(), None);
     }
 
     #[test]

@@ -85,6 +85,13 @@ pub const ENV_WORKLOAD_LABELS: &str = "MESH_PROXY_WORKLOAD_LABELS";
 /// The workload's namespace, which policy `Server`s select in; the namespace of
 /// `MESH_PROXY_WORKLOAD_SERVICE` when unset, else `default`.
 pub const ENV_WORKLOAD_NAMESPACE: &str = "MESH_PROXY_WORKLOAD_NAMESPACE";
+/// The workload's owner, Linkerd's `deployment` label (in the embedded mesh, the arm:
+/// `<target>` or `<target>-primary`). When set, the proxy writes `namespace`, `deployment` and
+/// `pod` on every series itself; in a cluster it is unset and the scrape config's relabeling
+/// adds them from the pod, as Linkerd's does.
+pub const ENV_WORKLOAD_DEPLOYMENT: &str = "MESH_PROXY_WORKLOAD_DEPLOYMENT";
+/// The workload's instance, Linkerd's `pod` label (written with [`ENV_WORKLOAD_DEPLOYMENT`]).
+pub const ENV_WORKLOAD_POD: &str = "MESH_PROXY_WORKLOAD_POD";
 /// Inbound policy until the control plane's first answer, and always without a control plane:
 /// `all-unauthenticated` (the default), `all-authenticated` or `deny`.
 pub const ENV_INBOUND_DEFAULT_POLICY: &str = "MESH_PROXY_INBOUND_DEFAULT_POLICY";
@@ -355,6 +362,10 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// Its namespace, when set apart from the service's.
     pub namespace: Option<String>,
+    /// Its owner (see [`ENV_WORKLOAD_DEPLOYMENT`]).
+    pub deployment: Option<String>,
+    /// Its instance (see [`ENV_WORKLOAD_POD`]).
+    pub pod: Option<String>,
     /// The address registered instead of the inbound listener's.
     pub addr: Option<SocketAddr>,
     /// Its SPIFFE ID.
@@ -401,6 +412,8 @@ impl Config {
                     })?,
                 },
                 namespace: env.parse(ENV_WORKLOAD_NAMESPACE)?,
+                deployment: env.parse(ENV_WORKLOAD_DEPLOYMENT)?,
+                pod: env.parse(ENV_WORKLOAD_POD)?,
                 addr: env.parse(ENV_WORKLOAD_ADDR)?,
                 identity: env.parse(ENV_IDENTITY)?,
                 token_file: env.parse(ENV_TOKEN_FILE)?,
@@ -558,6 +571,33 @@ impl Config {
         ))
     }
 
+    /// The workload's namespace: [`ENV_WORKLOAD_NAMESPACE`], else its service's, else `default`.
+    pub fn namespace(&self) -> String {
+        self.workload
+            .namespace
+            .clone()
+            .or_else(|| self.workload.service.as_ref().map(|s| s.namespace.clone()))
+            .unwrap_or_else(|| "default".into())
+    }
+
+    /// Labels the proxy writes on every series: Linkerd's resource labels `namespace`,
+    /// `deployment` and `pod`, when [`ENV_WORKLOAD_DEPLOYMENT`] names the workload; none
+    /// otherwise (a cluster's scrape config adds them).
+    pub fn resource_labels(&self) -> Vec<(&'static str, String)> {
+        use mesh_core::metrics::label;
+        let Some(deployment) = &self.workload.deployment else {
+            return Vec::new();
+        };
+        let mut labels = vec![
+            (label::NAMESPACE, self.namespace()),
+            (label::DEPLOYMENT, deployment.clone()),
+        ];
+        if let Some(pod) = &self.workload.pod {
+            labels.push((label::POD, pod.clone()));
+        }
+        labels
+    }
+
     /// The inbound port whose policy the proxy enforces: the workload's namespace and labels,
     /// and the port it is called on (its service's port, else the app's). `None` without an
     /// inbound listener.
@@ -565,12 +605,7 @@ impl Config {
         let app = self.app_addr?;
         let service = self.workload.service.as_ref();
         Some(PolicyTarget {
-            namespace: self
-                .workload
-                .namespace
-                .clone()
-                .or_else(|| service.map(|s| s.namespace.clone()))
-                .unwrap_or_else(|| "default".into()),
+            namespace: self.namespace(),
             port: service.map_or(app.port(), |s| s.port),
             labels: self.workload.labels.clone(),
         })

@@ -10,9 +10,10 @@
 //! tasks. [`RunningProxy::shutdown`] drains as on SIGTERM: out of readiness, deregistered, then
 //! the listeners finish their requests in flight within [`DRAIN_TIMEOUT`].
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{borrow::Cow, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use mesh_core::config::ConfigError;
+
 use mesh_core::proxy_api::{StaticConfig, WorkloadRegistration};
 use prometheus_client::registry::Registry;
 use rustls::RootCertStore;
@@ -158,7 +159,14 @@ impl Proxy {
 
         // One crypto stack: anything using rustls without naming a provider gets aws-lc-rs.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let mut registry = Registry::default();
+        // Resource labels are the registry's constant labels: written at scrape time, never
+        // hashed or cloned per request.
+        let mut registry = Registry::with_labels(
+            config
+                .resource_labels()
+                .into_iter()
+                .map(|(k, v)| (Cow::Borrowed(k), Cow::Owned(v))),
+        );
         let metrics = Metrics::register(&mut registry);
         // The proxy's certificate, once the certifier has one; TLS to the control plane and to
         // peers reads it on every handshake.
@@ -187,7 +195,7 @@ impl Proxy {
             },
         );
         let credentials = certifier.as_ref().map(Certifier::credentials);
-        let registration = registration_target(&config, addrs.inbound, client);
+        let registration = registration_target(&config, addrs, client);
         // Readiness goes Certifying (with an identity) -> Registering (with registration) ->
         // Ready: the workload is announced to peers only once it can serve them over mTLS.
         let after_certificate = match registration {
@@ -522,7 +530,7 @@ fn load_tables(config: &Config) -> Result<Tables, BadConfig> {
 /// What to register, where and with which client, when registration is configured.
 fn registration_target(
     config: &Config,
-    inbound: Option<SocketAddr>,
+    addrs: Addrs,
     client: Option<reqwest::Client>,
 ) -> Option<(String, reqwest::Client, WorkloadRegistration)> {
     let service = config.registration()?;
@@ -530,7 +538,14 @@ fn registration_target(
     let addr = config
         .workload
         .addr
-        .or_else(|| inbound.map(advertised_addr))?;
+        .or_else(|| addrs.inbound.map(advertised_addr))?;
+    // Scrapers reach the admin server where peers reach the workload: a wildcard bind is
+    // advertised on the registered address's host.
+    let admin_addr = if addrs.admin.ip().is_unspecified() {
+        SocketAddr::new(addr.ip(), addrs.admin.port())
+    } else {
+        addrs.admin
+    };
     Some((
         config.control_plane.as_ref()?.url.clone(),
         client?,
@@ -539,6 +554,9 @@ fn registration_target(
             addr,
             identity: config.workload.identity.clone(),
             labels: config.workload.labels.clone(),
+            admin_addr: Some(admin_addr),
+            deployment: config.workload.deployment.clone(),
+            pod: config.workload.pod.clone(),
         },
     ))
 }

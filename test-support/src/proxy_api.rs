@@ -374,6 +374,7 @@ pub fn unmeshed_endpoints(
                 addr,
                 identity: None,
                 labels: BTreeMap::new(),
+                deployment: None,
             })
             .collect(),
     }

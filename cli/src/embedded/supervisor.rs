@@ -317,6 +317,20 @@ struct Pair {
 }
 
 impl InstanceCtx {
+    /// The arm's Deployment name, as Flagger names it: the target is the canary, and the
+    /// primary is `<target>-primary`.
+    fn deployment(&self) -> String {
+        match self.arm {
+            Arm::Canary => self.key.name.clone(),
+            Arm::Primary => format!("{}-primary", self.key.name),
+        }
+    }
+
+    /// The instance's pod name: `<deployment>-<version>-<n>`.
+    fn pod(&self) -> String {
+        format!("{}-{}-{}", self.deployment(), self.spec.version, self.n)
+    }
+
     fn label(&self) -> String {
         format!(
             "{}.{}-{}-{}-{}",
@@ -506,6 +520,12 @@ impl InstanceCtx {
                     .with_file_name("controlplane")
                     .join(mesh_controlplane::identity::TRUST_ROOTS_FILE),
             )
+            // Linkerd's resource labels, written by the proxy on every series: the arm is the
+            // Deployment (`<target>` is the canary, `<target>-primary` the primary, as under
+            // Flagger), the instance is the pod.
+            .env("MESH_PROXY_WORKLOAD_NAMESPACE", &self.key.namespace)
+            .env("MESH_PROXY_WORKLOAD_DEPLOYMENT", self.deployment())
+            .env("MESH_PROXY_WORKLOAD_POD", self.pod())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(self.log_file("proxy")?)
