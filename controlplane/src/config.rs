@@ -36,6 +36,9 @@ pub const ENV_INJECTOR_TLS_DIR: &str = "MESH_CONTROLPLANE_INJECTOR_TLS_DIR";
 pub const ENV_PROXY_IMAGE: &str = "MESH_CONTROLPLANE_PROXY_IMAGE";
 /// Image of the init container (iptables) the injector adds.
 pub const ENV_INIT_IMAGE: &str = "MESH_CONTROLPLANE_INIT_IMAGE";
+/// How often the control plane scrapes every registered proxy into its metrics window (`mesh
+/// stat`, the dashboard); default 5s, `0s` turns the scrape off.
+pub const ENV_SCRAPE_INTERVAL: &str = "MESH_CONTROLPLANE_SCRAPE_INTERVAL";
 
 /// The proxy-injector webhook's settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +104,8 @@ pub struct Config {
     pub kubernetes: bool,
     /// The injector, when [`ENV_INJECTOR_ADDR`] is set.
     pub injector: Option<InjectorConfig>,
+    /// See [`ENV_SCRAPE_INTERVAL`].
+    pub scrape_interval: Duration,
 }
 
 impl Config {
@@ -171,6 +176,12 @@ impl Config {
                     init_image: env.parse(ENV_INIT_IMAGE)?,
                 }),
             },
+            scrape_interval: env
+                .parse_or(
+                    ENV_SCRAPE_INTERVAL,
+                    HumanDuration(mesh_observe::scrape::DEFAULT_INTERVAL),
+                )?
+                .0,
         })
     }
 }

@@ -15,6 +15,7 @@ pub mod index;
 pub mod inject;
 pub mod injector;
 pub mod kubernetes;
+pub mod observe;
 pub mod policy;
 pub mod proxy;
 pub mod publish;
@@ -65,6 +66,8 @@ pub struct ControlPlane {
     proxy_tls: Arc<ProxyTls>,
     trust_roots_file: PathBuf,
     api_token: access::ApiToken,
+    observe: observe::Observe,
+    scrape_interval: Duration,
 }
 
 impl ControlPlane {
@@ -110,6 +113,8 @@ impl ControlPlane {
             proxy_tls: Arc::new(proxy_tls),
             trust_roots_file,
             api_token,
+            observe: observe::Observe::default(),
+            scrape_interval: config.scrape_interval,
         })
     }
 
@@ -150,11 +155,14 @@ impl ControlPlane {
         async move {
             spawn_feeds(&self.store, &self.shared);
             tokio::spawn(sweep_workloads(Arc::clone(&self.shared)));
+            self.observe
+                .spawn_scraper(Arc::clone(&self.shared), self.scrape_interval);
             serve_apis(
                 self.store,
                 self.shared,
                 &self.proxy_tls,
                 &self.api_token,
+                self.observe,
                 api,
                 proxy,
             )
@@ -209,6 +217,7 @@ async fn serve_apis<S: ResourceStore>(
     shared: Arc<Shared>,
     proxy_tls: &Arc<ProxyTls>,
     api_token: &access::ApiToken,
+    observe: observe::Observe,
     api: TcpListener,
     proxy: TcpListener,
 ) {
@@ -225,9 +234,16 @@ async fn serve_apis<S: ResourceStore>(
             && req.method() == ::http::Method::GET
             && req.uri().path() == mesh_core::proxy_api::HTTP_SD_PATH)
             .then(|| sd.index().scrape_targets());
+        let observing = admitted && req.uri().path().starts_with(observe::PREFIX);
+        let (observe, shared, tap_token) = (observe.clone(), Arc::clone(&sd), token.clone());
         async move {
             match (admitted, targets) {
                 (true, Some(targets)) => http::json_response(::http::StatusCode::OK, &targets),
+                (true, None) if observing => {
+                    // The proxies accept the resource API's token for tap.
+                    let authorization = tap_token.authorization().ok();
+                    observe.handle(&shared, authorization, &req).await
+                }
                 (true, None) => api::handle(store, req).await,
                 (false, _) => access::unauthorized(),
             }

@@ -37,6 +37,15 @@ pub fn client() -> reqwest::Client {
         .unwrap_or_default()
 }
 
+/// A client for long streams from proxies (tap): no overall timeout.
+pub fn client_without_timeout() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(SCRAPE_TIMEOUT)
+        .no_proxy()
+        .build()
+        .unwrap_or_default()
+}
+
 /// One round: scrapes every target in `targets` and records what each answered.
 pub async fn scrape_once(window: &SharedWindow, client: &reqwest::Client, targets: &[Target]) {
     let fetches = targets.iter().map(|t| async move {

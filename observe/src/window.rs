@@ -32,11 +32,12 @@ pub struct WindowConfig {
 }
 
 impl Default for WindowConfig {
-    /// 15 minutes of 5-second scrapes, up to 10,000 series.
+    /// 15 minutes of 5-second scrapes, up to 2,000 series (one per proxy, route and backend):
+    /// at most about 90 MB, whatever the proxies report.
     fn default() -> Self {
         Self {
             span: Duration::from_secs(15 * 60),
-            max_series: 10_000,
+            max_series: 2_000,
             max_points: 181,
         }
     }
