@@ -707,7 +707,7 @@ async fn top(
         None => reading.await?,
     }
     match common.output {
-        Format::Table => out(&top_table(&rows, limit)),
+        Format::Table => out(&format!("\x1b[2J\x1b[H{}", top_table(&rows, limit))),
         Format::Json => {
             let mut sorted: Vec<&TopRow> = rows.values().collect();
             sorted.sort_by(|a, b| b.count.cmp(&a.count).then(a.path.cmp(&b.path)));
