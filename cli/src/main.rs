@@ -4,6 +4,7 @@
 //! `--context`.
 
 mod backend;
+mod dashboard;
 mod demo;
 mod embedded;
 mod k8s;

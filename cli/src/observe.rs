@@ -106,8 +106,12 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// The web dashboard of the embedded mesh: prints its address, with a sign-in link.
+    /// Serve the web dashboard for the control plane at --server, and print its address with
+    /// a sign-in link; until Ctrl-C. (`mesh up` serves one too, on --dashboard-addr.)
     Dashboard {
+        /// Where the dashboard listens.
+        #[arg(long, default_value = "127.0.0.1:4190")]
+        addr: std::net::SocketAddr,
         #[command(flatten)]
         conn: Conn,
     },
@@ -132,19 +136,22 @@ pub struct TapFilter {
 
 /// Runs one observe command.
 pub fn run(command: Command) -> ExitCode {
-    let long = matches!(command, Command::Tap { .. } | Command::Top { .. });
+    let long = matches!(
+        command,
+        Command::Tap { .. } | Command::Top { .. } | Command::Dashboard { .. }
+    );
     crate::runtime::block_on(long, execute(command))
         .map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
 }
 
 /// A client of the control plane's observe API.
-struct Api {
+pub(crate) struct Api {
     client: reqwest::Client,
     server: String,
 }
 
 impl Api {
-    fn new(conn: &Conn) -> anyhow::Result<Self> {
+    pub(crate) fn new(conn: &Conn) -> anyhow::Result<Self> {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(token) = api_token(conn)? {
@@ -161,7 +168,7 @@ impl Api {
         })
     }
 
-    async fn send(
+    pub(crate) async fn send(
         &self,
         path: &str,
         query: &[(&str, String)],
@@ -187,7 +194,7 @@ impl Api {
         Ok(rsp)
     }
 
-    async fn get<T: serde::de::DeserializeOwned>(
+    pub(crate) async fn get<T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
         query: &[(&str, String)],
@@ -279,7 +286,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 .transpose()?;
             top(&common, &workload, &filter, duration, rows).await
         }
-        Command::Dashboard { conn } => dashboard(&conn).await,
+        Command::Dashboard { addr, conn } => dashboard(addr, conn).await,
     }
 }
 
@@ -718,12 +725,18 @@ async fn top(
     Ok(())
 }
 
-async fn dashboard(conn: &Conn) -> anyhow::Result<()> {
-    let api = Api::new(conn)?;
-    let info: serde_json::Value = api.get("/v1/observe/dashboard", &[]).await?;
-    let Some(url) = info["url"].as_str() else {
-        bail!("the control plane at {} serves no dashboard", conn.server);
-    };
-    out(&format!("mesh dashboard: {url}\n"));
-    Ok(())
+async fn dashboard(addr: std::net::SocketAddr, conn: Conn) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the dashboard to {addr}"))?;
+    let dashboard = crate::dashboard::Dashboard::new(conn)?;
+    out(&format!(
+        "{}\nmesh dashboard: {}\n",
+        mesh_core::Listening::new("dashboard", listener.local_addr()?),
+        dashboard.sign_in_url(listener.local_addr()?)
+    ));
+    tokio::select! {
+        r = dashboard.serve(listener) => r,
+        () = crate::up::wait_for_signal() => Ok(()),
+    }
 }
