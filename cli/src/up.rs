@@ -119,9 +119,14 @@ async fn start_dashboard(
     let addr: SocketAddr = addr
         .parse()
         .map_err(|e| anyhow::anyhow!("--dashboard-addr {addr}: {e} (host:port or off)"))?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding the dashboard to {addr}: {e}"))?;
+    // The mesh is still useful without its dashboard (another mesh may hold the port).
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("no dashboard: binding {addr}: {e} (choose another with --dashboard-addr)");
+            return Ok(None);
+        }
+    };
     let bound = listener.local_addr()?;
     let dashboard = crate::dashboard::Dashboard::new(crate::backend::Conn {
         server: format!("http://{}", mesh.api_addr),

@@ -11,13 +11,14 @@
 //! | GET | `/v1/observe/edges?namespace=&window=` | `[EdgeRow]` |
 //! | GET | `/v1/observe/tap?workload=&namespace=&path=&method=&authority=&max=` | NDJSON, one request per line |
 
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use mesh_core::proxy_api::ScrapeTarget;
-use mesh_observe::scrape::SharedWindow;
+use mesh_observe::MetricsView;
+use mesh_observe::scrape::{Embedded, SharedWindow};
 use mesh_observe::window::{Target, Window, WindowConfig};
 use mesh_observe::{Query, Resource};
 
@@ -115,22 +116,40 @@ impl Observe {
             Ok(q) => q,
             Err(why) => return bad_request(why),
         };
-        let now = Instant::now();
-        let window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
-        match rest.split_once('/') {
+        let view = Embedded(Arc::clone(&self.window));
+        let answer = match rest.split_once('/') {
             Some(("stat", resource)) => match resource.parse::<Resource>() {
-                Ok(resource) => json_response(StatusCode::OK, &window.stat(resource, &q, now)),
-                Err(why) => bad_request(why),
+                Ok(resource) => view
+                    .stat(resource, &q)
+                    .await
+                    .map(|r| json_response(StatusCode::OK, &r)),
+                Err(why) => return bad_request(why),
             },
-            None if rest == "routes" => json_response(StatusCode::OK, &window.routes(&q, now)),
-            None if rest == "edges" => json_response(StatusCode::OK, &window.edges(&q, now)),
-            _ => status_error(
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                format!("no observe API at {}", req.uri().path()),
+            None if rest == "routes" => view
+                .routes(&q)
+                .await
+                .map(|r| json_response(StatusCode::OK, &r)),
+            None if rest == "edges" => view
+                .edges(&q)
+                .await
+                .map(|r| json_response(StatusCode::OK, &r)),
+            _ => {
+                return status_error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("no observe API at {}", req.uri().path()),
+                    None,
+                );
+            }
+        };
+        answer.unwrap_or_else(|e| {
+            status_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                e.to_string(),
                 None,
-            ),
-        }
+            )
+        })
     }
 }
 

@@ -78,3 +78,32 @@ pub async fn scrape_once(window: &SharedWindow, client: &reqwest::Client, target
     }
     window.prune(&live, Instant::now());
 }
+
+/// The window as a [`crate::MetricsView`]: the embedded mesh's answers, at the time asked.
+#[derive(Clone, Debug)]
+pub struct Embedded(pub SharedWindow);
+
+impl Embedded {
+    fn read<T>(&self, f: impl FnOnce(&Window, Instant) -> T) -> T {
+        let window = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&window, Instant::now())
+    }
+}
+
+impl crate::MetricsView for Embedded {
+    async fn stat(
+        &self,
+        resource: crate::Resource,
+        query: &crate::Query,
+    ) -> Result<Vec<crate::StatRow>, crate::ViewError> {
+        Ok(self.read(|w, now| w.stat(resource, query, now)))
+    }
+
+    async fn routes(&self, query: &crate::Query) -> Result<Vec<crate::RouteRow>, crate::ViewError> {
+        Ok(self.read(|w, now| w.routes(query, now)))
+    }
+
+    async fn edges(&self, query: &crate::Query) -> Result<Vec<crate::EdgeRow>, crate::ViewError> {
+        Ok(self.read(|w, now| w.edges(query, now)))
+    }
+}

@@ -1,1 +1,0 @@
-//! PromQL source: placeholder filled below.
