@@ -4,11 +4,12 @@
 //! plane scrapes every registered proxy's `/metrics` on an interval ([`scrape`]) into a bounded
 //! in-memory [`window::Window`], whose series are bounded by routes and backends (the proxy's
 //! labels never carry a path) and whose total memory is capped whatever the number of series;
-//! in a cluster the same questions are to be PromQL on a real Prometheus (not built yet). It reads
+//! in a cluster the same questions are PromQL on a real Prometheus ([`prometheus`]). It reads
 //! the proxy's metric contract (`mesh_core::metrics`) and its text through
 //! `mesh_core::exposition`, and sits beside the rollout controller's own scrape, which judges
 //! canaries rather than showing traffic.
 
+pub mod prometheus;
 pub mod scrape;
 pub mod window;
 
