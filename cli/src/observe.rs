@@ -45,6 +45,25 @@ pub struct Window {
     /// Print again every 2 seconds, until Ctrl-C.
     #[arg(short = 'w', long)]
     pub watch: bool,
+    /// Ask this Prometheus (PromQL over the proxies' series, as in a cluster) instead of the
+    /// embedded control plane's window.
+    #[arg(long, env = "MESH_PROMETHEUS_URL", value_name = "URL")]
+    pub prometheus: Option<String>,
+}
+
+impl Window {
+    /// The question for a [`mesh_observe::MetricsView`].
+    fn query(&self, conn: &Conn, name: Option<String>) -> anyhow::Result<mesh_observe::Query> {
+        let secs = mesh_core::duration::parse(&self.window)
+            .map_err(|e| anyhow::anyhow!("--time-window {}: {e}", self.window))?
+            .as_secs()
+            .max(1);
+        Ok(mesh_observe::Query {
+            namespace: (!self.all_namespaces).then(|| conn.namespace.clone()),
+            name,
+            window_secs: secs,
+        })
+    }
 }
 
 /// The observe commands.
@@ -227,6 +246,16 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         } => {
             let resource: mesh_observe::Resource =
                 resource.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            if let Some(url) = &window.prometheus {
+                use mesh_observe::MetricsView as _;
+                let view = mesh_observe::prometheus::PrometheusView::new(url);
+                let q = window.query(&common.conn, name)?;
+                return repeat(window.watch, || async {
+                    let rows = view.stat(resource, &q).await?;
+                    render(common.output, &rows, |rows| stat_table(resource, rows))
+                })
+                .await;
+            }
             let api = Api::new(&common.conn)?;
             let mut query = window_query(&window, &common.conn)?;
             if let Some(name) = name {
@@ -247,6 +276,15 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             window,
             common,
         } => {
+            if let Some(url) = &window.prometheus {
+                use mesh_observe::MetricsView as _;
+                let view = mesh_observe::prometheus::PrometheusView::new(url);
+                let q = window.query(&common.conn, Some(service))?;
+                return repeat(window.watch, || async {
+                    render(common.output, &view.routes(&q).await?, routes_table)
+                })
+                .await;
+            }
             let api = Api::new(&common.conn)?;
             let mut query = window_query(&window, &common.conn)?;
             query.push(("service", service));
@@ -257,6 +295,15 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             .await
         }
         Command::Edges { window, common } => {
+            if let Some(url) = &window.prometheus {
+                use mesh_observe::MetricsView as _;
+                let view = mesh_observe::prometheus::PrometheusView::new(url);
+                let q = window.query(&common.conn, None)?;
+                return repeat(window.watch, || async {
+                    render(common.output, &view.edges(&q).await?, edges_table)
+                })
+                .await;
+            }
             let api = Api::new(&common.conn)?;
             let query = window_query(&window, &common.conn)?;
             repeat(window.watch, || async {
