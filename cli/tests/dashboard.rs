@@ -9,6 +9,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
+use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -39,8 +40,10 @@ impl Browser {
             .local_addr()
             .unwrap()
             .port();
+        // Its own process group, so the browser it starts goes with it whatever happens.
         let driver = Command::new(driver)
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -135,7 +138,8 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        let group = rustix::process::Pid::from_child(&self.driver);
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
         let _ = self.driver.wait();
     }
 }
@@ -320,6 +324,7 @@ async fn the_dashboard_shows_rollouts_and_aborts_one_in_a_real_browser() {
         "the tap page showed no requests"
     );
     browser.screenshot("tap").await;
+    browser.call(reqwest::Method::DELETE, "", Value::Null).await;
 
     up.child().terminate();
 }
