@@ -9,6 +9,7 @@ mod demo;
 mod embedded;
 mod k8s;
 mod observe;
+mod observe_api;
 mod resources;
 mod rollout;
 mod runtime;

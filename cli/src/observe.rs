@@ -8,10 +8,11 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use mesh_observe::{EdgeRow, Golden, RouteRow, StatRow};
 
-use crate::backend::{Conn, api_token};
+use crate::backend::Conn;
+use crate::observe_api::Api;
 
 /// How the answer is printed.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -163,69 +164,6 @@ pub fn run(command: Command) -> ExitCode {
         .map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
 }
 
-/// A client of the control plane's observe API.
-pub(crate) struct Api {
-    client: reqwest::Client,
-    server: String,
-}
-
-impl Api {
-    pub(crate) fn new(conn: &Conn) -> anyhow::Result<Self> {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(token) = api_token(conn)? {
-            headers.insert(reqwest::header::AUTHORIZATION, token);
-        }
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .default_headers(headers)
-            .build()
-            .context("building the HTTP client")?;
-        Ok(Self {
-            client,
-            server: conn.server.trim_end_matches('/').to_string(),
-        })
-    }
-
-    pub(crate) async fn send(
-        &self,
-        path: &str,
-        query: &[(&str, String)],
-    ) -> anyhow::Result<reqwest::Response> {
-        let rsp = self
-            .client
-            .get(format!("{}{path}", self.server))
-            .query(query)
-            .send()
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot reach the control plane at {} (set --server or MESH_SERVER)",
-                    self.server
-                )
-            })?;
-        if !rsp.status().is_success() {
-            let status = rsp.status();
-            let body: serde_json::Value = rsp.json().await.unwrap_or_default();
-            let message = body["message"].as_str().unwrap_or("no reason given");
-            bail!("the control plane refused ({status}): {message}");
-        }
-        Ok(rsp)
-    }
-
-    pub(crate) async fn get<T: serde::de::DeserializeOwned>(
-        &self,
-        path: &str,
-        query: &[(&str, String)],
-    ) -> anyhow::Result<T> {
-        self.send(path, query)
-            .await?
-            .json()
-            .await
-            .with_context(|| format!("reading the control plane's answer to {path}"))
-    }
-}
-
 fn window_query(window: &Window, conn: &Conn) -> anyhow::Result<Vec<(&'static str, String)>> {
     mesh_core::duration::parse(&window.window)
         .map_err(|e| anyhow::anyhow!("--time-window {}: {e}", window.window))?;
@@ -333,7 +271,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 .transpose()?;
             top(&common, &workload, &filter, duration, rows).await
         }
-        Command::Dashboard { addr, conn } => dashboard(addr, conn).await,
+        Command::Dashboard { addr, conn } => crate::dashboard::standalone(addr, conn).await,
     }
 }
 
@@ -770,20 +708,4 @@ async fn top(
         }
     }
     Ok(())
-}
-
-async fn dashboard(addr: std::net::SocketAddr, conn: Conn) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the dashboard to {addr}"))?;
-    let dashboard = crate::dashboard::Dashboard::new(conn)?;
-    out(&format!(
-        "{}\nmesh dashboard: {}\n",
-        mesh_core::Listening::new("dashboard", listener.local_addr()?),
-        dashboard.sign_in_url(listener.local_addr()?)
-    ));
-    tokio::select! {
-        r = dashboard.serve(listener) => r,
-        () = crate::up::wait_for_signal() => Ok(()),
-    }
 }

@@ -28,7 +28,7 @@ use futures_util::Stream;
 use serde_json::{Value, json};
 
 use crate::backend::{Backend, Conn, Where};
-use crate::observe::Api;
+use crate::observe_api::Api;
 
 /// The page, its script and styles: one file, compiled in.
 const INDEX: &str = include_str!("index.html");
@@ -285,5 +285,25 @@ async fn act(
             axum::Json(json!({"error": format!("{e:#}")})),
         )
             .into_response(),
+    }
+}
+
+/// `mesh dashboard`: serves a dashboard for the control plane `conn` names on `addr`, and
+/// prints its sign-in link, until Ctrl-C.
+#[allow(
+    clippy::print_stdout,
+    reason = "the announcement and the link are the output"
+)]
+pub async fn standalone(addr: SocketAddr, conn: Conn) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the dashboard to {addr}"))?;
+    let bound = listener.local_addr()?;
+    let dashboard = Dashboard::new(conn)?;
+    println!("{}", mesh_core::Listening::new("dashboard", bound));
+    println!("mesh dashboard: {}", dashboard.sign_in_url(bound));
+    tokio::select! {
+        r = dashboard.serve(listener) => r,
+        _ = tokio::signal::ctrl_c() => Ok(()),
     }
 }
