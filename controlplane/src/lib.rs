@@ -230,22 +230,24 @@ async fn serve_apis<S: ResourceStore>(
         let admitted = token.admits(&req) || req.uri().path() == "/healthz";
         // Prometheus HTTP service discovery: the registered proxies' admin addresses, from the
         // index (the proxy API's state), behind the resource API's token like everything else.
-        let targets = (admitted
-            && req.method() == ::http::Method::GET
-            && req.uri().path() == mesh_core::proxy_api::HTTP_SD_PATH)
+        let get = admitted && req.method() == ::http::Method::GET;
+        let targets = (get && req.uri().path() == mesh_core::proxy_api::HTTP_SD_PATH)
             .then(|| sd.index().scrape_targets());
+        // The rollout metrics, from the Canaries in the store, and the control plane's own.
+        let metrics = (get && req.uri().path() == METRICS_PATH).then(|| metrics_text(&*store, &sd));
         let observing = admitted && req.uri().path().starts_with(observe::PREFIX);
         let (observe, shared, tap_token) = (observe.clone(), Arc::clone(&sd), token.clone());
         async move {
-            match (admitted, targets) {
-                (true, Some(targets)) => http::json_response(::http::StatusCode::OK, &targets),
-                (true, None) if observing => {
+            match (admitted, targets, metrics) {
+                (true, Some(targets), _) => http::json_response(::http::StatusCode::OK, &targets),
+                (true, None, Some(text)) => http::text_response(text),
+                (true, None, None) if observing => {
                     // The proxies accept the resource API's token for tap.
                     let authorization = tap_token.authorization().ok();
                     observe.handle(&shared, authorization, &req).await
                 }
-                (true, None) => api::handle(store, req).await,
-                (false, _) => access::unauthorized(),
+                (true, None, None) => api::handle(store, req).await,
+                (false, ..) => access::unauthorized(),
             }
         }
     });
@@ -253,6 +255,32 @@ async fn serve_apis<S: ResourceStore>(
         proxy::handle(Arc::clone(&shared), req)
     });
     tokio::join!(api_server, proxy_server);
+}
+
+/// Path of the control plane's metrics on the resource API: the rollout metrics of every
+/// Canary (`mesh_crds::metrics`) and the control plane's own.
+pub const METRICS_PATH: &str = "/metrics";
+
+/// The exposition text [`METRICS_PATH`] serves.
+fn metrics_text<S: ResourceStore>(store: &S, shared: &Shared) -> String {
+    let canaries: Vec<mesh_crds::Canary> = store
+        .list(&Selector::kind(ResourceKind::Canary, None))
+        .map(|listed| {
+            listed
+                .items
+                .iter()
+                .filter_map(|v| serde_json::from_value((**v).clone()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut text = mesh_crds::metrics::exposition(&canaries);
+    let proxies = shared.index().scrape_targets().len();
+    text.push_str(&format!(
+        "# HELP mesh_controlplane_registered_proxies Registered proxies that gave their admin address.\n\
+         # TYPE mesh_controlplane_registered_proxies gauge\n\
+         mesh_controlplane_registered_proxies {proxies}\n"
+    ));
+    text
 }
 
 /// A change to the objects of one kind, as [`feed`] hands it on.

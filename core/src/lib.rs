@@ -15,6 +15,7 @@ pub mod exposition;
 pub mod gates;
 pub mod identity;
 pub mod metrics;
+pub mod prometheus;
 pub mod proxy_api;
 pub mod routing;
 

@@ -102,7 +102,7 @@ pub mod label {
     /// The authorization that admitted a client: `AuthorizationPolicy/<name>` or
     /// `default:<policy>`; empty on a denial.
     pub const AUTHORIZATION: &str = "authorization";
-    /// Whether an opaque connection crossed the mesh over mTLS: `true`, or empty.
+    /// Whether a request or connection crossed the mesh over mTLS: `true`, or empty.
     pub const TLS: &str = "tls";
     /// A histogram bucket's upper bound.
     pub const LE: &str = "le";
@@ -202,22 +202,26 @@ pub const LATENCY_BUCKETS_MS: [f64; 25] = [
     1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 10000.0, 20000.0, 30000.0, 40000.0, 50000.0,
 ];
 
-/// Labels of a request.
-pub const REQUEST_LABELS: [&str; 5] = [
+/// Labels of a request (after the [`RESOURCE_LABELS`], when the proxy writes them).
+pub const REQUEST_LABELS: [&str; 7] = [
     label::DIRECTION,
     label::AUTHORITY,
     label::ROUTE,
     label::DST_SERVICE,
     label::DST_NAMESPACE,
+    label::DST_DEPLOYMENT,
+    label::TLS,
 ];
 
 /// Labels of a response: the request's plus status and classification.
-pub const RESPONSE_LABELS: [&str; 8] = [
+pub const RESPONSE_LABELS: [&str; 10] = [
     label::DIRECTION,
     label::AUTHORITY,
     label::ROUTE,
     label::DST_SERVICE,
     label::DST_NAMESPACE,
+    label::DST_DEPLOYMENT,
+    label::TLS,
     label::STATUS_CODE,
     label::CLASSIFICATION,
     label::ERROR,

@@ -10,6 +10,7 @@ pub mod canary;
 pub mod cel;
 pub mod kind;
 pub mod metric_template;
+pub mod metrics;
 pub mod policy;
 pub mod validate;
 pub mod workload;

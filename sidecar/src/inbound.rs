@@ -43,6 +43,8 @@ pub struct Inbound {
     app: SocketAddr,
     metrics: Metrics,
     labels: RequestLabels,
+    /// The same, for requests from a peer proxy over mTLS (`tls="true"`).
+    labels_mtls: RequestLabels,
     client: Client<HttpConnector, Incoming>,
     h2_client: Client<HttpConnector, Incoming>,
     credentials: Option<SharedCredentials>,
@@ -60,15 +62,28 @@ impl Inbound {
         // number of series by sending odd Host headers.
         let labels = RequestLabels {
             direction: "inbound",
-            authority: service.map(ServiceRef::authority).unwrap_or_default(),
-            route: "default".to_string(),
-            dst_service: service.map(|s| s.name.clone()).unwrap_or_default(),
-            dst_namespace: service.map(|s| s.namespace.clone()).unwrap_or_default(),
+            authority: service
+                .map(ServiceRef::authority)
+                .unwrap_or_default()
+                .into(),
+            route: "default".into(),
+            dst_service: service.map(|s| s.name.as_str()).unwrap_or_default().into(),
+            dst_namespace: service
+                .map(|s| s.namespace.as_str())
+                .unwrap_or_default()
+                .into(),
+            dst_deployment: "".into(),
+            tls: "",
+        };
+        let labels_mtls = RequestLabels {
+            tls: crate::metrics::tls_label(true),
+            ..labels.clone()
         };
         Self {
             app,
             metrics,
             labels,
+            labels_mtls,
             client: crate::http::client(CONNECT_TIMEOUT),
             h2_client: crate::http::h2c_client(CONNECT_TIMEOUT),
             credentials: None,
@@ -127,9 +142,9 @@ impl Inbound {
             metrics: self.metrics.clone(),
             labels: crate::metrics::TcpLabels {
                 direction: "inbound",
-                authority: self.labels.authority.clone(),
-                dst_service: self.labels.dst_service.clone(),
-                dst_namespace: self.labels.dst_namespace.clone(),
+                authority: self.labels.authority.to_string(),
+                dst_service: self.labels.dst_service.to_string(),
+                dst_namespace: self.labels.dst_namespace.to_string(),
                 tls: "",
             },
             detect_timeout: self.detect_timeout,
@@ -195,20 +210,25 @@ impl Inbound {
         // Built only for a request that may become a tunnel; most never do.
         let tunnel_labels = downstream.is_some().then(|| crate::metrics::TcpLabels {
             direction: "inbound",
-            authority: self.labels.authority.clone(),
-            dst_service: self.labels.dst_service.clone(),
-            dst_namespace: self.labels.dst_namespace.clone(),
+            authority: self.labels.authority.to_string(),
+            dst_service: self.labels.dst_service.to_string(),
+            dst_namespace: self.labels.dst_namespace.to_string(),
             tls: if req.extensions().get::<ClientIdentity>().is_some() {
                 "true"
             } else {
                 ""
             },
         });
-        self.metrics.requests.get_or_create(&self.labels).inc();
+        let labels = if req.extensions().get::<ClientIdentity>().is_some() {
+            &self.labels_mtls
+        } else {
+            &self.labels
+        };
+        self.metrics.requests.get_or_create(labels).inc();
         // Built only while someone taps; otherwise one atomic load.
         let mut tap = self.metrics.tap.active().then(|| {
             let mut e = TapEvent::of_request("inbound", req.method(), req.uri(), req.headers());
-            e.authority.clone_from(&self.labels.authority);
+            e.authority = self.labels.authority.to_string();
             e.src_identity = req
                 .extensions()
                 .get::<ClientIdentity>()
@@ -261,7 +281,7 @@ impl Inbound {
             Ok(rsp) => {
                 let status = rsp.status().as_u16();
                 self.metrics
-                    .record(&self.labels, Some(status), false, start.elapsed());
+                    .record(labels, Some(status), false, start.elapsed());
                 if let Some(mut event) = tap.take() {
                     let error = if status >= 500 { "upstream" } else { "" };
                     event.finish(status, error, start.elapsed());
@@ -272,7 +292,7 @@ impl Inbound {
             Err(e) => {
                 let status = StatusCode::BAD_GATEWAY;
                 self.metrics
-                    .record(&self.labels, Some(status.as_u16()), true, start.elapsed());
+                    .record(labels, Some(status.as_u16()), true, start.elapsed());
                 if let Some(mut event) = tap.take() {
                     event.finish(status.as_u16(), "mesh", start.elapsed());
                     self.metrics.tap.publish(*event);

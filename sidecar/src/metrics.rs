@@ -4,6 +4,7 @@
 //! services come from the route tables (not from arbitrary Host headers, which are folded into
 //! `unknown`), and status codes are at most a few hundred.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::metrics::{self as contract, Classification, ErrorSource, Family as Contract};
@@ -16,19 +17,24 @@ use prometheus_client::registry::{Metric, Registry};
 
 pub use mesh_core::metrics::LATENCY_BUCKETS_MS;
 
-/// Labels of a request.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+/// Labels of a request. Values are shared strings: a label set built once (per proxy inbound,
+/// per route and backend outbound) is cloned per request without allocating.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
 pub struct RequestLabels {
     /// `outbound` or `inbound` ([`mesh_core::metrics::Direction`]).
     pub direction: &'static str,
     /// The authority the request was routed by.
-    pub authority: String,
+    pub authority: Arc<str>,
     /// Route (HTTPRoute rule) name.
-    pub route: String,
+    pub route: Arc<str>,
     /// Backend service.
-    pub dst_service: String,
+    pub dst_service: Arc<str>,
     /// Backend namespace.
-    pub dst_namespace: String,
+    pub dst_namespace: Arc<str>,
+    /// The owner of the endpoint the request was sent to (outbound); empty inbound or unknown.
+    pub dst_deployment: Arc<str>,
+    /// `true` when the request crossed the mesh over mTLS, else empty.
+    pub tls: &'static str,
 }
 
 impl EncodeLabelSet for RequestLabels {
@@ -39,9 +45,16 @@ impl EncodeLabelSet for RequestLabels {
             &self.route,
             &self.dst_service,
             &self.dst_namespace,
+            &self.dst_deployment,
+            self.tls,
         ];
         encode_labels(&contract::REQUEST_LABELS, values, encoder)
     }
+}
+
+/// The `tls` label value: `true` over mTLS, else empty.
+pub fn tls_label(mtls: bool) -> &'static str {
+    if mtls { "true" } else { "" }
 }
 
 /// Labels of an opaque TCP connection.
@@ -76,18 +89,10 @@ impl EncodeLabelSet for TcpLabels {
 /// Labels of a response: the request's plus status and classification.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct ResponseLabels {
-    /// `outbound` or `inbound`.
-    pub direction: &'static str,
-    /// The authority the request was routed by.
-    pub authority: String,
-    /// Route (HTTPRoute rule) name.
-    pub route: String,
-    /// Backend service.
-    pub dst_service: String,
-    /// Backend namespace.
-    pub dst_namespace: String,
-    /// HTTP status code; empty when no response was received.
-    pub status_code: String,
+    /// The request's labels.
+    pub request: RequestLabels,
+    /// HTTP status code; `None` (an empty label) when no response was received.
+    pub status_code: Option<u16>,
     /// `success`, or `failure` for 5xx and proxy errors ([`Classification`]).
     pub classification: &'static str,
     /// Where a failure came from: `upstream` (the app answered 5xx), `mesh` (the proxy could not
@@ -97,13 +102,18 @@ pub struct ResponseLabels {
 
 impl EncodeLabelSet for ResponseLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        // Formatted at scrape time, never per request.
+        let status = self.status_code.map(|s| s.to_string()).unwrap_or_default();
+        let r = &self.request;
         let values = [
-            self.direction,
-            &self.authority,
-            &self.route,
-            &self.dst_service,
-            &self.dst_namespace,
-            &self.status_code,
+            r.direction,
+            &r.authority,
+            &r.route,
+            &r.dst_service,
+            &r.dst_namespace,
+            &r.dst_deployment,
+            r.tls,
+            &status,
             self.classification,
             self.error,
         ];
@@ -322,12 +332,8 @@ impl Metrics {
     ) {
         let failure = mesh_error || status.is_none_or(|s| s >= 500);
         let labels = ResponseLabels {
-            direction: req.direction,
-            authority: req.authority.clone(),
-            route: req.route.clone(),
-            dst_service: req.dst_service.clone(),
-            dst_namespace: req.dst_namespace.clone(),
-            status_code: status.map(|s| s.to_string()).unwrap_or_default(),
+            request: req.clone(),
+            status_code: status,
             classification: if failure {
                 Classification::Failure
             } else {
@@ -361,6 +367,8 @@ mod tests {
             route: "split".into(),
             dst_service: "web-canary".into(),
             dst_namespace: "default".into(),
+            dst_deployment: "web".into(),
+            tls: "true",
         };
         m.requests.get_or_create(&req).inc();
         m.record(&req, Some(503), false, Duration::from_millis(12));

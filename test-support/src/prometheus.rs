@@ -80,12 +80,20 @@ impl ScrapeJob {
 #[derive(Clone, Debug, Default)]
 pub struct PrometheusBuilder {
     jobs: Vec<ScrapeJob>,
+    raw_jobs: Vec<String>,
 }
 
 impl PrometheusBuilder {
     /// Adds a scrape job.
     pub fn scrape(mut self, job: ScrapeJob) -> Self {
         self.jobs.push(job);
+        self
+    }
+
+    /// Adds a scrape job written out in full: one `scrape_configs` list item (`- job_name: ...`),
+    /// as the docs show it (for instance `mesh_core::prometheus::embedded_scrape_config`).
+    pub fn scrape_config(mut self, yaml: &str) -> Self {
+        self.raw_jobs.push(yaml.to_string());
         self
     }
 
@@ -96,6 +104,13 @@ impl PrometheusBuilder {
         );
         for job in &self.jobs {
             out.push_str(&job.render());
+        }
+        for job in &self.raw_jobs {
+            for line in job.lines() {
+                out.push_str("  ");
+                out.push_str(line);
+                out.push('\n');
+            }
         }
         out
     }

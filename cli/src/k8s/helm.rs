@@ -35,6 +35,7 @@ fn args(ha: bool) -> InstallArgs {
         ha,
         helm_chart: None,
         prometheus_url: PROMETHEUS.into(),
+        prometheus: false,
         proxy: ProxyArgs {
             image_registry: REGISTRY.into(),
             version: VERSION.into(),
@@ -64,6 +65,9 @@ ha: false
 trustDomain: cluster.local
 # --prometheus-url: the Prometheus the rollout controller reads gate metrics from.
 prometheusUrl: http://prometheus.monitoring:9090
+# --prometheus: also a ConfigMap mesh-prometheus holding the proxies' scrape config (with
+# Linkerd's relabeling) and a PodMonitor for prometheus-operator, whose CRD must exist.
+prometheus: false
 
 identity:
   issuer:
@@ -173,6 +177,11 @@ pub fn chart() -> anyhow::Result<Vec<(String, String)>> {
             }
         }
     }
+    body += "{{- if .Values.prometheus }}\n";
+    for doc in install::prometheus_docs()? {
+        body += &yaml(&doc)?;
+    }
+    body += "{{- end }}\n";
     for (from, to) in &replacements {
         body = body.replace(from.as_str(), to);
     }

@@ -58,6 +58,11 @@ pub struct InstallArgs {
     /// Prometheus the rollout controller reads gate metrics from.
     #[arg(long, default_value = "http://prometheus.monitoring:9090")]
     pub prometheus_url: String,
+    /// Also render how a Prometheus scrapes the proxies: the ConfigMap `mesh-prometheus` (its
+    /// `scrape-configs.yaml` is a `scrape_configs` list with Linkerd's relabeling) and a
+    /// PodMonitor for prometheus-operator (whose CRD must exist).
+    #[arg(long)]
+    pub prometheus: bool,
     #[command(flatten)]
     pub proxy: ProxyArgs,
 }
@@ -471,7 +476,53 @@ pub fn render_with(args: &InstallArgs, pki: &Pki) -> anyhow::Result<Vec<Value>> 
             "timeoutSeconds": 10,
         }],
     }));
+    if args.prometheus {
+        docs.extend(prometheus_docs()?);
+    }
     Ok(docs)
+}
+
+/// The name of the ConfigMap and PodMonitor `--prometheus` adds.
+pub const PROMETHEUS_SCRAPE: &str = "mesh-prometheus";
+/// The ConfigMap key holding the scrape config.
+pub const SCRAPE_CONFIGS_KEY: &str = "scrape-configs.yaml";
+/// How often the rendered configs scrape each proxy.
+const SCRAPE_INTERVAL: &str = "10s";
+
+/// What `--prometheus` adds: the scrape config (a `scrape_configs` list, for Prometheus's
+/// `scrape_config_files` or to paste) in a ConfigMap, and the same discovery and relabeling as a
+/// PodMonitor; both add Linkerd's `namespace`, `pod` and `deployment` labels, so Flagger's
+/// Linkerd queries and Linkerd's dashboards select the proxies' series unchanged.
+pub fn prometheus_docs() -> anyhow::Result<Vec<Value>> {
+    use mesh_core::prometheus::{self as prom, ADMIN_PORT_NAME};
+    let labels =
+        json!({"app.kubernetes.io/name": PROMETHEUS_SCRAPE, "app.kubernetes.io/part-of": "mesh"});
+    let relabelings: Value = serde_yaml::from_str(&prom::kubernetes_relabeling(
+        "sourceLabels",
+        "targetLabel",
+        "",
+    ))?;
+    Ok(vec![
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": PROMETHEUS_SCRAPE, "namespace": NAMESPACE, "labels": labels},
+            "data": {SCRAPE_CONFIGS_KEY: prom::kubernetes_scrape_config(&[], SCRAPE_INTERVAL)},
+        }),
+        json!({
+            "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+            "metadata": {"name": PROMETHEUS_SCRAPE, "namespace": NAMESPACE, "labels": labels},
+            "spec": {
+                "namespaceSelector": {"any": true},
+                "selector": {},
+                "podMetricsEndpoints": [{
+                    "port": ADMIN_PORT_NAME,
+                    "path": "/metrics",
+                    "interval": SCRAPE_INTERVAL,
+                    "relabelings": relabelings,
+                }],
+            },
+        }),
+    ])
 }
 
 /// The documents as one YAML stream.
@@ -497,6 +548,7 @@ mod tests {
             controlplane_image: Some("cp:dev".into()),
             rollout_controller_image: Some("rc:dev".into()),
             prometheus_url: "http://prom:9090".into(),
+            prometheus: false,
             proxy: ProxyArgs {
                 image_registry: DEFAULT_REGISTRY.into(),
                 version: "0.1.0".into(),
@@ -505,6 +557,38 @@ mod tests {
                 trust_domain: "cluster.local".into(),
             },
         }
+    }
+
+    #[test]
+    fn prometheus_adds_a_scrape_config_and_a_pod_monitor_with_linkerd_s_labels() {
+        let pki = pki().unwrap();
+        let plain = render_with(&args(false), &pki).unwrap();
+        assert!(!plain.iter().any(|d| d["kind"] == "PodMonitor"));
+        let with = render_with(
+            &InstallArgs {
+                prometheus: true,
+                ..args(false)
+            },
+            &pki,
+        )
+        .unwrap();
+        let monitor = with.iter().find(|d| d["kind"] == "PodMonitor").unwrap();
+        let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+        assert_eq!(endpoint["port"], "mesh-admin");
+        let targets: Vec<&str> = endpoint["relabelings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["targetLabel"].as_str())
+            .collect();
+        for label in ["namespace", "pod", "deployment"] {
+            assert!(targets.contains(&label), "{targets:?}");
+        }
+        let config = with.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+        let scrape: Value =
+            serde_yaml::from_str(config["data"][SCRAPE_CONFIGS_KEY].as_str().unwrap()).unwrap();
+        assert_eq!(scrape[0]["job_name"], "mesh-proxy");
+        assert_eq!(scrape[0]["kubernetes_sd_configs"][0]["role"], "pod");
     }
 
     #[test]

@@ -200,6 +200,7 @@ pub async fn uninstall(client: &Client, crds: bool) -> anyhow::Result<Vec<String
         ha: true,
         helm_chart: None,
         prometheus_url: String::new(),
+        prometheus: false,
         proxy: super::install::ProxyArgs {
             image_registry: super::install::DEFAULT_REGISTRY.into(),
             version: env!("CARGO_PKG_VERSION").into(),

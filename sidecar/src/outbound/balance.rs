@@ -29,6 +29,8 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// The SPIFFE ID it must present: a peer proxy, reached over mTLS. None: not meshed.
     pub identity: Option<String>,
+    /// Its owner, from discovery: the `dst_deployment` label; empty when unknown.
+    pub deployment: Arc<str>,
 }
 
 /// An attempt with its backend and endpoint.
@@ -105,15 +107,23 @@ where
             return Box::pin(std::future::ready(Err(why.into())));
         };
         let addr = in_flight.addr();
-        let identity = tables
+        let found = tables
             .endpoints
             .get(&backend)
-            .and_then(|eps| eps.iter().find(|e| e.addr == addr))
-            .and_then(|e| e.identity.clone());
+            .and_then(|eps| eps.iter().find(|e| e.addr == addr));
+        let identity = found.and_then(|e| e.identity.clone());
+        let deployment = found
+            .and_then(|e| e.deployment.as_deref())
+            .unwrap_or_default()
+            .into();
         let attempt = self.inner.call(ToEndpoint {
             route,
             backend,
-            endpoint: Endpoint { addr, identity },
+            endpoint: Endpoint {
+                addr,
+                identity,
+                deployment,
+            },
             request,
         });
         Box::pin(async move {

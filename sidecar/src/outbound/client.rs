@@ -80,7 +80,7 @@ where
     fn call(&mut self, req: ToEndpoint<B>) -> Self::Future {
         let ToEndpoint {
             backend,
-            endpoint: Endpoint { addr, identity },
+            endpoint: Endpoint { addr, identity, .. },
             mut request,
             ..
         } = req;
@@ -444,6 +444,7 @@ mod tests {
             endpoint: Endpoint {
                 addr: "127.0.0.1:9000".parse().unwrap(),
                 identity: identity.map(str::to_string),
+                deployment: "".into(),
             },
             request,
         }

@@ -293,6 +293,7 @@ impl Outbound {
             endpoint: balance::Endpoint {
                 addr,
                 identity: None,
+                deployment: "".into(),
             },
             request: Request::from_parts(parts, body),
         };

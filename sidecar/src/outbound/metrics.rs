@@ -14,7 +14,7 @@ use http::{Response, StatusCode};
 use tower::{Layer, Service};
 
 use crate::http::Body;
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::{Metrics, RequestLabels, tls_label};
 use crate::outbound::balance::ToEndpoint;
 use crate::outbound::error::Error;
 use crate::outbound::timeout::Waiting;
@@ -69,10 +69,12 @@ where
     fn call(&mut self, req: ToEndpoint<B>) -> Self::Future {
         let labels = RequestLabels {
             direction: "outbound",
-            authority: req.route.labels.authority.clone(),
-            route: req.route.labels.route.clone(),
-            dst_service: req.backend.name.clone(),
-            dst_namespace: req.backend.namespace.clone(),
+            authority: req.route.labels.authority.as_str().into(),
+            route: req.route.labels.route.as_str().into(),
+            dst_service: req.backend.name.as_str().into(),
+            dst_namespace: req.backend.namespace.as_str().into(),
+            dst_deployment: req.endpoint.deployment.clone(),
+            tls: tls_label(req.endpoint.identity.is_some()),
         };
         self.metrics.requests.get_or_create(&labels).inc();
         let waiting = req.request.extensions().get::<Waiting>().cloned();
@@ -83,8 +85,8 @@ where
         let tap = self.metrics.tap.active().then(|| {
             let r = &req.request;
             let mut event = TapEvent::of_request("outbound", r.method(), r.uri(), r.headers());
-            event.authority.clone_from(&labels.authority);
-            event.route.clone_from(&labels.route);
+            event.authority = labels.authority.to_string();
+            event.route = labels.route.to_string();
             event.backend = Some(format!("{}.{}", req.backend.name, req.backend.namespace));
             event.endpoint = Some(req.endpoint.addr);
             event.dst_identity.clone_from(&req.endpoint.identity);
@@ -187,6 +189,7 @@ mod tests {
             endpoint: Endpoint {
                 addr: "127.0.0.1:9000".parse().unwrap(),
                 identity: None,
+                deployment: "web-canary".into(),
             },
             request,
         }
@@ -197,12 +200,8 @@ mod tests {
     /// The `response_total` and `response_latency_ms` count of `status` (with `error`).
     fn responses(metrics: &Metrics, status: &str, error: &'static str) -> (u64, u64) {
         let labels = crate::metrics::ResponseLabels {
-            direction: "outbound",
-            authority: "web.default:80".into(),
-            route: "main".into(),
-            dst_service: "web-canary".into(),
-            dst_namespace: "default".into(),
-            status_code: status.into(),
+            request: request_labels(),
+            status_code: status.parse().ok(),
             classification: if error.is_empty() {
                 "success"
             } else {
@@ -215,15 +214,21 @@ mod tests {
         (total, observed)
     }
 
-    fn requests(metrics: &Metrics) -> u64 {
-        let labels = RequestLabels {
+    /// The labels of an attempt at `web-canary`'s endpoint, over plaintext.
+    fn request_labels() -> RequestLabels {
+        RequestLabels {
             direction: "outbound",
             authority: "web.default:80".into(),
             route: "main".into(),
             dst_service: "web-canary".into(),
             dst_namespace: "default".into(),
-        };
-        metrics.requests.get_or_create(&labels).get()
+            dst_deployment: "web-canary".into(),
+            tls: "",
+        }
+    }
+
+    fn requests(metrics: &Metrics) -> u64 {
+        metrics.requests.get_or_create(&request_labels()).get()
     }
 
     #[tokio::test]
@@ -269,6 +274,7 @@ mod tests {
             let endpoint = Endpoint {
                 addr: "127.0.0.1:9000".parse().unwrap(),
                 identity: None,
+                deployment: "web-canary".into(),
             };
             record.clone().oneshot(ToEndpoint {
                 route,
