@@ -4,9 +4,12 @@
 //! `--context`.
 
 mod backend;
+mod dashboard;
 mod demo;
 mod embedded;
 mod k8s;
+mod observe;
+mod observe_api;
 mod resources;
 mod rollout;
 mod runtime;
@@ -69,6 +72,9 @@ enum Command {
     /// Add the proxy to the workloads in a YAML file, offline, as the injector webhook would.
     #[command(disable_version_flag = true)]
     Inject(k8s::InjectArgs),
+    /// See what the mesh is doing: stat, top, routes, edges, tap, dashboard.
+    #[command(flatten)]
+    Observe(observe::Command),
     /// Delete a resource.
     Delete {
         /// canary (canaries), metrictemplate (mt) or httproute.
@@ -112,6 +118,7 @@ fn main() -> ExitCode {
             output,
             at,
         } => resources::run(&at, resources::Action::Get { kind, name, output }),
+        Command::Observe(c) => observe::run(c),
         Command::Delete { kind, name, at } => {
             resources::run(&at, resources::Action::Delete { kind, name })
         }

@@ -787,6 +787,28 @@ async fn status(args: StatusArgs) -> anyhow::Result<u8> {
     Ok(code)
 }
 
+/// What the dashboard's buttons do: exactly `mesh rollout promote|abort|pause|resume NAME
+/// --by BY`, so each is checked and recorded in the rollout's history the same way.
+pub async fn act(at: &Where, name: &str, action: &str, by: &str) -> anyhow::Result<()> {
+    let name = name.to_string();
+    let at = at.clone();
+    let by = Some(by.to_string());
+    match action {
+        "promote" => promote(PromoteArgs {
+            name,
+            by,
+            now: false,
+            at,
+        })
+        .await
+        .map(drop),
+        "abort" => request(name, at, by, Request::Abort).await.map(drop),
+        "pause" => suspend(NameArgs { name, at }, true).await.map(drop),
+        "resume" => suspend(NameArgs { name, at }, false).await.map(drop),
+        other => anyhow::bail!("unknown action {other:?}: want promote, abort, pause or resume"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,6 +29,9 @@ pub struct Args {
     /// all-authenticated (only meshed, mTLS callers) or deny.
     #[arg(long, default_value = "all-unauthenticated")]
     pub default_inbound_policy: mesh_policies::DefaultPolicy,
+    /// Where the web dashboard listens (`mesh up` prints its sign-in link); `off` serves none.
+    #[arg(long, default_value = "127.0.0.1:4190")]
+    pub dashboard_addr: String,
     /// Namespace for documents that name none.
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,
@@ -71,6 +74,13 @@ async fn up(args: Args) -> anyhow::Result<()> {
     }
     println!("{}", Listening::new("api", mesh.api_addr));
     println!("{}", Listening::new("proxy", mesh.proxy_addr));
+    let dashboard = match start_dashboard(&args.dashboard_addr, &mesh).await {
+        Ok(d) => d,
+        Err(e) => {
+            mesh.shutdown().await;
+            return Err(e);
+        }
+    };
     eprintln!(
         "mesh is up: resource API http://{} (token in {}, which `mesh` finds on its own), \
          proxy API https://{} (mTLS; trust roots in {}), state in {}. Ctrl-C stops everything.",
@@ -81,6 +91,9 @@ async fn up(args: Args) -> anyhow::Result<()> {
         state_dir.display()
     );
     wait_for_signal().await;
+    if let Some(d) = dashboard {
+        d.abort();
+    }
     eprintln!("stopping the workloads...");
     mesh.shutdown().await;
     eprintln!(
@@ -88,6 +101,45 @@ async fn up(args: Args) -> anyhow::Result<()> {
         state_dir.display()
     );
     Ok(())
+}
+
+/// Serves the dashboard on `addr` (unless `off`), announcing it and printing its sign-in link.
+#[allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "announcements go to stdout, messages to the user on stderr"
+)]
+async fn start_dashboard(
+    addr: &str,
+    mesh: &Mesh,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    if addr == "off" {
+        return Ok(None);
+    }
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--dashboard-addr {addr}: {e} (host:port or off)"))?;
+    // The mesh is still useful without its dashboard (another mesh may hold the port).
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("no dashboard: binding {addr}: {e} (choose another with --dashboard-addr)");
+            return Ok(None);
+        }
+    };
+    let bound = listener.local_addr()?;
+    let dashboard = crate::dashboard::Dashboard::new(crate::backend::Conn {
+        server: format!("http://{}", mesh.api_addr),
+        token_file: Some(mesh.api_token_file.clone()),
+        namespace: "default".into(),
+    })?;
+    println!("{}", Listening::new("dashboard", bound));
+    eprintln!("dashboard: {}", dashboard.sign_in_url(bound));
+    Ok(Some(tokio::spawn(async move {
+        if let Err(e) = dashboard.serve(listener).await {
+            tracing::error!(error = %e, "the dashboard stopped");
+        }
+    })))
 }
 
 /// Waits for Ctrl-C or SIGTERM.

@@ -40,6 +40,9 @@ pub const ENV_INIT_IMAGE: &str = "MESH_CONTROLPLANE_INIT_IMAGE";
 /// where a weight change wakes every watch stream before any connection writes, so each
 /// connection sends its streams' updates in one write. Unset: the cores the process may use.
 pub const ENV_CORES: &str = "MESH_CONTROLPLANE_CORES";
+/// How often the control plane scrapes every registered proxy into its metrics window (`mesh
+/// stat`, the dashboard); default 5s, `0s` turns the scrape off.
+pub const ENV_SCRAPE_INTERVAL: &str = "MESH_CONTROLPLANE_SCRAPE_INTERVAL";
 
 /// The proxy-injector webhook's settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,6 +108,8 @@ pub struct Config {
     pub kubernetes: bool,
     /// The injector, when [`ENV_INJECTOR_ADDR`] is set.
     pub injector: Option<InjectorConfig>,
+    /// See [`ENV_SCRAPE_INTERVAL`].
+    pub scrape_interval: Duration,
 }
 
 impl Config {
@@ -175,6 +180,12 @@ impl Config {
                     init_image: env.parse(ENV_INIT_IMAGE)?,
                 }),
             },
+            scrape_interval: env
+                .parse_or(
+                    ENV_SCRAPE_INTERVAL,
+                    HumanDuration(mesh_observe::scrape::DEFAULT_INTERVAL),
+                )?
+                .0,
         })
     }
 }

@@ -75,6 +75,9 @@ impl ControlPlane {
             self.shared,
             &self.proxy_tls,
             &self.api_token,
+            // In a cluster Prometheus keeps the metrics (registrations carry no admin address
+            // to scrape), so the window stays empty.
+            crate::observe::Observe::default(),
             api,
             proxy,
         )

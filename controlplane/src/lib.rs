@@ -15,6 +15,7 @@ pub mod index;
 pub mod inject;
 pub mod injector;
 pub mod kubernetes;
+pub mod observe;
 pub mod policy;
 pub mod proxy;
 pub mod publish;
@@ -66,6 +67,8 @@ pub struct ControlPlane {
     proxy_tls: Arc<ProxyTls>,
     trust_roots_file: PathBuf,
     api_token: access::ApiToken,
+    observe: observe::Observe,
+    scrape_interval: Duration,
 }
 
 impl ControlPlane {
@@ -111,6 +114,8 @@ impl ControlPlane {
             proxy_tls: Arc::new(proxy_tls),
             trust_roots_file,
             api_token,
+            observe: observe::Observe::default(),
+            scrape_interval: config.scrape_interval,
         })
     }
 
@@ -151,11 +156,14 @@ impl ControlPlane {
         async move {
             spawn_feeds(&self.store, &self.shared);
             tokio::spawn(sweep_workloads(Arc::clone(&self.shared)));
+            self.observe
+                .spawn_scraper(Arc::clone(&self.shared), self.scrape_interval);
             serve_apis(
                 self.store,
                 self.shared,
                 &self.proxy_tls,
                 &self.api_token,
+                self.observe,
                 api,
                 proxy,
             )
@@ -233,6 +241,7 @@ async fn serve_apis<S: ResourceStore>(
     shared: Arc<Shared>,
     proxy_tls: &Arc<ProxyTls>,
     api_token: &access::ApiToken,
+    observe: observe::Observe,
     api: TcpListener,
     proxy: TcpListener,
 ) {
@@ -250,10 +259,17 @@ async fn serve_apis<S: ResourceStore>(
             .then(|| sd.index().scrape_targets());
         // The rollout metrics, from the Canaries in the store, and the control plane's own.
         let metrics = (get && req.uri().path() == METRICS_PATH).then(|| metrics_text(&*store, &sd));
+        let observing = admitted && req.uri().path().starts_with(observe::PREFIX);
+        let (observe, shared, tap_token) = (observe.clone(), Arc::clone(&sd), token.clone());
         async move {
             match (admitted, targets, metrics) {
                 (true, Some(targets), _) => http::json_response(::http::StatusCode::OK, &targets),
                 (true, None, Some(text)) => http::text_response(text),
+                (true, None, None) if observing => {
+                    // The proxies accept the resource API's token for tap.
+                    let authorization = tap_token.authorization().ok();
+                    observe.handle(&shared, authorization, &req).await
+                }
                 (true, None, None) => api::handle(store, req).await,
                 (false, ..) => access::unauthorized(),
             }

@@ -1,12 +1,15 @@
-//! The admin server: liveness, readiness, metrics and the current route and endpoint tables
-//! (`/config`) on their own port, apart from app traffic,
-//! so probes and scrapes keep working when the proxying listeners are saturated.
+//! The admin server: liveness, readiness, metrics, the current route and endpoint tables
+//! (`/config`) and live requests for an authorized caller (`/tap`, see [`crate::tap`]) on their
+//! own port, apart from app traffic, so probes and scrapes keep working when the proxying
+//! listeners are saturated.
 
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, path::PathBuf, sync::Arc};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::registry::Registry;
@@ -29,7 +32,14 @@ pub struct Admin {
     readiness: watch::Receiver<Readiness>,
     credentials: Option<SharedCredentials>,
     authz: Option<crate::authz::Authz>,
+    tap: Option<(crate::tap::Tap, Option<PathBuf>)>,
 }
+
+/// The body of admin responses: whole, or a stream for `/tap`.
+pub type AdminBody = BoxBody<Bytes, Infallible>;
+
+/// Content type of `/tap`: one JSON object per line.
+const NDJSON: &str = "application/x-ndjson";
 
 impl Admin {
     /// An admin server exposing `registry` at `/metrics` and `tables` at `/config`, always ready.
@@ -42,7 +52,81 @@ impl Admin {
             readiness,
             credentials: None,
             authz: None,
+            tap: None,
         }
+    }
+
+    /// Serves `tap` at `/tap` to callers presenting the token in `token_file` (tap is refused
+    /// to everyone without one).
+    pub fn with_tap(mut self, tap: crate::tap::Tap, token_file: Option<PathBuf>) -> Self {
+        self.tap = Some((tap, token_file));
+        self
+    }
+
+    /// Answers `GET /tap`: the live requests that pass the query's filter, as they happen, one
+    /// JSON line each, until the caller goes away (or `max` were sent).
+    pub fn tap<B>(&self, req: &Request<B>) -> Response<AdminBody> {
+        if req.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+                .map(BodyExt::boxed);
+        }
+        let Some((tap, token_file)) = &self.tap else {
+            let why = crate::tap::Refusal::Disabled.to_string();
+            return text(StatusCode::FORBIDDEN, &format!("{why}\n")).map(BodyExt::boxed);
+        };
+        if let Err(refusal) = crate::tap::authorized(token_file.as_deref(), req.headers()) {
+            let status = match refusal {
+                crate::tap::Refusal::Disabled => StatusCode::FORBIDDEN,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            return text(status, &format!("{refusal}\n")).map(BodyExt::boxed);
+        }
+        let (filter, max) = match crate::tap::Filter::from_query(req.uri().query()) {
+            Ok(f) => f,
+            Err(why) => {
+                return text(StatusCode::BAD_REQUEST, &format!("{why}\n")).map(BodyExt::boxed);
+            }
+        };
+        // The proxy's own identity fills the side of each event it stands for.
+        let own = self
+            .credentials
+            .as_ref()
+            .and_then(|c| c.borrow().as_ref().map(|c| c.identity.clone()));
+        let watch = tap.watch();
+        let left = max.unwrap_or(u64::MAX);
+        let lines = futures_util::stream::unfold(
+            (watch, filter, left, own),
+            |(mut watch, filter, left, own)| async move {
+                if left == 0 {
+                    return None;
+                }
+                loop {
+                    let line = match watch.next().await? {
+                        Ok(event) if filter.admits(&event) => {
+                            let mut event = (*event).clone();
+                            match event.direction {
+                                "outbound" => event.src_identity.clone_from(&own),
+                                _ => event.dst_identity.clone_from(&own),
+                            }
+                            serde_json::to_vec(&event).unwrap_or_default()
+                        }
+                        Ok(_) => continue,
+                        Err(lost) => serde_json::to_vec(&serde_json::json!({ "lost": lost }))
+                            .unwrap_or_default(),
+                    };
+                    let mut line = line;
+                    line.push(b'\n');
+                    let frame = Ok::<_, Infallible>(Frame::data(Bytes::from(line)));
+                    return Some((frame, (watch, filter, left - 1, own)));
+                }
+            },
+        );
+        let mut rsp = Response::new(StreamBody::new(lines).boxed());
+        rsp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(NDJSON),
+        );
+        rsp
     }
 
     /// Shows the certificate held in `credentials` under `identity` in `/config`.
@@ -136,7 +220,11 @@ impl Admin {
             let admin = self.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let rsp = admin.handle(&req);
+                    let rsp = if req.uri().path() == "/tap" {
+                        admin.tap(&req)
+                    } else {
+                        admin.handle(&req).map(BodyExt::boxed)
+                    };
                     async move { Ok::<_, Infallible>(rsp) }
                 });
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

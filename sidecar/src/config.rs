@@ -100,6 +100,11 @@ pub const ENV_INBOUND_DEFAULT_POLICY: &str = "MESH_PROXY_INBOUND_DEFAULT_POLICY"
 /// than the inbound listener's own (NAT, a published port).
 pub const ENV_WORKLOAD_ADDR: &str = "MESH_PROXY_WORKLOAD_ADDR";
 
+/// A file holding the bearer token a caller must present to tap this proxy (`/tap` on the
+/// admin port, see [`crate::tap`]); tap is off without one. The embedded mesh points it at the
+/// control plane's resource API token.
+pub const ENV_TAP_TOKEN_FILE: &str = "MESH_PROXY_TAP_TOKEN_FILE";
+
 /// The workload's SPIFFE ID, sent with its registration; with [`ENV_TOKEN_FILE`], the identity
 /// the proxy asks the control plane to certify and uses for mTLS.
 pub const ENV_IDENTITY: &str = "MESH_PROXY_IDENTITY";
@@ -257,6 +262,8 @@ pub struct Config {
     pub balance: BalanceConfig,
     /// What a peer may make each listener hold ([`crate::limits`]).
     pub limits: Limits,
+    /// See [`ENV_TAP_TOKEN_FILE`].
+    pub tap_token_file: Option<std::path::PathBuf>,
 }
 
 /// Where the control plane's proxy API is and what verifies it.
@@ -448,6 +455,7 @@ impl Config {
                 },
             },
             limits: limits(env)?,
+            tap_token_file: env.parse(ENV_TAP_TOKEN_FILE)?,
         };
         for (name, value) in [
             (ENV_OUTBOUND_CONNECT_TIMEOUT, config.connect_timeout),

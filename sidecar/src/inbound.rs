@@ -34,6 +34,7 @@ use crate::http::{
 };
 use crate::identity::SharedCredentials;
 use crate::metrics::{Metrics, RequestLabels};
+use crate::tap::TapEvent;
 use crate::tunnel;
 
 /// The inbound proxy.
@@ -232,6 +233,16 @@ impl Inbound {
             &self.labels
         };
         self.metrics.requests.get_or_create(labels).inc();
+        // Built only while someone taps; otherwise one atomic load.
+        let mut tap = self.metrics.tap.active().then(|| {
+            let mut e = TapEvent::of_request("inbound", req.method(), req.uri(), req.headers());
+            e.authority = self.labels.authority.to_string();
+            e.src_identity = req
+                .extensions()
+                .get::<ClientIdentity>()
+                .map(|ClientIdentity(id)| id.clone());
+            Box::new(e)
+        });
         let result = if connect {
             self.connect(app, req, to_app).await
         } else {
@@ -276,14 +287,24 @@ impl Inbound {
         });
         match result {
             Ok(rsp) => {
+                let status = rsp.status().as_u16();
                 self.metrics
-                    .record(labels, Some(rsp.status().as_u16()), false, start.elapsed());
+                    .record(labels, Some(status), false, start.elapsed());
+                if let Some(mut event) = tap.take() {
+                    let error = if status >= 500 { "upstream" } else { "" };
+                    event.finish(status, error, start.elapsed());
+                    self.metrics.tap.publish(*event);
+                }
                 rsp
             }
             Err(e) => {
                 let status = StatusCode::BAD_GATEWAY;
                 self.metrics
                     .record(labels, Some(status.as_u16()), true, start.elapsed());
+                if let Some(mut event) = tap.take() {
+                    event.finish(status.as_u16(), "mesh", start.elapsed());
+                    self.metrics.tap.publish(*event);
+                }
                 error(status, &format!("app at {app}: {e}"))
             }
         }

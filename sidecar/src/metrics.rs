@@ -223,6 +223,9 @@ pub struct Metrics {
     pub listener_open: Family<ListenerLabels, Gauge>,
     /// Times each listener reached its connection cap.
     pub listener_limit_reached: Family<ListenerLabels, Counter>,
+    /// Live requests for `/tap`: recorded where the golden metrics are, from the same
+    /// attempts, and only while someone taps.
+    pub tap: crate::tap::Tap,
 }
 
 impl Metrics {
@@ -248,6 +251,7 @@ impl Metrics {
             tcp_authz_deny: Family::default(),
             listener_open: Family::default(),
             listener_limit_reached: Family::default(),
+            tap: crate::tap::Tap::default(),
         };
         // Registration order is the exposition's order; it is kept as it always was.
         register(

@@ -221,7 +221,9 @@ impl Proxy {
         let authz = Authz::new(policy_rx, metrics.clone());
 
         let (drain_signal, drain_watch) = drain::channel();
-        let mut admin = Admin::new(registry, tables_rx.clone()).with_readiness(readiness_rx);
+        let mut admin = Admin::new(registry, tables_rx.clone())
+            .with_readiness(readiness_rx)
+            .with_tap(metrics.tap.clone(), config.tap_token_file.clone());
         if inbound_listener.is_some() {
             admin = admin.with_authz(authz.clone());
         }

@@ -59,8 +59,11 @@ pub fn mesh_up(state: &Path, file: &Path, extra: &[&str]) -> Result<MeshProcess>
         .arg("127.0.0.1:0")
         .arg("--proxy-addr")
         .arg("127.0.0.1:0")
+        .arg("--dashboard-addr")
+        .arg("127.0.0.1:0")
         .listener("api")
         .listener("proxy")
+        .listener("dashboard")
         .run()?;
     process.child().set_stop_grace(Duration::from_secs(20));
     Ok(process)

@@ -603,6 +603,7 @@ every_crate! {
     crds_has_no_module_cycles => "crds",
     demo_has_no_module_cycles => "demo",
     fuzz_has_no_module_cycles => "fuzz",
+    observe_has_no_module_cycles => "observe",
     policies_has_no_module_cycles => "policies",
     rollout_controller_has_no_module_cycles => "rollout-controller",
     sidecar_has_no_module_cycles => "sidecar",

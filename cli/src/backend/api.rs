@@ -199,7 +199,7 @@ async fn body_of(resp: reqwest::Response) -> anyhow::Result<Value> {
 /// The `Authorization` value for the control plane at `conn.server`: from `--token-file` /
 /// `MESH_TOKEN_FILE` (which must be readable), else from the file the control plane left a
 /// pointer to; `None` when there is neither, and the API will answer 401 saying what it needs.
-fn token(conn: &Conn) -> anyhow::Result<Option<reqwest::header::HeaderValue>> {
+pub fn token(conn: &Conn) -> anyhow::Result<Option<reqwest::header::HeaderValue>> {
     let (path, explicit) = match &conn.token_file {
         Some(path) => (path.clone(), true),
         None => match mesh_controlplane::access::token_file_for(&conn.server) {

@@ -82,6 +82,7 @@ impl Mesh {
             issuer_dir: None,
             kubernetes: false,
             injector: None,
+            scrape_interval: mesh_observe::scrape::DEFAULT_INTERVAL,
         };
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating {}", config.state_dir.display()))?;

@@ -520,6 +520,14 @@ impl InstanceCtx {
                     .with_file_name("controlplane")
                     .join(mesh_controlplane::identity::TRUST_ROOTS_FILE),
             )
+            // Tap is for holders of the resource API's token: the control plane relays taps
+            // to `mesh tap` and the dashboard with it.
+            .env(
+                "MESH_PROXY_TAP_TOKEN_FILE",
+                self.logs
+                    .with_file_name("controlplane")
+                    .join(mesh_controlplane::access::API_TOKEN_FILE),
+            )
             // Linkerd's resource labels, written by the proxy on every series: the arm is the
             // Deployment (`<target>` is the canary, `<target>-primary` the primary, as under
             // Flagger), the instance is the pod.

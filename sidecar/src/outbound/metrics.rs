@@ -18,6 +18,7 @@ use crate::metrics::{Metrics, RequestLabels, tls_label};
 use crate::outbound::balance::ToEndpoint;
 use crate::outbound::error::Error;
 use crate::outbound::timeout::Waiting;
+use crate::tap::TapEvent;
 
 /// Makes [`Record`] services.
 #[derive(Clone, Debug)]
@@ -80,12 +81,24 @@ where
         if let Some(w) = &waiting {
             w.start(&req.backend);
         }
+        // Built only while someone taps; otherwise one atomic load.
+        let tap = self.metrics.tap.active().then(|| {
+            let r = &req.request;
+            let mut event = TapEvent::of_request("outbound", r.method(), r.uri(), r.headers());
+            event.authority = labels.authority.to_string();
+            event.route = labels.route.to_string();
+            event.backend = Some(format!("{}.{}", req.backend.name, req.backend.namespace));
+            event.endpoint = Some(req.endpoint.addr);
+            event.dst_identity.clone_from(&req.endpoint.identity);
+            Box::new(event)
+        });
         let mut attempt = Attempt {
             metrics: self.metrics.clone(),
             labels,
             started: Instant::now(),
             waiting,
             done: false,
+            tap,
         };
         let answer = self.inner.call(req);
         Box::pin(async move {
@@ -103,6 +116,8 @@ struct Attempt {
     started: Instant,
     waiting: Option<Waiting>,
     done: bool,
+    /// The tap event being built, when a tap was open as the attempt started.
+    tap: Option<Box<TapEvent>>,
 }
 
 impl Attempt {
@@ -116,13 +131,26 @@ impl Attempt {
             Ok(rsp) => {
                 let status = rsp.status().as_u16();
                 self.metrics.record(&self.labels, Some(status), false, took);
+                let error = if status >= 500 { "upstream" } else { "" };
+                self.tap(status, error);
             }
             Err(Error::Endpoint { .. }) => {
                 let status = StatusCode::BAD_GATEWAY.as_u16();
                 self.metrics.record(&self.labels, Some(status), true, took);
+                self.tap(status, "mesh");
             }
             // Nothing reached the endpoint.
             Err(_) => {}
+        }
+    }
+}
+
+impl Attempt {
+    /// Publishes the attempt to the open taps, if one was open when it started.
+    fn tap(&mut self, status: u16, error: &'static str) {
+        if let Some(mut event) = self.tap.take() {
+            event.finish(status, error, self.started.elapsed());
+            self.metrics.tap.publish(*event);
         }
     }
 }
@@ -135,6 +163,7 @@ impl Drop for Attempt {
             let status = StatusCode::GATEWAY_TIMEOUT.as_u16();
             let took = self.started.elapsed();
             self.metrics.record(&self.labels, Some(status), true, took);
+            self.tap(status, "mesh");
         }
     }
 }

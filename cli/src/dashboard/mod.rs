@@ -1,0 +1,309 @@
+//! The web dashboard: services and workloads with their golden metrics and small charts, the
+//! call graph, each Canary (weight over time, every gate's canary and primary values tick by
+//! tick with its verdict, the decision and its reason, and promote/abort/pause/resume), and
+//! live tap. `mesh up` serves it beside the control plane, `mesh dashboard` for any control
+//! plane. It is a client of the control plane's API like the CLI: metrics and taps come from
+//! `/v1/observe/...`, Canaries from the resource API, and the buttons run the very code of
+//! `mesh rollout promote|abort|pause|resume`, so they are checked and recorded in the rollout's
+//! history the same way. Pages update live from server-sent events; the page, its script and
+//! its styles are compiled into the binary (no CDN).
+//!
+//! Only a holder of the resource API's token may use it: `/login?token=...` (the link `mesh
+//! dashboard` and `mesh up` print) sets it as an HTTP-only cookie, and every other path
+//! refuses a request without it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use futures_util::Stream;
+use serde_json::{Value, json};
+
+use crate::backend::{Backend, Conn, Where};
+use crate::observe_api::Api;
+
+/// The page, its script and styles: one file, compiled in.
+const INDEX: &str = include_str!("index.html");
+
+/// The cookie holding the token.
+const COOKIE: &str = "mesh-dashboard";
+
+/// How often the pages get fresh numbers.
+const TICK: Duration = Duration::from_secs(2);
+
+/// A dashboard for one control plane.
+#[derive(Clone)]
+pub struct Dashboard {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    at: Where,
+    api: Api,
+    secret: String,
+}
+
+impl Dashboard {
+    /// A dashboard of the control plane `conn` names, with its token.
+    pub fn new(conn: Conn) -> anyhow::Result<Self> {
+        let path = match &conn.token_file {
+            Some(path) => path.clone(),
+            None => mesh_controlplane::access::token_file_for(&conn.server).with_context(|| {
+                format!(
+                    "no token for {}: pass --token-file (the control plane's api-token)",
+                    conn.server
+                )
+            })?,
+        };
+        let secret = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the token file {}", path.display()))?
+            .trim()
+            .to_string();
+        let conn = Conn {
+            token_file: Some(path),
+            ..conn
+        };
+        let api = Api::new(&conn)?;
+        let at = Where {
+            conn,
+            kube: false,
+            k8s: crate::k8s::KubeArgs {
+                kubeconfig: None,
+                context: None,
+            },
+        };
+        Ok(Self {
+            inner: Arc::new(Inner { at, api, secret }),
+        })
+    }
+
+    /// The link that signs a browser in, for a dashboard listening on `addr`.
+    pub fn sign_in_url(&self, addr: SocketAddr) -> String {
+        format!("http://{addr}/login?token={}", self.inner.secret)
+    }
+
+    /// Serves the dashboard on `listener` until the task is dropped.
+    pub async fn serve(self, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
+        let app = Router::new()
+            .route("/login", get(login))
+            .route("/", get(index))
+            .route("/api/events", get(events))
+            .route("/api/tap", get(tap))
+            .route("/api/canaries/{name}/{action}", post(act))
+            .with_state(self);
+        axum::serve(listener, app)
+            .await
+            .context("serving the dashboard")
+    }
+
+    fn signed_in(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .any(|(k, v)| k == COOKIE && same(v.as_bytes(), self.inner.secret.as_bytes()))
+    }
+}
+
+/// Compares without stopping at the first difference.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn refused() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        Html(
+            "<h1>Sign in</h1><p>Open the link <code>mesh dashboard</code> (or <code>mesh up</code>) \
+             printed; it carries the control plane's token.</p>",
+        ),
+    )
+        .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct Login {
+    token: String,
+}
+
+async fn login(State(d): State<Dashboard>, Query(q): Query<Login>) -> Response {
+    if !same(q.token.trim().as_bytes(), d.inner.secret.as_bytes()) {
+        return refused();
+    }
+    let cookie = format!(
+        "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/",
+        d.inner.secret
+    );
+    let mut rsp = Redirect::to("/").into_response();
+    if let Ok(v) = cookie.parse() {
+        rsp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    rsp
+}
+
+async fn index(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
+    if !d.signed_in(&headers) {
+        return refused();
+    }
+    Html(INDEX).into_response()
+}
+
+/// One snapshot of everything the pages show.
+async fn snapshot(d: &Dashboard) -> Value {
+    let api = &d.inner.api;
+    let q = [("window", "1m".to_string())];
+    let workloads: Value = api
+        .get("/v1/observe/stat/workloads", &q)
+        .await
+        .unwrap_or_default();
+    let services: Value = api
+        .get("/v1/observe/stat/services", &q)
+        .await
+        .unwrap_or_default();
+    let routes: Value = api.get("/v1/observe/routes", &q).await.unwrap_or_default();
+    let edges: Value = api.get("/v1/observe/edges", &q).await.unwrap_or_default();
+    let mut canaries = Vec::new();
+    if let Ok(backend) = Backend::connect(&d.inner.at).await
+        && let Ok(list) = backend
+            .list(mesh_crds::validate::ResourceKind::Canary)
+            .await
+    {
+        for item in list["items"].as_array().into_iter().flatten() {
+            if let Ok(c) = serde_json::from_value::<mesh_crds::Canary>(item.clone()) {
+                let mut report = crate::rollout::to_json(&c, 0);
+                if let Some(o) = report.as_object_mut() {
+                    o.remove("exitCode");
+                    o.remove("result");
+                    o.insert(
+                        "lastAnalysisTime".into(),
+                        json!(c.status.as_ref().and_then(|s| s.last_analysis_time.clone())),
+                    );
+                }
+                canaries.push(report);
+            }
+        }
+    }
+    json!({
+        "time": chrono::Utc::now().to_rfc3339(),
+        "workloads": workloads,
+        "services": services,
+        "routes": routes,
+        "edges": edges,
+        "canaries": canaries,
+    })
+}
+
+async fn events(
+    State(d): State<Dashboard>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
+    if !d.signed_in(&headers) {
+        return Err(refused());
+    }
+    let stream = futures_util::stream::unfold((d, true), |(d, first)| async move {
+        if !first {
+            tokio::time::sleep(TICK).await;
+        }
+        let data = snapshot(&d).await.to_string();
+        Some((Ok(Event::default().event("tick").data(data)), (d, false)))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+#[derive(serde::Deserialize)]
+struct TapParams {
+    workload: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+}
+
+async fn tap(
+    State(d): State<Dashboard>,
+    headers: HeaderMap,
+    Query(p): Query<TapParams>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
+    if !d.signed_in(&headers) {
+        return Err(refused());
+    }
+    let mut q = vec![
+        ("workload", p.workload),
+        (
+            "namespace",
+            p.namespace
+                .unwrap_or_else(|| d.inner.at.conn.namespace.clone()),
+        ),
+    ];
+    if let Some(path) = p.path.filter(|p| !p.is_empty()) {
+        q.push(("path", path));
+    }
+    let rsp = d
+        .inner
+        .api
+        .send("/v1/observe/tap", &q)
+        .await
+        .map_err(|e| (StatusCode::BAD_GATEWAY, format!("{e:#}")).into_response())?;
+    let stream = futures_util::stream::unfold((rsp, Vec::new()), |(mut rsp, mut buf)| async move {
+        loop {
+            if let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=end).collect();
+                let data = String::from_utf8_lossy(&line).trim().to_string();
+                return Some((Ok(Event::default().event("request").data(data)), (rsp, buf)));
+            }
+            match rsp.chunk().await {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+                _ => return None,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+async fn act(
+    State(d): State<Dashboard>,
+    headers: HeaderMap,
+    Path((name, action)): Path<(String, String)>,
+) -> Response {
+    if !d.signed_in(&headers) {
+        return refused();
+    }
+    match crate::rollout::act(&d.inner.at, &name, &action, "dashboard").await {
+        Ok(()) => (StatusCode::OK, axum::Json(json!({"ok": true}))).into_response(),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": format!("{e:#}")})),
+        )
+            .into_response(),
+    }
+}
+
+/// `mesh dashboard`: serves a dashboard for the control plane `conn` names on `addr`, and
+/// prints its sign-in link, until Ctrl-C.
+#[allow(
+    clippy::print_stdout,
+    reason = "the announcement and the link are the output"
+)]
+pub async fn standalone(addr: SocketAddr, conn: Conn) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the dashboard to {addr}"))?;
+    let bound = listener.local_addr()?;
+    let dashboard = Dashboard::new(conn)?;
+    println!("{}", mesh_core::Listening::new("dashboard", bound));
+    println!("mesh dashboard: {}", dashboard.sign_in_url(bound));
+    tokio::select! {
+        r = dashboard.serve(listener) => r,
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}

@@ -1,0 +1,72 @@
+//! A client of the control plane's observe API (`/v1/observe/...`), with the resource API's
+//! token: what `mesh stat|routes|edges|tap|top` and the dashboard ask through. It sits below
+//! both.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::backend::{Conn, api_token};
+
+/// A client of the control plane's observe API.
+pub struct Api {
+    client: reqwest::Client,
+    server: String,
+}
+
+impl Api {
+    pub fn new(conn: &Conn) -> anyhow::Result<Self> {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = api_token(conn)? {
+            headers.insert(reqwest::header::AUTHORIZATION, token);
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .default_headers(headers)
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Self {
+            client,
+            server: conn.server.trim_end_matches('/').to_string(),
+        })
+    }
+
+    pub async fn send(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> anyhow::Result<reqwest::Response> {
+        let rsp = self
+            .client
+            .get(format!("{}{path}", self.server))
+            .query(query)
+            .send()
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach the control plane at {} (set --server or MESH_SERVER)",
+                    self.server
+                )
+            })?;
+        if !rsp.status().is_success() {
+            let status = rsp.status();
+            let body: serde_json::Value = rsp.json().await.unwrap_or_default();
+            let message = body["message"].as_str().unwrap_or("no reason given");
+            bail!("the control plane refused ({status}): {message}");
+        }
+        Ok(rsp)
+    }
+
+    pub async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> anyhow::Result<T> {
+        self.send(path, query)
+            .await?
+            .json()
+            .await
+            .with_context(|| format!("reading the control plane's answer to {path}"))
+    }
+}

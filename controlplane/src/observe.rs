@@ -1,0 +1,282 @@
+//! What the mesh is doing, served on the resource API (behind its token) for `mesh stat|routes|
+//! edges|tap|top` and the dashboard: the control plane scrapes every registered proxy's
+//! `/metrics` into a bounded window ([`mesh_observe::window`]) and answers from it, and relays
+//! tap streams from the proxies of a workload, presenting the resource API's token to them (each
+//! proxy refuses a tap without it; see `MESH_PROXY_TAP_TOKEN_FILE`).
+//!
+//! | method | path | answers |
+//! |---|---|---|
+//! | GET | `/v1/observe/stat/<workloads\|services\|routes>?namespace=&name=&window=1m` | `[StatRow]` |
+//! | GET | `/v1/observe/routes?service=&namespace=&window=` | `[RouteRow]` |
+//! | GET | `/v1/observe/edges?namespace=&window=` | `[EdgeRow]` |
+//! | GET | `/v1/observe/tap?workload=&namespace=&path=&method=&authority=&max=` | NDJSON, one request per line |
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use mesh_core::proxy_api::ScrapeTarget;
+use mesh_observe::MetricsView;
+use mesh_observe::scrape::{Embedded, SharedWindow};
+use mesh_observe::window::{Target, Window, WindowConfig};
+use mesh_observe::{Query, Resource};
+
+use crate::http::{
+    Body, json_response, ndjson_response, percent_decode, query_param, status_error,
+};
+use crate::proxy::Shared;
+
+/// Where the observe API lives on the resource API listener.
+pub const PREFIX: &str = "/v1/observe/";
+
+/// The metrics window and what feeds it.
+#[derive(Clone, Debug)]
+pub struct Observe {
+    window: SharedWindow,
+}
+
+impl Default for Observe {
+    fn default() -> Self {
+        Self {
+            window: Arc::new(Mutex::new(Window::new(WindowConfig::default()))),
+        }
+    }
+}
+
+/// A label of a scrape target, from the service discovery listing.
+fn meta<'a>(t: &'a ScrapeTarget, name: &str) -> Option<&'a str> {
+    t.labels
+        .get(&format!("__meta_mesh_{name}"))
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+/// The proxies to scrape, as the window names them: the workload is the registration's
+/// deployment (`web` for a canary arm, `web-primary`), else its `workload` label, else its service.
+pub fn targets(shared: &Shared) -> Vec<Target> {
+    shared
+        .index()
+        .scrape_targets()
+        .iter()
+        .filter_map(|t| {
+            let admin = t.targets.first()?.clone();
+            let service = meta(t, "service").unwrap_or_default().to_string();
+            let workload = meta(t, "deployment")
+                .or_else(|| meta(t, "label_workload"))
+                .unwrap_or(&service)
+                .to_string();
+            Some(Target {
+                admin,
+                workload,
+                namespace: meta(t, "namespace").unwrap_or("default").to_string(),
+                service,
+                identity: meta(t, "identity").map(str::to_string),
+            })
+        })
+        .collect()
+}
+
+impl Observe {
+    /// Scrapes the proxies registered in `shared` every `interval`, forever (never when
+    /// `interval` is zero).
+    pub fn spawn_scraper(&self, shared: Arc<Shared>, interval: Duration) {
+        if interval.is_zero() {
+            return;
+        }
+        let window = Arc::clone(&self.window);
+        tokio::spawn(mesh_observe::scrape::run(
+            window,
+            move || targets(&shared),
+            interval,
+        ));
+    }
+
+    /// Answers a request under [`PREFIX`]; `authorization` is what the proxies' taps accept.
+    pub async fn handle<B>(
+        &self,
+        shared: &Shared,
+        authorization: Option<HeaderValue>,
+        req: &Request<B>,
+    ) -> Response<Body> {
+        if req.method() != http::Method::GET {
+            return status_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "the observe API only reads (GET)",
+                None,
+            );
+        }
+        let query = req.uri().query();
+        let rest = req.uri().path().strip_prefix(PREFIX).unwrap_or_default();
+        if rest == "tap" {
+            return tap(shared, authorization, query).await;
+        }
+        let q = match parse_query(query, if rest == "routes" { "service" } else { "name" }) {
+            Ok(q) => q,
+            Err(why) => return bad_request(why),
+        };
+        let view = Embedded(Arc::clone(&self.window));
+        let answer = match rest.split_once('/') {
+            Some(("stat", resource)) => match resource.parse::<Resource>() {
+                Ok(resource) => view
+                    .stat(resource, &q)
+                    .await
+                    .map(|r| json_response(StatusCode::OK, &r)),
+                Err(why) => return bad_request(why),
+            },
+            None if rest == "routes" => view
+                .routes(&q)
+                .await
+                .map(|r| json_response(StatusCode::OK, &r)),
+            None if rest == "edges" => view
+                .edges(&q)
+                .await
+                .map(|r| json_response(StatusCode::OK, &r)),
+            _ => {
+                return status_error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("no observe API at {}", req.uri().path()),
+                    None,
+                );
+            }
+        };
+        answer.unwrap_or_else(|e| {
+            status_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                e.to_string(),
+                None,
+            )
+        })
+    }
+}
+
+fn bad_request(why: String) -> Response<Body> {
+    status_error(StatusCode::BAD_REQUEST, "BadRequest", why, None)
+}
+
+/// `namespace`, the name (under `name_param`) and `window` (`90s`, `5m`; default one minute).
+fn parse_query(query: Option<&str>, name_param: &str) -> Result<Query, String> {
+    let param = |name| {
+        query_param(query, name)
+            .map(percent_decode)
+            .filter(|v| !v.is_empty())
+    };
+    let window_secs = match param("window") {
+        None => mesh_observe::DEFAULT_WINDOW_SECS,
+        Some(w) => mesh_core::duration::parse(&w)
+            .map_err(|e| format!("window={w}: {e}"))?
+            .as_secs()
+            .max(1),
+    };
+    Ok(Query {
+        namespace: param("namespace"),
+        name: param(name_param),
+        window_secs,
+    })
+}
+
+/// Relays the taps of every proxy of `workload=` to the caller, one JSON line per request,
+/// each with the `proxy` and `workload` it came from.
+async fn tap(
+    shared: &Shared,
+    authorization: Option<HeaderValue>,
+    query: Option<&str>,
+) -> Response<Body> {
+    let Some(workload) = query_param(query, "workload").map(percent_decode) else {
+        return bad_request("tap needs workload=<name>".into());
+    };
+    let namespace = query_param(query, "namespace")
+        .map(percent_decode)
+        .unwrap_or_else(|| "default".into());
+    // What the proxies filter by, passed on as given.
+    let forward: Vec<&str> = query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("workload=") && !p.starts_with("namespace="))
+        .collect();
+    let forward = forward.join("&");
+    let proxies: Vec<(String, String)> = shared
+        .index()
+        .scrape_targets()
+        .iter()
+        .filter(|t| meta(t, "namespace").unwrap_or("default") == namespace)
+        .filter(|t| {
+            ["label_workload", "deployment", "service"]
+                .iter()
+                .any(|l| meta(t, l) == Some(workload.as_str()))
+        })
+        .filter_map(|t| {
+            let name = meta(t, "pod")
+                .or(meta(t, "deployment"))
+                .unwrap_or(&workload);
+            Some((t.targets.first()?.clone(), name.to_string()))
+        })
+        .collect();
+    if proxies.is_empty() {
+        return status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("no registered proxy of workload {workload} in namespace {namespace}"),
+            None,
+        );
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
+    let client = mesh_observe::scrape::client_without_timeout();
+    for (admin, pod) in proxies {
+        let mut req = client.get(format!("http://{admin}/tap?{forward}"));
+        if let Some(a) = &authorization {
+            req = req.header(http::header::AUTHORIZATION, a.clone());
+        }
+        let tx = tx.clone();
+        let workload = workload.clone();
+        tokio::spawn(async move {
+            let label = |mut v: serde_json::Value| {
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("proxy".into(), admin.clone().into());
+                    o.insert("workload".into(), workload.clone().into());
+                    o.insert("pod".into(), pod.clone().into());
+                }
+                let mut line = serde_json::to_vec(&v).unwrap_or_default();
+                line.push(b'\n');
+                Bytes::from(line)
+            };
+            let mut rsp = match req.send().await {
+                Ok(rsp) if rsp.status().is_success() => rsp,
+                Ok(rsp) => {
+                    let status = rsp.status().as_u16();
+                    let why = rsp.text().await.unwrap_or_default();
+                    let why = format!("the proxy refused the tap ({status}): {}", why.trim());
+                    let _ = tx.send(label(serde_json::json!({ "error": why }))).await;
+                    return;
+                }
+                Err(e) => {
+                    let why = format!("cannot reach the proxy: {e}");
+                    let _ = tx.send(label(serde_json::json!({ "error": why }))).await;
+                    return;
+                }
+            };
+            let mut buffer = Vec::new();
+            while let Ok(Some(chunk)) = rsp.chunk().await {
+                buffer.extend_from_slice(&chunk);
+                while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buffer.drain(..=end).collect();
+                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                        continue;
+                    };
+                    if tx.send(label(v)).await.is_err() {
+                        // The caller went away: dropping the response closes the proxy's tap.
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    drop(tx);
+    let lines = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|line| (line, rx))
+    });
+    ndjson_response("application/x-ndjson", lines)
+}
