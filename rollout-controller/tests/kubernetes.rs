@@ -1000,7 +1000,12 @@ async fn the_binary_releases_its_lease_on_sigterm() {
         .await
         .expect("the controller did not stop on SIGTERM")
         .unwrap();
-    assert_eq!(exited.code(), Some(0), "log in {}", cluster.kube.dir().display());
+    assert_eq!(
+        exited.code(),
+        Some(0),
+        "log in {}",
+        cluster.kube.dir().display()
+    );
     let api: Api<Lease> = Api::namespaced(client.clone(), NS);
     let spec = api
         .get("mesh-rollout-controller")
