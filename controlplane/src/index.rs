@@ -118,7 +118,7 @@ fn convert(route: &HttpRoute) -> IndexedRoute {
                 .filters
                 .iter()
                 .flatten()
-                .filter_map(convert_filter)
+                .filter_map(|f| convert_filter(f, &namespace))
                 .collect(),
             backends: rule
                 .backend_refs
@@ -188,8 +188,12 @@ fn header_lists<'a>(
 }
 
 /// A rule filter as proxies apply it; `None` for kinds the mesh does not carry (CORS,
-/// extension refs, request mirrors), which docs/gateway-api.md lists.
-fn convert_filter(f: &gateway_api_types::HttpRouteRulesFilters) -> Option<RouteFilter> {
+/// extension refs), which docs/gateway-api.md lists, and for a mirror whose backendRef is not
+/// a Service with a port. `namespace` is the route's, the default for a mirror's backendRef.
+fn convert_filter(
+    f: &gateway_api_types::HttpRouteRulesFilters,
+    namespace: &str,
+) -> Option<RouteFilter> {
     use gateway_api_types::{
         HttpRouteRulesFiltersRequestRedirectPathType as R,
         HttpRouteRulesFiltersRequestRedirectScheme as Scheme,
@@ -238,6 +242,23 @@ fn convert_filter(f: &gateway_api_types::HttpRouteRulesFilters) -> Option<RouteF
                 .and_then(|c| u16::try_from(c).ok())
                 .unwrap_or(302),
         }));
+    }
+    if let Some(m) = &f.request_mirror {
+        let b = &m.backend_ref;
+        if !is_core_service(b.group.as_deref(), b.kind.as_deref(), "Service") {
+            return None;
+        }
+        return Some(RouteFilter::RequestMirror {
+            backend: ServiceRef::new(
+                b.name.clone(),
+                b.namespace.clone().unwrap_or_else(|| namespace.to_string()),
+                port(b.port)?,
+            ),
+            percent: mesh_core::routing::mirror_percent(
+                m.percent,
+                m.fraction.as_ref().map(|f| (f.numerator, f.denominator)),
+            ),
+        });
     }
     if let Some(w) = &f.url_rewrite {
         let path = w.path.as_ref().and_then(|p| match p.r#type {
@@ -1022,6 +1043,51 @@ mod tests {
             }
             other => panic!("unexpected filter {other:?}"),
         }
+    }
+
+    #[test]
+    fn request_mirrors_are_carried_with_their_share() {
+        let mut index = Index::new(0);
+        index.apply_route(&mk_route(
+            "web",
+            "web",
+            json!([{
+                "filters": [
+                    {"type": "RequestMirror", "requestMirror": {
+                        "backendRef": {"name": "shadow", "port": 8080}}},
+                    {"type": "RequestMirror", "requestMirror": {
+                        "backendRef": {"name": "audit", "namespace": "ops", "port": 80},
+                        "percent": 50}},
+                    {"type": "RequestMirror", "requestMirror": {
+                        "backendRef": {"name": "tenth", "port": 80},
+                        "fraction": {"numerator": 1, "denominator": 10}}},
+                    {"type": "RequestMirror", "requestMirror": {
+                        "backendRef": {"name": "no-port"}}},
+                    {"type": "RequestMirror", "requestMirror": {
+                        "backendRef": {"group": "example.org", "kind": "Bucket",
+                                       "name": "b", "port": 80}}}],
+                "backendRefs": [{"name": "web", "port": 80}]
+            }]),
+        ));
+        let rule = &index.route_table(&svc("web.default:80")).unwrap().rules[0];
+        assert_eq!(
+            rule.filters,
+            [
+                RouteFilter::RequestMirror {
+                    backend: svc("shadow.default:8080"),
+                    percent: 100.0
+                },
+                RouteFilter::RequestMirror {
+                    backend: svc("audit.ops:80"),
+                    percent: 50.0
+                },
+                RouteFilter::RequestMirror {
+                    backend: svc("tenth.default:80"),
+                    percent: 10.0
+                },
+            ],
+            "a mirror without a port or of another kind is not carried"
+        );
     }
 
     #[test]

@@ -301,6 +301,23 @@ pub const RETRY_OVERFLOW: Family = Family {
     labels: &ROUTE_LABELS,
 };
 
+/// `outbound_http_route_mirror_requests_total`: copies sent by RequestMirror filters.
+pub const MIRROR_REQUESTS: Family = Family {
+    name: "outbound_http_route_mirror_requests",
+    kind: Kind::Counter,
+    help: "Copies of requests sent to a RequestMirror filter's backend, per route",
+    labels: &ROUTE_LABELS,
+};
+
+/// `outbound_http_route_mirror_skipped_total`: sampled mirrors not sent because the request
+/// has a body (only requests without one are copied).
+pub const MIRROR_SKIPPED: Family = Family {
+    name: "outbound_http_route_mirror_skipped",
+    kind: Kind::Counter,
+    help: "Mirror copies not sent because the request has a body, per route",
+    labels: &ROUTE_LABELS,
+};
+
 /// `tcp_open_total`: opaque TCP connections opened.
 pub const TCP_OPEN: Family = Family {
     name: "tcp_open",
@@ -388,7 +405,7 @@ pub const LISTENER_LIMIT_REACHED: Family = Family {
 /// Every family the proxy exports: golden HTTP metrics, per-route retries, opaque TCP,
 /// inbound authorization, then the listeners' connection cap (the order of the reference table
 /// in docs/proxy.md).
-pub const FAMILIES: [Family; 17] = [
+pub const FAMILIES: [Family; 19] = [
     REQUEST,
     RESPONSE,
     RESPONSE_LATENCY_MS,
@@ -396,6 +413,8 @@ pub const FAMILIES: [Family; 17] = [
     RETRY_SUCCESSES,
     RETRY_LIMIT_EXCEEDED,
     RETRY_OVERFLOW,
+    MIRROR_REQUESTS,
+    MIRROR_SKIPPED,
     TCP_OPEN,
     TCP_CLOSE,
     TCP_READ_BYTES,

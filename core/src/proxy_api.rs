@@ -249,6 +249,15 @@ pub enum RouteFilter {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         path: Option<PathModifier>,
     },
+    /// Gateway API RequestMirror: a copy of a share of the rule's requests goes to another
+    /// service, fire and forget; its answer is discarded and never delays or fails the original.
+    RequestMirror {
+        /// The service the copies go to.
+        backend: ServiceRef,
+        /// Share of requests mirrored, 0-100.
+        #[serde(default = "all_requests")]
+        percent: f64,
+    },
     /// Fault injection for testing resilience: abort and/or delay a share of requests.
     Fault {
         /// Answer this share of requests with a status instead of forwarding them.
@@ -280,6 +289,10 @@ pub struct Redirect {
     /// 301, 302 (the default), 303, 307 or 308.
     #[serde(default = "default_redirect_status")]
     pub status_code: u16,
+}
+
+fn all_requests() -> f64 {
+    100.0
 }
 
 fn default_redirect_status() -> u16 {

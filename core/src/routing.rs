@@ -273,6 +273,31 @@ pub fn redirect_location(
     out
 }
 
+/// The share of requests (0-100) a Gateway API RequestMirror copies: its `percent`, else its
+/// `fraction` (`numerator / denominator`, the denominator 100 when left out), else all. Out of
+/// range values are clamped; a zero denominator mirrors nothing.
+pub fn mirror_percent(percent: Option<i32>, fraction: Option<(i32, Option<i32>)>) -> f64 {
+    let share = match (percent, fraction) {
+        (Some(p), _) => f64::from(p),
+        (None, Some((numerator, denominator))) => {
+            let denominator = denominator.unwrap_or(100);
+            if denominator <= 0 {
+                0.0
+            } else {
+                f64::from(numerator) * 100.0 / f64::from(denominator)
+            }
+        }
+        (None, None) => 100.0,
+    };
+    share.clamp(0.0, 100.0)
+}
+
+/// Whether a request falls in a sampled share: `percent` of 0-100, `roll` uniform in `[0, 1)`.
+/// 0 never samples, 100 always does.
+pub fn sampled(percent: f64, roll: f64) -> bool {
+    roll * 100.0 < percent
+}
+
 /// Picks a backend by weight. `available(i)` says whether backend `i` has ready endpoints; an
 /// unavailable backend counts as weight 0 for this pick. `roll` is uniform in `[0, 1)`. Returns
 /// `None` when no backend has weight and endpoints.
@@ -307,6 +332,44 @@ pub fn pick_backend(
 mod tests {
     use super::*;
     use crate::proxy_api::ServiceRef;
+
+    #[test]
+    fn a_mirror_copies_its_percent_else_its_fraction_else_everything() {
+        assert!((mirror_percent(None, None) - 100.0).abs() < f64::EPSILON);
+        assert!((mirror_percent(Some(50), None) - 50.0).abs() < f64::EPSILON);
+        assert!((mirror_percent(None, Some((1, Some(4)))) - 25.0).abs() < f64::EPSILON);
+        assert!((mirror_percent(None, Some((33, None))) - 33.0).abs() < f64::EPSILON);
+        assert!(mirror_percent(None, Some((1, Some(0)))).abs() < f64::EPSILON);
+        assert!((mirror_percent(Some(250), None) - 100.0).abs() < f64::EPSILON);
+        assert!(mirror_percent(Some(-5), None).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn sampling_takes_the_share_it_is_given() {
+        assert!(!sampled(0.0, 0.0));
+        assert!(sampled(100.0, 0.999_999));
+        let rolls = (0..1000).map(|i| f64::from(i) / 1000.0);
+        assert_eq!(rolls.filter(|r| sampled(50.0, *r)).count(), 500);
+    }
+
+    #[test]
+    fn a_mirror_filter_reads_and_writes_as_the_proxy_api_says() {
+        let json = r#"{"type": "requestMirror", "backend": "shadow.default:8080", "percent": 50}"#;
+        let filter: crate::proxy_api::RouteFilter = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            filter,
+            crate::proxy_api::RouteFilter::RequestMirror {
+                backend: ServiceRef::new("shadow", "default", 8080),
+                percent: 50.0,
+            }
+        );
+        let all: crate::proxy_api::RouteFilter =
+            serde_json::from_str(r#"{"type": "requestMirror", "backend": "shadow.default:8080"}"#)
+                .unwrap();
+        assert!(
+            matches!(all, crate::proxy_api::RouteFilter::RequestMirror { percent, .. } if (percent - 100.0).abs() < f64::EPSILON)
+        );
+    }
 
     fn mk_backend(name: &str, weight: u32) -> WeightedBackend {
         WeightedBackend {

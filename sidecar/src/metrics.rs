@@ -203,6 +203,10 @@ pub struct Metrics {
     pub retry_limit_exceeded: Family<RouteLabels, Counter>,
     /// `outbound_http_route_retry_overflow_total`: retries not sent because the budget was spent.
     pub retry_overflow: Family<RouteLabels, Counter>,
+    /// `outbound_http_route_mirror_requests_total`: mirror copies sent.
+    pub mirror_requests: Family<RouteLabels, Counter>,
+    /// `outbound_http_route_mirror_skipped_total`: mirror copies not sent (the request has a body).
+    pub mirror_skipped: Family<RouteLabels, Counter>,
     /// Opaque TCP connections opened (`tcp_open_total`).
     pub tcp_open: Family<TcpLabels, Counter>,
     /// Opaque TCP connections closed (`tcp_close_total`).
@@ -241,6 +245,8 @@ impl Metrics {
             retry_successes: Family::default(),
             retry_limit_exceeded: Family::default(),
             retry_overflow: Family::default(),
+            mirror_requests: Family::default(),
+            mirror_skipped: Family::default(),
             tcp_open: Family::default(),
             tcp_close: Family::default(),
             tcp_read_bytes: Family::default(),
@@ -308,6 +314,16 @@ impl Metrics {
             registry,
             &contract::RETRY_OVERFLOW,
             m.retry_overflow.clone(),
+        );
+        register(
+            registry,
+            &contract::MIRROR_REQUESTS,
+            m.mirror_requests.clone(),
+        );
+        register(
+            registry,
+            &contract::MIRROR_SKIPPED,
+            m.mirror_skipped.clone(),
         );
         register(
             registry,
@@ -381,6 +397,8 @@ mod tests {
             &m.retry_successes,
             &m.retry_limit_exceeded,
             &m.retry_overflow,
+            &m.mirror_requests,
+            &m.mirror_skipped,
         ] {
             f.get_or_create(&route).inc();
         }

@@ -160,6 +160,21 @@ impl<B: Body> Replayable<B> {
         }
     }
 
+    /// A body with nothing in it, for a request made here (a mirror's copy).
+    pub fn empty() -> Self {
+        Self {
+            shared: Arc::new(Mutex::new(Shared {
+                source: None,
+                chunks: Vec::new(),
+                len: 0,
+                overflow: true,
+                done: true,
+                trailers: None,
+                newest: 0,
+            })),
+        }
+    }
+
     /// The body for the next attempt; `None` after the first when the body cannot be replayed.
     /// Earlier attempts' bodies fail from now on, should their connections still read them.
     pub fn attempt(&self) -> Option<ReplayBody<B>> {
@@ -194,6 +209,13 @@ pub struct ReplayBody<B = Incoming> {
     /// Next recorded chunk to send.
     pos: usize,
     trailers_sent: bool,
+}
+
+impl<B> ReplayBody<B> {
+    /// Whether this is the body of a request's first attempt (not a retry).
+    pub fn is_first_attempt(&self) -> bool {
+        self.id == 1
+    }
 }
 
 impl<B> Body for ReplayBody<B>

@@ -117,7 +117,9 @@ fn on_request<B>(
             );
             None
         }
-        RouteFilter::ResponseHeaderModifier { .. } | RouteFilter::Fault { .. } => None,
+        RouteFilter::ResponseHeaderModifier { .. }
+        | RouteFilter::Fault { .. }
+        | RouteFilter::RequestMirror { .. } => None,
     }
 }
 

@@ -10,6 +10,7 @@
 //! filters    header modifiers, fault delays and aborts                            filters.rs
 //! timeout    the rule's request timeout, over all attempts (504)                  timeout.rs
 //! retry      the rule's retry policy under the route's retry budget              retry.rs
+//!   mirror   RequestMirror copies of a first attempt, fire and forget           mirror.rs
 //!   split    weighted backend pick, per attempt (503 when none can answer)      split.rs
 //!   balance  endpoint pick: P2C over peak-EWMA, failure accrual                  balance.rs
 //!   metrics  golden metrics per attempt, by route and backend                    metrics.rs
@@ -28,6 +29,7 @@ pub mod connection;
 pub mod error;
 pub mod filters;
 pub mod metrics;
+pub mod mirror;
 pub mod retry;
 pub mod route;
 pub mod split;
@@ -57,6 +59,7 @@ use self::client::{Client, MtlsClients, PlainClient};
 use self::error::Error;
 use self::filters::FiltersLayer;
 use self::metrics::MetricsLayer;
+use self::mirror::MirrorLayer;
 use self::retry::{Budgets, RetryLayer};
 use self::route::{RouteLayer, Targeted};
 use self::split::SplitLayer;
@@ -79,7 +82,9 @@ pub struct Settings {
 /// The stack every outbound request goes through, top to bottom, over the client `C`.
 type Stack<C> = route::RouteService<
     filters::Filters<
-        timeout::Timeout<retry::Retry<split::Split<balance::Balance<metrics::Record<C>>>>>,
+        timeout::Timeout<
+            retry::Retry<mirror::Mirror<split::Split<balance::Balance<metrics::Record<C>>>>>,
+        >,
     >,
 >;
 
@@ -371,6 +376,7 @@ fn stack<C>(
             budgets.clone(),
             metrics.clone(),
         ))
+        .layer(MirrorLayer::new(metrics.clone()))
         .layer(SplitLayer::new(balancer.clone()))
         .layer(BalanceLayer::new(balancer.clone()))
         .layer(MetricsLayer::new(metrics.clone()))
@@ -403,6 +409,10 @@ routes:
         timeoutMs: 100
         retry: {statuses: [504], maxRetries: 2}
         backends: [{service: web-primary.default:80, weight: 1}]
+      - name: mirror
+        matches: [{path: {type: PathPrefix, value: /mirror}}]
+        filters: [{type: requestMirror, backend: web-shadow.default:80}]
+        backends: [{service: web-canary.default:80, weight: 1}]
       - name: main
         matches: [{path: {type: PathPrefix, value: /}}]
         retry: {statuses: [503], maxRetries: 1}
@@ -414,12 +424,14 @@ endpoints:
     endpoints: [{addr: "127.0.0.1:9001"}]
   - service: web-canary.default:80
     endpoints: [{addr: "127.0.0.1:9002"}]
+  - service: web-shadow.default:80
+    endpoints: [{addr: "127.0.0.1:9003"}]
 "#;
 
     type Attempt = ToEndpoint<ReplayBody<Full<Bytes>>>;
 
     /// The client at the bottom: the primary's endpoint refuses connections, the canary's
-    /// answers 200, `/slow` hangs. Counts the attempts.
+    /// answers 200, `/slow` and the shadow (a mirror) hang. Counts the attempts.
     fn client(
         attempts: &Arc<Mutex<Vec<String>>>,
     ) -> tower::util::BoxCloneService<Attempt, Response<Body>, Error> {
@@ -427,7 +439,7 @@ endpoints:
         tower::util::BoxCloneService::new(tower::service_fn(move |req: Attempt| {
             attempts.lock().unwrap().push(req.backend.name.clone());
             async move {
-                if req.request.uri().path() == "/slow" {
+                if req.request.uri().path() == "/slow" || req.backend.name == "web-shadow" {
                     tokio::time::sleep(Duration::from_secs(600)).await;
                 }
                 if req.backend.name == "web-primary" {
@@ -539,6 +551,57 @@ endpoints:
         assert!(
             responses[0].contains(r#"status_code="504""#),
             "{responses:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_mirror_gets_a_copy_that_never_holds_up_the_original() {
+        let s = setup();
+        // The shadow never answers; the original is answered by the canary all the same.
+        assert_eq!(s.get("/mirror").await, 200);
+        for _ in 0..100 {
+            if s.attempts.lock().unwrap().len() == 2 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let mut attempts = s.attempts();
+        attempts.sort();
+        assert_eq!(attempts, ["web-canary", "web-shadow"]);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &s.registry).unwrap();
+        assert!(
+            text.contains(
+                r#"outbound_http_route_mirror_requests_total{authority="web.default:80",route="mirror"} 1"#
+            ),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_with_a_body_is_not_mirrored_and_is_counted() {
+        let s = setup();
+        let request = Request::post("http://web.default:80/mirror")
+            .body(Full::new(Bytes::from_static(b"payload")))
+            .unwrap();
+        let req = Targeted {
+            target: Target::from_request(&request).unwrap(),
+            tables: s.tables.clone(),
+            request,
+        };
+        let rsp = s.stack.clone().oneshot(req).await.unwrap();
+        assert_eq!(rsp.status(), 200);
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(s.attempts(), ["web-canary"]);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &s.registry).unwrap();
+        assert!(
+            text.contains(
+                r#"outbound_http_route_mirror_skipped_total{authority="web.default:80",route="mirror"} 1"#
+            ),
+            "{text}"
         );
     }
 
