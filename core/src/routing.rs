@@ -182,6 +182,14 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 }
 
 impl RouteRule {
+    /// The services this rule's RequestMirror filters copy requests to.
+    pub fn mirror_backends(&self) -> impl Iterator<Item = &crate::proxy_api::ServiceRef> {
+        self.filters.iter().filter_map(|f| match f {
+            crate::proxy_api::RouteFilter::RequestMirror { backend, .. } => Some(backend),
+            _ => None,
+        })
+    }
+
     /// The prefix this rule's PathPrefix match matched, which a `ReplacePrefixMatch` replaces.
     /// The control plane sends one match per rule, so there is at most one.
     pub fn matched_prefix(&self) -> Option<&str> {

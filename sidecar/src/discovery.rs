@@ -5,7 +5,7 @@
 //! `mesh_core::proxy_api`). A broken stream keeps the last value it delivered (fail static) and
 //! reconnects with backoff; the first line after a reconnect replaces whatever was held, so a
 //! resync needs no special case. Route tables name backends, and watching a table starts
-//! watches of its backends' endpoints.
+//! watches of its backends' (and its mirrors') endpoints.
 //!
 //! The control plane serves the streams only to clients presenting a workload certificate, so
 //! every stream waits until the proxy holds its first one (its connection then presents it).
@@ -83,6 +83,10 @@ impl Discovery {
                     for rule in &table.rules {
                         for b in &rule.backends {
                             this.watch_endpoints(&b.service);
+                        }
+                        // Mirrors too; a request does not wait for them (see `resolved`).
+                        for m in rule.mirror_backends() {
+                            this.watch_endpoints(m);
                         }
                     }
                 }

@@ -91,7 +91,9 @@ impl Tables {
     }
 
     /// Whether discovery has answered everything a request to `authority` needs: its route table
-    /// (or that it has none) and the endpoints of every backend the table names.
+    /// (or that it has none) and the endpoints of every backend the table names. A mirror's
+    /// endpoints are not waited for: a copy sent before they are known is dropped, and the
+    /// original never waits on a mirror.
     pub fn resolved(&self, authority: &ServiceRef) -> bool {
         match self.routes.get(authority) {
             Some(r) => r
