@@ -134,7 +134,10 @@ async fn start_dashboard(
         namespace: "default".into(),
     })?;
     println!("{}", Listening::new("dashboard", bound));
-    eprintln!("dashboard: {}", dashboard.sign_in_url(bound));
+    eprintln!(
+        "dashboard: {} (a link that signs in once; `mesh dashboard` serves another and prints its own)",
+        dashboard.sign_in_url(bound)?
+    );
     Ok(Some(tokio::spawn(async move {
         if let Err(e) = dashboard.serve(listener).await {
             tracing::error!(error = %e, "the dashboard stopped");

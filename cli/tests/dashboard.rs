@@ -215,9 +215,18 @@ async fn the_dashboard_shows_rollouts_and_aborts_one_in_a_real_browser() {
     let text = browser.js("return document.body.innerText").await;
     assert!(text.as_str().unwrap().contains("Sign in"), "{text}");
 
-    browser
-        .go(&format!("http://{dashboard}/login?token={}", token.trim()))
-        .await;
+    // The user's way in: the link mesh up printed, which carries a one-time code, not the
+    // token, and is spent once used.
+    let log = std::fs::read_to_string(up.child().log()).unwrap();
+    let link = log
+        .lines()
+        .find_map(|l| l.strip_prefix("dashboard: "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("mesh up printed no sign-in link:\n{log}"))
+        .to_string();
+    assert!(!link.contains(token.trim()), "the link carries the token");
+    assert!(link.starts_with(&format!("http://{dashboard}/login?code=")), "{link}");
+    browser.go(&link).await;
     assert_eventually!(
         browser
             .js("return document.querySelector('#workloads tr[data-name=\"frontend-primary\"] td:nth-child(6)')?.innerText || ''")
@@ -227,6 +236,15 @@ async fn the_dashboard_shows_rollouts_and_aborts_one_in_a_real_browser() {
         "the workloads page never showed frontend's traffic"
     );
     browser.screenshot("overview").await;
+    let again = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(&link)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 401, "a spent sign-in link signed in again");
     browser.click("nav a[data-page=graph]").await;
     let graph = browser
         .js("return document.querySelector('#edges').innerText")

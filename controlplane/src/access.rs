@@ -102,8 +102,14 @@ impl ApiToken {
     }
 }
 
+/// A fresh random secret (256 bits, hex) for a credential that stands in for the token where
+/// the token itself must not be shown, such as a one-time sign-in link.
+pub fn fresh_secret() -> Result<String, IdentityError> {
+    crate::identity::random_hex(32)
+}
+
 /// Compares in time independent of where the first difference is.
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -148,7 +148,7 @@ pub(crate) fn load_or_create_secret(path: &Path) -> Result<String, IdentityError
         .to_string())
 }
 
-fn random_hex(bytes: usize) -> Result<String, IdentityError> {
+pub(crate) fn random_hex(bytes: usize) -> Result<String, IdentityError> {
     let mut b = vec![0u8; bytes];
     getrandom::fill(&mut b).map_err(|e| IdentityError::Files {
         path: PathBuf::from("(randomness)"),

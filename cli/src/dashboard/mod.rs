@@ -8,9 +8,11 @@
 //! history the same way. Pages update live from server-sent events; the page, its script and
 //! its styles are compiled into the binary (no CDN).
 //!
-//! Only a holder of the resource API's token may use it: `/login?token=...` (the link `mesh
-//! dashboard` and `mesh up` print) sets it as an HTTP-only cookie, and every other path
-//! refuses a request without it.
+//! Only a holder of the resource API's token may use it. The link `mesh dashboard` and `mesh
+//! up` print carries a one-time sign-in code, never the token (which is never printed or
+//! logged); a script that holds the token may sign in with `/login?token=...` instead. Signing
+//! in sets an HTTP-only cookie naming a session of this dashboard (a random id, not the token),
+//! and every other path refuses a request without one.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,6 +28,8 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use futures_util::Stream;
 use serde_json::{Value, json};
+
+use mesh_controlplane::access::same;
 
 use crate::backend::{Backend, Conn, Where};
 use crate::observe_api::Api;
@@ -49,6 +53,10 @@ struct Inner {
     at: Where,
     api: Api,
     secret: String,
+    /// Sign-in codes printed and not used yet; each works once.
+    codes: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The sessions signed in (cookie values).
+    sessions: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Dashboard {
@@ -81,13 +89,37 @@ impl Dashboard {
             },
         };
         Ok(Self {
-            inner: Arc::new(Inner { at, api, secret }),
+            inner: Arc::new(Inner {
+                at,
+                api,
+                secret,
+                codes: std::sync::Mutex::default(),
+                sessions: std::sync::Mutex::default(),
+            }),
         })
     }
 
-    /// The link that signs a browser in, for a dashboard listening on `addr`.
-    pub fn sign_in_url(&self, addr: SocketAddr) -> String {
-        format!("http://{addr}/login?token={}", self.inner.secret)
+    /// A link that signs one browser in, for a dashboard listening on `addr`: it carries a
+    /// fresh one-time code, so the printed link is spent once used and never holds the token.
+    pub fn sign_in_url(&self, addr: SocketAddr) -> anyhow::Result<String> {
+        let code = mesh_controlplane::access::fresh_secret().context("a sign-in code")?;
+        self.inner
+            .codes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(code.clone());
+        Ok(format!("http://{addr}/login?code={code}"))
+    }
+
+    /// Starts a session; its id is the cookie's value.
+    fn open_session(&self) -> anyhow::Result<String> {
+        let id = mesh_controlplane::access::fresh_secret().context("a session id")?;
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.clone());
+        Ok(id)
     }
 
     /// Serves the dashboard on `listener` until the task is dropped.
@@ -111,21 +143,25 @@ impl Dashboard {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
             .filter_map(|c| c.trim().split_once('='))
-            .any(|(k, v)| k == COOKIE && same(v.as_bytes(), self.inner.secret.as_bytes()))
+            .any(|(k, v)| {
+                k == COOKIE
+                    && self
+                        .inner
+                        .sessions
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .iter()
+                        .any(|s| same(v.as_bytes(), s.as_bytes()))
+            })
     }
-}
-
-/// Compares without stopping at the first difference.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn refused() -> Response {
     (
         StatusCode::UNAUTHORIZED,
         Html(
-            "<h1>Sign in</h1><p>Open the link <code>mesh dashboard</code> (or <code>mesh up</code>) \
-             printed; it carries the control plane's token.</p>",
+            "<h1>Sign in</h1><p>Open a sign-in link: <code>mesh dashboard</code> (or <code>mesh up</code>) \
+             prints one, and each works once.</p>",
         ),
     )
         .into_response()
@@ -133,17 +169,30 @@ fn refused() -> Response {
 
 #[derive(serde::Deserialize)]
 struct Login {
-    token: String,
+    /// A one-time code from a printed link.
+    code: Option<String>,
+    /// The resource API's token itself, for a caller that holds it.
+    token: Option<String>,
 }
 
 async fn login(State(d): State<Dashboard>, Query(q): Query<Login>) -> Response {
-    if !same(q.token.trim().as_bytes(), d.inner.secret.as_bytes()) {
+    let by_code = q.code.is_some_and(|code| {
+        d.inner
+            .codes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(code.trim())
+    });
+    let by_token = q
+        .token
+        .is_some_and(|t| same(t.trim().as_bytes(), d.inner.secret.as_bytes()));
+    if !by_code && !by_token {
         return refused();
     }
-    let cookie = format!(
-        "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/",
-        d.inner.secret
-    );
+    let Ok(session) = d.open_session() else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "no randomness for a session").into_response();
+    };
+    let cookie = format!("{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/");
     let mut rsp = Redirect::to("/").into_response();
     if let Ok(v) = cookie.parse() {
         rsp.headers_mut().insert(header::SET_COOKIE, v);
@@ -301,7 +350,7 @@ pub async fn standalone(addr: SocketAddr, conn: Conn) -> anyhow::Result<()> {
     let bound = listener.local_addr()?;
     let dashboard = Dashboard::new(conn)?;
     println!("{}", mesh_core::Listening::new("dashboard", bound));
-    println!("mesh dashboard: {}", dashboard.sign_in_url(bound));
+    println!("mesh dashboard: {}", dashboard.sign_in_url(bound)?);
     tokio::select! {
         r = dashboard.serve(listener) => r,
         _ = tokio::signal::ctrl_c() => Ok(()),
