@@ -73,11 +73,9 @@ const FEATURES: &[&str] = &[
     "HTTPRoute303RedirectStatusCode",
     "HTTPRoute307RedirectStatusCode",
     "HTTPRoute308RedirectStatusCode",
-    // RequestMirror: one or several mirrors per rule, each with a percent or fraction. This
-    // release of the suite tests them only through a Gateway, which no mesh profile runs.
-    "HTTPRouteRequestMirror",
-    "HTTPRouteRequestMultipleMirrors",
-    "HTTPRouteRequestPercentageMirror",
+    // Not RequestMirror (HTTPRouteRequestMirror, ...MultipleMirrors, ...PercentageMirror):
+    // the proxy copies only requests without a body so far, which is less than the filter
+    // means (docs/gateway-api.md).
 ];
 
 /// The core features of both profiles: the bounded run claims only these.

@@ -225,7 +225,10 @@ async fn the_dashboard_shows_rollouts_and_aborts_one_in_a_real_browser() {
         .unwrap_or_else(|| panic!("mesh up printed no sign-in link:\n{log}"))
         .to_string();
     assert!(!link.contains(token.trim()), "the link carries the token");
-    assert!(link.starts_with(&format!("http://{dashboard}/login?code=")), "{link}");
+    assert!(
+        link.starts_with(&format!("http://{dashboard}/login?code=")),
+        "{link}"
+    );
     browser.go(&link).await;
     assert_eventually!(
         browser

@@ -190,7 +190,11 @@ async fn login(State(d): State<Dashboard>, Query(q): Query<Login>) -> Response {
         return refused();
     }
     let Ok(session) = d.open_session() else {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "no randomness for a session").into_response();
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no randomness for a session",
+        )
+            .into_response();
     };
     let cookie = format!("{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/");
     let mut rsp = Redirect::to("/").into_response();
