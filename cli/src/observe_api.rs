@@ -2,11 +2,9 @@
 //! token: what `mesh stat|routes|edges|tap|top` and the dashboard ask through. It sits below
 //! both.
 
-use std::time::Duration;
-
 use anyhow::{Context, bail};
 
-use crate::backend::{Conn, api_token};
+use crate::backend::{Conn, api_client};
 
 /// A client of the control plane's observe API.
 pub struct Api {
@@ -16,18 +14,8 @@ pub struct Api {
 
 impl Api {
     pub fn new(conn: &Conn) -> anyhow::Result<Self> {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(token) = api_token(conn)? {
-            headers.insert(reqwest::header::AUTHORIZATION, token);
-        }
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .default_headers(headers)
-            .build()
-            .context("building the HTTP client")?;
         Ok(Self {
-            client,
+            client: api_client(conn)?,
             server: conn.server.trim_end_matches('/').to_string(),
         })
     }

@@ -282,6 +282,16 @@ fn convert_filter(
 /// A GRPCRoute as the same rules an HTTPRoute makes: gRPC calls are HTTP/2 POSTs to
 /// `/<service>/<method>`, so a method match is a path match (exact for a service and method,
 /// a prefix for a service alone, a regular expression otherwise) and header matches carry over.
+/// A route's key in the index: its namespace and name.
+fn route_key(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
 fn convert_grpc(route: &GrpcRoute) -> IndexedRoute {
     use gateway_api::apis::standard::grpcroutes::{
         GrpcRouteRulesMatchesHeadersType as H, GrpcRouteRulesMatchesMethodType as M,
@@ -507,21 +517,15 @@ impl Index {
 
     /// Adds or replaces an HTTPRoute.
     pub fn apply_route(&mut self, route: &HttpRoute) {
-        let key = (
-            route.metadata.namespace.clone().unwrap_or_default(),
-            route.metadata.name.clone().unwrap_or_default(),
-        );
-        self.routes.insert(key, convert(route));
+        self.routes
+            .insert(route_key(&route.metadata), convert(route));
         self.publish();
     }
 
     /// Adds or replaces a GRPCRoute.
     pub fn apply_grpc_route(&mut self, route: &GrpcRoute) {
-        let key = (
-            route.metadata.namespace.clone().unwrap_or_default(),
-            route.metadata.name.clone().unwrap_or_default(),
-        );
-        self.grpc_routes.insert(key, convert_grpc(route));
+        self.grpc_routes
+            .insert(route_key(&route.metadata), convert_grpc(route));
         self.publish();
     }
 
@@ -540,15 +544,7 @@ impl Index {
     pub fn reset_grpc_routes(&mut self, routes: &[GrpcRoute]) {
         self.grpc_routes = routes
             .iter()
-            .map(|r| {
-                (
-                    (
-                        r.metadata.namespace.clone().unwrap_or_default(),
-                        r.metadata.name.clone().unwrap_or_default(),
-                    ),
-                    convert_grpc(r),
-                )
-            })
+            .map(|r| (route_key(&r.metadata), convert_grpc(r)))
             .collect();
         self.publish();
     }
@@ -568,15 +564,7 @@ impl Index {
     pub fn reset_routes(&mut self, routes: &[HttpRoute]) {
         self.routes = routes
             .iter()
-            .map(|r| {
-                (
-                    (
-                        r.metadata.namespace.clone().unwrap_or_default(),
-                        r.metadata.name.clone().unwrap_or_default(),
-                    ),
-                    convert(r),
-                )
-            })
+            .map(|r| (route_key(&r.metadata), convert(r)))
             .collect();
         self.publish();
     }

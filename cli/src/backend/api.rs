@@ -28,19 +28,8 @@ pub struct ResourceApi {
 impl ResourceApi {
     /// A client of the API at `conn.server`.
     pub fn new(conn: &Conn) -> anyhow::Result<Self> {
-        // One crypto stack in the workspace: rustls with aws-lc-rs, installed before the first client.
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(token) = token(conn)? {
-            headers.insert(reqwest::header::AUTHORIZATION, token);
-        }
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .default_headers(headers)
-            .build()
-            .context("building the HTTP client")?;
         Ok(Self {
-            client,
+            client: client(conn)?,
             server: conn.server.trim_end_matches('/').to_string(),
             namespace: conn.namespace.clone(),
         })
@@ -199,6 +188,22 @@ async fn body_of(resp: reqwest::Response) -> anyhow::Result<Value> {
 /// The `Authorization` value for the control plane at `conn.server`: from `--token-file` /
 /// `MESH_TOKEN_FILE` (which must be readable), else from the file the control plane left a
 /// pointer to; `None` when there is neither, and the API will answer 401 saying what it needs.
+/// An HTTP client of the control plane at `conn.server` that presents its token on every
+/// request (the resource API's and the observe API's clients).
+pub fn client(conn: &Conn) -> anyhow::Result<reqwest::Client> {
+    // One crypto stack in the workspace: rustls with aws-lc-rs, installed before the first client.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token(conn)? {
+        headers.insert(reqwest::header::AUTHORIZATION, token);
+    }
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .default_headers(headers)
+        .build()
+        .context("building the HTTP client")
+}
+
 pub fn token(conn: &Conn) -> anyhow::Result<Option<reqwest::header::HeaderValue>> {
     let (path, explicit) = match &conn.token_file {
         Some(path) => (path.clone(), true),

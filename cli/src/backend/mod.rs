@@ -13,7 +13,7 @@ mod api;
 mod cluster;
 mod common;
 
-pub use api::token as api_token;
+pub use api::client as api_client;
 pub use common::{Applied, ApplyError, Conn, Refused};
 use mesh_crds::{Canary, validate::ResourceKind};
 use serde_json::Value;
