@@ -197,6 +197,24 @@ fn apply(server: &str, file: &std::path::Path) {
     );
 }
 
+/// Whether `mesh stat deploy` shows frontend's primary carrying traffic.
+fn frontend_has_traffic(server: &str) -> bool {
+    let out = Command::new(workspace_bin("mesh").unwrap())
+        .args(["stat", "deploy", "-o", "json"])
+        .env("MESH_SERVER", server)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|rows| {
+        rows.as_array().is_some_and(|rows| {
+            rows.iter().any(|r| {
+                r["name"] == "frontend-primary"
+                    && r["golden"]["rps"].as_f64().unwrap_or_default() > 0.0
+            })
+        })
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_dashboard_shows_rollouts_and_aborts_one_in_a_real_browser() {
     let Some(browser) = Browser::start().await else {
@@ -228,6 +246,12 @@ async fn the_dashboard_shows_rollouts_and_aborts_one_in_a_real_browser() {
     assert!(
         link.starts_with(&format!("http://{dashboard}/login?code=")),
         "{link}"
+    );
+    // First the mesh itself: the control plane's window shows frontend's traffic (a cold,
+    // busy machine takes a while to start the workloads and scrape them twice); then the page.
+    assert_eventually!(
+        frontend_has_traffic(&server),
+        "the control plane never saw frontend's traffic"
     );
     browser.go(&link).await;
     assert_eventually!(
