@@ -241,6 +241,17 @@ impl Node {
                 "--bind-address=127.0.0.1".into(),
             ]);
         })?;
+        // The kubelet exits at once when the runtime's socket is not there yet (a busy machine
+        // can take seconds to start containerd), so it starts only once containerd listens.
+        {
+            let socket = dir.join("containerd.sock");
+            let mut components = std::mem::take(&mut node.components);
+            let waited = wait(&mut components, &dir, "containerd's socket", || {
+                Ok(socket.exists())
+            });
+            node.components = components;
+            waited?;
+        }
         node.spawn("kubelet", &logs, |c| {
             c.arg(&bins.kubelet).args([
                 format!("--config={}", configs.kubelet.display()),
