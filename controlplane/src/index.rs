@@ -187,6 +187,33 @@ fn header_lists<'a>(
     )
 }
 
+/// A RequestMirror filter's backendRef, of an HTTPRoute or a GRPCRoute.
+#[derive(Clone, Copy)]
+struct MirrorRef<'a> {
+    group: Option<&'a str>,
+    kind: Option<&'a str>,
+    name: &'a str,
+    /// The backendRef's namespace, else the route's.
+    namespace: &'a str,
+    port: Option<i32>,
+}
+
+/// A RequestMirror filter as proxies apply it; `None` when its backendRef is not a Service with
+/// a port.
+fn mirror_filter(
+    backend: MirrorRef<'_>,
+    percent: Option<i32>,
+    fraction: Option<(i32, Option<i32>)>,
+) -> Option<RouteFilter> {
+    if !is_core_service(backend.group, backend.kind, "Service") {
+        return None;
+    }
+    Some(RouteFilter::RequestMirror {
+        backend: ServiceRef::new(backend.name, backend.namespace, port(backend.port)?),
+        percent: mesh_core::routing::mirror_percent(percent, fraction),
+    })
+}
+
 /// A rule filter as proxies apply it; `None` for kinds the mesh does not carry (CORS,
 /// extension refs), which docs/gateway-api.md lists, and for a mirror whose backendRef is not
 /// a Service with a port. `namespace` is the route's, the default for a mirror's backendRef.
@@ -245,20 +272,17 @@ fn convert_filter(
     }
     if let Some(m) = &f.request_mirror {
         let b = &m.backend_ref;
-        if !is_core_service(b.group.as_deref(), b.kind.as_deref(), "Service") {
-            return None;
-        }
-        return Some(RouteFilter::RequestMirror {
-            backend: ServiceRef::new(
-                b.name.clone(),
-                b.namespace.clone().unwrap_or_else(|| namespace.to_string()),
-                port(b.port)?,
-            ),
-            percent: mesh_core::routing::mirror_percent(
-                m.percent,
-                m.fraction.as_ref().map(|f| (f.numerator, f.denominator)),
-            ),
-        });
+        return mirror_filter(
+            MirrorRef {
+                group: b.group.as_deref(),
+                kind: b.kind.as_deref(),
+                name: &b.name,
+                namespace: b.namespace.as_deref().unwrap_or(namespace),
+                port: b.port,
+            },
+            m.percent,
+            m.fraction.as_ref().map(|f| (f.numerator, f.denominator)),
+        );
     }
     if let Some(w) = &f.url_rewrite {
         let path = w.path.as_ref().and_then(|p| match p.r#type {
@@ -367,6 +391,20 @@ fn convert_grpc(route: &GrpcRoute) -> IndexedRoute {
                             m.remove.as_ref(),
                         );
                         return Some(RouteFilter::RequestHeaderModifier { set, add, remove });
+                    }
+                    if let Some(m) = &f.request_mirror {
+                        let b = &m.backend_ref;
+                        return mirror_filter(
+                            MirrorRef {
+                                group: b.group.as_deref(),
+                                kind: b.kind.as_deref(),
+                                name: &b.name,
+                                namespace: b.namespace.as_deref().unwrap_or(namespace.as_str()),
+                                port: b.port,
+                            },
+                            m.percent,
+                            m.fraction.as_ref().map(|f| (f.numerator, f.denominator)),
+                        );
                     }
                     let m = f.response_header_modifier.as_ref()?;
                     let (set, add, remove) = header_lists(
@@ -1257,6 +1295,50 @@ mod tests {
         );
         index.delete_grpc_route("default", "grpc");
         assert!(index.route_table(&svc("echo.default:7070")).is_none());
+    }
+
+    #[test]
+    fn grpc_route_mirrors_are_carried_with_their_share() {
+        let mut index = Index::new(0);
+        let route: GrpcRoute = serde_json::from_value(json!({
+            "metadata": {"name": "grpc", "namespace": "default"},
+            "spec": {
+                "parentRefs": [{"name": "echo", "kind": "Service", "group": "", "port": 7070}],
+                "rules": [{
+                    "filters": [
+                        {"type": "RequestMirror", "requestMirror": {
+                            "backendRef": {"name": "shadow", "port": 7070}, "percent": 25}},
+                        {"type": "RequestMirror", "requestMirror": {
+                            "backendRef": {"name": "other", "namespace": "audit", "port": 9000},
+                            "fraction": {"numerator": 1, "denominator": 3}}},
+                        {"type": "RequestMirror", "requestMirror": {
+                            "backendRef": {"name": "no-port"}}}
+                    ],
+                    "backendRefs": [{"name": "echo-v1", "port": 7070}]
+                }]
+            }
+        }))
+        .unwrap();
+        index.apply_grpc_route(&route);
+        let table = index.route_table(&svc("echo.default:7070")).unwrap();
+        let mirrors: Vec<(String, String)> = table.rules[0]
+            .filters
+            .iter()
+            .filter_map(|f| match f {
+                RouteFilter::RequestMirror { backend, percent } => {
+                    Some((backend.to_string(), format!("{percent:.2}")))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            mirrors,
+            [
+                ("shadow.default:7070".to_string(), "25.00".to_string()),
+                ("other.audit:9000".to_string(), "33.33".to_string()),
+            ],
+            "a mirror without a port is not carried"
+        );
     }
 
     #[test]

@@ -309,12 +309,12 @@ pub const MIRROR_REQUESTS: Family = Family {
     labels: &ROUTE_LABELS,
 };
 
-/// `outbound_http_route_mirror_skipped_total`: sampled mirrors not sent because the request
-/// has a body (only requests without one are copied).
+/// `outbound_http_route_mirror_skipped_total`: sampled mirror copies given up before they were
+/// sent whole (the copy fell too far behind its original's body; see the sidecar's `tee`).
 pub const MIRROR_SKIPPED: Family = Family {
     name: "outbound_http_route_mirror_skipped",
     kind: Kind::Counter,
-    help: "Mirror copies not sent because the request has a body, per route",
+    help: "Mirror copies given up because they fell too far behind the original request's body, per route",
     labels: &ROUTE_LABELS,
 };
 

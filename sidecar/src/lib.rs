@@ -42,5 +42,6 @@ pub mod retry;
 pub mod runtime;
 pub mod tables;
 pub mod tap;
+pub mod tee;
 pub mod tls;
 pub mod tunnel;

@@ -205,7 +205,7 @@ pub struct Metrics {
     pub retry_overflow: Family<RouteLabels, Counter>,
     /// `outbound_http_route_mirror_requests_total`: mirror copies sent.
     pub mirror_requests: Family<RouteLabels, Counter>,
-    /// `outbound_http_route_mirror_skipped_total`: mirror copies not sent (the request has a body).
+    /// `outbound_http_route_mirror_skipped_total`: mirror copies given up (they fell behind).
     pub mirror_skipped: Family<RouteLabels, Counter>,
     /// Opaque TCP connections opened (`tcp_open_total`).
     pub tcp_open: Family<TcpLabels, Counter>,

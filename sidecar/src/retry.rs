@@ -20,6 +20,9 @@ use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use mesh_core::proxy_api::RetryBudget;
+use prometheus_client::metrics::counter::Counter;
+
+use crate::tee::{Tap, TeeBody};
 
 /// Largest request body kept in memory so the request can be retried.
 pub const MAX_REPLAY_BODY: usize = 64 * 1024;
@@ -128,6 +131,10 @@ struct Shared<B> {
     trailers: Option<HeaderMap>,
     /// The id of the newest attempt's body; only it may read on from the source.
     newest: u64,
+    /// Anything has been read from the source.
+    read: bool,
+    /// Mirror copies, offered each frame as it is read from the source.
+    taps: Vec<Tap>,
 }
 
 /// A request body that can be sent more than once, for retries.
@@ -156,6 +163,8 @@ impl<B: Body> Replayable<B> {
                 done,
                 trailers: None,
                 newest: 0,
+                read: false,
+                taps: Vec::new(),
             })),
         }
     }
@@ -171,6 +180,8 @@ impl<B: Body> Replayable<B> {
                 done: true,
                 trailers: None,
                 newest: 0,
+                read: false,
+                taps: Vec::new(),
             })),
         }
     }
@@ -183,12 +194,12 @@ impl<B: Body> Replayable<B> {
             return None;
         }
         s.newest += 1;
-        Some(ReplayBody {
+        Some(ReplayBody(Inner::Attempt(Attempt {
             shared: self.shared.clone(),
             id: s.newest,
             pos: 0,
             trailers_sent: false,
-        })
+        })))
     }
 
     /// Whether another attempt could carry the whole body.
@@ -201,9 +212,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// One attempt's view of a [`Replayable`] body.
+/// One attempt's view of a [`Replayable`] body, or a mirror's copy of one (see [`Self::tee`]).
 #[derive(Debug)]
-pub struct ReplayBody<B = Incoming> {
+pub struct ReplayBody<B = Incoming>(Inner<B>);
+
+#[derive(Debug)]
+enum Inner<B> {
+    Attempt(Attempt<B>),
+    Copy(TeeBody),
+}
+
+#[derive(Debug)]
+struct Attempt<B> {
     shared: Arc<Mutex<Shared<B>>>,
     id: u64,
     /// Next recorded chunk to send.
@@ -211,10 +231,32 @@ pub struct ReplayBody<B = Incoming> {
     trailers_sent: bool,
 }
 
-impl<B> ReplayBody<B> {
-    /// Whether this is the body of a request's first attempt (not a retry).
+impl<B: Body> ReplayBody<B> {
+    /// Whether this is the body of a request's first attempt (not a retry, nor a copy).
     pub fn is_first_attempt(&self) -> bool {
-        self.id == 1
+        matches!(&self.0, Inner::Attempt(a) if a.id == 1)
+    }
+
+    /// A copy of this body for a mirror, fed every frame the attempts read from the source
+    /// (see [`crate::tee`]); it may fall `limit` bytes behind before it is given up, counted in
+    /// `fell_behind`. `None` once any of the body has been read (the copy would miss its start)
+    /// and for a copy.
+    pub fn tee(&self, limit: usize, fell_behind: Counter) -> Option<Self> {
+        let Inner::Attempt(attempt) = &self.0 else {
+            return None;
+        };
+        let mut s = lock(&attempt.shared);
+        if s.read {
+            return None;
+        }
+        let hint = s.source.as_ref().map(Body::size_hint).unwrap_or_default();
+        let (tap, body) = crate::tee::tee(limit, fell_behind, hint);
+        if s.done {
+            tap.finish();
+        } else {
+            s.taps.push(tap);
+        }
+        Some(Self(Inner::Copy(body)))
     }
 }
 
@@ -230,7 +272,34 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
+        match &mut self.0 {
+            Inner::Attempt(attempt) => attempt.poll_frame(cx),
+            Inner::Copy(copy) => Pin::new(copy).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Inner::Attempt(attempt) => attempt.is_end_stream(),
+            Inner::Copy(copy) => copy.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Inner::Attempt(attempt) => attempt.size_hint(),
+            Inner::Copy(copy) => copy.size_hint(),
+        }
+    }
+}
+
+impl<B> Attempt<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self;
         let mut guard = lock(&this.shared);
         let s = &mut *guard;
         if this.id != s.newest {
@@ -256,15 +325,26 @@ where
                 s.done = true;
                 s.source = None;
                 this.trailers_sent = true;
+                for tap in s.taps.drain(..) {
+                    tap.finish();
+                }
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(e))) => {
-                // A body that broke cannot be sent again whole.
+                // A body that broke cannot be sent again whole; nor can its copies.
                 s.overflow = true;
+                s.taps.clear();
                 return Poll::Ready(Some(Err(e.into())));
             }
             Poll::Ready(Some(Ok(frame))) => frame,
         };
+        s.read = true;
+        if !s.taps.is_empty() {
+            for tap in &s.taps {
+                tap.offer(&frame);
+            }
+            s.taps.retain(|tap| !tap.is_closed());
+        }
         let frame = match frame.into_data() {
             Ok(data) => {
                 if !s.overflow {
@@ -287,6 +367,9 @@ where
                     s.done = true;
                     s.source = None;
                     this.trailers_sent = true;
+                    for tap in s.taps.drain(..) {
+                        tap.finish();
+                    }
                     Frame::trailers(trailers)
                 }
                 Err(other) => other,

@@ -1,6 +1,7 @@
 //! HTTPRoute RequestMirror through a real proxy: the mirror's service gets a copy of each
-//! sampled request (method, path and headers), the client gets the primary's answer, and a
-//! mirror that is down or never answers neither fails nor holds up the original.
+//! sampled request (method, path, headers and body), the client gets the primary's answer, and
+//! a mirror that is down, never answers or stops reading neither fails nor holds up the
+//! original.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
@@ -9,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -24,6 +25,7 @@ struct Copy {
     method: String,
     path: String,
     headers: http::HeaderMap,
+    body: Bytes,
 }
 
 /// A mirror backend that records what it gets; while `hold` is set it answers nothing until
@@ -50,10 +52,17 @@ async fn shadow(hold: bool) -> Shadow {
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let (seen, release) = (seen.clone(), release.clone());
                     async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
                         seen.lock().unwrap().push(Copy {
-                            method: req.method().to_string(),
-                            path: req.uri().path().to_string(),
-                            headers: req.headers().clone(),
+                            method: parts.method.to_string(),
+                            path: parts.uri.path().to_string(),
+                            headers: parts.headers,
+                            body,
                         });
                         if hold {
                             release.notified().await;
@@ -155,7 +164,7 @@ async fn the_mirror_gets_a_copy_while_the_client_gets_the_primarys_answer() {
     assert_eventually!(mirror.seen().len() == 6, "mirror saw {:?}", mirror.seen());
     mirror.release.notify_waiters();
 
-    // A request with a body goes to the primary only, and the skipped copy is counted.
+    // A request with a body: the copy carries it, with its length.
     let rsp = client
         .post("http://web.default:80/upload")
         .body("payload")
@@ -163,13 +172,96 @@ async fn the_mirror_gets_a_copy_while_the_client_gets_the_primarys_answer() {
         .await
         .unwrap();
     assert_eq!(rsp.text().await.unwrap(), "v1");
+    assert_eventually!(mirror.seen().len() == 7, "mirror saw {:?}", mirror.seen());
+    let copy = mirror
+        .seen()
+        .into_iter()
+        .find(|c| c.method == "POST")
+        .unwrap();
+    assert_eq!(copy.path, "/upload");
+    assert_eq!(copy.body, "payload");
+    assert_eq!(copy.headers["content-length"], "7");
     let skipped = p
         .metric_sum(
             "outbound_http_route_mirror_skipped_total",
             &[r#"route="all""#],
         )
         .await;
-    assert!((skipped - 1.0).abs() < f64::EPSILON, "skipped {skipped}");
+    assert!(skipped.abs() < f64::EPSILON, "skipped {skipped}");
+}
+
+/// A server that reads each request's body to the end and answers its length.
+async fn sink() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let len = req.into_body().collect().await.unwrap().to_bytes().len();
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(len.to_string()))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A server that accepts connections and never reads from them.
+async fn deaf() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn a_large_body_streams_to_the_primary_while_a_mirror_that_stops_reading_is_given_up() {
+    let primary = sink().await;
+    let (mirror, _held) = deaf().await;
+    let down = closed_port().await;
+    let p = proxy()
+        .outbound(config(primary, mirror, down))
+        .run()
+        .unwrap();
+    let client = p.client_with_timeout(Duration::from_secs(120));
+    // 64 MiB, more than the kernel's buffers on both of the mirror's sockets can hold: the
+    // copy falls behind, and the original must not wait for it.
+    const LEN: usize = 64 * 1024 * 1024;
+    let rsp = client
+        .post("http://web.default:80/big")
+        .body(vec![b'x'; LEN])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 200);
+    assert_eq!(
+        rsp.text().await.unwrap(),
+        LEN.to_string(),
+        "the primary read the whole body"
+    );
+    let sent = p
+        .metric_sum(
+            "outbound_http_route_mirror_requests_total",
+            &[r#"route="all""#],
+        )
+        .await;
+    let skipped = p
+        .metric_sum(
+            "outbound_http_route_mirror_skipped_total",
+            &[r#"route="all""#],
+        )
+        .await;
+    assert!((sent - 1.0).abs() < f64::EPSILON, "sent {sent}");
+    assert!((skipped - 1.0).abs() < f64::EPSILON, "given up {skipped}");
 }
 
 #[tokio::test]

@@ -458,7 +458,7 @@ fn a_meshed_service_is_reached_by_name_over_mtls() {
     // 1. No proxy settings: the app dials the address the name stands for, here the address
     // the workload registered (what a headless Service's DNS answers in a cluster; the
     // control plane knows it as an endpoint of web.default:80). The rules redirect the
-    // connection, and the proxy routes it as the service over mTLS.
+    // connection, and the proxy sends it to that endpoint over mTLS, counted under the service.
     let registered = format!("{CLUSTER_IP}:{INBOUND_PORT}");
     let body = pod
         .app_run(&[

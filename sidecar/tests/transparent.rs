@@ -411,6 +411,62 @@ endpoints:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_to_one_endpoint_of_a_service_goes_there_without_the_services_routes() {
+    // A pod IP (as a headless Service's DNS answers) is an endpoint of its service: the request
+    // goes to that endpoint and the service's routes do not apply to it, as the Gateway API's
+    // mesh profile expects (MeshFrontend's "Send to pod IP"). The service's address is routed.
+    let v1 = app("v1").await.unwrap();
+    let v2 = app("v2").await.unwrap();
+    let config = format!(
+        r#"
+addresses:
+  - {{addr: "10.96.0.30:80", service: web.default:80}}
+routes:
+  - parent: web.default:80
+    rules:
+      - name: all-to-v1
+        filters: [{{type: responseHeaderModifier, set: {{x-routed: "yes"}}}}]
+        backends: [{{service: web-v1.default:80, weight: 1}}]
+endpoints:
+  - {{service: web-v1.default:80, endpoints: [{{addr: "{}"}}]}}
+  - {{service: web.default:80, endpoints: [{{addr: "{}"}}]}}
+"#,
+        v1.addr(),
+        v2.addr()
+    );
+    let client = pod(&[], Some(&config)).await;
+
+    let routed = http_get(client.dial("10.96.0.30:80".parse().unwrap()).await, "x").await;
+    assert!(routed.starts_with("HTTP/1.1 200"), "{routed}");
+    assert!(
+        routed.ends_with("v1"),
+        "the route sends everything to v1: {routed}"
+    );
+    assert!(
+        routed.to_ascii_lowercase().contains("x-routed: yes"),
+        "{routed}"
+    );
+
+    let direct = http_get(client.dial(v2.addr()).await, "x").await;
+    assert!(direct.starts_with("HTTP/1.1 200"), "{direct}");
+    assert!(direct.ends_with("v2"), "the pod dialled answers: {direct}");
+    assert!(
+        !direct.to_ascii_lowercase().contains("x-routed"),
+        "no route applies to a pod's own address: {direct}"
+    );
+    assert_eq!(
+        client
+            .metric(
+                "response_total",
+                &[r#"authority="web.default:80""#, r#"dst_service="web""#]
+            )
+            .await,
+        1.0,
+        "the request to the endpoint is counted under its service"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_meshed_service_without_endpoints_still_reaches_the_address_dialled() {
     // The address is a service's, but no endpoint of it is known (discovery has not answered,
     // or none is ready): the connection goes where the app dialled rather than fail.

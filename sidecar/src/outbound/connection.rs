@@ -241,6 +241,30 @@ impl Outbound {
         dst: &Destination,
     ) -> Response<Body> {
         match dst {
+            // The app dialled one endpoint of the service (a pod IP, as a headless Service's
+            // DNS answers): the request goes to that endpoint, over mTLS when it is meshed, and
+            // the service's routes do not apply to it, as the Gateway API's mesh profile asks.
+            Destination::Meshed {
+                service,
+                endpoint: Some(endpoint),
+                ..
+            } => {
+                let route = Arc::new(Route {
+                    service: service.clone(),
+                    rule: RouteRule::default(),
+                    labels: RouteLabels {
+                        authority: service.authority(),
+                        route: String::new(),
+                    },
+                });
+                let endpoint = balance::Endpoint {
+                    addr: endpoint.addr,
+                    identity: endpoint.identity.clone(),
+                    deployment: endpoint.deployment.as_deref().unwrap_or_default().into(),
+                };
+                self.send_to(route, service.clone(), endpoint, request)
+                    .await
+            }
             Destination::Meshed { addr, service, .. } => {
                 // A service with neither routes nor endpoints the proxy knows of: the address
                 // the app dialled still leads somewhere, so the request goes there.
@@ -264,15 +288,7 @@ impl Outbound {
     ///
     /// An `Upgrade` (a WebSocket) the destination accepts becomes a tunnel to it, as on routed
     /// requests (see [`crate::tunnel`]).
-    async fn pass_through(
-        &self,
-        addr: SocketAddr,
-        mut request: Request<Incoming>,
-    ) -> Response<Body> {
-        let connect = request.method() == http::Method::CONNECT;
-        // Taken before the request goes down, which keeps none of its extensions.
-        let downstream =
-            crate::tunnel::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+    async fn pass_through(&self, addr: SocketAddr, request: Request<Incoming>) -> Response<Body> {
         let outside = ServiceRef::new("", "", addr.port());
         let route = Arc::new(Route {
             service: outside.clone(),
@@ -282,6 +298,28 @@ impl Outbound {
                 route: String::new(),
             },
         });
+        let endpoint = balance::Endpoint {
+            addr,
+            identity: None,
+            deployment: "".into(),
+        };
+        self.send_to(route, outside, endpoint, request).await
+    }
+
+    /// Sends a request, as the app sent it, to one endpoint the app chose, through the client
+    /// and metrics layers every routed request ends in (`route` names it in the metrics).
+    async fn send_to(
+        &self,
+        route: Arc<Route>,
+        backend: ServiceRef,
+        endpoint: balance::Endpoint,
+        mut request: Request<Incoming>,
+    ) -> Response<Body> {
+        let connect = request.method() == http::Method::CONNECT;
+        // Taken before the request goes down, which keeps none of its extensions.
+        let downstream =
+            crate::tunnel::is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+        let authority = route.labels.authority.clone();
         let (parts, body) = request.into_parts();
         // Nothing is retried, so nothing of the body is kept.
         let Some(body) = Replayable::new(body, false, None).attempt() else {
@@ -289,12 +327,8 @@ impl Outbound {
         };
         let attempt = ToEndpoint {
             route,
-            backend: outside,
-            endpoint: balance::Endpoint {
-                addr,
-                identity: None,
-                deployment: "".into(),
-            },
+            backend,
+            endpoint,
             request: Request::from_parts(parts, body),
         };
         let mut rsp = self
@@ -308,7 +342,7 @@ impl Outbound {
         {
             let labels = TcpLabels {
                 direction: "outbound",
-                authority: addr.to_string(),
+                authority,
                 ..TcpLabels::default()
             };
             crate::tunnel::splice(downstream, &mut rsp, &self.metrics, labels);

@@ -4,10 +4,11 @@
 //! copy's failure or slowness never reaches it.
 //!
 //! The layer sits below the retries so that it sees the body the retry layer wraps, and copies
-//! only a request's first attempt (a retry is not mirrored again). Only requests without a body
-//! are copied, headers and all: a request with a body streams to its backend as it arrives and
-//! is not held back to be copied, so its sampled mirrors are skipped and counted in
-//! `outbound_http_route_mirror_skipped_total`.
+//! only a request's first attempt (a retry is not mirrored again). The copy carries the
+//! request's headers and its body, frame by frame as the original reads it from the client
+//! (see [`crate::tee`]): the original is never held back for its copies. A copy that falls more
+//! than [`MIRROR_MAX_LAG`] behind its original is given up (its connection aborts it) and
+//! counted in `outbound_http_route_mirror_skipped_total`.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,7 +17,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::Body as _;
 use mesh_core::proxy_api::{RouteFilter, RouteRule, WeightedBackend};
 use mesh_core::routing::sampled;
 use tower::{BoxError, Layer, Service, ServiceExt};
@@ -25,10 +25,14 @@ use crate::http::Body;
 use crate::metrics::Metrics;
 use crate::outbound::error::Error;
 use crate::outbound::route::{Route, Routed};
-use crate::retry::{ReplayBody, Replayable};
+use crate::retry::ReplayBody;
 
 /// How long a mirror's copy may take, answer included, before its task gives it up.
 pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many bytes of body a copy may fall behind its original before it is given up: what one
+/// sampled request can cost in memory for each of its mirrors.
+pub const MIRROR_MAX_LAG: usize = 256 * 1024;
 
 /// Makes [`Mirror`] services.
 #[derive(Clone, Debug)]
@@ -106,7 +110,6 @@ impl<S> Mirror<S> {
         B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let no_body = req.request.body().is_end_stream();
         for filter in &req.route.rule.filters {
             let RouteFilter::RequestMirror { backend, percent } = filter else {
                 continue;
@@ -114,14 +117,13 @@ impl<S> Mirror<S> {
             if !sampled(*percent, fastrand::f64()) {
                 continue;
             }
-            if !no_body {
-                self.metrics
-                    .mirror_skipped
-                    .get_or_create(&req.route.labels)
-                    .inc();
-                continue;
-            }
-            let Some(body) = Replayable::<B>::empty().attempt() else {
+            let skipped = self
+                .metrics
+                .mirror_skipped
+                .get_or_create(&req.route.labels)
+                .clone();
+            let Some(body) = req.request.body().tee(MIRROR_MAX_LAG, skipped.clone()) else {
+                skipped.inc();
                 continue;
             };
             self.metrics

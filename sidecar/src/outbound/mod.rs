@@ -431,14 +431,35 @@ endpoints:
     type Attempt = ToEndpoint<ReplayBody<Full<Bytes>>>;
 
     /// The client at the bottom: the primary's endpoint refuses connections, the canary's
-    /// answers 200, `/slow` and the shadow (a mirror) hang. Counts the attempts.
+    /// answers 200, `/slow` and the shadow (a mirror) hang. Counts the attempts, and records
+    /// the bodies the canary and the shadow read.
     fn client(
         attempts: &Arc<Mutex<Vec<String>>>,
+        bodies: &Arc<Mutex<Vec<String>>>,
     ) -> tower::util::BoxCloneService<Attempt, Response<Body>, Error> {
-        let attempts = attempts.clone();
+        let (attempts, bodies) = (attempts.clone(), bodies.clone());
         tower::util::BoxCloneService::new(tower::service_fn(move |req: Attempt| {
             attempts.lock().unwrap().push(req.backend.name.clone());
+            let bodies = bodies.clone();
             async move {
+                let name = req.backend.name.clone();
+                let (parts, body) = req.request.into_parts();
+                let req = ToEndpoint {
+                    route: req.route,
+                    backend: req.backend,
+                    endpoint: req.endpoint,
+                    request: Request::from_parts(parts, ()),
+                };
+                if name != "web-primary" {
+                    let body = http_body_util::BodyExt::collect(body)
+                        .await
+                        .unwrap()
+                        .to_bytes();
+                    if !body.is_empty() {
+                        let body = String::from_utf8_lossy(&body);
+                        bodies.lock().unwrap().push(format!("{name}: {body}"));
+                    }
+                }
                 if req.request.uri().path() == "/slow" || req.backend.name == "web-shadow" {
                     tokio::time::sleep(Duration::from_secs(600)).await;
                 }
@@ -460,6 +481,7 @@ endpoints:
     struct Setup {
         stack: Stack<tower::util::BoxCloneService<Attempt, Response<Body>, Error>>,
         attempts: Arc<Mutex<Vec<String>>>,
+        bodies: Arc<Mutex<Vec<String>>>,
         registry: Registry,
         tables: Arc<Tables>,
     }
@@ -477,11 +499,18 @@ endpoints:
             },
             ..BalanceConfig::default()
         }));
-        let attempts = Arc::default();
-        let stack = stack(&rx, &metrics, &balancer, &Arc::default(), client(&attempts));
+        let (attempts, bodies) = (Arc::default(), Arc::default());
+        let stack = stack(
+            &rx,
+            &metrics,
+            &balancer,
+            &Arc::default(),
+            client(&attempts, &bodies),
+        );
         Setup {
             stack,
             attempts,
+            bodies,
             registry,
             tables,
         }
@@ -579,7 +608,7 @@ endpoints:
     }
 
     #[tokio::test]
-    async fn a_request_with_a_body_is_not_mirrored_and_is_counted() {
+    async fn a_request_with_a_body_is_mirrored_with_its_body() {
         let s = setup();
         let request = Request::post("http://web.default:80/mirror")
             .body(Full::new(Bytes::from_static(b"payload")))
@@ -592,15 +621,24 @@ endpoints:
         let rsp = s.stack.clone().oneshot(req).await.unwrap();
         assert_eq!(rsp.status(), 200);
         for _ in 0..100 {
+            if s.bodies.lock().unwrap().len() == 2 {
+                break;
+            }
             tokio::task::yield_now().await;
         }
-        assert_eq!(s.attempts(), ["web-canary"]);
+        let mut bodies = s.bodies.lock().unwrap().clone();
+        bodies.sort();
+        assert_eq!(bodies, ["web-canary: payload", "web-shadow: payload"]);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &s.registry).unwrap();
         assert!(
             text.contains(
-                r#"outbound_http_route_mirror_skipped_total{authority="web.default:80",route="mirror"} 1"#
+                r#"outbound_http_route_mirror_requests_total{authority="web.default:80",route="mirror"} 1"#
             ),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"outbound_http_route_mirror_skipped_total{authority="web.default:80",route="mirror"} 1"#),
             "{text}"
         );
     }
