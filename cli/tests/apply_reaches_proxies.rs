@@ -72,6 +72,24 @@ async fn canary_weight(proxy: &impl Sidecar) -> Option<u64> {
         .as_u64()
 }
 
+/// How many endpoints the proxy knows for `service`; `None` while discovery has not answered.
+async fn known_endpoints(proxy: &impl Sidecar, service: &str) -> Option<usize> {
+    let cfg: serde_json::Value = http_client()
+        .get(format!("http://{}/config", proxy.addr("admin")))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    cfg["endpoints"]
+        .as_array()?
+        .iter()
+        .find(|e| e["service"] == service)
+        .and_then(|e| e["endpoints"].as_array())
+        .map(Vec::len)
+}
+
 async fn versions(proxy: &impl Sidecar, n: usize) -> Vec<String> {
     let client = proxy.client();
     let mut out = Vec::new();
@@ -186,6 +204,14 @@ async fn proxies_serve_through_a_30_second_control_plane_outage_and_resync() {
         canary_weight(&p).await == Some(0),
         "proxy never got the route"
     );
+    // The route's backends are watched once the route arrives: the proxy has its whole config
+    // only when both have answered (on a busy machine the kill could come first).
+    for service in ["web-primary.default:80", "web-canary.default:80"] {
+        assert_eventually!(
+            known_endpoints(&p, service).await == Some(1),
+            "proxy never got {service}'s endpoints"
+        );
+    }
 
     // The control plane dies outright; for 30 s the proxy serves from its last config.
     cp.process().child().kill();
