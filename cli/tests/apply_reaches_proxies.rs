@@ -53,15 +53,20 @@ fn apply(server: &str, dir: &std::path::Path, yaml: &str) {
 }
 
 /// The canary weight a proxy's `/config` shows for web.default:80.
-async fn canary_weight(proxy: &impl Sidecar) -> Option<u64> {
-    let cfg: serde_json::Value = http_client()
+/// The proxy's `/config`, or `None` while it does not answer.
+async fn config(proxy: &impl Sidecar) -> Option<serde_json::Value> {
+    http_client()
         .get(format!("http://{}/config", proxy.addr("admin")))
         .send()
         .await
         .ok()?
         .json()
         .await
-        .ok()?;
+        .ok()
+}
+
+async fn canary_weight(proxy: &impl Sidecar) -> Option<u64> {
+    let cfg = config(proxy).await?;
     cfg["routes"]
         .as_array()?
         .iter()
@@ -74,14 +79,7 @@ async fn canary_weight(proxy: &impl Sidecar) -> Option<u64> {
 
 /// How many endpoints the proxy knows for `service`; `None` while discovery has not answered.
 async fn known_endpoints(proxy: &impl Sidecar, service: &str) -> Option<usize> {
-    let cfg: serde_json::Value = http_client()
-        .get(format!("http://{}/config", proxy.addr("admin")))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
+    let cfg = config(proxy).await?;
     cfg["endpoints"]
         .as_array()?
         .iter()
