@@ -281,6 +281,16 @@ endpoints:
         "{stat}"
     );
 
+    // As a user reads it.
+    let table = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh"))
+        .args(["stat", "deploy", "-n", NS, "-t", window, "--kubeconfig"])
+        .arg(kube.kubeconfig())
+        .args(["--prometheus", &url])
+        .output()
+        .await
+        .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&table.stdout));
+
     let routes = mesh(&kube, &url, &["routes", "web", "-t", window]).await;
     let route = &routes[0];
     assert_eq!(route["route"], "main", "{routes}");

@@ -326,7 +326,13 @@ async fn tap_cluster(
         }
     };
     let proxies = cluster_tap_targets(&pods, &workload);
-    relay(proxies, &workload, &namespace, authorization, query)
+    relay(
+        proxies,
+        &workload,
+        &namespace,
+        authorization.as_ref(),
+        query,
+    )
 }
 
 /// Relays the taps of every proxy of `workload=` to the caller, one JSON line per request,
@@ -359,7 +365,13 @@ async fn tap(
             Some((t.targets.first()?.clone(), name.to_string()))
         })
         .collect();
-    relay(proxies, &workload, &namespace, authorization, query)
+    relay(
+        proxies,
+        &workload,
+        &namespace,
+        authorization.as_ref(),
+        query,
+    )
 }
 
 /// Opens the tap of each of `proxies` (admin address, pod name) with `authorization` and merges
@@ -368,7 +380,7 @@ fn relay(
     proxies: Vec<(String, String)>,
     workload: &str,
     namespace: &str,
-    authorization: Option<HeaderValue>,
+    authorization: Option<&HeaderValue>,
     query: Option<&str>,
 ) -> Response<Body> {
     // What the proxies filter by, passed on as given.
@@ -390,7 +402,7 @@ fn relay(
     let client = mesh_observe::scrape::client_without_timeout();
     for (admin, pod) in proxies {
         let mut req = client.get(format!("http://{admin}/tap?{forward}"));
-        if let Some(a) = &authorization {
+        if let Some(a) = authorization {
             req = req.header(http::header::AUTHORIZATION, a.clone());
         }
         let tx = tx.clone();

@@ -316,6 +316,45 @@ endpoints:
     assert_eq!(event["pod"], pod_name.as_str(), "{event}");
     assert_eq!(event["proxy"], format!("{ip}:{admin_port}"), "{event}");
 
+    // The same through `mesh tap`, as a user runs it with a token from `kubectl create token`.
+    let mesh = mesh_test_support::process::workspace_bin("mesh").unwrap();
+    let mesh_tap = |token: &str| {
+        let file = dir.path().join(format!("token-{}", token.len() % 97));
+        std::fs::write(&file, token).unwrap();
+        let mut cmd = tokio::process::Command::new(&mesh);
+        cmd.args(["tap", "web", "-n", NS, "--max", "1", "--server"])
+            .arg(format!("http://{api}"))
+            .arg("--token-file")
+            .arg(&file)
+            .env("MESH_CONFIG_DIR", dir.path());
+        cmd.output()
+    };
+    let refused = mesh_tap(&bob).await.unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    eprintln!("mesh tap as bob: {stderr}");
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("403") && stderr.contains("may not tap"),
+        "{stderr}"
+    );
+    let client = p.client();
+    let load = tokio::spawn(async move {
+        loop {
+            let _ = client.get("http://web.shop:80/checkout").send().await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    });
+    let tapped = mesh_tap(&alice).await.unwrap();
+    load.abort();
+    let stdout = String::from_utf8_lossy(&tapped.stdout);
+    eprintln!("mesh tap as alice: {stdout}");
+    assert!(
+        tapped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tapped.stderr)
+    );
+    assert!(stdout.contains("/checkout"), "{stdout}");
+
     // The proxy admits the control plane only: alice's own token, or the digest the pod spec
     // shows, opens nothing there.
     for token in [alice.as_str(), env[ENV_TAP_TOKEN_SHA256].as_str()] {
