@@ -634,6 +634,8 @@ mod tests {
             "$(MESH_POD_NAMESPACE)"
         );
         assert_eq!(env["MESH_PROXY_TRUST_ROOTS"], config.trust_roots_pem);
+        // Tap stays off unless the control plane gives the proxy its tap token's digest.
+        assert!(!env.contains_key(ENV_PROXY_TAP_TOKEN_SHA256));
         assert_eq!(
             env["MESH_PROXY_IDENTITY"],
             "spiffe://cluster.local/ns/$(MESH_POD_NAMESPACE)/sa/$(MESH_POD_SERVICE_ACCOUNT)"
@@ -658,6 +660,20 @@ mod tests {
         assert!(
             matches!(decide(&BTreeMap::new(), &m, &s), Decision::Skip(r) if r == "already injected")
         );
+    }
+
+    #[test]
+    fn the_proxy_gets_the_tap_token_s_digest_never_the_token() {
+        let digest = mesh_core::tap::token_sha256("the-tap-token");
+        let config = InjectConfig {
+            tap_token_sha256: Some(digest.clone()),
+            ..InjectConfig::default()
+        };
+        let (mut m, mut s) = pod(&[(INJECT_ANNOTATION, "enabled")]);
+        inject(&mut m, &mut s, &config).unwrap();
+        let spec = serde_json::to_string(&s).unwrap();
+        assert!(spec.contains(&digest), "{spec}");
+        assert!(!spec.contains("the-tap-token"), "{spec}");
     }
 
     #[test]

@@ -756,6 +756,18 @@ mod tests {
     }
 
     #[test]
+    fn a_tap_token_digest_is_64_hex_digits_or_the_variable_is_named() {
+        let digest = "AB".repeat(32);
+        let cfg = Config::from_env(&env(&[(ENV_TAP_TOKEN_SHA256, &digest)])).unwrap();
+        assert_eq!(cfg.tap_token_sha256, Some("ab".repeat(32)));
+        for bad in ["abc", "the-token-itself"] {
+            let err = Config::from_env(&env(&[(ENV_TAP_TOKEN_SHA256, bad)])).unwrap_err();
+            assert_eq!(err.name, ENV_TAP_TOKEN_SHA256);
+            assert!(err.to_string().contains("64 hex digits"), "{err}");
+        }
+    }
+
+    #[test]
     fn opaque_ports_default_to_linkerds_and_bad_lists_name_the_variable() {
         let cfg = Config::from_env(&BTreeMap::new()).unwrap();
         for port in [25, 587, 3306, 4444, 5432, 6379, 9300, 11211] {
