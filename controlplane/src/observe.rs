@@ -455,3 +455,81 @@ fn relay(
     });
     ndjson_response("application/x-ndjson", lines)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Pod;
+    use serde_json::Value;
+
+    fn pod(name: &str, owner: Option<&str>, injected: bool, ip: Option<&str>, admin: Value) -> Pod {
+        let mut metadata =
+            serde_json::json!({"name": name, "labels": {"pod-template-hash": "abc12"}});
+        if injected {
+            metadata["annotations"] =
+                serde_json::json!({crate::inject::INJECTED_ANNOTATION: "proxy:1"});
+        }
+        if let Some(owner) = owner {
+            metadata["ownerReferences"] = serde_json::json!([{"apiVersion": "apps/v1",
+                "kind": "ReplicaSet", "name": owner, "uid": "u"}]);
+        }
+        let proxy = serde_json::json!({"name": crate::inject::PROXY_CONTAINER, "ports": admin});
+        serde_json::from_value(serde_json::json!({
+            "metadata": metadata,
+            "spec": {"initContainers": [proxy], "containers": [{"name": "app"}]},
+            "status": {"podIP": ip},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_workload_s_proxies_are_its_injected_pods_with_an_ip_at_their_admin_port() {
+        let admin = |port: u16| serde_json::json!([{"name": crate::inject::ADMIN_PORT_NAME, "containerPort": port}]);
+        let pods = [
+            pod(
+                "web-abc12-a",
+                Some("web-abc12"),
+                true,
+                Some("10.0.0.1"),
+                admin(4191),
+            ),
+            pod(
+                "web-abc12-b",
+                Some("web-abc12"),
+                true,
+                Some("10.0.0.2"),
+                admin(5191),
+            ),
+            // Not meshed, not started yet, another Deployment.
+            pod(
+                "web-abc12-c",
+                Some("web-abc12"),
+                false,
+                Some("10.0.0.3"),
+                admin(4191),
+            ),
+            pod("web-abc12-d", Some("web-abc12"), true, None, admin(4191)),
+            pod(
+                "webhook-abc12-e",
+                Some("webhook-abc12"),
+                true,
+                Some("10.0.0.5"),
+                admin(4191),
+            ),
+            // A bare pod, tapped by its own name; no declared port means the default.
+            pod("debug", None, true, Some("10.0.0.6"), serde_json::json!([])),
+        ];
+        assert_eq!(
+            cluster_tap_targets(&pods, "web"),
+            [
+                ("10.0.0.1:4191".to_string(), "web-abc12-a".to_string()),
+                ("10.0.0.2:5191".to_string(), "web-abc12-b".to_string()),
+            ]
+        );
+        assert_eq!(
+            cluster_tap_targets(&pods, "debug"),
+            [("10.0.0.6:4191".to_string(), "debug".to_string())]
+        );
+        assert!(cluster_tap_targets(&pods, "api").is_empty());
+    }
+}
