@@ -462,7 +462,13 @@ mod tests {
     use k8s_openapi::api::core::v1::Pod;
     use serde_json::Value;
 
-    fn pod(name: &str, owner: Option<&str>, injected: bool, ip: Option<&str>, admin: Value) -> Pod {
+    fn pod(
+        name: &str,
+        owner: Option<&str>,
+        injected: bool,
+        ip: Option<&str>,
+        admin: &Value,
+    ) -> Pod {
         let mut metadata =
             serde_json::json!({"name": name, "labels": {"pod-template-hash": "abc12"}});
         if injected {
@@ -491,14 +497,14 @@ mod tests {
                 Some("web-abc12"),
                 true,
                 Some("10.0.0.1"),
-                admin(4191),
+                &admin(4191),
             ),
             pod(
                 "web-abc12-b",
                 Some("web-abc12"),
                 true,
                 Some("10.0.0.2"),
-                admin(5191),
+                &admin(5191),
             ),
             // Not meshed, not started yet, another Deployment.
             pod(
@@ -506,18 +512,24 @@ mod tests {
                 Some("web-abc12"),
                 false,
                 Some("10.0.0.3"),
-                admin(4191),
+                &admin(4191),
             ),
-            pod("web-abc12-d", Some("web-abc12"), true, None, admin(4191)),
+            pod("web-abc12-d", Some("web-abc12"), true, None, &admin(4191)),
             pod(
                 "webhook-abc12-e",
                 Some("webhook-abc12"),
                 true,
                 Some("10.0.0.5"),
-                admin(4191),
+                &admin(4191),
             ),
             // A bare pod, tapped by its own name; no declared port means the default.
-            pod("debug", None, true, Some("10.0.0.6"), serde_json::json!([])),
+            pod(
+                "debug",
+                None,
+                true,
+                Some("10.0.0.6"),
+                &serde_json::json!([]),
+            ),
         ];
         assert_eq!(
             cluster_tap_targets(&pods, "web"),
