@@ -10,6 +10,7 @@ mod embedded;
 mod k8s;
 mod observe;
 mod observe_api;
+mod observe_cluster;
 mod resources;
 mod rollout;
 mod runtime;

@@ -50,9 +50,33 @@ pub struct Window {
     /// embedded control plane's window.
     #[arg(long, env = "MESH_PROMETHEUS_URL", value_name = "URL")]
     pub prometheus: Option<String>,
+    /// In a cluster (the current kubeconfig context): the metrics come from --prometheus, and
+    /// `stat workloads` lists the cluster's Deployments with their meshed and total pods from
+    /// the Kubernetes API, as `linkerd viz stat` does.
+    #[arg(long)]
+    pub kube: bool,
+    #[command(flatten)]
+    pub k8s: crate::k8s::KubeArgs,
 }
 
 impl Window {
+    /// Whether the flags select a cluster.
+    fn is_cluster(&self) -> bool {
+        self.kube || self.k8s.kubeconfig.is_some() || self.k8s.context.is_some()
+    }
+
+    /// In a cluster the metrics are Prometheus's: an error naming the flag when it is missing.
+    fn require_prometheus_in_cluster(&self) -> anyhow::Result<()> {
+        if self.is_cluster() && self.prometheus.is_none() {
+            anyhow::bail!(
+                "in a cluster the metrics come from Prometheus: give --prometheus URL (or set \
+                 MESH_PROMETHEUS_URL), e.g. after `kubectl port-forward -n <ns> svc/prometheus \
+                 9090`"
+            );
+        }
+        Ok(())
+    }
+
     /// The question for a [`mesh_observe::MetricsView`].
     fn query(&self, conn: &Conn, name: Option<String>) -> anyhow::Result<mesh_observe::Query> {
         let secs = mesh_core::duration::parse(&self.window)
@@ -184,12 +208,21 @@ async fn execute(command: Command) -> anyhow::Result<()> {
         } => {
             let resource: mesh_observe::Resource =
                 resource.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            window.require_prometheus_in_cluster()?;
             if let Some(url) = &window.prometheus {
                 use mesh_observe::MetricsView as _;
                 let view = mesh_observe::prometheus::PrometheusView::new(url);
                 let q = window.query(&common.conn, name)?;
+                let cluster =
+                    match window.is_cluster() && resource == mesh_observe::Resource::Workloads {
+                        true => Some(window.k8s.client().await?),
+                        false => None,
+                    };
                 return repeat(window.watch, || async {
-                    let rows = view.stat(resource, &q).await?;
+                    let mut rows = view.stat(resource, &q).await?;
+                    if let Some(client) = &cluster {
+                        crate::observe_cluster::with_pods(client, &q, &mut rows).await?;
+                    }
                     render(common.output, &rows, |rows| stat_table(resource, rows))
                 })
                 .await;
@@ -214,6 +247,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             window,
             common,
         } => {
+            window.require_prometheus_in_cluster()?;
             if let Some(url) = &window.prometheus {
                 use mesh_observe::MetricsView as _;
                 let view = mesh_observe::prometheus::PrometheusView::new(url);
@@ -233,6 +267,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             .await
         }
         Command::Edges { window, common } => {
+            window.require_prometheus_in_cluster()?;
             if let Some(url) = &window.prometheus {
                 use mesh_observe::MetricsView as _;
                 let view = mesh_observe::prometheus::PrometheusView::new(url);

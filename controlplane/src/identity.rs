@@ -97,6 +97,9 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     root_pem: String,
     token: String,
+    /// What proxies in a cluster admit a tap with ([`mesh_core::tap`]), derived from the CA's
+    /// key so that every replica of the control plane holds the same one.
+    tap_token: String,
     trust_domain: String,
     lifetime: Duration,
 }
@@ -238,6 +241,7 @@ impl Ca {
             Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| files_err(cert_path)(&e))?;
         Ok(Self {
             issuer,
+            tap_token: mesh_core::tap::derive_token(&key_pem),
             root_pem,
             token,
             trust_domain: trust_domain.to_string(),
@@ -326,6 +330,12 @@ impl Ca {
     /// The bootstrap token (for the supervisor that starts proxies).
     pub fn token(&self) -> &str {
         &self.token
+    }
+
+    /// The tap token: the control plane presents it to proxies in a cluster, whose pods hold
+    /// only its digest (see [`mesh_core::tap`]). Never given to users.
+    pub fn tap_token(&self) -> &str {
+        &self.tap_token
     }
 
     /// Issues a leaf for `request` at time `now`, when it carries the bootstrap token.

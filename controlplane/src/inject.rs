@@ -43,6 +43,12 @@ pub const SKIP_OUTBOUND_ANNOTATION: &str = "config.mesh.dev/skip-outbound-ports"
 pub const OPAQUE_PORTS_ANNOTATION: &str = "config.mesh.dev/opaque-ports";
 /// The proxy container's name.
 pub const PROXY_CONTAINER: &str = "mesh-proxy";
+/// The name of the proxy container's admin port (`/metrics`, `/tap`), where the control plane
+/// finds a pod's proxy to tap.
+pub const ADMIN_PORT_NAME: &str = "mesh-admin";
+/// The proxy variable holding the SHA-256 of the control plane's tap token (see
+/// [`mesh_core::tap`]): the proxy admits a tap that presents the token.
+pub const ENV_PROXY_TAP_TOKEN_SHA256: &str = "MESH_PROXY_TAP_TOKEN_SHA256";
 /// The init container's name.
 pub const INIT_CONTAINER: &str = "mesh-init";
 /// The user the proxy runs as; iptables lets its traffic through untouched.
@@ -107,6 +113,9 @@ pub struct InjectConfig {
     pub outbound_port: u16,
     /// The proxy's admin port (`/metrics`, `/ready`, `/live`).
     pub admin_port: u16,
+    /// The SHA-256 of the control plane's tap token ([`mesh_core::tap::token_sha256`]), given
+    /// to each proxy so that it admits taps from the control plane only; `None` leaves tap off.
+    pub tap_token_sha256: Option<String>,
 }
 
 impl Default for InjectConfig {
@@ -121,6 +130,7 @@ impl Default for InjectConfig {
             inbound_port: 4143,
             outbound_port: 4140,
             admin_port: 4191,
+            tap_token_sha256: None,
         }
     }
 }
@@ -385,6 +395,9 @@ pub fn inject(
     // redirect instead (see `kubernetes::slice_registrations`).
     let port = app_port(spec).unwrap_or(0);
     envs.push(env("MESH_PROXY_APP_ADDR", format!("127.0.0.1:{port}")));
+    if let Some(digest) = &config.tap_token_sha256 {
+        envs.push(env(ENV_PROXY_TAP_TOKEN_SHA256, digest.clone()));
+    }
     if let Some(list) = opaque_ports {
         envs.push(env("MESH_PROXY_OUTBOUND_OPAQUE_PORTS", list.clone()));
         envs.push(env("MESH_PROXY_INBOUND_OPAQUE_PORTS", list));
@@ -400,7 +413,7 @@ pub fn inject(
                 ..ContainerPort::default()
             },
             ContainerPort {
-                name: Some("mesh-admin".into()),
+                name: Some(ADMIN_PORT_NAME.into()),
                 container_port: config.admin_port.into(),
                 ..ContainerPort::default()
             },
@@ -621,6 +634,8 @@ mod tests {
             "$(MESH_POD_NAMESPACE)"
         );
         assert_eq!(env["MESH_PROXY_TRUST_ROOTS"], config.trust_roots_pem);
+        // Tap stays off unless the control plane gives the proxy its tap token's digest.
+        assert!(!env.contains_key(ENV_PROXY_TAP_TOKEN_SHA256));
         assert_eq!(
             env["MESH_PROXY_IDENTITY"],
             "spiffe://cluster.local/ns/$(MESH_POD_NAMESPACE)/sa/$(MESH_POD_SERVICE_ACCOUNT)"
@@ -645,6 +660,20 @@ mod tests {
         assert!(
             matches!(decide(&BTreeMap::new(), &m, &s), Decision::Skip(r) if r == "already injected")
         );
+    }
+
+    #[test]
+    fn the_proxy_gets_the_tap_token_s_digest_never_the_token() {
+        let digest = mesh_core::tap::token_sha256("the-tap-token");
+        let config = InjectConfig {
+            tap_token_sha256: Some(digest.clone()),
+            ..InjectConfig::default()
+        };
+        let (mut m, mut s) = pod(&[(INJECT_ANNOTATION, "enabled")]);
+        inject(&mut m, &mut s, &config).unwrap();
+        let spec = serde_json::to_string(&s).unwrap();
+        assert!(spec.contains(&digest), "{spec}");
+        assert!(!spec.contains("the-tap-token"), "{spec}");
     }
 
     #[test]

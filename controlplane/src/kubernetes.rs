@@ -60,6 +60,7 @@ impl ControlPlane {
         }
         // Proxies in pods authenticate with their projected tokens, checked by TokenReview.
         let _ = self.shared.kube.set(client.clone());
+        let client_for_observe = client.clone();
         // The cluster is the store: the resource API serves it, and it feeds the route and
         // policy indexes exactly as the embedded store does.
         let store = KubernetesStore::start(client.clone());
@@ -76,8 +77,8 @@ impl ControlPlane {
             &self.proxy_tls,
             &self.api_token,
             // In a cluster Prometheus keeps the metrics (registrations carry no admin address
-            // to scrape), so the window stays empty.
-            crate::observe::Observe::default(),
+            // to scrape), so the window stays empty; taps go to the pods' proxies.
+            crate::observe::Observe::in_cluster(client_for_observe),
             api,
             proxy,
         )
@@ -311,7 +312,7 @@ pub fn slice_registrations(
 
 /// The Deployment a pod belongs to: its ReplicaSet owner's name without the
 /// `pod-template-hash` suffix, as Linkerd's `deployment` label names it.
-fn deployment_of(pod: &Pod) -> Option<String> {
+pub fn deployment_of(pod: &Pod) -> Option<String> {
     let owner = pod
         .metadata
         .owner_references

@@ -20,6 +20,7 @@ pub mod policy;
 pub mod proxy;
 pub mod publish;
 pub mod route_status;
+pub mod tap_access;
 pub mod tls;
 pub mod tokenreview;
 pub mod workloads;
@@ -128,6 +129,12 @@ impl ControlPlane {
     /// The file holding the resource API's token ([`access`]).
     pub fn api_token_file(&self) -> &Path {
         self.api_token.path()
+    }
+
+    /// The tap token proxies in a cluster admit ([`mesh_core::tap`]); the injector gives
+    /// them its digest.
+    pub fn tap_token(&self) -> &str {
+        self.shared.ca.tap_token()
     }
 
     /// The trust roots, PEM.
@@ -248,6 +255,14 @@ async fn serve_apis<S: ResourceStore>(
     let store = Arc::new(store);
     tokio::spawn(Arc::clone(proxy_tls).renew(Arc::clone(&shared.ca)));
     let token = api_token.clone();
+    // What the control plane presents to open a proxy's tap: in the embedded mesh the proxies
+    // accept the resource API's token; in a cluster, the tap token whose digest the injector
+    // gave them.
+    let proxy_tap = if observe.is_cluster() {
+        access::authorization(shared.ca.tap_token()).ok()
+    } else {
+        token.authorization().ok()
+    };
     let sd = Arc::clone(&shared);
     let api_server = http::serve(api, "api", move |req| {
         let store = Arc::clone(&store);
@@ -260,17 +275,20 @@ async fn serve_apis<S: ResourceStore>(
         // The rollout metrics, from the Canaries in the store, and the control plane's own.
         let metrics = (get && req.uri().path() == METRICS_PATH).then(|| metrics_text(&*store, &sd));
         let observing = admitted && req.uri().path().starts_with(observe::PREFIX);
-        let (observe, shared, tap_token) = (observe.clone(), Arc::clone(&sd), token.clone());
+        let tapping = req.uri().path() == observe::TAP_PATH;
+        let (observe, shared, proxy_tap) = (observe.clone(), Arc::clone(&sd), proxy_tap.clone());
         async move {
             match (admitted, targets, metrics) {
                 (true, Some(targets), _) => http::json_response(::http::StatusCode::OK, &targets),
                 (true, None, Some(text)) => http::text_response(text),
-                (true, None, None) if observing => {
-                    // The proxies accept the resource API's token for tap.
-                    let authorization = tap_token.authorization().ok();
-                    observe.handle(&shared, authorization, &req).await
-                }
+                (true, None, None) if observing => observe.handle(&shared, proxy_tap, &req).await,
                 (true, None, None) => api::handle(store, req).await,
+                // In a cluster, whoever the API server authorizes may tap.
+                (false, ..) if tapping => {
+                    observe
+                        .handle_authorized_tap(&shared, proxy_tap, &req)
+                        .await
+                }
                 (false, ..) => access::unauthorized(),
             }
         }

@@ -87,7 +87,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         trust_roots = %control_plane.trust_roots_file().display(),
         "control plane started; the proxy API is served over mTLS, verify it with the trust roots"
     );
-    let injector = injector(&config, control_plane.trust_roots_pem()).await?;
+    let injector = injector(
+        &config,
+        control_plane.trust_roots_pem(),
+        control_plane.tap_token(),
+    )
+    .await?;
     // In a cluster, the Kubernetes API is the store, and discovery comes from it (HTTPRoutes,
     // Services, EndpointSlices, Pods) instead of workload registrations.
     let serving: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = if config
@@ -120,6 +125,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 async fn injector(
     config: &Config,
     trust_roots_pem: &str,
+    tap_token: &str,
 ) -> anyhow::Result<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
     use mesh_controlplane::{inject::InjectConfig, injector};
     let Some(settings) = &config.injector else {
@@ -144,6 +150,9 @@ async fn injector(
         trust_domain: config.trust_domain.clone(),
         // Injected proxies verify the proxy API with the CA's roots, given up front.
         trust_roots_pem: trust_roots_pem.to_string(),
+        // Injected proxies admit taps from this control plane only: they hold the token's
+        // digest, never the token.
+        tap_token_sha256: Some(mesh_core::tap::token_sha256(tap_token)),
         ..defaults
     };
     let listener = TcpListener::bind(settings.addr)

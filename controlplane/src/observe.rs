@@ -10,6 +10,11 @@
 //! | GET | `/v1/observe/routes?service=&namespace=&window=` | `[RouteRow]` |
 //! | GET | `/v1/observe/edges?namespace=&window=` | `[EdgeRow]` |
 //! | GET | `/v1/observe/tap?workload=&namespace=&path=&method=&authority=&max=` | NDJSON, one request per line |
+//!
+//! In a cluster the proxies are found from the API server's Pods (the injected ones of the
+//! workload's Deployment, at their pod IP and admin port), the control plane opens their taps
+//! with the tap token only it holds ([`mesh_core::tap`]), and besides the resource API's token
+//! it admits any caller the API server authorizes to tap ([`crate::tap_access`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,16 +35,30 @@ use crate::proxy::Shared;
 /// Where the observe API lives on the resource API listener.
 pub const PREFIX: &str = "/v1/observe/";
 
+/// The tap stream's path.
+pub const TAP_PATH: &str = "/v1/observe/tap";
+
 /// The metrics window and what feeds it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Observe {
     window: SharedWindow,
+    /// In a cluster: where the proxies to tap are found, and who may tap is asked.
+    cluster: Option<kube::Client>,
+}
+
+impl std::fmt::Debug for Observe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observe")
+            .field("cluster", &self.cluster.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Observe {
     fn default() -> Self {
         Self {
             window: Arc::new(Mutex::new(Window::new(WindowConfig::default()))),
+            cluster: None,
         }
     }
 }
@@ -78,6 +97,57 @@ pub fn targets(shared: &Shared) -> Vec<Target> {
 }
 
 impl Observe {
+    /// The observe API of a control plane in the cluster behind `client`.
+    pub fn in_cluster(client: kube::Client) -> Self {
+        Self {
+            cluster: Some(client),
+            ..Self::default()
+        }
+    }
+
+    /// Whether this is a control plane in a cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Answers a tap from a caller without the resource API's token: in a cluster, one the
+    /// API server authorizes ([`crate::tap_access`]); elsewhere nobody.
+    pub async fn handle_authorized_tap<B>(
+        &self,
+        shared: &Shared,
+        authorization: Option<HeaderValue>,
+        req: &Request<B>,
+    ) -> Response<Body> {
+        let Some(client) = &self.cluster else {
+            return crate::access::unauthorized();
+        };
+        if req.method() != http::Method::GET {
+            return status_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "tap only reads (GET)",
+                None,
+            );
+        }
+        let query = req.uri().query();
+        let Some(workload) = query_param(query, "workload").map(percent_decode) else {
+            return bad_request("tap needs workload=<name>".into());
+        };
+        let namespace = query_param(query, "namespace")
+            .map(percent_decode)
+            .unwrap_or_else(|| "default".into());
+        match crate::tap_access::authorize(client, req.headers(), &namespace, &workload).await {
+            Ok(user) => {
+                tracing::info!(user = %user.name, %namespace, %workload, "tap authorized");
+                self.tap(shared, authorization, query).await
+            }
+            Err(denied) => {
+                tracing::info!(%namespace, %workload, %denied, "tap refused");
+                status_error(denied.status(), denied.reason(), denied.to_string(), None)
+            }
+        }
+    }
+
     /// Scrapes the proxies registered in `shared` every `interval`, forever (never when
     /// `interval` is zero).
     pub fn spawn_scraper(&self, shared: Arc<Shared>, interval: Duration) {
@@ -110,7 +180,7 @@ impl Observe {
         let query = req.uri().query();
         let rest = req.uri().path().strip_prefix(PREFIX).unwrap_or_default();
         if rest == "tap" {
-            return tap(shared, authorization, query).await;
+            return self.tap(shared, authorization, query).await;
         }
         let q = match parse_query(query, if rest == "routes" { "service" } else { "name" }) {
             Ok(q) => q,
@@ -178,6 +248,93 @@ fn parse_query(query: Option<&str>, name_param: &str) -> Result<Query, String> {
     })
 }
 
+impl Observe {
+    /// Relays the taps of every proxy of `workload=` to the caller, one JSON line per
+    /// request, each with the `proxy` and `workload` it came from.
+    async fn tap(
+        &self,
+        shared: &Shared,
+        authorization: Option<HeaderValue>,
+        query: Option<&str>,
+    ) -> Response<Body> {
+        match &self.cluster {
+            Some(client) => tap_cluster(client, authorization, query).await,
+            None => tap(shared, authorization, query).await,
+        }
+    }
+}
+
+/// The proxies of `workload` in `namespace` a cluster runs: the injected pods of the Deployment
+/// (or the pod) of that name that have an IP, at their proxy's admin port, by pod name.
+pub fn cluster_tap_targets(
+    pods: &[k8s_openapi::api::core::v1::Pod],
+    workload: &str,
+) -> Vec<(String, String)> {
+    use kube::ResourceExt as _;
+    pods.iter()
+        .filter(|p| {
+            p.annotations()
+                .contains_key(crate::inject::INJECTED_ANNOTATION)
+        })
+        .filter(|p| {
+            p.name_any() == workload
+                || crate::kubernetes::deployment_of(p).as_deref() == Some(workload)
+        })
+        .filter_map(|p| {
+            let ip: std::net::IpAddr = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+            let spec = p.spec.as_ref()?;
+            let admin = spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+                .filter(|c| c.name == crate::inject::PROXY_CONTAINER)
+                .flat_map(|c| c.ports.iter().flatten())
+                .find(|port| port.name.as_deref() == Some(crate::inject::ADMIN_PORT_NAME))
+                .and_then(|port| u16::try_from(port.container_port).ok())
+                .unwrap_or(crate::inject::InjectConfig::default().admin_port);
+            Some((
+                std::net::SocketAddr::new(ip, admin).to_string(),
+                p.name_any(),
+            ))
+        })
+        .collect()
+}
+
+/// [`tap`] for a control plane in a cluster: the proxies come from the API server's Pods.
+async fn tap_cluster(
+    client: &kube::Client,
+    authorization: Option<HeaderValue>,
+    query: Option<&str>,
+) -> Response<Body> {
+    let Some(workload) = query_param(query, "workload").map(percent_decode) else {
+        return bad_request("tap needs workload=<name>".into());
+    };
+    let namespace = query_param(query, "namespace")
+        .map(percent_decode)
+        .unwrap_or_else(|| "default".into());
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(client.clone(), &namespace);
+    let pods = match pods.list(&kube::api::ListParams::default()).await {
+        Ok(list) => list.items,
+        Err(e) => {
+            return status_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!("listing the pods of namespace {namespace}: {e}"),
+                None,
+            );
+        }
+    };
+    let proxies = cluster_tap_targets(&pods, &workload);
+    relay(
+        proxies,
+        &workload,
+        &namespace,
+        authorization.as_ref(),
+        query,
+    )
+}
+
 /// Relays the taps of every proxy of `workload=` to the caller, one JSON line per request,
 /// each with the `proxy` and `workload` it came from.
 async fn tap(
@@ -191,13 +348,6 @@ async fn tap(
     let namespace = query_param(query, "namespace")
         .map(percent_decode)
         .unwrap_or_else(|| "default".into());
-    // What the proxies filter by, passed on as given.
-    let forward: Vec<&str> = query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty() && !p.starts_with("workload=") && !p.starts_with("namespace="))
-        .collect();
-    let forward = forward.join("&");
     let proxies: Vec<(String, String)> = shared
         .index()
         .scrape_targets()
@@ -215,6 +365,31 @@ async fn tap(
             Some((t.targets.first()?.clone(), name.to_string()))
         })
         .collect();
+    relay(
+        proxies,
+        &workload,
+        &namespace,
+        authorization.as_ref(),
+        query,
+    )
+}
+
+/// Opens the tap of each of `proxies` (admin address, pod name) with `authorization` and merges
+/// their lines into one stream, each labelled with where it came from.
+fn relay(
+    proxies: Vec<(String, String)>,
+    workload: &str,
+    namespace: &str,
+    authorization: Option<&HeaderValue>,
+    query: Option<&str>,
+) -> Response<Body> {
+    // What the proxies filter by, passed on as given.
+    let forward: Vec<&str> = query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("workload=") && !p.starts_with("namespace="))
+        .collect();
+    let forward = forward.join("&");
     if proxies.is_empty() {
         return status_error(
             StatusCode::NOT_FOUND,
@@ -227,11 +402,11 @@ async fn tap(
     let client = mesh_observe::scrape::client_without_timeout();
     for (admin, pod) in proxies {
         let mut req = client.get(format!("http://{admin}/tap?{forward}"));
-        if let Some(a) = &authorization {
+        if let Some(a) = authorization {
             req = req.header(http::header::AUTHORIZATION, a.clone());
         }
         let tx = tx.clone();
-        let workload = workload.clone();
+        let workload = workload.to_string();
         tokio::spawn(async move {
             let label = |mut v: serde_json::Value| {
                 if let Some(o) = v.as_object_mut() {
@@ -279,4 +454,94 @@ async fn tap(
         rx.recv().await.map(|line| (line, rx))
     });
     ndjson_response("application/x-ndjson", lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Pod;
+    use serde_json::Value;
+
+    fn pod(
+        name: &str,
+        owner: Option<&str>,
+        injected: bool,
+        ip: Option<&str>,
+        admin: &Value,
+    ) -> Pod {
+        let mut metadata =
+            serde_json::json!({"name": name, "labels": {"pod-template-hash": "abc12"}});
+        if injected {
+            metadata["annotations"] =
+                serde_json::json!({crate::inject::INJECTED_ANNOTATION: "proxy:1"});
+        }
+        if let Some(owner) = owner {
+            metadata["ownerReferences"] = serde_json::json!([{"apiVersion": "apps/v1",
+                "kind": "ReplicaSet", "name": owner, "uid": "u"}]);
+        }
+        let proxy = serde_json::json!({"name": crate::inject::PROXY_CONTAINER, "ports": admin});
+        serde_json::from_value(serde_json::json!({
+            "metadata": metadata,
+            "spec": {"initContainers": [proxy], "containers": [{"name": "app"}]},
+            "status": {"podIP": ip},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_workload_s_proxies_are_its_injected_pods_with_an_ip_at_their_admin_port() {
+        let admin = |port: u16| serde_json::json!([{"name": crate::inject::ADMIN_PORT_NAME, "containerPort": port}]);
+        let pods = [
+            pod(
+                "web-abc12-a",
+                Some("web-abc12"),
+                true,
+                Some("10.0.0.1"),
+                &admin(4191),
+            ),
+            pod(
+                "web-abc12-b",
+                Some("web-abc12"),
+                true,
+                Some("10.0.0.2"),
+                &admin(5191),
+            ),
+            // Not meshed, not started yet, another Deployment.
+            pod(
+                "web-abc12-c",
+                Some("web-abc12"),
+                false,
+                Some("10.0.0.3"),
+                &admin(4191),
+            ),
+            pod("web-abc12-d", Some("web-abc12"), true, None, &admin(4191)),
+            pod(
+                "webhook-abc12-e",
+                Some("webhook-abc12"),
+                true,
+                Some("10.0.0.5"),
+                &admin(4191),
+            ),
+            // A bare pod, tapped by its own name; no declared port means the default.
+            pod(
+                "debug",
+                None,
+                true,
+                Some("10.0.0.6"),
+                &serde_json::json!([]),
+            ),
+        ];
+        assert_eq!(
+            cluster_tap_targets(&pods, "web"),
+            [
+                ("10.0.0.1:4191".to_string(), "web-abc12-a".to_string()),
+                ("10.0.0.2:5191".to_string(), "web-abc12-b".to_string()),
+            ]
+        );
+        assert_eq!(
+            cluster_tap_targets(&pods, "debug"),
+            [("10.0.0.6:4191".to_string(), "debug".to_string())]
+        );
+        assert!(cluster_tap_targets(&pods, "api").is_empty());
+    }
 }

@@ -3,7 +3,7 @@
 //! own port, apart from app traffic, so probes and scrapes keep working when the proxying
 //! listeners are saturated.
 
-use std::{convert::Infallible, path::PathBuf, sync::Arc};
+use std::{convert::Infallible, sync::Arc};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -32,7 +32,7 @@ pub struct Admin {
     readiness: watch::Receiver<Readiness>,
     credentials: Option<SharedCredentials>,
     authz: Option<crate::authz::Authz>,
-    tap: Option<(crate::tap::Tap, Option<PathBuf>)>,
+    tap: Option<(crate::tap::Tap, crate::tap::Access)>,
 }
 
 /// The body of admin responses: whole, or a stream for `/tap`.
@@ -56,10 +56,10 @@ impl Admin {
         }
     }
 
-    /// Serves `tap` at `/tap` to callers presenting the token in `token_file` (tap is refused
-    /// to everyone without one).
-    pub fn with_tap(mut self, tap: crate::tap::Tap, token_file: Option<PathBuf>) -> Self {
-        self.tap = Some((tap, token_file));
+    /// Serves `tap` at `/tap` to callers `access` admits (tap is refused to everyone when it
+    /// names no token).
+    pub fn with_tap(mut self, tap: crate::tap::Tap, access: crate::tap::Access) -> Self {
+        self.tap = Some((tap, access));
         self
     }
 
@@ -70,11 +70,11 @@ impl Admin {
             return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
                 .map(BodyExt::boxed);
         }
-        let Some((tap, token_file)) = &self.tap else {
+        let Some((tap, access)) = &self.tap else {
             let why = crate::tap::Refusal::Disabled.to_string();
             return text(StatusCode::FORBIDDEN, &format!("{why}\n")).map(BodyExt::boxed);
         };
-        if let Err(refusal) = crate::tap::authorized(token_file.as_deref(), req.headers()) {
+        if let Err(refusal) = access.admits(req.headers()) {
             let status = match refusal {
                 crate::tap::Refusal::Disabled => StatusCode::FORBIDDEN,
                 _ => StatusCode::UNAUTHORIZED,

@@ -105,6 +105,11 @@ pub const ENV_WORKLOAD_ADDR: &str = "MESH_PROXY_WORKLOAD_ADDR";
 /// control plane's resource API token.
 pub const ENV_TAP_TOKEN_FILE: &str = "MESH_PROXY_TAP_TOKEN_FILE";
 
+/// The SHA-256 (64 hex digits) of the bearer token a caller must present to tap this proxy,
+/// instead of the token itself: in a cluster the injector sets it from the control plane's tap
+/// token, so the pod spec says nothing of the token (see `mesh_core::tap`).
+pub const ENV_TAP_TOKEN_SHA256: &str = "MESH_PROXY_TAP_TOKEN_SHA256";
+
 /// The workload's SPIFFE ID, sent with its registration; with [`ENV_TOKEN_FILE`], the identity
 /// the proxy asks the control plane to certify and uses for mTLS.
 pub const ENV_IDENTITY: &str = "MESH_PROXY_IDENTITY";
@@ -264,6 +269,8 @@ pub struct Config {
     pub limits: Limits,
     /// See [`ENV_TAP_TOKEN_FILE`].
     pub tap_token_file: Option<std::path::PathBuf>,
+    /// See [`ENV_TAP_TOKEN_SHA256`]; lower-case hex.
+    pub tap_token_sha256: Option<String>,
 }
 
 /// Where the control plane's proxy API is and what verifies it.
@@ -304,6 +311,22 @@ impl TrustRoots {
             }
         }
     }
+}
+
+/// [`ENV_TAP_TOKEN_SHA256`], when set: 64 hex digits, kept in lower case.
+fn tap_token_sha256(env: &impl Env) -> Result<Option<String>, ConfigError> {
+    let Some(value) = env.var(ENV_TAP_TOKEN_SHA256) else {
+        return Ok(None);
+    };
+    let digest = value.trim().to_ascii_lowercase();
+    if !mesh_core::tap::is_sha256_hex(&digest) {
+        return Err(ConfigError {
+            name: ENV_TAP_TOKEN_SHA256,
+            value,
+            reason: "not a SHA-256 digest (64 hex digits)".into(),
+        });
+    }
+    Ok(Some(digest))
 }
 
 /// An opaque-port list from `name`, or the default list when unset.
@@ -456,6 +479,7 @@ impl Config {
             },
             limits: limits(env)?,
             tap_token_file: env.parse(ENV_TAP_TOKEN_FILE)?,
+            tap_token_sha256: tap_token_sha256(env)?,
         };
         for (name, value) in [
             (ENV_OUTBOUND_CONNECT_TIMEOUT, config.connect_timeout),
@@ -729,6 +753,18 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
             .collect()
+    }
+
+    #[test]
+    fn a_tap_token_digest_is_64_hex_digits_or_the_variable_is_named() {
+        let digest = "AB".repeat(32);
+        let cfg = Config::from_env(&env(&[(ENV_TAP_TOKEN_SHA256, &digest)])).unwrap();
+        assert_eq!(cfg.tap_token_sha256, Some("ab".repeat(32)));
+        for bad in ["abc", "the-token-itself"] {
+            let err = Config::from_env(&env(&[(ENV_TAP_TOKEN_SHA256, bad)])).unwrap_err();
+            assert_eq!(err.name, ENV_TAP_TOKEN_SHA256);
+            assert!(err.to_string().contains("64 hex digits"), "{err}");
+        }
     }
 
     #[test]

@@ -223,7 +223,13 @@ impl Proxy {
         let (drain_signal, drain_watch) = drain::channel();
         let mut admin = Admin::new(registry, tables_rx.clone())
             .with_readiness(readiness_rx)
-            .with_tap(metrics.tap.clone(), config.tap_token_file.clone());
+            .with_tap(
+                metrics.tap.clone(),
+                crate::tap::Access {
+                    token_file: config.tap_token_file.clone(),
+                    token_sha256: config.tap_token_sha256.clone(),
+                },
+            );
         if inbound_listener.is_some() {
             admin = admin.with_authz(authz.clone());
         }

@@ -12,7 +12,10 @@
 //! Who may tap is decided by a bearer token the proxy reads from a file
 //! ([`crate::config::ENV_TAP_TOKEN_FILE`]) at each tap request: in the embedded mesh it is the
 //! control plane's resource API token, so only a holder of that token (the control plane, or
-//! `mesh tap` through it) can tap. Without a token file, tap is off and every tap is refused.
+//! `mesh tap` through it) can tap. In a cluster the proxy holds only the SHA-256 of the control
+//! plane's tap token ([`crate::config::ENV_TAP_TOKEN_SHA256`], set by the injector), and admits
+//! a token that hashes to it; the control plane authorizes users itself. With neither, tap is
+//! off and every tap is refused.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -291,6 +294,45 @@ fn hex(b: u8) -> Option<u8> {
         .and_then(|d| u8::try_from(d).ok())
 }
 
+/// Who may tap: the holder of the token in a file, or of the token a digest stands for.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// See [`crate::config::ENV_TAP_TOKEN_FILE`].
+    pub token_file: Option<std::path::PathBuf>,
+    /// See [`crate::config::ENV_TAP_TOKEN_SHA256`] (lower-case hex).
+    pub token_sha256: Option<String>,
+}
+
+impl Access {
+    /// Whether `headers` present an accepted token: the digest's when there is one, else the
+    /// file's.
+    pub fn admits(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+        match &self.token_sha256 {
+            Some(digest) => matches_digest(digest, headers),
+            None => authorized(self.token_file.as_deref(), headers),
+        }
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Whether `headers` present a token whose SHA-256 is `digest`.
+fn matches_digest(digest: &str, headers: &HeaderMap) -> Result<(), Refusal> {
+    let given = bearer(headers).ok_or(Refusal::NoToken)?;
+    let hashed = mesh_core::tap::token_sha256(given);
+    if constant_time_eq(hashed.as_bytes(), digest.as_bytes()) {
+        Ok(())
+    } else {
+        Err(Refusal::WrongToken)
+    }
+}
+
 /// Whether `headers` present the token in `token_file` (`Authorization: Bearer <token>`).
 /// Without a readable, non-empty token file nobody is admitted: tap is off.
 pub fn authorized(
@@ -305,12 +347,7 @@ pub fn authorized(
     if secret.is_empty() {
         return Err(Refusal::Disabled);
     }
-    let given = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
+    match bearer(headers) {
         Some(given) if constant_time_eq(given.as_bytes(), secret.as_bytes()) => Ok(()),
         Some(_) => Err(Refusal::WrongToken),
         None => Err(Refusal::NoToken),
@@ -421,5 +458,24 @@ mod tests {
         assert_eq!(authorized(Some(&file), &headers), Err(Refusal::WrongToken));
         headers.insert("authorization", "Bearer s3cret".parse().unwrap());
         assert_eq!(authorized(Some(&file), &headers), Ok(()));
+    }
+
+    #[test]
+    fn a_digest_admits_only_the_token_it_stands_for() {
+        let access = Access {
+            token_file: None,
+            token_sha256: Some(mesh_core::tap::token_sha256("s3cret")),
+        };
+        let mut headers = HeaderMap::new();
+        assert_eq!(access.admits(&headers), Err(Refusal::NoToken));
+        headers.insert("authorization", "Bearer nope".parse().unwrap());
+        assert_eq!(access.admits(&headers), Err(Refusal::WrongToken));
+        // The digest itself is not the token.
+        let digest = mesh_core::tap::token_sha256("s3cret");
+        headers.insert("authorization", format!("Bearer {digest}").parse().unwrap());
+        assert_eq!(access.admits(&headers), Err(Refusal::WrongToken));
+        headers.insert("authorization", "Bearer s3cret".parse().unwrap());
+        assert_eq!(access.admits(&headers), Ok(()));
+        assert_eq!(Access::default().admits(&headers), Err(Refusal::Disabled));
     }
 }

@@ -310,6 +310,8 @@ pub fn render_with(args: &InstallArgs, pki: &Pki) -> anyhow::Result<Vec<Value>> 
                 {"apiGroups": ["rollouts.mesh.dev"], "resources": ["canaries", "metrictemplates"], "verbs": ["get", "list", "watch", "patch", "delete"]},
                 {"apiGroups": ["policy.mesh.dev"], "resources": ["servers", "authorizationpolicies", "meshtlsauthentications", "networkauthentications"], "verbs": ["get", "list", "watch", "patch", "delete"]},
                 {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+                // Tap: who may tap a workload is the API server's answer (see `mesh-tap` below).
+                {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
             ])),
         ),
         (
@@ -339,6 +341,15 @@ pub fn render_with(args: &InstallArgs, pki: &Pki) -> anyhow::Result<Vec<Value>> 
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": NAMESPACE}],
         }));
     }
+    // The role a user is bound to (a RoleBinding per namespace, or a ClusterRoleBinding) to
+    // tap: the control plane asks the API server for this permission before it opens a tap.
+    // Nothing serves this group; RBAC rules may name it, as Linkerd's `tap.linkerd.io` does.
+    docs.push(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": mesh_core::tap::CLUSTER_ROLE, "labels": labels(mesh_core::tap::CLUSTER_ROLE)},
+        "rules": [{"apiGroups": [mesh_core::tap::API_GROUP], "resources": [mesh_core::tap::RESOURCE],
+                   "verbs": [mesh_core::tap::VERB]}],
+    }));
     docs.push(json!({
         "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
         "metadata": meta(ISSUER_SECRET),
