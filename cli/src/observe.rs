@@ -151,13 +151,22 @@ pub enum Command {
         common: Common,
     },
     /// Serve the web dashboard for the control plane at --server, and print its address with
-    /// a sign-in link; until Ctrl-C. (`mesh up` serves one too, on --dashboard-addr.)
+    /// a sign-in link; until Ctrl-C. (`mesh up` serves one too, on --dashboard-addr.) In a
+    /// cluster (--kube with --prometheus), the metrics come from Prometheus, the Canaries and
+    /// the buttons from the Kubernetes API, and taps from the control plane at --server with
+    /// the token of --token-file.
     Dashboard {
         /// Where the dashboard listens.
         #[arg(long, default_value = "127.0.0.1:4190")]
         addr: std::net::SocketAddr,
+        /// How far back the pages' numbers look (`30s`, `1m`, `5m`).
+        #[arg(short = 't', long = "time-window", default_value = "1m")]
+        window: String,
+        /// In a cluster: the Prometheus that scrapes the proxies.
+        #[arg(long, env = "MESH_PROMETHEUS_URL", value_name = "URL")]
+        prometheus: Option<String>,
         #[command(flatten)]
-        conn: Conn,
+        at: crate::backend::Where,
     },
 }
 
@@ -306,7 +315,28 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 .transpose()?;
             top(&common, &workload, &filter, duration, rows).await
         }
-        Command::Dashboard { addr, conn } => crate::dashboard::standalone(addr, conn).await,
+        Command::Dashboard {
+            addr,
+            window,
+            prometheus,
+            at,
+        } => {
+            mesh_core::duration::parse(&window)
+                .map_err(|e| anyhow::anyhow!("--time-window {window}: {e}"))?;
+            let cluster = match (at.is_cluster(), prometheus) {
+                (false, _) => None,
+                (true, None) => anyhow::bail!(
+                    "in a cluster the dashboard's metrics come from Prometheus: give --prometheus \
+                     URL (or set MESH_PROMETHEUS_URL)"
+                ),
+                (true, Some(prometheus)) => Some(crate::dashboard::ClusterSource {
+                    at: at.clone(),
+                    prometheus,
+                    window: window.clone(),
+                }),
+            };
+            crate::dashboard::standalone(addr, at.conn, window, cluster).await
+        }
     }
 }
 
