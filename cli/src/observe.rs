@@ -133,6 +133,8 @@ pub enum Command {
         #[arg(long)]
         max: Option<u64>,
         #[command(flatten)]
+        reach: crate::observe_reach::Reach,
+        #[command(flatten)]
         common: Common,
     },
     /// The busiest paths through a workload's proxies, live (from tap).
@@ -147,6 +149,8 @@ pub enum Command {
         /// Rows shown.
         #[arg(long, default_value_t = 20)]
         rows: usize,
+        #[command(flatten)]
+        reach: crate::observe_reach::Reach,
         #[command(flatten)]
         common: Common,
     },
@@ -298,22 +302,28 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             workload,
             filter,
             max,
+            reach,
             common,
-        } => tap(&common, &workload, &filter, max).await,
+        } => {
+            let (api, _forward) = tap_api(&common, &reach).await?;
+            tap(&api, &common, &workload, &filter, max).await
+        }
         Command::Top {
             workload,
             filter,
             duration,
             rows,
+            reach,
             common,
         } => {
+            let (api, _forward) = tap_api(&common, &reach).await?;
             let duration = duration
                 .map(|d| {
                     mesh_core::duration::parse(&d)
                         .map_err(|e| anyhow::anyhow!("--duration {d}: {e}"))
                 })
                 .transpose()?;
-            top(&common, &workload, &filter, duration, rows).await
+            top(&api, &common, &workload, &filter, duration, rows).await
         }
         Command::Dashboard {
             addr,
@@ -623,13 +633,40 @@ fn tap_line(e: &serde_json::Value) -> String {
     line + "\n"
 }
 
+/// Where a tap goes: the control plane at --server with the token of --token-file; in a
+/// cluster, through a port-forward to a control plane pod (kept open while the returned
+/// forward lives), with the kubeconfig's bearer token unless --token-file names one.
+async fn tap_api(
+    common: &Common,
+    reach: &crate::observe_reach::Reach,
+) -> anyhow::Result<(Api, Option<crate::observe_reach::Forward>)> {
+    if !reach.is_cluster() {
+        return Ok((Api::new(&common.conn)?, None));
+    }
+    let forward = crate::observe_reach::control_plane(reach).await?;
+    tracing::debug!(pod = %forward.pod, server = %forward.server, "port-forward to the control plane");
+    let api = match (&common.conn.token_file, &forward.token) {
+        (Some(_), _) => Api::new(&Conn {
+            server: forward.server.clone(),
+            ..common.conn.clone()
+        })?,
+        (None, Some(token)) => Api::with_token(&forward.server, token)?,
+        (None, None) => anyhow::bail!(
+            "the kubeconfig's user has no bearer token to show the control plane (client \
+             certificates and exec plugins stay with the API server): give --token-file, e.g. \
+             from `kubectl create token <service account> -n <namespace>`"
+        ),
+    };
+    Ok((api, Some(forward)))
+}
+
 async fn tap(
+    api: &Api,
     common: &Common,
     workload: &str,
     filter: &TapFilter,
     max: Option<u64>,
 ) -> anyhow::Result<()> {
-    let api = Api::new(&common.conn)?;
     let rsp = api
         .send(
             "/v1/observe/tap",
@@ -702,13 +739,13 @@ fn top_table(rows: &BTreeMap<(String, String, String, String), TopRow>, limit: u
 }
 
 async fn top(
+    api: &Api,
     common: &Common,
     workload: &str,
     filter: &TapFilter,
     duration: Option<Duration>,
     limit: usize,
 ) -> anyhow::Result<()> {
-    let api = Api::new(&common.conn)?;
     let rsp = api
         .send(
             "/v1/observe/tap",

@@ -513,3 +513,67 @@ async fn dashboard_shows_the_cluster(
 
     dashboard.kill().await.unwrap();
 }
+
+/// `mesh tap --kubeconfig` finds the control plane through the API server by itself: with no
+/// control plane pod it says so, naming the label and namespace it looked in; with a ready one
+/// it asks the API server for a port-forward to that pod. (The forward itself needs a kubelet,
+/// which this API server has none of: the API server's refusal is what the user sees here.)
+#[tokio::test(flavor = "multi_thread")]
+async fn tap_finds_the_control_plane_through_the_api_server() {
+    let kube = KubeApiServer::start()
+        .await
+        .expect("start etcd + kube-apiserver");
+    let client = kube.client();
+    let tap = || async {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh"))
+            .args(["tap", "web", "-n", NS, "--kubeconfig"])
+            .arg(kube.kubeconfig())
+            .env("MESH_CONFIG_DIR", kube.dir())
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let stderr = tap().await;
+    assert!(
+        stderr.contains(
+            "no ready control plane pod (app.kubernetes.io/name=mesh-controlplane) in namespace \
+             mesh-system"
+        ),
+        "{stderr}"
+    );
+
+    create(
+        &Api::<Namespace>::all(client.clone()),
+        json!({"metadata": {"name": "mesh-system"}}),
+    )
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "mesh-system");
+    for name in ["mesh-controlplane-b", "mesh-controlplane-a"] {
+        create(
+            &pods,
+            json!({
+                "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "mesh-controlplane"}},
+                "spec": {"containers": [{"name": "controlplane", "image": "controlplane:1"}]},
+            }),
+        )
+        .await;
+    }
+    // Only b is ready: the forward goes to it.
+    let ready = json!({"status": {"phase": "Running",
+                                  "conditions": [{"type": "Ready", "status": "True"}]}});
+    pods.patch_status(
+        "mesh-controlplane-b",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&ready),
+    )
+    .await
+    .unwrap();
+    let stderr = tap().await;
+    eprintln!("{stderr}");
+    assert!(
+        stderr.contains("port-forwarding to pod mesh-system/mesh-controlplane-b:4180"),
+        "{stderr}"
+    );
+}
