@@ -157,8 +157,8 @@ pub enum Command {
     /// Serve the web dashboard for the control plane at --server, and print its address with
     /// a sign-in link; until Ctrl-C. (`mesh up` serves one too, on --dashboard-addr.) In a
     /// cluster (--kube with --prometheus), the metrics come from Prometheus, the Canaries and
-    /// the buttons from the Kubernetes API, and taps from the control plane at --server with
-    /// the token of --token-file.
+    /// the buttons from the Kubernetes API, and taps from the control plane through a
+    /// port-forward, as `mesh tap --kube`.
     Dashboard {
         /// Where the dashboard listens.
         #[arg(long, default_value = "127.0.0.1:4190")]
@@ -169,6 +169,10 @@ pub enum Command {
         /// In a cluster: the Prometheus that scrapes the proxies.
         #[arg(long, env = "MESH_PROMETHEUS_URL", value_name = "URL")]
         prometheus: Option<String>,
+        /// In a cluster: the namespace the mesh is installed in (taps go through a
+        /// port-forward to its control plane, with the kubeconfig's token unless --token-file).
+        #[arg(long, default_value = crate::k8s::install::NAMESPACE)]
+        mesh_namespace: String,
         #[command(flatten)]
         at: crate::backend::Where,
     },
@@ -305,7 +309,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             reach,
             common,
         } => {
-            let (api, _forward) = tap_api(&common, &reach).await?;
+            let (api, _forward) = crate::observe_reach::api(&common.conn, &reach).await?;
             tap(&api, &common, &workload, &filter, max).await
         }
         Command::Top {
@@ -316,7 +320,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             reach,
             common,
         } => {
-            let (api, _forward) = tap_api(&common, &reach).await?;
+            let (api, _forward) = crate::observe_reach::api(&common.conn, &reach).await?;
             let duration = duration
                 .map(|d| {
                     mesh_core::duration::parse(&d)
@@ -329,6 +333,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             addr,
             window,
             prometheus,
+            mesh_namespace,
             at,
         } => {
             mesh_core::duration::parse(&window)
@@ -341,6 +346,7 @@ async fn execute(command: Command) -> anyhow::Result<()> {
                 ),
                 (true, Some(prometheus)) => Some(crate::dashboard::ClusterSource {
                     at: at.clone(),
+                    mesh_namespace,
                     prometheus,
                     window: window.clone(),
                 }),
@@ -631,33 +637,6 @@ fn tap_line(e: &serde_json::Value) -> String {
         let _ = write!(line, " dst={}", s("dstIdentity"));
     }
     line + "\n"
-}
-
-/// Where a tap goes: the control plane at --server with the token of --token-file; in a
-/// cluster, through a port-forward to a control plane pod (kept open while the returned
-/// forward lives), with the kubeconfig's bearer token unless --token-file names one.
-async fn tap_api(
-    common: &Common,
-    reach: &crate::observe_reach::Reach,
-) -> anyhow::Result<(Api, Option<crate::observe_reach::Forward>)> {
-    if !reach.is_cluster() {
-        return Ok((Api::new(&common.conn)?, None));
-    }
-    let forward = crate::observe_reach::control_plane(reach).await?;
-    tracing::debug!(pod = %forward.pod, server = %forward.server, "port-forward to the control plane");
-    let api = match (&common.conn.token_file, &forward.token) {
-        (Some(_), _) => Api::new(&Conn {
-            server: forward.server.clone(),
-            ..common.conn.clone()
-        })?,
-        (None, Some(token)) => Api::with_token(&forward.server, token)?,
-        (None, None) => anyhow::bail!(
-            "the kubeconfig's user has no bearer token to show the control plane (client \
-             certificates and exec plugins stay with the API server): give --token-file, e.g. \
-             from `kubectl create token <service account> -n <namespace>`"
-        ),
-    };
-    Ok((api, Some(forward)))
 }
 
 async fn tap(

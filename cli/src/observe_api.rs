@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use crate::backend::{Conn, api_client};
 
 /// A client of the control plane's observe API.
+#[derive(Clone)]
 pub struct Api {
     client: reqwest::Client,
     server: String,

@@ -10,11 +10,13 @@
 
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
 use kube::api::ListParams;
-use kube::{Api, ResourceExt};
 use secrecy::ExposeSecret as _;
 
+use crate::backend::Conn;
 use crate::k8s::install::{CONTROLPLANE, NAMESPACE};
+use crate::observe_api::Api;
 
 /// The control plane's API port inside its pod (its default `MESH_CONTROLPLANE_ADDR`).
 pub const API_PORT: u16 = 4180;
@@ -97,7 +99,7 @@ pub async fn control_plane(reach: &Reach) -> anyhow::Result<Forward> {
     let token = bearer_token(&config.auth_info)?;
     let client = kube::Client::try_from(config).context("a client of the cluster")?;
     let ns = &reach.mesh_namespace;
-    let pods: Api<Pod> = Api::namespaced(client, ns);
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client, ns);
     let selector = format!("app.kubernetes.io/name={CONTROLPLANE}");
     let list = pods
         .list(&ListParams::default().labels(&selector))
@@ -148,6 +150,30 @@ pub async fn control_plane(reach: &Reach) -> anyhow::Result<Forward> {
         pod,
         task,
     })
+}
+
+/// Where a tap goes: the control plane at --server with the token of --token-file; in a
+/// cluster, through a port-forward to a control plane pod (kept open while the returned
+/// forward lives), with the kubeconfig's bearer token unless --token-file names one.
+pub async fn api(conn: &Conn, reach: &Reach) -> anyhow::Result<(Api, Option<Forward>)> {
+    if !reach.is_cluster() {
+        return Ok((Api::new(conn)?, None));
+    }
+    let forward = control_plane(reach).await?;
+    tracing::debug!(pod = %forward.pod, server = %forward.server, "port-forward to the control plane");
+    let api = match (&conn.token_file, &forward.token) {
+        (Some(_), _) => Api::new(&Conn {
+            server: forward.server.clone(),
+            ..conn.clone()
+        })?,
+        (None, Some(token)) => Api::with_token(&forward.server, token)?,
+        (None, None) => anyhow::bail!(
+            "the kubeconfig's user has no bearer token to show the control plane (client \
+             certificates and exec plugins stay with the API server): give --token-file, e.g. \
+             from `kubectl create token <service account> -n <namespace>`"
+        ),
+    };
+    Ok((api, Some(forward)))
 }
 
 #[cfg(test)]

@@ -335,7 +335,8 @@ endpoints:
 
 /// `mesh dashboard --kubeconfig --prometheus`: its server-sent data has web's requests and
 /// success rate as the load generator counted them (`total` requests in `window`, success rate
-/// `sr`), and the cluster's Canary; its pause button suspends that Canary in the API server.
+/// `sr`), and the cluster's Canary; its pause button suspends that Canary in the API server;
+/// its taps look for the control plane through the API server.
 #[allow(
     clippy::print_stderr,
     reason = "the figures measured go in the test's log"
@@ -510,6 +511,18 @@ async fn dashboard_shows_the_cluster(
         paused.text().await.unwrap()
     );
     assert!(canaries.get("web").await.unwrap().spec.suspend);
+
+    // Taps go through a port-forward to the control plane, as `mesh tap --kube`'s do; this
+    // cluster runs none, and the page is told so.
+    let tap = http
+        .get(format!("{base}/api/tap?workload=web"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tap.status(), reqwest::StatusCode::BAD_GATEWAY);
+    let body = tap.text().await.unwrap();
+    assert!(body.contains("no ready control plane pod"), "{body}");
 
     dashboard.kill().await.unwrap();
 }

@@ -12,8 +12,8 @@
 //! the metrics from Prometheus through [`mesh_observe::MetricsView`], with each Deployment's
 //! meshed and total pods from the Kubernetes API (as `mesh stat --kube`); the Canaries from the
 //! Kubernetes API and the buttons through the CLI's cluster backend (as `mesh rollout --kube`);
-//! and tap through the control plane's cluster tap (as `mesh tap --kube`), which authorizes the
-//! caller's Kubernetes token.
+//! and tap through a port-forward to the control plane (as `mesh tap --kube`), which authorizes
+//! the caller's Kubernetes token.
 //!
 //! Only a holder of the resource API's token may use it. The link `mesh dashboard` and `mesh
 //! up` print carries a one-time sign-in code, never the token (which is never printed or
@@ -59,8 +59,13 @@ pub struct Dashboard {
 struct Inner {
     at: Where,
     metrics: Metrics,
-    /// Where taps go: the control plane's observe API.
+    /// The control plane's observe API: the metrics in the embedded mesh, and taps.
     api: Api,
+    /// In a cluster, taps go through a port-forward to the control plane instead (as `mesh tap
+    /// --kube`), opened at the first tap and kept; dropped after a failure so the next tap
+    /// opens a fresh one.
+    reach: Option<crate::observe_reach::Reach>,
+    forward: tokio::sync::Mutex<Option<(Api, crate::observe_reach::Forward)>>,
     /// How far back the numbers look (`1m`).
     window: String,
     /// The resource API's token, for `/login?token=`; none in a cluster, where only the
@@ -88,6 +93,8 @@ enum Metrics {
 /// taps go through, with the caller's token), `prometheus` the metrics.
 pub struct ClusterSource {
     pub at: Where,
+    /// The namespace the mesh is installed in (where taps find the control plane).
+    pub mesh_namespace: String,
     pub prometheus: String,
     pub window: String,
 }
@@ -102,6 +109,11 @@ impl Dashboard {
             .max(1);
         let client = source.at.k8s.client().await?;
         let api = Api::new(&source.at.conn)?;
+        let reach = crate::observe_reach::Reach {
+            kube: true,
+            k8s: source.at.k8s.clone(),
+            mesh_namespace: source.mesh_namespace,
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 metrics: Metrics::Cluster {
@@ -114,6 +126,8 @@ impl Dashboard {
                     ..source.at
                 },
                 api,
+                reach: Some(reach),
+                forward: tokio::sync::Mutex::default(),
                 window: source.window,
                 secret: None,
                 codes: std::sync::Mutex::default(),
@@ -160,6 +174,8 @@ impl Dashboard {
                 at,
                 metrics: Metrics::Embedded,
                 api,
+                reach: None,
+                forward: tokio::sync::Mutex::default(),
                 window,
                 secret: Some(secret),
                 codes: std::sync::Mutex::default(),
@@ -203,6 +219,26 @@ impl Dashboard {
         axum::serve(listener, app)
             .await
             .context("serving the dashboard")
+    }
+
+    /// Opens a tap stream: at the control plane's API, or in a cluster through the forward.
+    async fn open_tap(&self, q: &[(&str, String)]) -> anyhow::Result<reqwest::Response> {
+        let Some(reach) = &self.inner.reach else {
+            return self.inner.api.send("/v1/observe/tap", q).await;
+        };
+        let mut forward = self.inner.forward.lock().await;
+        if forward.is_none() {
+            let (api, opened) = crate::observe_reach::api(&self.inner.at.conn, reach).await?;
+            *forward = opened.map(|f| (api, f));
+        }
+        let Some((api, _)) = forward.as_ref() else {
+            anyhow::bail!("no port-forward to the control plane");
+        };
+        let rsp = api.send("/v1/observe/tap", q).await;
+        if rsp.is_err() {
+            *forward = None;
+        }
+        rsp
     }
 
     fn signed_in(&self, headers: &HeaderMap) -> bool {
@@ -417,9 +453,7 @@ async fn tap(
         q.push(("path", path));
     }
     let rsp = d
-        .inner
-        .api
-        .send("/v1/observe/tap", &q)
+        .open_tap(&q)
         .await
         .map_err(|e| (StatusCode::BAD_GATEWAY, format!("{e:#}")).into_response())?;
     let stream = futures_util::stream::unfold((rsp, Vec::new()), |(mut rsp, mut buf)| async move {
