@@ -405,6 +405,13 @@ async fn dashboard_shows_the_cluster(
     // Without signing in, nothing; with the printed link, a session.
     let refused = http.get(format!("{base}/api/events")).send().await.unwrap();
     assert_eq!(refused.status(), reqwest::StatusCode::UNAUTHORIZED);
+    // A cluster has no API token, so nothing signs in by one.
+    let by_token = http
+        .get(format!("{base}/login?token="))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_token.status(), reqwest::StatusCode::UNAUTHORIZED);
     let login = http.get(&link).send().await.unwrap();
     let cookie = login
         .headers()
