@@ -65,6 +65,9 @@ struct Inner {
     /// --kube`), opened at the first tap and kept; dropped after a failure so the next tap
     /// opens a fresh one.
     reach: Option<crate::observe_reach::Reach>,
+    /// In a cluster, the Kubernetes API the Canaries are read from, connected once; the
+    /// embedded mesh's resource API is connected at each tick.
+    backend: Option<Backend>,
     forward: tokio::sync::Mutex<Option<(Api, crate::observe_reach::Forward)>>,
     /// How far back the numbers look (`1m`).
     window: String,
@@ -101,7 +104,7 @@ pub struct ClusterSource {
 
 impl Dashboard {
     /// A dashboard of a cluster: metrics from Prometheus, Canaries and the buttons through the
-    /// Kubernetes API, taps through the control plane's cluster tap.
+    /// Kubernetes API, taps through a port-forward to the control plane.
     pub async fn cluster(source: ClusterSource) -> anyhow::Result<Self> {
         let window_secs = mesh_core::duration::parse(&source.window)
             .map_err(|e| anyhow::anyhow!("--time-window {}: {e}", source.window))?
@@ -109,9 +112,14 @@ impl Dashboard {
             .max(1);
         let client = source.at.k8s.client().await?;
         let api = Api::new(&source.at.conn)?;
+        let at = Where {
+            kube: true,
+            ..source.at
+        };
+        let backend = Backend::connect(&at).await?;
         let reach = crate::observe_reach::Reach {
             kube: true,
-            k8s: source.at.k8s.clone(),
+            k8s: at.k8s.clone(),
             mesh_namespace: source.mesh_namespace,
         };
         Ok(Self {
@@ -121,12 +129,10 @@ impl Dashboard {
                     client,
                     window_secs,
                 },
-                at: Where {
-                    kube: true,
-                    ..source.at
-                },
+                at,
                 api,
                 reach: Some(reach),
+                backend: Some(backend),
                 forward: tokio::sync::Mutex::default(),
                 window: source.window,
                 secret: None,
@@ -175,6 +181,7 @@ impl Dashboard {
                 metrics: Metrics::Embedded,
                 api,
                 reach: None,
+                backend: None,
                 forward: tokio::sync::Mutex::default(),
                 window,
                 secret: Some(secret),
@@ -377,7 +384,15 @@ fn rows_json<T: serde::Serialize>(rows: Result<Vec<T>, mesh_observe::ViewError>)
 async fn snapshot(d: &Dashboard) -> Value {
     let [workloads, services, routes, edges] = traffic(d).await;
     let mut canaries = Vec::new();
-    if let Ok(backend) = Backend::connect(&d.inner.at).await
+    let connected;
+    let backend = match &d.inner.backend {
+        Some(backend) => Some(backend),
+        None => {
+            connected = Backend::connect(&d.inner.at).await.ok();
+            connected.as_ref()
+        }
+    };
+    if let Some(backend) = backend
         && let Ok(list) = backend
             .list(mesh_crds::validate::ResourceKind::Canary)
             .await
