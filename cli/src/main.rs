@@ -11,6 +11,7 @@ mod k8s;
 mod observe;
 mod observe_api;
 mod observe_cluster;
+mod observe_reach;
 mod resources;
 mod rollout;
 mod runtime;

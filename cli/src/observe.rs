@@ -133,6 +133,8 @@ pub enum Command {
         #[arg(long)]
         max: Option<u64>,
         #[command(flatten)]
+        reach: crate::observe_reach::Reach,
+        #[command(flatten)]
         common: Common,
     },
     /// The busiest paths through a workload's proxies, live (from tap).
@@ -148,16 +150,31 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         rows: usize,
         #[command(flatten)]
+        reach: crate::observe_reach::Reach,
+        #[command(flatten)]
         common: Common,
     },
     /// Serve the web dashboard for the control plane at --server, and print its address with
-    /// a sign-in link; until Ctrl-C. (`mesh up` serves one too, on --dashboard-addr.)
+    /// a sign-in link; until Ctrl-C. (`mesh up` serves one too, on --dashboard-addr.) In a
+    /// cluster (--kube with --prometheus), the metrics come from Prometheus, the Canaries and
+    /// the buttons from the Kubernetes API, and taps from the control plane through a
+    /// port-forward, as `mesh tap --kube`.
     Dashboard {
         /// Where the dashboard listens.
         #[arg(long, default_value = "127.0.0.1:4190")]
         addr: std::net::SocketAddr,
+        /// How far back the pages' numbers look (`30s`, `1m`, `5m`).
+        #[arg(short = 't', long = "time-window", default_value = "1m")]
+        window: String,
+        /// In a cluster: the Prometheus that scrapes the proxies.
+        #[arg(long, env = "MESH_PROMETHEUS_URL", value_name = "URL")]
+        prometheus: Option<String>,
+        /// In a cluster: the namespace the mesh is installed in (taps go through a
+        /// port-forward to its control plane, with the kubeconfig's token unless --token-file).
+        #[arg(long, default_value = crate::k8s::install::NAMESPACE)]
+        mesh_namespace: String,
         #[command(flatten)]
-        conn: Conn,
+        at: crate::backend::Where,
     },
 }
 
@@ -289,24 +306,53 @@ async fn execute(command: Command) -> anyhow::Result<()> {
             workload,
             filter,
             max,
+            reach,
             common,
-        } => tap(&common, &workload, &filter, max).await,
+        } => {
+            let (api, _forward) = crate::observe_reach::api(&common.conn, &reach).await?;
+            tap(&api, &common, &workload, &filter, max).await
+        }
         Command::Top {
             workload,
             filter,
             duration,
             rows,
+            reach,
             common,
         } => {
+            let (api, _forward) = crate::observe_reach::api(&common.conn, &reach).await?;
             let duration = duration
                 .map(|d| {
                     mesh_core::duration::parse(&d)
                         .map_err(|e| anyhow::anyhow!("--duration {d}: {e}"))
                 })
                 .transpose()?;
-            top(&common, &workload, &filter, duration, rows).await
+            top(&api, &common, &workload, &filter, duration, rows).await
         }
-        Command::Dashboard { addr, conn } => crate::dashboard::standalone(addr, conn).await,
+        Command::Dashboard {
+            addr,
+            window,
+            prometheus,
+            mesh_namespace,
+            at,
+        } => {
+            mesh_core::duration::parse(&window)
+                .map_err(|e| anyhow::anyhow!("--time-window {window}: {e}"))?;
+            let cluster = match (at.is_cluster(), prometheus) {
+                (false, _) => None,
+                (true, None) => anyhow::bail!(
+                    "in a cluster the dashboard's metrics come from Prometheus: give --prometheus \
+                     URL (or set MESH_PROMETHEUS_URL)"
+                ),
+                (true, Some(prometheus)) => Some(crate::dashboard::ClusterSource {
+                    at: at.clone(),
+                    mesh_namespace,
+                    prometheus,
+                    window: window.clone(),
+                }),
+            };
+            crate::dashboard::standalone(addr, at.conn, window, cluster).await
+        }
     }
 }
 
@@ -594,12 +640,12 @@ fn tap_line(e: &serde_json::Value) -> String {
 }
 
 async fn tap(
+    api: &Api,
     common: &Common,
     workload: &str,
     filter: &TapFilter,
     max: Option<u64>,
 ) -> anyhow::Result<()> {
-    let api = Api::new(&common.conn)?;
     let rsp = api
         .send(
             "/v1/observe/tap",
@@ -672,13 +718,13 @@ fn top_table(rows: &BTreeMap<(String, String, String, String), TopRow>, limit: u
 }
 
 async fn top(
+    api: &Api,
     common: &Common,
     workload: &str,
     filter: &TapFilter,
     duration: Option<Duration>,
     limit: usize,
 ) -> anyhow::Result<()> {
-    let api = Api::new(&common.conn)?;
     let rsp = api
         .send(
             "/v1/observe/tap",

@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use crate::backend::{Conn, api_client};
 
 /// A client of the control plane's observe API.
+#[derive(Clone)]
 pub struct Api {
     client: reqwest::Client,
     server: String,
@@ -17,6 +18,24 @@ impl Api {
         Ok(Self {
             client: api_client(conn)?,
             server: conn.server.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// A client of the control plane at `server` presenting `token` (a Kubernetes bearer token,
+    /// for a cluster's control plane to review).
+    pub fn with_token(server: &str, token: &str) -> anyhow::Result<Self> {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let value = mesh_controlplane::access::authorization(token)
+            .context("the kubeconfig's bearer token is not usable in a header")?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        Ok(Self {
+            client: reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(5))
+                .default_headers(headers)
+                .build()
+                .context("building the HTTP client")?,
+            server: server.trim_end_matches('/').to_string(),
         })
     }
 

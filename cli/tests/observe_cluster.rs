@@ -1,7 +1,9 @@
-//! `mesh stat`, `routes` and `edges` in a cluster: the resources from a real kube-apiserver (the
-//! Deployments and their pods, meshed or not) and the traffic from a real Prometheus (Debian's)
-//! scraping real proxies, as a user's would. The numbers agree with the load generator's own
-//! counts: success rate within 0.5 points, RPS within 5 %.
+//! `mesh stat`, `routes`, `edges` and `dashboard` in a cluster: the resources from a real
+//! kube-apiserver (the Deployments and their pods, meshed or not, and a Canary) and the traffic
+//! from a real Prometheus (Debian's) scraping real proxies, as a user's would. The numbers agree
+//! with the load generator's own counts: success rate within 0.5 points, RPS within 5 %; the
+//! dashboard's server-sent data shows the same counts and the cluster's Canary, and its button
+//! acts on the Canary in the API server.
 //!
 //! No kubelet runs: the proxies run here with the labels the injector gives a pod's proxy, and
 //! the pods are objects in the API server. Needs `mesh-loadgen` (`cargo build -p mesh-demo
@@ -97,7 +99,8 @@ fn summary(out: &std::process::Output) -> (f64, f64, f64) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn stat_routes_and_edges_read_the_cluster_and_prometheus_and_agree_with_the_load() {
+async fn stat_routes_edges_and_the_dashboard_read_the_cluster_and_prometheus_and_agree_with_the_load()
+ {
     let kube = KubeApiServer::start()
         .await
         .expect("start etcd + kube-apiserver");
@@ -312,6 +315,8 @@ endpoints:
         "{edges}"
     );
 
+    dashboard_shows_the_cluster(&kube, &url, window, total, sr).await;
+
     // Without Prometheus, a cluster's metrics have nowhere to come from: the error says so.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh"))
         .args(["stat", "deploy", "-n", NS, "--kubeconfig"])
@@ -325,5 +330,270 @@ endpoints:
         String::from_utf8_lossy(&out.stderr).contains("give --prometheus URL"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `mesh dashboard --kubeconfig --prometheus`: its server-sent data has web's requests and
+/// success rate as the load generator counted them (`total` requests in `window`, success rate
+/// `sr`), and the cluster's Canary; its pause button suspends that Canary in the API server;
+/// its taps look for the control plane through the API server.
+#[allow(
+    clippy::print_stderr,
+    reason = "the figures measured go in the test's log"
+)]
+async fn dashboard_shows_the_cluster(
+    kube: &KubeApiServer,
+    url: &str,
+    window: &str,
+    total: f64,
+    sr: f64,
+) {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let canaries: Api<mesh_crds::Canary> = Api::namespaced(kube.client(), NS);
+    create(
+        &canaries,
+        json!({
+            "apiVersion": "rollouts.mesh.dev/v1alpha1", "kind": "Canary",
+            "metadata": {"name": "web", "namespace": NS},
+            "spec": {
+                "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                "service": {"port": 80},
+                "analysis": {"interval": "30s", "threshold": 5, "stepWeight": 10, "maxWeight": 50},
+            },
+        }),
+    )
+    .await;
+    let status = json!({"status": {"phase": "Progressing", "canaryWeight": 20, "iterations": 2}});
+    canaries
+        .patch_status(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&status),
+        )
+        .await
+        .unwrap();
+
+    let mut dashboard = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh"))
+        .args(["dashboard", "--addr", "127.0.0.1:0", "-t", window, "-n", NS])
+        .arg("--kubeconfig")
+        .arg(kube.kubeconfig())
+        .args(["--prometheus", url])
+        .env("MESH_CONFIG_DIR", kube.dir())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(dashboard.stdout.take().unwrap()).lines();
+    let link = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("mesh dashboard ended before printing its link");
+        if let Some(link) = line.strip_prefix("mesh dashboard: ") {
+            break link.to_string();
+        }
+    };
+    let base = link.split("/login").next().unwrap().to_string();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .unwrap();
+
+    // Without signing in, nothing; with the printed link, a session.
+    let refused = http.get(format!("{base}/api/events")).send().await.unwrap();
+    assert_eq!(refused.status(), reqwest::StatusCode::UNAUTHORIZED);
+    // A cluster has no API token, so nothing signs in by one.
+    let by_token = http
+        .get(format!("{base}/login?token="))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_token.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let login = http.get(&link).send().await.unwrap();
+    let cookie = login
+        .headers()
+        .get(reqwest::header::SET_COOKIE)
+        .expect("no session cookie")
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+
+    // The first tick of the pages' event stream.
+    let mut events = http
+        .get(format!("{base}/api/events"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert!(events.status().is_success(), "{}", events.status());
+    let mut buffer = String::new();
+    let tick: Value = loop {
+        let chunk = events
+            .chunk()
+            .await
+            .unwrap()
+            .expect("the event stream ended");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        if let Some(end) = buffer.find("\n\n") {
+            let data = buffer[..end]
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(str::trim_start)
+                .collect::<String>();
+            break serde_json::from_str(&data).unwrap();
+        }
+    };
+    drop(events);
+
+    let web = tick["workloads"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no workloads: {tick}"))
+        .iter()
+        .find(|r| r["name"] == "web" && r["namespace"] == NS)
+        .unwrap_or_else(|| panic!("no row of web: {tick}"));
+    let requests = web["golden"]["requests"].as_f64().unwrap();
+    let failures = web["golden"]["failures"].as_f64().unwrap();
+    eprintln!(
+        "dashboard: {requests:.0} requests, success {:.2} %; the load generator: {total} \
+         requests, success {:.2} %",
+        100.0 * (1.0 - failures / requests),
+        100.0 * sr
+    );
+    assert!(
+        (requests - total).abs() / total < 0.05,
+        "{requests} vs {total}: {web}"
+    );
+    assert!(
+        ((1.0 - failures / requests) - sr).abs() * 100.0 <= 0.5,
+        "{web} vs {sr}"
+    );
+    assert_eq!(
+        (web["meshed"].as_u64(), web["total"].as_u64()),
+        (Some(1), Some(2)),
+        "{web}"
+    );
+    assert!(
+        tick["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["src"] == "loadgen" && e["dst"] == "web"),
+        "{tick}"
+    );
+    assert!(
+        tick["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["route"] == "main"),
+        "{tick}"
+    );
+    let canary = tick["canaries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "web")
+        .unwrap_or_else(|| panic!("no Canary web: {tick}"));
+    assert_eq!(canary["namespace"], NS, "{canary}");
+    assert_eq!(canary["phase"], "Progressing", "{canary}");
+    assert_eq!(canary["canaryWeight"], 20, "{canary}");
+
+    // The pause button suspends the Canary in the API server, as `mesh rollout pause` does.
+    let paused = http
+        .post(format!("{base}/api/canaries/web/pause"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    let status = paused.status();
+    assert!(
+        status.is_success(),
+        "{status}: {}",
+        paused.text().await.unwrap()
+    );
+    assert!(canaries.get("web").await.unwrap().spec.suspend);
+
+    // Taps go through a port-forward to the control plane, as `mesh tap --kube`'s do; this
+    // cluster runs none, and the page is told so.
+    let tap = http
+        .get(format!("{base}/api/tap?workload=web"))
+        .header(reqwest::header::COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tap.status(), reqwest::StatusCode::BAD_GATEWAY);
+    let body = tap.text().await.unwrap();
+    assert!(body.contains("no ready control plane pod"), "{body}");
+
+    dashboard.kill().await.unwrap();
+}
+
+/// `mesh tap --kubeconfig` finds the control plane through the API server by itself: with no
+/// control plane pod it says so, naming the label and namespace it looked in; with a ready one
+/// it asks the API server for a port-forward to that pod. (The forward itself needs a kubelet,
+/// which this API server has none of: the API server's refusal is what the user sees here.)
+#[tokio::test(flavor = "multi_thread")]
+async fn tap_finds_the_control_plane_through_the_api_server() {
+    let kube = KubeApiServer::start()
+        .await
+        .expect("start etcd + kube-apiserver");
+    let client = kube.client();
+    let tap = || async {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh"))
+            .args(["tap", "web", "-n", NS, "--kubeconfig"])
+            .arg(kube.kubeconfig())
+            .env("MESH_CONFIG_DIR", kube.dir())
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let stderr = tap().await;
+    assert!(
+        stderr.contains(
+            "no ready control plane pod (app.kubernetes.io/name=mesh-controlplane) in namespace \
+             mesh-system"
+        ),
+        "{stderr}"
+    );
+
+    create(
+        &Api::<Namespace>::all(client.clone()),
+        json!({"metadata": {"name": "mesh-system"}}),
+    )
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "mesh-system");
+    for name in ["mesh-controlplane-b", "mesh-controlplane-a"] {
+        create(
+            &pods,
+            json!({
+                "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "mesh-controlplane"}},
+                "spec": {"containers": [{"name": "controlplane", "image": "controlplane:1"}]},
+            }),
+        )
+        .await;
+    }
+    // Only b is ready: the forward goes to it.
+    let ready = json!({"status": {"phase": "Running",
+                                  "conditions": [{"type": "Ready", "status": "True"}]}});
+    pods.patch_status(
+        "mesh-controlplane-b",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&ready),
+    )
+    .await
+    .unwrap();
+    let stderr = tap().await;
+    eprintln!("{stderr}");
+    assert!(
+        stderr.contains("port-forwarding to pod mesh-system/mesh-controlplane-b:4180"),
+        "{stderr}"
     );
 }

@@ -8,6 +8,13 @@
 //! history the same way. Pages update live from server-sent events; the page, its script and
 //! its styles are compiled into the binary (no CDN).
 //!
+//! In a cluster (`mesh dashboard --kube --prometheus URL`) the same pages come from elsewhere:
+//! the metrics from Prometheus through [`mesh_observe::MetricsView`], with each Deployment's
+//! meshed and total pods from the Kubernetes API (as `mesh stat --kube`); the Canaries from the
+//! Kubernetes API and the buttons through the CLI's cluster backend (as `mesh rollout --kube`);
+//! and tap through a port-forward to the control plane (as `mesh tap --kube`), which authorizes
+//! the caller's Kubernetes token.
+//!
 //! Only a holder of the resource API's token may use it. The link `mesh dashboard` and `mesh
 //! up` print carries a one-time sign-in code, never the token (which is never printed or
 //! logged); a script that holds the token may sign in with `/login?token=...` instead. Signing
@@ -51,17 +58,97 @@ pub struct Dashboard {
 
 struct Inner {
     at: Where,
+    metrics: Metrics,
+    /// The control plane's observe API: the metrics in the embedded mesh, and taps.
     api: Api,
-    secret: String,
+    /// In a cluster, taps go through a port-forward to the control plane instead (as `mesh tap
+    /// --kube`), opened at the first tap and kept; dropped after a failure so the next tap
+    /// opens a fresh one.
+    reach: Option<crate::observe_reach::Reach>,
+    /// In a cluster, the Kubernetes API the Canaries are read from, connected once; the
+    /// embedded mesh's resource API is connected at each tick.
+    backend: Option<Backend>,
+    forward: tokio::sync::Mutex<Option<(Api, crate::observe_reach::Forward)>>,
+    /// How far back the numbers look (`1m`).
+    window: String,
+    /// The resource API's token, for `/login?token=`; none in a cluster, where only the
+    /// printed one-time link signs in.
+    secret: Option<String>,
     /// Sign-in codes printed and not used yet; each works once.
     codes: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The sessions signed in (cookie values).
     sessions: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
+/// Where the pages' metrics come from.
+enum Metrics {
+    /// The embedded control plane's window, through its observe API.
+    Embedded,
+    /// A Prometheus scraping the proxies, and the cluster's Deployments and pods.
+    Cluster {
+        view: mesh_observe::prometheus::PrometheusView,
+        client: kube::Client,
+        window_secs: u64,
+    },
+}
+
+/// What a dashboard of a cluster reads: `at` selects the cluster (and names the control plane
+/// taps go through, with the caller's token), `prometheus` the metrics.
+pub struct ClusterSource {
+    pub at: Where,
+    /// The namespace the mesh is installed in (where taps find the control plane).
+    pub mesh_namespace: String,
+    pub prometheus: String,
+    pub window: String,
+}
+
 impl Dashboard {
+    /// A dashboard of a cluster: metrics from Prometheus, Canaries and the buttons through the
+    /// Kubernetes API, taps through a port-forward to the control plane.
+    pub async fn cluster(source: ClusterSource) -> anyhow::Result<Self> {
+        let window_secs = mesh_core::duration::parse(&source.window)
+            .map_err(|e| anyhow::anyhow!("--time-window {}: {e}", source.window))?
+            .as_secs()
+            .max(1);
+        let client = source.at.k8s.client().await?;
+        let api = Api::new(&source.at.conn)?;
+        let at = Where {
+            kube: true,
+            ..source.at
+        };
+        let backend = Backend::connect(&at).await?;
+        let reach = crate::observe_reach::Reach {
+            kube: true,
+            k8s: at.k8s.clone(),
+            mesh_namespace: source.mesh_namespace,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                metrics: Metrics::Cluster {
+                    view: mesh_observe::prometheus::PrometheusView::new(&source.prometheus),
+                    client,
+                    window_secs,
+                },
+                at,
+                api,
+                reach: Some(reach),
+                backend: Some(backend),
+                forward: tokio::sync::Mutex::default(),
+                window: source.window,
+                secret: None,
+                codes: std::sync::Mutex::default(),
+                sessions: std::sync::Mutex::default(),
+            }),
+        })
+    }
+
     /// A dashboard of the control plane `conn` names, with its token.
     pub fn new(conn: Conn) -> anyhow::Result<Self> {
+        Self::embedded(conn, "1m".into())
+    }
+
+    /// As [`Dashboard::new`], its numbers looking `window` back.
+    pub fn embedded(conn: Conn, window: String) -> anyhow::Result<Self> {
         let path = match &conn.token_file {
             Some(path) => path.clone(),
             None => mesh_controlplane::access::token_file_for(&conn.server).with_context(|| {
@@ -91,8 +178,13 @@ impl Dashboard {
         Ok(Self {
             inner: Arc::new(Inner {
                 at,
+                metrics: Metrics::Embedded,
                 api,
-                secret,
+                reach: None,
+                backend: None,
+                forward: tokio::sync::Mutex::default(),
+                window,
+                secret: Some(secret),
                 codes: std::sync::Mutex::default(),
                 sessions: std::sync::Mutex::default(),
             }),
@@ -134,6 +226,26 @@ impl Dashboard {
         axum::serve(listener, app)
             .await
             .context("serving the dashboard")
+    }
+
+    /// Opens a tap stream: at the control plane's API, or in a cluster through the forward.
+    async fn open_tap(&self, q: &[(&str, String)]) -> anyhow::Result<reqwest::Response> {
+        let Some(reach) = &self.inner.reach else {
+            return self.inner.api.send("/v1/observe/tap", q).await;
+        };
+        let mut forward = self.inner.forward.lock().await;
+        if forward.is_none() {
+            let (api, opened) = crate::observe_reach::api(&self.inner.at.conn, reach).await?;
+            *forward = opened.map(|f| (api, f));
+        }
+        let Some((api, _)) = forward.as_ref() else {
+            anyhow::bail!("no port-forward to the control plane");
+        };
+        let rsp = api.send("/v1/observe/tap", q).await;
+        if rsp.is_err() {
+            *forward = None;
+        }
+        rsp
     }
 
     fn signed_in(&self, headers: &HeaderMap) -> bool {
@@ -185,7 +297,8 @@ async fn login(State(d): State<Dashboard>, Query(q): Query<Login>) -> Response {
     });
     let by_token = q
         .token
-        .is_some_and(|t| same(t.trim().as_bytes(), d.inner.secret.as_bytes()));
+        .zip(d.inner.secret.as_ref())
+        .is_some_and(|(t, secret)| same(t.trim().as_bytes(), secret.as_bytes()));
     if !by_code && !by_token {
         return refused();
     }
@@ -211,22 +324,75 @@ async fn index(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
     Html(INDEX).into_response()
 }
 
+/// The traffic the pages show: (workloads, services, routes, edges), each empty when its
+/// source did not answer (the page keeps working while Prometheus restarts).
+async fn traffic(d: &Dashboard) -> [Value; 4] {
+    match &d.inner.metrics {
+        Metrics::Embedded => {
+            let api = &d.inner.api;
+            let q = [("window", d.inner.window.clone())];
+            let get = |path: &'static str| {
+                let q = &q;
+                async move { api.get::<Value>(path, q).await.unwrap_or_default() }
+            };
+            [
+                get("/v1/observe/stat/workloads").await,
+                get("/v1/observe/stat/services").await,
+                get("/v1/observe/routes").await,
+                get("/v1/observe/edges").await,
+            ]
+        }
+        Metrics::Cluster {
+            view,
+            client,
+            window_secs,
+        } => {
+            use mesh_observe::{MetricsView as _, Resource};
+            let q = mesh_observe::Query {
+                namespace: None,
+                name: None,
+                window_secs: *window_secs,
+            };
+            let mut workloads = view.stat(Resource::Workloads, &q).await;
+            if let Ok(rows) = &mut workloads
+                && let Err(e) = crate::observe_cluster::with_pods(client, &q, rows).await
+            {
+                tracing::warn!(error = %e, "the dashboard's Deployments");
+            }
+            [
+                rows_json(workloads),
+                rows_json(view.stat(Resource::Services, &q).await),
+                rows_json(view.routes(&q).await),
+                rows_json(view.edges(&q).await),
+            ]
+        }
+    }
+}
+
+/// Rows as the page reads them; none (logged) when Prometheus did not answer.
+fn rows_json<T: serde::Serialize>(rows: Result<Vec<T>, mesh_observe::ViewError>) -> Value {
+    match rows {
+        Ok(rows) => serde_json::to_value(rows).unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "the dashboard's metrics");
+            Value::default()
+        }
+    }
+}
+
 /// One snapshot of everything the pages show.
 async fn snapshot(d: &Dashboard) -> Value {
-    let api = &d.inner.api;
-    let q = [("window", "1m".to_string())];
-    let workloads: Value = api
-        .get("/v1/observe/stat/workloads", &q)
-        .await
-        .unwrap_or_default();
-    let services: Value = api
-        .get("/v1/observe/stat/services", &q)
-        .await
-        .unwrap_or_default();
-    let routes: Value = api.get("/v1/observe/routes", &q).await.unwrap_or_default();
-    let edges: Value = api.get("/v1/observe/edges", &q).await.unwrap_or_default();
+    let [workloads, services, routes, edges] = traffic(d).await;
     let mut canaries = Vec::new();
-    if let Ok(backend) = Backend::connect(&d.inner.at).await
+    let connected;
+    let backend = match &d.inner.backend {
+        Some(backend) => Some(backend),
+        None => {
+            connected = Backend::connect(&d.inner.at).await.ok();
+            connected.as_ref()
+        }
+    };
+    if let Some(backend) = backend
         && let Ok(list) = backend
             .list(mesh_crds::validate::ResourceKind::Canary)
             .await
@@ -302,9 +468,7 @@ async fn tap(
         q.push(("path", path));
     }
     let rsp = d
-        .inner
-        .api
-        .send("/v1/observe/tap", &q)
+        .open_tap(&q)
         .await
         .map_err(|e| (StatusCode::BAD_GATEWAY, format!("{e:#}")).into_response())?;
     let stream = futures_util::stream::unfold((rsp, Vec::new()), |(mut rsp, mut buf)| async move {
@@ -347,12 +511,20 @@ async fn act(
     clippy::print_stdout,
     reason = "the announcement and the link are the output"
 )]
-pub async fn standalone(addr: SocketAddr, conn: Conn) -> anyhow::Result<()> {
+pub async fn standalone(
+    addr: SocketAddr,
+    conn: Conn,
+    window: String,
+    cluster: Option<ClusterSource>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the dashboard to {addr}"))?;
     let bound = listener.local_addr()?;
-    let dashboard = Dashboard::new(conn)?;
+    let dashboard = match cluster {
+        Some(source) => Dashboard::cluster(source).await?,
+        None => Dashboard::embedded(conn, window)?,
+    };
     println!("{}", mesh_core::Listening::new("dashboard", bound));
     println!("mesh dashboard: {}", dashboard.sign_in_url(bound)?);
     tokio::select! {
