@@ -460,6 +460,62 @@ spec:
     );
     eprintln!("policy: other -> {denied:?}, unmeshed -> {unmeshed:?}, allowed -> {admitted:?}");
 
+    // Tap, as a user would: `mesh tap --kube` reaches the control plane through the API server
+    // (a port-forward), and the control plane asks the API server whether the token's user may
+    // tap. `tapper` is bound to the mesh-tap role in this namespace; `nosy` is not.
+    node.apply_text(&format!(
+        r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: tapper, namespace: {NS}}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: nosy, namespace: {NS}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: tapper-taps, namespace: {NS}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: mesh-tap}}
+subjects: [{{kind: ServiceAccount, name: tapper, namespace: {NS}}}]
+"#
+    ))
+    .unwrap();
+    let tap_as = |account: &str| {
+        let token = kubectl(node, &["-n", NS, "create", "token", account]);
+        let file = node.dir().join(format!("{account}.token"));
+        std::fs::write(&file, token.trim()).unwrap();
+        mesh(
+            node,
+            &[
+                "tap",
+                "frontend",
+                "-n",
+                NS,
+                "--kube",
+                "--token-file",
+                file.to_str().unwrap(),
+                "--max",
+                "3",
+            ],
+        )
+    };
+    let tapped = tap_as("tapper");
+    assert!(tapped.status.success(), "tap as tapper: {}", text(&tapped));
+    let lines = String::from_utf8_lossy(&tapped.stdout).into_owned();
+    assert!(
+        lines.lines().filter(|l| l.contains("frontend")).count() >= 3,
+        "three of frontend's requests, live: {lines}"
+    );
+    let refused = tap_as("nosy");
+    let why = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(
+        !refused.status.success() && why.contains("may not tap") && why.contains("mesh-tap"),
+        "tap as nosy: {}",
+        text(&refused)
+    );
+    eprintln!("tap through the API server: {lines}\nrefused: {why}");
+
     // The control plane's pod is deleted: a meshed pod's requests keep succeeding meanwhile.
     let old = kubectl(
         node,

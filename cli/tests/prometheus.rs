@@ -1,7 +1,8 @@
 //! The embedded mesh's proxies through a real Prometheus, found by the documented scrape config
 //! (HTTP service discovery from the control plane), queried with Flagger's built-in Linkerd
 //! queries, and checked against the load generator's own counts; the rollout metrics move with
-//! the Canary; and every panel of the Grafana dashboards in deploy/grafana returns data.
+//! the Canary; and every panel of the Grafana dashboards in deploy/grafana returns data while a
+//! meshed caller calls a Canary's workload mid-rollout.
 //!
 //! Everything is real: `mesh up` supervises `mesh-demo-app` with a `mesh-proxy` beside each
 //! instance; `mesh-loadgen` sends to the canary's proxy; Debian's `prometheus` scrapes.
@@ -302,38 +303,177 @@ async fn flagger_s_linkerd_queries_on_prometheus_match_the_load_generator() {
         "p99 {p99} ms is in bucket {got}, the configured {P99_MS} ms in {want}"
     );
 
-    // Every Grafana panel's query returns data for this canary.
+    up.child().terminate();
+    drop(prometheus);
+}
+
+/// The panels of deploy/grafana whose query, with the variables filled in from `vars`, returns
+/// no series (each as "file: title: query"), and how many queries were run.
+async fn empty_panels(prometheus: &Prometheus, vars: &[(&str, &str)]) -> (Vec<String>, usize) {
     let dashboards = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana");
-    let mut panels = 0;
-    for entry in std::fs::read_dir(&dashboards).unwrap() {
-        let path = entry.unwrap().path();
+    let (mut empty, mut queries) = (Vec::new(), 0);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dashboards)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for path in files {
         let dashboard: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         for panel in dashboard["panels"].as_array().unwrap() {
             for target in panel["targets"].as_array().unwrap() {
-                let expr = target["expr"].as_str().unwrap();
-                let promql = expr
-                    .replace("$namespace", "default")
-                    .replace("$deployment", "backend")
-                    .replace("$canary", "backend")
-                    .replace("$__rate_interval", "1m");
+                let mut promql = target["expr"].as_str().unwrap().to_string();
+                for (var, value) in vars {
+                    promql = promql.replace(var, value);
+                }
+                assert!(!promql.contains('$'), "a variable is left in {promql}");
+                queries += 1;
                 let answer = prometheus.client().query(promql.as_str()).get().await;
                 let series = answer
                     .as_ref()
                     .ok()
                     .and_then(|a| a.data().as_vector())
                     .map_or(0, |v| v.len());
-                assert!(
-                    series > 0,
-                    "{}: panel {:?} returns nothing: {promql}: {answer:?}",
-                    path.display(),
-                    panel["title"]
-                );
-                panels += 1;
+                if series == 0 {
+                    empty.push(format!(
+                        "{}: {}: {promql}",
+                        path.file_name().unwrap().to_string_lossy(),
+                        panel["title"]
+                    ));
+                }
             }
         }
     }
-    eprintln!("{panels} Grafana panel queries returned data");
-    assert!(panels >= 9, "{panels}");
+    (empty, queries)
+}
+
+/// The example mesh's shape, rolled out fast: `frontend` (meshed) calls `backend`, whose Canary
+/// steps to 50 % with two gates; `loadgen` calls `frontend`.
+fn meshed_caller_manifest(dir: &Path, version: &str) -> PathBuf {
+    let text = format!(
+        "apiVersion: workloads.mesh.dev/v1alpha1
+kind: Workload
+metadata:
+  name: frontend
+spec:
+  port: 8080
+  version: v1
+  versions:
+    v1:
+      command: [mesh-demo-app, --version, v1, --downstream, \"http://backend.default:9898/\"]
+---
+apiVersion: workloads.mesh.dev/v1alpha1
+kind: Workload
+metadata:
+  name: backend
+spec:
+  port: 9898
+  version: {version}
+  versions:
+    v1:
+      command: [mesh-demo-app, --version, v1, --latency-ms, \"5\"]
+    v2:
+      command: [mesh-demo-app, --version, v2, --latency-ms, \"5\"]
+---
+apiVersion: workloads.mesh.dev/v1alpha1
+kind: Workload
+metadata:
+  name: loadgen
+spec:
+  version: v1
+  versions:
+    v1:
+      command: [mesh-loadgen, --url, \"http://frontend.default:8080/\", --rate, \"100\"]
+---
+apiVersion: rollouts.mesh.dev/v1alpha1
+kind: Canary
+metadata:
+  name: backend
+spec:
+  targetRef:
+    apiVersion: workloads.mesh.dev/v1alpha1
+    kind: Workload
+    name: backend
+  service:
+    port: 9898
+  progressDeadlineSeconds: 600
+  analysis:
+    interval: 2s
+    threshold: 5
+    stepWeight: 50
+    maxWeight: 50
+    metrics:
+      - name: request-success-rate
+        thresholdRange: {{min: 90}}
+        interval: 10s
+      - name: request-duration
+        thresholdRange: {{max: 5000}}
+        interval: 10s
+"
+    );
+    let path = dir.join(format!("meshed-{version}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_grafana_panel_returns_data_over_a_meshed_caller_and_a_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut up = mesh_up(&state, &meshed_caller_manifest(dir.path(), "v1"), &[]).unwrap();
+    let server = format!("http://{}", up.addr("api"));
+    assert_eventually!(canary(&server)["status"]["phase"] == "Initialized");
+    let token = state.join("controlplane").join("api-token");
+    let scrape = embedded_scrape_config(&server, token.to_str().unwrap(), "1s");
+    let prometheus = Prometheus::builder()
+        .scrape_config(&scrape)
+        .start()
+        .await
+        .unwrap();
+
+    // v2 steps to 50 %; once its gates have been judged, the rollout is paused there, so every
+    // series the dashboards read exists at once: both arms, the caller's split and its gates.
+    let applied = mesh(
+        &server,
+        &[
+            "apply",
+            "-f",
+            meshed_caller_manifest(dir.path(), "v2").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    assert_eventually!(
+        canary(&server)["status"]["canaryWeight"] == 50
+            && canary(&server)["status"]["analysis"]
+                .as_array()
+                .is_some_and(|gates| gates.len() >= 2),
+        "the canary never reached 50 % with its gates judged: {}",
+        canary(&server)["status"]
+    );
+    let paused = mesh(&server, &["rollout", "pause", "backend"]);
+    assert!(
+        paused.status.success(),
+        "{}",
+        String::from_utf8_lossy(&paused.stderr)
+    );
+    let vars = [
+        ("$namespace", "default"),
+        ("$deployment", "backend"),
+        ("$caller", "frontend"),
+        ("$canary", "backend"),
+        ("$__rate_interval", "1m"),
+    ];
+    assert_eventually!(
+        empty_panels(&prometheus, &vars).await.0.is_empty(),
+        "panels without data: {:#?}",
+        empty_panels(&prometheus, &vars).await.0
+    );
+    let (_, queries) = empty_panels(&prometheus, &vars).await;
+    eprintln!("{queries} Grafana panel queries returned data");
+    assert!(queries >= 17, "{queries}");
 
     up.child().terminate();
     drop(prometheus);
