@@ -485,6 +485,23 @@ pub fn inject(
     Ok(())
 }
 
+/// The Deployment a pod belongs to: its ReplicaSet owner's name without the
+/// `pod-template-hash` suffix, as Linkerd's `deployment` label names it.
+pub fn deployment_of(pod: &k8s_openapi::api::core::v1::Pod) -> Option<String> {
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.kind == "ReplicaSet")?;
+    let hash = kube::ResourceExt::labels(pod).get("pod-template-hash")?;
+    owner
+        .name
+        .strip_suffix(hash.as_str())?
+        .strip_suffix('-')
+        .map(str::to_string)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,7 +38,7 @@ use mesh_core::SpiffeId;
 use mesh_core::proxy_api::{ServiceRef, WorkloadRegistration};
 use tokio::net::TcpListener;
 
-use crate::inject::INJECTED_ANNOTATION;
+use crate::inject::{INJECTED_ANNOTATION, deployment_of};
 use crate::{ControlPlane, Shared};
 use mesh_store::kubernetes::KubernetesStore;
 
@@ -308,23 +308,6 @@ pub fn slice_registrations(
         }
     }
     out
-}
-
-/// The Deployment a pod belongs to: its ReplicaSet owner's name without the
-/// `pod-template-hash` suffix, as Linkerd's `deployment` label names it.
-pub fn deployment_of(pod: &Pod) -> Option<String> {
-    let owner = pod
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .find(|o| o.kind == "ReplicaSet")?;
-    let hash = pod.labels().get("pod-template-hash")?;
-    owner
-        .name
-        .strip_suffix(hash.as_str())?
-        .strip_suffix('-')
-        .map(str::to_string)
 }
 
 #[cfg(test)]

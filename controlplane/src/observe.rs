@@ -277,8 +277,7 @@ pub fn cluster_tap_targets(
                 .contains_key(crate::inject::INJECTED_ANNOTATION)
         })
         .filter(|p| {
-            p.name_any() == workload
-                || crate::kubernetes::deployment_of(p).as_deref() == Some(workload)
+            p.name_any() == workload || crate::inject::deployment_of(p).as_deref() == Some(workload)
         })
         .filter_map(|p| {
             let ip: std::net::IpAddr = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;

@@ -944,13 +944,19 @@ async fn the_binary_killed_mid_rollout_resumes_from_the_status() {
     // SIGKILL: nothing is flushed or cleaned up, as when a node dies.
     first.kill().await.unwrap();
     let _second = controller_binary(&cluster.kube, &prometheus, "controller-2.log");
-    assert_eventually!(
-        phase(&client).await == Some(CanaryPhase::Succeeded),
-        "canary is {:?} after the restart; weights {:?}, logs in {}",
-        phase(&client).await,
-        traffic.weights(),
-        cluster.kube.dir().display()
-    );
+    // The new process takes the Lease over, finishes the last step and gathers the promotion's
+    // evidence, tens of seconds of traffic on their own: it gets four times the usual patience.
+    let deadline = tokio::time::Instant::now() + 4 * mesh_test_support::eventually::patience();
+    while phase(&client).await != Some(CanaryPhase::Succeeded) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "canary is {:?} after the restart; weights {:?}, logs in {}",
+            phase(&client).await,
+            traffic.weights(),
+            cluster.kube.dir().display()
+        );
+        tokio::time::sleep(mesh_test_support::eventually::POLL_INTERVAL).await;
+    }
     // The new process went on from 25 %: no second start from 0, no step repeated.
     traffic
         .assert_back_on_the_primary_through(

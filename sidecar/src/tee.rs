@@ -17,7 +17,8 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 
-use crate::retry::BoxError;
+/// The error a copy's body ends in: any error, boxed, as request bodies' errors are.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why a copy's body ended before its source did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
