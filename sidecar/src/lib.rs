@@ -43,4 +43,5 @@ pub mod runtime;
 pub mod tables;
 pub mod tap;
 pub mod tls;
+pub mod trace;
 pub mod tunnel;

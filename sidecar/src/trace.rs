@@ -1,0 +1,695 @@
+//! Distributed tracing: trace context in and out of every request, and one span per request on
+//! each side, exported over OTLP.
+//!
+//! - **Propagation.** W3C `traceparent`/`tracestate` and B3, both the single `b3` header and
+//!   the multi `X-B3-*` headers. A request keeps the format it came with; a request with no
+//!   context gets a W3C `traceparent`.
+//! - **Spans.** The outbound side records a client span per attempt, where the golden metrics
+//!   are recorded ([`crate::outbound::metrics`]): it knows the route, the backend the split
+//!   chose, the endpoint and the peer's identity. The inbound side records a server span per
+//!   request, with the caller's verified identity. Each side writes its own span id into the
+//!   headers it forwards, so the far side's span is its child: app A's span -> proxy A's client
+//!   span -> proxy B's server span -> app B's spans, all under one trace id.
+//! - **Sampling** is parent-based: a sampled (or unsampled) flag that comes with the request is
+//!   honoured; a request without one is sampled at [`TraceConfig::sampling`], decided once per
+//!   request (before retries) and passed on as the flag, so the far side agrees.
+//! - **Export** never holds up a request: finished spans go into a bounded queue
+//!   ([`QUEUE_CAPACITY`]); a full queue drops the span and counts it in
+//!   `trace_spans_dropped_total{reason="queue_full"}`. A task on the proxy's runtime sends
+//!   batches with `opentelemetry-otlp`'s OTLP/HTTP (protobuf) exporter over `reqwest`, the
+//!   HTTP stack the proxy already has; a batch the collector refuses is counted with
+//!   `reason="export_failed"`.
+//!
+//! Tracing is off unless a collector is configured; then [`Tracing`] is `None` inside, and a
+//! request pays one branch for it.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::HeaderMap;
+use http::header::{HeaderName, HeaderValue};
+use mesh_core::config::{ConfigError, Env};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry::{InstrumentationScope, KeyValue, Value};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
+use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::sync::{mpsc, oneshot};
+
+/// The OTLP collector spans are sent to: `host:port` or an `http(s)://` URL. Without a path,
+/// OTLP/HTTP's `/v1/traces` is added. Tracing is off when neither this nor
+/// [`ENV_OTEL_ENDPOINT`] is set.
+pub const ENV_COLLECTOR: &str = "MESH_PROXY_TRACE_COLLECTOR";
+
+/// OpenTelemetry's standard variable, honoured when [`ENV_COLLECTOR`] is unset: the base URL of
+/// an OTLP/HTTP receiver (`/v1/traces` is always added, as the specification says).
+pub const ENV_OTEL_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+/// The share of new traces sampled, from `0` to `1` (default [`DEFAULT_SAMPLING`]); a request
+/// that carries a sampling decision keeps it.
+pub const ENV_SAMPLING: &str = "MESH_PROXY_TRACE_SAMPLING";
+
+/// Every new trace is sampled unless told otherwise: tracing is on only when asked for.
+pub const DEFAULT_SAMPLING: f64 = 1.0;
+
+/// Finished spans waiting for export; more are dropped (and counted), never waited for.
+pub const QUEUE_CAPACITY: usize = 2048;
+
+/// Spans sent in one OTLP request, at most.
+pub const MAX_BATCH: usize = 512;
+
+/// How long the first span of a batch waits for others before the batch is sent.
+pub const BATCH_DELAY: Duration = Duration::from_millis(500);
+
+/// How long [`Tracing::flush`] waits for the queue to be sent when the proxy stops.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const B3: HeaderName = HeaderName::from_static("b3");
+const B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+
+/// Span attribute keys beyond OpenTelemetry's HTTP conventions (`http.request.method`,
+/// `http.response.status_code`, `url.path`, `server.address`, `error.type`).
+pub mod attr {
+    /// `inbound` or `outbound`.
+    pub const DIRECTION: &str = "mesh.direction";
+    /// The HTTPRoute rule's name (`default` inbound).
+    pub const ROUTE: &str = "mesh.route";
+    /// The backend service the split chose (`name.namespace:port`), outbound.
+    pub const BACKEND: &str = "mesh.backend";
+    /// The endpoint's `ip:port`, outbound.
+    pub const ENDPOINT: &str = "mesh.endpoint";
+    /// The owner of the endpoint (Linkerd's `dst_deployment`), outbound, when known.
+    pub const DST_DEPLOYMENT: &str = "mesh.dst_deployment";
+    /// The peer's SPIFFE identity: the server's outbound, the verified caller's inbound.
+    pub const PEER_IDENTITY: &str = "mesh.peer.identity";
+    /// Whether the request crossed the mesh over mTLS.
+    pub const TLS: &str = "mesh.tls";
+    /// Where a failure came from: `upstream` (the app answered 5xx) or `mesh` (no answer).
+    pub const ERROR: &str = "mesh.error";
+}
+
+/// Where spans go and how many are sampled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TraceConfig {
+    /// The OTLP/HTTP traces URL (`.../v1/traces`).
+    pub endpoint: String,
+    /// The share of new traces sampled, `0..=1`.
+    pub sampling: f64,
+}
+
+// `sampling` is never NaN (it is checked to lie in 0..=1), so equality is an equivalence.
+impl Eq for TraceConfig {}
+
+impl TraceConfig {
+    /// Reads [`ENV_COLLECTOR`] (or [`ENV_OTEL_ENDPOINT`]) and [`ENV_SAMPLING`]; `None` when no
+    /// collector is set. Errors name the variable and its bad value.
+    pub fn from_env(env: &impl Env) -> Result<Option<Self>, ConfigError> {
+        let sampling = match env.var(ENV_SAMPLING) {
+            None => DEFAULT_SAMPLING,
+            Some(value) => match value.trim().parse::<f64>() {
+                Ok(s) if (0.0..=1.0).contains(&s) => s,
+                _ => {
+                    return Err(ConfigError {
+                        name: ENV_SAMPLING,
+                        value,
+                        reason: "expected a number from 0 to 1 (the share of new traces sampled)"
+                            .into(),
+                    });
+                }
+            },
+        };
+        let endpoint = match (env.var(ENV_COLLECTOR), env.var(ENV_OTEL_ENDPOINT)) {
+            (Some(v), _) if !v.trim().is_empty() => {
+                traces_url(&v, false).map_err(|reason| ConfigError {
+                    name: ENV_COLLECTOR,
+                    value: v.clone(),
+                    reason,
+                })?
+            }
+            (_, Some(v)) if !v.trim().is_empty() => {
+                traces_url(&v, true).map_err(|reason| ConfigError {
+                    name: ENV_OTEL_ENDPOINT,
+                    value: v.clone(),
+                    reason,
+                })?
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(Self { endpoint, sampling }))
+    }
+}
+
+/// The OTLP/HTTP traces URL for a collector written as `host:port` or a URL; `/v1/traces` is
+/// added when the URL has no path, or always for OpenTelemetry's base-URL variable.
+fn traces_url(value: &str, base: bool) -> Result<String, String> {
+    let value = value.trim();
+    let url = if value.contains("://") {
+        value.to_string()
+    } else {
+        format!("http://{value}")
+    };
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("not host:port or an http(s) URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err("the collector speaks OTLP over http:// or https://".into()),
+    }
+    let Some(authority) = uri.authority() else {
+        return Err("names no host".into());
+    };
+    if authority.host().is_empty() {
+        return Err("names no host".into());
+    }
+    let path = uri.path();
+    if base || path.is_empty() || path == "/" {
+        Ok(format!("{}/v1/traces", url.trim_end_matches('/')))
+    } else {
+        Ok(url)
+    }
+}
+
+/// Labels of `trace_spans_dropped_total`: why spans were lost.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct DroppedLabels {
+    /// `queue_full` or `export_failed` ([`mesh_core::metrics::DROP_REASONS`]).
+    pub reason: &'static str,
+}
+
+impl EncodeLabelSet for DroppedLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeLabel;
+        (mesh_core::metrics::label::REASON, self.reason).encode(encoder.encode_label())
+    }
+}
+
+/// The proxy's tracing: off (the default), or a handle on the export queue. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Tracing(Option<Arc<Tracer>>);
+
+#[derive(Debug)]
+struct Tracer {
+    sampling: f64,
+    spans: mpsc::Sender<SpanData>,
+    flush: mpsc::Sender<oneshot::Sender<()>>,
+    dropped: Family<DroppedLabels, Counter>,
+    scope: InstrumentationScope,
+}
+
+/// What the proxy knows about a request's trace: the context it came with (if any) and
+/// whether it is sampled. Decided once per request, before retries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    trace_id: TraceId,
+    /// The caller's span, when the request came with a context.
+    parent: Option<SpanId>,
+    sampled: bool,
+    format: Format,
+    /// Whether the context came with the request (then an unsampled request's headers are
+    /// left alone).
+    incoming: bool,
+}
+
+/// The header format a context came in, and goes on in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// `traceparent` (and `tracestate`, which is passed on as it came).
+    W3c,
+    /// The single `b3` header; `short` for a 64-bit trace id.
+    B3Single {
+        /// The trace id had 16 hex digits.
+        short: bool,
+    },
+    /// `X-B3-TraceId`, `X-B3-SpanId`, `X-B3-Sampled` ...; `short` for a 64-bit trace id.
+    B3Multi {
+        /// The trace id had 16 hex digits.
+        short: bool,
+    },
+}
+
+/// A context read from headers. `sampled` is `None` when the caller deferred the decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extracted {
+    /// The trace, when the headers named one (B3 may carry only a sampling decision).
+    pub ids: Option<(TraceId, SpanId)>,
+    /// The caller's sampling decision.
+    pub sampled: Option<bool>,
+    /// The format it came in.
+    pub format: Format,
+}
+
+/// A span being recorded.
+#[derive(Debug)]
+pub struct Span {
+    trace_id: TraceId,
+    span_id: SpanId,
+    parent: Option<SpanId>,
+    kind: SpanKind,
+    name: Cow<'static, str>,
+    start: SystemTime,
+    attributes: Vec<KeyValue>,
+}
+
+impl Span {
+    /// Adds an attribute.
+    pub fn set(&mut self, key: &'static str, value: impl Into<Value>) {
+        self.attributes.push(KeyValue::new(key, value));
+    }
+
+    /// The span's id, as the far side sees it as its parent.
+    pub fn span_id(&self) -> SpanId {
+        self.span_id
+    }
+
+    /// The trace's id.
+    pub fn trace_id(&self) -> TraceId {
+        self.trace_id
+    }
+}
+
+impl Tracing {
+    /// Tracing that records nothing and leaves headers alone.
+    pub fn off() -> Self {
+        Self(None)
+    }
+
+    /// Starts the export task on the current runtime, sending to `config.endpoint` with
+    /// `resource` naming the proxy; drops are counted in `dropped`. The task ends when every
+    /// handle is dropped.
+    pub fn start(
+        config: &TraceConfig,
+        resource: Resource,
+        dropped: Family<DroppedLabels, Counter>,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), String> {
+        use opentelemetry_otlp::WithExportConfig as _;
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(config.endpoint.clone())
+            .build()
+            .map_err(|e| format!("OTLP exporter for {}: {e}", config.endpoint))?;
+        exporter.set_resource(&resource);
+        let (spans_tx, spans_rx) = mpsc::channel(QUEUE_CAPACITY);
+        let (flush_tx, flush_rx) = mpsc::channel(1);
+        let task = tokio::spawn(export(spans_rx, flush_rx, exporter, dropped.clone()));
+        let tracer = Tracer {
+            sampling: config.sampling,
+            spans: spans_tx,
+            flush: flush_tx,
+            dropped,
+            scope: InstrumentationScope::builder("mesh-proxy")
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build(),
+        };
+        Ok((Self(Some(Arc::new(tracer))), task))
+    }
+
+    /// Whether spans are recorded at all.
+    pub fn is_on(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The trace decision for a request with `headers`: the context it came with, or a new
+    /// trace sampled at the configured rate. `None` when tracing is off.
+    pub fn decide(&self, headers: &HeaderMap) -> Option<Decision> {
+        let tracer = self.0.as_ref()?;
+        let extracted = extract(headers);
+        let sample = || tracer.sampling > 0.0 && fastrand::f64() < tracer.sampling;
+        Some(match extracted {
+            Some(Extracted {
+                ids: Some((trace_id, parent)),
+                sampled,
+                format,
+            }) => Decision {
+                trace_id,
+                parent: Some(parent),
+                sampled: sampled.unwrap_or_else(sample),
+                format,
+                incoming: true,
+            },
+            // B3 `b3: 1` or `X-B3-Sampled: 0` alone: the decision, for a new trace.
+            Some(Extracted {
+                ids: None,
+                sampled,
+                format,
+            }) => Decision {
+                trace_id: new_trace_id(),
+                parent: None,
+                sampled: sampled.unwrap_or_else(sample),
+                format,
+                incoming: false,
+            },
+            None => Decision {
+                trace_id: new_trace_id(),
+                parent: None,
+                sampled: sample(),
+                format: Format::W3c,
+                incoming: false,
+            },
+        })
+    }
+
+    /// Starts a span of `kind` under `decision` and writes its context into `headers` (what
+    /// goes on to the far side), or, for an unsampled request, passes the decision on. `None`
+    /// when the request is not sampled.
+    pub fn span(
+        &self,
+        decision: &Decision,
+        kind: SpanKind,
+        name: impl Into<Cow<'static, str>>,
+        headers: &mut HeaderMap,
+    ) -> Option<Span> {
+        if !decision.sampled {
+            // A context that came with the request goes on untouched; a new one is passed on
+            // as unsampled, so the far side does not sample the trace on its own.
+            if !decision.incoming {
+                inject(headers, decision, new_span_id(), false);
+            }
+            return None;
+        }
+        let span_id = new_span_id();
+        inject(headers, decision, span_id, true);
+        Some(Span {
+            trace_id: decision.trace_id,
+            span_id,
+            parent: decision.parent,
+            kind,
+            name: name.into(),
+            start: SystemTime::now(),
+            attributes: Vec::with_capacity(12),
+        })
+    }
+
+    /// Ends `span` with an HTTP status (`None`: no answer, a mesh error) and queues it for
+    /// export; a full queue drops it.
+    pub fn end(&self, mut span: Span, status: Option<u16>, error: &'static str) {
+        let Some(tracer) = &self.0 else { return };
+        let failed = status.is_none_or(|s| s >= 500) || !error.is_empty();
+        if let Some(status) = status {
+            span.set("http.response.status_code", i64::from(status));
+        }
+        if !error.is_empty() {
+            span.set(attr::ERROR, error);
+            span.set(
+                "error.type",
+                status.map_or_else(|| "no_response".to_string(), |s| s.to_string()),
+            );
+        }
+        let data = SpanData {
+            span_context: SpanContext::new(
+                span.trace_id,
+                span.span_id,
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::NONE,
+            ),
+            parent_span_id: span.parent.unwrap_or(SpanId::INVALID),
+            parent_span_is_remote: span.parent.is_some(),
+            span_kind: span.kind,
+            name: span.name,
+            start_time: span.start,
+            end_time: SystemTime::now(),
+            attributes: span.attributes,
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: if failed {
+                Status::error(error)
+            } else {
+                Status::Unset
+            },
+            instrumentation_scope: tracer.scope.clone(),
+        };
+        if tracer.spans.try_send(data).is_err() {
+            tracer
+                .dropped
+                .get_or_create(&DroppedLabels {
+                    reason: mesh_core::metrics::DROP_QUEUE_FULL,
+                })
+                .inc();
+        }
+    }
+
+    /// Sends what is queued now, waiting at most [`FLUSH_TIMEOUT`]: the proxy calls it when it
+    /// stops, so the last requests' spans are not lost.
+    pub async fn flush(&self) {
+        let Some(tracer) = &self.0 else { return };
+        let (tx, rx) = oneshot::channel();
+        if tracer.flush.send(tx).await.is_ok() {
+            let _ = tokio::time::timeout(FLUSH_TIMEOUT, rx).await;
+        }
+    }
+}
+
+/// The export task: batches of up to [`MAX_BATCH`] spans, each sent [`BATCH_DELAY`] after its
+/// first span arrived, or at once when asked to flush.
+async fn export(
+    mut spans: mpsc::Receiver<SpanData>,
+    mut flushes: mpsc::Receiver<oneshot::Sender<()>>,
+    exporter: opentelemetry_otlp::SpanExporter,
+    dropped: Family<DroppedLabels, Counter>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let flush = tokio::select! {
+            n = spans.recv_many(&mut batch, MAX_BATCH) => {
+                if n == 0 {
+                    return;
+                }
+                let delay = tokio::time::sleep(BATCH_DELAY);
+                tokio::pin!(delay);
+                let mut flush = None;
+                while batch.len() < MAX_BATCH {
+                    let room = MAX_BATCH - batch.len();
+                    tokio::select! {
+                        n = spans.recv_many(&mut batch, room) => {
+                            if n == 0 { break }
+                        }
+                        () = &mut delay => break,
+                        f = flushes.recv() => { flush = f; break }
+                    }
+                }
+                send(&exporter, &mut batch, &dropped).await;
+                flush
+            }
+            f = flushes.recv() => match f {
+                Some(f) => Some(f),
+                None => return,
+            },
+        };
+        if let Some(done) = flush {
+            while let Ok(span) = spans.try_recv() {
+                batch.push(span);
+                if batch.len() == MAX_BATCH {
+                    send(&exporter, &mut batch, &dropped).await;
+                }
+            }
+            send(&exporter, &mut batch, &dropped).await;
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Sends `batch` (emptying it); a failure drops the spans, counted.
+async fn send(
+    exporter: &opentelemetry_otlp::SpanExporter,
+    batch: &mut Vec<SpanData>,
+    dropped: &Family<DroppedLabels, Counter>,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let n = batch.len() as u64;
+    if let Err(error) = exporter.export(std::mem::take(batch)).await {
+        tracing::debug!(%error, spans = n, "exporting spans failed; dropped");
+        dropped
+            .get_or_create(&DroppedLabels {
+                reason: mesh_core::metrics::DROP_EXPORT_FAILED,
+            })
+            .inc_by(n);
+    }
+}
+
+fn new_trace_id() -> TraceId {
+    TraceId::from_bytes(fastrand::u128(1..).to_be_bytes())
+}
+
+fn new_span_id() -> SpanId {
+    SpanId::from_bytes(fastrand::u64(1..).to_be_bytes())
+}
+
+/// The trace context in `headers`: `traceparent` first, then `b3`, then `X-B3-*`. Malformed
+/// headers count as absent.
+pub fn extract(headers: &HeaderMap) -> Option<Extracted> {
+    let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(e) = text(&TRACEPARENT).and_then(parse_traceparent) {
+        return Some(e);
+    }
+    if let Some(e) = text(&B3).and_then(parse_b3_single) {
+        return Some(e);
+    }
+    parse_b3_multi(
+        text(&B3_TRACE_ID),
+        text(&B3_SPAN_ID),
+        text(&B3_SAMPLED),
+        text(&B3_FLAGS),
+    )
+}
+
+/// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`; later versions may append fields.
+fn parse_traceparent(value: &str) -> Option<Extracted> {
+    let value = value.trim();
+    let mut parts = value.split('-');
+    let version = parts.next()?;
+    let trace = parts.next()?;
+    let span = parts.next()?;
+    let flags = parts.next()?;
+    if version.len() != 2 || !is_hex(version) || version == "ff" {
+        return None;
+    }
+    if version == "00" && (parts.next().is_some() || value.len() != 55) {
+        return None;
+    }
+    if flags.len() != 2 || !is_hex(flags) {
+        return None;
+    }
+    let ids = ids(trace, 32, span)?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    Some(Extracted {
+        ids: Some(ids),
+        sampled: Some(flags & 1 == 1),
+        format: Format::W3c,
+    })
+}
+
+/// `<trace id>-<span id>[-<sampling>[-<parent id>]]`, or the sampling state alone (`0`, `1`,
+/// `d`).
+fn parse_b3_single(value: &str) -> Option<Extracted> {
+    let value = value.trim();
+    let sampling = |s: &str| match s {
+        "1" | "d" => Some(Some(true)),
+        "0" => Some(Some(false)),
+        _ => None,
+    };
+    let mut parts = value.split('-');
+    let first = parts.next()?;
+    let Some(span) = parts.next() else {
+        return Some(Extracted {
+            ids: None,
+            sampled: sampling(first)?,
+            format: Format::B3Single { short: false },
+        });
+    };
+    let short = first.len() == 16;
+    let ids = ids(first, if short { 16 } else { 32 }, span)?;
+    let sampled = match parts.next() {
+        None => None,
+        Some(s) => sampling(s)?,
+    };
+    if let Some(parent) = parts.next()
+        && (parent.len() != 16 || !is_hex(parent) || parts.next().is_some())
+    {
+        return None;
+    }
+    Some(Extracted {
+        ids: Some(ids),
+        sampled,
+        format: Format::B3Single { short },
+    })
+}
+
+/// `X-B3-TraceId` and `X-B3-SpanId` (both or neither), `X-B3-Sampled` (`1`/`0`, or
+/// `true`/`false` from old tracers), `X-B3-Flags: 1` (debug, sampled).
+fn parse_b3_multi(
+    trace: Option<&str>,
+    span: Option<&str>,
+    sampled: Option<&str>,
+    flags: Option<&str>,
+) -> Option<Extracted> {
+    let sampled = match (flags.map(str::trim), sampled.map(str::trim)) {
+        (Some("1"), _) => Some(true),
+        (_, Some("1" | "true")) => Some(true),
+        (_, Some("0" | "false")) => Some(false),
+        (_, Some(_)) => return None,
+        _ => None,
+    };
+    match (trace.map(str::trim), span.map(str::trim)) {
+        (Some(trace), Some(span)) => {
+            let short = trace.len() == 16;
+            Some(Extracted {
+                ids: Some(ids(trace, if short { 16 } else { 32 }, span)?),
+                sampled,
+                format: Format::B3Multi { short },
+            })
+        }
+        (None, None) => sampled.map(|s| Extracted {
+            ids: None,
+            sampled: Some(s),
+            format: Format::B3Multi { short: false },
+        }),
+        _ => None,
+    }
+}
+
+/// A trace id of `trace_len` hex digits (a 64-bit one is widened with zeros) and a 16-digit
+/// span id, neither all zeros.
+fn ids(trace: &str, trace_len: usize, span: &str) -> Option<(TraceId, SpanId)> {
+    if trace.len() != trace_len || !is_hex(trace) || span.len() != 16 || !is_hex(span) {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(trace).ok()?;
+    let span_id = SpanId::from_hex(span).ok()?;
+    (trace_id != TraceId::INVALID && span_id != SpanId::INVALID).then_some((trace_id, span_id))
+}
+
+fn is_hex(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Writes the context (trace, this hop's span, the sampling flag) in the decision's format.
+fn inject(headers: &mut HeaderMap, decision: &Decision, span_id: SpanId, sampled: bool) {
+    let trace = |short: bool| {
+        let hex = decision.trace_id.to_string();
+        if short { hex[16..].to_string() } else { hex }
+    };
+    let flag = if sampled { "1" } else { "0" };
+    match decision.format {
+        Format::W3c => {
+            let flags = if sampled { "01" } else { "00" };
+            let value = format!("00-{}-{span_id}-{flags}", decision.trace_id);
+            put(headers, TRACEPARENT, &value);
+        }
+        Format::B3Single { short } => {
+            put(headers, B3, &format!("{}-{span_id}-{flag}", trace(short)));
+        }
+        Format::B3Multi { short } => {
+            put(headers, B3_TRACE_ID, &trace(short));
+            put(headers, B3_SPAN_ID, &span_id.to_string());
+            match decision.parent {
+                Some(parent) => put(headers, B3_PARENT_SPAN_ID, &parent.to_string()),
+                None => {
+                    headers.remove(B3_PARENT_SPAN_ID);
+                }
+            }
+            headers.remove(B3_FLAGS);
+            headers.insert(B3_SAMPLED, HeaderValue::from_static(flag));
+        }
+    }
+}
+
+/// Sets a header; every value written here is hex digits and dashes.
+fn put(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(name, v);
+    }
+}
