@@ -693,3 +693,272 @@ fn put(headers: &mut HeaderMap, name: HeaderName, value: &str) {
         headers.insert(name, v);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const SPAN: &str = "00f067aa0ba902b7";
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn ids(trace: &str, span: &str) -> Option<(TraceId, SpanId)> {
+        Some((
+            TraceId::from_hex(trace).unwrap(),
+            SpanId::from_hex(span).unwrap(),
+        ))
+    }
+
+    /// Tracing on, at `sampling`, with the queue's receiving end kept (and never read) by the
+    /// test: spans stay queued, so a full queue can be seen.
+    fn tracing(sampling: f64, capacity: usize) -> (Tracing, mpsc::Receiver<SpanData>) {
+        let (spans, rx) = mpsc::channel(capacity);
+        let (flush, _) = mpsc::channel(1);
+        let tracer = Tracer {
+            sampling,
+            spans,
+            flush,
+            dropped: Family::default(),
+            scope: InstrumentationScope::builder("test").build(),
+        };
+        (Tracing(Some(Arc::new(tracer))), rx)
+    }
+
+    #[test]
+    fn w3c_traceparent_is_read_with_its_sampled_flag() {
+        let h = headers(&[("traceparent", &format!("00-{TRACE}-{SPAN}-01"))]);
+        let e = extract(&h).unwrap();
+        assert_eq!(e.ids, ids(TRACE, SPAN));
+        assert_eq!(e.sampled, Some(true));
+        assert_eq!(e.format, Format::W3c);
+        let h = headers(&[("traceparent", &format!("00-{TRACE}-{SPAN}-00"))]);
+        assert_eq!(extract(&h).unwrap().sampled, Some(false));
+        // A later version may append fields.
+        let h = headers(&[("traceparent", &format!("01-{TRACE}-{SPAN}-01-extra"))]);
+        assert_eq!(extract(&h).unwrap().ids, ids(TRACE, SPAN));
+    }
+
+    #[test]
+    fn malformed_contexts_count_as_absent() {
+        for bad in [
+            format!("00-{TRACE}-{SPAN}"),
+            format!("00-{}-{SPAN}-01", "0".repeat(32)),
+            format!("00-{TRACE}-{}-01", "0".repeat(16)),
+            format!("ff-{TRACE}-{SPAN}-01"),
+            format!("00-{}-{SPAN}-01", TRACE.to_uppercase()),
+            format!("00-{TRACE}-{SPAN}-01-extra"),
+            format!("00-{TRACE}x-{SPAN}-01"),
+        ] {
+            assert_eq!(extract(&headers(&[("traceparent", &bad)])), None, "{bad}");
+        }
+        for bad in ["x", &format!("{TRACE}-{SPAN}-2"), &format!("{TRACE}-abc")] {
+            assert_eq!(extract(&headers(&[("b3", bad)])), None, "{bad}");
+        }
+        // A trace id without a span id.
+        assert_eq!(extract(&headers(&[("x-b3-traceid", TRACE)])), None);
+    }
+
+    #[test]
+    fn b3_single_and_multi_are_read() {
+        let e = extract(&headers(&[("b3", &format!("{TRACE}-{SPAN}-1-{SPAN}"))])).unwrap();
+        assert_eq!(e.ids, ids(TRACE, SPAN));
+        assert_eq!(e.sampled, Some(true));
+        assert_eq!(e.format, Format::B3Single { short: false });
+        // Deferred, and a 64-bit trace id widened with zeros.
+        let e = extract(&headers(&[("b3", &format!("{}-{SPAN}", &TRACE[16..]))])).unwrap();
+        assert_eq!(e.ids, ids(&format!("{:0>32}", &TRACE[16..]), SPAN));
+        assert_eq!(e.sampled, None);
+        assert_eq!(e.format, Format::B3Single { short: true });
+        // The decision alone.
+        let e = extract(&headers(&[("b3", "0")])).unwrap();
+        assert_eq!((e.ids, e.sampled), (None, Some(false)));
+        let e = extract(&headers(&[
+            ("x-b3-traceid", TRACE),
+            ("x-b3-spanid", SPAN),
+            ("x-b3-sampled", "true"),
+        ]))
+        .unwrap();
+        assert_eq!(e.ids, ids(TRACE, SPAN));
+        assert_eq!(e.sampled, Some(true));
+        assert_eq!(e.format, Format::B3Multi { short: false });
+        let e = extract(&headers(&[
+            ("x-b3-traceid", TRACE),
+            ("x-b3-spanid", SPAN),
+            ("x-b3-flags", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(e.sampled, Some(true), "debug means sampled");
+        // traceparent wins over B3.
+        let e = extract(&headers(&[
+            ("b3", "0"),
+            ("traceparent", &format!("00-{TRACE}-{SPAN}-01")),
+        ]))
+        .unwrap();
+        assert_eq!(e.format, Format::W3c);
+    }
+
+    #[test]
+    fn an_incoming_sampling_decision_is_honoured_whatever_the_rate() {
+        let (never, _rx) = tracing(0.0, 8);
+        let h = headers(&[("traceparent", &format!("00-{TRACE}-{SPAN}-01"))]);
+        assert!(never.decide(&h).unwrap().sampled);
+        let (always, _rx) = tracing(1.0, 8);
+        let h = headers(&[("traceparent", &format!("00-{TRACE}-{SPAN}-00"))]);
+        assert!(!always.decide(&h).unwrap().sampled);
+        // Without a decision, the rate decides.
+        assert!(always.decide(&HeaderMap::new()).unwrap().sampled);
+        assert!(!never.decide(&HeaderMap::new()).unwrap().sampled);
+        let h = headers(&[("b3", &format!("{TRACE}-{SPAN}"))]);
+        assert!(always.decide(&h).unwrap().sampled);
+        assert!(!never.decide(&h).unwrap().sampled);
+        assert_eq!(Tracing::off().decide(&h), None);
+    }
+
+    #[test]
+    fn a_span_is_the_child_of_the_incoming_context_and_the_parent_of_what_goes_on() {
+        let (t, _rx) = tracing(1.0, 8);
+        let mut h = headers(&[
+            ("traceparent", &format!("00-{TRACE}-{SPAN}-01")),
+            ("tracestate", "a=1"),
+        ]);
+        let d = t.decide(&h).unwrap();
+        let span = t.span(&d, SpanKind::Client, "GET", &mut h).unwrap();
+        assert_eq!(span.trace_id().to_string(), TRACE);
+        assert_eq!(span.parent, Some(SpanId::from_hex(SPAN).unwrap()));
+        assert_eq!(
+            h["traceparent"],
+            format!("00-{TRACE}-{}-01", span.span_id())
+        );
+        assert_eq!(h["tracestate"], "a=1");
+
+        // B3 goes on as B3, keeping a 64-bit trace id 64-bit.
+        let short = &TRACE[16..];
+        let mut h = headers(&[
+            ("x-b3-traceid", short),
+            ("x-b3-spanid", SPAN),
+            ("x-b3-flags", "1"),
+        ]);
+        let d = t.decide(&h).unwrap();
+        let span = t.span(&d, SpanKind::Server, "GET", &mut h).unwrap();
+        assert_eq!(h["x-b3-traceid"], short);
+        assert_eq!(h["x-b3-spanid"], span.span_id().to_string());
+        assert_eq!(h["x-b3-parentspanid"], SPAN);
+        assert_eq!(h["x-b3-sampled"], "1");
+        assert!(h.get("x-b3-flags").is_none());
+        assert!(h.get("traceparent").is_none());
+    }
+
+    #[test]
+    fn an_unsampled_request_passes_its_context_on_untouched_and_a_new_one_as_unsampled() {
+        let (t, _rx) = tracing(0.0, 8);
+        let incoming = format!("00-{TRACE}-{SPAN}-00");
+        let mut h = headers(&[("traceparent", &incoming)]);
+        let d = t.decide(&h).unwrap();
+        assert!(t.span(&d, SpanKind::Client, "GET", &mut h).is_none());
+        assert_eq!(h["traceparent"], incoming.as_str());
+        let mut h = HeaderMap::new();
+        let d = t.decide(&h).unwrap();
+        assert!(t.span(&d, SpanKind::Client, "GET", &mut h).is_none());
+        let value = h["traceparent"].to_str().unwrap();
+        assert!(value.ends_with("-00"), "{value}");
+        assert!(parse_traceparent(value).is_some(), "{value}");
+    }
+
+    #[test]
+    fn a_full_queue_drops_spans_and_counts_them_without_waiting() {
+        let (t, mut rx) = tracing(1.0, 2);
+        for _ in 0..5 {
+            let mut h = HeaderMap::new();
+            let d = t.decide(&h).unwrap();
+            let span = t.span(&d, SpanKind::Client, "GET", &mut h).unwrap();
+            t.end(span, Some(200), "");
+        }
+        let dropped = t.0.as_ref().unwrap().dropped.clone();
+        let queue_full = DroppedLabels {
+            reason: mesh_core::metrics::DROP_QUEUE_FULL,
+        };
+        assert_eq!(dropped.get_or_create(&queue_full).get(), 3);
+        let queued = rx.try_recv().unwrap();
+        assert_eq!(queued.span_kind, SpanKind::Client);
+        assert_eq!(queued.status, Status::Unset);
+        assert!(
+            queued
+                .attributes
+                .contains(&KeyValue::new("http.response.status_code", 200_i64))
+        );
+    }
+
+    #[test]
+    fn a_failure_marks_the_span_as_an_error() {
+        let (t, mut rx) = tracing(1.0, 2);
+        let mut h = HeaderMap::new();
+        let d = t.decide(&h).unwrap();
+        let span = t.span(&d, SpanKind::Client, "GET", &mut h).unwrap();
+        t.end(span, None, "mesh");
+        let data = rx.try_recv().unwrap();
+        assert!(matches!(data.status, Status::Error { .. }), "{data:?}");
+        assert!(data.attributes.contains(&KeyValue::new(attr::ERROR, "mesh")));
+    }
+
+    fn config(pairs: &[(&str, &str)]) -> Result<Option<TraceConfig>, ConfigError> {
+        let env: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        TraceConfig::from_env(&env)
+    }
+
+    #[test]
+    fn the_collector_and_sampling_come_from_the_environment() {
+        assert_eq!(config(&[]).unwrap(), None);
+        assert_eq!(config(&[(ENV_SAMPLING, "0.5")]).unwrap(), None);
+        let c = config(&[(ENV_COLLECTOR, "jaeger:4318")]).unwrap().unwrap();
+        assert_eq!(c.endpoint, "http://jaeger:4318/v1/traces");
+        assert_eq!(c.sampling, DEFAULT_SAMPLING);
+        let c = config(&[
+            (ENV_COLLECTOR, "https://otel.example:443/custom/path"),
+            (ENV_OTEL_ENDPOINT, "http://ignored:4318"),
+            (ENV_SAMPLING, "0.25"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.endpoint, "https://otel.example:443/custom/path");
+        assert_eq!(c.sampling, 0.25);
+        // OpenTelemetry's variable is a base URL: the signal's path is always added.
+        let c = config(&[(ENV_OTEL_ENDPOINT, "http://collector:4318/otlp/")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.endpoint, "http://collector:4318/otlp/v1/traces");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        for (name, value) in [
+            (ENV_SAMPLING, "1.5"),
+            (ENV_SAMPLING, "half"),
+            (ENV_SAMPLING, "NaN"),
+            (ENV_COLLECTOR, "grpc://collector:4317"),
+            (ENV_COLLECTOR, "http://"),
+            (ENV_OTEL_ENDPOINT, "not a url"),
+        ] {
+            let e = config(&[(ENV_COLLECTOR, "c:4318"), (name, value)])
+                .err()
+                .or_else(|| config(&[(name, value)]).err())
+                .unwrap_or_else(|| panic!("{name}={value} was accepted"));
+            assert_eq!(e.name, name, "{e}");
+            assert_eq!(e.value, value);
+        }
+    }
+}
