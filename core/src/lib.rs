@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod prometheus;
 pub mod proxy_api;
 pub mod routing;
+pub mod trace;
 
 pub use announce::Listening;
 pub use identity::SpiffeId;

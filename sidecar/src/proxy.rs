@@ -177,7 +177,7 @@ impl Proxy {
             Some(trace) => {
                 let resource = config.trace_resource();
                 let (tracing, task) =
-                    Tracing::start(trace, resource, metrics.trace_dropped.clone())
+                    Tracing::start(trace, &resource, metrics.trace_dropped.clone())
                         .map_err(ProxyError::Tracing)?;
                 metrics.trace = tracing;
                 Some(task)

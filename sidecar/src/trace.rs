@@ -29,7 +29,9 @@ use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
-use mesh_core::config::{ConfigError, Env};
+pub use mesh_core::trace::{
+    DEFAULT_SAMPLING, ENV_COLLECTOR, ENV_OTEL_ENDPOINT, ENV_SAMPLING, TraceConfig,
+};
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
 };
@@ -40,22 +42,6 @@ use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::{mpsc, oneshot};
-
-/// The OTLP collector spans are sent to: `host:port` or an `http(s)://` URL. Without a path,
-/// OTLP/HTTP's `/v1/traces` is added. Tracing is off when neither this nor
-/// [`ENV_OTEL_ENDPOINT`] is set.
-pub const ENV_COLLECTOR: &str = "MESH_PROXY_TRACE_COLLECTOR";
-
-/// OpenTelemetry's standard variable, honoured when [`ENV_COLLECTOR`] is unset: the base URL of
-/// an OTLP/HTTP receiver (`/v1/traces` is always added, as the specification says).
-pub const ENV_OTEL_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
-
-/// The share of new traces sampled, from `0` to `1` (default [`DEFAULT_SAMPLING`]); a request
-/// that carries a sampling decision keeps it.
-pub const ENV_SAMPLING: &str = "MESH_PROXY_TRACE_SAMPLING";
-
-/// Every new trace is sampled unless told otherwise: tracing is on only when asked for.
-pub const DEFAULT_SAMPLING: f64 = 1.0;
 
 /// Finished spans waiting for export; more are dropped (and counted), never waited for.
 pub const QUEUE_CAPACITY: usize = 2048;
@@ -96,87 +82,6 @@ pub mod attr {
     pub const TLS: &str = "mesh.tls";
     /// Where a failure came from: `upstream` (the app answered 5xx) or `mesh` (no answer).
     pub const ERROR: &str = "mesh.error";
-}
-
-/// Where spans go and how many are sampled.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TraceConfig {
-    /// The OTLP/HTTP traces URL (`.../v1/traces`).
-    pub endpoint: String,
-    /// The share of new traces sampled, `0..=1`.
-    pub sampling: f64,
-}
-
-// `sampling` is never NaN (it is checked to lie in 0..=1), so equality is an equivalence.
-impl Eq for TraceConfig {}
-
-impl TraceConfig {
-    /// Reads [`ENV_COLLECTOR`] (or [`ENV_OTEL_ENDPOINT`]) and [`ENV_SAMPLING`]; `None` when no
-    /// collector is set. Errors name the variable and its bad value.
-    pub fn from_env(env: &impl Env) -> Result<Option<Self>, ConfigError> {
-        let sampling = match env.var(ENV_SAMPLING) {
-            None => DEFAULT_SAMPLING,
-            Some(value) => match value.trim().parse::<f64>() {
-                Ok(s) if (0.0..=1.0).contains(&s) => s,
-                _ => {
-                    return Err(ConfigError {
-                        name: ENV_SAMPLING,
-                        value,
-                        reason: "expected a number from 0 to 1 (the share of new traces sampled)"
-                            .into(),
-                    });
-                }
-            },
-        };
-        let endpoint = match (env.var(ENV_COLLECTOR), env.var(ENV_OTEL_ENDPOINT)) {
-            (Some(v), _) if !v.trim().is_empty() => {
-                traces_url(&v, false).map_err(|reason| ConfigError {
-                    name: ENV_COLLECTOR,
-                    value: v.clone(),
-                    reason,
-                })?
-            }
-            (_, Some(v)) if !v.trim().is_empty() => {
-                traces_url(&v, true).map_err(|reason| ConfigError {
-                    name: ENV_OTEL_ENDPOINT,
-                    value: v.clone(),
-                    reason,
-                })?
-            }
-            _ => return Ok(None),
-        };
-        Ok(Some(Self { endpoint, sampling }))
-    }
-}
-
-/// The OTLP/HTTP traces URL for a collector written as `host:port` or a URL; `/v1/traces` is
-/// added when the URL has no path, or always for OpenTelemetry's base-URL variable.
-fn traces_url(value: &str, base: bool) -> Result<String, String> {
-    let value = value.trim();
-    let url = if value.contains("://") {
-        value.to_string()
-    } else {
-        format!("http://{value}")
-    };
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| format!("not host:port or an http(s) URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http" | "https") => {}
-        _ => return Err("the collector speaks OTLP over http:// or https://".into()),
-    }
-    let Some(authority) = uri.authority() else {
-        return Err("names no host".into());
-    };
-    if authority.host().is_empty() {
-        return Err("names no host".into());
-    }
-    let path = uri.path();
-    if base || path.is_empty() || path == "/" {
-        Ok(format!("{}/v1/traces", url.trim_end_matches('/')))
-    } else {
-        Ok(url)
-    }
 }
 
 /// Labels of `trace_spans_dropped_total`: why spans were lost.
@@ -288,7 +193,7 @@ impl Tracing {
     /// handle is dropped.
     pub fn start(
         config: &TraceConfig,
-        resource: Resource,
+        resource: &Resource,
         dropped: Family<DroppedLabels, Counter>,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), String> {
         use opentelemetry_otlp::WithExportConfig as _;
@@ -297,7 +202,7 @@ impl Tracing {
             .with_endpoint(config.endpoint.clone())
             .build()
             .map_err(|e| format!("OTLP exporter for {}: {e}", config.endpoint))?;
-        exporter.set_resource(&resource);
+        exporter.set_resource(resource);
         let (spans_tx, spans_rx) = mpsc::channel(QUEUE_CAPACITY);
         let (flush_tx, flush_rx) = mpsc::channel(1);
         let task = tokio::spawn(export(spans_rx, flush_rx, exporter, dropped.clone()));
@@ -697,7 +602,6 @@ fn put(headers: &mut HeaderMap, name: HeaderName, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const SPAN: &str = "00f067aa0ba902b7";
@@ -909,56 +813,9 @@ mod tests {
         t.end(span, None, "mesh");
         let data = rx.try_recv().unwrap();
         assert!(matches!(data.status, Status::Error { .. }), "{data:?}");
-        assert!(data.attributes.contains(&KeyValue::new(attr::ERROR, "mesh")));
-    }
-
-    fn config(pairs: &[(&str, &str)]) -> Result<Option<TraceConfig>, ConfigError> {
-        let env: BTreeMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        TraceConfig::from_env(&env)
-    }
-
-    #[test]
-    fn the_collector_and_sampling_come_from_the_environment() {
-        assert_eq!(config(&[]).unwrap(), None);
-        assert_eq!(config(&[(ENV_SAMPLING, "0.5")]).unwrap(), None);
-        let c = config(&[(ENV_COLLECTOR, "jaeger:4318")]).unwrap().unwrap();
-        assert_eq!(c.endpoint, "http://jaeger:4318/v1/traces");
-        assert_eq!(c.sampling, DEFAULT_SAMPLING);
-        let c = config(&[
-            (ENV_COLLECTOR, "https://otel.example:443/custom/path"),
-            (ENV_OTEL_ENDPOINT, "http://ignored:4318"),
-            (ENV_SAMPLING, "0.25"),
-        ])
-        .unwrap()
-        .unwrap();
-        assert_eq!(c.endpoint, "https://otel.example:443/custom/path");
-        assert_eq!(c.sampling, 0.25);
-        // OpenTelemetry's variable is a base URL: the signal's path is always added.
-        let c = config(&[(ENV_OTEL_ENDPOINT, "http://collector:4318/otlp/")])
-            .unwrap()
-            .unwrap();
-        assert_eq!(c.endpoint, "http://collector:4318/otlp/v1/traces");
-    }
-
-    #[test]
-    fn a_bad_value_names_its_variable() {
-        for (name, value) in [
-            (ENV_SAMPLING, "1.5"),
-            (ENV_SAMPLING, "half"),
-            (ENV_SAMPLING, "NaN"),
-            (ENV_COLLECTOR, "grpc://collector:4317"),
-            (ENV_COLLECTOR, "http://"),
-            (ENV_OTEL_ENDPOINT, "not a url"),
-        ] {
-            let e = config(&[(ENV_COLLECTOR, "c:4318"), (name, value)])
-                .err()
-                .or_else(|| config(&[(name, value)]).err())
-                .unwrap_or_else(|| panic!("{name}={value} was accepted"));
-            assert_eq!(e.name, name, "{e}");
-            assert_eq!(e.value, value);
-        }
+        assert!(
+            data.attributes
+                .contains(&KeyValue::new(attr::ERROR, "mesh"))
+        );
     }
 }

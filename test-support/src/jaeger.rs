@@ -22,6 +22,10 @@ pub const ENV_JAEGER: &str = "MESH_JAEGER";
 
 /// The Jaeger binary from [`ENV_JAEGER`]. When it is unset: under `CI=true` a failure naming
 /// the variable, else `None` after saying why the test is skipped.
+#[allow(
+    clippy::print_stderr,
+    reason = "a skipped test says why, where the test runner shows it"
+)]
 pub fn binary() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os(ENV_JAEGER).filter(|v| !v.is_empty()) {
         let path = PathBuf::from(path);
