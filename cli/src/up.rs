@@ -193,3 +193,57 @@ pub async fn wait_for_signal() {
         } => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        up: Args,
+    }
+
+    fn args(extra: &[&str]) -> Result<Args, clap::Error> {
+        let base = ["mesh-up", "-f", "mesh.yaml"];
+        Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.up)
+    }
+
+    #[test]
+    fn tracing_flags_become_the_sidecars_variables() {
+        assert!(args(&[]).unwrap().proxy_env().unwrap().is_empty());
+        let env = args(&[
+            "--trace-collector",
+            "127.0.0.1:4318",
+            "--trace-sampling",
+            "0.1",
+        ])
+        .unwrap()
+        .proxy_env()
+        .unwrap();
+        assert_eq!(
+            env,
+            [
+                ("MESH_PROXY_TRACE_COLLECTOR".into(), "127.0.0.1:4318".into()),
+                ("MESH_PROXY_TRACE_SAMPLING".into(), "0.1".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_tracing_flag_is_named() {
+        let e = args(&["--trace-collector", "ftp://collector"])
+            .unwrap()
+            .proxy_env()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("--trace-collector"), "{e}");
+        let e = args(&["--trace-collector", "c:4318", "--trace-sampling", "2"])
+            .unwrap()
+            .proxy_env()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("--trace-sampling"), "{e}");
+        // Sampling alone would do nothing: clap refuses it.
+        assert!(args(&["--trace-sampling", "0.5"]).is_err());
+    }
+}
