@@ -10,6 +10,7 @@
 //!   untouched and never exported.
 //! - Over a static split: the backend the split chose, and both B3 formats.
 //! - With tracing off, headers pass through untouched and nothing is added.
+//! - A collector that cannot be reached costs the spans (counted), never a request.
 //!
 //! The control plane binary is found beside the test executable; build it first with
 //! `cargo build -p mesh-controlplane --bins` (same target directory).
@@ -309,4 +310,32 @@ async fn with_tracing_off_headers_pass_through_untouched() {
     for name in mesh_test_support::apps::TRACE_HEADERS {
         assert_eq!(seen(&rsp, name), None, "{name} was added");
     }
+}
+
+#[tokio::test]
+async fn a_collector_that_cannot_be_reached_costs_spans_never_requests() {
+    // Nothing listens on this port: every export fails.
+    let closed = mesh_test_support::ports::free_port().unwrap();
+    let web = app("v1").await.unwrap();
+    let b = proxy()
+        .app(web.addr())
+        .service("web-canary.default:80")
+        .run()
+        .unwrap();
+    let a = proxy()
+        .outbound(split(b.addr("inbound")))
+        .env(ENV_COLLECTOR, format!("127.0.0.1:{closed}"))
+        .run()
+        .unwrap();
+    for _ in 0..20 {
+        get(a.addr("outbound"), &[]).await;
+    }
+    let mut metrics: String;
+    assert_eventually!(
+        {
+            metrics = a.metrics().await;
+            metrics.contains(r#"trace_spans_dropped_total{reason="export_failed"} 20"#)
+        },
+        "{metrics}"
+    );
 }
