@@ -15,6 +15,7 @@ pub mod index;
 pub mod inject;
 pub mod injector;
 pub mod kubernetes;
+pub mod metrics;
 pub mod observe;
 pub mod policy;
 pub mod proxy;
@@ -110,6 +111,7 @@ impl ControlPlane {
                 leases: Mutex::new(Leases::new(config.workload_ttl)),
                 ca: Arc::new(ca),
                 kube: std::sync::OnceLock::new(),
+                metrics: Arc::default(),
             }),
             proxy_tls: Arc::new(proxy_tls),
             trust_roots_file,
@@ -304,6 +306,7 @@ fn metrics_text<S: ResourceStore>(store: &S, shared: &Shared) -> String {
          # TYPE mesh_controlplane_registered_proxies gauge\n\
          mesh_controlplane_registered_proxies {proxies}\n"
     ));
+    text.push_str(&shared.metrics.exposition());
     text
 }
 
