@@ -247,7 +247,8 @@ async fn serve_apis<S: ResourceStore>(
     api: TcpListener,
     proxy: TcpListener,
 ) {
-    let store = Arc::new(store);
+    // The resource API's and the metrics' store calls are timed.
+    let store = Arc::new(metrics::Timed::new(store, Arc::clone(&shared.metrics)));
     tokio::spawn(Arc::clone(proxy_tls).renew(Arc::clone(&shared.ca)));
     let token = api_token.clone();
     let sd = Arc::clone(&shared);

@@ -1,7 +1,7 @@
 //! The control plane's own metrics as a real Prometheus scrapes them, with the documented
 //! embedded scrape config (`mesh_core::prometheus::embedded_scrape_config`): a real
 //! `mesh-controlplane` certifies two in-process proxies, which watch it; an HTTPRoute applied
-//! afterwards propagates to the client's routes watch.
+//! afterwards propagates to the client's routes watch, through the (timed) store.
 //!
 //! The control plane binary is found beside the test executable; build it first with
 //! `cargo build -p mesh-controlplane --bins` (same target directory).
@@ -27,7 +27,7 @@ async fn value(prometheus: &Prometheus, query: &str) -> Option<f64> {
 }
 
 #[tokio::test]
-async fn prometheus_sees_watchers_propagation_and_certificates() {
+async fn prometheus_sees_watchers_propagation_certificates_and_store_calls() {
     let web = app("v1").await.unwrap();
     let pair = mesh_pair(web.addr()).run().await.unwrap();
     // The client's first request opens its watches of the service's routes and endpoints.
@@ -99,6 +99,13 @@ spec:
         },
         "propagations: {before} before, {after:?} after"
     );
+    // The apply went through the store, timed.
+    let applies = value(
+        &prometheus,
+        "mesh_controlplane_store_seconds_count{op=\"apply\"}",
+    )
+    .await;
+    assert!(applies.is_some_and(|n| n >= 1.0), "{applies:?}");
     let p99 = value(
         &prometheus,
         "histogram_quantile(0.99, mesh_controlplane_propagation_seconds_bucket)",
