@@ -20,8 +20,8 @@
 //!   HTTP stack the proxy already has; a batch the collector refuses is counted with
 //!   `reason="export_failed"`.
 //!
-//! Tracing is off unless a collector is configured; then [`Tracing`] is `None` inside, and a
-//! request pays one branch for it.
+//! Tracing is off unless a collector is configured ([`TraceConfig`], in `mesh_core::trace`);
+//! while it is off, [`Tracing`] holds nothing and a request pays one branch for it.
 
 use std::borrow::Cow;
 use std::sync::Arc;
