@@ -263,6 +263,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         api_addr: "127.0.0.1:0".parse()?,
         proxy_addr: "127.0.0.1:0".parse()?,
         default_inbound_policy: mesh_policies::DefaultPolicy::AllUnauthenticated,
+        proxy_env: Vec::new(),
     })
     .await?;
     let result = drive(&mesh, &args, &say).await;

@@ -35,6 +35,39 @@ pub struct Args {
     /// Namespace for documents that name none.
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,
+    /// The OTLP/HTTP collector every sidecar sends its spans to (`host:port` or a URL, e.g.
+    /// Jaeger's `127.0.0.1:4318`); tracing is off without it (or `MESH_PROXY_TRACE_COLLECTOR`
+    /// in mesh up's environment, which the sidecars inherit).
+    #[arg(long, value_name = "URL")]
+    pub trace_collector: Option<String>,
+    /// The share of new traces the sidecars sample, 0 to 1 (default 1); a request that brings
+    /// its own sampling decision keeps it.
+    #[arg(long, value_name = "SHARE", requires = "trace_collector")]
+    pub trace_sampling: Option<String>,
+}
+
+impl Args {
+    /// The sidecars' tracing variables from the flags, checked as the proxy will read them.
+    fn proxy_env(&self) -> anyhow::Result<Vec<(String, String)>> {
+        use mesh_core::trace::{ENV_COLLECTOR, ENV_SAMPLING, TraceConfig};
+        let mut env = Vec::new();
+        if let Some(c) = &self.trace_collector {
+            env.push((ENV_COLLECTOR.to_string(), c.clone()));
+        }
+        if let Some(s) = &self.trace_sampling {
+            env.push((ENV_SAMPLING.to_string(), s.clone()));
+        }
+        let map: std::collections::BTreeMap<String, String> = env.iter().cloned().collect();
+        TraceConfig::from_env(&map).map_err(|e| {
+            let flag = if e.name == ENV_SAMPLING {
+                "--trace-sampling"
+            } else {
+                "--trace-collector"
+            };
+            anyhow::anyhow!("{flag} {:?}: {}", e.value, e.reason)
+        })?;
+        Ok(env)
+    }
 }
 
 /// Runs `mesh up`.
@@ -51,6 +84,7 @@ pub fn run(args: Args) -> ExitCode {
 async fn up(args: Args) -> anyhow::Result<()> {
     // Read every file before starting anything: a typo is reported with its file and line.
     let docs = embedded::read_manifests(&args.files, &args.namespace)?;
+    let proxy_env = args.proxy_env()?;
     let state_dir = args.state_dir.clone().unwrap_or_else(|| {
         embedded::default_state_dir(args.files.first().map_or(&PathBuf::new(), |f| f))
     });
@@ -59,6 +93,7 @@ async fn up(args: Args) -> anyhow::Result<()> {
         api_addr: args.api_addr,
         proxy_addr: args.proxy_addr,
         default_inbound_policy: args.default_inbound_policy,
+        proxy_env,
     })
     .await?;
     if let Err(e) = mesh.store.apply(docs).await {
@@ -156,5 +191,59 @@ pub async fn wait_for_signal() {
                 None => std::future::pending::<()>().await,
             }
         } => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        up: Args,
+    }
+
+    fn args(extra: &[&str]) -> Result<Args, clap::Error> {
+        let base = ["mesh-up", "-f", "mesh.yaml"];
+        Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.up)
+    }
+
+    #[test]
+    fn tracing_flags_become_the_sidecars_variables() {
+        assert!(args(&[]).unwrap().proxy_env().unwrap().is_empty());
+        let env = args(&[
+            "--trace-collector",
+            "127.0.0.1:4318",
+            "--trace-sampling",
+            "0.1",
+        ])
+        .unwrap()
+        .proxy_env()
+        .unwrap();
+        assert_eq!(
+            env,
+            [
+                ("MESH_PROXY_TRACE_COLLECTOR".into(), "127.0.0.1:4318".into()),
+                ("MESH_PROXY_TRACE_SAMPLING".into(), "0.1".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_tracing_flag_is_named() {
+        let e = args(&["--trace-collector", "ftp://collector"])
+            .unwrap()
+            .proxy_env()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("--trace-collector"), "{e}");
+        let e = args(&["--trace-collector", "c:4318", "--trace-sampling", "2"])
+            .unwrap()
+            .proxy_env()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("--trace-sampling"), "{e}");
+        // Sampling alone would do nothing: clap refuses it.
+        assert!(args(&["--trace-sampling", "0.5"]).is_err());
     }
 }

@@ -15,6 +15,7 @@ pub mod index;
 pub mod inject;
 pub mod injector;
 pub mod kubernetes;
+pub mod metrics;
 pub mod observe;
 pub mod policy;
 pub mod proxy;
@@ -111,6 +112,7 @@ impl ControlPlane {
                 leases: Mutex::new(Leases::new(config.workload_ttl)),
                 ca: Arc::new(ca),
                 kube: std::sync::OnceLock::new(),
+                metrics: Arc::default(),
             }),
             proxy_tls: Arc::new(proxy_tls),
             trust_roots_file,
@@ -252,7 +254,8 @@ async fn serve_apis<S: ResourceStore>(
     api: TcpListener,
     proxy: TcpListener,
 ) {
-    let store = Arc::new(store);
+    // The resource API's and the metrics' store calls are timed.
+    let store = Arc::new(metrics::Timed::new(store, Arc::clone(&shared.metrics)));
     tokio::spawn(Arc::clone(proxy_tls).renew(Arc::clone(&shared.ca)));
     let token = api_token.clone();
     // What the control plane presents to open a proxy's tap: in the embedded mesh the proxies
@@ -322,6 +325,7 @@ fn metrics_text<S: ResourceStore>(store: &S, shared: &Shared) -> String {
          # TYPE mesh_controlplane_registered_proxies gauge\n\
          mesh_controlplane_registered_proxies {proxies}\n"
     ));
+    text.push_str(&shared.metrics.exposition());
     text
 }
 

@@ -49,6 +49,8 @@ use crate::{
     workloads::{LeaseError, Leases, new_lease_id},
 };
 
+use crate::metrics::{WatchKind, Watcher};
+
 /// What the proxy API works on.
 pub struct Shared {
     /// The discovery index.
@@ -62,6 +64,8 @@ pub struct Shared {
     /// In a cluster, the API that checks proxies' projected service-account tokens
     /// (TokenReview); unset, the embedded bootstrap token is the credential.
     pub kube: std::sync::OnceLock<kube::Client>,
+    /// The control plane's own metrics: watchers, propagation, certificates.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -182,20 +186,30 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
                     shared
                         .index()
                         .watch_routes_from(&authority, client.as_deref()),
+                    shared.metrics.watch(WatchKind::Routes),
                 )
             }
             Err(resp) => resp,
         },
         (&Method::GET, WATCH_ENDPOINTS_PATH) => match service_param(query.as_deref(), "service") {
-            Ok(service) => stream(shared.index().watch_endpoints(&service)),
+            Ok(service) => stream(
+                shared.index().watch_endpoints(&service),
+                shared.metrics.watch(WatchKind::Endpoints),
+            ),
             Err(resp) => resp,
         },
         (&Method::GET, WATCH_ADDRESS_PATH) => match addr_param(query.as_deref()) {
-            Ok(addr) => stream(shared.index().watch_address(addr)),
+            Ok(addr) => stream(
+                shared.index().watch_address(addr),
+                shared.metrics.watch(WatchKind::Address),
+            ),
             Err(resp) => resp,
         },
         (&Method::GET, WATCH_POLICY_PATH) => match policy_target(query.as_deref()) {
-            Ok(target) => stream(shared.policy().watch(&target)),
+            Ok(target) => stream(
+                shared.policy().watch(&target),
+                shared.metrics.watch(WatchKind::Policy),
+            ),
             Err(resp) => resp,
         },
         (&Method::POST, CERTIFY_PATH) => {
@@ -213,7 +227,10 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
                 None => shared.ca.certify(&request, SystemTime::now()),
             };
             match issued {
-                Ok(resp) => json_response(StatusCode::OK, &resp),
+                Ok(resp) => {
+                    shared.metrics.certificate_issued();
+                    json_response(StatusCode::OK, &resp)
+                }
                 Err(e @ IdentityError::BadToken) => {
                     status_error(StatusCode::FORBIDDEN, "Forbidden", e.to_string(), None)
                 }
@@ -353,16 +370,25 @@ async fn json_body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Res
         .map_err(|e| bad_request(format!("{}: {}", e.path(), e.inner())))
 }
 
-fn stream<T>(rx: watch::Receiver<Published<T>>) -> Response<Body>
+/// A watch stream: the current value, then each change, counted by `watcher` while the
+/// caller stays (the stream is dropped when the caller goes).
+fn stream<T>(rx: watch::Receiver<Published<T>>, watcher: Watcher) -> Response<Body>
 where
     T: Send + Sync + 'static,
 {
-    let lines = futures_util::stream::unfold((rx, true), |(mut rx, first)| async move {
+    let state = (rx, true, watcher);
+    let lines = futures_util::stream::unfold(state, |(mut rx, first, watcher)| async move {
         if !first && rx.changed().await.is_err() {
             return None;
         }
-        let line = rx.borrow_and_update().line.clone();
-        Some((line, (rx, false)))
+        let published = rx.borrow_and_update();
+        let line = published.line.clone();
+        // The snapshot a stream starts with was published whenever; only changes propagate.
+        if !first {
+            watcher.propagated(published.at.elapsed());
+        }
+        drop(published);
+        Some((line, (rx, false, watcher)))
     });
     ndjson_response(NDJSON, lines)
 }

@@ -28,13 +28,19 @@ pub struct Published<T> {
     pub update: Update<T>,
     /// `update` as one JSON line, newline included.
     pub line: Bytes,
+    /// When it was published: streams measure propagation from here.
+    pub at: std::time::Instant,
 }
 
 impl<T: Serialize> Published<T> {
     pub(crate) fn new(version: u64, value: Option<T>) -> Self {
         let update = Update { version, value };
         let line = json_line(&update);
-        Self { update, line }
+        Self {
+            update,
+            line,
+            at: std::time::Instant::now(),
+        }
     }
 }
 

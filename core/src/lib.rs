@@ -19,6 +19,7 @@ pub mod prometheus;
 pub mod proxy_api;
 pub mod routing;
 pub mod tap;
+pub mod trace;
 
 pub use announce::Listening;
 pub use identity::SpiffeId;

@@ -117,6 +117,8 @@ pub mod label {
     /// The owner of the endpoint a request was sent to (outbound; empty when unknown or
     /// inbound).
     pub const DST_DEPLOYMENT: &str = "dst_deployment";
+    /// Why spans were lost: `queue_full` or `export_failed` ([`super::DROP_REASONS`]).
+    pub const REASON: &str = "reason";
 }
 
 /// Linkerd's resource labels: on every series of a proxy, naming the workload beside it. The
@@ -402,10 +404,29 @@ pub const LISTENER_LIMIT_REACHED: Family = Family {
     labels: &LISTENER_LABELS,
 };
 
+/// Labels of `trace_spans_dropped_total`.
+pub const TRACE_DROPPED_LABELS: [&str; 1] = [label::REASON];
+
+/// A finished span found the export queue full (the collector is slow or away).
+pub const DROP_QUEUE_FULL: &str = "queue_full";
+/// The collector refused a batch, or could not be reached.
+pub const DROP_EXPORT_FAILED: &str = "export_failed";
+/// Every `reason` of `trace_spans_dropped_total`.
+pub const DROP_REASONS: [&str; 2] = [DROP_QUEUE_FULL, DROP_EXPORT_FAILED];
+
+/// `trace_spans_dropped_total`: spans the proxy recorded but never delivered; export never
+/// holds up a request, so spans are dropped instead (docs/tracing.md).
+pub const TRACE_SPANS_DROPPED: Family = Family {
+    name: "trace_spans_dropped",
+    kind: Kind::Counter,
+    help: "Spans recorded but not delivered to the trace collector, by reason",
+    labels: &TRACE_DROPPED_LABELS,
+};
+
 /// Every family the proxy exports: golden HTTP metrics, per-route retries, opaque TCP,
-/// inbound authorization, then the listeners' connection cap (the order of the reference table
+/// inbound authorization, the listeners' connection cap, then tracing (the order of the reference table
 /// in docs/proxy.md).
-pub const FAMILIES: [Family; 19] = [
+pub const FAMILIES: [Family; 20] = [
     REQUEST,
     RESPONSE,
     RESPONSE_LATENCY_MS,
@@ -425,6 +446,7 @@ pub const FAMILIES: [Family; 19] = [
     TCP_AUTHZ_DENY,
     LISTENER_OPEN_CONNECTIONS,
     LISTENER_LIMIT_REACHED,
+    TRACE_SPANS_DROPPED,
 ];
 
 /// The label values that form a closed set, by label name.
@@ -437,6 +459,7 @@ pub fn closed_values(label: &str) -> Option<Vec<&'static str>> {
                 .chain(ErrorSource::ALL.map(ErrorSource::as_str))
                 .collect(),
         ),
+        label::REASON => Some(DROP_REASONS.to_vec()),
         _ => None,
     }
 }

@@ -354,7 +354,7 @@ async fn handle(
     let rsp = match req.uri().path() {
         "/healthz" => respond(&state, StatusCode::OK, &json!({"status": "ok"})),
         "/version" => respond(&state, StatusCode::OK, &json!({"version": version})),
-        "/" => root(&state).await,
+        "/" => root(&state, req.headers()).await,
         _ => respond(
             &state,
             StatusCode::NOT_FOUND,
@@ -364,8 +364,21 @@ async fn handle(
     Ok(rsp)
 }
 
-/// `/`: delay, maybe fail, maybe call downstream.
-async fn root(state: &State) -> Response<Full<Bytes>> {
+/// Trace context headers a downstream call carries on from the request being served, as an
+/// app in a mesh must for its requests to join one trace (docs/tracing.md).
+const TRACE_HEADERS: [&str; 8] = [
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
+
+/// `/`: delay, maybe fail, maybe call downstream (carrying the request's trace context on).
+async fn root(state: &State, headers: &http::HeaderMap) -> Response<Full<Bytes>> {
     let version = &state.config.version;
     let mut rng = fastrand::Rng::new();
     let delay = state.config.latency.sample(&mut rng);
@@ -386,7 +399,11 @@ async fn root(state: &State) -> Response<Full<Bytes>> {
             &json!({"version": version, "downstream": null}),
         );
     };
-    match call_downstream(&state.client, url).await {
+    let trace: Vec<(&str, &http::HeaderValue)> = TRACE_HEADERS
+        .iter()
+        .filter_map(|name| headers.get(*name).map(|v| (*name, v)))
+        .collect();
+    match call_downstream(&state.client, url, &trace).await {
         Ok(answer) => {
             let body = json!({
                 "version": version,
@@ -420,12 +437,17 @@ async fn root(state: &State) -> Response<Full<Bytes>> {
 async fn call_downstream(
     client: &reqwest::Client,
     url: &reqwest::Url,
+    trace: &[(&str, &http::HeaderValue)],
 ) -> Result<DownstreamAnswer, DownstreamError> {
     let transport = |source| DownstreamError::Transport {
         url: url.clone(),
         source,
     };
-    let rsp = client.get(url.clone()).send().await.map_err(transport)?;
+    let mut request = client.get(url.clone());
+    for (name, value) in trace {
+        request = request.header(*name, (*value).clone());
+    }
+    let rsp = request.send().await.map_err(transport)?;
     let version = rsp.headers().get(HEADER_VERSION).cloned();
     let status = rsp.status();
     if !status.is_success() {

@@ -102,6 +102,35 @@ async fn downstream_calls_go_through_http_proxy() {
 }
 
 #[tokio::test]
+async fn downstream_calls_carry_the_trace_context_on() {
+    let backend = app("v2").start().await;
+    let proxy = forward_proxy(&[("backend.default:9898", backend.addr())]).await;
+    let frontend = app("v1")
+        .args(["--downstream", "http://backend.default:9898/"])
+        .via(proxy.addr)
+        .start()
+        .await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let rsp = direct_client()
+        .get(frontend.url("/"))
+        .header("traceparent", traceparent)
+        .header("tracestate", "vendor=opaque")
+        .header("x-unrelated", "kept here")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 200);
+    let seen = proxy.seen_headers();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0]["traceparent"], traceparent);
+    assert_eq!(seen[0]["tracestate"], "vendor=opaque");
+    assert!(
+        seen[0].get("x-unrelated").is_none(),
+        "only trace headers go on"
+    );
+}
+
+#[tokio::test]
 async fn downstream_failures_are_502s() {
     let backend = app("v2").args(["--error-rate", "1"]).start().await;
     let proxy = forward_proxy(&[("backend.default:9898", backend.addr())]).await;

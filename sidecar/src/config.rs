@@ -271,6 +271,9 @@ pub struct Config {
     pub tap_token_file: Option<std::path::PathBuf>,
     /// See [`ENV_TAP_TOKEN_SHA256`]; lower-case hex.
     pub tap_token_sha256: Option<String>,
+    /// Where spans go and how many are sampled; tracing is off when `None`
+    /// ([`crate::trace::ENV_COLLECTOR`], [`crate::trace::ENV_SAMPLING`]).
+    pub trace: Option<crate::trace::TraceConfig>,
 }
 
 /// Where the control plane's proxy API is and what verifies it.
@@ -480,6 +483,7 @@ impl Config {
             limits: limits(env)?,
             tap_token_file: env.parse(ENV_TAP_TOKEN_FILE)?,
             tap_token_sha256: tap_token_sha256(env)?,
+            trace: crate::trace::TraceConfig::from_env(env)?,
         };
         for (name, value) in [
             (ENV_OUTBOUND_CONNECT_TIMEOUT, config.connect_timeout),
@@ -620,6 +624,29 @@ impl Config {
             labels.push((label::POD, pod.clone()));
         }
         labels
+    }
+
+    /// What names this proxy in its spans: `service.name` is the workload's owner, else its
+    /// service, else `mesh-proxy`; the namespace and pod when known.
+    pub fn trace_resource(&self) -> opentelemetry_sdk::Resource {
+        use opentelemetry::KeyValue;
+        let name = self
+            .workload
+            .deployment
+            .clone()
+            .or_else(|| self.workload.service.as_ref().map(|s| s.name.clone()))
+            .unwrap_or_else(|| "mesh-proxy".to_string());
+        let mut attributes = vec![KeyValue::new("service.namespace", self.namespace())];
+        if let Some(pod) = &self.workload.pod {
+            attributes.push(KeyValue::new("k8s.pod.name", pod.clone()));
+        }
+        if let Some(id) = &self.workload.identity {
+            attributes.push(KeyValue::new("mesh.identity", id.clone()));
+        }
+        opentelemetry_sdk::Resource::builder_empty()
+            .with_service_name(name)
+            .with_attributes(attributes)
+            .build()
     }
 
     /// The inbound port whose policy the proxy enforces: the workload's namespace and labels,

@@ -35,7 +35,9 @@ use crate::http::{
 use crate::identity::SharedCredentials;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::tap::TapEvent;
+use crate::trace::{Span, attr};
 use crate::tunnel;
+use opentelemetry::trace::SpanKind;
 
 /// The inbound proxy.
 #[derive(Debug)]
@@ -243,6 +245,12 @@ impl Inbound {
                 .map(|ClientIdentity(id)| id.clone());
             Box::new(e)
         });
+        // One branch while tracing is off.
+        let mut span = if self.metrics.trace.is_on() {
+            self.server_span(&mut req, labels, peer)
+        } else {
+            None
+        };
         let result = if connect {
             self.connect(app, req, to_app).await
         } else {
@@ -295,6 +303,10 @@ impl Inbound {
                     event.finish(status, error, start.elapsed());
                     self.metrics.tap.publish(*event);
                 }
+                if let Some(span) = span.take() {
+                    let error = if status >= 500 { "upstream" } else { "" };
+                    self.metrics.trace.end(span, Some(status), error);
+                }
                 rsp
             }
             Err(e) => {
@@ -305,9 +317,45 @@ impl Inbound {
                     event.finish(status.as_u16(), "mesh", start.elapsed());
                     self.metrics.tap.publish(*event);
                 }
+                if let Some(span) = span.take() {
+                    self.metrics.trace.end(span, None, "mesh");
+                }
                 error(status, &format!("app at {app}: {e}"))
             }
         }
+    }
+
+    /// The request's server span, with its context written into the headers the app gets, so
+    /// the app's own spans are its children; `None` when the request is not sampled.
+    fn server_span(
+        &self,
+        req: &mut Request<Incoming>,
+        labels: &RequestLabels,
+        peer: std::net::IpAddr,
+    ) -> Option<Span> {
+        let decision = self.metrics.trace.decide(req.headers())?;
+        let name = format!("{} {}", req.method(), labels.route);
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        let identity = req
+            .extensions()
+            .get::<ClientIdentity>()
+            .map(|ClientIdentity(id)| id.clone());
+        let mut span =
+            self.metrics
+                .trace
+                .span(&decision, SpanKind::Server, name, req.headers_mut())?;
+        span.set("http.request.method", method);
+        span.set("url.path", path);
+        span.set("server.address", labels.authority.to_string());
+        span.set("client.address", peer.to_string());
+        span.set(attr::DIRECTION, "inbound");
+        span.set(attr::ROUTE, labels.route.to_string());
+        span.set(attr::TLS, identity.is_some());
+        if let Some(id) = identity {
+            span.set(attr::PEER_IDENTITY, id);
+        }
+        Some(span)
     }
 
     /// A `CONNECT` for the app: from a peer proxy carrying its app's `CONNECT`

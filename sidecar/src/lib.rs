@@ -16,7 +16,9 @@
 //! makes it an endpoint of its service; protocol fidelity through both listeners (h2 stays h2 to
 //! plaintext endpoints, HEAD over HTTP/2, `Upgrade` and `CONNECT` tunnelled, see [`tunnel`]);
 //! graceful drain on shutdown; and the admin server (`/live`, `/ready`,
-//! `/metrics`, `/config`, and `/tap` for an authorized caller, see [`tap`]). [`proxy::Proxy`] assembles all of it from a [`config::Config`] and
+//! `/metrics`, `/config`, and `/tap` for an authorized caller, see [`tap`]); and, when a
+//! collector is configured, W3C and B3 trace propagation with a span per request on each side,
+//! exported over OTLP ([`trace`]). [`proxy::Proxy`] assembles all of it from a [`config::Config`] and
 //! starts it in-process: `mesh-proxy` is that plus signals, and tests start proxies the same way.
 
 pub mod admin;
@@ -44,4 +46,5 @@ pub mod tables;
 pub mod tap;
 pub mod tee;
 pub mod tls;
+pub mod trace;
 pub mod tunnel;

@@ -230,6 +230,11 @@ pub struct Metrics {
     /// Live requests for `/tap`: recorded where the golden metrics are, from the same
     /// attempts, and only while someone taps.
     pub tap: crate::tap::Tap,
+    /// `trace_spans_dropped_total`: spans tracing could not deliver.
+    pub trace_dropped: Family<crate::trace::DroppedLabels, Counter>,
+    /// Spans of each request, when tracing is on ([`crate::trace`]); recorded where the golden
+    /// metrics are.
+    pub trace: crate::trace::Tracing,
 }
 
 impl Metrics {
@@ -258,6 +263,8 @@ impl Metrics {
             listener_open: Family::default(),
             listener_limit_reached: Family::default(),
             tap: crate::tap::Tap::default(),
+            trace_dropped: Family::default(),
+            trace: crate::trace::Tracing::off(),
         };
         // Registration order is the exposition's order; it is kept as it always was.
         register(
@@ -334,6 +341,11 @@ impl Metrics {
             registry,
             &contract::LISTENER_LIMIT_REACHED,
             m.listener_limit_reached.clone(),
+        );
+        register(
+            registry,
+            &contract::TRACE_SPANS_DROPPED,
+            m.trace_dropped.clone(),
         );
         m
     }
@@ -430,6 +442,11 @@ mod tests {
         };
         m.listener_open.get_or_create(&listener).inc();
         m.listener_limit_reached.get_or_create(&listener).inc();
+        m.trace_dropped
+            .get_or_create(&crate::trace::DroppedLabels {
+                reason: "queue_full",
+            })
+            .inc();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         text

@@ -32,6 +32,7 @@ use crate::{
     registration::{DEREGISTER_TIMEOUT, Registrar, Registration, advertised_addr},
     tables::Tables,
     tls,
+    trace::Tracing,
 };
 
 /// The configuration cannot be used: a binary exits 64 on it.
@@ -101,6 +102,9 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    /// The span exporter cannot be built.
+    #[error("starting tracing: {0}")]
+    Tracing(String),
     /// A listener's task panicked or was cancelled.
     #[error("{listener} failed: its task ended abnormally")]
     Task {
@@ -167,7 +171,20 @@ impl Proxy {
                 .into_iter()
                 .map(|(k, v)| (Cow::Borrowed(k), Cow::Owned(v))),
         );
-        let metrics = Metrics::register(&mut registry);
+        let mut metrics = Metrics::register(&mut registry);
+        // Spans go out from a task of their own, never from a request's path.
+        let tracer = match &config.trace {
+            Some(trace) => {
+                let resource = config.trace_resource();
+                let (tracing, task) =
+                    Tracing::start(trace, &resource, metrics.trace_dropped.clone())
+                        .map_err(ProxyError::Tracing)?;
+                metrics.trace = tracing;
+                Some(task)
+            }
+            None => None,
+        };
+        let tracing = metrics.trace.clone();
         // The proxy's certificate, once the certifier has one; TLS to the control plane and to
         // peers reads it on every handshake.
         let (credentials_tx, credentials_rx) = watch::channel(None);
@@ -284,7 +301,9 @@ impl Proxy {
                 outbound,
                 inbound,
                 certifier,
+                tracer,
             },
+            tracing,
         })
     }
 }
@@ -311,6 +330,8 @@ pub struct RunningProxy {
     registration: Option<Registration>,
     drain: drain::Signal,
     tasks: Tasks,
+    /// Flushed once the listeners have drained, so the last requests' spans go out.
+    tracing: Tracing,
 }
 
 #[derive(Debug)]
@@ -319,6 +340,7 @@ struct Tasks {
     outbound: JoinHandle<std::io::Result<()>>,
     inbound: Option<JoinHandle<std::io::Result<()>>>,
     certifier: Option<JoinHandle<()>>,
+    tracer: Option<JoinHandle<()>>,
 }
 
 impl RunningProxy {
@@ -390,7 +412,7 @@ impl RunningProxy {
             served(OUTBOUND, outbound)?;
             served(INBOUND, inbound)
         };
-        match tokio::time::timeout(DRAIN_TIMEOUT, drained).await {
+        let res = match tokio::time::timeout(DRAIN_TIMEOUT, drained).await {
             Ok(res) => res,
             Err(_) => {
                 tracing::warn!(
@@ -399,7 +421,9 @@ impl RunningProxy {
                 );
                 Ok(())
             }
-        }
+        };
+        self.tracing.flush().await;
+        res
         // Dropping `self` here stops the admin server and the certifier.
     }
 }
@@ -411,6 +435,7 @@ impl Drop for RunningProxy {
             outbound,
             inbound,
             certifier,
+            tracer,
         } = &self.tasks;
         admin.abort();
         outbound.abort();
@@ -418,6 +443,9 @@ impl Drop for RunningProxy {
             t.abort();
         }
         if let Some(t) = certifier {
+            t.abort();
+        }
+        if let Some(t) = tracer {
             t.abort();
         }
     }

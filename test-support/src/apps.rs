@@ -46,6 +46,18 @@ pub const SEEN_ADDED: &str = "x-seen-added";
 pub const SEEN_CLIENT_ID: &str = "x-seen-client-id";
 /// Response header with the HTTP version the app was called with (`HTTP/1.1`, `HTTP/2.0`).
 pub const SEEN_VERSION: &str = "x-seen-version";
+/// Trace context headers the app echoes back as `x-seen-<name>`, to check what the proxies
+/// passed on.
+pub const TRACE_HEADERS: [&str; 8] = [
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
 /// Response header with the app's version.
 pub const APP_VERSION: &str = "x-app-version";
 /// A request to this path is answered after [`SLOW_DELAY`].
@@ -283,6 +295,14 @@ impl State {
         ] {
             if let Some(v) = req.headers().get(from) {
                 headers.insert(to, v.clone());
+            }
+        }
+        for name in TRACE_HEADERS {
+            if let (Some(v), Ok(seen)) = (
+                req.headers().get(name),
+                http::HeaderName::try_from(format!("x-seen-{name}")),
+            ) {
+                headers.insert(seen, v.clone());
             }
         }
         if let Ok(v) = HeaderValue::from_str(&format!("{:?}", req.version())) {

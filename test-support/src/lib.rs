@@ -14,6 +14,7 @@ pub mod apps;
 pub mod certs;
 pub mod eventually;
 pub mod fixtures;
+pub mod jaeger;
 pub mod kube;
 pub mod mesh;
 pub mod netns;

@@ -311,6 +311,7 @@ pub fn mesh_pair(app: SocketAddr) -> MeshPairBuilder {
     MeshPairBuilder {
         app,
         control_plane: control_plane(),
+        proxy_env: Vec::new(),
     }
 }
 
@@ -320,6 +321,7 @@ pub fn mesh_pair(app: SocketAddr) -> MeshPairBuilder {
 pub struct MeshPairBuilder {
     app: SocketAddr,
     control_plane: ControlPlaneBuilder,
+    proxy_env: Vec<(String, String)>,
 }
 
 impl MeshPairBuilder {
@@ -329,16 +331,27 @@ impl MeshPairBuilder {
         self
     }
 
+    /// Sets a variable on both proxies (tracing's collector, for instance).
+    pub fn proxy_env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.proxy_env.push((key.to_string(), value.into()));
+        self
+    }
+
     /// Starts the control plane and both proxies, and waits until both are ready (certified,
     /// and the server registered).
     pub async fn run(self) -> Result<MeshPair> {
         let control_plane = self.control_plane.run()?;
-        let server = control_plane
-            .proxy(SERVER_ID)
+        let with_env = |mut proxy: ProxyBuilder| {
+            for (k, v) in &self.proxy_env {
+                proxy = proxy.env(k, v.clone());
+            }
+            proxy
+        };
+        let server = with_env(control_plane.proxy(SERVER_ID))
             .app(self.app)
             .service(SERVICE)
             .run()?;
-        let client = control_plane.proxy(CLIENT_ID).run()?;
+        let client = with_env(control_plane.proxy(CLIENT_ID)).run()?;
         wait_ready(&server).await?;
         wait_ready(&client).await?;
         Ok(MeshPair {

@@ -47,6 +47,8 @@ pub struct Settings {
     pub proxy_addr: SocketAddr,
     /// The inbound policy of workload ports no `Server` selects.
     pub default_inbound_policy: mesh_policies::DefaultPolicy,
+    /// Variables every sidecar gets beside the mesh's own (tracing's collector, for instance).
+    pub proxy_env: Vec<(String, String)>,
 }
 
 /// A running embedded mesh.
@@ -69,7 +71,8 @@ pub struct Mesh {
 impl Mesh {
     /// Opens the state directory, binds the listeners and starts every loop.
     pub async fn start(settings: &Settings) -> anyhow::Result<Self> {
-        let programs = Programs::discover()?;
+        let mut programs = Programs::discover()?;
+        programs.proxy_env.clone_from(&settings.proxy_env);
         let config = ControlPlaneConfig {
             state_dir: settings.state_dir.join("controlplane"),
             api_addr: settings.api_addr,

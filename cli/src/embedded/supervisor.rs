@@ -84,6 +84,8 @@ pub struct Programs {
     pub proxy: PathBuf,
     /// `PATH` for apps: the mesh's own directory first, so `mesh-demo-app` is found.
     pub path: OsString,
+    /// Variables every sidecar gets before the mesh's own (which win).
+    pub proxy_env: Vec<(String, String)>,
 }
 
 impl Programs {
@@ -110,7 +112,11 @@ impl Programs {
                 )
             })?;
         let path = std::env::join_paths(dirs)?;
-        Ok(Self { proxy, path })
+        Ok(Self {
+            proxy,
+            path,
+            proxy_env: Vec::new(),
+        })
     }
 }
 
@@ -488,6 +494,7 @@ impl InstanceCtx {
         }
         let mut sidecar = Command::new(&self.programs.proxy);
         sidecar
+            .envs(self.programs.proxy_env.iter().map(|(k, v)| (k, v)))
             .env(
                 "MESH_PROXY_OUTBOUND_ADDR",
                 format!("127.0.0.1:{outbound_port}"),

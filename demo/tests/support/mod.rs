@@ -189,12 +189,19 @@ pub fn direct_client() -> reqwest::Client {
 pub struct ForwardProxy {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<String>>>,
+    headers: Arc<Mutex<Vec<http::HeaderMap>>>,
 }
 
 impl ForwardProxy {
     /// The request targets the proxy received, in order.
     pub fn seen(&self) -> Vec<String> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// The headers of the requests the proxy received, in order.
+    #[allow(dead_code, reason = "each test binary uses part of the support module")]
+    pub fn seen_headers(&self) -> Vec<http::HeaderMap> {
+        self.headers.lock().unwrap().clone()
     }
 }
 
@@ -208,22 +215,31 @@ pub async fn forward_proxy(routes: &[(&str, SocketAddr)]) -> ForwardProxy {
             .collect(),
     );
     let seen = Arc::new(Mutex::new(Vec::new()));
+    let headers = Arc::new(Mutex::new(Vec::new()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let recorded = seen.clone();
+    let (recorded, recorded_headers) = (seen.clone(), headers.clone());
     tokio::spawn(async move {
         while let Ok((io, _)) = listener.accept().await {
             let routes = routes.clone();
             let seen = recorded.clone();
+            let headers = recorded_headers.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| forward(routes.clone(), seen.clone(), req));
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    headers.lock().unwrap().push(req.headers().clone());
+                    forward(routes.clone(), seen.clone(), req)
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(io), svc)
                     .await;
             });
         }
     });
-    ForwardProxy { addr, seen }
+    ForwardProxy {
+        addr,
+        seen,
+        headers,
+    }
 }
 
 async fn forward(

@@ -19,6 +19,8 @@ use crate::outbound::balance::ToEndpoint;
 use crate::outbound::error::Error;
 use crate::outbound::timeout::Waiting;
 use crate::tap::TapEvent;
+use crate::trace::{Decision, Span, Tracing, attr};
+use opentelemetry::trace::SpanKind;
 
 /// Makes [`Record`] services.
 #[derive(Clone, Debug)]
@@ -66,7 +68,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: ToEndpoint<B>) -> Self::Future {
+    fn call(&mut self, mut req: ToEndpoint<B>) -> Self::Future {
         let labels = RequestLabels {
             direction: "outbound",
             authority: req.route.labels.authority.as_str().into(),
@@ -92,6 +94,12 @@ where
             event.dst_identity.clone_from(&req.endpoint.identity);
             Box::new(event)
         });
+        // One branch while tracing is off.
+        let span = if self.metrics.trace.is_on() {
+            client_span(&self.metrics.trace, &mut req, &labels)
+        } else {
+            None
+        };
         let mut attempt = Attempt {
             metrics: self.metrics.clone(),
             labels,
@@ -99,6 +107,7 @@ where
             waiting,
             done: false,
             tap,
+            span,
         };
         let answer = self.inner.call(req);
         Box::pin(async move {
@@ -118,6 +127,42 @@ struct Attempt {
     done: bool,
     /// The tap event being built, when a tap was open as the attempt started.
     tap: Option<Box<TapEvent>>,
+    /// The attempt's client span, when it is traced.
+    span: Option<Box<Span>>,
+}
+
+/// The attempt's client span, with its context written into the request for the far side:
+/// under the request's trace decision (made before retries), or, for a request that came
+/// without one (passed through outside the mesh), its own.
+fn client_span<B>(
+    tracing: &Tracing,
+    req: &mut ToEndpoint<B>,
+    labels: &RequestLabels,
+) -> Option<Box<Span>> {
+    let decision = match req.request.extensions().get::<Decision>() {
+        Some(d) => d.clone(),
+        None => tracing.decide(req.request.headers())?,
+    };
+    let r = &mut req.request;
+    let name = format!("{} {}", r.method(), labels.route);
+    let method = r.method().to_string();
+    let path = r.uri().path().to_string();
+    let mut span = tracing.span(&decision, SpanKind::Client, name, r.headers_mut())?;
+    span.set("http.request.method", method);
+    span.set("url.path", path);
+    span.set("server.address", labels.authority.to_string());
+    span.set(attr::DIRECTION, "outbound");
+    span.set(attr::ROUTE, labels.route.to_string());
+    span.set(attr::BACKEND, req.backend.authority());
+    span.set(attr::ENDPOINT, req.endpoint.addr.to_string());
+    if !labels.dst_deployment.is_empty() {
+        span.set(attr::DST_DEPLOYMENT, labels.dst_deployment.to_string());
+    }
+    span.set(attr::TLS, req.endpoint.identity.is_some());
+    if let Some(id) = &req.endpoint.identity {
+        span.set(attr::PEER_IDENTITY, id.clone());
+    }
+    Some(Box::new(span))
 }
 
 impl Attempt {
@@ -133,11 +178,13 @@ impl Attempt {
                 self.metrics.record(&self.labels, Some(status), false, took);
                 let error = if status >= 500 { "upstream" } else { "" };
                 self.tap(status, error);
+                self.end_span(Some(status), error);
             }
             Err(Error::Endpoint { .. }) => {
                 let status = StatusCode::BAD_GATEWAY.as_u16();
                 self.metrics.record(&self.labels, Some(status), true, took);
                 self.tap(status, "mesh");
+                self.end_span(None, "mesh");
             }
             // Nothing reached the endpoint.
             Err(_) => {}
@@ -153,6 +200,13 @@ impl Attempt {
             self.metrics.tap.publish(*event);
         }
     }
+
+    /// Ends the attempt's span, if it is traced.
+    fn end_span(&mut self, status: Option<u16>, error: &'static str) {
+        if let Some(span) = self.span.take() {
+            self.metrics.trace.end(*span, status, error);
+        }
+    }
 }
 
 impl Drop for Attempt {
@@ -164,6 +218,7 @@ impl Drop for Attempt {
             let took = self.started.elapsed();
             self.metrics.record(&self.labels, Some(status), true, took);
             self.tap(status, "mesh");
+            self.end_span(Some(status), "mesh");
         }
     }
 }

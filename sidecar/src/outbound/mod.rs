@@ -249,6 +249,11 @@ impl Outbound {
                 tls: "",
             }
         });
+        // Decided once per request, so every attempt (and retry) is a span of the same trace.
+        let mut request = request;
+        if let Some(decision) = self.metrics.trace.decide(request.headers()) {
+            request.extensions_mut().insert(decision);
+        }
         let req = Targeted {
             target,
             tables,
