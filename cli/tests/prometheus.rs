@@ -21,7 +21,10 @@ use mesh_core::{
     proxy_api::{HTTP_SD_PATH, ScrapeTarget},
 };
 use mesh_test_support::{
-    assert_eventually, mesh::mesh_up, process::workspace_bin, prometheus::Prometheus,
+    assert_eventually,
+    mesh::mesh_up,
+    process::{MeshProcess, workspace_bin},
+    prometheus::Prometheus,
 };
 use serde_json::Value;
 
@@ -146,15 +149,21 @@ fn bucket_of(ms: f64) -> usize {
         .unwrap_or(LATENCY_BUCKETS_MS.len())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn flagger_s_linkerd_queries_on_prometheus_match_the_load_generator() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let mut up = mesh_up(&state, &manifest(dir.path(), "v1"), &[]).unwrap();
+/// The tests that run an embedded mesh take turns: two started together sometimes left their
+/// Canaries uninitialized past the patience on the 2-core machine.
+static ONE_MESH: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `mesh up` on `file` in `dir`, once its Canary `backend` is initialized, and a real Prometheus
+/// scraping it with the documented scrape config: the mesh, its API's URL, the API token's
+/// file, the scrape config and Prometheus.
+async fn mesh_with_prometheus(
+    dir: &Path,
+    file: &Path,
+) -> (MeshProcess, String, PathBuf, String, Prometheus) {
+    let state = dir.join("state");
+    let up = mesh_up(&state, file, &[]).unwrap();
     let server = format!("http://{}", up.addr("api"));
     assert_eventually!(canary(&server)["status"]["phase"] == "Initialized");
-
-    // The documented scrape config, pointed at this mesh.
     let token = state.join("controlplane").join("api-token");
     let scrape = embedded_scrape_config(&server, token.to_str().unwrap(), "1s");
     let prometheus = Prometheus::builder()
@@ -162,6 +171,15 @@ async fn flagger_s_linkerd_queries_on_prometheus_match_the_load_generator() {
         .start()
         .await
         .unwrap();
+    (up, server, token, scrape, prometheus)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn flagger_s_linkerd_queries_on_prometheus_match_the_load_generator() {
+    let _one_at_a_time = ONE_MESH.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut up, server, token, scrape, prometheus) =
+        mesh_with_prometheus(dir.path(), &manifest(dir.path(), "v1")).await;
 
     // The rollout metrics, scraped from the control plane: Flagger's series before the rollout.
     let weight =
@@ -417,18 +435,10 @@ spec:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_grafana_panel_returns_data_over_a_meshed_caller_and_a_rollout() {
+    let _one_at_a_time = ONE_MESH.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let mut up = mesh_up(&state, &meshed_caller_manifest(dir.path(), "v1"), &[]).unwrap();
-    let server = format!("http://{}", up.addr("api"));
-    assert_eventually!(canary(&server)["status"]["phase"] == "Initialized");
-    let token = state.join("controlplane").join("api-token");
-    let scrape = embedded_scrape_config(&server, token.to_str().unwrap(), "1s");
-    let prometheus = Prometheus::builder()
-        .scrape_config(&scrape)
-        .start()
-        .await
-        .unwrap();
+    let (mut up, server, _, _, prometheus) =
+        mesh_with_prometheus(dir.path(), &meshed_caller_manifest(dir.path(), "v1")).await;
 
     // v2 steps to 50 %; once its gates have been judged, the rollout is paused there, so every
     // series the dashboards read exists at once: both arms, the caller's split and its gates.
