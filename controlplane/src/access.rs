@@ -122,7 +122,7 @@ fn write_pointer(pointer: &Path, token: &Path) -> std::io::Result<()> {
             .create(dir)?;
     }
     let token = std::fs::canonicalize(token).unwrap_or_else(|_| token.to_path_buf());
-    let tmp = pointer.with_extension("tmp");
+    let tmp = pointer_tmp(pointer);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -131,6 +131,19 @@ fn write_pointer(pointer: &Path, token: &Path) -> std::io::Result<()> {
         .open(&tmp)?;
     std::io::Write::write_all(&mut file, format!("{}\n", token.display()).as_bytes())?;
     std::fs::rename(tmp, pointer)
+}
+
+/// A temporary name beside `pointer`, its own to this write: control planes starting together
+/// (and every address's pointer) must not share one. `with_extension` would, since a pointer's
+/// name (`127.0.0.1_4180`) has dots: every pointer on 127.0.0.1 wrote through `127.0.0.tmp`.
+fn pointer_tmp(pointer: &Path) -> PathBuf {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = pointer
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    pointer.with_file_name(format!(".{name}.{}-{n}.tmp", std::process::id()))
 }
 
 /// The directory of pointers: `$MESH_CONFIG_DIR/servers`, else `$HOME/.mesh/servers`.
@@ -192,6 +205,24 @@ pub fn unauthorized() -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pointers_written_together_each_get_their_own_temporary_file() {
+        let a = pointer_tmp(Path::new("/x/servers/127.0.0.1_4180"));
+        let b = pointer_tmp(Path::new("/x/servers/127.0.0.1_4181"));
+        let c = pointer_tmp(Path::new("/x/servers/127.0.0.1_4180"));
+        assert_ne!(a, b);
+        assert_ne!(a, c, "two writes of one pointer");
+        assert_eq!(a.parent(), Some(Path::new("/x/servers")));
+        assert!(
+            a.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".127.0.0.1_4180."),
+            "{}",
+            a.display()
+        );
+    }
 
     #[test]
     fn only_the_exact_token_is_admitted() {
