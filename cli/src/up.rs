@@ -116,7 +116,7 @@ async fn up(args: Args) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    eprintln!(
+    tell(&format!(
         "mesh is up: resource API http://{} (token in {}, which `mesh` finds on its own), \
          proxy API https://{} (mTLS; trust roots in {}), state in {}. Ctrl-C stops everything.",
         mesh.api_addr,
@@ -124,17 +124,17 @@ async fn up(args: Args) -> anyhow::Result<()> {
         mesh.proxy_addr,
         mesh.trust_roots_file.display(),
         state_dir.display()
-    );
+    ));
     wait_for_signal().await;
     if let Some(d) = dashboard {
         d.abort();
     }
-    eprintln!("stopping the workloads...");
+    tell("stopping the workloads...");
     mesh.shutdown().await;
-    eprintln!(
+    tell(&format!(
         "stopped; `mesh up` again resumes from {}",
         state_dir.display()
-    );
+    ));
     Ok(())
 }
 
@@ -158,7 +158,9 @@ async fn start_dashboard(
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("no dashboard: binding {addr}: {e} (choose another with --dashboard-addr)");
+            tell(&format!(
+                "no dashboard: binding {addr}: {e} (choose another with --dashboard-addr)"
+            ));
             return Ok(None);
         }
     };
@@ -169,10 +171,10 @@ async fn start_dashboard(
         namespace: "default".into(),
     })?;
     println!("{}", Listening::new("dashboard", bound));
-    eprintln!(
+    tell(&format!(
         "dashboard: {} (a link that signs in once; `mesh dashboard` serves another and prints its own)",
         dashboard.sign_in_url(bound)?
-    );
+    ));
     Ok(Some(tokio::spawn(async move {
         if let Err(e) = dashboard.serve(listener).await {
             tracing::error!(error = %e, "the dashboard stopped");
@@ -246,4 +248,12 @@ mod tests {
         // Sampling alone would do nothing: clap refuses it.
         assert!(args(&["--trace-sampling", "0.5"]).is_err());
     }
+}
+
+/// One line to the user on stderr, written at once. The workloads share this process's output,
+/// and `eprintln!` writes a line in pieces, so a workload's line could land inside ours (a test
+/// reading the sign-in link once found `mesh:` where the address should have been).
+fn tell(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }

@@ -238,10 +238,10 @@ async fn the_dashboard_shows_rollouts_and_aborts_one_in_a_real_browser() {
     let log = std::fs::read_to_string(up.child().log()).unwrap();
     let link = log
         .lines()
-        .find_map(|l| l.strip_prefix("dashboard: "))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("mesh up printed no sign-in link:\n{log}"))
-        .to_string();
+        .find_map(|l| l.split_once("dashboard: http://").map(|(_, rest)| rest))
+        .map(|rest| format!("http://{rest}"))
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| panic!("mesh up printed no sign-in link:\n{log}"));
     assert!(!link.contains(token.trim()), "the link carries the token");
     assert!(
         link.starts_with(&format!("http://{dashboard}/login?code=")),
