@@ -196,6 +196,14 @@ pub async fn wait_for_signal() {
     }
 }
 
+/// One line to the user on stderr, written at once. The workloads share this process's output,
+/// and `eprintln!` writes a line in pieces, so a workload's line could land inside ours (a test
+/// reading the sign-in link once found `mesh:` where the address should have been).
+fn tell(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,12 +256,4 @@ mod tests {
         // Sampling alone would do nothing: clap refuses it.
         assert!(args(&["--trace-sampling", "0.5"]).is_err());
     }
-}
-
-/// One line to the user on stderr, written at once. The workloads share this process's output,
-/// and `eprintln!` writes a line in pieces, so a workload's line could land inside ours (a test
-/// reading the sign-in link once found `mesh:` where the address should have been).
-fn tell(line: &str) {
-    use std::io::Write;
-    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
