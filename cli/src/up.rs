@@ -49,23 +49,16 @@ pub struct Args {
 impl Args {
     /// The sidecars' tracing variables from the flags, checked as the proxy will read them.
     fn proxy_env(&self) -> anyhow::Result<Vec<(String, String)>> {
-        use mesh_core::trace::{ENV_COLLECTOR, ENV_SAMPLING, TraceConfig};
+        use mesh_core::trace::{ENV_COLLECTOR, ENV_SAMPLING, collector_url, sampling};
         let mut env = Vec::new();
         if let Some(c) = &self.trace_collector {
+            collector_url(c).map_err(|e| anyhow::anyhow!("--trace-collector {c:?}: {e}"))?;
             env.push((ENV_COLLECTOR.to_string(), c.clone()));
         }
         if let Some(s) = &self.trace_sampling {
+            sampling(s).map_err(|e| anyhow::anyhow!("--trace-sampling {s:?}: {e}"))?;
             env.push((ENV_SAMPLING.to_string(), s.clone()));
         }
-        let map: std::collections::BTreeMap<String, String> = env.iter().cloned().collect();
-        TraceConfig::from_env(&map).map_err(|e| {
-            let flag = if e.name == ENV_SAMPLING {
-                "--trace-sampling"
-            } else {
-                "--trace-collector"
-            };
-            anyhow::anyhow!("{flag} {:?}: {}", e.value, e.reason)
-        })?;
         Ok(env)
     }
 }

@@ -71,6 +71,54 @@ fn events(node: &Node, reason: &str) -> u64 {
         .sum()
 }
 
+/// What a stuck failover leaves to read: the pods, the Lease, the primary's rollout, and each
+/// controller replica's last log lines.
+fn diagnosis(node: &Node) -> String {
+    let run = |args: &[&str]| {
+        node.kubectl(args)
+            .unwrap_or_else(|e| format!("kubectl {args:?}: {e}"))
+    };
+    let mut out = String::new();
+    for args in [
+        &["get", "pods", "-A", "-o", "wide"][..],
+        &[
+            "-n",
+            "mesh-system",
+            "get",
+            "lease",
+            "mesh-rollout-controller",
+            "-o",
+            "yaml",
+        ],
+        &[
+            "-n",
+            NS,
+            "get",
+            "deployment",
+            "backend-primary",
+            "-o",
+            "jsonpath={.status}",
+        ],
+    ] {
+        out.push_str(&format!("--- kubectl {}\n{}\n", args.join(" "), run(args)));
+    }
+    let pods = run(&[
+        "-n",
+        "mesh-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/name=mesh-rollout-controller",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ]);
+    for pod in pods.split_whitespace() {
+        let logs = run(&["-n", "mesh-system", "logs", pod, "--tail", "40"]);
+        out.push_str(&format!("--- logs of {pod}\n{logs}\n"));
+    }
+    out
+}
+
 #[tokio::test]
 async fn the_leaders_pod_dies_mid_promotion_and_the_rollout_finishes_once() {
     let started = Instant::now();
@@ -205,7 +253,12 @@ spec:
     eprintln!("deleted the leader {leader} (first leader {first}) while the Canary was {during}");
 
     let status = watch_rollout(node, NS, "backend");
-    assert!(status.status.success(), "{}", text(&status));
+    assert!(
+        status.status.success(),
+        "{}\n{}",
+        text(&status),
+        diagnosis(node)
+    );
     assert_eq!(canary_phase(node, NS, "backend"), "Succeeded");
     let primary = kubectl(
         node,

@@ -207,6 +207,11 @@ async fn flagger_s_linkerd_queries_on_prometheus_match_the_load_generator() {
     assert_eq!(query(&prometheus, status).await, Some(0.0));
     let progressing = r#"mesh_canary_phase{name="backend",phase="Progressing"}"#;
     assert_eq!(query(&prometheus, progressing).await, Some(1.0));
+    // The rollout's duration so far grows from one scrape to the next while it runs.
+    let analysis = r#"mesh_canary_analysis_seconds{namespace="default",name="backend"}"#;
+    assert_eventually!(query(&prometheus, analysis).await.is_some());
+    let first = query(&prometheus, analysis).await.unwrap();
+    assert_eventually!(query(&prometheus, analysis).await.unwrap_or_default() > first);
 
     // The control plane lists the canary's proxy for Prometheus, with its deployment.
     let secret = std::fs::read_to_string(&token).unwrap();

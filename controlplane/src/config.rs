@@ -36,6 +36,11 @@ pub const ENV_INJECTOR_TLS_DIR: &str = "MESH_CONTROLPLANE_INJECTOR_TLS_DIR";
 pub const ENV_PROXY_IMAGE: &str = "MESH_CONTROLPLANE_PROXY_IMAGE";
 /// Image of the init container (iptables) the injector adds.
 pub const ENV_INIT_IMAGE: &str = "MESH_CONTROLPLANE_INIT_IMAGE";
+/// The OTLP collector injected proxies send spans to (`host:port` or an `http(s)://` URL);
+/// unset, tracing stays off unless a pod names one (`config.mesh.dev/trace-collector`).
+pub const ENV_TRACE_COLLECTOR: &str = "MESH_CONTROLPLANE_TRACE_COLLECTOR";
+/// The share of new traces injected proxies sample, 0 to 1 (the proxy's default when unset).
+pub const ENV_TRACE_SAMPLING: &str = "MESH_CONTROLPLANE_TRACE_SAMPLING";
 /// Worker threads of the control plane's runtime (at least 1); `1` runs it on one thread,
 /// where a weight change wakes every watch stream before any connection writes, so each
 /// connection sends its streams' updates in one write. Unset: the cores the process may use.
@@ -55,6 +60,10 @@ pub struct InjectorConfig {
     pub proxy_image: Option<String>,
     /// See [`ENV_INIT_IMAGE`]; the injector's default when unset.
     pub init_image: Option<String>,
+    /// See [`ENV_TRACE_COLLECTOR`]; checked as the proxy will read it.
+    pub trace_collector: Option<String>,
+    /// See [`ENV_TRACE_SAMPLING`]; checked likewise.
+    pub trace_sampling: Option<String>,
 }
 
 /// A duration written like `30s`, `24h` or `500ms`.
@@ -178,6 +187,12 @@ impl Config {
                         })?,
                     proxy_image: env.parse(ENV_PROXY_IMAGE)?,
                     init_image: env.parse(ENV_INIT_IMAGE)?,
+                    trace_collector: checked(env, ENV_TRACE_COLLECTOR, |v| {
+                        mesh_core::trace::collector_url(v).map(drop)
+                    })?,
+                    trace_sampling: checked(env, ENV_TRACE_SAMPLING, |v| {
+                        mesh_core::trace::sampling(v).map(drop)
+                    })?,
                 }),
             },
             scrape_interval: env
@@ -187,6 +202,25 @@ impl Config {
                 )?
                 .0,
         })
+    }
+}
+
+/// `name`'s trimmed value when `check` accepts it; unset or empty is `None`.
+fn checked(
+    env: &impl Env,
+    name: &'static str,
+    check: impl Fn(&str) -> Result<(), String>,
+) -> Result<Option<String>, ConfigError> {
+    match env.var(name) {
+        Some(v) if !v.trim().is_empty() => match check(&v) {
+            Ok(()) => Ok(Some(v.trim().to_string())),
+            Err(reason) => Err(ConfigError {
+                name,
+                value: v,
+                reason,
+            }),
+        },
+        _ => Ok(None),
     }
 }
 
@@ -239,6 +273,32 @@ mod tests {
         assert_eq!(injector.addr, "0.0.0.0:8443".parse().unwrap());
         assert_eq!(injector.proxy_image.as_deref(), Some("proxy:v1"));
         assert_eq!(injector.init_image, None);
+        assert_eq!(injector.trace_collector, None);
+        let injecting = [
+            (ENV_INJECTOR_ADDR, "0.0.0.0:8443"),
+            (ENV_INJECTOR_TLS_DIR, "/var/run/mesh/injector"),
+        ];
+        let with = |extra: &[(&str, &str)]| {
+            let mut all = injecting.to_vec();
+            all.extend_from_slice(extra);
+            Config::from_env(&env(&all))
+        };
+        let injector = with(&[
+            (ENV_TRACE_COLLECTOR, " collector.tracing:4318 "),
+            (ENV_TRACE_SAMPLING, "0.25"),
+        ])
+        .unwrap()
+        .injector
+        .unwrap();
+        assert_eq!(
+            injector.trace_collector.as_deref(),
+            Some("collector.tracing:4318")
+        );
+        assert_eq!(injector.trace_sampling.as_deref(), Some("0.25"));
+        let e = with(&[(ENV_TRACE_COLLECTOR, "ftp://collector")]).unwrap_err();
+        assert_eq!(e.name, ENV_TRACE_COLLECTOR);
+        let e = with(&[(ENV_TRACE_SAMPLING, "1.5")]).unwrap_err();
+        assert_eq!(e.name, ENV_TRACE_SAMPLING);
         let c = Config::from_env(&env(&[(ENV_DEFAULT_INBOUND_POLICY, "deny")])).unwrap();
         assert_eq!(c.default_inbound_policy, mesh_policies::DefaultPolicy::Deny);
     }

@@ -41,6 +41,12 @@ pub const SKIP_OUTBOUND_ANNOTATION: &str = "config.mesh.dev/skip-outbound-ports"
 /// without sniffing, both ways, like Linkerd's `config.linkerd.io/opaque-ports`; replaces the
 /// proxy's default list (25, 587, 3306, 4444, 5432, 6379, 9300, 11211).
 pub const OPAQUE_PORTS_ANNOTATION: &str = "config.mesh.dev/opaque-ports";
+/// Pod annotation: the OTLP collector this pod's proxy sends spans to (`host:port` or an
+/// `http(s)://` URL), or `off`; it overrides the injector's default (`mesh install
+/// --trace-collector`).
+pub const TRACE_COLLECTOR_ANNOTATION: &str = "config.mesh.dev/trace-collector";
+/// Pod annotation: the share of new traces this pod's proxy samples, 0 to 1.
+pub const TRACE_SAMPLING_ANNOTATION: &str = "config.mesh.dev/trace-sampling";
 /// The proxy container's name.
 pub const PROXY_CONTAINER: &str = "mesh-proxy";
 /// The name of the proxy container's admin port (`/metrics`, `/tap`), where the control plane
@@ -116,6 +122,11 @@ pub struct InjectConfig {
     /// The SHA-256 of the control plane's tap token ([`mesh_core::tap::token_sha256`]), given
     /// to each proxy so that it admits taps from the control plane only; `None` leaves tap off.
     pub tap_token_sha256: Option<String>,
+    /// The OTLP collector injected proxies send spans to, unless a pod says otherwise with
+    /// [`TRACE_COLLECTOR_ANNOTATION`]; `None` leaves tracing off.
+    pub trace_collector: Option<String>,
+    /// The share of new traces they sample ([`TRACE_SAMPLING_ANNOTATION`] overrides it).
+    pub trace_sampling: Option<String>,
 }
 
 impl Default for InjectConfig {
@@ -131,6 +142,8 @@ impl Default for InjectConfig {
             outbound_port: 4140,
             admin_port: 4191,
             tap_token_sha256: None,
+            trace_collector: None,
+            trace_sampling: None,
         }
     }
 }
@@ -183,13 +196,17 @@ pub fn decide(namespace: &BTreeMap<String, String>, meta: &ObjectMeta, spec: &Po
 
 /// Why an annotation could not be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("annotation {key}: {value:?} is not a comma-separated list of ports (1-65535)")]
+#[error("annotation {key}: {value:?} {reason}")]
 pub struct AnnotationError {
     /// The annotation.
     pub key: &'static str,
     /// Its value.
     pub value: String,
+    /// What is wrong with it.
+    pub reason: String,
 }
+
+const NOT_PORTS: &str = "is not a comma-separated list of ports (1-65535)";
 
 fn ports(meta: &ObjectMeta, key: &'static str) -> Result<Vec<u16>, AnnotationError> {
     let Some(value) = annotation(meta, key) else {
@@ -204,6 +221,7 @@ fn ports(meta: &ObjectMeta, key: &'static str) -> Result<Vec<u16>, AnnotationErr
         .ok_or_else(|| AnnotationError {
             key,
             value: value.to_string(),
+            reason: NOT_PORTS.into(),
         })
 }
 
@@ -215,6 +233,7 @@ fn port_ranges(meta: &ObjectMeta, key: &'static str) -> Result<Option<String>, A
     let error = || AnnotationError {
         key,
         value: value.to_string(),
+        reason: NOT_PORTS.into(),
     };
     let port = |p: &str| p.trim().parse::<u16>().ok().filter(|p| *p > 0);
     let mut items = Vec::new();
@@ -228,6 +247,40 @@ fn port_ranges(meta: &ObjectMeta, key: &'static str) -> Result<Option<String>, A
         }
     }
     Ok(Some(items.join(",")))
+}
+
+/// The proxy's tracing variables: the pod's annotations, else the injector's defaults, checked
+/// as the proxy will read them. A collector of `off` leaves tracing off for the pod.
+fn trace_env(meta: &ObjectMeta, config: &InjectConfig) -> Result<Vec<EnvVar>, AnnotationError> {
+    use mesh_core::trace::{ENV_COLLECTOR, ENV_SAMPLING, collector_url, sampling};
+    let bad = |key, value: &str, reason| AnnotationError {
+        key,
+        value: value.to_string(),
+        reason: format!("is not usable: {reason}"),
+    };
+    let collector = match annotation(meta, TRACE_COLLECTOR_ANNOTATION) {
+        Some(v) if v.trim() == "off" => return Ok(Vec::new()),
+        Some(v) => {
+            collector_url(v).map_err(|e| bad(TRACE_COLLECTOR_ANNOTATION, v, e))?;
+            v.trim().to_string()
+        }
+        None => match &config.trace_collector {
+            Some(c) => c.clone(),
+            None => return Ok(Vec::new()),
+        },
+    };
+    let mut envs = vec![env(ENV_COLLECTOR, collector)];
+    let share = match annotation(meta, TRACE_SAMPLING_ANNOTATION) {
+        Some(v) => {
+            sampling(v).map_err(|e| bad(TRACE_SAMPLING_ANNOTATION, v, e))?;
+            Some(v.trim().to_string())
+        }
+        None => config.trace_sampling.clone(),
+    };
+    if let Some(share) = share {
+        envs.push(env(ENV_SAMPLING, share));
+    }
+    Ok(envs)
 }
 
 /// The init container's script: NAT rules redirecting the pod's TCP through the proxy.
@@ -327,6 +380,7 @@ pub fn inject(
     let skip_inbound = ports(meta, SKIP_INBOUND_ANNOTATION)?;
     let skip_outbound = ports(meta, SKIP_OUTBOUND_ANNOTATION)?;
     let opaque_ports = port_ranges(meta, OPAQUE_PORTS_ANNOTATION)?;
+    let tracing = trace_env(meta, config)?;
 
     let init = Container {
         name: INIT_CONTAINER.into(),
@@ -402,6 +456,7 @@ pub fn inject(
         envs.push(env("MESH_PROXY_OUTBOUND_OPAQUE_PORTS", list.clone()));
         envs.push(env("MESH_PROXY_INBOUND_OPAQUE_PORTS", list));
     }
+    envs.extend(tracing);
     let proxy = Container {
         name: PROXY_CONTAINER.into(),
         image: Some(config.proxy_image.clone()),
@@ -725,6 +780,80 @@ mod tests {
             let e = inject(&mut m, &mut s, &config).unwrap_err();
             assert!(e.to_string().contains(OPAQUE_PORTS_ANNOTATION), "{e}");
             assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn tracing_comes_from_the_injector_s_default_or_the_pod_s_annotations() {
+        let proxy_env = |annotations: &[(&str, &str)], config: &InjectConfig| {
+            let (mut m, mut s) = pod(annotations);
+            inject(&mut m, &mut s, config).map(|()| {
+                s.init_containers
+                    .iter()
+                    .flatten()
+                    .find(|c| c.name == PROXY_CONTAINER)
+                    .unwrap()
+                    .env
+                    .iter()
+                    .flatten()
+                    .filter(|e| e.name.starts_with("MESH_PROXY_TRACE_"))
+                    .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+                    .collect::<BTreeMap<_, _>>()
+            })
+        };
+        let off = InjectConfig::default();
+        let on = InjectConfig {
+            trace_collector: Some("otel-collector.tracing:4318".into()),
+            trace_sampling: Some("0.1".into()),
+            ..InjectConfig::default()
+        };
+        let vars = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        // Off unless the injector or the pod names a collector.
+        assert_eq!(proxy_env(&[], &off).unwrap(), vars(&[]));
+        assert_eq!(
+            proxy_env(&[], &on).unwrap(),
+            vars(&[
+                ("MESH_PROXY_TRACE_COLLECTOR", "otel-collector.tracing:4318"),
+                ("MESH_PROXY_TRACE_SAMPLING", "0.1"),
+            ])
+        );
+        // The pod's annotations win, and `off` opts a pod out.
+        assert_eq!(
+            proxy_env(
+                &[
+                    (TRACE_COLLECTOR_ANNOTATION, "http://jaeger.tracing:4318"),
+                    (TRACE_SAMPLING_ANNOTATION, "1"),
+                ],
+                &off
+            )
+            .unwrap(),
+            vars(&[
+                ("MESH_PROXY_TRACE_COLLECTOR", "http://jaeger.tracing:4318"),
+                ("MESH_PROXY_TRACE_SAMPLING", "1"),
+            ])
+        );
+        assert_eq!(
+            proxy_env(&[(TRACE_SAMPLING_ANNOTATION, "0.5")], &on).unwrap()["MESH_PROXY_TRACE_SAMPLING"],
+            "0.5"
+        );
+        assert_eq!(
+            proxy_env(&[(TRACE_COLLECTOR_ANNOTATION, "off")], &on).unwrap(),
+            vars(&[])
+        );
+        // A value the proxy would refuse is refused at admission, naming the annotation.
+        for (key, bad) in [
+            (TRACE_COLLECTOR_ANNOTATION, "ftp://collector:21"),
+            (TRACE_COLLECTOR_ANNOTATION, "collector:http"),
+            (TRACE_SAMPLING_ANNOTATION, "2"),
+            (TRACE_SAMPLING_ANNOTATION, "half"),
+        ] {
+            let e = proxy_env(&[(key, bad)], &on).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(bad), "{e}");
         }
     }
 

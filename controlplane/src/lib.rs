@@ -318,7 +318,7 @@ fn metrics_text<S: ResourceStore>(store: &S, shared: &Shared) -> String {
                 .collect()
         })
         .unwrap_or_default();
-    let mut text = mesh_crds::metrics::exposition(&canaries);
+    let mut text = mesh_crds::metrics::exposition(&canaries, k8s_openapi::jiff::Timestamp::now());
     let proxies = shared.index().scrape_targets().len();
     text.push_str(&format!(
         "# HELP mesh_controlplane_registered_proxies Registered proxies that gave their admin address.\n\

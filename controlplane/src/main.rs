@@ -153,6 +153,8 @@ async fn injector(
         // Injected proxies admit taps from this control plane only: they hold the token's
         // digest, never the token.
         tap_token_sha256: Some(mesh_core::tap::token_sha256(tap_token)),
+        trace_collector: settings.trace_collector.clone(),
+        trace_sampling: settings.trace_sampling.clone(),
         ..defaults
     };
     let listener = TcpListener::bind(settings.addr)

@@ -39,21 +39,15 @@ impl TraceConfig {
     pub fn from_env(env: &impl Env) -> Result<Option<Self>, ConfigError> {
         let sampling = match env.var(ENV_SAMPLING) {
             None => DEFAULT_SAMPLING,
-            Some(value) => match value.trim().parse::<f64>() {
-                Ok(s) if (0.0..=1.0).contains(&s) => s,
-                _ => {
-                    return Err(ConfigError {
-                        name: ENV_SAMPLING,
-                        value,
-                        reason: "expected a number from 0 to 1 (the share of new traces sampled)"
-                            .into(),
-                    });
-                }
-            },
+            Some(value) => sampling(&value).map_err(|reason| ConfigError {
+                name: ENV_SAMPLING,
+                value,
+                reason,
+            })?,
         };
         let endpoint = match (env.var(ENV_COLLECTOR), env.var(ENV_OTEL_ENDPOINT)) {
             (Some(v), _) if !v.trim().is_empty() => {
-                traces_url(&v, false).map_err(|reason| ConfigError {
+                collector_url(&v).map_err(|reason| ConfigError {
                     name: ENV_COLLECTOR,
                     value: v.clone(),
                     reason,
@@ -70,6 +64,21 @@ impl TraceConfig {
         };
         Ok(Some(Self { endpoint, sampling }))
     }
+}
+
+/// A sampling share as [`ENV_SAMPLING`] takes it, checked: a number from 0 to 1. The error
+/// says what is expected; callers name where the value came from (a flag, an annotation).
+pub fn sampling(value: &str) -> Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(s) if (0.0..=1.0).contains(&s) => Ok(s),
+        _ => Err("expected a number from 0 to 1 (the share of new traces sampled)".into()),
+    }
+}
+
+/// The OTLP/HTTP traces URL of a collector as [`ENV_COLLECTOR`] takes it (`host:port` or an
+/// `http(s)://` URL), checked; the error says what is wrong.
+pub fn collector_url(value: &str) -> Result<String, String> {
+    traces_url(value, false)
 }
 
 /// The OTLP/HTTP traces URL for a collector written as `host:port` or a URL; `/v1/traces` is

@@ -13,6 +13,7 @@
 //! | `mesh_canary_weight` | gauge | `name`, `namespace` | the canary's weight, percent |
 //! | `mesh_canary_failed_checks` | gauge | `name`, `namespace` | failed checks in the current rollout |
 //! | `mesh_canary_iterations` | gauge | `name`, `namespace` | analysis ticks done in the current rollout |
+//! | `mesh_canary_analysis_seconds` | gauge | `name`, `namespace` | how long the current rollout has run, or how long the last one took |
 //! | `mesh_canary_gate_value` | gauge | `name`, `namespace`, `gate`, `arm` | the gate's last value per arm (`canary`, `primary`) |
 //! | `mesh_canary_gate_samples` | gauge | `name`, `namespace`, `gate`, `arm` | requests that value was computed from |
 //! | `mesh_canary_gate_passed` | gauge | `name`, `namespace`, `gate` | 1 when the gate's last verdict passed, else 0 |
@@ -20,7 +21,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::canary::{Canary, CanaryPhase, Verdict};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::canary::{Canary, CanaryPhase, CanaryStatus, Verdict};
 
 /// Every phase, in the order a rollout goes through them.
 const PHASES: [CanaryPhase; 9] = [
@@ -63,8 +66,28 @@ fn esc(value: &str) -> String {
         .replace('\n', r"\n")
 }
 
-/// The exposition text of `canaries`' series.
-pub fn exposition(canaries: &[Canary]) -> String {
+/// History reasons that end a rollout.
+const ENDINGS: [&str; 2] = ["Succeeded", "RolledBack"];
+
+/// Seconds the latest rollout has run (to `now` while it runs, to its ending once it ended):
+/// from the history's last `Progressing` entry, the one a rollout starts with. `None` before the
+/// first rollout, and when its start has left the history (it keeps the last few dozen entries).
+fn analysis_seconds(status: &CanaryStatus, now: Timestamp) -> Option<f64> {
+    let start = status
+        .history
+        .iter()
+        .rposition(|h| h.reason == "Progressing")?;
+    let end = status.history[start..]
+        .iter()
+        .find(|h| ENDINGS.contains(&h.reason.as_str()))
+        .map_or(now, |h| h.time.0);
+    let millis = end.as_millisecond() - status.history[start].time.0.as_millisecond();
+    #[allow(clippy::cast_precision_loss, reason = "milliseconds far below 2^52")]
+    Some(millis.max(0) as f64 / 1000.0)
+}
+
+/// The exposition text of `canaries`' series, with a running rollout's duration counted to `now`.
+pub fn exposition(canaries: &[Canary], now: Timestamp) -> String {
     let mut out = String::new();
     let mut family = |name: &str, help: &str, samples: Vec<(String, f64)>| {
         let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} gauge");
@@ -169,6 +192,18 @@ pub fn exposition(canaries: &[Canary]) -> String {
         "Analysis ticks done in the current rollout",
         simple(|s| s.iterations),
     );
+    family(
+        "mesh_canary_analysis_seconds",
+        "How long the current rollout has run, or how long the last one took, in seconds",
+        canaries
+            .iter()
+            .filter_map(|c| {
+                let (ns, name) = key(c);
+                analysis_seconds(&status(c), now)
+                    .map(|secs| (format!("name=\"{name}\",namespace=\"{ns}\""), secs))
+            })
+            .collect(),
+    );
     let gates = |value: fn(&crate::canary::GateResult, bool) -> Option<f64>| {
         canaries
             .iter()
@@ -235,6 +270,16 @@ mod tests {
     use super::*;
 
     fn mk_canary(name: &str, phase: &str, weight: i32) -> Canary {
+        with_history(name, phase, weight, &[])
+    }
+
+    fn with_history(name: &str, phase: &str, weight: i32, history: &[(&str, &str)]) -> Canary {
+        let history: Vec<_> = history
+            .iter()
+            .map(
+                |(time, reason)| serde_json::json!({"time": time, "reason": reason, "message": ""}),
+            )
+            .collect();
         serde_json::from_value(serde_json::json!({
             "apiVersion": "rollouts.mesh.dev/v1alpha1", "kind": "Canary",
             "metadata": {"name": name, "namespace": "shop"},
@@ -245,17 +290,21 @@ mod tests {
                        "analysis": [{"name": "request-success-rate", "canary": 97.5, "primary": 99.9,
                                      "canarySamples": 400, "primarySamples": 3600,
                                      "test": "threshold min 99", "verdict": "Fail",
-                                     "message": "below 99"}]},
+                                     "message": "below 99"}],
+                       "history": history},
         }))
         .unwrap()
     }
 
     #[test]
     fn canaries_become_flagger_s_series_and_ours() {
-        let text = exposition(&[
-            mk_canary("web", "Progressing", 30),
-            mk_canary("api", "Failed", 0),
-        ]);
+        let text = exposition(
+            &[
+                mk_canary("web", "Progressing", 30),
+                mk_canary("api", "Failed", 0),
+            ],
+            Timestamp::UNIX_EPOCH,
+        );
         for line in [
             r#"flagger_canary_total{namespace="shop"} 2"#,
             r#"flagger_canary_status{name="web",namespace="shop"} 0"#,
@@ -272,5 +321,42 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn analysis_seconds_run_from_the_rollouts_start_to_now_or_to_its_end() {
+        let now: Timestamp = "2026-01-01T00:10:00Z".parse().unwrap();
+        let running = with_history(
+            "web",
+            "Progressing",
+            20,
+            &[
+                ("2026-01-01T00:00:00Z", "Progressing"),
+                ("2026-01-01T00:01:00Z", "Succeeded"),
+                ("2026-01-01T00:05:00Z", "Progressing"),
+                ("2026-01-01T00:06:00Z", "WeightStepped"),
+            ],
+        );
+        let ended = with_history(
+            "api",
+            "Failed",
+            0,
+            &[
+                ("2026-01-01T00:02:00Z", "Progressing"),
+                ("2026-01-01T00:03:30Z", "RolledBack"),
+            ],
+        );
+        let never = mk_canary("db", "Initialized", 0);
+        let text = exposition(&[running, ended, never], now);
+        for line in [
+            r#"mesh_canary_analysis_seconds{name="web",namespace="shop"} 300"#,
+            r#"mesh_canary_analysis_seconds{name="api",namespace="shop"} 90"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+        }
+        assert!(
+            !text.contains(r#"mesh_canary_analysis_seconds{name="db""#),
+            "a Canary that never rolled out has no duration:\n{text}"
+        );
     }
 }

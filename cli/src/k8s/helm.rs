@@ -42,6 +42,8 @@ fn args(ha: bool) -> InstallArgs {
             proxy_image: None,
             init_image: None,
             trust_domain: TRUST_DOMAIN.into(),
+            trace_collector: None,
+            trace_sampling: None,
         },
     }
 }

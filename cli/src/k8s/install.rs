@@ -151,6 +151,24 @@ pub struct ProxyArgs {
     /// SPIFFE trust domain.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
+    /// The OTLP/HTTP collector injected proxies send spans to (`host:port` or an http(s) URL,
+    /// e.g. `otel-collector.tracing:4318`); a pod's `config.mesh.dev/trace-collector`
+    /// annotation overrides it. Tracing is off without either.
+    #[arg(long, value_name = "URL", value_parser = parse_collector)]
+    pub trace_collector: Option<String>,
+    /// The share of new traces injected proxies sample, 0 to 1 [default: 1].
+    #[arg(long, value_name = "SHARE", value_parser = parse_sampling, requires = "trace_collector")]
+    pub trace_sampling: Option<String>,
+}
+
+fn parse_collector(value: &str) -> Result<String, String> {
+    mesh_core::trace::collector_url(value)?;
+    Ok(value.trim().to_string())
+}
+
+fn parse_sampling(value: &str) -> Result<String, String> {
+    mesh_core::trace::sampling(value)?;
+    Ok(value.trim().to_string())
 }
 
 impl ProxyArgs {
@@ -171,6 +189,8 @@ impl ProxyArgs {
                 "{CONTROLPLANE}.{NAMESPACE}.svc.{}:{PROXY_API_PORT}",
                 self.trust_domain
             ),
+            trace_collector: self.trace_collector.clone(),
+            trace_sampling: self.trace_sampling.clone(),
             ..InjectConfig::default()
         }
     }
@@ -419,7 +439,20 @@ pub fn render_with(args: &InstallArgs, pki: &Pki) -> anyhow::Result<Vec<Value>> 
             {"name": "MESH_CONTROLPLANE_INJECTOR_TLS_DIR", "value": "/var/run/mesh/injector"},
             {"name": "MESH_CONTROLPLANE_PROXY_IMAGE", "value": inject.proxy_image},
             {"name": "MESH_CONTROLPLANE_INIT_IMAGE", "value": inject.init_image},
-        ]),
+        ])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .chain(
+            [
+                ("MESH_CONTROLPLANE_TRACE_COLLECTOR", &inject.trace_collector),
+                ("MESH_CONTROLPLANE_TRACE_SAMPLING", &inject.trace_sampling),
+            ]
+            .into_iter()
+            .filter_map(|(name, value)| Some(json!({"name": name, "value": value.as_ref()?}))),
+        )
+        .collect(),
         json!([{"name": "proxy-api", "containerPort": PROXY_API_PORT},
                {"name": "injector", "containerPort": INJECTOR_PORT}]),
         json!([{"name": "state", "emptyDir": {}},
@@ -573,6 +606,8 @@ mod tests {
                 proxy_image: Some("proxy:dev".into()),
                 init_image: Some("init:dev".into()),
                 trust_domain: "cluster.local".into(),
+                trace_collector: None,
+                trace_sampling: None,
             },
         }
     }
@@ -663,6 +698,47 @@ mod tests {
         use clap::Parser as _;
         Cli::try_parse_from(std::iter::once("install").chain(flags.iter().copied()))
             .map(|c| c.install)
+    }
+
+    #[test]
+    fn trace_flags_reach_the_injector_checked() {
+        let env_of = |docs: &[Value]| {
+            docs.iter()
+                .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == CONTROLPLANE)
+                .unwrap()["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_array()
+                .unwrap()
+                .clone()
+        };
+        let traced = |env: &[Value]| {
+            env.iter()
+                .filter(|e| e["name"].as_str().unwrap().contains("TRACE"))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert!(traced(&env_of(&render(&parse(&[]).unwrap()).unwrap())).is_empty());
+        let args = parse(&[
+            "--trace-collector",
+            "otel-collector.tracing:4318",
+            "--trace-sampling",
+            "0.1",
+        ])
+        .unwrap();
+        assert_eq!(
+            traced(&env_of(&render(&args).unwrap())),
+            [
+                json!({"name": "MESH_CONTROLPLANE_TRACE_COLLECTOR", "value": "otel-collector.tracing:4318"}),
+                json!({"name": "MESH_CONTROLPLANE_TRACE_SAMPLING", "value": "0.1"}),
+            ]
+        );
+        for bad in [
+            &["--trace-collector", "ftp://collector"][..],
+            &["--trace-collector", "c:4318", "--trace-sampling", "2"],
+            &["--trace-sampling", "0.5"],
+        ] {
+            let e = parse(bad).err().unwrap().to_string();
+            assert!(e.contains("--trace-"), "{e}");
+        }
     }
 
     fn images(docs: &[Value]) -> Vec<String> {

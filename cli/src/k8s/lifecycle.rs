@@ -207,6 +207,8 @@ pub async fn uninstall(client: &Client, crds: bool) -> anyhow::Result<Vec<String
             proxy_image: None,
             init_image: None,
             trust_domain: "cluster.local".into(),
+            trace_collector: None,
+            trace_sampling: None,
         },
     };
     let placeholder = super::install::pki()?;
