@@ -258,6 +258,14 @@ fn trace_env(meta: &ObjectMeta, config: &InjectConfig) -> Result<Vec<EnvVar>, An
         value: value.to_string(),
         reason: format!("is not usable: {reason}"),
     };
+    // Both annotations are checked, even where tracing ends up off.
+    let share = match annotation(meta, TRACE_SAMPLING_ANNOTATION) {
+        Some(v) => {
+            sampling(v).map_err(|e| bad(TRACE_SAMPLING_ANNOTATION, v, e))?;
+            Some(v.trim().to_string())
+        }
+        None => config.trace_sampling.clone(),
+    };
     let collector = match annotation(meta, TRACE_COLLECTOR_ANNOTATION) {
         Some(v) if v.trim() == "off" => return Ok(Vec::new()),
         Some(v) => {
@@ -270,13 +278,6 @@ fn trace_env(meta: &ObjectMeta, config: &InjectConfig) -> Result<Vec<EnvVar>, An
         },
     };
     let mut envs = vec![env(ENV_COLLECTOR, collector)];
-    let share = match annotation(meta, TRACE_SAMPLING_ANNOTATION) {
-        Some(v) => {
-            sampling(v).map_err(|e| bad(TRACE_SAMPLING_ANNOTATION, v, e))?;
-            Some(v.trim().to_string())
-        }
-        None => config.trace_sampling.clone(),
-    };
     if let Some(share) = share {
         envs.push(env(ENV_SAMPLING, share));
     }
@@ -845,7 +846,10 @@ mod tests {
             proxy_env(&[(TRACE_COLLECTOR_ANNOTATION, "off")], &on).unwrap(),
             vars(&[])
         );
-        // A value the proxy would refuse is refused at admission, naming the annotation.
+        // A value the proxy would refuse is an error naming the annotation (the webhook then
+        // leaves the pod uninjected, with a warning), with or without a collector.
+        let e = proxy_env(&[(TRACE_SAMPLING_ANNOTATION, "all")], &off).unwrap_err();
+        assert!(e.to_string().contains(TRACE_SAMPLING_ANNOTATION), "{e}");
         for (key, bad) in [
             (TRACE_COLLECTOR_ANNOTATION, "ftp://collector:21"),
             (TRACE_COLLECTOR_ANNOTATION, "collector:http"),

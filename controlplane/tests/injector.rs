@@ -153,6 +153,49 @@ async fn pods_in_annotated_namespaces_get_the_proxy() {
         "{spec:?}"
     );
 
+    // Tracing: the injector's default collector (none here) gives way to the pod's
+    // annotations; a value the proxy would refuse leaves the pod uninjected, and the API
+    // server's warning names the annotation.
+    let traced = shop
+        .create(
+            &PostParams::default(),
+            &pod(
+                "traced",
+                &json!({inject::TRACE_COLLECTOR_ANNOTATION: "jaeger.tracing:4318",
+                        inject::TRACE_SAMPLING_ANNOTATION: "0.25"}),
+            ),
+        )
+        .await
+        .unwrap();
+    let proxy_env: BTreeMap<String, String> = traced
+        .spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .as_ref()
+        .unwrap()[1]
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect();
+    assert_eq!(
+        proxy_env["MESH_PROXY_TRACE_COLLECTOR"],
+        "jaeger.tracing:4318"
+    );
+    assert_eq!(proxy_env["MESH_PROXY_TRACE_SAMPLING"], "0.25");
+    let refused = shop
+        .create(
+            &PostParams::default(),
+            &pod(
+                "badly-traced",
+                &json!({inject::TRACE_SAMPLING_ANNOTATION: "all of them"}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(containers(&refused), ["app"]);
+
     // Opted out, or not opted in: unchanged.
     let out = shop
         .create(
