@@ -18,6 +18,14 @@ pub const ENV_OTEL_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 /// that carries a sampling decision keeps it.
 pub const ENV_SAMPLING: &str = "MESH_PROXY_TRACE_SAMPLING";
 
+/// OpenTelemetry's variable naming a PEM file of the CA certificates that verify an `https://`
+/// collector, in addition to the system's roots (a collector behind a private CA; an image
+/// built `FROM scratch` has no system roots at all). [`ENV_OTEL_TRACES_CERTIFICATE`] wins.
+pub const ENV_OTEL_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_CERTIFICATE";
+
+/// The traces-only form of [`ENV_OTEL_CERTIFICATE`].
+pub const ENV_OTEL_TRACES_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE";
+
 /// Every new trace is sampled unless told otherwise: tracing is on only when asked for.
 pub const DEFAULT_SAMPLING: f64 = 1.0;
 
@@ -28,6 +36,9 @@ pub struct TraceConfig {
     pub endpoint: String,
     /// The share of new traces sampled, `0..=1`.
     pub sampling: f64,
+    /// PEM CA certificates (read from [`ENV_OTEL_TRACES_CERTIFICATE`] or
+    /// [`ENV_OTEL_CERTIFICATE`]) trusted for the collector beside the system's roots.
+    pub collector_roots_pem: Option<String>,
 }
 
 // `sampling` is never NaN (it is checked to lie in 0..=1), so equality is an equivalence.
@@ -62,7 +73,32 @@ impl TraceConfig {
             }
             _ => return Ok(None),
         };
-        Ok(Some(Self { endpoint, sampling }))
+        let roots = [ENV_OTEL_TRACES_CERTIFICATE, ENV_OTEL_CERTIFICATE]
+            .into_iter()
+            .find_map(|name| Some((name, env.var(name).filter(|v| !v.trim().is_empty())?)));
+        let collector_roots_pem = match roots {
+            None => None,
+            Some((name, path)) => Some(read_roots(path.trim()).map_err(|reason| ConfigError {
+                name,
+                value: path.clone(),
+                reason,
+            })?),
+        };
+        Ok(Some(Self {
+            endpoint,
+            sampling,
+            collector_roots_pem,
+        }))
+    }
+}
+
+/// The PEM text of a CA file, which must hold at least one certificate.
+fn read_roots(path: &str) -> Result<String, String> {
+    let pem = std::fs::read_to_string(path).map_err(|e| format!("reading it: {e}"))?;
+    if pem.contains("-----BEGIN CERTIFICATE-----") {
+        Ok(pem)
+    } else {
+        Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into())
     }
 }
 
@@ -147,6 +183,43 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(c.endpoint, "http://collector:4318/otlp/v1/traces");
+    }
+
+    #[test]
+    fn a_collector_ca_file_is_read_and_checked() {
+        let dir = std::env::temp_dir().join(format!("mesh-trace-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let ca = ca.to_str().unwrap();
+        let c = config(&[
+            (ENV_COLLECTOR, "https://c:4318"),
+            (ENV_OTEL_CERTIFICATE, ca),
+        ])
+        .unwrap()
+        .unwrap();
+        assert!(c.collector_roots_pem.unwrap().contains("MIIB"));
+        // The traces-only variable wins over the general one.
+        let e = config(&[
+            (ENV_COLLECTOR, "https://c:4318"),
+            (ENV_OTEL_CERTIFICATE, ca),
+            (ENV_OTEL_TRACES_CERTIFICATE, junk.to_str().unwrap()),
+        ])
+        .unwrap_err();
+        assert_eq!(e.name, ENV_OTEL_TRACES_CERTIFICATE, "{e}");
+        let e = config(&[
+            (ENV_COLLECTOR, "c:4318"),
+            (ENV_OTEL_CERTIFICATE, "/nonexistent/ca.pem"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.name, ENV_OTEL_CERTIFICATE, "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

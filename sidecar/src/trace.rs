@@ -196,10 +196,14 @@ impl Tracing {
         resource: &Resource,
         dropped: Family<DroppedLabels, Counter>,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), String> {
-        use opentelemetry_otlp::WithExportConfig as _;
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+        let mut builder = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
-            .with_endpoint(config.endpoint.clone())
+            .with_endpoint(config.endpoint.clone());
+        if let Some(pem) = &config.collector_roots_pem {
+            builder = builder.with_http_client(collector_client(pem)?);
+        }
+        let mut exporter = builder
             .build()
             .map_err(|e| format!("OTLP exporter for {}: {e}", config.endpoint))?;
         exporter.set_resource(resource);
@@ -353,6 +357,26 @@ impl Tracing {
             let _ = tokio::time::timeout(FLUSH_TIMEOUT, rx).await;
         }
     }
+}
+
+/// The exporter's HTTP client when the collector's CA is given: the system's roots plus those
+/// in `pem`, with the timeout the exporter's own client would have (OpenTelemetry's
+/// `OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT` in milliseconds, else 10 s).
+fn collector_client(pem: &str) -> Result<reqwest::Client, String> {
+    let roots = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+        .map_err(|e| format!("the collector's CA certificates: {e}"))?;
+    let timeout = [
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+    ]
+    .into_iter()
+    .find_map(|name| std::env::var(name).ok()?.trim().parse::<u64>().ok())
+    .map_or(Duration::from_secs(10), Duration::from_millis);
+    reqwest::Client::builder()
+        .tls_certs_merge(roots)
+        .timeout(timeout)
+        .build()
+        .map_err(|e| format!("the collector's HTTP client: {e}"))
 }
 
 /// The export task: batches of up to [`MAX_BATCH`] spans, each sent [`BATCH_DELAY`] after its

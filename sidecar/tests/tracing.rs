@@ -18,9 +18,11 @@
 
 use std::net::SocketAddr;
 
+use mesh_core::trace::ENV_OTEL_CERTIFICATE;
 use mesh_sidecar::trace::{ENV_COLLECTOR, ENV_SAMPLING};
 use mesh_test_support::apps::app;
 use mesh_test_support::assert_eventually;
+use mesh_test_support::certs::{Leaf, TestCa};
 use mesh_test_support::jaeger::{self, Jaeger, StoredSpan};
 use mesh_test_support::mesh::{CLIENT_ID, SERVER_ID, SERVICE, mesh_pair};
 use mesh_test_support::proxies::{Sidecar, proxy};
@@ -335,6 +337,62 @@ async fn a_collector_that_cannot_be_reached_costs_spans_never_requests() {
         {
             metrics = a.metrics().await;
             metrics.contains(r#"trace_spans_dropped_total{reason="export_failed"} 20"#)
+        },
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn an_https_collector_is_verified_with_the_ca_it_is_given() {
+    let Some(bin) = jaeger::binary() else { return };
+    let ca = TestCa::new("mesh-test-collector-ca").unwrap();
+    let serving = ca
+        .issue(&Leaf::new("collector").san("127.0.0.1").server())
+        .unwrap();
+    let jaeger = Jaeger::start_tls(&bin, &serving.cert_pem, &serving.key_pem)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("collector-ca.pem");
+    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+    let web = app("v1").await.unwrap();
+    let b = proxy()
+        .app(web.addr())
+        .service("web-canary.default:80")
+        .run()
+        .unwrap();
+
+    // Given the collector's CA, the proxy's spans arrive over HTTPS.
+    let trusting = proxy()
+        .outbound(split(b.addr("inbound")))
+        .env(ENV_COLLECTOR, jaeger.otlp_https_url())
+        .env(ENV_OTEL_CERTIFICATE, ca_file.to_str().unwrap())
+        .run()
+        .unwrap();
+    let trace_id = "6bf92f3577b34da6a3ce929d0e0e4738";
+    get(
+        trusting.addr("outbound"),
+        &[("traceparent", &format!("00-{trace_id}-00f067aa0ba902b9-01"))],
+    )
+    .await;
+    let spans = stored(&jaeger, trace_id, 1).await;
+    assert_eq!(spans[0].tag("span.kind").as_deref(), Some("client"));
+
+    // Without it, the collector's certificate is not trusted: nothing is sent, and every span
+    // is counted as an export failure.
+    let doubting = proxy()
+        .outbound(split(b.addr("inbound")))
+        .env(ENV_COLLECTOR, jaeger.otlp_https_url())
+        .run()
+        .unwrap();
+    for _ in 0..5 {
+        get(doubting.addr("outbound"), &[]).await;
+    }
+    let mut metrics: String;
+    assert_eventually!(
+        {
+            metrics = doubting.metrics().await;
+            metrics.contains(r#"trace_spans_dropped_total{reason="export_failed"} 5"#)
         },
         "{metrics}"
     );

@@ -85,6 +85,16 @@ impl Jaeger {
     /// Starts `bin` with an in-memory store on fresh loopback ports and waits until its query
     /// API answers.
     pub async fn start(bin: &Path) -> Result<Self> {
+        Self::start_with(bin, None).await
+    }
+
+    /// As [`Jaeger::start`], with the OTLP/HTTP receiver serving HTTPS with `cert_pem` and
+    /// `key_pem` (see [`Jaeger::otlp_https_url`]).
+    pub async fn start_tls(bin: &Path, cert_pem: &str, key_pem: &str) -> Result<Self> {
+        Self::start_with(bin, Some((cert_pem, key_pem))).await
+    }
+
+    async fn start_with(bin: &Path, tls: Option<(&str, &str)>) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("mesh-jaeger-")
             .tempdir()
@@ -92,6 +102,14 @@ impl Jaeger {
         let otlp = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let query = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let query_grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let otlp_tls = match tls {
+            None => String::new(),
+            Some((cert, key)) => format!(
+                "\n        tls:\n          cert_file: {}\n          key_file: {}",
+                write(dir.path(), "otlp.crt", cert)?.display(),
+                write(dir.path(), "otlp.key", key)?.display()
+            ),
+        };
         let config = format!(
             "service:
   extensions: [jaeger_storage, jaeger_query]
@@ -122,7 +140,7 @@ receivers:
   otlp:
     protocols:
       http:
-        endpoint: {otlp}
+        endpoint: {otlp}{otlp_tls}
 processors:
   batch:
     timeout: 100ms
@@ -176,6 +194,11 @@ exporters:
     /// The OTLP/HTTP receiver's base URL (`/v1/traces` is its traces path).
     pub fn otlp_url(&self) -> String {
         format!("http://{}", self.otlp)
+    }
+
+    /// The OTLP/HTTP receiver's base URL when it serves HTTPS ([`Jaeger::start_tls`]).
+    pub fn otlp_https_url(&self) -> String {
+        format!("https://{}", self.otlp)
     }
 
     /// The OTLP/HTTP receiver's address.
