@@ -90,6 +90,11 @@ pub struct JudgeConfig {
     /// Quantile of each window's latency, both sides pooled, that defines "slow" for the latency
     /// comparison: the bound is the highest bucket bound at or below it.
     pub slow_quantile: f64,
+    /// Canary requests served before the latency comparison reads a window: a canary that has
+    /// just started (new processes, connections and handshakes) is slower for its first
+    /// seconds, which is not the regression the comparison looks for. Windows that end before
+    /// the canary has served this many are left out of it (failures still count).
+    pub latency_warmup_requests: u64,
 }
 
 impl Default for JudgeConfig {
@@ -106,6 +111,7 @@ impl Default for JudgeConfig {
             slow_ratio: 3.0,
             slow_floor: 0.01,
             slow_quantile: 0.95,
+            latency_warmup_requests: 100,
         }
     }
 }
@@ -257,14 +263,22 @@ pub fn window_slow_bound(window: &Window, quantile: f64) -> Option<f64> {
 /// Adds a window to the totals. Requests are "slow" above the window's own bound
 /// ([`window_slow_bound`]); `slow_ms` keeps the latest bound, for people reading the status.
 pub fn accumulate(totals: &mut AnalysisTotals, window: &Window, config: &JudgeConfig) {
-    let bound = window_slow_bound(window, config.slow_quantile);
+    // Whether the canary is past its warm-up decides on request counts only, never on latency,
+    // so leaving warm-up windows out keeps the comparison exact.
+    let warm = totals.canary.requests + window.canary.requests >= config.latency_warmup_requests;
+    let bound = warm
+        .then(|| window_slow_bound(window, config.slow_quantile))
+        .flatten();
     if bound.is_some() {
         totals.slow_ms = bound;
     }
     let add = |t: &mut ArmTotals, w: &ArmWindow| {
         t.requests += w.requests;
         t.failures += w.failures;
-        t.slow += bound.map_or(0, |b| w.latency.above(b));
+        if let Some(b) = bound {
+            t.slow += w.latency.above(b);
+            t.timed += w.requests;
+        }
     };
     add(&mut totals.canary, &window.canary);
     add(&mut totals.primary, &window.primary);
@@ -595,8 +609,8 @@ pub fn sequential_gates(
         let mut g = compare(
             COMPARE_LATENCY,
             &format!("requests slower than {bound}"),
-            (c.slow, c.requests),
-            (p.slow, p.requests),
+            (c.slow, c.timed),
+            (p.slow, p.timed),
             totals.slow_evidence.as_ref(),
             prev(COMPARE_LATENCY),
             config,
@@ -639,7 +653,7 @@ pub fn promotion_guarantee(totals: &AnalysisTotals, config: &JudgeConfig) -> Gat
         cleared(
             totals.slow_evidence.as_ref(),
             c.slow,
-            c.requests,
+            c.timed,
             config.slow_floor,
         )
     });
@@ -801,10 +815,10 @@ pub fn explain_rollback(
     };
     if is_sequential(&gate.name) {
         let errors = gate.name == COMPARE_ERRORS;
-        let (what, cx, px) = if errors {
-            ("failed", c.failures, p.failures)
+        let (what, cx, px, cn, pn) = if errors {
+            ("failed", c.failures, p.failures, c.requests, p.requests)
         } else {
-            ("were slow", c.slow, p.slow)
+            ("were slow", c.slow, p.slow, c.timed, p.timed)
         };
         let slow_bound = if errors {
             String::new()
@@ -821,10 +835,10 @@ pub fn explain_rollback(
              that the canary is worse reached {}, past the {:.0} that keeps false rollbacks \
              below {} %.",
             gate.name,
-            c.requests,
-            pct(cx, c.requests),
-            p.requests,
-            pct(px, p.requests),
+            cn,
+            pct(cx, cn),
+            pn,
+            pct(px, pn),
             readable(lr),
             1.0 / config.alpha,
             100.0 * config.alpha
@@ -835,9 +849,9 @@ pub fn explain_rollback(
             test: gate.test.clone(),
             statistic: Some(lr),
             threshold: Some(1.0 / config.alpha),
-            canary_requests: c.requests,
+            canary_requests: cn,
             canary_events: cx,
-            primary_requests: p.requests,
+            primary_requests: pn,
             primary_events: px,
             summary,
         };
@@ -1236,7 +1250,10 @@ mod tests {
     /// follows each window, so the spike costs one window and the 2x shows in the next.
     #[test]
     fn a_load_spike_in_the_first_window_does_not_hide_a_slow_canary() {
-        let config = JudgeConfig::default();
+        let config = JudgeConfig {
+            latency_warmup_requests: 0,
+            ..JudgeConfig::default()
+        };
         let buckets = |n: u64, fast: u64| mk_hist(&[(5.0, fast), (10.0, n - fast), (100.0, 0)]);
         let spike = Window {
             canary: mk_arm(20, 0, mk_hist(&[(5.0, 0), (10.0, 0), (100.0, 20)])),
@@ -1273,6 +1290,47 @@ mod tests {
         let (_, gates) = judge(&same, &config);
         let latency = gates.iter().find(|g| g.name == COMPARE_LATENCY).unwrap();
         assert_ne!(latency.verdict, Verdict::Fail, "{}", latency.message);
+    }
+
+    /// A canary's first requests are slow while it warms up; the latency comparison reads no
+    /// window that ends before the canary has served `latency_warmup_requests`, and failures
+    /// still count from the first request.
+    #[test]
+    fn the_latency_comparison_skips_the_canarys_warm_up() {
+        let config = JudgeConfig::default();
+        let slow_start = Window {
+            canary: mk_arm(40, 4, mk_hist(&[(5.0, 20), (10.0, 0), (100.0, 20)])),
+            primary: mk_arm(450, 0, mk_hist(&[(5.0, 430), (10.0, 20), (100.0, 0)])),
+        };
+        let warm = Window {
+            canary: mk_arm(50, 0, mk_hist(&[(5.0, 48), (10.0, 2), (100.0, 0)])),
+            primary: mk_arm(450, 0, mk_hist(&[(5.0, 430), (10.0, 20), (100.0, 0)])),
+        };
+        let mut totals = AnalysisTotals::default();
+        for w in [&slow_start, &slow_start] {
+            accumulate(&mut totals, w, &config);
+        }
+        assert!(totals.canary.requests < config.latency_warmup_requests);
+        assert_eq!(
+            totals.canary.failures, 8,
+            "failures count during the warm-up"
+        );
+        assert_eq!((totals.canary.timed, totals.canary.slow), (0, 0));
+        assert!(totals.slow_evidence.is_none());
+        accumulate(&mut totals, &warm, &config);
+        assert_eq!(totals.canary.timed, 50);
+        assert_eq!(totals.primary.timed, 450);
+        let gates = sequential_gates(&totals, &[], &config);
+        let latency = gates.iter().find(|g| g.name == COMPARE_LATENCY).unwrap();
+        assert_ne!(latency.verdict, Verdict::Fail, "{}", latency.message);
+        // Read from the first window, the same slow start is a clear regression.
+        let eager = JudgeConfig {
+            latency_warmup_requests: 0,
+            ..config
+        };
+        let (_, gates) = judge(&[slow_start.clone(), slow_start], &eager);
+        let latency = gates.iter().find(|g| g.name == COMPARE_LATENCY).unwrap();
+        assert_eq!(latency.verdict, Verdict::Fail, "{}", latency.message);
     }
 
     #[test]
