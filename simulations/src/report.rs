@@ -681,11 +681,11 @@ impl Report<'_> {
     fn round1_table(&self, md: &mut String) {
         let _ = writeln!(
             md,
-            "### Round 1 against round 2\n\n\
+            "### Round 1 against this run\n\n\
              The first report's `mesh` figures (quoted: that judge's code is gone) beside this \
              run's, on the same scenarios and seeds.\n\n\
-             | scenario | P(rollback) r1 -> r2 | P(promote) r1 -> r2 | decision p95 (s) r1 -> r2 | \
-             failed canary requests, median (mean), r1 -> r2 |\n|---|---:|---:|---:|---:|"
+             | scenario | P(rollback) r1 -> now | P(promote) r1 -> now | decision p95 (s) r1 -> now | \
+             failed canary requests, median (mean), r1 -> now |\n|---|---:|---:|---:|---:|"
         );
         for &(sc, rb, pr, p95, median, mean) in &ROUND1 {
             let Some(s) = self.get("mesh", sc) else {
