@@ -826,7 +826,8 @@ pub fn describe_judge(c: &MeshConfig) -> String {
     let j = &c.judge;
     format!(
         "alpha {}, min_samples {}, min_window_samples {}, window_alpha {}, promote_alpha {}, \
-         error_ratio {}, error_floor {}, slow_ratio {}, slow_floor {}, slow_quantile {}",
+         error_ratio {}, error_floor {}, slow_ratio {}, slow_floor {}, slow_quantile {}, \
+         hold_ratio {}, latency_warmup_requests {}",
         j.alpha,
         j.min_samples,
         j.min_window_samples,
@@ -836,7 +837,9 @@ pub fn describe_judge(c: &MeshConfig) -> String {
         j.error_floor,
         j.slow_ratio,
         j.slow_floor,
-        j.slow_quantile
+        j.slow_quantile,
+        j.hold_ratio,
+        j.latency_warmup_requests
     )
 }
 
@@ -879,6 +882,11 @@ pub fn changes(from: &MeshConfig, to: &MeshConfig) -> Vec<String> {
         "slow_quantile",
         a.slow_quantile.to_string(),
         b.slow_quantile.to_string(),
+    );
+    cmp(
+        "latency_warmup_requests",
+        a.latency_warmup_requests.to_string(),
+        b.latency_warmup_requests.to_string(),
     );
     cmp(
         "interval",
