@@ -706,8 +706,13 @@ pub struct ArmTotals {
     pub requests: u64,
     /// Requests that failed (5xx or a mesh error).
     pub failures: u64,
-    /// Requests slower than `AnalysisTotals::slow_ms`.
+    /// Requests slower than the slow bound of their window (`AnalysisTotals::slow_ms` holds the
+    /// latest), counted in the windows the latency comparison read.
     pub slow: u64,
+    /// Requests in the windows the latency comparison read: every window after the canary's
+    /// warm-up. Absent in statuses stored before it existed.
+    #[serde(default)]
+    pub timed: u64,
 }
 
 /// Accumulated evidence for the sequential canary-vs-primary tests.
@@ -718,8 +723,9 @@ pub struct AnalysisTotals {
     pub canary: ArmTotals,
     /// The primary's requests over the same windows.
     pub primary: ArmTotals,
-    /// Latency bound, in ms, that makes a request "slow"; frozen at the first window with
-    /// primary traffic (the primary's p95 histogram bucket) so counts stay comparable.
+    /// Latency bound, in ms, that made a request "slow" in the latest window the latency
+    /// comparison read; each window takes its own from both sides' pooled latencies (the highest
+    /// histogram bucket bound at or below their p95).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_ms: Option<f64>,
     /// Evidence of the failure comparison, accumulated window by window; absent in statuses

@@ -13,7 +13,8 @@
 //!   failure both sides share is not the canary's fault.
 //! - Sequential comparisons of the canary with the primary, for failures and for slow requests.
 //!   Each window is compared within itself: given the events (failures, or requests slower than
-//!   a bound frozen at the start) both sides had in that window, each event is the canary's with
+//!   the window's own bound, taken from both sides' pooled latencies in that window, see
+//!   [`window_slow_bound`]) both sides had in that window, each event is the canary's with
 //!   probability `canary requests / all requests` if the two are alike. The judge sums the
 //!   log-likelihood ratio of that against "the canary's rate is `r` times the primary's" over
 //!   windows, for a grid of `r`, and mixes them. The mixture is a test martingale, so checking
@@ -86,8 +87,14 @@ pub struct JudgeConfig {
     pub slow_ratio: f64,
     /// ... unless its slow share is shown to be below this floor.
     pub slow_floor: f64,
-    /// Quantile of the primary's latency that defines "slow" for the latency comparison.
+    /// Quantile of each window's latency, both sides pooled, that defines "slow" for the latency
+    /// comparison: the bound is the highest bucket bound at or below it.
     pub slow_quantile: f64,
+    /// Canary requests served before the latency comparison reads a window: a canary that has
+    /// just started (new processes, connections and handshakes) is slower for its first
+    /// seconds, which is not the regression the comparison looks for. Windows that end before
+    /// the canary has served this many are left out of it (failures still count).
+    pub latency_warmup_requests: u64,
 }
 
 impl Default for JudgeConfig {
@@ -104,6 +111,7 @@ impl Default for JudgeConfig {
             slow_ratio: 3.0,
             slow_floor: 0.01,
             slow_quantile: 0.95,
+            latency_warmup_requests: 100,
         }
     }
 }
@@ -214,21 +222,66 @@ pub struct Window {
     pub primary: ArmWindow,
 }
 
-/// Adds a window to the totals, freezing the slow bound at the first window with primary traffic.
-pub fn accumulate(totals: &mut AnalysisTotals, window: &Window, config: &JudgeConfig) {
-    if totals.slow_ms.is_none() {
-        totals.slow_ms = window
-            .primary
-            .latency
-            .bucket_at_quantile(config.slow_quantile);
+/// The "slow" bound of one window: the highest histogram bucket bound that at least a share
+/// `1 - quantile` of the window's requests, canary and primary together, are slower than (the
+/// lowest bound when none is); `None` without latency data.
+///
+/// The bound is taken afresh in every window, so a load spike moves it for that window only
+/// instead of fixing it for the rest of the rollout, and it is a function of both sides' pooled
+/// latencies, so the comparison stays exact: if the canary is like the primary, which side a
+/// request came from is independent of the pooled histogram, and each request above the bound
+/// is still the canary's with probability equal to its share of the window's traffic. Taking
+/// the bound at or below the quantile, never above it, keeps a shift that stays inside coarse
+/// buckets (5 ms to 10 ms) visible: the canary's requests cross it, the primary's mostly do not.
+pub fn window_slow_bound(window: &Window, quantile: f64) -> Option<f64> {
+    let (c, p) = (&window.canary.latency, &window.primary.latency);
+    let total = c.count() + p.count();
+    if total == 0 {
+        return None;
     }
-    let add = |t: &mut ArmTotals, w: &ArmWindow, slow_ms: Option<f64>| {
+    let mut bounds: Vec<f64> = c
+        .buckets
+        .iter()
+        .chain(&p.buckets)
+        .map(|&(b, _)| b)
+        .filter(|b| b.is_finite())
+        .collect();
+    bounds.sort_by(f64::total_cmp);
+    bounds.dedup();
+    let wanted = (1.0 - quantile).clamp(0.0, 1.0) * total as f64;
+    bounds
+        .iter()
+        .rev()
+        .find(|&&b| {
+            let above = c.above(b) + p.above(b);
+            above > 0 && above as f64 >= wanted
+        })
+        .or_else(|| bounds.first())
+        .copied()
+}
+
+/// Adds a window to the totals. Requests are "slow" above the window's own bound
+/// ([`window_slow_bound`]); `slow_ms` keeps the latest bound, for people reading the status.
+pub fn accumulate(totals: &mut AnalysisTotals, window: &Window, config: &JudgeConfig) {
+    // Whether the canary is past its warm-up decides on request counts only, never on latency,
+    // so leaving warm-up windows out keeps the comparison exact.
+    let warm = totals.canary.requests + window.canary.requests >= config.latency_warmup_requests;
+    let bound = warm
+        .then(|| window_slow_bound(window, config.slow_quantile))
+        .flatten();
+    if bound.is_some() {
+        totals.slow_ms = bound;
+    }
+    let add = |t: &mut ArmTotals, w: &ArmWindow| {
         t.requests += w.requests;
         t.failures += w.failures;
-        t.slow += slow_ms.map_or(0, |b| w.latency.above(b));
+        if let Some(b) = bound {
+            t.slow += w.latency.above(b);
+            t.timed += w.requests;
+        }
     };
-    add(&mut totals.canary, &window.canary, totals.slow_ms);
-    add(&mut totals.primary, &window.primary, totals.slow_ms);
+    add(&mut totals.canary, &window.canary);
+    add(&mut totals.primary, &window.primary);
     let (nc, np) = (window.canary.requests, window.primary.requests);
     let errors = totals.error_evidence.get_or_insert_with(Evidence::default);
     add_window(
@@ -237,7 +290,7 @@ pub fn accumulate(totals: &mut AnalysisTotals, window: &Window, config: &JudgeCo
         (window.primary.failures, np),
         config.error_ratio,
     );
-    if let Some(bound) = totals.slow_ms {
+    if let Some(bound) = bound {
         let slow = totals.slow_evidence.get_or_insert_with(Evidence::default);
         add_window(
             slow,
@@ -519,6 +572,14 @@ fn compare(
     result
 }
 
+/// The slow bound as a person reads it: which bucket, and the last window's value.
+fn slow_bound_words(last_ms: f64, config: &JudgeConfig) -> String {
+    format!(
+        "each window's p{:.0} bucket (last {last_ms} ms)",
+        100.0 * config.slow_quantile
+    )
+}
+
 /// The sequential canary-vs-primary gates on accumulated totals, and the promotion guarantee.
 /// `previous` is the last tick's results, from which each comparison's p-value carries on.
 pub fn sequential_gates(
@@ -544,16 +605,17 @@ pub fn sequential_gates(
         config,
     )];
     if let Some(slow_ms) = totals.slow_ms {
+        let bound = slow_bound_words(slow_ms, config);
         let mut g = compare(
             COMPARE_LATENCY,
-            &format!("requests slower than {slow_ms} ms"),
-            (c.slow, c.requests),
-            (p.slow, p.requests),
+            &format!("requests slower than {bound}"),
+            (c.slow, c.timed),
+            (p.slow, p.timed),
             totals.slow_evidence.as_ref(),
             prev(COMPARE_LATENCY),
             config,
         );
-        g.test = format!("{} on requests slower than {slow_ms} ms", g.test);
+        g.test = format!("{} on requests slower than {bound}", g.test);
         gates.push(g);
     }
     gates.push(promotion_guarantee(totals, config));
@@ -591,7 +653,7 @@ pub fn promotion_guarantee(totals: &AnalysisTotals, config: &JudgeConfig) -> Gat
         cleared(
             totals.slow_evidence.as_ref(),
             c.slow,
-            c.requests,
+            c.timed,
             config.slow_floor,
         )
     });
@@ -753,15 +815,18 @@ pub fn explain_rollback(
     };
     if is_sequential(&gate.name) {
         let errors = gate.name == COMPARE_ERRORS;
-        let (what, cx, px) = if errors {
-            ("failed", c.failures, p.failures)
+        let (what, cx, px, cn, pn) = if errors {
+            ("failed", c.failures, p.failures, c.requests, p.requests)
         } else {
-            ("were slow", c.slow, p.slow)
+            ("were slow", c.slow, p.slow, c.timed, p.timed)
         };
         let slow_bound = if errors {
             String::new()
         } else {
-            format!(" (slower than {} ms)", totals.slow_ms.unwrap_or_default())
+            format!(
+                " (slower than {})",
+                slow_bound_words(totals.slow_ms.unwrap_or_default(), config)
+            )
         };
         let lr = 1.0 / gate.p_value.unwrap_or(1.0).max(f64::MIN_POSITIVE);
         let summary = format!(
@@ -770,10 +835,10 @@ pub fn explain_rollback(
              that the canary is worse reached {}, past the {:.0} that keeps false rollbacks \
              below {} %.",
             gate.name,
-            c.requests,
-            pct(cx, c.requests),
-            p.requests,
-            pct(px, p.requests),
+            cn,
+            pct(cx, cn),
+            pn,
+            pct(px, pn),
             readable(lr),
             1.0 / config.alpha,
             100.0 * config.alpha
@@ -784,9 +849,9 @@ pub fn explain_rollback(
             test: gate.test.clone(),
             statistic: Some(lr),
             threshold: Some(1.0 / config.alpha),
-            canary_requests: c.requests,
+            canary_requests: cn,
             canary_events: cx,
-            primary_requests: p.requests,
+            primary_requests: pn,
             primary_events: px,
             summary,
         };
@@ -1160,6 +1225,112 @@ mod tests {
         }
         let rate = false_failures as f64 / runs as f64;
         assert!(rate <= config.alpha, "false failure rate {rate}");
+    }
+
+    #[test]
+    fn the_slow_bound_is_the_highest_bucket_most_of_a_windows_tail_is_above() {
+        // 100 primary requests: 80 <= 5 ms, 15 in (5, 10], 5 in (10, 20]; 20 canary in (5, 10].
+        let w = Window {
+            canary: mk_arm(20, 0, mk_hist(&[(5.0, 0), (10.0, 20), (20.0, 0)])),
+            primary: mk_arm(100, 0, mk_hist(&[(5.0, 80), (10.0, 15), (20.0, 5)])),
+        };
+        // 120 requests, 6 wanted above: 5 are above 10 ms (too few), 40 above 5 ms.
+        assert_eq!(window_slow_bound(&w, 0.95), Some(5.0));
+        assert_eq!(window_slow_bound(&Window::default(), 0.95), None);
+        // Everything in the first bucket: the lowest bound, with nothing above it.
+        let fast = Window {
+            canary: mk_arm(10, 0, mk_hist(&[(1.0, 10), (2.0, 0)])),
+            primary: mk_arm(10, 0, mk_hist(&[(1.0, 10), (2.0, 0)])),
+        };
+        assert_eq!(window_slow_bound(&fast, 0.95), Some(1.0));
+    }
+
+    /// The real trials' failure: a load spike in the first window put a frozen bound at 100 ms,
+    /// twenty times the app's median, and a canary twice as slow was promoted. The bound now
+    /// follows each window, so the spike costs one window and the 2x shows in the next.
+    #[test]
+    fn a_load_spike_in_the_first_window_does_not_hide_a_slow_canary() {
+        let config = JudgeConfig {
+            latency_warmup_requests: 0,
+            ..JudgeConfig::default()
+        };
+        let buckets = |n: u64, fast: u64| mk_hist(&[(5.0, fast), (10.0, n - fast), (100.0, 0)]);
+        let spike = Window {
+            canary: mk_arm(20, 0, mk_hist(&[(5.0, 0), (10.0, 0), (100.0, 20)])),
+            primary: mk_arm(180, 0, mk_hist(&[(5.0, 0), (10.0, 0), (100.0, 180)])),
+        };
+        let mut windows = vec![spike];
+        // After it: the primary's requests 88 % at or below 5 ms, the canary's 50 %.
+        windows.extend(vec![
+            Window {
+                canary: mk_arm(20, 0, buckets(20, 10)),
+                primary: mk_arm(180, 0, buckets(180, 158)),
+            };
+            6
+        ]);
+        let (totals, gates) = judge(&windows, &config);
+        let latency = gates.iter().find(|g| g.name == COMPARE_LATENCY).unwrap();
+        assert_eq!(latency.verdict, Verdict::Fail, "{}", latency.message);
+        assert_eq!(totals.slow_ms, Some(5.0));
+        assert!(
+            latency.message.contains("requests slower than"),
+            "{}",
+            latency.message
+        );
+        // The same canary as fast as the primary: no case against it, spike or not.
+        let same: Vec<Window> = std::iter::once(windows[0].clone())
+            .chain(vec![
+                Window {
+                    canary: mk_arm(20, 0, buckets(20, 18)),
+                    primary: mk_arm(180, 0, buckets(180, 158)),
+                };
+                6
+            ])
+            .collect();
+        let (_, gates) = judge(&same, &config);
+        let latency = gates.iter().find(|g| g.name == COMPARE_LATENCY).unwrap();
+        assert_ne!(latency.verdict, Verdict::Fail, "{}", latency.message);
+    }
+
+    /// A canary's first requests are slow while it warms up; the latency comparison reads no
+    /// window that ends before the canary has served `latency_warmup_requests`, and failures
+    /// still count from the first request.
+    #[test]
+    fn the_latency_comparison_skips_the_canarys_warm_up() {
+        let config = JudgeConfig::default();
+        let slow_start = Window {
+            canary: mk_arm(40, 4, mk_hist(&[(5.0, 20), (10.0, 0), (100.0, 20)])),
+            primary: mk_arm(450, 0, mk_hist(&[(5.0, 430), (10.0, 20), (100.0, 0)])),
+        };
+        let warm = Window {
+            canary: mk_arm(50, 0, mk_hist(&[(5.0, 48), (10.0, 2), (100.0, 0)])),
+            primary: mk_arm(450, 0, mk_hist(&[(5.0, 430), (10.0, 20), (100.0, 0)])),
+        };
+        let mut totals = AnalysisTotals::default();
+        for w in [&slow_start, &slow_start] {
+            accumulate(&mut totals, w, &config);
+        }
+        assert!(totals.canary.requests < config.latency_warmup_requests);
+        assert_eq!(
+            totals.canary.failures, 8,
+            "failures count during the warm-up"
+        );
+        assert_eq!((totals.canary.timed, totals.canary.slow), (0, 0));
+        assert!(totals.slow_evidence.is_none());
+        accumulate(&mut totals, &warm, &config);
+        assert_eq!(totals.canary.timed, 50);
+        assert_eq!(totals.primary.timed, 450);
+        let gates = sequential_gates(&totals, &[], &config);
+        let latency = gates.iter().find(|g| g.name == COMPARE_LATENCY).unwrap();
+        assert_ne!(latency.verdict, Verdict::Fail, "{}", latency.message);
+        // Read from the first window, the same slow start is a clear regression.
+        let eager = JudgeConfig {
+            latency_warmup_requests: 0,
+            ..config
+        };
+        let (_, gates) = judge(&[slow_start.clone(), slow_start], &eager);
+        let latency = gates.iter().find(|g| g.name == COMPARE_LATENCY).unwrap();
+        assert_eq!(latency.verdict, Verdict::Fail, "{}", latency.message);
     }
 
     #[test]

@@ -967,7 +967,7 @@ fn a_sequential_failure_rolls_back_at_once_and_says_why() {
 fn without_the_evidence_the_guarantee_needs_the_rollout_ends_inconclusive() {
     let mut r = Rollout::started(mk_spec(json!({"metrics": []})));
     // Enough for each comparison to pass, too little to rule out a canary 5x worse.
-    let small = || mk_window(30, 0, 0);
+    let small = || mk_window(60, 0, 0);
     while r.status.canary_weight < 50 {
         r.tick(30, Some(small()));
         assert_eq!(r.status.phase, CanaryPhase::Progressing);

@@ -6,7 +6,7 @@
 //!   strategies on one scenario. With `--strategy mesh`, the judge and the Canary spec can be
 //!   changed: `--alpha`, `--min-samples`, `--min-window-samples`, `--window-alpha`,
 //!   `--hold-ratio`, `--promote-alpha`, `--error-floor`, `--step-weight`, `--slow-quantile`,
-//!   `--interval`, `--threshold`, `--deadline`, `--no-absolute-gates`.
+//!   `--latency-warmup`, `--interval`, `--threshold`, `--deadline`, `--no-absolute-gates`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -90,6 +90,9 @@ fn mesh_config(args: &Args) -> anyhow::Result<MeshConfig> {
     }
     if let Some(v) = args.value("--slow-quantile")? {
         c.judge.slow_quantile = v;
+    }
+    if let Some(v) = args.value("--latency-warmup")? {
+        c.judge.latency_warmup_requests = v;
     }
     if let Some(v) = args.value("--interval")? {
         c.interval_s = v;

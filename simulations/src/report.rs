@@ -223,8 +223,10 @@ pub fn generate(root: &Path, seeds: u64, threads: usize) -> anyhow::Result<Vec<P
 
     let doc = root.join("docs/simulations.md");
     let trials = read_trials(&root.join(TRIALS))?;
+    let trials_before = read_trials(&root.join(TRIALS_FROZEN_BOUND))?;
     let report = Report {
         trials: &trials,
+        trials_before: &trials_before,
         strategies: &strategies,
         scenarios: &scenarios,
         summaries: &summaries,
@@ -280,9 +282,13 @@ pub fn read_trials(path: &Path) -> anyhow::Result<Vec<Trial>> {
 
 /// Where `scripts/rollout-trials` appends its results, under the workspace root.
 pub const TRIALS: &str = "simulations/trials/results.jsonl";
+/// Round 2's real trials, run with the judge whose slow bound froze at the first window; kept to
+/// show what the per-window bound changed on the same machine.
+pub const TRIALS_FROZEN_BOUND: &str = "simulations/trials/round2-frozen-bound.jsonl";
 
 struct Report<'a> {
     trials: &'a [Trial],
+    trials_before: &'a [Trial],
     strategies: &'a [Strategy],
     scenarios: &'a [Scenario],
     summaries: &'a [Summary],
@@ -541,7 +547,9 @@ impl Report<'_> {
              Canary. Both versions fail 0.1 % of requests (latency median 5 ms, p99 20 ms); v2 \
              fails 1 % or 5 %, or is twice as slow. The simulator's row is the same scenario at \
              the same traffic and settings (its latency shape is median 20 ms, p99 100 ms; the \
-             judge compares shares above a bucket bound, which a 2x shift moves alike). Decision \
+             judge compares shares above a bucket bound, which a 2x shift moves alike); the \
+             `-loaded` rows are the demo app's own latency (median 5 ms, p99 20 ms) on a node \
+             whose load delays both sides at once, as this machine's did. Decision \
              times run from the canary's first weight step (the simulator: its first request) to \
              the promotion or rollback. Intervals are 95 % Wilson intervals; \"agree\" means they \
              overlap.\n"
@@ -566,6 +574,8 @@ impl Report<'_> {
             ("errors-1pct", "errors-1pct"),
             ("errors-5pct", "errors-5pct"),
             ("latency-2x", "latency-2x"),
+            ("healthy", "healthy-loaded"),
+            ("latency-2x", "latency-2x-loaded"),
         ] {
             let real: Vec<&Trial> = self.trials.iter().filter(|t| t.scenario == sc).collect();
             let Some(sim) = self.get("mesh", sim_sc) else {
@@ -631,16 +641,51 @@ impl Report<'_> {
                 format!("They disagree on {}.", disagree.join(", "))
             }
         );
+        self.frozen_bound_table(md);
+    }
+
+    /// Round 2's real trials, under the frozen slow bound, beside this round's.
+    fn frozen_bound_table(&self, md: &mut String) {
+        if self.trials_before.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            md,
+            "Round 2's real trials (`{TRIALS_FROZEN_BOUND}`), with the slow bound frozen at the \
+             first window, beside this round's on the same machine and scenarios:\n\n\
+             | scenario | frozen bound: trials | rolled back | promoted [95 % CI] | per-window bound: trials | rolled back | promoted [95 % CI] |\n\
+             |---|---:|---:|---:|---:|---:|---:|"
+        );
+        for sc in ["healthy", "errors-1pct", "errors-5pct", "latency-2x"] {
+            let cell = |trials: &[Trial]| {
+                let of: Vec<&Trial> = trials.iter().filter(|t| t.scenario == sc).collect();
+                let n = of.len() as u64;
+                if n == 0 {
+                    return "- | - | -".to_string();
+                }
+                let rb = of.iter().filter(|t| t.outcome == "RolledBack").count() as u64;
+                let pr = of.iter().filter(|t| t.outcome == "Promoted").count() as u64;
+                let (lo, hi) = stats::wilson(pr, n, 0.95);
+                format!("{n} | {rb} | {pr} [{lo:.3}, {hi:.3}]")
+            };
+            let _ = writeln!(
+                md,
+                "| {sc} | {} | {} |",
+                cell(self.trials_before),
+                cell(self.trials)
+            );
+        }
+        let _ = writeln!(md);
     }
 
     fn round1_table(&self, md: &mut String) {
         let _ = writeln!(
             md,
-            "### Round 1 against round 2\n\n\
+            "### Round 1 against this run\n\n\
              The first report's `mesh` figures (quoted: that judge's code is gone) beside this \
              run's, on the same scenarios and seeds.\n\n\
-             | scenario | P(rollback) r1 -> r2 | P(promote) r1 -> r2 | decision p95 (s) r1 -> r2 | \
-             failed canary requests, median (mean), r1 -> r2 |\n|---|---:|---:|---:|---:|"
+             | scenario | P(rollback) r1 -> now | P(promote) r1 -> now | decision p95 (s) r1 -> now | \
+             failed canary requests, median (mean), r1 -> now |\n|---|---:|---:|---:|---:|"
         );
         for &(sc, rb, pr, p95, median, mean) in &ROUND1 {
             let Some(s) = self.get("mesh", sc) else {
@@ -663,7 +708,7 @@ impl Report<'_> {
         let current = MeshConfig::default();
         let _ = writeln!(
             md,
-            "## Round 2: what changed in the judge, and what each change bought\n\n\
+            "## Rounds 2 and 3: what changed in the judge, and what each change bought\n\n\
              `mesh` runs what the product ships: the Canary of `examples/mesh.yaml` and of `mesh \
              demo` (interval {}s, threshold {}, stepWeight {}, maxWeight {}, \
              progressDeadlineSeconds {}, both absolute gates) with `JudgeConfig::default()` ({}). \
@@ -691,7 +736,11 @@ impl Report<'_> {
              reaching each arm are Poisson with mean rate x weight; failures are binomial with \
              the arm's failure probability at that second; latencies are spread over Linkerd's \
              histogram buckets (1 ms to 50 s, then +Inf) by a multinomial draw from a log-normal \
-             with median 20 ms and p99 100 ms (times a factor for slower canaries). Counts are \
+             with median 20 ms and p99 100 ms (times a factor for slower canaries; the `-loaded` \
+             scenarios use the demo app's median 5 ms, p99 20 ms). While a scenario's node is \
+             loaded, every request on both arms also waits a shared log-normal delay: its \
+             buckets are the convolution of the two, integrated over 400 quantiles of the delay. \
+             Counts are \
              what the callers' proxies export as `response_total` and \
              `response_latency_ms_bucket`; the simulator hands strategies the same \
              `judge::Window` (requests, failures, cumulative histogram per arm) that both metric \
@@ -777,7 +826,8 @@ pub fn describe_judge(c: &MeshConfig) -> String {
     let j = &c.judge;
     format!(
         "alpha {}, min_samples {}, min_window_samples {}, window_alpha {}, promote_alpha {}, \
-         error_ratio {}, error_floor {}, slow_ratio {}, slow_floor {}, slow_quantile {}",
+         error_ratio {}, error_floor {}, slow_ratio {}, slow_floor {}, slow_quantile {}, \
+         hold_ratio {}, latency_warmup_requests {}",
         j.alpha,
         j.min_samples,
         j.min_window_samples,
@@ -787,7 +837,9 @@ pub fn describe_judge(c: &MeshConfig) -> String {
         j.error_floor,
         j.slow_ratio,
         j.slow_floor,
-        j.slow_quantile
+        j.slow_quantile,
+        j.hold_ratio,
+        j.latency_warmup_requests
     )
 }
 
@@ -830,6 +882,11 @@ pub fn changes(from: &MeshConfig, to: &MeshConfig) -> Vec<String> {
         "slow_quantile",
         a.slow_quantile.to_string(),
         b.slow_quantile.to_string(),
+    );
+    cmp(
+        "latency_warmup_requests",
+        a.latency_warmup_requests.to_string(),
+        b.latency_warmup_requests.to_string(),
     );
     cmp(
         "interval",

@@ -55,6 +55,22 @@ pub struct Tail {
     pub factor: f64,
 }
 
+/// Periods when the node is loaded (CPU contention, a noisy neighbour, a GC pause upstream):
+/// every request on both arms waits an extra delay on top of its own latency.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Delays {
+    /// Mean time between the starts of two loaded periods, in seconds.
+    pub mean_gap_s: f64,
+    /// Shortest loaded period, in seconds.
+    pub min_s: u64,
+    /// Longest loaded period, in seconds.
+    pub max_s: u64,
+    /// Median of the added delay, in milliseconds (log-normal).
+    pub median_ms: f64,
+    /// p99 of the added delay, in milliseconds.
+    pub p99_ms: f64,
+}
+
 /// One simulated situation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scenario {
@@ -67,6 +83,10 @@ pub struct Scenario {
     /// Diurnal traffic: the rate swings by this fraction around `rps` over 24 hours, and each
     /// rollout starts at a random time of day.
     pub diurnal_amplitude: Option<f64>,
+    /// Median latency of the primary, in milliseconds.
+    pub median_ms: f64,
+    /// p99 latency of the primary, in milliseconds.
+    pub p99_ms: f64,
     /// Failure probability of a primary request.
     pub primary_fail: f64,
     /// Failure probability of a canary request.
@@ -81,6 +101,8 @@ pub struct Scenario {
     pub gaps: Option<Gaps>,
     /// A failure of a shared dependency: both arms fail alike for a while.
     pub shared_outage: Option<Outage>,
+    /// Load delays both arms share, in bursts.
+    pub shared_delays: Option<Delays>,
     /// A slow tail on the canary alone.
     pub canary_tail: Option<Tail>,
     /// A slow tail on the canary for its first seconds of traffic only (a cold start: new
@@ -104,6 +126,8 @@ impl Scenario {
             description,
             rps: 100.0,
             diurnal_amplitude: None,
+            median_ms: MEDIAN_MS,
+            p99_ms: P99_MS,
             primary_fail: BASE_FAIL,
             canary_fail: BASE_FAIL,
             canary_latency_factor: 1.0,
@@ -111,6 +135,7 @@ impl Scenario {
             shared_bursts: None,
             gaps: None,
             shared_outage: None,
+            shared_delays: None,
             canary_tail: None,
             canary_warmup: None,
             expect: Expect::Promote,
@@ -218,6 +243,7 @@ pub fn all() -> Vec<Scenario> {
     ]
     .into_iter()
     .chain(realistic())
+    .chain(loaded())
     .collect()
 }
 
@@ -280,6 +306,41 @@ fn realistic() -> Vec<Scenario> {
                 "healthy canary; a client sends bursts of bad requests that fail on both arms (50 % for 5 s, every 60 s on average)",
             )
         },
+    ]
+}
+
+/// The load the real trials met: the demo app's latency (median 5 ms, p99 20 ms) and, about a
+/// tenth of the time, a loaded node that delays every request on both arms by a log-normal
+/// median 30 ms, p99 150 ms, for 2 to 8 s, every 60 s on average. Sized to the real trials'
+/// shares above each bucket (about 3 % of primary requests above 20 ms, 1 % above 100 ms), not
+/// fitted to their outcomes.
+pub const LOADED_NODE: Delays = Delays {
+    mean_gap_s: 60.0,
+    min_s: 2,
+    max_s: 8,
+    median_ms: 30.0,
+    p99_ms: 150.0,
+};
+
+/// The scenarios of the real trials on a loaded node: what `mesh demo --scenario healthy` and
+/// `--scenario latency-2x` run, with shared load delays.
+fn loaded() -> Vec<Scenario> {
+    let demo = |s: Scenario| Scenario {
+        median_ms: 5.0,
+        p99_ms: 20.0,
+        shared_delays: Some(LOADED_NODE),
+        ..s
+    };
+    vec![
+        demo(Scenario::base(
+            "healthy-loaded",
+            "healthy canary of the demo app (median 5 ms, p99 20 ms) on a loaded node: both arms delayed 30 ms (median) for 2-8 s, every 60 s on average",
+        )),
+        demo(Scenario::latency(
+            "latency-2x-loaded",
+            "canary latency x2 (median 5 ms -> 10 ms) on the same loaded node: the shared delays dwarf the 2x while they last",
+            2.0,
+        )),
     ]
 }
 

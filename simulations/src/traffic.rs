@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Binomial, Distribution, Poisson};
 use statrs::distribution::{ContinuousCDF, LogNormal};
 
-use crate::scenario::{Bursts, Gaps, MEDIAN_MS, P99_MS, Scenario};
+use crate::scenario::{Bursts, Delays, Gaps, Scenario};
 
 /// Linkerd's latency bucket bounds in milliseconds, as the proxy exports them.
 pub const BOUNDS_MS: [f64; 25] = [
@@ -87,13 +87,49 @@ pub fn bucket_masses(median_ms: f64, p99_ms: f64) -> [f64; BUCKETS] {
     masses
 }
 
+/// Probability mass of each latency bucket for a log-normal latency (median, p99) plus an
+/// independent log-normal delay (median, p99): the delay is integrated over its quantiles.
+pub fn delayed_masses(median_ms: f64, p99_ms: f64, delay: &Delays) -> [f64; BUCKETS] {
+    // Quantile points of the delay; 400 keeps each bucket's mass within about 0.1 %.
+    const POINTS: u32 = 400;
+    const Z99: f64 = 2.326_347_874_040_841;
+    let mut masses = [0.0; BUCKETS];
+    let sigma = (p99_ms / median_ms).ln() / Z99;
+    let dsigma = (delay.p99_ms / delay.median_ms).ln() / Z99;
+    let (Ok(own), Ok(added)) = (
+        LogNormal::new(median_ms.ln(), sigma),
+        LogNormal::new(delay.median_ms.ln(), dsigma),
+    ) else {
+        return bucket_masses(median_ms, p99_ms);
+    };
+    let delays: Vec<f64> = (0..POINTS)
+        .map(|i| added.inverse_cdf((f64::from(i) + 0.5) / f64::from(POINTS)))
+        .collect();
+    let mut below = 0.0;
+    for (i, bound) in BOUNDS_MS.iter().enumerate() {
+        let c = delays
+            .iter()
+            .map(|d| if *bound > *d { own.cdf(bound - d) } else { 0.0 })
+            .sum::<f64>()
+            / f64::from(POINTS);
+        masses[i] = (c - below).max(0.0);
+        below = below.max(c);
+    }
+    masses[BUCKETS - 1] = (1.0 - below).max(0.0);
+    masses
+}
+
 /// The canary's latency buckets: the primary's shape times the scenario's factor, with its slow
-/// tail, if any, mixed in.
-fn canary_masses(s: &Scenario) -> [f64; BUCKETS] {
+/// tail, if any, mixed in, and the scenario's shared delay, if given, added.
+fn canary_masses(s: &Scenario, delay: Option<&Delays>) -> [f64; BUCKETS] {
     let f = s.canary_latency_factor;
-    let mut m = bucket_masses(MEDIAN_MS * f, P99_MS * f);
+    let shape = |median: f64, p99: f64| match delay {
+        Some(d) => delayed_masses(median, p99, d),
+        None => bucket_masses(median, p99),
+    };
+    let mut m = shape(s.median_ms * f, s.p99_ms * f);
     if let Some(tail) = s.canary_tail {
-        let slow = bucket_masses(MEDIAN_MS * tail.factor, P99_MS * tail.factor);
+        let slow = shape(s.median_ms * tail.factor, s.p99_ms * tail.factor);
         for (a, b) in m.iter_mut().zip(slow) {
             *a = (1.0 - tail.share) * *a + tail.share * b;
         }
@@ -150,6 +186,9 @@ pub struct World {
     primary_latency: [f64; BUCKETS],
     canary_latency: [f64; BUCKETS],
     warm_latency: Option<(u64, [f64; BUCKETS])>,
+    /// Both arms' latency buckets while the node is loaded.
+    loaded_latency: Option<([f64; BUCKETS], [f64; BUCKETS])>,
+    loaded: Vec<(u64, u64)>,
     canary_since: Option<u64>,
     canary_bursts: Vec<(u64, u64)>,
     shared_bursts: Vec<(u64, u64)>,
@@ -178,17 +217,34 @@ impl World {
             .map(|g| outages(&mut sched, &g))
             .unwrap_or_default();
         let day_phase = sched.random::<f64>();
+        // Drawn after the time of day, so that adding load to a scenario leaves its other
+        // events where they were.
+        let loaded = scenario
+            .shared_delays
+            .map(|d| {
+                intervals(&mut sched, d.mean_gap_s, |r| {
+                    r.random_range(d.min_s..=d.max_s)
+                })
+            })
+            .unwrap_or_default();
         Self {
             scenario: scenario.clone(),
             rng: ChaCha8Rng::seed_from_u64(mix(&[name_hash(scenario.name), seed, stream])),
-            primary_latency: bucket_masses(MEDIAN_MS, P99_MS),
-            canary_latency: canary_masses(scenario),
+            primary_latency: bucket_masses(scenario.median_ms, scenario.p99_ms),
+            canary_latency: canary_masses(scenario, None),
+            loaded_latency: scenario.shared_delays.map(|d| {
+                (
+                    canary_masses(scenario, Some(&d)),
+                    delayed_masses(scenario.median_ms, scenario.p99_ms, &d),
+                )
+            }),
+            loaded,
             warm_latency: scenario.canary_warmup.map(|(secs, tail)| {
                 let with_tail = Scenario {
                     canary_tail: Some(tail),
                     ..scenario.clone()
                 };
-                (secs, canary_masses(&with_tail))
+                (secs, canary_masses(&with_tail, None))
             }),
             canary_since: None,
             canary_bursts,
@@ -253,11 +309,16 @@ impl World {
         if canary_share > 0.0 && self.canary_since.is_none() {
             self.canary_since = Some(t);
         }
-        let canary_latency = match (self.warm_latency, self.canary_since) {
-            (Some((secs, warm)), Some(since)) if t < since + secs => warm,
-            _ => self.canary_latency,
+        let (canary_latency, primary_latency) = match self.loaded_latency {
+            Some((canary, primary)) if inside(&self.loaded, t) => (canary, primary),
+            _ => {
+                let canary = match (self.warm_latency, self.canary_since) {
+                    (Some((secs, warm)), Some(since)) if t < since + secs => warm,
+                    _ => self.canary_latency,
+                };
+                (canary, self.primary_latency)
+            }
         };
-        let primary_latency = self.primary_latency;
         let second = Second {
             canary: self.arm(rate * canary_share, pc, &canary_latency),
             primary: self.arm(rate * primary_share, pp, &primary_latency),
@@ -380,7 +441,7 @@ fn arm_window(s: &Sums) -> ArmWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scenario;
+    use crate::scenario::{self, MEDIAN_MS, P99_MS};
 
     #[test]
     fn bucket_masses_sum_to_one_and_put_the_p99_near_100ms() {
@@ -407,5 +468,26 @@ mod tests {
         let h = w.window(0, 600).primary.latency;
         let p99 = h.quantile(0.99).unwrap();
         assert!((80.0..=110.0).contains(&p99), "{p99}");
+    }
+
+    #[test]
+    fn a_shared_delay_moves_mass_up_on_both_arms() {
+        let d = scenario::LOADED_NODE;
+        let quiet = bucket_masses(5.0, 20.0);
+        let loaded = delayed_masses(5.0, 20.0, &d);
+        assert!((loaded.iter().sum::<f64>() - 1.0).abs() < 1e-6);
+        // Share above 20 ms (bucket index 6): 1 % quiet; with a 30 ms median delay most requests.
+        let above = |m: &[f64; BUCKETS]| m[7..].iter().sum::<f64>();
+        assert!((above(&quiet) - 0.01).abs() < 1e-3, "{}", above(&quiet));
+        assert!(above(&loaded) > 0.6, "{}", above(&loaded));
+        // A loaded scenario's schedule delays some seconds and leaves most alone.
+        let s = scenario::by_name("latency-2x-loaded").unwrap();
+        let mut w = World::new(&s, 3, 0);
+        for _ in 0..3_600 {
+            w.advance(0.5, 0.5);
+        }
+        let (_, p) = w.sum(0, 3_600);
+        let share = p.latency[7..].iter().sum::<u64>() as f64 / p.requests as f64;
+        assert!((0.02..0.2).contains(&share), "{share}");
     }
 }

@@ -57,8 +57,12 @@ fn a_canary_five_times_worse_on_errors_is_never_promoted() {
 
 #[test]
 fn a_canary_twice_as_slow_is_never_promoted() {
-    let r = summary(&scenario::by_name("latency-2x").unwrap());
-    check("2x latency promoted", r.promotions, r.runs, 0.01);
+    // latency-2x-loaded is the real trials' failure: shared load delays that a slow bound
+    // frozen in one window could not see past.
+    for name in ["latency-2x", "latency-2x-loaded"] {
+        let r = summary(&scenario::by_name(name).unwrap());
+        check(&format!("{name} promoted"), r.promotions, r.runs, 0.01);
+    }
 }
 
 #[test]
@@ -68,6 +72,7 @@ fn an_identical_canary_is_rarely_rolled_back() {
         "noisy-primary",
         "primary-degrades",
         "client-5xx-bursts",
+        "healthy-loaded",
     ] {
         let r = summary(&scenario::by_name(name).unwrap());
         check(&format!("{name} rolled back"), r.rollbacks, r.runs, 0.005);
@@ -115,7 +120,7 @@ fn guarantee_line(c: &mesh_rollout_controller::judge::JudgeConfig) -> String {
     let slow = events_to_clear_ratio(0.5, c.slow_ratio, c).unwrap();
     format!(
         "To promote, the canary needs about {floor0} requests without a failure, or {floor1} at a \
-         0.1 % failure rate, and about {slow:.0} slow requests (above the primary's p95 bucket) \
+         0.1 % failure rate, and about {slow:.0} slow requests (above each window's p95 bucket) \
          on both sides together at a 50 % weight."
     )
 }
