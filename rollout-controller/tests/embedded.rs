@@ -195,3 +195,114 @@ async fn a_missing_workload_is_not_found() {
     assert_eq!(e.kind(), ErrorKind::NotFound);
     assert!(e.to_string().contains("no Workload \"backend\""), "{e}");
 }
+
+#[tokio::test]
+async fn a_batch_holds_writes_back_shows_them_to_the_turn_and_stores_them_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path(), 1000).unwrap();
+    store
+        .apply(vec![workload("v1"), canary(None)])
+        .await
+        .unwrap();
+    let mut driver = EmbeddedDriver::new(store.clone(), Arc::new(AlwaysReady));
+    let t0 = Utc::now();
+    let before = store.resource_version();
+
+    // Two turns in one batch: the second reads what the first held back.
+    driver.begin_batch();
+    turn(&store, &mut driver, t0).await.unwrap();
+    assert_eq!(
+        store.resource_version(),
+        before,
+        "nothing is stored before the commit"
+    );
+    let written = driver.commit_batch().await.unwrap();
+    assert!(
+        written >= 2,
+        "the Workload's and the Canary's status: {written}"
+    );
+    let w: Workload = stored(&store, ResourceKind::Workload);
+    assert_eq!(w.status.unwrap().primary.as_deref(), Some("v1"));
+    let c: Canary = stored(&store, ResourceKind::Canary);
+    assert!(c.status.is_some(), "the Canary's status is stored");
+    assert_eq!(driver.commit_batch().await.unwrap(), 0, "the batch is gone");
+}
+
+#[tokio::test]
+async fn an_uncommitted_batch_is_lost_whole_and_the_next_turn_resumes_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path(), 1000).unwrap();
+    store
+        .apply(vec![workload("v1"), canary(None)])
+        .await
+        .unwrap();
+    let t0 = Utc::now();
+    let at = |secs: i64| t0 + chrono::Duration::seconds(secs);
+    let mut driver = EmbeddedDriver::new(store.clone(), Arc::new(AlwaysReady));
+    let mut phase = CanaryPhase::Initializing;
+    for t in 0..5 {
+        phase = turn(&store, &mut driver, at(t)).await.unwrap();
+    }
+    assert_eq!(phase, CanaryPhase::Initialized);
+    store.apply(vec![workload("v2")]).await.unwrap();
+    let stored_before: Canary = stored(&store, ResourceKind::Canary);
+
+    // A controller that dies mid-turn: its batch never reaches the store.
+    let mut dying = EmbeddedDriver::new(store.clone(), Arc::new(AlwaysReady));
+    dying.begin_batch();
+    for t in 5..8 {
+        turn(&store, &mut dying, at(t)).await.unwrap();
+    }
+    drop(dying);
+    let c: Canary = stored(&store, ResourceKind::Canary);
+    assert_eq!(
+        c.status, stored_before.status,
+        "nothing of the lost turn is stored"
+    );
+    let w: Workload = stored(&store, ResourceKind::Workload);
+    assert_eq!(
+        w.status.unwrap().canary,
+        None,
+        "the canary arm was never stored"
+    );
+
+    // A new controller, batching too, carries the rollout through from the stored status.
+    let mut driver = EmbeddedDriver::new(store.clone(), Arc::new(AlwaysReady));
+    for t in 5..60 {
+        driver.begin_batch();
+        phase = turn(&store, &mut driver, at(t)).await.unwrap();
+        driver.commit_batch().await.unwrap();
+        if phase == CanaryPhase::Succeeded {
+            break;
+        }
+    }
+    assert_eq!(phase, CanaryPhase::Succeeded);
+    let w: Workload = stored(&store, ResourceKind::Workload);
+    assert_eq!(w.status.unwrap().primary.as_deref(), Some("v2"), "promoted");
+    let route: HttpRoute = stored(&store, ResourceKind::HttpRoute);
+    assert_eq!(route_weights(&route), Some((100, 0)));
+}
+
+#[tokio::test]
+async fn a_batch_keeps_a_spec_change_made_while_it_was_held_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path(), 1000).unwrap();
+    store
+        .apply(vec![workload("v1"), canary(None)])
+        .await
+        .unwrap();
+    let mut driver = EmbeddedDriver::new(store.clone(), Arc::new(AlwaysReady));
+    driver.begin_batch();
+    turn(&store, &mut driver, Utc::now()).await.unwrap();
+    // The user edits the Canary while the turn's writes wait.
+    let mut edited = canary(None);
+    edited["spec"]["analysis"]["threshold"] = json!(7);
+    store.apply(vec![edited]).await.unwrap();
+    driver.commit_batch().await.unwrap();
+    let c: Canary = stored(&store, ResourceKind::Canary);
+    assert_eq!(c.spec.analysis.threshold, 7, "the user's change is kept");
+    assert!(
+        c.status.is_some(),
+        "and the turn's status is stored over it"
+    );
+}

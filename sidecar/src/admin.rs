@@ -175,29 +175,30 @@ impl Admin {
                 }
             }
             (&Method::GET, "/config") => {
-                let config = self.tables.borrow().to_config();
-                let mut config = serde_json::to_value(&config).unwrap_or_default();
+                let tables = self.tables.borrow().to_config();
                 // Beside the tables, the certificate held (null until the first), so operators
                 // and tests can watch it being renewed.
-                if let (Some(credentials), Some(object)) =
-                    (&self.credentials, config.as_object_mut())
-                {
-                    let held = credentials.borrow().as_ref().map(|c| {
+                let identity = self.credentials.as_ref().map(|credentials| {
+                    credentials.borrow().as_ref().map(|c| {
                         serde_json::json!({
                             "identity": c.identity,
                             "serial": c.serial,
                             "notAfter": c.not_after,
                             "lifetimeSeconds": c.lifetime.as_secs(),
                         })
-                    });
-                    object.insert("identity".into(), held.unwrap_or_default());
-                }
-                if let (Some(authz), Some(object)) = (&self.authz, config.as_object_mut()) {
-                    object.insert(
-                        "inboundPolicy".into(),
-                        serde_json::to_value(&*authz.policy()).unwrap_or_default(),
-                    );
-                }
+                    })
+                });
+                let inbound_policy = self
+                    .authz
+                    .as_ref()
+                    .map(|authz| serde_json::to_value(&*authz.policy()).unwrap_or_default());
+                // Written straight from the tables: a `serde_json::Value` of 10,000 routes
+                // first took 25 MB more heap, which the allocator then kept.
+                let config = ConfigView {
+                    tables: &tables,
+                    identity,
+                    inbound_policy,
+                };
                 match serde_json::to_string_pretty(&config) {
                     Ok(body) => Response::builder()
                         .header(header::CONTENT_TYPE, "application/json")
@@ -244,6 +245,18 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain"),
     );
     rsp
+}
+
+/// What `/config` shows: the tables, and beside them the certificate held (when the proxy has
+/// an identity) and the inbound policy (when it has an inbound listener).
+#[derive(serde::Serialize)]
+struct ConfigView<'a> {
+    #[serde(flatten)]
+    tables: &'a mesh_core::proxy_api::StaticConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identity: Option<Option<serde_json::Value>>,
+    #[serde(rename = "inboundPolicy", skip_serializing_if = "Option::is_none")]
+    inbound_policy: Option<serde_json::Value>,
 }
 
 #[cfg(test)]

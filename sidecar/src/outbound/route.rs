@@ -178,7 +178,7 @@ pub(crate) mod mk {
     /// Tables from a static config in YAML.
     pub fn tables(yaml: &str) -> Arc<Tables> {
         let config = serde_yaml::from_str(yaml).unwrap();
-        Arc::new(Tables::from_config(&config).unwrap())
+        Arc::new(Tables::from_config(config).unwrap())
     }
 
     /// A routed request, on the route `rule` (YAML) of `web.default:80`.
