@@ -329,14 +329,21 @@ async fn a_collector_that_cannot_be_reached_costs_spans_never_requests() {
         .env(ENV_COLLECTOR, format!("127.0.0.1:{closed}"))
         .run()
         .unwrap();
-    for _ in 0..20 {
-        get(a.addr("outbound"), &[]).await;
+    every_span_fails_to_export(&a, 20).await;
+}
+
+/// Sends `n` requests through `proxy` and waits until all `n` of their spans are counted as
+/// export failures.
+async fn every_span_fails_to_export(proxy: &impl Sidecar, n: usize) {
+    for _ in 0..n {
+        get(proxy.addr("outbound"), &[]).await;
     }
+    let failed = format!(r#"trace_spans_dropped_total{{reason="export_failed"}} {n}"#);
     let mut metrics: String;
     assert_eventually!(
         {
-            metrics = a.metrics().await;
-            metrics.contains(r#"trace_spans_dropped_total{reason="export_failed"} 20"#)
+            metrics = proxy.metrics().await;
+            metrics.contains(&failed)
         },
         "{metrics}"
     );
@@ -385,15 +392,5 @@ async fn an_https_collector_is_verified_with_the_ca_it_is_given() {
         .env(ENV_COLLECTOR, jaeger.otlp_https_url())
         .run()
         .unwrap();
-    for _ in 0..5 {
-        get(doubting.addr("outbound"), &[]).await;
-    }
-    let mut metrics: String;
-    assert_eventually!(
-        {
-            metrics = doubting.metrics().await;
-            metrics.contains(r#"trace_spans_dropped_total{reason="export_failed"} 5"#)
-        },
-        "{metrics}"
-    );
+    every_span_fails_to_export(&doubting, 5).await;
 }
