@@ -110,15 +110,25 @@ async fn turn(
     .map(|r| r.status.phase)
 }
 
-#[tokio::test]
-async fn the_embedded_driver_rolls_out_with_the_canary_timeout_on_its_route() {
+/// A store in a fresh directory (kept alive by the returned guard) holding `documents`, and a
+/// driver over it whose arms are always ready.
+async fn store_with(
+    documents: Vec<Value>,
+) -> (
+    tempfile::TempDir,
+    EmbeddedStore,
+    EmbeddedDriver<EmbeddedStore, AlwaysReady>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(dir.path(), 1000).unwrap();
-    store
-        .apply(vec![workload("v1"), canary(None)])
-        .await
-        .unwrap();
-    let mut driver = EmbeddedDriver::new(store.clone(), Arc::new(AlwaysReady));
+    store.apply(documents).await.unwrap();
+    let driver = EmbeddedDriver::new(store.clone(), Arc::new(AlwaysReady));
+    (dir, store, driver)
+}
+
+#[tokio::test]
+async fn the_embedded_driver_rolls_out_with_the_canary_timeout_on_its_route() {
+    let (_dir, store, mut driver) = store_with(vec![workload("v1"), canary(None)]).await;
     let t0 = Utc::now();
     let at = |secs: i64| t0 + chrono::Duration::seconds(secs);
 
@@ -173,13 +183,7 @@ async fn the_embedded_driver_rolls_out_with_the_canary_timeout_on_its_route() {
 
 #[tokio::test]
 async fn a_canary_whose_service_is_not_its_workload_is_an_invalid_spec() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path(), 1000).unwrap();
-    store
-        .apply(vec![workload("v1"), canary(Some("other"))])
-        .await
-        .unwrap();
-    let mut driver = EmbeddedDriver::new(store.clone(), Arc::new(AlwaysReady));
+    let (_dir, store, mut driver) = store_with(vec![workload("v1"), canary(Some("other"))]).await;
     let e = turn(&store, &mut driver, Utc::now()).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidSpec);
     assert!(e.to_string().contains("spec.service.name \"other\""), "{e}");
@@ -187,10 +191,7 @@ async fn a_canary_whose_service_is_not_its_workload_is_an_invalid_spec() {
 
 #[tokio::test]
 async fn a_missing_workload_is_not_found() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path(), 1000).unwrap();
-    store.apply(vec![canary(None)]).await.unwrap();
-    let mut driver = EmbeddedDriver::new(store.clone(), Arc::new(AlwaysReady));
+    let (_dir, store, mut driver) = store_with(vec![canary(None)]).await;
     let e = turn(&store, &mut driver, Utc::now()).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound);
     assert!(e.to_string().contains("no Workload \"backend\""), "{e}");
@@ -198,13 +199,7 @@ async fn a_missing_workload_is_not_found() {
 
 #[tokio::test]
 async fn a_batch_holds_writes_back_shows_them_to_the_turn_and_stores_them_together() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path(), 1000).unwrap();
-    store
-        .apply(vec![workload("v1"), canary(None)])
-        .await
-        .unwrap();
-    let mut driver = EmbeddedDriver::new(store.clone(), Arc::new(AlwaysReady));
+    let (_dir, store, mut driver) = store_with(vec![workload("v1"), canary(None)]).await;
     let t0 = Utc::now();
     let before = store.resource_version();
 
@@ -230,15 +225,9 @@ async fn a_batch_holds_writes_back_shows_them_to_the_turn_and_stores_them_togeth
 
 #[tokio::test]
 async fn an_uncommitted_batch_is_lost_whole_and_the_next_turn_resumes_from_the_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path(), 1000).unwrap();
-    store
-        .apply(vec![workload("v1"), canary(None)])
-        .await
-        .unwrap();
+    let (_dir, store, mut driver) = store_with(vec![workload("v1"), canary(None)]).await;
     let t0 = Utc::now();
     let at = |secs: i64| t0 + chrono::Duration::seconds(secs);
-    let mut driver = EmbeddedDriver::new(store.clone(), Arc::new(AlwaysReady));
     let mut phase = CanaryPhase::Initializing;
     for t in 0..5 {
         phase = turn(&store, &mut driver, at(t)).await.unwrap();
@@ -285,13 +274,7 @@ async fn an_uncommitted_batch_is_lost_whole_and_the_next_turn_resumes_from_the_s
 
 #[tokio::test]
 async fn a_batch_keeps_a_spec_change_made_while_it_was_held_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path(), 1000).unwrap();
-    store
-        .apply(vec![workload("v1"), canary(None)])
-        .await
-        .unwrap();
-    let mut driver = EmbeddedDriver::new(store.clone(), Arc::new(AlwaysReady));
+    let (_dir, store, mut driver) = store_with(vec![workload("v1"), canary(None)]).await;
     driver.begin_batch();
     turn(&store, &mut driver, Utc::now()).await.unwrap();
     // The user edits the Canary while the turn's writes wait.
