@@ -8,28 +8,12 @@ use std::net::SocketAddr;
 
 use mesh_sidecar::config::ENV_TAP_TOKEN_FILE;
 use mesh_test_support::apps::primary_and_canary;
-use mesh_test_support::proxies::{Sidecar, proxy};
+use mesh_test_support::proxies::{Sidecar, proxy, split_config};
 
 const TOKEN: &str = "tap-secret-1";
 
 fn config(primary: SocketAddr, canary: SocketAddr) -> String {
-    format!(
-        r#"
-routes:
-  - parent: web.default:80
-    rules:
-      - name: split
-        matches: [{{path: {{type: PathPrefix, value: /}}}}]
-        backends:
-          - {{service: web-primary.default:80, weight: 70}}
-          - {{service: web-canary.default:80, weight: 30}}
-endpoints:
-  - service: web-primary.default:80
-    endpoints: [{{addr: "{primary}"}}]
-  - service: web-canary.default:80
-    endpoints: [{{addr: "{canary}"}}]
-"#
-    )
+    split_config(primary, canary, (70, 30))
 }
 
 async fn tap(admin: SocketAddr, query: &str, token: Option<&str>) -> reqwest::Response {

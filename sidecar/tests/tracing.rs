@@ -25,7 +25,7 @@ use mesh_test_support::assert_eventually;
 use mesh_test_support::certs::{Leaf, TestCa};
 use mesh_test_support::jaeger::{self, Jaeger, StoredSpan};
 use mesh_test_support::mesh::{CLIENT_ID, SERVER_ID, SERVICE, mesh_pair};
-use mesh_test_support::proxies::{Sidecar, proxy};
+use mesh_test_support::proxies::{Sidecar, proxy, split_config};
 
 /// A GET for `web.default:80` through the outbound listener at `outbound`, with `headers`;
 /// the answer's headers.
@@ -175,23 +175,7 @@ async fn a_request_through_two_proxies_yields_linked_spans_at_jaeger() {
 /// Proxy A routes `web.default:80` by a split whose only backend is `web-canary`, at proxy B's
 /// inbound listener.
 fn split(inbound: SocketAddr) -> String {
-    format!(
-        r#"
-routes:
-  - parent: web.default:80
-    rules:
-      - name: split
-        matches: [{{path: {{type: PathPrefix, value: /}}}}]
-        backends:
-          - {{service: web-primary.default:80, weight: 0}}
-          - {{service: web-canary.default:80, weight: 1}}
-endpoints:
-  - service: web-primary.default:80
-    endpoints: [{{addr: "127.0.0.1:9"}}]
-  - service: web-canary.default:80
-    endpoints: [{{addr: "{inbound}"}}]
-"#
-    )
+    split_config("127.0.0.1:9", inbound, (0, 1))
 }
 
 #[tokio::test]

@@ -42,6 +42,33 @@ use crate::{
 
 const LOOPBACK_ANY_PORT: &str = "127.0.0.1:0";
 
+/// A static outbound config: `web.default:80` split between `web-primary.default:80` at
+/// `primary` and `web-canary.default:80` at `canary` by `weights`, in one rule named `split`.
+pub fn split_config(
+    primary: impl std::fmt::Display,
+    canary: impl std::fmt::Display,
+    weights: (u32, u32),
+) -> String {
+    let (to_primary, to_canary) = weights;
+    format!(
+        r#"
+routes:
+  - parent: web.default:80
+    rules:
+      - name: split
+        matches: [{{path: {{type: PathPrefix, value: /}}}}]
+        backends:
+          - {{service: web-primary.default:80, weight: {to_primary}}}
+          - {{service: web-canary.default:80, weight: {to_canary}}}
+endpoints:
+  - service: web-primary.default:80
+    endpoints: [{{addr: "{primary}"}}]
+  - service: web-canary.default:80
+    endpoints: [{{addr: "{canary}"}}]
+"#
+    )
+}
+
 /// A proxy to start: admin and outbound listeners on 127.0.0.1:0, nothing else until a method
 /// adds it.
 pub fn proxy() -> ProxyBuilder {
