@@ -9,7 +9,7 @@
 mod support;
 
 use serde_json::Value;
-use support::{app, direct_client, forward_proxy};
+use support::{ForwardProxy, Running, app, direct_client, forward_proxy};
 
 async fn get(url: &str) -> (u16, reqwest::header::HeaderMap, Value) {
     let rsp = direct_client().get(url).send().await.unwrap();
@@ -76,8 +76,9 @@ async fn bursts_use_the_burst_error_rate_from_start() {
     }
 }
 
-#[tokio::test]
-async fn downstream_calls_go_through_http_proxy() {
+/// A v1 frontend whose downstream, `backend.default:9898` (a v2 app), it reaches only through
+/// a forward proxy given as its HTTP proxy: the backend, the proxy and the frontend.
+async fn frontend_calling_backend_via_proxy() -> (Running, ForwardProxy, Running) {
     let backend = app("v2").start().await;
     let proxy = forward_proxy(&[("backend.default:9898", backend.addr())]).await;
     let frontend = app("v1")
@@ -85,6 +86,12 @@ async fn downstream_calls_go_through_http_proxy() {
         .via(proxy.addr)
         .start()
         .await;
+    (backend, proxy, frontend)
+}
+
+#[tokio::test]
+async fn downstream_calls_go_through_http_proxy() {
+    let (_backend, proxy, frontend) = frontend_calling_backend_via_proxy().await;
 
     let (status, headers, body) = get(&frontend.url("/")).await;
     assert_eq!(status, 200, "{body}");
@@ -103,13 +110,7 @@ async fn downstream_calls_go_through_http_proxy() {
 
 #[tokio::test]
 async fn downstream_calls_carry_the_trace_context_on() {
-    let backend = app("v2").start().await;
-    let proxy = forward_proxy(&[("backend.default:9898", backend.addr())]).await;
-    let frontend = app("v1")
-        .args(["--downstream", "http://backend.default:9898/"])
-        .via(proxy.addr)
-        .start()
-        .await;
+    let (_backend, proxy, frontend) = frontend_calling_backend_via_proxy().await;
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let rsp = direct_client()
         .get(frontend.url("/"))
