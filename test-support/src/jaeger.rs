@@ -10,11 +10,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use crate::certs::write;
 use crate::ports::free_port;
-use crate::process::{ChildGuard, startup_timeout};
+use crate::process::ChildGuard;
 use crate::{HarnessError, Result};
 
 /// Path of the Jaeger binary (`scripts/test` sets it).
@@ -165,30 +164,23 @@ exporters:
 
     async fn wait_ready(&mut self) -> Result<()> {
         let http = crate::http_client();
-        let waited = startup_timeout();
-        let start = Instant::now();
-        let mut last = String::from("not polled yet");
-        while start.elapsed() < waited {
-            self.child
-                .check_running()
-                .map_err(|e| self.child.not_ready(waited, e))?;
-            let query = http
-                .get(format!("http://{}/api/services", self.query))
-                .send()
-                .await;
-            match query {
-                Ok(rsp) if rsp.status().is_success() => {
-                    if tokio::net::TcpStream::connect(self.otlp).await.is_ok() {
-                        return Ok(());
-                    }
-                    last = format!("nothing listens on OTLP's {}", self.otlp);
+        let (query, otlp) = (self.query, self.otlp);
+        self.child
+            .wait_ready(async || {
+                let rsp = http
+                    .get(format!("http://{query}/api/services"))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !rsp.status().is_success() {
+                    return Err(format!("/api/services answered {}", rsp.status()));
                 }
-                Ok(rsp) => last = format!("/api/services answered {}", rsp.status()),
-                Err(e) => last = e.to_string(),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Err(self.child.not_ready(waited, last))
+                tokio::net::TcpStream::connect(otlp)
+                    .await
+                    .map(drop)
+                    .map_err(|_| format!("nothing listens on OTLP's {otlp}"))
+            })
+            .await
     }
 
     /// The OTLP/HTTP receiver's base URL (`/v1/traces` is its traces path).

@@ -96,6 +96,27 @@ impl ChildGuard {
         }
     }
 
+    /// Polls `probe` every 100 ms until it answers `Ok`, for at most the start-up patience; an
+    /// error names why the process was not ready: it exited, or the probe's last answer.
+    pub async fn wait_ready(
+        &mut self,
+        mut probe: impl AsyncFnMut() -> std::result::Result<(), String>,
+    ) -> Result<()> {
+        let waited = startup_timeout();
+        let start = std::time::Instant::now();
+        let mut last = String::from("not polled yet");
+        while start.elapsed() < waited {
+            self.check_running()
+                .map_err(|e| self.not_ready(waited, e))?;
+            match probe().await {
+                Ok(()) => return Ok(()),
+                Err(why) => last = why,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(self.not_ready(waited, last))
+    }
+
     /// Sends SIGTERM, as Ctrl-C or a supervisor would, to ask for a graceful stop.
     pub fn terminate(&self) {
         if let Some(pid) = i32::try_from(self.child.id())

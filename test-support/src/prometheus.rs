@@ -14,19 +14,14 @@ use std::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::{
-    HarnessError, Result,
-    certs::write,
-    ports::free_port,
-    process::{ChildGuard, startup_timeout},
-};
+use crate::{HarnessError, Result, certs::write, ports::free_port, process::ChildGuard};
 
 /// Path of the Prometheus binary; defaults to `prometheus` on `PATH`.
 pub const ENV_PROMETHEUS_BIN: &str = "MESH_PROMETHEUS_BIN";
@@ -171,21 +166,14 @@ impl Prometheus {
 
     async fn wait_ready(&mut self) -> Result<()> {
         let http = crate::http_client();
-        let waited = startup_timeout();
-        let start = Instant::now();
-        let mut last = String::from("not polled yet");
-        while start.elapsed() < waited {
-            self.child
-                .check_running()
-                .map_err(|e| self.child.not_ready(waited, e))?;
-            match http.get(format!("{}/-/ready", self.url)).send().await {
-                Ok(rsp) if rsp.status().is_success() => return Ok(()),
-                Ok(rsp) => last = format!("/-/ready answered {}", rsp.status()),
-                Err(e) => last = e.to_string(),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Err(self.child.not_ready(waited, last))
+        let ready = format!("{}/-/ready", self.url);
+        self.child
+            .wait_ready(async || match http.get(&ready).send().await {
+                Ok(rsp) if rsp.status().is_success() => Ok(()),
+                Ok(rsp) => Err(format!("/-/ready answered {}", rsp.status())),
+                Err(e) => Err(e.to_string()),
+            })
+            .await
     }
 
     /// The base URL, e.g. `http://127.0.0.1:39111`.
