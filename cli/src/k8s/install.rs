@@ -422,37 +422,34 @@ pub fn render_with(args: &InstallArgs, pki: &Pki) -> anyhow::Result<Vec<Value>> 
             }
             d
         };
+    let mut controlplane_env = json!([
+        {"name": "MESH_CONTROLPLANE_STATE_DIR", "value": "/var/lib/mesh"},
+        {"name": "MESH_CONTROLPLANE_KUBERNETES", "value": "true"},
+        {"name": "MESH_CONTROLPLANE_PROXY_ADDR", "value": format!("0.0.0.0:{PROXY_API_PORT}")},
+        {"name": "MESH_CONTROLPLANE_TRUST_DOMAIN", "value": args.proxy.trust_domain},
+        // The CA comes from the issuer Secret, so the trust roots injected proxies hold
+        // survive restarts of the control plane (its state is an emptyDir).
+        {"name": "MESH_CONTROLPLANE_ISSUER_DIR", "value": ISSUER_DIR},
+        {"name": "MESH_CONTROLPLANE_INJECTOR_ADDR", "value": format!("0.0.0.0:{INJECTOR_PORT}")},
+        {"name": "MESH_CONTROLPLANE_INJECTOR_TLS_DIR", "value": "/var/run/mesh/injector"},
+        {"name": "MESH_CONTROLPLANE_PROXY_IMAGE", "value": inject.proxy_image},
+        {"name": "MESH_CONTROLPLANE_INIT_IMAGE", "value": inject.init_image},
+    ]);
+    // Tracing stays off unless asked for: its variables are rendered only when set.
+    for (name, value) in [
+        ("MESH_CONTROLPLANE_TRACE_COLLECTOR", &inject.trace_collector),
+        ("MESH_CONTROLPLANE_TRACE_SAMPLING", &inject.trace_sampling),
+    ] {
+        if let (Some(value), Some(env)) = (value, controlplane_env.as_array_mut()) {
+            env.push(json!({"name": name, "value": value}));
+        }
+    }
     docs.push(deployment(
         CONTROLPLANE,
         &args
             .proxy
             .image(image::CONTROLPLANE, args.controlplane_image.as_ref()),
-        json!([
-            {"name": "MESH_CONTROLPLANE_STATE_DIR", "value": "/var/lib/mesh"},
-            {"name": "MESH_CONTROLPLANE_KUBERNETES", "value": "true"},
-            {"name": "MESH_CONTROLPLANE_PROXY_ADDR", "value": format!("0.0.0.0:{PROXY_API_PORT}")},
-            {"name": "MESH_CONTROLPLANE_TRUST_DOMAIN", "value": args.proxy.trust_domain},
-            // The CA comes from the issuer Secret, so the trust roots injected proxies hold
-            // survive restarts of the control plane (its state is an emptyDir).
-            {"name": "MESH_CONTROLPLANE_ISSUER_DIR", "value": ISSUER_DIR},
-            {"name": "MESH_CONTROLPLANE_INJECTOR_ADDR", "value": format!("0.0.0.0:{INJECTOR_PORT}")},
-            {"name": "MESH_CONTROLPLANE_INJECTOR_TLS_DIR", "value": "/var/run/mesh/injector"},
-            {"name": "MESH_CONTROLPLANE_PROXY_IMAGE", "value": inject.proxy_image},
-            {"name": "MESH_CONTROLPLANE_INIT_IMAGE", "value": inject.init_image},
-        ])
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .chain(
-            [
-                ("MESH_CONTROLPLANE_TRACE_COLLECTOR", &inject.trace_collector),
-                ("MESH_CONTROLPLANE_TRACE_SAMPLING", &inject.trace_sampling),
-            ]
-            .into_iter()
-            .filter_map(|(name, value)| Some(json!({"name": name, "value": value.as_ref()?}))),
-        )
-        .collect(),
+        controlplane_env,
         json!([{"name": "proxy-api", "containerPort": PROXY_API_PORT},
                {"name": "injector", "containerPort": INJECTOR_PORT}]),
         json!([{"name": "state", "emptyDir": {}},
