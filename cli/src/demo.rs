@@ -238,15 +238,11 @@ pub fn run(args: Args) -> ExitCode {
 struct Say(Output);
 
 impl Say {
-    #[allow(
-        clippy::print_stdout,
-        clippy::print_stderr,
-        reason = "the demo narrates"
-    )]
+    #[allow(clippy::print_stdout, reason = "the demo narrates")]
     fn line(&self, text: &str) {
         match self.0 {
             Output::Text => println!("{text}"),
-            Output::Json => eprintln!("{text}"),
+            Output::Json => crate::runtime::tell(text),
         }
     }
 }

@@ -3,7 +3,6 @@
 
 /// Runs `fut` to completion on a new runtime (a multi-thread one for long-running commands);
 /// an error is printed as `error: ...` and gives `None`.
-#[allow(clippy::print_stderr, reason = "the CLI talks to its user")]
 pub fn block_on<T>(
     multi_thread: bool,
     fut: impl std::future::Future<Output = anyhow::Result<T>>,
@@ -21,7 +20,7 @@ pub fn block_on<T>(
         Ok(r) => r.block_on(fut),
         Err(e) => Err(anyhow::anyhow!("starting the runtime: {e}")),
     };
-    result.map_err(|e| eprintln!("error: {e:#}")).ok()
+    result.map_err(|e| tell(&format!("error: {e:#}"))).ok()
 }
 
 /// Logs go to stderr; `RUST_LOG` overrides `default`.
@@ -32,4 +31,13 @@ pub fn init_logging(default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// One line to the user on stderr, written at once. `mesh up` and `mesh demo` share their output
+/// with the workloads they run, and `eprintln!` writes a line in pieces, so a workload's line
+/// could land inside ours (a test reading `mesh up`'s sign-in link once found `mesh:` where the
+/// address should have been).
+pub fn tell(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }

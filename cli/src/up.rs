@@ -109,7 +109,7 @@ async fn up(args: Args) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    tell(&format!(
+    crate::runtime::tell(&format!(
         "mesh is up: resource API http://{} (token in {}, which `mesh` finds on its own), \
          proxy API https://{} (mTLS; trust roots in {}), state in {}. Ctrl-C stops everything.",
         mesh.api_addr,
@@ -122,9 +122,9 @@ async fn up(args: Args) -> anyhow::Result<()> {
     if let Some(d) = dashboard {
         d.abort();
     }
-    tell("stopping the workloads...");
+    crate::runtime::tell("stopping the workloads...");
     mesh.shutdown().await;
-    tell(&format!(
+    crate::runtime::tell(&format!(
         "stopped; `mesh up` again resumes from {}",
         state_dir.display()
     ));
@@ -151,7 +151,7 @@ async fn start_dashboard(
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
-            tell(&format!(
+            crate::runtime::tell(&format!(
                 "no dashboard: binding {addr}: {e} (choose another with --dashboard-addr)"
             ));
             return Ok(None);
@@ -164,7 +164,7 @@ async fn start_dashboard(
         namespace: "default".into(),
     })?;
     println!("{}", Listening::new("dashboard", bound));
-    tell(&format!(
+    crate::runtime::tell(&format!(
         "dashboard: {} (a link that signs in once; `mesh dashboard` serves another and prints its own)",
         dashboard.sign_in_url(bound)?
     ));
@@ -187,14 +187,6 @@ pub async fn wait_for_signal() {
             }
         } => {}
     }
-}
-
-/// One line to the user on stderr, written at once. The workloads share this process's output,
-/// and `eprintln!` writes a line in pieces, so a workload's line could land inside ours (a test
-/// reading the sign-in link once found `mesh:` where the address should have been).
-fn tell(line: &str) {
-    use std::io::Write;
-    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 #[cfg(test)]
