@@ -26,6 +26,20 @@ pub const ENV_OTEL_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_CERTIFICATE";
 /// The traces-only form of [`ENV_OTEL_CERTIFICATE`].
 pub const ENV_OTEL_TRACES_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE";
 
+/// The headers that carry a trace's context from hop to hop: W3C's and both forms of B3. An app
+/// in a mesh copies them from the request it serves onto its own downstream calls, so that its
+/// spans join one trace (docs/tracing.md).
+pub const CONTEXT_HEADERS: [&str; 8] = [
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
+
 /// Every new trace is sampled unless told otherwise: tracing is on only when asked for.
 pub const DEFAULT_SAMPLING: f64 = 1.0;
 

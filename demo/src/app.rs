@@ -366,16 +366,7 @@ async fn handle(
 
 /// Trace context headers a downstream call carries on from the request being served, as an
 /// app in a mesh must for its requests to join one trace (docs/tracing.md).
-const TRACE_HEADERS: [&str; 8] = [
-    "traceparent",
-    "tracestate",
-    "b3",
-    "x-b3-traceid",
-    "x-b3-spanid",
-    "x-b3-parentspanid",
-    "x-b3-sampled",
-    "x-b3-flags",
-];
+const TRACE_HEADERS: [&str; 8] = mesh_core::trace::CONTEXT_HEADERS;
 
 /// `/`: delay, maybe fail, maybe call downstream (carrying the request's trace context on).
 async fn root(state: &State, headers: &http::HeaderMap) -> Response<Full<Bytes>> {

@@ -48,16 +48,7 @@ pub const SEEN_CLIENT_ID: &str = "x-seen-client-id";
 pub const SEEN_VERSION: &str = "x-seen-version";
 /// Trace context headers the app echoes back as `x-seen-<name>`, to check what the proxies
 /// passed on.
-pub const TRACE_HEADERS: [&str; 8] = [
-    "traceparent",
-    "tracestate",
-    "b3",
-    "x-b3-traceid",
-    "x-b3-spanid",
-    "x-b3-parentspanid",
-    "x-b3-sampled",
-    "x-b3-flags",
-];
+pub const TRACE_HEADERS: [&str; 8] = mesh_core::trace::CONTEXT_HEADERS;
 /// Response header with the app's version.
 pub const APP_VERSION: &str = "x-app-version";
 /// A request to this path is answered after [`SLOW_DELAY`].
