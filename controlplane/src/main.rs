@@ -27,6 +27,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // The process's one TLS provider, chosen before any client is built: the HTTP clients that
+    // scrape and tap the proxies take the process default.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let config = match Config::from_env(&ProcessEnv) {
         Ok(c) => c,
         Err(e) => {

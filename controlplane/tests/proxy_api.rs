@@ -572,3 +572,66 @@ async fn the_serving_certificate_is_renewed_before_it_expires() {
         seen.len()
     );
 }
+
+/// The control plane binary scrapes the `/metrics` of every registered proxy that gave its admin
+/// address (what `mesh stat`, `top` and the dashboard read in the embedded mesh). The binary
+/// once built the scraper's HTTP client before any TLS provider was chosen, and the scraper's
+/// task died at start with a panic while the rest of the control plane served on.
+#[tokio::test]
+async fn registered_proxies_are_scraped() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // A proxy's admin server, as far as the scraper sees it: `/metrics`, counted.
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let scrapes = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&scrapes);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = admin.accept().await {
+            let counted = Arc::clone(&counted);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = conn.read(&mut buf).await.unwrap_or(0);
+                if buf[..n].starts_with(b"GET /metrics ") {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+                let body = "request_total{direction=\"inbound\"} 1\n";
+                let rsp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(rsp.as_bytes()).await;
+            });
+        }
+    });
+
+    let state = tempfile::tempdir().unwrap();
+    let mut cp = control_plane_on(state.path())
+        .env("MESH_CONTROLPLANE_SCRAPE_INTERVAL", "1s")
+        .run()
+        .unwrap();
+    let client = client_for(state.path(), WEB);
+    let resp = client
+        .post(format!("{}{WORKLOADS_PATH}", cp.proxy_api_url()))
+        .json(&WorkloadRegistration {
+            service: "web.default:80".parse().unwrap(),
+            addr: "127.0.0.1:9001".parse().unwrap(),
+            identity: Some(WEB.into()),
+            labels: BTreeMap::new(),
+            admin_addr: Some(admin_addr),
+            deployment: Some("web".into()),
+            pod: Some("web-0".into()),
+        })
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    assert_eventually!(
+        scrapes.load(Ordering::SeqCst) >= 2,
+        "the control plane never scraped the registered proxy; its log ends:\n{}",
+        cp.process().child().log_tail(40)
+    );
+    let log = cp.process().child().log_tail(200);
+    assert!(!log.contains("panicked"), "{log}");
+}
