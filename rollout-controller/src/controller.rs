@@ -172,6 +172,20 @@ pub async fn reconcile<D: Driver, S: MetricSource>(
         None
     };
 
+    // Between ticks, the failure comparison looks at the traffic so far (see `judge::look`);
+    // a source that cannot read it without moving its baseline gives nothing.
+    let look = if !analysing
+        && judge.look_between_ticks
+        && schedule.looking(&status, target.canary_ready, now)
+    {
+        source.peek(&metric_target).await.unwrap_or_else(|e| {
+            tracing::debug!(canary = ?canary.metadata.name, error = %e, "metrics unavailable between ticks");
+            None
+        })
+    } else {
+        None
+    };
+
     let custom_metrics = if analysing {
         custom_metrics(canary, driver, source, &spec.analysis.interval).await
     } else {
@@ -183,6 +197,7 @@ pub async fn reconcile<D: Driver, S: MetricSource>(
         primary_ready: target.primary_ready,
         canary_ready: target.canary_ready,
         window,
+        look,
         custom_metrics,
         webhooks: hooks,
         request: user_request(canary, &target.revision),

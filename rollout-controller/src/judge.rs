@@ -34,8 +34,7 @@
 
 use mesh_core::gates::{self, Measure, Threshold};
 use mesh_crds::canary::{
-    AnalysisTotals, ArmTotals, CanaryMetric, DecisionExplanation, Evidence, GateResult, Outcome,
-    Verdict,
+    AnalysisTotals, CanaryMetric, DecisionExplanation, Evidence, GateResult, Outcome, Verdict,
 };
 use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, Normal};
 
@@ -95,6 +94,18 @@ pub struct JudgeConfig {
     /// seconds, which is not the regression the comparison looks for. Windows that end before
     /// the canary has served this many are left out of it (failures still count).
     pub latency_warmup_requests: u64,
+    /// Whether the failure comparison also looks at the traffic since the last analysis tick on
+    /// every reconcile in between, where the metric source can read it without moving its
+    /// baseline (the direct scrape): a canary the evidence already condemns is rolled back at
+    /// the next reconcile instead of the next tick. Weight steps, absolute gates and `threshold`
+    /// stay on the analysis interval.
+    pub look_between_ticks: bool,
+    /// Whether a built-in latency gate (`request-duration`) whose canary quantile is above
+    /// `thresholdRange.max` takes the primary's quantile in the same window as its allowance
+    /// when that is above the threshold too: then it fails only when more of the canary's
+    /// requests are slower than the primary's quantile than the quantile allows, with
+    /// confidence. Off, it reads the canary alone, as Flagger does.
+    pub duration_gate_against_primary: bool,
 }
 
 impl Default for JudgeConfig {
@@ -112,6 +123,8 @@ impl Default for JudgeConfig {
             slow_floor: 0.01,
             slow_quantile: 0.95,
             latency_warmup_requests: 100,
+            look_between_ticks: true,
+            duration_gate_against_primary: true,
         }
     }
 }
@@ -269,36 +282,82 @@ pub fn accumulate(totals: &mut AnalysisTotals, window: &Window, config: &JudgeCo
     let bound = warm
         .then(|| window_slow_bound(window, config.slow_quantile))
         .flatten();
-    if bound.is_some() {
-        totals.slow_ms = bound;
+    add_failures(totals, window, config);
+    let Some(bound) = bound else {
+        return;
+    };
+    totals.slow_ms = Some(bound);
+    for (t, w) in [
+        (&mut totals.canary, &window.canary),
+        (&mut totals.primary, &window.primary),
+    ] {
+        t.slow += w.latency.above(bound);
+        t.timed += w.requests;
     }
-    let add = |t: &mut ArmTotals, w: &ArmWindow| {
+    let slow = totals.slow_evidence.get_or_insert_with(Evidence::default);
+    add_window(
+        slow,
+        (window.canary.latency.above(bound), window.canary.requests),
+        (window.primary.latency.above(bound), window.primary.requests),
+        config.slow_ratio,
+    );
+}
+
+/// Adds a window's requests, failures and failure evidence to the totals.
+fn add_failures(totals: &mut AnalysisTotals, window: &Window, config: &JudgeConfig) {
+    for (t, w) in [
+        (&mut totals.canary, &window.canary),
+        (&mut totals.primary, &window.primary),
+    ] {
         t.requests += w.requests;
         t.failures += w.failures;
-        if let Some(b) = bound {
-            t.slow += w.latency.above(b);
-            t.timed += w.requests;
-        }
-    };
-    add(&mut totals.canary, &window.canary);
-    add(&mut totals.primary, &window.primary);
-    let (nc, np) = (window.canary.requests, window.primary.requests);
+    }
     let errors = totals.error_evidence.get_or_insert_with(Evidence::default);
     add_window(
         errors,
-        (window.canary.failures, nc),
-        (window.primary.failures, np),
+        (window.canary.failures, window.canary.requests),
+        (window.primary.failures, window.primary.requests),
         config.error_ratio,
     );
-    if let Some(bound) = bound {
-        let slow = totals.slow_evidence.get_or_insert_with(Evidence::default);
-        add_window(
-            slow,
-            (window.canary.latency.above(bound), nc),
-            (window.primary.latency.above(bound), np),
-            config.slow_ratio,
-        );
-    }
+}
+
+/// A look between analysis ticks: the failure comparison on the evidence of the ticks so far
+/// and `window`, the traffic since the last tick, read as one more window. Returns the totals
+/// with that window's requests, failures and failure evidence added, and the comparison's
+/// result; the machine rolls back when it fails and otherwise keeps nothing (the next tick
+/// reads the whole interval, this part included).
+///
+/// Why this keeps the false-rollback bound: within an analysis interval the weights do not
+/// change, so each failure is the canary's with the same probability `pi` (its share of the
+/// traffic) if the two sides are alike, and the window's likelihood ratio, multiplied failure
+/// by failure, is a martingale in the failures as they arrive; at the tick it becomes exactly
+/// the window the tick commits. Looking at it between ticks is looking at the same test
+/// martingale more often, which Ville's inequality allows. The one approximation is that
+/// `pi` is read from the requests counted so far in the window, as the tick reads it from the
+/// whole window; `peeking_every_second_keeps_false_failures_under_alpha` measures it.
+pub fn look(
+    totals: &AnalysisTotals,
+    window: &Window,
+    previous: &[GateResult],
+    config: &JudgeConfig,
+) -> (AnalysisTotals, GateResult) {
+    let mut looked = totals.clone();
+    add_failures(&mut looked, window, config);
+    let previous_p = previous
+        .iter()
+        .find(|g| g.name == COMPARE_ERRORS)
+        .and_then(|g| g.p_value);
+    let (c, p) = (&looked.canary, &looked.primary);
+    let gate = compare(
+        COMPARE_ERRORS,
+        "failures",
+        (c.failures, c.requests),
+        (p.failures, p.requests),
+        looked.error_evidence.as_ref(),
+        previous_p,
+        config,
+    );
+    (looked, gate)
 }
 
 /// Adds one window's events to a comparison's evidence. Given `x_c + x_p` events in the window,
@@ -407,9 +466,44 @@ pub fn threshold_gates(
             };
             let enough = !builtin || window.canary.requests >= config.min_window_samples;
             let success_rate = gate.is_some_and(|g| g.measure == Measure::SuccessRate);
+            let latency_q = gate.and_then(|g| match g.measure {
+                Measure::LatencyQuantile(q) => Some(q),
+                Measure::SuccessRate => None,
+            });
             let mut p_value = None;
-            let (verdict, message) = match canary {
-                Some(v) if enough && success_rate && min.is_some_and(|lo| v < lo) => {
+            let shared_slowness = match (canary, latency_q, max) {
+                (Some(v), Some(q), Some(hi))
+                    if enough && v > hi && config.duration_gate_against_primary =>
+                {
+                    shared_slowness_test(window, hi, q, config)
+                }
+                _ => None,
+            };
+            let (verdict, message) = match (canary, shared_slowness) {
+                (Some(v), Some(t)) => {
+                    p_value = Some(t.p);
+                    let hi = max.unwrap_or_default();
+                    let (x, n) = (t.slow, t.timed);
+                    let allowed = 100.0 * (1.0 - latency_q.unwrap_or(0.99));
+                    let msg = if t.verdict == Verdict::Fail {
+                        format!(
+                            "{} is {v:.0} ms, above {hi} and above the primary's {:.0} ms in the same \
+                             window: {x} of {n} canary requests were slower than {} ms, more than \
+                             the {allowed:.0} % the quantile allows (binomial p = {:.2e} <= {})",
+                            m.name, t.primary, t.bound, t.p, config.window_alpha
+                        )
+                    } else {
+                        format!(
+                            "{} is {v:.0} ms, above {hi}, but the primary's is {:.0} ms in the same \
+                             window: a slowdown both sides share; {x} of {n} canary requests were \
+                             slower than {} ms, what the {allowed:.0} % above the quantile gives \
+                             (binomial p = {:.3}); not a breach",
+                            m.name, t.primary, t.bound, t.p
+                        )
+                    };
+                    (t.verdict, msg)
+                }
+                (Some(v), _) if enough && success_rate && min.is_some_and(|lo| v < lo) => {
                     let lo = min.unwrap_or(100.0);
                     let (verdict, p, allowed) = success_rate_test(window, lo, config);
                     p_value = Some(p);
@@ -432,7 +526,7 @@ pub fn threshold_gates(
                     };
                     (verdict, msg)
                 }
-                Some(v) if enough => {
+                (Some(v), _) if enough => {
                     let low = min.is_some_and(|lo| v < lo);
                     let high = max.is_some_and(|hi| v > hi);
                     if low || high {
@@ -502,6 +596,71 @@ fn success_rate_test(window: &Window, min: f64, config: &JudgeConfig) -> (Verdic
         Verdict::Pass
     };
     (verdict, p, p0)
+}
+
+/// The outcome of [`shared_slowness_test`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct SharedSlowness {
+    verdict: Verdict,
+    /// The primary's quantile in the window, in ms.
+    primary: f64,
+    /// The bucket bound the canary's requests were counted above, in ms.
+    bound: f64,
+    /// Canary requests slower than `bound`.
+    slow: u64,
+    /// Canary requests with a latency.
+    timed: u64,
+    /// The binomial test's p-value.
+    p: f64,
+}
+
+/// The latency gate when the canary's quantile `q` is above `max`: if the primary's, in the
+/// same window and on enough requests, is above `max` too, the node or a shared dependency is
+/// slow, not the canary, and the gate fails only when more of the canary's requests are slower
+/// than the primary's quantile than the `1 - q` share a quantile allows, with confidence (a
+/// one-sided binomial test at `window_alpha`), as the success-rate gate takes the primary's
+/// failure share as its allowance. `None` when the primary meets `max` (or has too little
+/// traffic): then Flagger's reading stands, and a canary quantile above `max` fails.
+fn shared_slowness_test(
+    window: &Window,
+    max: f64,
+    q: f64,
+    config: &JudgeConfig,
+) -> Option<SharedSlowness> {
+    if window.primary.requests < config.min_window_samples {
+        return None;
+    }
+    let primary = window.primary.latency.quantile(q).filter(|p| *p > max)?;
+    // Counted above the bucket bound at or above the primary's quantile: exact counts, and
+    // under the null no more than `1 - q` of the canary's requests lie above it.
+    let bound = window
+        .canary
+        .latency
+        .buckets
+        .iter()
+        .map(|&(b, _)| b)
+        .find(|b| *b >= primary)
+        .unwrap_or(primary);
+    let slow = window.canary.latency.above(bound);
+    let timed = window.canary.latency.count();
+    let allowed = (1.0 - q).clamp(0.0, 1.0);
+    let p = if slow == 0 || bound.is_infinite() {
+        1.0
+    } else {
+        Binomial::new(allowed, timed).map_or(1.0, |b| b.sf(slow - 1))
+    };
+    Some(SharedSlowness {
+        verdict: if p <= config.window_alpha {
+            Verdict::Fail
+        } else {
+            Verdict::Pass
+        },
+        primary,
+        bound,
+        slow,
+        timed,
+        p,
+    })
 }
 
 /// Runs one sequential comparison on accumulated evidence, carrying the always-valid p-value
@@ -798,6 +957,45 @@ pub fn events_to_clear_ratio(pi: f64, guard: f64, config: &JudgeConfig) -> Optio
     Some(events)
 }
 
+/// The fewest failures a canary failing a share `bad` of its requests serves before any test
+/// at level `alpha` may roll it back, when the primary fails a share `base` (taken as known,
+/// which only helps the test): the smallest `k` such that `k` failures within the `k / bad`
+/// requests such a canary needs, on average, to serve them are rare enough from a canary as
+/// good as the primary, `P(Binomial(ceil(k / bad), base) >= k) <= alpha`. A rule that rolled
+/// back on fewer would roll back a healthy canary more often than `alpha` on that event alone.
+/// `None` when `bad` is not above `base`.
+pub fn fewest_failures_to_roll_back(bad: f64, base: f64, alpha: f64) -> Option<u64> {
+    if !(bad > base && bad <= 1.0 && base > 0.0) {
+        return None;
+    }
+    (1..=10_000u64).find(|&k| {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "k / bad is finite, positive and below 1e10 for the k searched"
+        )]
+        let n = (k as f64 / bad).ceil() as u64;
+        Binomial::new(base, n).is_ok_and(|b| b.sf(k - 1) <= alpha)
+    })
+}
+
+/// The fewest requests a canary must serve before any rule may promote it while keeping the
+/// promise that a canary failing a share `floor` is promoted with probability at most
+/// `promote_alpha`: even with no failure at all, `n` requests leave that canary unseen with
+/// probability `(1 - floor)^n`, which must be at most `promote_alpha`.
+pub fn fewest_requests_to_promote(floor: f64, promote_alpha: f64) -> Option<u64> {
+    if !(floor > 0.0 && floor < 1.0 && promote_alpha > 0.0 && promote_alpha < 1.0) {
+        return None;
+    }
+    let n = (promote_alpha.ln() / (1.0 - floor).ln()).ceil();
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a ratio of two negative logarithms: positive and finite"
+    )]
+    Some(n as u64)
+}
+
 /// The explanation of a rollback that `gate`, a failing gate, decided.
 pub fn explain_rollback(
     gate: &GateResult,
@@ -878,7 +1076,8 @@ pub fn explain_rollback(
     } else {
         (0, 0)
     };
-    let (statistic, threshold) = if success && gate.p_value.is_some() {
+    let tested = success || gate.name == REQUEST_DURATION;
+    let (statistic, threshold) = if tested && gate.p_value.is_some() {
         (gate.p_value, Some(config.window_alpha))
     } else {
         (gate.canary, None)
@@ -1331,6 +1530,90 @@ mod tests {
         let (_, gates) = judge(&[slow_start.clone(), slow_start], &eager);
         let latency = gates.iter().find(|g| g.name == COMPARE_LATENCY).unwrap();
         assert_eq!(latency.verdict, Verdict::Fail, "{}", latency.message);
+    }
+
+    /// Looks between ticks keep the false-failure bound: an identical canary, its traffic share
+    /// noisy from second to second, looked at every second and committed every fifth.
+    #[test]
+    fn peeking_every_second_keeps_false_failures_under_alpha() {
+        let config = JudgeConfig {
+            alpha: 0.05,
+            ..JudgeConfig::default()
+        };
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut chance = |p: f64| ((next() >> 11) as f64 / (1u64 << 53) as f64) < p;
+        let runs = 400;
+        let mut false_failures = 0;
+        'run: for _ in 0..runs {
+            let mut totals = AnalysisTotals::default();
+            let mut prev: Vec<GateResult> = Vec::new();
+            for _tick in 0..30 {
+                let mut window = mk_window(0, 0, 0, 0);
+                for _second in 0..5 {
+                    // 5-25 canary and 40-60 primary requests a second, 2 % failing on both.
+                    let n = 5 + (0..10).filter(|_| chance(0.5)).count() as u64 * 2;
+                    let m = 40 + (0..20).filter(|_| chance(0.5)).count() as u64;
+                    window.canary.requests += n;
+                    window.primary.requests += m;
+                    window.canary.failures += (0..n).filter(|_| chance(0.02)).count() as u64;
+                    window.primary.failures += (0..m).filter(|_| chance(0.02)).count() as u64;
+                    let (_, gate) = look(&totals, &window, &prev, &config);
+                    if gate.verdict == Verdict::Fail {
+                        false_failures += 1;
+                        continue 'run;
+                    }
+                }
+                accumulate(&mut totals, &window, &config);
+                prev = sequential_gates(&totals, &prev, &config);
+                if prev[0].verdict == Verdict::Fail {
+                    false_failures += 1;
+                    continue 'run;
+                }
+            }
+        }
+        let rate = false_failures as f64 / runs as f64;
+        assert!(rate <= config.alpha, "false failure rate {rate}");
+    }
+
+    #[test]
+    fn a_look_sees_what_the_tick_would_and_commits_nothing() {
+        let config = JudgeConfig::default();
+        let mut totals = AnalysisTotals::default();
+        accumulate(&mut totals, &mk_window(100, 0, 900, 1), &config);
+        let before = totals.clone();
+        // Half an interval in: 50 canary requests, 6 failed; the primary none of 450.
+        let (looked, gate) = look(&totals, &mk_window(50, 6, 450, 0), &[], &config);
+        assert_eq!(gate.name, COMPARE_ERRORS);
+        assert_eq!(gate.verdict, Verdict::Fail, "{}", gate.message);
+        assert_eq!((looked.canary.requests, looked.canary.failures), (150, 6));
+        assert_eq!(totals, before);
+        // One failure so far proves nothing.
+        let (_, gate) = look(&totals, &mk_window(50, 1, 450, 0), &[], &config);
+        assert_ne!(gate.verdict, Verdict::Fail, "{}", gate.message);
+    }
+
+    /// docs/simulations.md's lower bounds on the blast radius: what any test needs, at the
+    /// shipped levels, before it may roll back or promote.
+    #[test]
+    fn the_fewest_failures_any_test_needs_follow_the_binomial_tail() {
+        let c = JudgeConfig::default();
+        // errors-1pct against 0.1 %: 3 failures in 300 requests happen to a healthy canary
+        // 0.36 % of the time, more than alpha; 4 in 400, 0.079 %.
+        assert_eq!(fewest_failures_to_roll_back(0.01, 0.001, c.alpha), Some(4));
+        assert_eq!(fewest_failures_to_roll_back(0.05, 0.001, c.alpha), Some(2));
+        assert_eq!(fewest_failures_to_roll_back(0.005, 0.001, c.alpha), Some(6));
+        assert_eq!(fewest_failures_to_roll_back(0.001, 0.001, c.alpha), None);
+        // (1 - 0.5 %)^919 <= 1 % < (1 - 0.5 %)^918.
+        assert_eq!(
+            fewest_requests_to_promote(c.error_floor, c.promote_alpha),
+            Some(919)
+        );
     }
 
     #[test]

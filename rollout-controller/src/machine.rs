@@ -47,6 +47,10 @@ pub struct Observations {
     pub canary_ready: bool,
     /// Traffic since the last analysis tick, when it is time for one.
     pub window: Option<Window>,
+    /// Between analysis ticks, the traffic since the last tick so far, when the controller
+    /// looked ([`JudgeConfig::look_between_ticks`]) and the metric source could read it
+    /// without moving its baseline. Only the failure comparison reads it, to roll back sooner.
+    pub look: Option<Window>,
     /// Values of MetricTemplate-backed metrics, by metric name.
     pub custom_metrics: BTreeMap<String, Option<f64>>,
     /// Outcomes of the gating webhooks named by [`due_webhooks`], by hook name: `true` when the
@@ -558,6 +562,9 @@ impl Machine<'_> {
             return;
         }
         if !self.schedule.due(&self.status, self.obs.now) {
+            if let Some(window) = &self.obs.look {
+                self.look(window);
+            }
             return;
         }
         self.status.last_analysis_time = Some(time(self.obs.now));
@@ -622,6 +629,41 @@ impl Machine<'_> {
             Verdict::Pass if self.at_last_step() && !self.guarantee_shown() => self.hold(),
             Verdict::Pass => self.advance(),
         }
+    }
+
+    /// A look between analysis ticks: rolls back when the failure comparison, on the evidence
+    /// so far and the traffic since the last tick, already fails; otherwise changes nothing
+    /// (the next tick reads the whole interval), so a look costs no status write.
+    fn look(&mut self, window: &Window) {
+        if self.status.canary_weight == 0 {
+            return;
+        }
+        let Some(totals) = &self.status.totals else {
+            return;
+        };
+        let (totals, gate) = judge::look(totals, window, &self.status.analysis, self.config);
+        if gate.verdict != Verdict::Fail {
+            return;
+        }
+        let explanation =
+            judge::explain_rollback(&gate, &totals, self.config, self.status.failed_checks);
+        let msg = format!(
+            "sequential check failed between analysis ticks: {}",
+            gate.message
+        );
+        match self
+            .status
+            .analysis
+            .iter_mut()
+            .find(|g| g.name == judge::COMPARE_ERRORS)
+        {
+            Some(g) => *g = gate,
+            None => self.status.analysis.push(gate),
+        }
+        self.status.totals = Some(totals);
+        self.event("CheckFailed", msg.clone(), true);
+        self.rollback(msg);
+        self.status.decision = Some(explanation);
     }
 
     /// Keeps the weight while the analysis cannot conclude; past the deadline the rollout ends

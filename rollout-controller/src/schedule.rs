@@ -40,6 +40,18 @@ impl Schedule {
     pub fn analysing(&self, status: &CanaryStatus, canary_ready: bool, now: DateTime<Utc>) -> bool {
         status.phase == CanaryPhase::Progressing && canary_ready && self.due(status, now)
     }
+
+    /// Whether this reconcile may look at the traffic since the last tick between ticks: the
+    /// canary is progressing, ready and taking traffic, and no tick is due (a tick reads the
+    /// window itself). This bounds the extra reads of a metric source to one per reconcile of
+    /// a Canary with traffic on its canary.
+    pub fn looking(&self, status: &CanaryStatus, canary_ready: bool, now: DateTime<Utc>) -> bool {
+        status.phase == CanaryPhase::Progressing
+            && canary_ready
+            && status.canary_weight > 0
+            && status.totals.is_some()
+            && !self.due(status, now)
+    }
 }
 
 /// A Kubernetes timestamp for a chrono time (the status uses Kubernetes' `Time`).
@@ -92,6 +104,18 @@ mod tests {
             "a last analysis in the future is not due"
         );
         assert!(s.analysing(&st, true, at(10)));
+        let taking_traffic = CanaryStatus {
+            canary_weight: 10,
+            totals: Some(mesh_crds::canary::AnalysisTotals::default()),
+            ..st.clone()
+        };
+        assert!(s.looking(&taking_traffic, true, at(9)), "between ticks");
+        assert!(
+            !s.looking(&taking_traffic, true, at(10)),
+            "a tick reads itself"
+        );
+        assert!(!s.looking(&st, true, at(9)), "no canary traffic");
+        assert!(!s.looking(&taking_traffic, false, at(9)), "not ready");
         assert!(!s.analysing(&st, false, at(10)), "the canary is not ready");
         let waiting = mk_status(CanaryPhase::WaitingPromotion, Some(t0));
         assert!(

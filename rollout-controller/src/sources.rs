@@ -96,6 +96,17 @@ pub trait MetricSource {
         interval: Duration,
     ) -> impl Future<Output = Result<Window, SourceError>> + Send;
 
+    /// The traffic since the last [`Self::window`] for this target, without moving the
+    /// baseline the next window is counted from: what the judge looks at between analysis
+    /// ticks. `None` when the source cannot (the default; a source that reads fixed ranges,
+    /// such as Prometheus, would look at overlapping ranges) or has no baseline yet.
+    fn peek(
+        &mut self,
+        _target: &Target,
+    ) -> impl Future<Output = Result<Option<Window>, SourceError>> + Send {
+        async { Ok(None) }
+    }
+
     /// Forgets what the source remembers of `target`, so the next window covers only traffic
     /// from now on (a new rollout must not be judged on the previous one's requests).
     fn reset(&mut self, _target: &Target) {}
@@ -177,6 +188,17 @@ impl MetricSource for DirectScrape {
         };
         self.last.insert(target.clone(), now);
         Ok(window)
+    }
+
+    async fn peek(&mut self, target: &Target) -> Result<Option<Window>, SourceError> {
+        if !self.last.contains_key(target) {
+            return Ok(None);
+        }
+        let now = self.counters(target).await?;
+        Ok(self
+            .last
+            .get(target)
+            .map(|before| scrape::window(before, &now)))
     }
 }
 

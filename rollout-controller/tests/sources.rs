@@ -77,6 +77,35 @@ async fn direct_scrape_windows_are_counter_differences() {
     assert!(e.to_string().contains(&gone.to_string()), "{e}");
 }
 
+/// Between ticks the judge peeks: the traffic since the last window, leaving the baseline where
+/// it is, so the next window still covers the whole interval.
+#[tokio::test]
+async fn a_direct_scrape_peek_reads_since_the_last_window_and_moves_nothing() {
+    let admin = Exporter::start(exposition(100, 0, 400)).await.unwrap();
+    let mut source = DirectScrape::new(mesh_test_support::http_client(), vec![admin.addr()]);
+    assert!(
+        source.peek(&target()).await.unwrap().is_none(),
+        "no baseline yet"
+    );
+    source
+        .window(&target(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    admin.set(exposition(140, 5, 600));
+    let peek = source.peek(&target()).await.unwrap().unwrap();
+    assert_eq!((peek.canary.requests, peek.canary.failures), (45, 5));
+    assert_eq!(peek.primary.requests, 200);
+    admin.set(exposition(190, 10, 800));
+    let peek = source.peek(&target()).await.unwrap().unwrap();
+    assert_eq!((peek.canary.requests, peek.canary.failures), (100, 10));
+    let w = source
+        .window(&target(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!((w.canary.requests, w.canary.failures), (100, 10));
+    assert_eq!(w.primary.requests, 400);
+}
+
 #[tokio::test]
 async fn prometheus_windows_come_from_what_prometheus_scraped() {
     let admin = Exporter::start(exposition(0, 0, 0)).await.unwrap();

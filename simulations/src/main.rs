@@ -6,7 +6,9 @@
 //!   strategies on one scenario. With `--strategy mesh`, the judge and the Canary spec can be
 //!   changed: `--alpha`, `--min-samples`, `--min-window-samples`, `--window-alpha`,
 //!   `--hold-ratio`, `--promote-alpha`, `--error-floor`, `--step-weight`, `--slow-quantile`,
-//!   `--latency-warmup`, `--interval`, `--threshold`, `--deadline`, `--no-absolute-gates`.
+//!   `--latency-warmup`, `--interval`, `--threshold`, `--deadline`, `--no-absolute-gates`,
+//!   `--no-looks` (no looks between analysis ticks), `--duration-gate-alone` (the
+//!   request-duration gate reads the canary alone, as Flagger's does).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -102,6 +104,12 @@ fn mesh_config(args: &Args) -> anyhow::Result<MeshConfig> {
     }
     if let Some(v) = args.value("--deadline")? {
         c.deadline_s = v;
+    }
+    if args.flag("--duration-gate-alone") {
+        c.judge.duration_gate_against_primary = false;
+    }
+    if args.flag("--no-looks") {
+        c.judge.look_between_ticks = false;
     }
     if args.flag("--no-absolute-gates") {
         c.absolute_gates = false;

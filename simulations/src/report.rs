@@ -20,8 +20,9 @@ const NOTES: &str = include_str!("../round2.md");
 /// The issue's floor for flagger-tutorial's decision on errors-5pct, in seconds.
 pub const TUTORIAL_FLOOR_S: f64 = 150.0;
 /// Scenarios of the sensitivity table.
-pub const SENSITIVITY: [&str; 8] = [
+pub const SENSITIVITY: [&str; 9] = [
     "healthy",
+    "healthy-overloaded",
     "errors-5pct",
     "errors-1pct",
     "errors-0.5pct",
@@ -48,14 +49,22 @@ pub enum Variant {
     SequentialOnly,
     /// The same with a ten times larger `alpha`.
     SequentialLooseAlpha,
+    /// No looks between analysis ticks: the failure comparison decides at ticks only (change
+    /// 9 undone).
+    NoLooks,
+    /// The request-duration gate on the canary's p99 alone, as Flagger reads it (change 10
+    /// undone).
+    DurationAlone,
     /// For about one request per second: a 5 minute interval and a one hour deadline.
     Slow,
 }
 
 impl Variant {
     /// The rows of the sensitivity table.
-    pub const TABLE: [Self; 6] = [
+    pub const TABLE: [Self; 8] = [
         Self::Defaults,
+        Self::NoLooks,
+        Self::DurationAlone,
         Self::PointEstimateGate,
         Self::NoHold,
         Self::NoGuarantee,
@@ -76,6 +85,8 @@ impl Variant {
             Self::Defaults => MeshConfig::default(),
             Self::PointEstimateGate => with(&|c| c.judge.window_alpha = 1.0),
             Self::NoHold => with(&|c| c.judge.hold_ratio = f64::INFINITY),
+            Self::NoLooks => with(&|c| c.judge.look_between_ticks = false),
+            Self::DurationAlone => with(&|c| c.judge.duration_gate_against_primary = false),
             Self::NoGuarantee => with(&|c| c.judge.promote_alpha = 1e12),
             Self::SequentialOnly => with(&|c| {
                 c.absolute_gates = false;
@@ -103,6 +114,10 @@ impl Variant {
                 "success-rate gate on the point estimate (change 1 undone)".to_string()
             }
             Self::NoHold => "no weight hold while leaning worse (change 5 undone)".to_string(),
+            Self::NoLooks => "no looks between analysis ticks (change 9 undone)".to_string(),
+            Self::DurationAlone => {
+                "request-duration on the canary alone, as Flagger (change 10 undone)".to_string()
+            }
             Self::NoGuarantee => "no promotion guarantee (change 6 undone)".to_string(),
             Self::SequentialOnly => format!(
                 "sequential comparisons only, threshold {} (changes 2-4 alone)",
@@ -224,9 +239,11 @@ pub fn generate(root: &Path, seeds: u64, threads: usize) -> anyhow::Result<Vec<P
     let doc = root.join("docs/simulations.md");
     let trials = read_trials(&root.join(TRIALS))?;
     let trials_before = read_trials(&root.join(TRIALS_FROZEN_BOUND))?;
+    let trials_round3 = read_trials(&root.join(TRIALS_TICKS_ONLY))?;
     let report = Report {
         trials: &trials,
         trials_before: &trials_before,
+        trials_round3: &trials_round3,
         strategies: &strategies,
         scenarios: &scenarios,
         summaries: &summaries,
@@ -285,10 +302,15 @@ pub const TRIALS: &str = "simulations/trials/results.jsonl";
 /// Round 2's real trials, run with the judge whose slow bound froze at the first window; kept to
 /// show what the per-window bound changed on the same machine.
 pub const TRIALS_FROZEN_BOUND: &str = "simulations/trials/round2-frozen-bound.jsonl";
+/// Round 3's real trials, run with the judge that decided at analysis ticks only and read the
+/// request-duration gate on the canary alone; kept to show what looking between ticks and the
+/// primary's allowance changed on the same machine.
+pub const TRIALS_TICKS_ONLY: &str = "simulations/trials/round3-ticks-only.jsonl";
 
 struct Report<'a> {
     trials: &'a [Trial],
     trials_before: &'a [Trial],
+    trials_round3: &'a [Trial],
     strategies: &'a [Strategy],
     scenarios: &'a [Scenario],
     summaries: &'a [Summary],
@@ -461,8 +483,7 @@ impl Report<'_> {
                 p95 <= ROLLBACK_BUDGET_S,
                 format!(
                     "p95 {p95:.0} s (median {} s), {} decided within {ROLLBACK_BUDGET_S:.0} s, \
-                     {} rolled back; see [why 10 s is out of reach](#errors-5pct-within-10-s) \
-                     at this traffic and first step;",
+                     {} rolled back (see [errors-5pct within 10 s](#errors-5pct-within-10-s));",
                     fmt_s(e.decision_s_median),
                     pct(within as f64 / e.runs.max(1) as f64),
                     pct(e.p_rollback())
@@ -525,6 +546,16 @@ impl Report<'_> {
                 )
             },
         );
+        let floors = blast_floors(self);
+        if !floors.is_empty() {
+            let _ = writeln!(
+                md,
+                "- **where the first report's blast radius is out of reach:** it is below what \
+                 any judge that keeps the guarantee's promises at the shipped levels can do \
+                 (`judge::fewest_failures_to_roll_back`, `judge::fewest_requests_to_promote`): {}.",
+                floors.join("; ")
+            );
+        }
         let _ = writeln!(
             md,
             "\n{}\n",
@@ -644,17 +675,21 @@ impl Report<'_> {
         self.frozen_bound_table(md);
     }
 
-    /// Round 2's real trials, under the frozen slow bound, beside this round's.
+    /// The earlier rounds' real trials beside this round's: round 2 (the slow bound frozen at
+    /// the first window), round 3 (per-window bound, decisions at ticks only, the
+    /// request-duration gate on the canary alone) and this one.
     fn frozen_bound_table(&self, md: &mut String) {
-        if self.trials_before.is_empty() {
+        if self.trials_before.is_empty() && self.trials_round3.is_empty() {
             return;
         }
         let _ = writeln!(
             md,
-            "Round 2's real trials (`{TRIALS_FROZEN_BOUND}`), with the slow bound frozen at the \
-             first window, beside this round's on the same machine and scenarios:\n\n\
-             | scenario | frozen bound: trials | rolled back | promoted [95 % CI] | per-window bound: trials | rolled back | promoted [95 % CI] |\n\
-             |---|---:|---:|---:|---:|---:|---:|"
+            "The earlier rounds' real trials beside this round's, on the same machine and \
+             scenarios: round 2 (`{TRIALS_FROZEN_BOUND}`, the slow bound frozen at the first \
+             window), round 3 (`{TRIALS_TICKS_ONLY}`, a bound per window, decisions at analysis \
+             ticks only, `request-duration` on the canary alone) and this round (`{TRIALS}`).\n\n\
+             | scenario | round 2: trials | rolled back | promoted [95 % CI] | round 3: trials | rolled back | promoted [95 % CI] | this round: trials | rolled back | promoted [95 % CI] | decision median (s), round 3 -> this round |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for sc in ["healthy", "errors-1pct", "errors-5pct", "latency-2x"] {
             let cell = |trials: &[Trial]| {
@@ -668,11 +703,22 @@ impl Report<'_> {
                 let (lo, hi) = stats::wilson(pr, n, 0.95);
                 format!("{n} | {rb} | {pr} [{lo:.3}, {hi:.3}]")
             };
+            let median = |trials: &[Trial]| {
+                let times: Vec<f64> = trials
+                    .iter()
+                    .filter(|t| t.scenario == sc)
+                    .filter_map(|t| t.analysis_s)
+                    .collect();
+                fmt_s(stats::median(&times))
+            };
             let _ = writeln!(
                 md,
-                "| {sc} | {} | {} |",
+                "| {sc} | {} | {} | {} | {} -> {} |",
                 cell(self.trials_before),
-                cell(self.trials)
+                cell(self.trials_round3),
+                cell(self.trials),
+                median(self.trials_round3),
+                median(self.trials)
             );
         }
         let _ = writeln!(md);
@@ -708,7 +754,7 @@ impl Report<'_> {
         let current = MeshConfig::default();
         let _ = writeln!(
             md,
-            "## Rounds 2 and 3: what changed in the judge, and what each change bought\n\n\
+            "## Rounds 2 to 4: what changed in the judge, and what each change bought\n\n\
              `mesh` runs what the product ships: the Canary of `examples/mesh.yaml` and of `mesh \
              demo` (interval {}s, threshold {}, stepWeight {}, maxWeight {}, \
              progressDeadlineSeconds {}, both absolute gates) with `JudgeConfig::default()` ({}). \
@@ -753,14 +799,18 @@ impl Report<'_> {
              **`mesh`.** The simulator reconciles once a second like the controller: it builds \
              `machine::Observations` (revision, readiness, and, when an analysis tick is due, the \
              window since the previous successful read, as the direct-scrape source delivers it: \
-             empty on the first read of a rollout, `None` when the source is down), calls \
+             empty on the first read of a rollout, `None` when the source is down; on the \
+             reconciles between ticks, while the canary takes traffic, the look: the traffic \
+             since that read, which leaves the read's baseline where it was, as \
+             `DirectScrape::peek` does), calls \
              `machine::step` with the spec and a `JudgeConfig`, applies `SetWeights`, and stops \
              when the phase becomes Promoting (a promotion) or Failed (a rollback when \
              `status.decision` says a test rolled it back, otherwise the progress deadline with no \
              conclusive verdict). `run --strategy mesh` takes `--alpha`, `--min-samples`, \
              `--min-window-samples`, `--window-alpha`, `--hold-ratio`, `--promote-alpha`, \
-             `--error-floor`, `--step-weight`, `--slow-quantile`, `--interval`, `--threshold`, \
-             `--deadline` and `--no-absolute-gates` to try other settings.\n\n\
+             `--error-floor`, `--step-weight`, `--slow-quantile`, `--latency-warmup`, \
+             `--interval`, `--threshold`, `--deadline`, `--no-absolute-gates`, `--no-looks` and \
+             `--duration-gate-alone` to try other settings.\n\n\
              **`flagger-default`.** Every `interval` (60 s) with the canary taking traffic, the \
              success rate (over 1 m) must be >= 99 % and the p99 (over 1 m, interpolated in the \
              histogram as `histogram_quantile` does) <= 500 ms. A query with no data is a failed \
@@ -817,6 +867,58 @@ impl Report<'_> {
     }
 }
 
+/// For each scenario whose blast radius is worse than the first report's, the lower bound that
+/// puts the first report's figure out of reach of any judge keeping the guarantee, if it does:
+/// for a canary failing more often than the primary, the fewest failures it serves before any
+/// test at the shipped `alpha` may roll it back; for a healthy one, the fewest requests any rule
+/// needs before it may promote (so that a canary at `error_floor` is promoted at most
+/// `promote_alpha` of the time), times its failure rate.
+fn blast_floors(report: &Report<'_>) -> Vec<String> {
+    use mesh_rollout_controller::judge::{
+        JudgeConfig, fewest_failures_to_roll_back, fewest_requests_to_promote,
+    };
+    let j = JudgeConfig::default();
+    ROUND1
+        .iter()
+        .filter_map(|&(sc, _, _, _, median, mean)| {
+            let s = report.get("mesh", sc)?;
+            if !(s.blast_failed_median > median || s.blast_failed_mean > mean + 0.05) {
+                return None;
+            }
+            let scen = scenario::by_name(sc)?;
+            let plain = scen.canary_bursts.is_none()
+                && scen.shared_bursts.is_none()
+                && (scen.canary_latency_factor - 1.0).abs() < f64::EPSILON;
+            match scen.expect {
+                Expect::Rollback if plain => {
+                    let k =
+                        fewest_failures_to_roll_back(scen.canary_fail, scen.primary_fail, j.alpha)?;
+                    (median < k as f64).then(|| {
+                        format!(
+                            "{sc}, at least {k} failed requests before any test at alpha {} may \
+                             roll it back (the first report: {median:.0} at the median)",
+                            j.alpha
+                        )
+                    })
+                }
+                Expect::Promote => {
+                    let n = fewest_requests_to_promote(j.error_floor, j.promote_alpha)?;
+                    let floor = n as f64 * scen.canary_fail;
+                    (mean < floor).then(|| {
+                        format!(
+                            "{sc}, at least {n} canary requests before any rule may promote it, \
+                             so {floor:.2} failed on average at its {} % failure rate (the first \
+                             report: {mean:.1})",
+                            100.0 * scen.canary_fail
+                        )
+                    })
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 fn ratio(k: u64, n: u64) -> f64 {
     if n == 0 { 0.0 } else { k as f64 / n as f64 }
 }
@@ -827,7 +929,8 @@ pub fn describe_judge(c: &MeshConfig) -> String {
     format!(
         "alpha {}, min_samples {}, min_window_samples {}, window_alpha {}, promote_alpha {}, \
          error_ratio {}, error_floor {}, slow_ratio {}, slow_floor {}, slow_quantile {}, \
-         hold_ratio {}, latency_warmup_requests {}",
+         hold_ratio {}, latency_warmup_requests {}, look_between_ticks {}, \
+         duration_gate_against_primary {}",
         j.alpha,
         j.min_samples,
         j.min_window_samples,
@@ -839,7 +942,9 @@ pub fn describe_judge(c: &MeshConfig) -> String {
         j.slow_floor,
         j.slow_quantile,
         j.hold_ratio,
-        j.latency_warmup_requests
+        j.latency_warmup_requests,
+        j.look_between_ticks,
+        j.duration_gate_against_primary
     )
 }
 
@@ -887,6 +992,16 @@ pub fn changes(from: &MeshConfig, to: &MeshConfig) -> Vec<String> {
         "latency_warmup_requests",
         a.latency_warmup_requests.to_string(),
         b.latency_warmup_requests.to_string(),
+    );
+    cmp(
+        "look_between_ticks",
+        a.look_between_ticks.to_string(),
+        b.look_between_ticks.to_string(),
+    );
+    cmp(
+        "duration_gate_against_primary",
+        a.duration_gate_against_primary.to_string(),
+        b.duration_gate_against_primary.to_string(),
     );
     cmp(
         "interval",
@@ -1093,8 +1208,8 @@ impl Report<'_> {
 
     fn sensitivity_table(&self) -> Vec<String> {
         let mut out = vec![
-            "| mesh settings | healthy: P(rollback) | healthy: promotion median (s) | errors-5pct: decision p95 (s) | errors-1pct: P(promote) | errors-1pct: failed canary requests, mean | errors-0.5pct: P(promote) | latency-1.2x: P(rollback) | noisy-primary: P(rollback) | primary-degrades: P(rollback) | diurnal: P(no verdict) |".to_string(),
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|".to_string(),
+            "| mesh settings | healthy: P(rollback) | healthy-overloaded: P(rollback) | healthy: promotion median (s) | errors-5pct: decision p95 (s) | errors-1pct: P(promote) | errors-1pct: failed canary requests, mean | errors-0.5pct: P(promote) | latency-1.2x: P(rollback) | noisy-primary: P(rollback) | primary-degrades: P(rollback) | diurnal: P(no verdict) |".to_string(),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|".to_string(),
         ];
         for v in Variant::TABLE {
             let f = |sc: &str, g: fn(&Summary) -> f64| {
@@ -1102,9 +1217,10 @@ impl Report<'_> {
                     .map_or("-".into(), |s| format!("{:.3}", g(s)))
             };
             out.push(format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 v.name(),
                 f("healthy", Summary::p_rollback),
+                f("healthy-overloaded", Summary::p_rollback),
                 fmt_s(self.variant(v, "healthy").and_then(|s| s.promote_s_median)),
                 fmt_s(
                     self.variant(v, "errors-5pct")

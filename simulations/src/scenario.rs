@@ -322,6 +322,19 @@ pub const LOADED_NODE: Delays = Delays {
     p99_ms: 150.0,
 };
 
+/// A node loaded far past its cores, as the real trials' machine was at its worst (a load
+/// average of 34 on 2 cores): both arms delayed by a log-normal median 300 ms, p99 1.5 s, for 5
+/// to 15 s, every 90 s on average, so that both arms' p99 passes the request-duration gate's
+/// 500 ms while it lasts. A stress case sized to the one real rollback it stands for (a p99 of
+/// 901 ms on both sides), not fitted to outcomes.
+pub const OVERLOADED_NODE: Delays = Delays {
+    mean_gap_s: 90.0,
+    min_s: 5,
+    max_s: 15,
+    median_ms: 300.0,
+    p99_ms: 1_500.0,
+};
+
 /// The scenarios of the real trials on a loaded node: what `mesh demo --scenario healthy` and
 /// `--scenario latency-2x` run, with shared load delays.
 fn loaded() -> Vec<Scenario> {
@@ -341,6 +354,13 @@ fn loaded() -> Vec<Scenario> {
             "canary latency x2 (median 5 ms -> 10 ms) on the same loaded node: the shared delays dwarf the 2x while they last",
             2.0,
         )),
+        Scenario {
+            shared_delays: Some(OVERLOADED_NODE),
+            ..demo(Scenario::base(
+                "healthy-overloaded",
+                "healthy canary of the demo app on a node loaded far past its cores: both arms delayed 300 ms (median, p99 1.5 s) for 5-15 s, every 90 s on average, so both arms' p99 passes 500 ms",
+            ))
+        },
     ]
 }
 

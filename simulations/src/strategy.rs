@@ -327,7 +327,9 @@ fn at(t: u64) -> DateTime<Utc> {
 /// Drives [`machine::step`] as the controller does: a reconcile every second, the metrics
 /// window read only when an analysis tick is due, from a source that differences counters
 /// between successful reads (the embedded direct scrape; its first read after a new rollout
-/// returns an empty window, and an unreadable source makes the tick's window `None`).
+/// returns an empty window, and an unreadable source makes the tick's window `None`), and on
+/// the reconciles between ticks a look at the traffic since the last read, which leaves the
+/// baseline where it was (`DirectScrape::peek`).
 fn run_mesh(config: &MeshConfig, world: &mut World) -> Outcome {
     let Ok(spec) = config.spec() else {
         return finish(world, None, Decision::Undecided);
@@ -346,7 +348,8 @@ fn run_mesh(config: &MeshConfig, world: &mut World) -> Outcome {
     let mut first_traffic = None;
     while world.now() < HORIZON_S {
         let t = world.now();
-        let window: Option<Window> = if schedule.analysing(&status, true, at(t)) {
+        let analysing = schedule.analysing(&status, true, at(t));
+        let window: Option<Window> = if analysing {
             if world.source_up(t) {
                 let w = last_read.map_or_else(Window::default, |from| world.window(from, t));
                 last_read = Some(t);
@@ -357,12 +360,24 @@ fn run_mesh(config: &MeshConfig, world: &mut World) -> Outcome {
         } else {
             None
         };
+        // Between ticks, the controller looks at the traffic since the last read without
+        // moving the baseline, when the source answers and has one.
+        let look: Option<Window> = if !analysing
+            && config.judge.look_between_ticks
+            && schedule.looking(&status, true, at(t))
+            && world.source_up(t)
+        {
+            last_read.map(|from| world.window(from, t))
+        } else {
+            None
+        };
         let obs = Observations {
             now: at(t),
             revision: "v2".into(),
             primary_ready: true,
             canary_ready: true,
             window,
+            look,
             ..Observations::default()
         };
         let Ok(step) = machine::step(&spec, &status, &obs, &config.judge) else {

@@ -73,6 +73,7 @@ fn an_identical_canary_is_rarely_rolled_back() {
         "primary-degrades",
         "client-5xx-bursts",
         "healthy-loaded",
+        "healthy-overloaded",
     ] {
         let r = summary(&scenario::by_name(name).unwrap());
         check(&format!("{name} rolled back"), r.rollbacks, r.runs, 0.005);
@@ -122,5 +123,44 @@ fn guarantee_line(c: &mesh_rollout_controller::judge::JudgeConfig) -> String {
         "To promote, the canary needs about {floor0} requests without a failure, or {floor1} at a \
          0.1 % failure rate, and about {slow:.0} slow requests (above each window's p95 bucket) \
          on both sides together at a 50 % weight."
+    )
+}
+
+/// docs/rollout.md states what the guarantee costs any judge in failed requests; the figures
+/// come from `judge::fewest_failures_to_roll_back` and `judge::fewest_requests_to_promote`, and
+/// this test fails when the page and the math drift apart.
+#[test]
+fn the_blast_radius_floor_docs_rollout_states_is_the_math() {
+    let line = blast_floor_line();
+    let page = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/rollout.md"),
+    )
+    .unwrap();
+    assert!(
+        page.contains(&line),
+        "docs/rollout.md should state, word for word:\n{line}"
+    );
+}
+
+/// The sentence of docs/rollout.md with the fewest failed requests any judge serves.
+fn blast_floor_line() -> String {
+    use mesh_rollout_controller::judge::{
+        JudgeConfig, fewest_failures_to_roll_back, fewest_requests_to_promote,
+    };
+    let c = JudgeConfig::default();
+    let base = scenario::BASE_FAIL;
+    let k = |bad: f64| fewest_failures_to_roll_back(bad, base, c.alpha).unwrap();
+    let n = fewest_requests_to_promote(c.error_floor, c.promote_alpha).unwrap();
+    format!(
+        "Against a primary failing {} %, no test at alpha {} may roll back a canary failing 1 % \
+         before it has served {} failed requests ({} at 0.5 %, {} at 5 %), and no rule may promote \
+         a canary before it has served {n} requests ({:.2} failed requests on average at {} %).",
+        100.0 * base,
+        c.alpha,
+        k(0.01),
+        k(0.005),
+        k(0.05),
+        n as f64 * base,
+        100.0 * base
     )
 }
