@@ -103,7 +103,7 @@ impl Discovery {
                         let t = Arc::make_mut(t);
                         t.answered_routes.insert(key.clone());
                         match compiled {
-                            Some(c) => t.routes.insert(key, c),
+                            Some(c) => t.routes.insert(key, crate::tables::ServiceRoutes::new(c)),
                             None => t.routes.remove(&key),
                         };
                     });

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::HeaderValue;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -33,7 +34,7 @@ use crate::http::{
     authority_to_host, error,
 };
 use crate::identity::SharedCredentials;
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::{Metrics, RequestLabels, RequestSeries};
 use crate::tap::TapEvent;
 use crate::trace::{Span, attr};
 use crate::tunnel;
@@ -43,10 +44,14 @@ use opentelemetry::trace::SpanKind;
 #[derive(Debug)]
 pub struct Inbound {
     app: SocketAddr,
+    /// `app` as a URI authority.
+    app_authority: Option<Authority>,
     metrics: Metrics,
-    labels: RequestLabels,
+    /// The metrics series of plaintext requests; the label set is fixed per proxy, so its
+    /// series are resolved once rather than per request.
+    series: RequestSeries,
     /// The same, for requests from a peer proxy over mTLS (`tls="true"`).
-    labels_mtls: RequestLabels,
+    series_mtls: RequestSeries,
     client: Client<HttpConnector, Incoming>,
     h2_client: Client<HttpConnector, Incoming>,
     credentials: Option<SharedCredentials>,
@@ -83,9 +88,10 @@ impl Inbound {
         };
         Self {
             app,
+            app_authority: Authority::try_from(app.to_string()).ok(),
+            series: metrics.series(labels),
+            series_mtls: metrics.series(labels_mtls),
             metrics,
-            labels,
-            labels_mtls,
             client: crate::http::client(CONNECT_TIMEOUT),
             h2_client: crate::http::h2c_client(CONNECT_TIMEOUT),
             credentials: None,
@@ -144,9 +150,9 @@ impl Inbound {
             metrics: self.metrics.clone(),
             labels: crate::metrics::TcpLabels {
                 direction: "inbound",
-                authority: self.labels.authority.to_string(),
-                dst_service: self.labels.dst_service.to_string(),
-                dst_namespace: self.labels.dst_namespace.to_string(),
+                authority: self.series.labels().authority.to_string(),
+                dst_service: self.series.labels().dst_service.to_string(),
+                dst_namespace: self.series.labels().dst_namespace.to_string(),
                 tls: "",
             },
             detect_timeout: self.detect_timeout,
@@ -220,25 +226,26 @@ impl Inbound {
         // Built only for a request that may become a tunnel; most never do.
         let tunnel_labels = downstream.is_some().then(|| crate::metrics::TcpLabels {
             direction: "inbound",
-            authority: self.labels.authority.to_string(),
-            dst_service: self.labels.dst_service.to_string(),
-            dst_namespace: self.labels.dst_namespace.to_string(),
+            authority: self.series.labels().authority.to_string(),
+            dst_service: self.series.labels().dst_service.to_string(),
+            dst_namespace: self.series.labels().dst_namespace.to_string(),
             tls: if req.extensions().get::<ClientIdentity>().is_some() {
                 "true"
             } else {
                 ""
             },
         });
-        let labels = if req.extensions().get::<ClientIdentity>().is_some() {
-            &self.labels_mtls
+        let series = if req.extensions().get::<ClientIdentity>().is_some() {
+            &self.series_mtls
         } else {
-            &self.labels
+            &self.series
         };
-        self.metrics.requests.get_or_create(labels).inc();
+        series.request(&self.metrics);
+        let labels = series.labels();
         // Built only while someone taps; otherwise one atomic load.
         let mut tap = self.metrics.tap.active().then(|| {
             let mut e = TapEvent::of_request("inbound", req.method(), req.uri(), req.headers());
-            e.authority = self.labels.authority.to_string();
+            e.authority = self.series.labels().authority.to_string();
             e.src_identity = req
                 .extensions()
                 .get::<ClientIdentity>()
@@ -257,17 +264,24 @@ impl Inbound {
             // HTTP/2 callers send the authority in the URI, not in Host; the app speaks
             // HTTP/1.1 and needs it in Host.
             authority_to_host(&mut req);
+            // The path is shared with the peer's request, not copied; the app's own address
+            // is formatted once per proxy.
             let path = req
                 .uri()
                 .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string();
-            let uri = match Uri::builder()
-                .scheme("http")
-                .authority(app.to_string())
-                .path_and_query(path)
-                .build()
-            {
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            let authority = match &self.app_authority {
+                Some(authority) if app == self.app => Ok(authority.clone()),
+                _ => Authority::try_from(app.to_string()).map_err(http::Error::from),
+            };
+            let uri = match authority.and_then(|authority| {
+                Uri::builder()
+                    .scheme(Scheme::HTTP)
+                    .authority(authority)
+                    .path_and_query(path)
+                    .build()
+            }) {
                 Ok(uri) => uri,
                 Err(e) => {
                     return error(StatusCode::BAD_REQUEST, &format!("bad request target: {e}"));
@@ -296,8 +310,7 @@ impl Inbound {
         match result {
             Ok(rsp) => {
                 let status = rsp.status().as_u16();
-                self.metrics
-                    .record(labels, Some(status), false, start.elapsed());
+                series.record(&self.metrics, Some(status), false, start.elapsed());
                 if let Some(mut event) = tap.take() {
                     let error = if status >= 500 { "upstream" } else { "" };
                     event.finish(status, error, start.elapsed());
@@ -311,8 +324,7 @@ impl Inbound {
             }
             Err(e) => {
                 let status = StatusCode::BAD_GATEWAY;
-                self.metrics
-                    .record(labels, Some(status.as_u16()), true, start.elapsed());
+                series.record(&self.metrics, Some(status.as_u16()), true, start.elapsed());
                 if let Some(mut event) = tap.take() {
                     event.finish(status.as_u16(), "mesh", start.elapsed());
                     self.metrics.tap.publish(*event);

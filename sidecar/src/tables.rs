@@ -3,18 +3,22 @@
 //! request through a `tokio::sync::watch` receiver.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use mesh_core::proxy_api::{
     Endpoint, Endpoints, MeshAddress, RouteTable, ServiceAddress, ServiceRef, StaticConfig,
 };
 use mesh_core::routing::{CompiledRoutes, RouteRegexError};
 
+use crate::outbound::route::Route;
+
 /// Everything the outbound path routes by.
 #[derive(Clone, Debug, Default)]
 pub struct Tables {
     /// Route tables by parent service.
-    pub routes: BTreeMap<ServiceRef, CompiledRoutes>,
+    pub routes: BTreeMap<ServiceRef, ServiceRoutes>,
+    /// The catch-all routes of services without a table, built on first use.
+    pub default_routes: DefaultRoutes,
     /// Ready endpoints by service; an empty list means "known to have none".
     pub endpoints: BTreeMap<ServiceRef, Vec<Endpoint>>,
     /// Authorities whose route watch has answered at least once (with or without a table).
@@ -33,8 +37,10 @@ impl Tables {
         let mut t = Self::default();
         for mut table in config.routes {
             compact_table(&mut table);
-            t.routes
-                .insert(table.parent.clone(), CompiledRoutes::new(table)?);
+            t.routes.insert(
+                table.parent.clone(),
+                ServiceRoutes::new(CompiledRoutes::new(table)?),
+            );
         }
         for mut e in config.endpoints {
             e.endpoints.shrink_to_fit();
@@ -123,6 +129,78 @@ impl Tables {
     /// Whether `service` has at least one ready endpoint.
     pub fn available(&self, service: &ServiceRef) -> bool {
         self.endpoints.get(service).is_some_and(|e| !e.is_empty())
+    }
+}
+
+/// A service's compiled route table, with the [`Route`] of each rule built the first time a
+/// request takes it and shared by the requests that follow (so a request does not copy its
+/// rule, and the metrics series resolved on the route are kept). The routes live inside the
+/// value that holds the table, so a new table from discovery comes with none built.
+#[derive(Clone, Debug)]
+pub struct ServiceRoutes {
+    compiled: CompiledRoutes,
+    built: Box<[OnceLock<Arc<Route>>]>,
+}
+
+impl ServiceRoutes {
+    /// A compiled table, no route built yet.
+    pub fn new(compiled: CompiledRoutes) -> Self {
+        let built = compiled
+            .table()
+            .rules
+            .iter()
+            .map(|_| OnceLock::new())
+            .collect();
+        Self { compiled, built }
+    }
+
+    /// The route of rule `i`, built with `build` the first time.
+    pub fn built(&self, i: usize, build: impl FnOnce() -> Route) -> Arc<Route> {
+        match self.built.get(i) {
+            Some(cell) => cell.get_or_init(|| Arc::new(build())).clone(),
+            None => Arc::new(build()),
+        }
+    }
+}
+
+impl std::ops::Deref for ServiceRoutes {
+    type Target = CompiledRoutes;
+
+    fn deref(&self) -> &CompiledRoutes {
+        &self.compiled
+    }
+}
+
+/// The catch-all routes of services without a route table (see
+/// [`crate::outbound::route::Route::select`]), each built on a service's first request and
+/// shared by the requests that follow. A catch-all route depends on nothing but its service,
+/// so an entry is never stale; copies of the tables start empty and the map is emptied when
+/// it reaches [`DefaultRoutes::MAX`], which bounds what services that come and go leave here.
+#[derive(Debug, Default)]
+pub struct DefaultRoutes(Mutex<BTreeMap<ServiceRef, Arc<Route>>>);
+
+impl DefaultRoutes {
+    /// Most routes kept.
+    pub const MAX: usize = 4096;
+
+    /// The catch-all route of `service`, built with `build` the first time.
+    pub fn get_or_build(&self, service: &ServiceRef, build: impl FnOnce() -> Route) -> Arc<Route> {
+        let mut routes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(route) = routes.get(service) {
+            return route.clone();
+        }
+        if routes.len() >= Self::MAX {
+            routes.clear();
+        }
+        let route = Arc::new(build());
+        routes.insert(service.clone(), route.clone());
+        route
+    }
+}
+
+impl Clone for DefaultRoutes {
+    fn clone(&self) -> Self {
+        Self::default()
     }
 }
 

@@ -23,6 +23,7 @@ use std::time::Duration;
 use futures_util::TryFutureExt;
 use futures_util::future::{BoxFuture, Either, ready};
 use http::header::HeaderValue;
+use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -86,9 +87,18 @@ where
         } = req;
         // Host keeps the name the app used; the URI names the endpoint.
         authority_to_host(&mut request);
-        let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        // The path is shared with the app's request, not copied.
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let uri = Uri::builder()
-            .scheme(if identity.is_some() { "https" } else { "http" })
+            .scheme(if identity.is_some() {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            })
             .authority(addr.to_string())
             .path_and_query(path)
             .build();

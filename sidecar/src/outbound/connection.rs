@@ -249,14 +249,14 @@ impl Outbound {
                 endpoint: Some(endpoint),
                 ..
             } => {
-                let route = Arc::new(Route {
-                    service: service.clone(),
-                    rule: RouteRule::default(),
-                    labels: RouteLabels {
+                let route = Arc::new(Route::new(
+                    service.clone(),
+                    RouteRule::default(),
+                    RouteLabels {
                         authority: service.authority(),
                         route: String::new(),
                     },
-                });
+                ));
                 let endpoint = balance::Endpoint {
                     addr: endpoint.addr,
                     identity: endpoint.identity.clone(),
@@ -290,14 +290,14 @@ impl Outbound {
     /// requests (see [`crate::tunnel`]).
     async fn pass_through(&self, addr: SocketAddr, request: Request<Incoming>) -> Response<Body> {
         let outside = ServiceRef::new("", "", addr.port());
-        let route = Arc::new(Route {
-            service: outside.clone(),
-            rule: RouteRule::default(),
-            labels: RouteLabels {
+        let route = Arc::new(Route::new(
+            outside.clone(),
+            RouteRule::default(),
+            RouteLabels {
                 authority: addr.to_string(),
                 route: String::new(),
             },
-        });
+        ));
         let endpoint = balance::Endpoint {
             addr,
             identity: None,

@@ -4,6 +4,10 @@
 //! proxy answered itself (no route, a fault, no endpoint) is not an attempt, and each retry is
 //! one. An attempt that got no response is a mesh error (502); one the route timeout cut off is
 //! recorded as a 504 against the backend it was waiting for.
+//!
+//! The series an attempt counts in are resolved once per route, backend and endpoint owner
+//! and kept on the route ([`crate::outbound::route::Route::series`]), so recording an attempt
+//! is a few atomic adds rather than building and hashing its label set into three families.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -14,7 +18,7 @@ use http::{Response, StatusCode};
 use tower::{Layer, Service};
 
 use crate::http::Body;
-use crate::metrics::{Metrics, RequestLabels, tls_label};
+use crate::metrics::{Metrics, RequestLabels, RequestSeries};
 use crate::outbound::balance::ToEndpoint;
 use crate::outbound::error::Error;
 use crate::outbound::timeout::Waiting;
@@ -69,16 +73,9 @@ where
     }
 
     fn call(&mut self, mut req: ToEndpoint<B>) -> Self::Future {
-        let labels = RequestLabels {
-            direction: "outbound",
-            authority: req.route.labels.authority.as_str().into(),
-            route: req.route.labels.route.as_str().into(),
-            dst_service: req.backend.name.as_str().into(),
-            dst_namespace: req.backend.namespace.as_str().into(),
-            dst_deployment: req.endpoint.deployment.clone(),
-            tls: tls_label(req.endpoint.identity.is_some()),
-        };
-        self.metrics.requests.get_or_create(&labels).inc();
+        let series = req.route.series(&self.metrics, &req.backend, &req.endpoint);
+        series.request(&self.metrics);
+        let labels = series.labels();
         let waiting = req.request.extensions().get::<Waiting>().cloned();
         if let Some(w) = &waiting {
             w.start(&req.backend);
@@ -96,13 +93,13 @@ where
         });
         // One branch while tracing is off.
         let span = if self.metrics.trace.is_on() {
-            client_span(&self.metrics.trace, &mut req, &labels)
+            client_span(&self.metrics.trace, &mut req, labels)
         } else {
             None
         };
         let mut attempt = Attempt {
             metrics: self.metrics.clone(),
-            labels,
+            series,
             started: Instant::now(),
             waiting,
             done: false,
@@ -121,7 +118,7 @@ where
 /// One attempt being recorded.
 struct Attempt {
     metrics: Arc<Metrics>,
-    labels: RequestLabels,
+    series: Arc<RequestSeries>,
     started: Instant,
     waiting: Option<Waiting>,
     done: bool,
@@ -175,14 +172,14 @@ impl Attempt {
         match answer {
             Ok(rsp) => {
                 let status = rsp.status().as_u16();
-                self.metrics.record(&self.labels, Some(status), false, took);
+                self.series.record(&self.metrics, Some(status), false, took);
                 let error = if status >= 500 { "upstream" } else { "" };
                 self.tap(status, error);
                 self.end_span(Some(status), error);
             }
             Err(Error::Endpoint { .. }) => {
                 let status = StatusCode::BAD_GATEWAY.as_u16();
-                self.metrics.record(&self.labels, Some(status), true, took);
+                self.series.record(&self.metrics, Some(status), true, took);
                 self.tap(status, "mesh");
                 self.end_span(None, "mesh");
             }
@@ -216,7 +213,7 @@ impl Drop for Attempt {
         if !self.done && self.waiting.as_ref().is_some_and(Waiting::expired) {
             let status = StatusCode::GATEWAY_TIMEOUT.as_u16();
             let took = self.started.elapsed();
-            self.metrics.record(&self.labels, Some(status), true, took);
+            self.series.record(&self.metrics, Some(status), true, took);
             self.tap(status, "mesh");
             self.end_span(Some(status), "mesh");
         }

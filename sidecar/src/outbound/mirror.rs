@@ -130,9 +130,9 @@ impl<S> Mirror<S> {
                 .mirror_requests
                 .get_or_create(&req.route.labels)
                 .inc();
-            let route = Arc::new(Route {
-                service: req.route.service.clone(),
-                rule: RouteRule {
+            let route = Arc::new(Route::new(
+                req.route.service.clone(),
+                RouteRule {
                     name: req.route.rule.name.clone(),
                     matches: Vec::new(),
                     filters: Vec::new(),
@@ -144,8 +144,8 @@ impl<S> Mirror<S> {
                     timeout_ms: None,
                     retry: None,
                 },
-                labels: req.route.labels.clone(),
-            });
+                req.route.labels.clone(),
+            ));
             let mut copy = Request::new(body);
             *copy.method_mut() = req.request.method().clone();
             *copy.uri_mut() = req.request.uri().clone();

@@ -5,9 +5,12 @@
 //! unrouted services; a request no rule matches is answered 404 here and goes no further.
 //!
 //! The route is decided once per request and shared (`Arc<Route>`) by its attempts; only the
-//! tables are re-read per attempt, by the retry layer.
+//! tables are re-read per attempt, by the retry layer. A rule's `Route` is built the first
+//! time a request takes it and kept with the tables ([`crate::tables::ServiceRoutes`]), so
+//! the requests that follow share it, and the metrics series it resolves, without copying
+//! the rule or formatting its labels again.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use futures_util::future::{Either, Ready, ready};
@@ -17,7 +20,8 @@ use mesh_core::routing::RequestParts;
 use tower::{Layer, Service};
 
 use crate::http::Body;
-use crate::metrics::RouteLabels;
+use crate::metrics::{Metrics, RequestLabels, RequestSeries, RouteLabels, tls_label};
+use crate::outbound::balance::Endpoint;
 use crate::outbound::error::Error;
 use crate::outbound::target::Target;
 use crate::tables::Tables;
@@ -53,29 +57,80 @@ pub struct Route {
     pub rule: RouteRule,
     /// The authority and the rule's metrics name.
     pub labels: RouteLabels,
+    /// The request series of the backends and endpoint owners attempts on this route went to,
+    /// resolved once each (see [`Route::series`]).
+    series: Mutex<Vec<Arc<RequestSeries>>>,
 }
 
 impl Route {
+    /// The route of `service` taking `rule`, whose metrics name it `labels`.
+    pub fn new(service: ServiceRef, rule: RouteRule, labels: RouteLabels) -> Self {
+        Self {
+            service,
+            rule,
+            labels,
+            series: Mutex::default(),
+        }
+    }
+
+    /// The `request_total`, `response_total` and `response_latency_ms` series of an attempt on
+    /// this route to `endpoint` of `backend`: looked up the first time, then shared. A route
+    /// reaches a few backends and endpoint owners, so the list stays short.
+    pub fn series(
+        &self,
+        metrics: &Metrics,
+        backend: &ServiceRef,
+        endpoint: &Endpoint,
+    ) -> Arc<RequestSeries> {
+        let tls = tls_label(endpoint.identity.is_some());
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let known = series.iter().find(|s| {
+            let l = s.labels();
+            l.tls == tls
+                && *l.dst_service == *backend.name
+                && *l.dst_namespace == *backend.namespace
+                && l.dst_deployment == endpoint.deployment
+        });
+        if let Some(known) = known {
+            return known.clone();
+        }
+        let new = Arc::new(metrics.series(RequestLabels {
+            direction: "outbound",
+            authority: self.labels.authority.as_str().into(),
+            route: self.labels.route.as_str().into(),
+            dst_service: backend.name.as_str().into(),
+            dst_namespace: backend.namespace.as_str().into(),
+            dst_deployment: endpoint.deployment.clone(),
+            tls,
+        }));
+        series.push(new.clone());
+        new
+    }
+
     /// The rule a request to `service` takes; when no rule matches or the service is unknown
-    /// (a 404), the service is handed back.
+    /// (a 404), the service is handed back. The route of a rule in the tables, and the
+    /// catch-all route of a service without a table, are built once and shared by every
+    /// request that takes them.
     pub fn select<B>(
         tables: &Tables,
         service: ServiceRef,
         req: &Request<B>,
-    ) -> Result<Self, ServiceRef> {
+    ) -> Result<Arc<Self>, ServiceRef> {
         let Some(routes) = tables.routes.get(&service) else {
             if !tables.available(&service) {
                 return Err(service);
             }
-            let rule = RouteRule {
-                name: "default".into(),
-                backends: vec![WeightedBackend {
-                    service: service.clone(),
-                    weight: 1,
-                }],
-                ..Default::default()
-            };
-            return Ok(Self::new(service, rule, "default".to_string()));
+            return Ok(tables.default_routes.get_or_build(&service, || {
+                let rule = RouteRule {
+                    name: "default".into(),
+                    backends: vec![WeightedBackend {
+                        service: service.clone(),
+                        weight: 1,
+                    }],
+                    ..Default::default()
+                };
+                Self::named(service.clone(), rule, "default".to_string())
+            }));
         };
         let headers = req.headers();
         let lookup = |name: &str| {
@@ -94,24 +149,23 @@ impl Route {
         let Some((i, rule)) = routes.route(&parts) else {
             return Err(service);
         };
-        let name = if rule.name.is_empty() {
-            format!("rule-{i}")
-        } else {
-            rule.name.clone()
-        };
-        let rule = rule.clone();
-        Ok(Self::new(service, rule, name))
+        Ok(routes.built(i, || {
+            let name = if rule.name.is_empty() {
+                format!("rule-{i}")
+            } else {
+                rule.name.clone()
+            };
+            Self::named(service, rule.clone(), name)
+        }))
     }
 
-    fn new(service: ServiceRef, rule: RouteRule, name: String) -> Self {
-        Self {
-            labels: RouteLabels {
-                authority: service.authority(),
-                route: name,
-            },
-            service,
-            rule,
-        }
+    /// The route of `service` taking `rule`, named `name` in the metrics.
+    pub(crate) fn named(service: ServiceRef, rule: RouteRule, name: String) -> Self {
+        let labels = RouteLabels {
+            authority: service.authority(),
+            route: name,
+        };
+        Self::new(service, rule, labels)
     }
 }
 
@@ -156,7 +210,7 @@ where
         let (Target::Authority(service) | Target::OrigDst { service, .. }) = target;
         match Route::select(&tables, service, &request) {
             Ok(route) => Either::Right(self.inner.call(Routed {
-                route: Arc::new(route),
+                route,
                 tables,
                 request,
             })),
@@ -190,7 +244,7 @@ pub(crate) mod mk {
         let rule: RouteRule = serde_yaml::from_str(rule).unwrap();
         let name = rule.name.clone();
         Routed {
-            route: Arc::new(Route::new(web(), rule, name)),
+            route: Arc::new(Route::named(web(), rule, name)),
             tables: tables.clone(),
             request: request.unwrap(),
         }
@@ -267,6 +321,90 @@ endpoints:
             "unnamed rules are named by index"
         );
         assert_eq!(unnamed.service, mk::web());
+    }
+
+    #[test]
+    fn requests_taking_a_rule_share_its_route_until_the_table_changes() {
+        let tables = mk::tables(TABLES);
+        let web = crate::tables::parse_authority("web.default").unwrap();
+        let select =
+            |tables: &Tables, path: &str| Route::select(tables, web.clone(), &get(path)).unwrap();
+        let first = select(&tables, "/api/a");
+        assert!(Arc::ptr_eq(&first, &select(&tables, "/api/b")));
+        let post = Route::select(&tables, web.clone(), &Request::post("/x").body(()).unwrap());
+        assert!(!Arc::ptr_eq(&first, &post.unwrap()), "another rule");
+        // A service without a table: its catch-all route is shared too.
+        let db = crate::tables::parse_authority("db:5432").unwrap();
+        let catch_all = Route::select(&tables, db.clone(), &get("/")).unwrap();
+        assert!(Arc::ptr_eq(
+            &catch_all,
+            &Route::select(&tables, db, &get("/other")).unwrap()
+        ));
+        // A new table for the service (as discovery sends) comes with its own routes.
+        let mut changed = (*tables).clone();
+        let table: mesh_core::proxy_api::RouteTable = serde_yaml::from_str(
+            "{parent: web.default:80, rules: [{name: api, backends: [{service: web-primary.default:80, weight: 1}]}]}",
+        )
+        .unwrap();
+        changed.routes.insert(
+            web.clone(),
+            crate::tables::ServiceRoutes::new(
+                mesh_core::routing::CompiledRoutes::new(table).unwrap(),
+            ),
+        );
+        let after = select(&changed, "/api/a");
+        assert!(!Arc::ptr_eq(&first, &after));
+        assert_eq!(after.rule.backends[0].service.name, "web-primary");
+        assert_eq!(first.rule.backends[0].service.name, "web-canary");
+    }
+
+    /// An attempt's metrics series is resolved once per backend, endpoint owner and TLS, and
+    /// kept on the route.
+    #[test]
+    fn a_route_keeps_one_series_per_backend_owner_and_tls() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let route = route_of("web.default", "/api");
+        let endpoint = |deployment: &str, identity: Option<&str>| Endpoint {
+            addr: "127.0.0.1:9000".parse().unwrap(),
+            identity: identity.map(str::to_string),
+            deployment: deployment.into(),
+        };
+        let canary = ServiceRef::new("web-canary", "default", 80);
+        let primary = ServiceRef::new("web-primary", "default", 80);
+        let a = route.series(&metrics, &canary, &endpoint("v2", None));
+        assert!(Arc::ptr_eq(
+            &a,
+            &route.series(&metrics, &canary, &endpoint("v2", None))
+        ));
+        for other in [
+            route.series(&metrics, &primary, &endpoint("v2", None)),
+            route.series(&metrics, &canary, &endpoint("v3", None)),
+            route.series(
+                &metrics,
+                &canary,
+                &endpoint("v2", Some("spiffe://x/ns/a/sa/b")),
+            ),
+        ] {
+            assert!(!Arc::ptr_eq(&a, &other));
+        }
+        let labels = a.labels();
+        assert_eq!(
+            (
+                &*labels.authority,
+                &*labels.route,
+                &*labels.dst_service,
+                &*labels.dst_deployment,
+                labels.tls
+            ),
+            ("web.default:80", "api", "web-canary", "v2", "")
+        );
+    }
+
+    fn route_of(authority: &str, path: &str) -> Arc<Route> {
+        let tables = mk::tables(TABLES);
+        let service = crate::tables::parse_authority(authority).unwrap();
+        Route::select(&tables, service, &get(path)).unwrap()
     }
 
     #[tokio::test]
