@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use mesh_core::proxy_api::{
-    Endpoint, Endpoints, MeshAddress, RouteTable, ServiceAddress, ServiceRef, StaticConfig,
+    Endpoint, Endpoints, MeshAddress, RouteRule, RouteTable, ServiceAddress, ServiceRef,
+    StaticConfig,
 };
 use mesh_core::routing::{CompiledRoutes, RouteRegexError};
 
-use crate::outbound::route::Route;
+use crate::metrics::{Metrics, RequestLabels, RequestSeries, RouteLabels, tls_label};
 
 /// Everything the outbound path routes by.
 #[derive(Clone, Debug, Default)]
@@ -132,6 +133,68 @@ impl Tables {
     }
 }
 
+/// The route a request took.
+#[derive(Debug)]
+pub struct Route {
+    /// The service the request was for.
+    pub service: ServiceRef,
+    /// The rule that matched.
+    pub rule: RouteRule,
+    /// The authority and the rule's metrics name.
+    pub labels: RouteLabels,
+    /// The request series of the backends and endpoint owners attempts on this route went to,
+    /// resolved once each (see [`Route::series`]).
+    series: Mutex<Vec<Arc<RequestSeries>>>,
+}
+
+impl Route {
+    /// The route of `service` taking `rule`, whose metrics name it `labels`.
+    pub fn new(service: ServiceRef, rule: RouteRule, labels: RouteLabels) -> Self {
+        Self {
+            service,
+            rule,
+            labels,
+            series: Mutex::default(),
+        }
+    }
+
+    /// The `request_total`, `response_total` and `response_latency_ms` series of an attempt on
+    /// this route to an endpoint of `backend` owned by `deployment`, over mTLS when `meshed`:
+    /// looked up the first time, then shared. A route
+    /// reaches a few backends and endpoint owners, so the list stays short.
+    pub fn series(
+        &self,
+        metrics: &Metrics,
+        backend: &ServiceRef,
+        meshed: bool,
+        deployment: &Arc<str>,
+    ) -> Arc<RequestSeries> {
+        let tls = tls_label(meshed);
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        let known = series.iter().find(|s| {
+            let l = s.labels();
+            l.tls == tls
+                && *l.dst_service == *backend.name
+                && *l.dst_namespace == *backend.namespace
+                && l.dst_deployment == *deployment
+        });
+        if let Some(known) = known {
+            return known.clone();
+        }
+        let new = Arc::new(metrics.series(RequestLabels {
+            direction: "outbound",
+            authority: self.labels.authority.as_str().into(),
+            route: self.labels.route.as_str().into(),
+            dst_service: backend.name.as_str().into(),
+            dst_namespace: backend.namespace.as_str().into(),
+            dst_deployment: deployment.clone(),
+            tls,
+        }));
+        series.push(new.clone());
+        new
+    }
+}
+
 /// A service's compiled route table, with the [`Route`] of each rule built the first time a
 /// request takes it and shared by the requests that follow (so a request does not copy its
 /// rule, and the metrics series resolved on the route are kept). The routes live inside the
@@ -172,7 +235,7 @@ impl std::ops::Deref for ServiceRoutes {
 }
 
 /// The catch-all routes of services without a route table (see
-/// [`crate::outbound::route::Route::select`]), each built on a service's first request and
+/// [`Route::select`]), each built on a service's first request and
 /// shared by the requests that follow. A catch-all route depends on nothing but its service,
 /// so an entry is never stale; copies of the tables start empty and the map is emptied when
 /// it reaches [`DefaultRoutes::MAX`], which bounds what services that come and go leave here.

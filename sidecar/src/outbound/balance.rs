@@ -19,8 +19,8 @@ use tower::{Layer, Service};
 use crate::balance::{Balancer, Outcome};
 use crate::http::Body;
 use crate::outbound::error::{Error, Unavailable};
-use crate::outbound::route::Route;
 use crate::outbound::split::ToBackend;
+use crate::tables::Route;
 
 /// The endpoint an attempt goes to.
 #[derive(Clone, Debug, PartialEq, Eq)]

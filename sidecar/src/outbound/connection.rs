@@ -44,9 +44,9 @@ use crate::opaque::{Protocol, detect, relay};
 use crate::outbound::Outbound;
 use crate::outbound::balance::{self, ToEndpoint};
 use crate::outbound::error::Error;
-use crate::outbound::route::Route;
 use crate::outbound::target::Target;
 use crate::retry::Replayable;
+use crate::tables::Route;
 use crate::tables::Tables;
 
 /// Where a redirected connection goes.

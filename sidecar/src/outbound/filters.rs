@@ -18,7 +18,8 @@ use tower::{Layer, Service, ServiceExt};
 
 use crate::http::Body;
 use crate::outbound::error::Error;
-use crate::outbound::route::{Route, Routed};
+use crate::outbound::route::Routed;
+use crate::tables::Route;
 
 /// Makes [`Filters`] services.
 #[derive(Clone, Copy, Debug, Default)]

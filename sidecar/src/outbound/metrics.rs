@@ -6,7 +6,7 @@
 //! recorded as a 504 against the backend it was waiting for.
 //!
 //! The series an attempt counts in are resolved once per route, backend and endpoint owner
-//! and kept on the route ([`crate::outbound::route::Route::series`]), so recording an attempt
+//! and kept on the route ([`crate::tables::Route::series`]), so recording an attempt
 //! is a few atomic adds rather than building and hashing its label set into three families.
 
 use std::sync::Arc;
@@ -73,7 +73,12 @@ where
     }
 
     fn call(&mut self, mut req: ToEndpoint<B>) -> Self::Future {
-        let series = req.route.series(&self.metrics, &req.backend, &req.endpoint);
+        let series = req.route.series(
+            &self.metrics,
+            &req.backend,
+            req.endpoint.identity.is_some(),
+            &req.endpoint.deployment,
+        );
         series.request(&self.metrics);
         let labels = series.labels();
         let waiting = req.request.extensions().get::<Waiting>().cloned();

@@ -24,8 +24,9 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 use crate::http::Body;
 use crate::metrics::Metrics;
 use crate::outbound::error::Error;
-use crate::outbound::route::{Route, Routed};
+use crate::outbound::route::Routed;
 use crate::retry::ReplayBody;
+use crate::tables::Route;
 
 /// How long a mirror's copy may take, answer included, before its task gives it up.
 pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);

@@ -24,8 +24,9 @@ use tower::{Layer, Service, ServiceExt};
 use crate::http::Body;
 use crate::metrics::Metrics;
 use crate::outbound::error::Error;
-use crate::outbound::route::{Route, Routed};
+use crate::outbound::route::Routed;
 use crate::retry::{BoxError, Budget, ReplayBody, Replayable};
+use crate::tables::Route;
 use crate::tables::SharedTables;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

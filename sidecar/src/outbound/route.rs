@@ -10,7 +10,7 @@
 //! the requests that follow share it, and the metrics series it resolves, without copying
 //! the rule or formatting its labels again.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::{Either, Ready, ready};
@@ -20,11 +20,10 @@ use mesh_core::routing::RequestParts;
 use tower::{Layer, Service};
 
 use crate::http::Body;
-use crate::metrics::{Metrics, RequestLabels, RequestSeries, RouteLabels, tls_label};
-use crate::outbound::balance::Endpoint;
+use crate::metrics::RouteLabels;
 use crate::outbound::error::Error;
 use crate::outbound::target::Target;
-use crate::tables::Tables;
+use crate::tables::{Route, Tables};
 
 /// A request on its way to route selection: where it is going, and the tables to route by.
 #[derive(Debug)]
@@ -48,65 +47,7 @@ pub struct Routed<B> {
     pub request: Request<B>,
 }
 
-/// The route a request took.
-#[derive(Debug)]
-pub struct Route {
-    /// The service the request was for.
-    pub service: ServiceRef,
-    /// The rule that matched.
-    pub rule: RouteRule,
-    /// The authority and the rule's metrics name.
-    pub labels: RouteLabels,
-    /// The request series of the backends and endpoint owners attempts on this route went to,
-    /// resolved once each (see [`Route::series`]).
-    series: Mutex<Vec<Arc<RequestSeries>>>,
-}
-
 impl Route {
-    /// The route of `service` taking `rule`, whose metrics name it `labels`.
-    pub fn new(service: ServiceRef, rule: RouteRule, labels: RouteLabels) -> Self {
-        Self {
-            service,
-            rule,
-            labels,
-            series: Mutex::default(),
-        }
-    }
-
-    /// The `request_total`, `response_total` and `response_latency_ms` series of an attempt on
-    /// this route to `endpoint` of `backend`: looked up the first time, then shared. A route
-    /// reaches a few backends and endpoint owners, so the list stays short.
-    pub fn series(
-        &self,
-        metrics: &Metrics,
-        backend: &ServiceRef,
-        endpoint: &Endpoint,
-    ) -> Arc<RequestSeries> {
-        let tls = tls_label(endpoint.identity.is_some());
-        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
-        let known = series.iter().find(|s| {
-            let l = s.labels();
-            l.tls == tls
-                && *l.dst_service == *backend.name
-                && *l.dst_namespace == *backend.namespace
-                && l.dst_deployment == endpoint.deployment
-        });
-        if let Some(known) = known {
-            return known.clone();
-        }
-        let new = Arc::new(metrics.series(RequestLabels {
-            direction: "outbound",
-            authority: self.labels.authority.as_str().into(),
-            route: self.labels.route.as_str().into(),
-            dst_service: backend.name.as_str().into(),
-            dst_namespace: backend.namespace.as_str().into(),
-            dst_deployment: endpoint.deployment.clone(),
-            tls,
-        }));
-        series.push(new.clone());
-        new
-    }
-
     /// The rule a request to `service` takes; when no rule matches or the service is unknown
     /// (a 404), the service is handed back. The route of a rule in the tables, and the
     /// catch-all route of a service without a table, are built once and shared by every
@@ -266,6 +207,7 @@ pub(crate) mod mk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
     use tower::ServiceExt;
 
     const TABLES: &str = r#"
@@ -365,26 +307,18 @@ endpoints:
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = Metrics::register(&mut registry);
         let route = route_of("web.default", "/api");
-        let endpoint = |deployment: &str, identity: Option<&str>| Endpoint {
-            addr: "127.0.0.1:9000".parse().unwrap(),
-            identity: identity.map(str::to_string),
-            deployment: deployment.into(),
-        };
+        let owner = |deployment: &str| -> Arc<str> { deployment.into() };
         let canary = ServiceRef::new("web-canary", "default", 80);
         let primary = ServiceRef::new("web-primary", "default", 80);
-        let a = route.series(&metrics, &canary, &endpoint("v2", None));
+        let a = route.series(&metrics, &canary, false, &owner("v2"));
         assert!(Arc::ptr_eq(
             &a,
-            &route.series(&metrics, &canary, &endpoint("v2", None))
+            &route.series(&metrics, &canary, false, &owner("v2"))
         ));
         for other in [
-            route.series(&metrics, &primary, &endpoint("v2", None)),
-            route.series(&metrics, &canary, &endpoint("v3", None)),
-            route.series(
-                &metrics,
-                &canary,
-                &endpoint("v2", Some("spiffe://x/ns/a/sa/b")),
-            ),
+            route.series(&metrics, &primary, false, &owner("v2")),
+            route.series(&metrics, &canary, false, &owner("v3")),
+            route.series(&metrics, &canary, true, &owner("v2")),
         ] {
             assert!(!Arc::ptr_eq(&a, &other));
         }

@@ -18,7 +18,8 @@ use tower::{Layer, Service};
 use crate::balance::Balancer;
 use crate::http::Body;
 use crate::outbound::error::{Error, Unavailable};
-use crate::outbound::route::{Route, Routed};
+use crate::outbound::route::Routed;
+use crate::tables::Route;
 use crate::tables::Tables;
 
 /// An attempt with its backend.
