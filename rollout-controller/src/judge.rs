@@ -1289,6 +1289,16 @@ mod tests {
     }
 
     /// A window of `n` canary and `m` primary requests with the given failures, all fast.
+    /// Deterministic pseudo-random numbers in [0, 1) from `seed` (xorshift64).
+    fn uniform(mut seed: u64) -> impl FnMut() -> f64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
     fn mk_window(n: u64, nf: u64, m: u64, mf: u64) -> Window {
         Window {
             canary: mk_arm(n, nf, mk_hist(&[(10.0, n)])),
@@ -1398,13 +1408,7 @@ mod tests {
             alpha: 0.05,
             ..JudgeConfig::default()
         };
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rand = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut rand = uniform(0x9e37_79b9_7f4a_7c15);
         let runs = 400;
         let mut false_failures = 0;
         for _ in 0..runs {
@@ -1540,14 +1544,8 @@ mod tests {
             alpha: 0.05,
             ..JudgeConfig::default()
         };
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        let mut chance = |p: f64| ((next() >> 11) as f64 / (1u64 << 53) as f64) < p;
+        let mut rand = uniform(0x2545_f491_4f6c_dd1d);
+        let mut chance = |p: f64| rand() < p;
         let runs = 400;
         let mut false_failures = 0;
         'run: for _ in 0..runs {

@@ -7,7 +7,7 @@
 )]
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use mesh_crds::canary::{Verdict, WebhookType};
+use mesh_crds::canary::{GateResult, Verdict, WebhookType};
 use mesh_crds::{CanaryPhase, CanarySpec, CanaryStatus};
 use mesh_rollout_controller::judge::{ArmWindow, Histogram, JudgeConfig, Window};
 use mesh_rollout_controller::machine::{
@@ -88,6 +88,15 @@ struct Rollout {
 }
 
 impl Rollout {
+    /// The latest result of the gate or comparison called `name`.
+    fn gate_result(&self, name: &str) -> &GateResult {
+        self.status
+            .analysis
+            .iter()
+            .find(|g| g.name == name)
+            .unwrap_or_else(|| panic!("no result for {name} in {:?}", self.status.analysis))
+    }
+
     fn new(spec: CanarySpec) -> Self {
         Self {
             spec,
@@ -264,12 +273,7 @@ fn failed_checks_freeze_the_weight_and_roll_back_at_threshold() {
     assert_eq!(r.status.failed_checks, 1);
     assert_eq!(r.status.canary_weight, 10, "weight moved while failing");
     assert_eq!(r.status.phase, CanaryPhase::Progressing);
-    let gate = r
-        .status
-        .analysis
-        .iter()
-        .find(|g| g.name == "request-duration")
-        .unwrap();
+    let gate = r.gate_result("request-duration");
     assert_eq!(gate.verdict, Verdict::Fail, "{}", gate.message);
     r.tick(30, Some(slow_canary()));
     assert_eq!(r.status.failed_checks, 2);
@@ -296,12 +300,7 @@ fn the_sequential_comparison_catches_a_regression_within_thresholds() {
     // 0.8 % errors passes Flagger's 99 % gate, but the primary has none.
     let mut r = Rollout::started(mk_spec(json!({"threshold": 1})));
     r.tick(30, Some(mk_window(2_000, 16, 0)));
-    let cmp = r
-        .status
-        .analysis
-        .iter()
-        .find(|g| g.name == "canary-vs-primary-errors")
-        .unwrap();
+    let cmp = r.gate_result("canary-vs-primary-errors");
     assert_eq!(cmp.verdict, Verdict::Fail, "{}", cmp.message);
     assert!(cmp.p_value.unwrap() <= 0.05);
     assert_eq!(r.status.phase, CanaryPhase::Failed);
@@ -312,12 +311,7 @@ fn slow_canaries_fail_the_latency_comparison() {
     let mut r = Rollout::started(mk_spec(json!({"threshold": 1, "metrics": []})));
     // 20 % of canary requests land in the slow bucket; none of the primary's do.
     r.tick(30, Some(mk_window(1_000, 0, 200)));
-    let cmp = r
-        .status
-        .analysis
-        .iter()
-        .find(|g| g.name == "canary-vs-primary-latency")
-        .unwrap();
+    let cmp = r.gate_result("canary-vs-primary-latency");
     assert_eq!(cmp.verdict, Verdict::Fail, "{}", cmp.message);
     assert_eq!(r.status.phase, CanaryPhase::Failed);
 }
@@ -996,12 +990,7 @@ fn without_the_evidence_the_guarantee_needs_the_rollout_ends_inconclusive() {
         CanaryPhase::Progressing,
         "promoted without evidence"
     );
-    let g = r
-        .status
-        .analysis
-        .iter()
-        .find(|g| g.name == "promotion-guarantee")
-        .unwrap();
+    let g = r.gate_result("promotion-guarantee");
     assert_eq!(g.verdict, Verdict::Inconclusive, "{}", g.message);
     // progressDeadlineSeconds is 120.
     for _ in 0..5 {
@@ -1032,12 +1021,7 @@ fn a_slowdown_both_sides_share_is_not_the_canarys_fault() {
         assert_eq!(r.status.phase, CanaryPhase::Progressing);
     }
     assert_eq!(r.status.failed_checks, 0);
-    let gate = r
-        .status
-        .analysis
-        .iter()
-        .find(|g| g.name == "request-duration")
-        .unwrap();
+    let gate = r.gate_result("request-duration");
     assert_eq!(gate.verdict, Verdict::Pass, "{}", gate.message);
     assert!(gate.canary.unwrap() > 500.0);
     assert!(
@@ -1050,12 +1034,7 @@ fn a_slowdown_both_sides_share_is_not_the_canarys_fault() {
     let mut worse = both_slow();
     worse.canary.latency.buckets = vec![(10.0, 0), (1000.0, 400), (f64::INFINITY, 500)];
     r.tick(30, Some(worse));
-    let gate = r
-        .status
-        .analysis
-        .iter()
-        .find(|g| g.name == "request-duration")
-        .unwrap();
+    let gate = r.gate_result("request-duration");
     assert_eq!(gate.verdict, Verdict::Fail, "{}", gate.message);
     assert!(gate.message.contains("100 of 500"), "{}", gate.message);
     assert_eq!(r.status.phase, CanaryPhase::Failed);

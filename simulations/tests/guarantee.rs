@@ -96,15 +96,7 @@ fn the_traffic_docs_rollout_states_is_the_tests_own_math() {
         JudgeConfig, events_to_clear_ratio, requests_to_clear_floor,
     };
     let c = JudgeConfig::default();
-    let line = guarantee_line(&c);
-    let page = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/rollout.md"),
-    )
-    .unwrap();
-    assert!(
-        page.contains(&line),
-        "docs/rollout.md should state, word for word:\n{line}"
-    );
+    assert_rollout_page_states(&guarantee_line(&c));
     // And the figures mean what they say: the floor test needs more requests as failures rise.
     let a = requests_to_clear_floor(0.0, c.error_floor, &c).unwrap();
     let b = requests_to_clear_floor(0.001, c.error_floor, &c).unwrap();
@@ -131,13 +123,17 @@ fn guarantee_line(c: &mesh_rollout_controller::judge::JudgeConfig) -> String {
 /// this test fails when the page and the math drift apart.
 #[test]
 fn the_blast_radius_floor_docs_rollout_states_is_the_math() {
-    let line = blast_floor_line();
+    assert_rollout_page_states(&blast_floor_line());
+}
+
+/// Fails unless docs/rollout.md holds `line` word for word.
+fn assert_rollout_page_states(line: &str) {
     let page = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/rollout.md"),
     )
     .unwrap();
     assert!(
-        page.contains(&line),
+        page.contains(line),
         "docs/rollout.md should state, word for word:\n{line}"
     );
 }
