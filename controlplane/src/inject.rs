@@ -749,33 +749,35 @@ mod tests {
         assert!(!spec.contains("the-tap-token"), "{spec}");
     }
 
+    /// The injected proxy container's variables that have a value, by name.
+    fn proxy_container_env(s: &PodSpec) -> BTreeMap<String, String> {
+        s.init_containers
+            .iter()
+            .flatten()
+            .find(|c| c.name == PROXY_CONTAINER)
+            .unwrap()
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect()
+    }
+
     #[test]
     fn opaque_ports_reach_the_proxy_both_ways_and_are_checked() {
         let config = InjectConfig::default();
-        let env_of = |s: &PodSpec| -> BTreeMap<String, String> {
-            s.init_containers
-                .iter()
-                .flatten()
-                .find(|c| c.name == PROXY_CONTAINER)
-                .unwrap()
-                .env
-                .iter()
-                .flatten()
-                .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
-                .collect()
-        };
         let (mut m, mut s) = pod(&[
             (INJECT_ANNOTATION, "enabled"),
             (OPAQUE_PORTS_ANNOTATION, "5432, 8000-8010"),
         ]);
         inject(&mut m, &mut s, &config).unwrap();
-        let env = env_of(&s);
+        let env = proxy_container_env(&s);
         assert_eq!(env["MESH_PROXY_OUTBOUND_OPAQUE_PORTS"], "5432,8000-8010");
         assert_eq!(env["MESH_PROXY_INBOUND_OPAQUE_PORTS"], "5432,8000-8010");
         // Unset: the proxy keeps its defaults.
         let (mut m, mut s) = pod(&[(INJECT_ANNOTATION, "enabled")]);
         inject(&mut m, &mut s, &config).unwrap();
-        assert!(!env_of(&s).contains_key("MESH_PROXY_OUTBOUND_OPAQUE_PORTS"));
+        assert!(!proxy_container_env(&s).contains_key("MESH_PROXY_OUTBOUND_OPAQUE_PORTS"));
         for bad in ["5432,postgres", "0", "9-1", "70000"] {
             let (mut m, mut s) = pod(&[(OPAQUE_PORTS_ANNOTATION, bad)]);
             let e = inject(&mut m, &mut s, &config).unwrap_err();
@@ -789,17 +791,9 @@ mod tests {
         let proxy_env = |annotations: &[(&str, &str)], config: &InjectConfig| {
             let (mut m, mut s) = pod(annotations);
             inject(&mut m, &mut s, config).map(|()| {
-                s.init_containers
-                    .iter()
-                    .flatten()
-                    .find(|c| c.name == PROXY_CONTAINER)
-                    .unwrap()
-                    .env
-                    .iter()
-                    .flatten()
-                    .filter(|e| e.name.starts_with("MESH_PROXY_TRACE_"))
-                    .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
-                    .collect::<BTreeMap<_, _>>()
+                let mut env = proxy_container_env(&s);
+                env.retain(|name, _| name.starts_with("MESH_PROXY_TRACE_"));
+                env
             })
         };
         let off = InjectConfig::default();

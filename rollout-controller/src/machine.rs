@@ -589,12 +589,8 @@ impl Machine<'_> {
                 // absolute gates and webhooks, judged afresh on each window, count towards it.
                 if let Some(g) = failing.iter().find(|g| judge::is_sequential(&g.name)) {
                     let totals = self.status.totals.clone().unwrap_or_default();
-                    let explanation =
-                        judge::explain_rollback(g, &totals, self.config, self.status.failed_checks);
                     let msg = format!("sequential check failed: {}", messages.join("; "));
-                    self.event("CheckFailed", msg.clone(), true);
-                    self.rollback(msg);
-                    self.status.decision = Some(explanation);
+                    self.sequential_rollback(g, &totals, msg);
                     return;
                 }
                 self.status.failed_checks += 1;
@@ -645,8 +641,6 @@ impl Machine<'_> {
         if gate.verdict != Verdict::Fail {
             return;
         }
-        let explanation =
-            judge::explain_rollback(&gate, &totals, self.config, self.status.failed_checks);
         let msg = format!(
             "sequential check failed between analysis ticks: {}",
             gate.message
@@ -657,10 +651,18 @@ impl Machine<'_> {
             .iter_mut()
             .find(|g| g.name == judge::COMPARE_ERRORS)
         {
-            Some(g) => *g = gate,
-            None => self.status.analysis.push(gate),
+            Some(g) => *g = gate.clone(),
+            None => self.status.analysis.push(gate.clone()),
         }
-        self.status.totals = Some(totals);
+        self.status.totals = Some(totals.clone());
+        self.sequential_rollback(&gate, &totals, msg);
+    }
+
+    /// Rolls back on the failed sequential comparison `gate`, whatever `threshold` says (its
+    /// error rate already holds under repeated looks), with the decision that explains it.
+    fn sequential_rollback(&mut self, gate: &GateResult, totals: &AnalysisTotals, msg: String) {
+        let explanation =
+            judge::explain_rollback(gate, totals, self.config, self.status.failed_checks);
         self.event("CheckFailed", msg.clone(), true);
         self.rollback(msg);
         self.status.decision = Some(explanation);
