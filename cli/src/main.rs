@@ -102,8 +102,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    // One crypto stack: aws-lc-rs, for every HTTP client the commands build.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    mesh_core::crypto::install_provider();
     match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Rollout(c) => rollout::run(c),

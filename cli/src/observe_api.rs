@@ -24,7 +24,7 @@ impl Api {
     /// A client of the control plane at `server` presenting `token` (a Kubernetes bearer token,
     /// for a cluster's control plane to review).
     pub fn with_token(server: &str, token: &str) -> anyhow::Result<Self> {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        mesh_core::crypto::install_provider();
         let value = mesh_controlplane::access::authorization(token)
             .context("the kubeconfig's bearer token is not usable in a header")?;
         let mut headers = reqwest::header::HeaderMap::new();

@@ -438,7 +438,7 @@ mod tests {
     }
 
     fn verify(chain_pem: &str, roots_pem: &str, at: SystemTime) -> Result<(), rustls::Error> {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        mesh_core::crypto::install_provider();
         let mut roots = rustls::RootCertStore::empty();
         for root in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
             roots.add(root.unwrap()).unwrap();

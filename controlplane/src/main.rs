@@ -29,7 +29,7 @@ fn main() -> ExitCode {
         .init();
     // The process's one TLS provider, chosen before any client is built: the HTTP clients that
     // scrape and tap the proxies take the process default.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    mesh_core::crypto::install_provider();
     let config = match Config::from_env(&ProcessEnv) {
         Ok(c) => c,
         Err(e) => {

@@ -9,6 +9,7 @@
 
 pub mod announce;
 pub mod config;
+pub mod crypto;
 pub mod duration;
 pub mod error;
 pub mod exposition;

@@ -25,8 +25,7 @@ pub const HEADER_DOWNSTREAM_VERSION: &str = "x-demo-downstream-version";
 /// with aws-lc-rs), and reqwest refuses to build a client until one is installed. Proxy settings
 /// are left at reqwest's default, which honours `HTTP_PROXY`, `HTTPS_PROXY` and `NO_PROXY`.
 pub fn http_client_builder() -> reqwest::ClientBuilder {
-    // Installing fails only when a provider is already installed, which is as good.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    mesh_core::crypto::install_provider();
     reqwest::Client::builder()
 }
 

@@ -96,7 +96,7 @@ async fn turn(
     now: DateTime<Utc>,
 ) -> Result<CanaryPhase, ReconcileError> {
     let canary: Canary = stored(store, ResourceKind::Canary);
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    mesh_core::crypto::install_provider();
     let client = reqwest::Client::new();
     reconcile_and_store(
         &canary,

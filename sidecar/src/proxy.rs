@@ -175,8 +175,7 @@ impl Proxy {
             addrs,
         } = Listeners::bind(&config).await?;
 
-        // One crypto stack: anything using rustls without naming a provider gets aws-lc-rs.
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        mesh_core::crypto::install_provider();
         // Resource labels are the registry's constant labels: written at scrape time, never
         // hashed or cloned per request.
         let mut registry = Registry::with_labels(

@@ -157,8 +157,7 @@ pub fn metrics_text(admin: impl std::fmt::Display) -> impl Future<Output = Strin
 /// provider only (one crypto stack), so the process-wide provider is installed before the
 /// first client.
 pub fn http_client() -> reqwest::Client {
-    // Err means a provider is already installed, which is all we need.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    mesh_core::crypto::install_provider();
     reqwest::Client::builder().build().unwrap_or_else(|e| {
         unreachable!("a default reqwest client always builds with a provider: {e}")
     })

@@ -191,8 +191,7 @@ async fn body_of(resp: reqwest::Response) -> anyhow::Result<Value> {
 /// An HTTP client of the control plane at `conn.server` that presents its token on every
 /// request (the resource API's and the observe API's clients).
 pub fn client(conn: &Conn) -> anyhow::Result<reqwest::Client> {
-    // One crypto stack in the workspace: rustls with aws-lc-rs, installed before the first client.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    mesh_core::crypto::install_provider();
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(token) = token(conn)? {
         headers.insert(reqwest::header::AUTHORIZATION, token);

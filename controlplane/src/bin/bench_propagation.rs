@@ -513,7 +513,7 @@ fn update_section(doc: &Path, body: &str) -> anyhow::Result<()> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    mesh_core::crypto::install_provider();
     let mut args = std::env::args().skip(1);
     let out_dir = PathBuf::from(args.next().unwrap_or_else(|| "target/bench".into()));
     let doc = PathBuf::from(args.next().unwrap_or_else(|| "docs/benchmarks.md".into()));

@@ -161,8 +161,7 @@ where
 {
     /// A controller over `store`, with `workloads` running the arms.
     pub fn new(store: S, workloads: Arc<W>, settings: Settings) -> Self {
-        // The workspace builds rustls with aws-lc-rs only; Err means a provider is installed.
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        mesh_core::crypto::install_provider();
         let client = reqwest::Client::new();
         Self {
             source: DirectScrape::new(client.clone(), Vec::new()),

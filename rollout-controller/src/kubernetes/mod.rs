@@ -176,8 +176,7 @@ pub async fn run<S>(
         client,
         source: Mutex::new(source),
         http: {
-            // The workspace builds rustls with aws-lc-rs only; Err means a provider is installed.
-            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            mesh_core::crypto::install_provider();
             reqwest::Client::new()
         },
         settings,
