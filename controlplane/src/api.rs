@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 
 use crate::{
     http::{
-        Body, json_response, ndjson_response, percent_decode, query_param, read_body, status_error,
+        Body, json_response, ndjson_response, path_segment, query_param, read_body, status_error,
     },
     publish::json_line,
 };
@@ -44,7 +44,7 @@ pub async fn handle<S: ResourceStore>(store: Arc<S>, req: Request<Incoming>) -> 
     let segments: Vec<String> = path
         .trim_matches('/')
         .split('/')
-        .map(percent_decode)
+        .map(path_segment)
         .collect();
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     let method = req.method().clone();
@@ -53,8 +53,7 @@ pub async fn handle<S: ResourceStore>(store: Arc<S>, req: Request<Incoming>) -> 
         (&Method::POST, ["apply"]) => {
             let ns = query_param(query.as_deref(), "namespace")
                 .filter(|n| !n.is_empty())
-                .unwrap_or(DEFAULT_NAMESPACE)
-                .to_string();
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
             apply_many(&*store, req, &ns).await
         }
         (_, ["apis", group, version, rest @ ..]) => {
@@ -76,12 +75,14 @@ pub async fn handle<S: ResourceStore>(store: Arc<S>, req: Request<Incoming>) -> 
             match (&method, name) {
                 (&Method::GET, None) => {
                     let selector = Selector::kind(kind, ns);
-                    let watch =
-                        matches!(query_param(query.as_deref(), "watch"), Some("true" | "1"));
+                    let watch = matches!(
+                        query_param(query.as_deref(), "watch").as_deref(),
+                        Some("true" | "1")
+                    );
                     if watch {
                         let from = query_param(query.as_deref(), "resourceVersion")
                             .filter(|v| !v.is_empty());
-                        watch_response(&*store, selector, from)
+                        watch_response(&*store, selector, from.as_deref())
                     } else {
                         list(&*store, kind, &selector)
                     }

@@ -132,33 +132,22 @@ pub async fn read_body(body: Incoming) -> Result<Bytes, Response<Body>> {
     }
 }
 
-/// The value of query parameter `name`.
-pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    query?
-        .split('&')
-        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+/// The value of query parameter `name`, decoded as browsers and HTTP clients encode query
+/// strings (`application/x-www-form-urlencoded`: `%XX` escapes, and `+` for a space, in names
+/// and values alike); the first when the parameter appears more than once.
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
 }
 
-/// Decodes `%XX` escapes (enough for authorities and names in query strings).
-pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(hex) = s.get(i + 1..i + 3)
-            && let Ok(b) = u8::from_str_radix(hex, 16)
-        {
-            out.push(b);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// A path segment with its `%XX` escapes decoded; a `+` in a path stays a `+`. Bytes that do
+/// not decode to UTF-8 become U+FFFD, so a mangled name is reported as not found rather than
+/// matched.
+pub fn path_segment(segment: &str) -> String {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Serves `handler` on `listener` until the process ends; every connection may speak HTTP/1.1
@@ -302,4 +291,35 @@ async fn serve_connection<S, H, F>(
 
 fn log_conn_error(name: &str, peer: SocketAddr, e: &(dyn std::error::Error + 'static)) {
     tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{path_segment, query_param};
+
+    #[test]
+    fn query_values_and_names_are_decoded() {
+        let q = Some("workload=web%2Dv2&namespace=team+a&w%69ndow=90s&empty=&bare&x=a%3Db");
+        assert_eq!(query_param(q, "workload").as_deref(), Some("web-v2"));
+        // `+` is a space in a query string, as form encoding (and reqwest's `.query`) writes it.
+        assert_eq!(query_param(q, "namespace").as_deref(), Some("team a"));
+        assert_eq!(query_param(q, "window").as_deref(), Some("90s"));
+        assert_eq!(query_param(q, "empty").as_deref(), Some(""));
+        assert_eq!(query_param(q, "bare").as_deref(), Some(""));
+        assert_eq!(query_param(q, "x").as_deref(), Some("a=b"));
+        assert_eq!(query_param(q, "missing"), None);
+        assert_eq!(query_param(None, "workload"), None);
+        // The first of a repeated parameter.
+        assert_eq!(query_param(Some("a=1&a=2"), "a").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn path_segments_decode_escapes_but_keep_plus() {
+        assert_eq!(path_segment("web%2Dv2"), "web-v2");
+        assert_eq!(path_segment("a+b"), "a+b");
+        assert_eq!(path_segment("caf%C3%A9"), "café");
+        // A malformed escape is kept as written; bytes that are not UTF-8 are replaced.
+        assert_eq!(path_segment("100%"), "100%");
+        assert_eq!(path_segment("%FF"), "\u{FFFD}");
+    }
 }

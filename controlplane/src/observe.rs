@@ -27,9 +27,7 @@ use mesh_observe::scrape::{Embedded, SharedWindow};
 use mesh_observe::window::{Target, Window, WindowConfig};
 use mesh_observe::{Query, Resource};
 
-use crate::http::{
-    Body, json_response, ndjson_response, percent_decode, query_param, status_error,
-};
+use crate::http::{Body, json_response, ndjson_response, query_param, status_error};
 use crate::proxy::Shared;
 
 /// Where the observe API lives on the resource API listener.
@@ -130,12 +128,10 @@ impl Observe {
             );
         }
         let query = req.uri().query();
-        let Some(workload) = query_param(query, "workload").map(percent_decode) else {
+        let Some(workload) = query_param(query, "workload") else {
             return bad_request("tap needs workload=<name>".into());
         };
-        let namespace = query_param(query, "namespace")
-            .map(percent_decode)
-            .unwrap_or_else(|| "default".into());
+        let namespace = query_param(query, "namespace").unwrap_or_else(|| "default".into());
         match crate::tap_access::authorize(client, req.headers(), &namespace, &workload).await {
             Ok(user) => {
                 tracing::info!(user = %user.name, %namespace, %workload, "tap authorized");
@@ -229,11 +225,7 @@ fn bad_request(why: String) -> Response<Body> {
 
 /// `namespace`, the name (under `name_param`) and `window` (`90s`, `5m`; default one minute).
 fn parse_query(query: Option<&str>, name_param: &str) -> Result<Query, String> {
-    let param = |name| {
-        query_param(query, name)
-            .map(percent_decode)
-            .filter(|v| !v.is_empty())
-    };
+    let param = |name| query_param(query, name).filter(|v| !v.is_empty());
     let window_secs = match param("window") {
         None => mesh_observe::DEFAULT_WINDOW_SECS,
         Some(w) => mesh_core::duration::parse(&w)
@@ -305,12 +297,10 @@ async fn tap_cluster(
     authorization: Option<HeaderValue>,
     query: Option<&str>,
 ) -> Response<Body> {
-    let Some(workload) = query_param(query, "workload").map(percent_decode) else {
+    let Some(workload) = query_param(query, "workload") else {
         return bad_request("tap needs workload=<name>".into());
     };
-    let namespace = query_param(query, "namespace")
-        .map(percent_decode)
-        .unwrap_or_else(|| "default".into());
+    let namespace = query_param(query, "namespace").unwrap_or_else(|| "default".into());
     let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
         kube::Api::namespaced(client.clone(), &namespace);
     let pods = match pods.list(&kube::api::ListParams::default()).await {
@@ -341,12 +331,10 @@ async fn tap(
     authorization: Option<HeaderValue>,
     query: Option<&str>,
 ) -> Response<Body> {
-    let Some(workload) = query_param(query, "workload").map(percent_decode) else {
+    let Some(workload) = query_param(query, "workload") else {
         return bad_request("tap needs workload=<name>".into());
     };
-    let namespace = query_param(query, "namespace")
-        .map(percent_decode)
-        .unwrap_or_else(|| "default".into());
+    let namespace = query_param(query, "namespace").unwrap_or_else(|| "default".into());
     let proxies: Vec<(String, String)> = shared
         .index()
         .scrape_targets()

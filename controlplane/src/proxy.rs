@@ -39,8 +39,8 @@ use tokio::sync::watch;
 
 use crate::{
     http::{
-        Body, PeerIdentity, full, json_response, ndjson_response, percent_decode, query_param,
-        read_body, status_error,
+        Body, PeerIdentity, full, json_response, ndjson_response, query_param, read_body,
+        status_error,
     },
     identity::{Ca, IdentityError},
     index::Index,
@@ -330,21 +330,19 @@ fn no_content() -> Response<Body> {
 
 fn service_param(query: Option<&str>, name: &str) -> Result<ServiceRef, Response<Body>> {
     let raw = query_param(query, name)
-        .map(percent_decode)
         .ok_or_else(|| bad_request(format!("{name}: required, as <name>.<namespace>:<port>")))?;
     raw.parse().map_err(|e| bad_request(format!("{name}: {e}")))
 }
 
 fn addr_param(query: Option<&str>) -> Result<std::net::SocketAddr, Response<Body>> {
-    let raw = query_param(query, "addr")
-        .map(percent_decode)
-        .ok_or_else(|| bad_request("addr: required, as <ip>:<port>"))?;
+    let raw =
+        query_param(query, "addr").ok_or_else(|| bad_request("addr: required, as <ip>:<port>"))?;
     raw.parse()
         .map_err(|_| bad_request(format!("addr: {raw:?} is not <ip>:<port>")))
 }
 
 fn policy_target(query: Option<&str>) -> Result<PolicyTarget, Response<Body>> {
-    let param = |name| query_param(query, name).map(percent_decode);
+    let param = |name| query_param(query, name);
     let port = param("port")
         .ok_or_else(|| bad_request("port: required, the workload port whose policy to watch"))?;
     let port = port
