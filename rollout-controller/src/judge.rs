@@ -1288,7 +1288,6 @@ mod tests {
         assert_eq!(gates[0].verdict, Verdict::Inconclusive);
     }
 
-    /// A window of `n` canary and `m` primary requests with the given failures, all fast.
     /// Deterministic pseudo-random numbers in [0, 1) from `seed` (xorshift64).
     fn uniform(mut seed: u64) -> impl FnMut() -> f64 {
         move || {
@@ -1299,6 +1298,7 @@ mod tests {
         }
     }
 
+    /// A window of `n` canary and `m` primary requests with the given failures, all fast.
     fn mk_window(n: u64, nf: u64, m: u64, mf: u64) -> Window {
         Window {
             canary: mk_arm(n, nf, mk_hist(&[(10.0, n)])),

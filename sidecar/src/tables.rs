@@ -160,8 +160,8 @@ impl Route {
 
     /// The `request_total`, `response_total` and `response_latency_ms` series of an attempt on
     /// this route to an endpoint of `backend` owned by `deployment`, over mTLS when `meshed`:
-    /// looked up the first time, then shared. A route
-    /// reaches a few backends and endpoint owners, so the list stays short.
+    /// looked up the first time, then shared. A route reaches a few backends and endpoint
+    /// owners, so the list stays short.
     pub fn series(
         &self,
         metrics: &Metrics,

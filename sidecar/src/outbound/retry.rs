@@ -26,8 +26,7 @@ use crate::metrics::Metrics;
 use crate::outbound::error::Error;
 use crate::outbound::route::Routed;
 use crate::retry::{BoxError, Budget, ReplayBody, Replayable};
-use crate::tables::Route;
-use crate::tables::SharedTables;
+use crate::tables::{Route, SharedTables};
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)

@@ -19,8 +19,7 @@ use crate::balance::Balancer;
 use crate::http::Body;
 use crate::outbound::error::{Error, Unavailable};
 use crate::outbound::route::Routed;
-use crate::tables::Route;
-use crate::tables::Tables;
+use crate::tables::{Route, Tables};
 
 /// An attempt with its backend.
 #[derive(Debug)]
