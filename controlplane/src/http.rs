@@ -22,6 +22,8 @@ use hyper_util::{
 };
 use serde::Serialize;
 use serde_json::{Value, json};
+
+use crate::conn_threads::ConnectionThreads;
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
@@ -197,6 +199,8 @@ async fn serve_with<H, F>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_STREAMS)
         .keep_alive_interval(Some(Duration::from_secs(20)));
+    // Each connection, with its streams, runs on one thread (see `conn_threads`).
+    let threads = ConnectionThreads::for_current_runtime(name);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -212,7 +216,7 @@ async fn serve_with<H, F>(
         let builder = builder.clone();
         let tls = tls.clone();
         // The handshake runs in the connection's task, so a slow client never holds up accept.
-        tokio::spawn(async move {
+        threads.run(async move {
             let Some(acceptor) = tls else {
                 return serve_connection(&builder, stream, None, handler, name, peer).await;
             };

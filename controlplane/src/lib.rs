@@ -9,6 +9,7 @@
 pub mod access;
 pub mod api;
 pub mod config;
+pub mod conn_threads;
 pub mod http;
 pub mod identity;
 pub mod index;
