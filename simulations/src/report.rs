@@ -483,10 +483,11 @@ impl Report<'_> {
                 p95 <= ROLLBACK_BUDGET_S,
                 format!(
                     "p95 {p95:.0} s (median {} s), {} decided within {ROLLBACK_BUDGET_S:.0} s, \
-                     {} rolled back (see [errors-5pct within 10 s](#errors-5pct-within-10-s));",
+                     {} rolled back; {} (see [errors-5pct within 10 s](#errors-5pct-within-10-s));",
                     fmt_s(e.decision_s_median),
                     pct(within as f64 / e.runs.max(1) as f64),
-                    pct(e.p_rollback())
+                    pct(e.p_rollback()),
+                    detection_ceiling_words()
                 ),
             );
         }
@@ -917,6 +918,30 @@ fn blast_floors(report: &Report<'_>) -> Vec<String> {
             }
         })
         .collect()
+}
+
+/// The most any comparison that keeps the healthy promise could decide errors-5pct within the
+/// budget, with the shipped Canary stepping at every tick (`judge::best_comparison_power`), in
+/// words; docs/rollout.md states the same figure.
+pub fn detection_ceiling_words() -> String {
+    use mesh_rollout_controller::judge::best_comparison_power;
+    let mesh = MeshConfig::default();
+    let Some(s) = scenario::by_name("errors-5pct") else {
+        return String::new();
+    };
+    let windows = mesh.fastest_windows(s.rps, ROLLBACK_BUDGET_S);
+    let ceiling = best_comparison_power(&windows, s.canary_fail, s.primary_fail, mesh.judge.alpha);
+    ceiling.map_or_else(String::new, |c| {
+        format!(
+            "no comparison at alpha {} whose false rollbacks stay within it whatever failure rate \
+             both sides share could decide more than {} within {ROLLBACK_BUDGET_S:.0} s at \
+             {:.0} RPS, even with the weight stepping at every tick of the shipped Canary \
+             (`judge::best_comparison_power`), so this item cannot hold with it",
+            mesh.judge.alpha,
+            pct(c),
+            s.rps
+        )
+    })
 }
 
 fn ratio(k: u64, n: u64) -> f64 {

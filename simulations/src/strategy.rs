@@ -92,6 +92,25 @@ impl Default for MeshConfig {
 }
 
 impl MeshConfig {
+    /// The expected `(canary, primary)` requests of each analysis interval in the first
+    /// `seconds` of a rollout at `rps`, when every tick steps the weight (the fastest this
+    /// Canary's schedule allows): `stepWeight` % for the first interval, twice that for the
+    /// second, up to `maxWeight`; the last stretch is cut at `seconds`.
+    pub fn fastest_windows(&self, rps: f64, seconds: f64) -> Vec<(f64, f64)> {
+        let interval = self.interval_s.max(1) as f64;
+        let mut windows = Vec::new();
+        let mut start = 0.0;
+        let mut weight = 0;
+        while start < seconds {
+            weight = (weight + self.step_weight).min(self.max_weight);
+            let share = f64::from(weight) / 100.0;
+            let length = interval.min(seconds - start);
+            windows.push((rps * length * share, rps * length * (1.0 - share)));
+            start += interval;
+        }
+        windows
+    }
+
     /// The Canary spec this configuration stands for.
     pub fn spec(&self) -> Result<CanarySpec, serde_json::Error> {
         let interval = format!("{}s", self.interval_s);

@@ -126,6 +126,48 @@ fn the_blast_radius_floor_docs_rollout_states_is_the_math() {
     assert_rollout_page_states(&blast_floor_line());
 }
 
+/// docs/rollout.md states how fast any comparison that keeps the healthy promise could catch
+/// a canary failing 5 %; the figure comes from `judge::best_comparison_power` on the shipped
+/// Canary's fastest schedule, and this test fails when the page and the math drift apart.
+#[test]
+fn the_detection_ceiling_docs_rollout_states_is_the_math() {
+    assert_rollout_page_states(&detection_ceiling_line());
+}
+
+/// The sentence of docs/rollout.md with the most any such comparison decides within 10 s.
+fn detection_ceiling_line() -> String {
+    use mesh_rollout_controller::judge::best_comparison_power;
+    let mesh = MeshConfig::default();
+    let rps = 100.0;
+    let (bad, base) = (0.05, scenario::BASE_FAIL);
+    let at = |windows: &[(f64, f64)]| {
+        100.0 * best_comparison_power(windows, bad, base, mesh.judge.alpha).unwrap()
+    };
+    let shipped = at(&mesh.fastest_windows(rps, 10.0));
+    let with = |step_weight: i32, max_weight: i32| {
+        at(&MeshConfig {
+            step_weight,
+            max_weight,
+            ..mesh.clone()
+        }
+        .fastest_windows(rps, 10.0))
+    };
+    let held = with(mesh.step_weight, mesh.step_weight);
+    let doubled = with(2 * mesh.step_weight, mesh.max_weight);
+    format!(
+        "At {rps:.0} req/s with the shipped Canary, no comparison at alpha {} whose false \
+         rollbacks stay within it whatever failure rate both sides share may roll back a canary \
+         failing 5 % against a primary failing {} % within 10 s in more than {shipped:.1} % of \
+         rollouts, even if the weight steps to {} % at the first tick ({held:.1} % if it stays at \
+         {} %; {doubled:.1} % with a stepWeight of {}).",
+        mesh.judge.alpha,
+        100.0 * base,
+        2 * mesh.step_weight,
+        mesh.step_weight,
+        2 * mesh.step_weight,
+    )
+}
+
 /// Fails unless docs/rollout.md holds `line` word for word.
 fn assert_rollout_page_states(line: &str) {
     let page = std::fs::read_to_string(
