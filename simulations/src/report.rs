@@ -755,7 +755,7 @@ impl Report<'_> {
         let current = MeshConfig::default();
         let _ = writeln!(
             md,
-            "## Rounds 2 to 4: what changed in the judge, and what each change bought\n\n\
+            "## Rounds 2 to 5: what changed in the judge, what each change bought, and what no judge can do\n\n\
              `mesh` runs what the product ships: the Canary of `examples/mesh.yaml` and of `mesh \
              demo` (interval {}s, threshold {}, stepWeight {}, maxWeight {}, \
              progressDeadlineSeconds {}, both absolute gates) with `JudgeConfig::default()` ({}). \
@@ -904,13 +904,19 @@ fn blast_floors(report: &Report<'_>) -> Vec<String> {
                 }
                 Expect::Promote => {
                     let n = fewest_requests_to_promote(j.error_floor, j.promote_alpha)?;
-                    let floor = n as f64 * scen.canary_fail;
+                    let fail = scen.mean_canary_fail();
+                    let floor = n as f64 * fail;
                     (mean < floor).then(|| {
                         format!(
                             "{sc}, at least {n} canary requests before any rule may promote it, \
-                             so {floor:.2} failed on average at its {} % failure rate (the first \
-                             report: {mean:.1})",
-                            100.0 * scen.canary_fail
+                             so {floor:.2} failed on average at its {} % failure rate{} (the \
+                             first report: {mean:.1})",
+                            fmt_pct_rate(fail),
+                            if fail > scen.canary_fail {
+                                ", bursts included"
+                            } else {
+                                ""
+                            }
                         )
                     })
                 }
@@ -942,6 +948,16 @@ pub fn detection_ceiling_words() -> String {
             s.rps
         )
     })
+}
+
+/// A failure rate in per cent, with as many decimals as it needs (0.1, 1.86).
+fn fmt_pct_rate(rate: f64) -> String {
+    let pct = 100.0 * rate;
+    if (pct * 10.0 - (pct * 10.0).round()).abs() < 1e-9 {
+        format!("{pct:.1}")
+    } else {
+        format!("{pct:.2}")
+    }
 }
 
 fn ratio(k: u64, n: u64) -> f64 {

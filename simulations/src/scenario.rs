@@ -120,6 +120,22 @@ pub const MEDIAN_MS: f64 = 20.0;
 pub const P99_MS: f64 = 100.0;
 
 impl Scenario {
+    /// A lower bound on the canary's failure share averaged over time: its own rate, raised to
+    /// a burst's for the share of time that kind of burst lasts (a burst lasts `length_s` and
+    /// the next starts an exponential `mean_gap_s` after it ends, as `traffic` draws them), the
+    /// larger of the two kinds when both are set (exact when one is, as in every scenario).
+    pub fn mean_canary_fail(&self) -> f64 {
+        [self.canary_bursts, self.shared_bursts]
+            .into_iter()
+            .flatten()
+            .map(|b| {
+                let length = b.length_s as f64;
+                let share = length / (length + b.mean_gap_s);
+                self.canary_fail * (1.0 - share) + b.fail.max(self.canary_fail) * share
+            })
+            .fold(self.canary_fail, f64::max)
+    }
+
     fn base(name: &'static str, description: &'static str) -> Self {
         Self {
             name,
@@ -367,4 +383,20 @@ fn loaded() -> Vec<Scenario> {
 /// The scenario called `name`.
 pub fn by_name(name: &str) -> Option<Scenario> {
     all().into_iter().find(|s| s.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::by_name;
+
+    #[test]
+    fn bursts_raise_the_mean_failure_share_by_the_time_they_last() {
+        let healthy = by_name("healthy").unwrap();
+        assert!((healthy.mean_canary_fail() - healthy.canary_fail).abs() < 1e-12);
+        // 10 s bursts at 10 %, the next starting 60 s after one ends on average: 1/7 of the
+        // time; 0.5 % otherwise.
+        let noisy = by_name("noisy-primary").unwrap();
+        let expected = 0.005 * 6.0 / 7.0 + 0.1 / 7.0;
+        assert!((noisy.mean_canary_fail() - expected).abs() < 1e-12);
+    }
 }
