@@ -23,7 +23,7 @@
 //!
 //! When the process's runtime has one thread (`MESH_CONTROLPLANE_CORES=1`), connections are
 //! spawned on it as before and no thread is started. The threads end, cancelling their
-//! connections, when the server that owns them is dropped.
+//! connections, when the servers that share them are dropped.
 
 use std::{
     any::Any,
@@ -52,9 +52,9 @@ pub struct ConnectionThreads {
 }
 
 impl ConnectionThreads {
-    /// As many threads as the current runtime has workers, named after `name` (the listener);
-    /// none when it has one, or when a thread cannot be started (then connections run on the
-    /// current runtime, as they would with one worker).
+    /// As many threads as the current runtime has workers, named `<name>-conn-<i>` (Linux keeps
+    /// 15 bytes of a thread name); none when it has one, or when a thread cannot be started
+    /// (then connections run on the current runtime, as they would with one worker).
     ///
     /// # Panics
     ///
@@ -76,7 +76,7 @@ impl ConnectionThreads {
             match start(name, i) {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
-                    tracing::warn!(listener = name, error = %e,
+                    tracing::warn!(threads = name, error = %e,
                         "cannot start a connection thread; serving connections on the main runtime");
                     return Self {
                         threads: Vec::new(),

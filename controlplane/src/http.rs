@@ -152,23 +152,28 @@ pub fn path_segment(segment: &str) -> String {
         .into_owned()
 }
 
-/// Serves `handler` on `listener` until the process ends; every connection may speak HTTP/1.1
-/// or HTTP/2 with prior knowledge.
-pub async fn serve<H, F>(listener: TcpListener, name: &'static str, handler: H)
-where
+/// Serves `handler` on `listener` until the process ends, each connection on one of `threads`;
+/// every connection may speak HTTP/1.1 or HTTP/2 with prior knowledge.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    name: &'static str,
+    threads: Arc<ConnectionThreads>,
+    handler: H,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    serve_with(listener, name, None, handler).await;
+    serve_with(listener, name, threads, None, handler).await;
 }
 
-/// Serves `handler` on `listener` over TLS with `tls` until the process ends; ALPN picks
-/// HTTP/2 or HTTP/1.1. Requests of a connection that presented a verified client certificate
+/// Serves `handler` on `listener` over TLS with `tls` until the process ends, each connection
+/// on one of `threads`; ALPN picks HTTP/2 or HTTP/1.1. Requests of a connection that presented a verified client certificate
 /// naming a SPIFFE ID carry it as a [`PeerIdentity`] extension. A plaintext HTTP client gets a
 /// 400 saying so and is disconnected.
 pub async fn serve_tls<H, F>(
     listener: TcpListener,
     name: &'static str,
+    threads: Arc<ConnectionThreads>,
     tls: Arc<rustls::ServerConfig>,
     handler: H,
 ) where
@@ -178,6 +183,7 @@ pub async fn serve_tls<H, F>(
     serve_with(
         listener,
         name,
+        threads,
         Some(tokio_rustls::TlsAcceptor::from(tls)),
         handler,
     )
@@ -187,6 +193,7 @@ pub async fn serve_tls<H, F>(
 async fn serve_with<H, F>(
     listener: TcpListener,
     name: &'static str,
+    threads: Arc<ConnectionThreads>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     handler: H,
 ) where
@@ -199,8 +206,6 @@ async fn serve_with<H, F>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_STREAMS)
         .keep_alive_interval(Some(Duration::from_secs(20)));
-    // Each connection, with its streams, runs on one thread (see `conn_threads`).
-    let threads = ConnectionThreads::for_current_runtime(name);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -215,7 +220,8 @@ async fn serve_with<H, F>(
         let handler = handler.clone();
         let builder = builder.clone();
         let tls = tls.clone();
-        // The handshake runs in the connection's task, so a slow client never holds up accept.
+        // The handshake runs in the connection's task, so a slow client never holds up accept;
+        // the connection and its streams run on one thread (see `conn_threads`).
         threads.run(async move {
             let Some(acceptor) = tls else {
                 return serve_connection(&builder, stream, None, handler, name, peer).await;

@@ -268,7 +268,11 @@ async fn serve_apis<S: ResourceStore>(
         token.authorization().ok()
     };
     let sd = Arc::clone(&shared);
-    let api_server = http::serve(api, "api", move |req| {
+    // Both APIs' connections share one set of threads (see `conn_threads`).
+    let threads = Arc::new(conn_threads::ConnectionThreads::for_current_runtime(
+        "controlplane",
+    ));
+    let api_server = http::serve(api, "api", Arc::clone(&threads), move |req| {
         let store = Arc::clone(&store);
         let admitted = token.admits(&req) || req.uri().path() == "/healthz";
         // Prometheus HTTP service discovery: the registered proxies' admin addresses, from the
@@ -297,7 +301,7 @@ async fn serve_apis<S: ResourceStore>(
             }
         }
     });
-    let proxy_server = http::serve_tls(proxy, "proxy", proxy_tls.config(), move |req| {
+    let proxy_server = http::serve_tls(proxy, "proxy", threads, proxy_tls.config(), move |req| {
         proxy::handle(Arc::clone(&shared), req)
     });
     tokio::join!(api_server, proxy_server);
