@@ -269,9 +269,7 @@ async fn serve_apis<S: ResourceStore>(
     };
     let sd = Arc::clone(&shared);
     // Both APIs' connections share one set of threads (see `conn_threads`).
-    let threads = Arc::new(conn_threads::ConnectionThreads::for_current_runtime(
-        "controlplane",
-    ));
+    let threads = Arc::new(conn_threads::ConnectionThreads::for_current_runtime("mesh"));
     let api_server = http::serve(api, "api", Arc::clone(&threads), move |req| {
         let store = Arc::clone(&store);
         let admitted = token.admits(&req) || req.uri().path() == "/healthz";

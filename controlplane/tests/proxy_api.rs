@@ -180,17 +180,12 @@ async fn registered_workloads_become_endpoints_until_their_lease_expires() {
     stream.abort();
 }
 
-#[tokio::test]
-async fn a_deregistered_workload_leaves_the_endpoints_at_once() {
-    let state = tempfile::tempdir().unwrap();
-    // A TTL far longer than the test's patience: only the DELETE can remove the endpoint.
-    let (_cp, proxy) = start(state.path(), "600s");
-    let client = client_for(state.path(), WEB);
-    let endpoints = format!("{proxy}{WATCH_ENDPOINTS_PATH}?service=web.default:80");
-    let mut resp = client.get(&endpoints).send().await.unwrap();
-    assert_eq!(resp.status(), 200);
+/// Reads an endpoints watch stream in a task, keeping the latest update's addresses.
+fn endpoint_addrs(
+    mut resp: reqwest::Response,
+) -> (Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
     let latest: Arc<Mutex<Vec<String>>> = Arc::default();
-    let stream = {
+    let task = {
         let latest = Arc::clone(&latest);
         tokio::spawn(async move {
             let mut buf = Vec::new();
@@ -207,21 +202,118 @@ async fn a_deregistered_workload_leaves_the_endpoints_at_once() {
             }
         })
     };
+    (latest, task)
+}
+
+/// A plain registration of `addr` for `service`.
+fn registration(service: &str, addr: &str) -> WorkloadRegistration {
+    WorkloadRegistration {
+        service: service.parse().unwrap(),
+        addr: addr.parse().unwrap(),
+        identity: None,
+        labels: BTreeMap::new(),
+        admin_addr: None,
+        deployment: None,
+        pod: None,
+    }
+}
+
+/// A hundred watches of one service over four connections, on a control plane with two
+/// connection threads (each connection and its streams on one thread, a change woken once per
+/// thread and passed to its streams by the thread's relay): every stream sees every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_watch_on_every_connection_sees_each_change() {
+    let state = tempfile::tempdir().unwrap();
+    let mut cp = control_plane_on(state.path())
+        .env("MESH_CONTROLPLANE_CORES", "2")
+        .env("MESH_CONTROLPLANE_WORKLOAD_TTL", "600s")
+        .run()
+        .unwrap();
+    let proxy = cp.proxy_api_url();
+    let endpoints = format!("{proxy}{WATCH_ENDPOINTS_PATH}?service=web.default:80");
+    let mut watches = Vec::new();
+    for _ in 0..4 {
+        // A client per connection.
+        let client = client_for(state.path(), WEB);
+        for _ in 0..25 {
+            let resp = client.get(&endpoints).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            watches.push(endpoint_addrs(resp));
+        }
+    }
+    // The connections are served on the control plane's connection threads.
+    let pid = cp.process().child().pid();
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect();
+    let conn = threads
+        .iter()
+        .filter(|name| name.starts_with("mesh-conn-"))
+        .count();
+    assert_eq!(conn, 2, "{threads:?}");
+
+    let seen = |watches: &[(Arc<Mutex<Vec<String>>>, _)], expected: &[&str]| {
+        watches
+            .iter()
+            .filter(|(latest, _)| *latest.lock().unwrap() == expected)
+            .count()
+    };
+    let client = client_for(state.path(), WEB);
+    let mut expected: Vec<&str> = Vec::new();
+    let mut leases = Vec::new();
+    for addr in ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"] {
+        let resp = client
+            .post(format!("{proxy}{WORKLOADS_PATH}"))
+            .json(&registration("web.default:80", addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        leases.push(resp.json::<WorkloadLease>().await.unwrap());
+        expected.push(addr);
+        assert_eventually!(
+            seen(&watches, &expected) == watches.len(),
+            "after registering {addr}, {} of {} watches have {expected:?}",
+            seen(&watches, &expected),
+            watches.len()
+        );
+    }
+    let deleted = client
+        .delete(format!("{proxy}{WORKLOADS_PATH}/{}", leases[1].id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let expected = ["127.0.0.1:9001", "127.0.0.1:9003"];
+    assert_eventually!(
+        seen(&watches, &expected) == watches.len(),
+        "after the deregistration, {} of {} watches have {expected:?}",
+        seen(&watches, &expected),
+        watches.len()
+    );
+    for (_, task) in watches {
+        task.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_deregistered_workload_leaves_the_endpoints_at_once() {
+    let state = tempfile::tempdir().unwrap();
+    // A TTL far longer than the test's patience: only the DELETE can remove the endpoint.
+    let (_cp, proxy) = start(state.path(), "600s");
+    let client = client_for(state.path(), WEB);
+    let endpoints = format!("{proxy}{WATCH_ENDPOINTS_PATH}?service=web.default:80");
+    let resp = client.get(&endpoints).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let (latest, stream) = endpoint_addrs(resp);
 
     let mut leases = Vec::new();
     for addr in ["127.0.0.1:9001", "127.0.0.1:9002"] {
-        let registration = WorkloadRegistration {
-            service: "web.default:80".parse().unwrap(),
-            addr: addr.parse().unwrap(),
-            identity: None,
-            labels: BTreeMap::new(),
-            admin_addr: None,
-            deployment: None,
-            pod: None,
-        };
         let resp = client
             .post(format!("{proxy}{WORKLOADS_PATH}"))
-            .json(&registration)
+            .json(&registration("web.default:80", addr))
             .send()
             .await
             .unwrap();
