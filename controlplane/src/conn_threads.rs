@@ -13,7 +13,7 @@
 //!
 //! Two things together give every core that batching. Each connection, with its streams, runs
 //! on one single-threaded runtime of a small set, one per worker of the process's runtime (the
-//! least busy when it is accepted). And [`ticks_here`] gives a stream a relay on its own thread:
+//! least busy when it is accepted). And [`LocalWatch`] gives a stream a relay on its own thread:
 //! one task per thread and watched value is woken from outside, and it wakes that thread's
 //! streams all at once, before any of them runs. Either alone was measured to change nothing:
 //! with the threads but no relay, each stream's wake came from the main runtime and woke its
@@ -149,11 +149,51 @@ struct Relay {
     ticks: Arc<watch::Sender<()>>,
 }
 
+/// A watch receiver that, on a connection thread, is woken through that thread's relay of its
+/// channel (see the module), and elsewhere by the channel itself, as a plain receiver is.
+pub struct LocalWatch<T> {
+    rx: watch::Receiver<T>,
+    ticks: Option<watch::Receiver<()>>,
+}
+
+impl<T: Send + Sync + 'static> LocalWatch<T> {
+    /// Watches `rx`'s channel from here; what `rx` has seen counts as seen.
+    pub fn new(rx: watch::Receiver<T>) -> Self {
+        let ticks = ticks_here(&rx);
+        Self { rx, ticks }
+    }
+
+    /// Waits until the channel holds a value this watch has not read; false once it has closed.
+    pub async fn changed(&mut self) -> bool {
+        let Some(ticks) = &mut self.ticks else {
+            return self.rx.changed().await.is_ok();
+        };
+        loop {
+            // Ticks seen so far are spent: a change after this check ticks again.
+            ticks.borrow_and_update();
+            match self.rx.has_changed() {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(_) => return false,
+            }
+            if ticks.changed().await.is_err() {
+                // The relay ended (its channel closed, or the thread is going): ask the channel.
+                return self.rx.changed().await.is_ok();
+            }
+        }
+    }
+
+    /// The latest value, marked as read.
+    pub fn borrow_and_update(&mut self) -> watch::Ref<'_, T> {
+        self.rx.borrow_and_update()
+    }
+}
+
 /// A receiver that ticks, on this thread, after each change to `source`'s channel, when this is
 /// a connection thread (see the module); `None` elsewhere, where the stream should wait on
 /// `source` itself. After a tick, read `source` as usual; a tick may stand for several changes,
 /// or for one already read. The tick receiver reports an error once the channel has closed.
-pub fn ticks_here<T: Send + Sync + 'static>(
+fn ticks_here<T: Send + Sync + 'static>(
     source: &watch::Receiver<T>,
 ) -> Option<watch::Receiver<()>> {
     if !CONNECTION_THREAD.with(Cell::get) {
@@ -329,6 +369,50 @@ mod tests {
         drop(tx);
         let next = tokio::time::timeout(wait, reports.recv()).await;
         assert_eq!(next, Ok(Some("closed")));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_local_watch_sees_each_change_on_and_off_connection_threads() {
+        use super::LocalWatch;
+        use tokio::sync::watch;
+
+        let (tx, rx) = watch::channel(0u32);
+        let mut here = LocalWatch::new(rx.clone());
+        assert!(here.ticks.is_none(), "not a connection thread");
+        let threads = ConnectionThreads::for_current_runtime("test");
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        threads.run(async move {
+            let mut there = LocalWatch::new(rx);
+            assert!(there.ticks.is_some(), "a connection thread relays");
+            while there.changed().await {
+                let value = *there.borrow_and_update();
+                seen_tx.send(value).ok();
+            }
+            seen_tx.send(u32::MAX).ok();
+        });
+        let wait = Duration::from_secs(10);
+        for value in 1..=3 {
+            tx.send_replace(value);
+            assert!(here.changed().await);
+            assert_eq!(*here.borrow_and_update(), value);
+            // The relayed watch may skip a value only when a later one came first.
+            let mut got = 0;
+            while got != value {
+                got = tokio::time::timeout(wait, seen.recv())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(got <= value, "{got}");
+            }
+        }
+        drop(tx);
+        assert!(!here.changed().await, "the channel closed");
+        let end = tokio::time::timeout(wait, seen.recv()).await.unwrap();
+        assert_eq!(
+            end,
+            Some(u32::MAX),
+            "the relayed watch ends with its channel"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -22,12 +22,12 @@ use hyper_util::{
 };
 use serde::Serialize;
 use serde_json::{Value, json};
-
-use crate::conn_threads::ConnectionThreads;
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
 };
+
+use crate::conn_threads::ConnectionThreads;
 
 /// Response body: a whole buffer or a stream of NDJSON lines.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -167,9 +167,9 @@ pub async fn serve<H, F>(
 }
 
 /// Serves `handler` on `listener` over TLS with `tls` until the process ends, each connection
-/// on one of `threads`; ALPN picks HTTP/2 or HTTP/1.1. Requests of a connection that presented a verified client certificate
-/// naming a SPIFFE ID carry it as a [`PeerIdentity`] extension. A plaintext HTTP client gets a
-/// 400 saying so and is disconnected.
+/// on one of `threads`; ALPN picks HTTP/2 or HTTP/1.1. Requests of a connection that presented
+/// a verified client certificate naming a SPIFFE ID carry it as a [`PeerIdentity`] extension.
+/// A plaintext HTTP client gets a 400 saying so and is disconnected.
 pub async fn serve_tls<H, F>(
     listener: TcpListener,
     name: &'static str,

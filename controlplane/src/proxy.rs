@@ -38,6 +38,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::{
+    conn_threads::LocalWatch,
     http::{
         Body, PeerIdentity, full, json_response, ndjson_response, query_param, read_body,
         status_error,
@@ -376,44 +377,21 @@ where
 {
     // On a connection thread, the stream waits on that thread's relay of the channel, so that a
     // change wakes all the thread's streams at once (see `conn_threads`).
-    let ticks = crate::conn_threads::ticks_here(&rx);
-    let state = (rx, ticks, true, watcher);
-    let lines =
-        futures_util::stream::unfold(state, |(mut rx, mut ticks, first, watcher)| async move {
-            if !first && !changed(&mut rx, ticks.as_mut()).await {
-                return None;
-            }
-            let published = rx.borrow_and_update();
-            let line = published.line.clone();
-            // The snapshot a stream starts with was published whenever; only changes propagate.
-            if !first {
-                watcher.propagated(published.at.elapsed());
-            }
-            drop(published);
-            Some((line, (rx, ticks, false, watcher)))
-        });
+    let state = (LocalWatch::new(rx), true, watcher);
+    let lines = futures_util::stream::unfold(state, |(mut rx, first, watcher)| async move {
+        if !first && !rx.changed().await {
+            return None;
+        }
+        let published = rx.borrow_and_update();
+        let line = published.line.clone();
+        // The snapshot a stream starts with was published whenever; only changes propagate.
+        if !first {
+            watcher.propagated(published.at.elapsed());
+        }
+        drop(published);
+        Some((line, (rx, false, watcher)))
+    });
     ndjson_response(NDJSON, lines)
-}
-
-/// Waits until `rx` holds a value it has not read, woken by `ticks` when given (a relay of the
-/// same channel on this thread) or by `rx` itself; false once the channel has closed.
-async fn changed<T>(rx: &mut watch::Receiver<T>, ticks: Option<&mut watch::Receiver<()>>) -> bool {
-    let Some(ticks) = ticks else {
-        return rx.changed().await.is_ok();
-    };
-    loop {
-        // Ticks seen so far are spent: a change after this check ticks again.
-        ticks.borrow_and_update();
-        match rx.has_changed() {
-            Ok(true) => return true,
-            Ok(false) => {}
-            Err(_) => return false,
-        }
-        if ticks.changed().await.is_err() {
-            // The relay ended (its channel closed, or the thread is going): ask the channel.
-            return rx.changed().await.is_ok();
-        }
-    }
 }
 
 /// Whether the request's token, reviewed by the API server, belongs to the service account its
