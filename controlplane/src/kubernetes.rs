@@ -47,17 +47,28 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 impl ControlPlane {
     /// Serves the resource API and the proxy API like [`ControlPlane::serve`], with the
-    /// discovery index fed from the cluster behind `client`.
-    pub async fn serve_kubernetes(
+    /// discovery index fed from the cluster behind `client`. As there, the pointer to the API
+    /// token is left before this returns.
+    pub fn serve_kubernetes(
+        self,
+        client: Client,
+        trust_domain: String,
+        api: TcpListener,
+        proxy: TcpListener,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        if let Ok(addr) = api.local_addr() {
+            self.api_token.register(addr);
+        }
+        self.serve_cluster(client, trust_domain, api, proxy)
+    }
+
+    async fn serve_cluster(
         self,
         client: Client,
         trust_domain: String,
         api: TcpListener,
         proxy: TcpListener,
     ) {
-        if let Ok(addr) = api.local_addr() {
-            self.api_token.register(addr);
-        }
         // Proxies in pods authenticate with their projected tokens, checked by TokenReview.
         let _ = self.shared.kube.set(client.clone());
         let client_for_observe = client.clone();

@@ -82,8 +82,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let proxy = TcpListener::bind(config.proxy_addr)
         .await
         .with_context(|| format!("binding the proxy API on {}", config.proxy_addr))?;
-    println!("{}", Listening::new("api", api.local_addr()?));
-    println!("{}", Listening::new("proxy", proxy.local_addr()?));
+    let (api_addr, proxy_addr) = (api.local_addr()?, proxy.local_addr()?);
     tracing::info!(
         state_dir = %config.state_dir.display(),
         resource_version = control_plane.store().resource_version(),
@@ -109,6 +108,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         Box::pin(control_plane.serve(api, proxy))
     };
+    // Announced once serving has left the pointer to the API token (both `serve` calls leave it
+    // before they return): a `mesh` asked at once must not find an earlier control plane's
+    // pointer for the same port.
+    println!("{}", Listening::new("api", api_addr));
+    println!("{}", Listening::new("proxy", proxy_addr));
     tokio::select! {
         () = serving => Ok(()),
         () = injector => Ok(()),
