@@ -205,17 +205,26 @@ fn endpoint_addrs(
     (latest, task)
 }
 
-/// A plain registration of `addr` for `service`.
-fn registration(service: &str, addr: &str) -> WorkloadRegistration {
-    WorkloadRegistration {
-        service: service.parse().unwrap(),
+/// Registers a plain workload at `addr` for `web.default:80` through the proxy API at `proxy`,
+/// and returns its lease.
+async fn register(client: &reqwest::Client, proxy: &str, addr: &str) -> WorkloadLease {
+    let registration = WorkloadRegistration {
+        service: "web.default:80".parse().unwrap(),
         addr: addr.parse().unwrap(),
         identity: None,
         labels: BTreeMap::new(),
         admin_addr: None,
         deployment: None,
         pod: None,
-    }
+    };
+    let resp = client
+        .post(format!("{proxy}{WORKLOADS_PATH}"))
+        .json(&registration)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    resp.json().await.unwrap()
 }
 
 /// A hundred watches of one service over four connections, on a control plane with two
@@ -264,14 +273,7 @@ async fn every_watch_on_every_connection_sees_each_change() {
     let mut expected: Vec<&str> = Vec::new();
     let mut leases = Vec::new();
     for addr in ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"] {
-        let resp = client
-            .post(format!("{proxy}{WORKLOADS_PATH}"))
-            .json(&registration("web.default:80", addr))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 201);
-        leases.push(resp.json::<WorkloadLease>().await.unwrap());
+        leases.push(register(&client, &proxy, addr).await);
         expected.push(addr);
         assert_eventually!(
             seen(&watches, &expected) == watches.len(),
@@ -311,14 +313,7 @@ async fn a_deregistered_workload_leaves_the_endpoints_at_once() {
 
     let mut leases = Vec::new();
     for addr in ["127.0.0.1:9001", "127.0.0.1:9002"] {
-        let resp = client
-            .post(format!("{proxy}{WORKLOADS_PATH}"))
-            .json(&registration("web.default:80", addr))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 201);
-        leases.push(resp.json::<WorkloadLease>().await.unwrap());
+        leases.push(register(&client, &proxy, addr).await);
     }
     assert_eventually!(
         *latest.lock().unwrap() == ["127.0.0.1:9001", "127.0.0.1:9002"],
