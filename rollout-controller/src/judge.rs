@@ -1029,31 +1029,39 @@ pub fn best_comparison_power(
     if !valid {
         return None;
     }
-    // Per window: the expected failures of both sides, the canary's share of a failure when
-    // the two are alike (`pi`), and when the canary fails `bad` (`theta`).
-    let shape: Vec<(f64, f64, f64)> = windows
+    // Enumerates the windows' totals as an odometer, each up to where its Poisson tail is
+    // negligible. Per window and total, its Poisson weight and how the total splits under
+    // either hypothesis are computed once.
+    let splits: Vec<Split> = windows
         .iter()
         .map(|&(c, p)| {
+            // The expected failures of both sides, the canary's share of a failure when the
+            // two are alike (`pi`), and when the canary fails `bad` (`theta`).
             let events = c * bad + p * base;
-            (events, c / (c + p), c * bad / events)
+            let (pi, theta) = (c / (c + p), c * bad / events);
+            let limit = poisson_upper(events, 1e-9 / windows.len() as f64);
+            let poisson = Poisson::new(events).ok();
+            let totals = 0..=limit;
+            Split {
+                weight: totals
+                    .clone()
+                    .map(|t| poisson.as_ref().map_or(0.0, |p| p.pmf(t)))
+                    .collect(),
+                null: totals.clone().map(|t| binomial_pmfs(pi, t)).collect(),
+                alt: totals.map(|t| binomial_pmfs(theta, t)).collect(),
+            }
         })
         .collect();
     let mut power = 0.0;
-    let mut totals = vec![0u64; shape.len()];
-    // Enumerates the windows' totals as an odometer, each up to where its Poisson tail is
-    // negligible.
-    let limits: Vec<u64> = shape
-        .iter()
-        .map(|&(events, ..)| poisson_upper(events, 1e-9 / shape.len() as f64))
-        .collect();
+    let mut totals = vec![0usize; splits.len()];
     loop {
-        let weight: f64 = shape
+        let weight: f64 = splits
             .iter()
             .zip(&totals)
-            .map(|(&(events, ..), &t)| poisson_pmf(events, t))
+            .map(|(w, &t)| w.weight[t])
             .product();
-        let null = split_counts(&shape, &totals, |&(_, pi, _)| pi);
-        let alt = split_counts(&shape, &totals, |&(.., theta)| theta);
+        let null = convolve(splits.iter().zip(&totals).map(|(w, &t)| &w.null[t]));
+        let alt = convolve(splits.iter().zip(&totals).map(|(w, &t)| &w.alt[t]));
         power += weight * neyman_pearson(&null, &alt, alpha);
         // The next set of totals.
         let mut i = 0;
@@ -1062,7 +1070,7 @@ pub fn best_comparison_power(
                 return Some(power.min(1.0));
             }
             totals[i] += 1;
-            if totals[i] <= limits[i] {
+            if totals[i] < splits[i].weight.len() {
                 break;
             }
             totals[i] = 0;
@@ -1071,22 +1079,30 @@ pub fn best_comparison_power(
     }
 }
 
-/// The distribution of the canary's failures given each window's total, its share in window
-/// `w` being `share(shape[w])`: a sum of binomials, `[P(0), P(1), ...]`.
-fn split_counts(
-    shape: &[(f64, f64, f64)],
-    totals: &[u64],
-    share: impl Fn(&(f64, f64, f64)) -> f64,
-) -> Vec<f64> {
+/// One window of [`best_comparison_power`], indexed by its total of failures: that total's
+/// Poisson weight, and the distribution of the canary's share of it when the sides are alike
+/// (`null`) and when the canary is worse (`alt`).
+struct Split {
+    weight: Vec<f64>,
+    null: Vec<Vec<f64>>,
+    alt: Vec<Vec<f64>>,
+}
+
+/// `[P(0), ..., P(n)]` of a binomial of `n` trials with success probability `q`.
+fn binomial_pmfs(q: f64, n: u64) -> Vec<f64> {
+    match Binomial::new(q, n) {
+        Ok(b) => (0..=n).map(|k| b.pmf(k)).collect(),
+        Err(_) => vec![0.0; usize::try_from(n).map_or(1, |n| n + 1)],
+    }
+}
+
+/// The distribution of a sum of independent counts, each given as `[P(0), P(1), ...]`.
+fn convolve<'a>(parts: impl Iterator<Item = &'a Vec<f64>>) -> Vec<f64> {
     let mut dist = vec![1.0];
-    for (w, &t) in shape.iter().zip(totals) {
-        let q = share(w);
-        let window: Vec<f64> = (0..=t)
-            .map(|k| Binomial::new(q, t).map_or(0.0, |b| b.pmf(k)))
-            .collect();
-        let mut next = vec![0.0; dist.len() + window.len() - 1];
+    for part in parts {
+        let mut next = vec![0.0; dist.len() + part.len() - 1];
         for (i, a) in dist.iter().enumerate() {
-            for (j, b) in window.iter().enumerate() {
+            for (j, b) in part.iter().enumerate() {
                 next[i + j] += a * b;
             }
         }
@@ -1111,10 +1127,6 @@ fn neyman_pearson(null: &[f64], alt: &[f64], alpha: f64) -> f64 {
         }
     }
     power
-}
-
-fn poisson_pmf(mean: f64, k: u64) -> f64 {
-    Poisson::new(mean).map_or(0.0, |p| p.pmf(k))
 }
 
 /// The smallest `k` with `P(Poisson(mean) > k) <= tail`.
