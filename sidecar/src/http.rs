@@ -1,6 +1,7 @@
 //! HTTP plumbing both proxying directions share: the body type of their responses, the
-//! responses the proxy makes itself, the headers proxies use to talk to each other, and the
-//! pooled plaintext clients. It sits below both listeners, so neither imports the other.
+//! responses the proxy makes itself, and the headers proxies use to talk to each other (the
+//! pooled clients are [`crate::pool`]). It sits below both listeners, so neither imports the
+//! other.
 
 use std::time::Duration;
 
@@ -10,8 +11,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 
 /// Body of responses on the proxying listeners.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -88,43 +88,6 @@ pub fn authority_to_host<B>(req: &mut Request<B>) {
     {
         req.headers_mut().insert(HOST, v);
     }
-}
-
-/// A pooled HTTP/1.1 client, as the proxy forwards with: outbound to endpoints and inbound to
-/// the local app. Connections are pooled per endpoint address and reused across requests; a
-/// connection not made within `connect_timeout` fails the attempt as a connect error.
-pub fn client<B>(connect_timeout: Duration) -> Client<HttpConnector, B>
-where
-    B: hyper::body::Body + Send,
-    B::Data: Send,
-{
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        // Without a timer the pool never evicts idle connections on its own.
-        .pool_timer(TokioTimer::new())
-        .build(connector(connect_timeout))
-}
-
-/// A pooled HTTP/2 client with prior knowledge (h2c), for requests that came in as HTTP/2 and
-/// go on in plaintext: inbound to the app, outbound to unmeshed endpoints.
-pub fn h2c_client<B>(connect_timeout: Duration) -> Client<HttpConnector, B>
-where
-    B: hyper::body::Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_timer(TokioTimer::new())
-        .http2_only(true)
-        .build(connector(connect_timeout))
-}
-
-fn connector(connect_timeout: Duration) -> HttpConnector {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    connector
 }
 
 #[cfg(test)]

@@ -23,7 +23,6 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use mesh_core::proxy_api::ServiceRef;
 use tokio::net::TcpListener;
 
@@ -52,8 +51,8 @@ pub struct Inbound {
     series: RequestSeries,
     /// The same, for requests from a peer proxy over mTLS (`tls="true"`).
     series_mtls: RequestSeries,
-    client: Client<HttpConnector, Incoming>,
-    h2_client: Client<HttpConnector, Incoming>,
+    client: crate::pool::Http1<crate::pool::Tcp, Incoming>,
+    h2_client: crate::pool::Http2<crate::pool::Tcp, Incoming>,
     credentials: Option<SharedCredentials>,
     detect_timeout: std::time::Duration,
     authz: Option<Authz>,
@@ -92,8 +91,12 @@ impl Inbound {
             series: metrics.series(labels),
             series_mtls: metrics.series(labels_mtls),
             metrics,
-            client: crate::http::client(CONNECT_TIMEOUT),
-            h2_client: crate::http::h2c_client(CONNECT_TIMEOUT),
+            client: crate::pool::Http1::new(crate::pool::Tcp {
+                timeout: CONNECT_TIMEOUT,
+            }),
+            h2_client: crate::pool::Http2::new(crate::pool::Tcp {
+                timeout: CONNECT_TIMEOUT,
+            }),
             credentials: None,
             detect_timeout: crate::opaque::DEFAULT_DETECT_TIMEOUT,
             authz: None,
@@ -289,11 +292,10 @@ impl Inbound {
             };
             *req.uri_mut() = uri;
             let sent = if h2 {
-                *req.version_mut() = http::Version::HTTP_2;
-                self.h2_client.request(req).await
+                self.h2_client.send(app, req).await
             } else {
                 *req.version_mut() = http::Version::HTTP_11;
-                self.client.request(req).await
+                self.client.send(app, req).await
             };
             sent.map(|rsp| rsp.map(BodyExt::boxed))
                 .map_err(|e| mesh_core::error::chain(&e))

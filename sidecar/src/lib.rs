@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod opaque;
 pub mod orig_dst;
 pub mod outbound;
+pub mod pool;
 pub mod proxy;
 pub mod readiness;
 pub mod registration;

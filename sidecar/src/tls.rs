@@ -23,11 +23,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use rustls::RootCertStore;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -415,23 +412,16 @@ pub async fn connect_opaque(
         .map_err(|_| ConnectError::Timeout(addr))?
 }
 
-impl tower_service::Service<Uri> for MtlsConnector {
-    type Response = TlsConn;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<TlsConn, ConnectError>> + Send>>;
+impl crate::pool::Connect for MtlsConnector {
+    type Io = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
+    fn connect(
+        &self,
+        addr: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Result<Self::Io, crate::pool::ConnectError>> + Send>> {
         let tls = self.tls.clone();
         let timeout = self.timeout;
         Box::pin(async move {
-            let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-            let addr: SocketAddr = authority
-                .parse()
-                .map_err(|_| ConnectError::BadAddr(authority.to_string()))?;
             let connect = async {
                 let tcp = TcpStream::connect(addr)
                     .await
@@ -446,62 +436,12 @@ impl tower_service::Service<Uri> for MtlsConnector {
                 if stream.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
                     return Err(ConnectError::NoH2(addr));
                 }
-                Ok(TlsConn(TokioIo::new(stream)))
+                Ok(TokioIo::new(stream))
             };
-            tokio::time::timeout(timeout, connect)
+            Ok(tokio::time::timeout(timeout, connect)
                 .await
-                .map_err(|_| ConnectError::Timeout(addr))?
+                .map_err(|_| ConnectError::Timeout(addr))??)
         })
-    }
-}
-
-/// A client-side mTLS connection, as hyper reads and writes it.
-#[derive(Debug)]
-pub struct TlsConn(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>);
-
-impl Connection for TlsConn {
-    fn connected(&self) -> Connected {
-        Connected::new().negotiated_h2()
-    }
-}
-
-impl hyper::rt::Read for TlsConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        hyper::rt::Read::poll_read(Pin::new(&mut self.get_mut().0), cx, buf)
-    }
-}
-
-impl hyper::rt::Write for TlsConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        hyper::rt::Write::poll_write(Pin::new(&mut self.get_mut().0), cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        hyper::rt::Write::poll_flush(Pin::new(&mut self.get_mut().0), cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        hyper::rt::Write::poll_shutdown(Pin::new(&mut self.get_mut().0), cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        hyper::rt::Write::is_write_vectored(&self.0)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        hyper::rt::Write::poll_write_vectored(Pin::new(&mut self.get_mut().0), cx, bufs)
     }
 }
 

@@ -27,19 +27,17 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tower::Service;
 
 use crate::http::{
-    Body, CLIENT_ID_HEADER, ORIG_PROTO_HEADER, ORIG_PROTO_HTTP1, POOL_IDLE_TIMEOUT, TUNNEL_HEADER,
-    authority_to_host,
+    Body, CLIENT_ID_HEADER, ORIG_PROTO_HEADER, ORIG_PROTO_HTTP1, TUNNEL_HEADER, authority_to_host,
 };
 use crate::identity::SharedCredentials;
 use crate::outbound::balance::{Endpoint, ToEndpoint};
 use crate::outbound::error::{AttemptError, Error};
+use crate::pool;
 use crate::retry::ReplayBody;
 use crate::tls::MtlsConnector;
 
@@ -161,34 +159,25 @@ fn boxed(rsp: Response<Incoming>) -> Response<Body> {
     rsp.map(BodyExt::boxed)
 }
 
-/// What a pooled hyper client answers, as the client layer wants it.
-type Sent = futures_util::future::MapErr<
-    futures_util::future::MapOk<
-        hyper_util::client::legacy::ResponseFuture,
-        fn(Response<Incoming>) -> Response<Body>,
-    >,
-    fn(hyper_util::client::legacy::Error) -> AttemptError,
->;
-
-fn send<C>(
-    client: &hyper_util::client::legacy::Client<C, ReplayBody>,
+/// Sends `req` to the endpoint its URI names with `send`, as the client layer wants the answer.
+async fn send<F>(
     req: Request<ReplayBody>,
-) -> Sent
+    send: impl FnOnce(SocketAddr, Request<ReplayBody>) -> F,
+) -> Result<Response<Body>, AttemptError>
 where
-    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<crate::pool::Body>, crate::pool::Error>>,
 {
-    client
-        .request(req)
-        .map_ok(boxed as fn(_) -> _)
-        .map_err(AttemptError::from as fn(_) -> _)
+    let addr = endpoint_addr(&req)?;
+    let rsp = send(addr, req).await?;
+    Ok(rsp.map(BodyExt::boxed))
 }
 
 /// The pooled plaintext clients to unmeshed endpoints: HTTP/1.1, and h2c for requests the app
 /// sent as HTTP/2. A `CONNECT` is answered here, by opening a TCP connection to the endpoint.
 #[derive(Clone, Debug)]
 pub struct PlainClient {
-    http1: hyper_util::client::legacy::Client<HttpConnector, ReplayBody>,
-    h2c: hyper_util::client::legacy::Client<HttpConnector, ReplayBody>,
+    http1: pool::Http1<pool::Tcp, ReplayBody>,
+    h2c: pool::Http2<pool::Tcp, ReplayBody>,
     connect_timeout: Duration,
 }
 
@@ -196,8 +185,12 @@ impl PlainClient {
     /// Connections fail as connect errors when not made within `connect_timeout`.
     pub fn new(connect_timeout: Duration) -> Self {
         Self {
-            http1: crate::http::client(connect_timeout),
-            h2c: crate::http::h2c_client(connect_timeout),
+            http1: pool::Http1::new(pool::Tcp {
+                timeout: connect_timeout,
+            }),
+            h2c: pool::Http2::new(pool::Tcp {
+                timeout: connect_timeout,
+            }),
             connect_timeout,
         }
     }
@@ -227,9 +220,15 @@ impl Service<Request<ReplayBody>> for PlainClient {
             });
         }
         if req.version() == Version::HTTP_2 {
-            Box::pin(send(&self.h2c, req))
+            let h2c = self.h2c.clone();
+            Box::pin(send(req, move |addr, req| async move {
+                h2c.send(addr, req).await
+            }))
         } else {
-            Box::pin(send(&self.http1, req))
+            let http1 = self.http1.clone();
+            Box::pin(send(req, move |addr, req| async move {
+                http1.send(addr, req).await
+            }))
         }
     }
 }
@@ -259,7 +258,7 @@ pub struct MtlsClients(Arc<Mtls>);
 struct Mtls {
     credentials: SharedCredentials,
     connect_timeout: Duration,
-    clients: Mutex<BTreeMap<String, hyper_util::client::legacy::Client<MtlsConnector, ReplayBody>>>,
+    clients: Mutex<BTreeMap<String, pool::Http2<MtlsConnector, ReplayBody>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -280,17 +279,13 @@ impl MtlsClients {
     fn client(
         &self,
         identity: &str,
-    ) -> Result<hyper_util::client::legacy::Client<MtlsConnector, ReplayBody>, rustls::Error> {
+    ) -> Result<pool::Http2<MtlsConnector, ReplayBody>, rustls::Error> {
         let mut clients = lock(&self.0.clients);
         if let Some(c) = clients.get(identity) {
             return Ok(c.clone());
         }
         let config = crate::tls::client_config(&self.0.credentials, identity)?;
-        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .http2_only(true)
-            .build(MtlsConnector::new(config, self.0.connect_timeout));
+        let client = pool::Http2::new(MtlsConnector::new(config, self.0.connect_timeout));
         clients.insert(identity.to_string(), client.clone());
         Ok(client)
     }
@@ -376,7 +371,9 @@ impl Service<ToPeer<ReplayBody>> for MtlsClients {
             return self.upgrade(identity, req);
         }
         match self.client(&identity) {
-            Ok(client) => Box::pin(send(&client, req)),
+            Ok(client) => Box::pin(send(req, move |addr, req| async move {
+                client.send(addr, req).await
+            })),
             Err(e) => Box::pin(ready(Err(AttemptError::NoIdentity(format!(
                 "cannot build the TLS client for {identity}: {e}"
             ))))),

@@ -124,8 +124,8 @@ impl AttemptError {
     }
 }
 
-impl From<hyper_util::client::legacy::Error> for AttemptError {
-    fn from(e: hyper_util::client::legacy::Error) -> Self {
+impl From<crate::pool::Error> for AttemptError {
+    fn from(e: crate::pool::Error) -> Self {
         Self::Client {
             connect: e.is_connect(),
             error: Box::new(e),
