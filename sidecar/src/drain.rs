@@ -229,7 +229,7 @@ pub(crate) async fn connection<I, H, F>(
     handle: H,
     peer: std::net::SocketAddr,
     identity: Option<ClientIdentity>,
-    mut drain: Watch,
+    drain: Watch,
     limits: &Limits,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
@@ -237,6 +237,33 @@ where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    let handle: Handler = Arc::new(move |req| Box::pin(handle(req)));
+    serve(Box::new(io), handle, peer, identity, drain, limits).await
+}
+
+/// A connection's bytes, whatever carries them (TCP, or TLS over TCP). Every connection is
+/// served as this one type, with a [`Handler`], so hyper's servers are compiled once for the
+/// proxy rather than once per kind of connection and listener: their code is most of a proxy's
+/// resident memory (see docs/benchmarks.md).
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// What answers a connection's requests.
+type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send>>
+        + Send
+        + Sync,
+>;
+
+async fn serve(
+    io: Box<dyn Io>,
+    handle: Handler,
+    peer: std::net::SocketAddr,
+    identity: Option<ClientIdentity>,
+    mut drain: Watch,
+    limits: &Limits,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let activity = Activity::new();
     let io = Tracked::new(io, activity.clone());
     let in_flight = Arc::new(AtomicUsize::new(0));

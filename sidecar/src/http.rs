@@ -11,7 +11,6 @@ use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 /// Body of responses on the proxying listeners.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -61,14 +60,11 @@ pub fn empty() -> Body {
 
 /// Sends `req` on a new HTTP/1.1 connection over `io`, one that can be upgraded: what the
 /// proxy uses for `Upgrade` and `CONNECT`, whose connections are never pooled.
-pub async fn send_http1<I, B>(io: I, req: Request<B>) -> hyper::Result<Response<Incoming>>
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+pub async fn send_http1(
+    io: crate::pool::BoxIo,
+    req: Request<crate::pool::RequestBody>,
+) -> hyper::Result<Response<Incoming>> {
+    let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(async move {
         if let Err(error) = conn.with_upgrades().await {
             tracing::debug!(%error, "upgradable HTTP/1.1 connection ended with an error");

@@ -51,8 +51,8 @@ pub struct Inbound {
     series: RequestSeries,
     /// The same, for requests from a peer proxy over mTLS (`tls="true"`).
     series_mtls: RequestSeries,
-    client: crate::pool::Http1<crate::pool::Tcp, Incoming>,
-    h2_client: crate::pool::Http2<crate::pool::Tcp, Incoming>,
+    client: crate::pool::Http1<crate::pool::Tcp>,
+    h2_client: crate::pool::Http2<crate::pool::Tcp>,
     credentials: Option<SharedCredentials>,
     detect_timeout: std::time::Duration,
     authz: Option<Authz>,
@@ -291,9 +291,11 @@ impl Inbound {
                 }
             };
             *req.uri_mut() = uri;
+            let req = req.map(|body| body.map_err(Into::into).boxed());
             let sent = if h2 {
                 self.h2_client.send(app, req).await
             } else {
+                let mut req = req;
                 *req.version_mut() = http::Version::HTTP_11;
                 self.client.send(app, req).await
             };
@@ -392,7 +394,8 @@ impl Inbound {
         if to_app {
             return Ok(crate::tunnel::connected(tcp));
         }
-        crate::http::send_http1(tcp, req)
+        let io: crate::pool::BoxIo = Box::new(hyper_util::rt::TokioIo::new(tcp));
+        crate::http::send_http1(io, req.map(|body| body.map_err(Into::into).boxed()))
             .await
             .map(|rsp| rsp.map(BodyExt::boxed))
             .map_err(|e| mesh_core::error::chain(&e))

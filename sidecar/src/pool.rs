@@ -84,12 +84,23 @@ impl Error {
 /// Why a connection could not be made; it names the address.
 pub type ConnectError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A connection's bytes, whatever carries them (TCP, or TLS over TCP).
+pub trait Io: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static {}
+
+impl<T: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static> Io for T {}
+
+/// What every pool sends on: one connection type and one request body type, so hyper's
+/// clients are compiled once for the proxy rather than once per pool (their code is most of a
+/// proxy's resident memory; see docs/benchmarks.md).
+pub type BoxIo = Box<dyn Io>;
+
+/// The body of a request a pool sends.
+pub type RequestBody = http_body_util::combinators::BoxBody<Bytes, ConnectError>;
+
 /// How a pool opens a connection to an address.
 pub trait Connect: Send + Sync + 'static {
-    /// The connection, as hyper reads and writes it.
-    type Io: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static;
     /// Opens a connection to `addr`.
-    fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, Result<Self::Io, ConnectError>>;
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, Result<BoxIo, ConnectError>>;
 }
 
 /// Plain TCP with `TCP_NODELAY`, failing when the connection is not made within the timeout.
@@ -116,9 +127,7 @@ pub enum TcpError {
 }
 
 impl Connect for Tcp {
-    type Io = TokioIo<TcpStream>;
-
-    fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, Result<Self::Io, ConnectError>> {
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, Result<BoxIo, ConnectError>> {
         let timeout = self.timeout;
         Box::pin(async move {
             let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
@@ -126,7 +135,7 @@ impl Connect for Tcp {
                 .map_err(|_| TcpError::Timeout(addr))?
                 .map_err(|source| TcpError::Io { addr, source })?;
             let _ = tcp.set_nodelay(true);
-            Ok(TokioIo::new(tcp))
+            Ok(Box::new(TokioIo::new(tcp)) as BoxIo)
         })
     }
 }
@@ -160,11 +169,11 @@ trait Reap: Send + Sync + 'static {
 }
 
 /// Pooled HTTP/1.1 connections; see the [module](self).
-pub struct Http1<C: Connect, B> {
-    inner: Arc<Http1Inner<C, B>>,
+pub struct Http1<C: Connect> {
+    inner: Arc<Http1Inner<C>>,
 }
 
-impl<C: Connect, B> Clone for Http1<C, B> {
+impl<C: Connect> Clone for Http1<C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -172,14 +181,14 @@ impl<C: Connect, B> Clone for Http1<C, B> {
     }
 }
 
-impl<C: Connect, B> Http1<C, B> {
+impl<C: Connect> Http1<C> {
     /// Idle connections, across addresses.
     pub fn idle_count(&self) -> usize {
         lock(&self.inner.idle).values().map(Vec::len).sum()
     }
 }
 
-impl<C: Connect, B> std::fmt::Debug for Http1<C, B> {
+impl<C: Connect> std::fmt::Debug for Http1<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Http1")
             .field("idle", &self.idle_count())
@@ -187,24 +196,18 @@ impl<C: Connect, B> std::fmt::Debug for Http1<C, B> {
     }
 }
 
-struct Http1Inner<C, B> {
+struct Http1Inner<C> {
     connect: C,
-    idle: Mutex<BTreeMap<SocketAddr, Vec<Idle<B>>>>,
+    idle: Mutex<BTreeMap<SocketAddr, Vec<Idle>>>,
     reaper: std::sync::atomic::AtomicBool,
 }
 
-struct Idle<B> {
-    tx: http1::SendRequest<B>,
+struct Idle {
+    tx: http1::SendRequest<RequestBody>,
     since: Instant,
 }
 
-impl<C, B> Http1<C, B>
-where
-    C: Connect,
-    B: HttpBody + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+impl<C: Connect> Http1<C> {
     /// A pool opening its connections with `connect`.
     pub fn new(connect: C) -> Self {
         Self {
@@ -223,7 +226,7 @@ where
     pub async fn send(
         &self,
         addr: SocketAddr,
-        mut req: Request<B>,
+        mut req: Request<RequestBody>,
     ) -> Result<Response<Body>, Error> {
         if let Some(authority) = req.uri().authority()
             && !req.headers().contains_key(HOST)
@@ -271,7 +274,7 @@ where
     }
 
     /// The most recently used idle connection to `addr` that is ready; closed ones are dropped.
-    fn checkout(&self, addr: SocketAddr) -> Option<http1::SendRequest<B>> {
+    fn checkout(&self, addr: SocketAddr) -> Option<http1::SendRequest<RequestBody>> {
         let mut idle = lock(&self.inner.idle);
         let list = idle.get_mut(&addr)?;
         while let Some(Idle { tx, .. }) = list.pop() {
@@ -287,7 +290,7 @@ where
     fn on_end(
         &self,
         addr: SocketAddr,
-        tx: http1::SendRequest<B>,
+        tx: http1::SendRequest<RequestBody>,
         rsp: Response<Incoming>,
     ) -> Response<Body> {
         if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -306,8 +309,8 @@ where
     }
 }
 
-impl<C: Connect, B: Send + 'static> Http1Inner<C, B> {
-    fn checkin(self: Arc<Self>, addr: SocketAddr, mut tx: http1::SendRequest<B>) {
+impl<C: Connect> Http1Inner<C> {
+    fn checkin(self: Arc<Self>, addr: SocketAddr, mut tx: http1::SendRequest<RequestBody>) {
         if tx.is_ready() {
             self.put(addr, tx);
         } else if !tx.is_closed() {
@@ -321,7 +324,7 @@ impl<C: Connect, B: Send + 'static> Http1Inner<C, B> {
         }
     }
 
-    fn put(&self, addr: SocketAddr, tx: http1::SendRequest<B>) {
+    fn put(&self, addr: SocketAddr, tx: http1::SendRequest<RequestBody>) {
         lock(&self.idle).entry(addr).or_default().push(Idle {
             tx,
             since: Instant::now(),
@@ -329,7 +332,7 @@ impl<C: Connect, B: Send + 'static> Http1Inner<C, B> {
     }
 }
 
-impl<C: Connect, B: Send + 'static> Reap for Http1Inner<C, B> {
+impl<C: Connect> Reap for Http1Inner<C> {
     fn reap(&self, now: Instant) {
         lock(&self.idle).retain(|_, list| {
             list.retain(|i| {
@@ -352,11 +355,11 @@ fn origin_form(uri: &mut Uri) {
 }
 
 /// Pooled HTTP/2 connections, one per address; see the [module](self).
-pub struct Http2<C: Connect, B> {
-    inner: Arc<Http2Inner<C, B>>,
+pub struct Http2<C: Connect> {
+    inner: Arc<Http2Inner<C>>,
 }
 
-impl<C: Connect, B> Clone for Http2<C, B> {
+impl<C: Connect> Clone for Http2<C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -364,7 +367,7 @@ impl<C: Connect, B> Clone for Http2<C, B> {
     }
 }
 
-impl<C: Connect, B> std::fmt::Debug for Http2<C, B> {
+impl<C: Connect> std::fmt::Debug for Http2<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Http2")
             .field("connections", &lock(&self.inner.conns).len())
@@ -372,29 +375,23 @@ impl<C: Connect, B> std::fmt::Debug for Http2<C, B> {
     }
 }
 
-type Connecting<B> = Shared<BoxFuture<'static, Result<http2::SendRequest<B>, Error>>>;
+type Connecting = Shared<BoxFuture<'static, Result<http2::SendRequest<RequestBody>, Error>>>;
 
-struct Http2Inner<C, B> {
+struct Http2Inner<C> {
     connect: C,
-    conns: Mutex<BTreeMap<SocketAddr, Slot<B>>>,
+    conns: Mutex<BTreeMap<SocketAddr, Slot>>,
     reaper: std::sync::atomic::AtomicBool,
 }
 
-enum Slot<B> {
+enum Slot {
     Ready {
-        tx: http2::SendRequest<B>,
+        tx: http2::SendRequest<RequestBody>,
         used: Instant,
     },
-    Connecting(Connecting<B>),
+    Connecting(Connecting),
 }
 
-impl<C, B> Http2<C, B>
-where
-    C: Connect,
-    B: HttpBody + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+impl<C: Connect> Http2<C> {
     /// A pool opening its connections with `connect`.
     pub fn new(connect: C) -> Self {
         Self {
@@ -416,7 +413,7 @@ where
     pub async fn send(
         &self,
         addr: SocketAddr,
-        mut req: Request<B>,
+        mut req: Request<RequestBody>,
     ) -> Result<Response<Body>, Error> {
         *req.version_mut() = http::Version::HTTP_2;
         // A connection found closed hands the request back unsent; one more try on a new one.
@@ -442,7 +439,7 @@ where
     }
 
     /// The open connection to `addr`, or the connect to wait for (started here if none is).
-    fn connection(&self, addr: SocketAddr) -> Result<http2::SendRequest<B>, Connecting<B>> {
+    fn connection(&self, addr: SocketAddr) -> Result<http2::SendRequest<RequestBody>, Connecting> {
         let mut conns = lock(&self.inner.conns);
         match conns.get_mut(&addr) {
             Some(Slot::Ready { tx, used }) if !tx.is_closed() => {
@@ -499,7 +496,7 @@ where
     }
 
     /// Drops the pool's connection to `addr` if it is still `tx`'s.
-    fn forget(&self, addr: SocketAddr, tx: &http2::SendRequest<B>) {
+    fn forget(&self, addr: SocketAddr, tx: &http2::SendRequest<RequestBody>) {
         let mut conns = lock(&self.inner.conns);
         if let Some(Slot::Ready { tx: pooled, .. }) = conns.get(&addr)
             && pooled.is_closed()
@@ -510,7 +507,7 @@ where
     }
 }
 
-impl<C: Connect, B: Send + 'static> Reap for Http2Inner<C, B> {
+impl<C: Connect> Reap for Http2Inner<C> {
     fn reap(&self, now: Instant) {
         lock(&self.conns).retain(|_, slot| match slot {
             Slot::Ready { tx, used } => {
@@ -642,9 +639,9 @@ mod tests {
         String::from_utf8(body.to_vec()).unwrap()
     }
 
-    fn get(addr: SocketAddr, path: &str) -> Request<Empty<Bytes>> {
+    fn get(addr: SocketAddr, path: &str) -> Request<RequestBody> {
         Request::get(format!("http://{addr}{path}"))
-            .body(Empty::new())
+            .body(Empty::new().map_err(|never| match never {}).boxed())
             .unwrap()
     }
 

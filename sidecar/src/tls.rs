@@ -413,12 +413,11 @@ pub async fn connect_opaque(
 }
 
 impl crate::pool::Connect for MtlsConnector {
-    type Io = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
-
     fn connect(
         &self,
         addr: SocketAddr,
-    ) -> Pin<Box<dyn Future<Output = Result<Self::Io, crate::pool::ConnectError>> + Send>> {
+    ) -> Pin<Box<dyn Future<Output = Result<crate::pool::BoxIo, crate::pool::ConnectError>> + Send>>
+    {
         let tls = self.tls.clone();
         let timeout = self.timeout;
         Box::pin(async move {
@@ -436,7 +435,7 @@ impl crate::pool::Connect for MtlsConnector {
                 if stream.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
                     return Err(ConnectError::NoH2(addr));
                 }
-                Ok(TokioIo::new(stream))
+                Ok(Box::new(TokioIo::new(stream)) as crate::pool::BoxIo)
             };
             Ok(tokio::time::timeout(timeout, connect)
                 .await

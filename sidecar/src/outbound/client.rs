@@ -162,13 +162,13 @@ fn boxed(rsp: Response<Incoming>) -> Response<Body> {
 /// Sends `req` to the endpoint its URI names with `send`, as the client layer wants the answer.
 async fn send<F>(
     req: Request<ReplayBody>,
-    send: impl FnOnce(SocketAddr, Request<ReplayBody>) -> F,
+    send: impl FnOnce(SocketAddr, Request<pool::RequestBody>) -> F,
 ) -> Result<Response<Body>, AttemptError>
 where
     F: Future<Output = Result<Response<crate::pool::Body>, crate::pool::Error>>,
 {
     let addr = endpoint_addr(&req)?;
-    let rsp = send(addr, req).await?;
+    let rsp = send(addr, req.map(BodyExt::boxed)).await?;
     Ok(rsp.map(BodyExt::boxed))
 }
 
@@ -176,8 +176,8 @@ where
 /// sent as HTTP/2. A `CONNECT` is answered here, by opening a TCP connection to the endpoint.
 #[derive(Clone, Debug)]
 pub struct PlainClient {
-    http1: pool::Http1<pool::Tcp, ReplayBody>,
-    h2c: pool::Http2<pool::Tcp, ReplayBody>,
+    http1: pool::Http1<pool::Tcp>,
+    h2c: pool::Http2<pool::Tcp>,
     connect_timeout: Duration,
 }
 
@@ -258,7 +258,7 @@ pub struct MtlsClients(Arc<Mtls>);
 struct Mtls {
     credentials: SharedCredentials,
     connect_timeout: Duration,
-    clients: Mutex<BTreeMap<String, pool::Http2<MtlsConnector, ReplayBody>>>,
+    clients: Mutex<BTreeMap<String, pool::Http2<MtlsConnector>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -276,10 +276,7 @@ impl MtlsClients {
         }))
     }
 
-    fn client(
-        &self,
-        identity: &str,
-    ) -> Result<pool::Http2<MtlsConnector, ReplayBody>, rustls::Error> {
+    fn client(&self, identity: &str) -> Result<pool::Http2<MtlsConnector>, rustls::Error> {
         let mut clients = lock(&self.0.clients);
         if let Some(c) = clients.get(identity) {
             return Ok(c.clone());
@@ -346,7 +343,8 @@ impl MtlsClients {
                 parts.uri = Uri::try_from(path)
                     .map_err(|e| connect_error(format!("request target {path}: {e}")))?;
             }
-            crate::http::send_http1(io, Request::from_parts(parts, body))
+            let io: pool::BoxIo = Box::new(hyper_util::rt::TokioIo::new(io));
+            crate::http::send_http1(io, Request::from_parts(parts, body.boxed()))
                 .await
                 .map(boxed)
                 .map_err(|e| AttemptError::Client {
