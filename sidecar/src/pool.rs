@@ -681,6 +681,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn http1_an_empty_response_returns_its_connection_even_unread() {
+        let (addr, accepted) = counting_server(usize::MAX).await;
+        let pool = Http1::new(TCP);
+        for _ in 0..3 {
+            let head = Request::head(format!("http://{addr}/"))
+                .body(Empty::new().map_err(|never| match never {}).boxed())
+                .unwrap();
+            // A response to HEAD has no body; dropping it unread frees the connection.
+            drop(pool.send(addr, head).await.unwrap());
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn http1_a_connection_the_server_closed_is_not_reused() {
         // The server closes each connection after its one response.
         let (addr, accepted) = counting_server(1).await;
