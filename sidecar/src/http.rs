@@ -36,9 +36,6 @@ pub const TUNNEL_HEADER: &str = "mesh-tunnel";
 /// Default connect timeout to endpoints and to the local app (Linkerd's).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long an idle pooled connection is kept.
-pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// A response the proxy makes itself, with the reason in a header and the body.
 pub fn error(status: StatusCode, why: &str) -> Response<Body> {
     let mut rsp = Response::new(

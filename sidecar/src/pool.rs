@@ -38,7 +38,8 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use crate::http::POOL_IDLE_TIMEOUT;
+/// How long an idle pooled connection is kept.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An error that may be shared by every request waiting on one connection.
 pub type SharedError = Arc<dyn std::error::Error + Send + Sync>;
@@ -98,7 +99,7 @@ pub type BoxIo = Box<dyn Io>;
 pub type RequestBody = http_body_util::combinators::BoxBody<Bytes, ConnectError>;
 
 /// How a pool opens a connection to an address.
-pub trait Connect: Send + Sync + 'static {
+pub trait Connect: Clone + Send + Sync + 'static {
     /// Opens a connection to `addr`.
     fn connect(&self, addr: SocketAddr) -> BoxFuture<'static, Result<BoxIo, ConnectError>>;
 }
@@ -169,16 +170,9 @@ trait Reap: Send + Sync + 'static {
 }
 
 /// Pooled HTTP/1.1 connections; see the [module](self).
+#[derive(Clone)]
 pub struct Http1<C: Connect> {
     inner: Arc<Http1Inner<C>>,
-}
-
-impl<C: Connect> Clone for Http1<C> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-        }
-    }
 }
 
 impl<C: Connect> Http1<C> {
@@ -355,16 +349,9 @@ fn origin_form(uri: &mut Uri) {
 }
 
 /// Pooled HTTP/2 connections, one per address; see the [module](self).
+#[derive(Clone)]
 pub struct Http2<C: Connect> {
     inner: Arc<Http2Inner<C>>,
-}
-
-impl<C: Connect> Clone for Http2<C> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-        }
-    }
 }
 
 impl<C: Connect> std::fmt::Debug for Http2<C> {
