@@ -585,9 +585,14 @@ mod tests {
         timeout: Duration::from_secs(1),
     };
 
-    /// An HTTP/1.1 server that counts its connections and answers each request with its path,
-    /// closing a connection after `per_connection` requests.
-    async fn counting_server(per_connection: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// A server on 127.0.0.1 that counts the connections it accepts and hands each to `serve`
+    /// on a task of its own.
+    async fn server<F>(
+        serve: impl Fn(TcpStream) -> F + Send + 'static,
+    ) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: std::future::Future<Output: Send> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -596,29 +601,38 @@ mod tests {
             loop {
                 let (io, _) = listener.accept().await.unwrap();
                 count.fetch_add(1, Ordering::SeqCst);
-                let served = Arc::new(AtomicUsize::new(0));
-                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(
-                    TokioIo::new(io),
-                    hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let n = served.fetch_add(1, Ordering::SeqCst) + 1;
-                        let host = req.headers().get(HOST).cloned();
-                        async move {
-                            let mut rsp = Response::new(Full::new(Bytes::from(format!(
-                                "{} {}",
-                                req.uri(),
-                                host.as_ref().map_or("", |h| h.to_str().unwrap())
-                            ))));
-                            if n >= per_connection {
-                                rsp.headers_mut()
-                                    .insert("connection", HeaderValue::from_static("close"));
-                            }
-                            Ok::<_, std::convert::Infallible>(rsp)
-                        }
-                    }),
-                ));
+                tokio::spawn(serve(io));
             }
         });
         (addr, accepted)
+    }
+
+    /// An HTTP/1.1 server that counts its connections and answers each request with its path,
+    /// closing a connection after `per_connection` requests.
+    async fn counting_server(per_connection: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+        server(move |io| {
+            let served = Arc::new(AtomicUsize::new(0));
+            hyper::server::conn::http1::Builder::new().serve_connection(
+                TokioIo::new(io),
+                hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let n = served.fetch_add(1, Ordering::SeqCst) + 1;
+                    let host = req.headers().get(HOST).cloned();
+                    async move {
+                        let mut rsp = Response::new(Full::new(Bytes::from(format!(
+                            "{} {}",
+                            req.uri(),
+                            host.as_ref().map_or("", |h| h.to_str().unwrap())
+                        ))));
+                        if n >= per_connection {
+                            rsp.headers_mut()
+                                .insert("connection", HeaderValue::from_static("close"));
+                        }
+                        Ok::<_, std::convert::Infallible>(rsp)
+                    }
+                }),
+            )
+        })
+        .await
     }
 
     async fn text(rsp: Response<Body>) -> String {
@@ -699,24 +713,15 @@ mod tests {
     async fn http1_a_request_on_a_connection_closed_while_idle_goes_on_a_new_one() {
         // A server that answers one request per connection and then closes it without saying
         // so, as servers with short keep-alive timeouts do.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut io, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 1024];
-                    let _ = io.read(&mut buf).await;
-                    let _ = io
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                    let _ = io.shutdown().await;
-                });
-            }
-        });
+        let (addr, accepted) = server(|mut io| async move {
+            let mut buf = [0u8; 1024];
+            let _ = io.read(&mut buf).await;
+            let _ = io
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            let _ = io.shutdown().await;
+        })
+        .await;
         let pool = Http1::new(TCP);
         assert_eq!(
             text(pool.send(addr, get(addr, "/")).await.unwrap()).await,
@@ -753,29 +758,18 @@ mod tests {
     /// An h2c server that counts its connections and answers each request with its authority
     /// and path.
     async fn h2c_server() -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (io, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(
-                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(
-                            TokioIo::new(io),
-                            hyper::service::service_fn(|req: Request<Incoming>| async move {
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                                Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                                    Bytes::from(req.uri().to_string()),
-                                )))
-                            }),
-                        ),
-                );
-            }
-        });
-        (addr, accepted)
+        server(|io| {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(
+                TokioIo::new(io),
+                hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                        req.uri().to_string(),
+                    ))))
+                }),
+            )
+        })
+        .await
     }
 
     #[tokio::test]
