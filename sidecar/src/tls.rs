@@ -356,9 +356,6 @@ impl MtlsConnector {
 /// Why a connection to a peer proxy failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    /// The URI does not name `ip:port`.
-    #[error("endpoint {0} is not an ip:port")]
-    BadAddr(String),
     /// TCP connect or TLS handshake took too long.
     #[error("connecting to {0} timed out")]
     Timeout(SocketAddr),
@@ -386,10 +383,11 @@ pub enum ConnectError {
     NoOpaque(SocketAddr),
 }
 
-/// Opens an opaque TCP connection to the peer proxy at `addr` over mTLS with `config` (from
-/// [`opaque_client_config`]), failing when TCP and TLS together take longer than `timeout`.
-pub async fn connect_opaque(
-    config: Arc<rustls::ClientConfig>,
+/// Opens TCP to the peer proxy at `addr` and makes the mTLS handshake with `tls`, both within
+/// `timeout`. SPIFFE certificates carry no DNS name; the IP is never checked (and not sent as
+/// SNI), the verifier checks the URI SAN instead. The caller checks the protocol agreed (ALPN).
+pub(crate) async fn connect_mtls(
+    tls: &tokio_rustls::TlsConnector,
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
@@ -398,18 +396,27 @@ pub async fn connect_opaque(
             .await
             .map_err(|source| ConnectError::Tcp { addr, source })?;
         let _ = tcp.set_nodelay(true);
-        let stream = tokio_rustls::TlsConnector::from(config)
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        tls.connect(ServerName::IpAddress(addr.ip().into()), tcp)
             .await
-            .map_err(|source| ConnectError::Tls { addr, source })?;
-        if stream.get_ref().1.alpn_protocol() != Some(ALPN_OPAQUE) {
-            return Err(ConnectError::NoOpaque(addr));
-        }
-        Ok(stream)
+            .map_err(|source| ConnectError::Tls { addr, source })
     };
     tokio::time::timeout(timeout, connect)
         .await
         .map_err(|_| ConnectError::Timeout(addr))?
+}
+
+/// Opens an opaque TCP connection to the peer proxy at `addr` over mTLS with `config` (from
+/// [`opaque_client_config`]), failing when TCP and TLS together take longer than `timeout`.
+pub async fn connect_opaque(
+    config: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
+    let stream = connect_mtls(&tokio_rustls::TlsConnector::from(config), addr, timeout).await?;
+    if stream.get_ref().1.alpn_protocol() != Some(ALPN_OPAQUE) {
+        return Err(ConnectError::NoOpaque(addr));
+    }
+    Ok(stream)
 }
 
 impl crate::pool::Connect for MtlsConnector {
@@ -421,25 +428,11 @@ impl crate::pool::Connect for MtlsConnector {
         let tls = self.tls.clone();
         let timeout = self.timeout;
         Box::pin(async move {
-            let connect = async {
-                let tcp = TcpStream::connect(addr)
-                    .await
-                    .map_err(|source| ConnectError::Tcp { addr, source })?;
-                let _ = tcp.set_nodelay(true);
-                // SPIFFE certificates carry no DNS name; the IP is never checked (and not sent
-                // as SNI), the verifier checks the URI SAN instead.
-                let stream = tls
-                    .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-                    .await
-                    .map_err(|source| ConnectError::Tls { addr, source })?;
-                if stream.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
-                    return Err(ConnectError::NoH2(addr));
-                }
-                Ok(Box::new(TokioIo::new(stream)) as crate::pool::BoxIo)
-            };
-            Ok(tokio::time::timeout(timeout, connect)
-                .await
-                .map_err(|_| ConnectError::Timeout(addr))??)
+            let stream = connect_mtls(&tls, addr, timeout).await?;
+            if stream.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+                return Err(ConnectError::NoH2(addr).into());
+            }
+            Ok(Box::new(TokioIo::new(stream)) as crate::pool::BoxIo)
         })
     }
 }

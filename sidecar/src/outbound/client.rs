@@ -27,7 +27,6 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tower::Service;
 
@@ -315,19 +314,12 @@ impl MtlsClients {
                 .clone();
             config.alpn_protocols = vec![b"http/1.1".to_vec()];
             let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
-            let connect = async {
-                let tcp = TcpStream::connect(addr)
-                    .await
-                    .map_err(|e| connect_error(format!("connecting to {addr}: {e}")))?;
-                let _ = tcp.set_nodelay(true);
-                // As the pooled connector: the verifier checks the peer's SPIFFE ID, not the IP.
-                tls.connect(ServerName::IpAddress(addr.ip().into()), tcp)
-                    .await
-                    .map_err(|e| connect_error(format!("mTLS handshake with {addr}: {e}")))
-            };
-            let io = tokio::time::timeout(timeout, connect)
+            let io = crate::tls::connect_mtls(&tls, addr, timeout)
                 .await
-                .map_err(|_| connect_error(format!("connecting to {addr} timed out")))??;
+                .map_err(|e| AttemptError::Client {
+                    connect: true,
+                    error: Box::new(e),
+                })?;
             let (mut parts, body) = req.into_parts();
             if parts.method == Method::CONNECT {
                 parts.uri = Uri::from(
