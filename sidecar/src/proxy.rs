@@ -527,14 +527,30 @@ fn control_plane_clients(
     Ok(Some((cp.url.clone(), client()?, client()?)))
 }
 
+/// How many connections a listener's kernel queue holds, handshake done, before the proxy
+/// accepts them (Linux caps it at `net.core.somaxconn`, 4,096 by default). tokio's own
+/// `TcpListener::bind` asks for 128: the SYNs of a burst past that are dropped and each of
+/// those clients waits a one-second retransmit. 1,000 connections opened at once took 8 s to
+/// reach a debug build of the proxy with 128; nginx asks for 511, Go for `somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
 async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ProxyError::Bind {
-            listener,
-            addr,
-            source,
-        })
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As tokio's own bind: a restarted proxy rebinds its port while old connections linger.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| ProxyError::Bind {
+        listener,
+        addr,
+        source,
+    })
 }
 
 fn local_addr(listener: &'static str, l: &TcpListener) -> Result<SocketAddr, ProxyError> {
@@ -669,6 +685,36 @@ mod tests {
                 .is_err(),
             "the outbound listener is closed after the drain"
         );
+    }
+
+    /// A burst of connections the proxy has not accepted yet waits in the kernel's queue
+    /// instead of losing its SYNs: with tokio's default of 128 only 129 of these handshakes
+    /// finish before the clients' one-second SYN retransmit.
+    #[tokio::test]
+    async fn a_listener_holds_a_burst_of_600_handshakes_before_accepting_any() {
+        let listener = bind(OUTBOUND, "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = tokio::task::JoinSet::new();
+        for _ in 0..600 {
+            clients.spawn(async move {
+                // Well under the first SYN retransmit (1 s): a dropped SYN cannot finish.
+                tokio::time::timeout(
+                    std::time::Duration::from_millis(900),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await
+            });
+        }
+        let mut connected = Vec::new();
+        while let Some(done) = clients.join_next().await {
+            if let Ok(Ok(tcp)) = done.unwrap() {
+                connected.push(tcp);
+            }
+        }
+        assert_eq!(connected.len(), 600, "handshakes done before any accept");
+        drop(listener);
     }
 
     #[test]
