@@ -152,6 +152,29 @@ pub fn path_segment(segment: &str) -> String {
         .into_owned()
 }
 
+/// How many connections a listener's kernel queue holds, handshake done, before they are
+/// accepted (Linux caps it at `net.core.somaxconn`). tokio's `TcpListener::bind` asks for 128,
+/// and the SYNs of a burst past that (proxies reconnecting together after a restart) are
+/// dropped, each client then waiting a one-second retransmit. The proxy's listeners ask for
+/// the same (`mesh_sidecar::proxy::LISTEN_BACKLOG`).
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`], its address reusable at once as tokio's own
+/// bind makes it (a restarted control plane rebinds while old connections linger).
+///
+/// # Errors
+/// When the socket cannot be made or bound (the address is in use, say).
+pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serves `handler` on `listener` until the process ends, each connection on one of `threads`;
 /// every connection may speak HTTP/1.1 or HTTP/2 with prior knowledge.
 pub async fn serve<H, F>(
@@ -305,7 +328,16 @@ fn log_conn_error(name: &str, peer: SocketAddr, e: &(dyn std::error::Error + 'st
 
 #[cfg(test)]
 mod tests {
-    use super::{path_segment, query_param};
+    use super::{listen, path_segment, query_param};
+
+    /// Proxies reconnecting together wait in the kernel's queue instead of losing their SYNs
+    /// (with tokio's default backlog only 129 of 600 get in).
+    #[tokio::test]
+    async fn a_listener_holds_a_burst_of_600_handshakes_before_accepting_any() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        assert_eq!(mesh_test_support::handshakes_held(addr, 600).await, 600);
+    }
 
     #[test]
     fn query_values_and_names_are_decoded() {

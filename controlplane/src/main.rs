@@ -12,7 +12,6 @@ use mesh_core::{
     Listening,
     config::{Env, ProcessEnv},
 };
-use tokio::net::TcpListener;
 
 #[allow(
     clippy::print_stdout,
@@ -76,11 +75,9 @@ fn main() -> ExitCode {
 )]
 async fn run(config: Config) -> anyhow::Result<()> {
     let control_plane = ControlPlane::open(&config)?;
-    let api = TcpListener::bind(config.api_addr)
-        .await
+    let api = mesh_controlplane::http::listen(config.api_addr)
         .with_context(|| format!("binding the resource API on {}", config.api_addr))?;
-    let proxy = TcpListener::bind(config.proxy_addr)
-        .await
+    let proxy = mesh_controlplane::http::listen(config.proxy_addr)
         .with_context(|| format!("binding the proxy API on {}", config.proxy_addr))?;
     let (api_addr, proxy_addr) = (api.local_addr()?, proxy.local_addr()?);
     tracing::info!(
@@ -164,8 +161,7 @@ async fn injector(
         trace_sampling: settings.trace_sampling.clone(),
         ..defaults
     };
-    let listener = TcpListener::bind(settings.addr)
-        .await
+    let listener = mesh_controlplane::http::listen(settings.addr)
         .with_context(|| format!("{ENV_INJECTOR_ADDR}: binding {}", settings.addr))?;
     let client = kube::Client::try_default()
         .await

@@ -113,6 +113,38 @@ impl HarnessError {
 /// Result of harness operations.
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
 
+/// How many of `n` clients connecting to `addr` at once finish their TCP handshake before the
+/// clients' first SYN retransmit (1 s): as many as the listener's kernel queue holds when the
+/// listener accepts none meanwhile (129 for tokio's own bind, which asks for 128).
+///
+/// # Panics
+/// When a client task panics.
+#[allow(
+    clippy::expect_used,
+    reason = "a test helper fails its test by panicking"
+)]
+pub async fn handshakes_held(addr: std::net::SocketAddr, n: usize) -> usize {
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        clients.spawn(async move {
+            // Well under the first SYN retransmit: a dropped SYN cannot finish in time.
+            tokio::time::timeout(
+                std::time::Duration::from_millis(900),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+        });
+    }
+    // The connections stay open until every client is done, so none frees a slot.
+    let mut held = Vec::with_capacity(n);
+    while let Some(done) = clients.join_next().await {
+        if let Ok(Ok(tcp)) = done.expect("a client task") {
+            held.push(tcp);
+        }
+    }
+    held.len()
+}
+
 /// The sum of the samples of metric family `name` (a full series name such as
 /// `request_total`) whose labels contain every one of `labels` (`key="value"` strings), scraped
 /// from `http://<admin>/metrics`; 0 when none matches.

@@ -34,7 +34,6 @@ use mesh_store::{
 use pids::PidFiles;
 use serde_json::{Value, json};
 use supervisor::{ArmSpec, Programs, Supervisor};
-use tokio::net::TcpListener;
 
 /// Where the embedded mesh keeps its state and listens.
 #[derive(Clone, Debug)]
@@ -103,11 +102,9 @@ impl Mesh {
                 reaped.join(", ")
             );
         }
-        let api = TcpListener::bind(settings.api_addr)
-            .await
+        let api = mesh_controlplane::http::listen(settings.api_addr)
             .with_context(|| format!("binding the resource API on {}", settings.api_addr))?;
-        let proxy = TcpListener::bind(settings.proxy_addr)
-            .await
+        let proxy = mesh_controlplane::http::listen(settings.proxy_addr)
             .with_context(|| format!("binding the proxy API on {}", settings.proxy_addr))?;
         let api_addr = api.local_addr()?;
         let proxy_addr = proxy.local_addr()?;
