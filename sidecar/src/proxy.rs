@@ -530,8 +530,9 @@ fn control_plane_clients(
 /// How many connections a listener's kernel queue holds, handshake done, before the proxy
 /// accepts them (Linux caps it at `net.core.somaxconn`, 4,096 by default). tokio's own
 /// `TcpListener::bind` asks for 128: the SYNs of a burst past that are dropped and each of
-/// those clients waits a one-second retransmit. 1,000 connections opened at once took 8 s to
-/// reach a debug build of the proxy with 128; nginx asks for 511, Go for `somaxconn`.
+/// those clients waits a one-second retransmit: 4,000 slowloris connections, opened 500 at a
+/// time, took 8-9 s to reach a debug build of the proxy with 128, and 0.4-0.6 s with 1,024
+/// (`tests/hostile.rs`). nginx asks for 511, Go for `somaxconn`.
 pub const LISTEN_BACKLOG: u32 = 1024;
 
 async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, ProxyError> {

@@ -104,7 +104,6 @@ fn p99(mut v: Vec<Duration>) -> Duration {
 struct Slowloris {
     deadline: Duration,
     started: usize,
-    open: Arc<AtomicUsize>,
     closed: Arc<AtomicUsize>,
     early: Arc<AtomicUsize>,
     tasks: tokio::task::JoinSet<()>,
@@ -115,7 +114,6 @@ impl Slowloris {
         Self {
             deadline,
             started: 0,
-            open: Arc::new(AtomicUsize::new(0)),
             closed: Arc::new(AtomicUsize::new(0)),
             early: Arc::new(AtomicUsize::new(0)),
             tasks: tokio::task::JoinSet::new(),
@@ -125,8 +123,7 @@ impl Slowloris {
     fn start(&mut self, addr: SocketAddr, n: usize) {
         self.started += n;
         for _ in 0..n {
-            let (open, closed, early) =
-                (self.open.clone(), self.closed.clone(), self.early.clone());
+            let (closed, early) = (self.closed.clone(), self.early.clone());
             let deadline = self.deadline;
             self.tasks.spawn(async move {
                 let Ok(mut tcp) = TcpStream::connect(addr).await else {
@@ -135,7 +132,6 @@ impl Slowloris {
                     return;
                 };
                 let connected = tokio::time::Instant::now();
-                open.fetch_add(1, Ordering::SeqCst);
                 let head = format!("GET http://{SERVICE}/ HTTP/1.1\r\nHost: {SERVICE}\r\n");
                 let mut ok = tcp.write_all(head.as_bytes()).await.is_ok();
                 let mut buf = [0u8; 1024];
