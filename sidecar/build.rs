@@ -5,11 +5,12 @@
 //! across 9 MB of code, made most of the code resident. `hot-symbols.txt` lists the functions a
 //! proxy runs (starting, registering, serving mTLS HTTP/2 and HTTP/1.1, opaque TCP, metrics),
 //! recorded by `scripts/order-proxy-symbols`; the linker (LLD, Rust's default on x86_64 Linux)
-//! places them first, so they share pages. The names are those of a build that selects the
-//! proxy with the control plane and the demo app (as `scripts/bench-proxy` and
-//! `scripts/build-images` do): the packages a build selects decide its dependencies' features,
-//! and with them many names. Names a build does not have are skipped, so another build, or an
-//! old list, only packs less; `scripts/order-proxy-symbols --check` says how many match.
+//! places them first, so they share pages. The names are those of the release build, the
+//! packages `scripts/lib/release-packages.sh` lists built together (as the release workflow,
+//! `scripts/build-images --build` and `scripts/bench-proxy` build them): the packages a build
+//! selects decide its dependencies' features, and with them many names. Names a build does not
+//! have are skipped, so another build, or an old list, only packs less;
+//! `scripts/order-proxy-symbols --check` says how many match.
 //! `MESH_PROXY_SYMBOL_ORDER=off` links without it.
 
 fn main() {

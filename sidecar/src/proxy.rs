@@ -173,7 +173,7 @@ impl Proxy {
             outbound: outbound_listener,
             inbound: inbound_listener,
             addrs,
-        } = Listeners::bind(&config).await?;
+        } = Listeners::bind(&config)?;
 
         mesh_core::crypto::install_provider();
         // Resource labels are the registry's constant labels: written at scrape time, never
@@ -473,11 +473,11 @@ struct Listeners {
 }
 
 impl Listeners {
-    async fn bind(config: &Config) -> Result<Self, ProxyError> {
-        let admin = bind(ADMIN, config.admin_addr).await?;
-        let outbound = bind(OUTBOUND, config.outbound_addr).await?;
+    fn bind(config: &Config) -> Result<Self, ProxyError> {
+        let admin = bind(ADMIN, config.admin_addr)?;
+        let outbound = bind(OUTBOUND, config.outbound_addr)?;
         let inbound = match config.app_addr {
-            Some(_) => Some(bind(INBOUND, config.inbound_addr).await?),
+            Some(_) => Some(bind(INBOUND, config.inbound_addr)?),
             None => None,
         };
         let addrs = Addrs {
@@ -535,7 +535,7 @@ fn control_plane_clients(
 /// (`tests/hostile.rs`). nginx asks for 511, Go for `somaxconn`.
 pub const LISTEN_BACKLOG: u32 = 1024;
 
-async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
     let listen = || {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
@@ -692,9 +692,7 @@ mod tests {
     /// instead of losing its SYNs (with tokio's default backlog only 129 of 600 get in).
     #[tokio::test]
     async fn a_listener_holds_a_burst_of_600_handshakes_before_accepting_any() {
-        let listener = bind(OUTBOUND, "127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+        let listener = bind(OUTBOUND, "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         assert_eq!(mesh_test_support::handshakes_held(addr, 600).await, 600);
     }
