@@ -6,7 +6,7 @@
 //!   strategies on one scenario. With `--strategy mesh`, the judge and the Canary spec can be
 //!   changed: `--alpha`, `--min-samples`, `--min-window-samples`, `--window-alpha`,
 //!   `--hold-ratio`, `--promote-alpha`, `--error-floor`, `--step-weight`, `--slow-quantile`,
-//!   `--latency-warmup`, `--interval`, `--threshold`, `--deadline`, `--no-absolute-gates`,
+//!   `--slow-min-ms`, `--latency-warmup`, `--interval`, `--threshold`, `--deadline`, `--no-absolute-gates`,
 //!   `--no-looks` (no looks between analysis ticks), `--duration-gate-alone` (the
 //!   request-duration gate reads the canary alone, as Flagger's does).
 
@@ -92,6 +92,9 @@ fn mesh_config(args: &Args) -> anyhow::Result<MeshConfig> {
     }
     if let Some(v) = args.value("--slow-quantile")? {
         c.judge.slow_quantile = v;
+    }
+    if let Some(v) = args.value("--slow-min-ms")? {
+        c.judge.slow_min_ms = v;
     }
     if let Some(v) = args.value("--latency-warmup")? {
         c.judge.latency_warmup_requests = v;

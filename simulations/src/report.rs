@@ -970,7 +970,7 @@ pub fn describe_judge(c: &MeshConfig) -> String {
     format!(
         "alpha {}, min_samples {}, min_window_samples {}, window_alpha {}, promote_alpha {}, \
          error_ratio {}, error_floor {}, slow_ratio {}, slow_floor {}, slow_quantile {}, \
-         hold_ratio {}, latency_warmup_requests {}, look_between_ticks {}, \
+         slow_min_ms {}, hold_ratio {}, latency_warmup_requests {}, look_between_ticks {}, \
          duration_gate_against_primary {}",
         j.alpha,
         j.min_samples,
@@ -982,6 +982,7 @@ pub fn describe_judge(c: &MeshConfig) -> String {
         j.slow_ratio,
         j.slow_floor,
         j.slow_quantile,
+        j.slow_min_ms,
         j.hold_ratio,
         j.latency_warmup_requests,
         j.look_between_ticks,
@@ -1028,6 +1029,11 @@ pub fn changes(from: &MeshConfig, to: &MeshConfig) -> Vec<String> {
         "slow_quantile",
         a.slow_quantile.to_string(),
         b.slow_quantile.to_string(),
+    );
+    cmp(
+        "slow_min_ms",
+        a.slow_min_ms.to_string(),
+        b.slow_min_ms.to_string(),
     );
     cmp(
         "latency_warmup_requests",
