@@ -21,6 +21,7 @@ use std::{cmp::Reverse, collections::BTreeMap};
 
 use std::net::SocketAddr;
 
+use mesh_core::Name;
 use mesh_core::proxy_api::{
     Endpoint, Endpoints, MeshAddress, PathMatch, PathModifier, Redirect, RouteFilter, RouteMatch,
     RouteRule, RouteTable, ServiceRef, ValueMatch, WeightedBackend, WorkloadRegistration,
@@ -708,9 +709,9 @@ impl Index {
                 service: w.service.clone(),
                 endpoint: Some(Endpoint {
                     addr: w.addr,
-                    identity: w.identity.clone(),
+                    identity: w.identity.as_deref().map(Name::from),
                     labels: w.labels.clone(),
-                    deployment: w.deployment.clone(),
+                    deployment: w.deployment.as_deref().map(Name::from),
                 }),
             })
     }
@@ -791,7 +792,7 @@ impl Index {
                     rules.push((
                         precedence(m),
                         RouteRule {
-                            name: route.name.clone(),
+                            name: route.name.as_str().into(),
                             matches: m.cloned().into_iter().collect(),
                             filters: rule.filters.clone(),
                             backends: backends.clone(),
@@ -832,9 +833,9 @@ impl Index {
             .filter(|w| &w.service == service)
             .map(|w| Endpoint {
                 addr: w.addr,
-                identity: w.identity.clone(),
+                identity: w.identity.as_deref().map(Name::from),
                 labels: w.labels.clone(),
-                deployment: w.deployment.clone(),
+                deployment: w.deployment.as_deref().map(Name::from),
             })
             .collect();
         endpoints.sort_by_key(|e| e.addr);
@@ -955,7 +956,7 @@ mod tests {
         t.rules[0]
             .backends
             .iter()
-            .map(|b| (b.service.name.clone(), b.weight))
+            .map(|b| (b.service.name.to_string(), b.weight))
             .collect()
     }
 

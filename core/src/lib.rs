@@ -16,6 +16,7 @@ pub mod exposition;
 pub mod gates;
 pub mod identity;
 pub mod metrics;
+pub mod name;
 pub mod prometheus;
 pub mod proxy_api;
 pub mod routing;
@@ -24,3 +25,4 @@ pub mod trace;
 
 pub use announce::Listening;
 pub use identity::SpiffeId;
+pub use name::Name;

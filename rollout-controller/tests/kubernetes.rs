@@ -79,7 +79,7 @@ fn answer(path: &str, query: &str, st: &Served) -> Bytes {
         let service: ServiceRef = query.trim_start_matches("service=").parse().unwrap();
         let endpoints = st
             .endpoints
-            .get(&service.name)
+            .get(service.name.as_str())
             .map(|addrs| unmeshed_endpoints(service, addrs.iter().copied()));
         watch_line(st.version, endpoints)
     }

@@ -604,7 +604,12 @@ impl Config {
         self.workload
             .namespace
             .clone()
-            .or_else(|| self.workload.service.as_ref().map(|s| s.namespace.clone()))
+            .or_else(|| {
+                self.workload
+                    .service
+                    .as_ref()
+                    .map(|s| s.namespace.to_string())
+            })
             .unwrap_or_else(|| "default".into())
     }
 
@@ -634,7 +639,7 @@ impl Config {
             .workload
             .deployment
             .clone()
-            .or_else(|| self.workload.service.as_ref().map(|s| s.name.clone()))
+            .or_else(|| self.workload.service.as_ref().map(|s| s.name.to_string()))
             .unwrap_or_else(|| "mesh-proxy".to_string());
         let mut attributes = vec![KeyValue::new("service.namespace", self.namespace())];
         if let Some(pod) = &self.workload.pod {

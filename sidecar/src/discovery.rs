@@ -92,10 +92,7 @@ impl Discovery {
                 }
                 let compiled = update
                     .value
-                    .map(|mut table| {
-                        crate::tables::compact_table(&mut table);
-                        CompiledRoutes::new(table)
-                    })
+                    .map(CompiledRoutes::new)
                     .transpose()
                     .map_err(|e| tracing::warn!(%key, error = %e, "ignoring route table"));
                 if let Ok(compiled) = compiled {
@@ -157,8 +154,7 @@ impl Discovery {
                 this.tables.send_modify(|t| {
                     let t = Arc::make_mut(t);
                     // An unknown service is known to have no endpoints: the entry stays, empty.
-                    let mut endpoints = update.value.map(|e| e.endpoints).unwrap_or_default();
-                    endpoints.shrink_to_fit();
+                    let endpoints = update.value.map(|e| e.endpoints).unwrap_or_default();
                     t.endpoints.insert(key, endpoints);
                 });
             })

@@ -36,15 +36,13 @@ impl Tables {
     /// copied, which at 10,000 entries would leave the copies' holes in the heap.
     pub fn from_config(config: StaticConfig) -> Result<Self, RouteRegexError> {
         let mut t = Self::default();
-        for mut table in config.routes {
-            compact_table(&mut table);
+        for table in config.routes {
             t.routes.insert(
                 table.parent.clone(),
                 ServiceRoutes::new(CompiledRoutes::new(table)?),
             );
         }
-        for mut e in config.endpoints {
-            e.endpoints.shrink_to_fit();
+        for e in config.endpoints {
             for endpoint in &e.endpoints {
                 t.addresses.entry(endpoint.addr).or_insert_with(|| {
                     Some(MeshAddress {
@@ -264,24 +262,6 @@ impl DefaultRoutes {
 impl Clone for DefaultRoutes {
     fn clone(&self) -> Self {
         Self::default()
-    }
-}
-
-/// Gives back the spare capacity a decoder leaves in a route table's lists: a list decoded
-/// element by element has room for four, and a rule is about 200 bytes, so a table of one
-/// rule kept three empty rules' worth. The tables live as long as the proxy; this is done
-/// once per table received.
-pub fn compact_table(table: &mut RouteTable) {
-    table.rules.shrink_to_fit();
-    for rule in &mut table.rules {
-        rule.matches.shrink_to_fit();
-        for m in &mut rule.matches {
-            m.headers.shrink_to_fit();
-            m.query_params.shrink_to_fit();
-        }
-        rule.filters.shrink_to_fit();
-        rule.backends.shrink_to_fit();
-        rule.backend_filters.shrink_to_fit();
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
+use mesh_core::Name;
 use mesh_core::proxy_api::ServiceRef;
 use tower::{Layer, Service};
 
@@ -28,7 +29,7 @@ pub struct Endpoint {
     /// Its address.
     pub addr: SocketAddr,
     /// The SPIFFE ID it must present: a peer proxy, reached over mTLS. None: not meshed.
-    pub identity: Option<String>,
+    pub identity: Option<Name>,
     /// Its owner, from discovery: the `dst_deployment` label; empty when unknown.
     pub deployment: Arc<str>,
 }

@@ -27,6 +27,7 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use mesh_core::Name;
 use tokio::net::TcpStream;
 use tower::Service;
 
@@ -41,7 +42,7 @@ use crate::retry::ReplayBody;
 use crate::tls::MtlsConnector;
 
 /// A request to a peer proxy, with the identity it must present.
-pub type ToPeer<B> = (String, Request<B>);
+pub type ToPeer<B> = (Name, Request<B>);
 
 /// Sends each attempt to its endpoint with the plaintext client `P` or the mTLS clients `M`;
 /// see the [module](self).
@@ -257,7 +258,7 @@ pub struct MtlsClients(Arc<Mtls>);
 struct Mtls {
     credentials: SharedCredentials,
     connect_timeout: Duration,
-    clients: Mutex<BTreeMap<String, pool::Http2<MtlsConnector>>>,
+    clients: Mutex<BTreeMap<Name, pool::Http2<MtlsConnector>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -275,14 +276,14 @@ impl MtlsClients {
         }))
     }
 
-    fn client(&self, identity: &str) -> Result<pool::Http2<MtlsConnector>, rustls::Error> {
+    fn client(&self, identity: &Name) -> Result<pool::Http2<MtlsConnector>, rustls::Error> {
         let mut clients = lock(&self.0.clients);
-        if let Some(c) = clients.get(identity) {
+        if let Some(c) = clients.get(identity.as_str()) {
             return Ok(c.clone());
         }
         let config = crate::tls::client_config(&self.0.credentials, identity)?;
         let client = pool::Http2::new(MtlsConnector::new(config, self.0.connect_timeout));
-        clients.insert(identity.to_string(), client.clone());
+        clients.insert(identity.clone(), client.clone());
         Ok(client)
     }
 
@@ -298,7 +299,7 @@ impl MtlsClients {
     /// marked with [`TUNNEL_HEADER`], which the peer answers by tunnelling to its app.
     fn upgrade(
         &self,
-        identity: String,
+        identity: Name,
         req: Request<ReplayBody>,
     ) -> BoxFuture<'static, Result<Response<Body>, AttemptError>> {
         let credentials = self.0.credentials.clone();
@@ -423,7 +424,7 @@ mod tests {
         let seen = seen.clone();
         tower::service_fn(move |(identity, req): ToPeer<()>| {
             seen.lock().unwrap().push(Asked {
-                identity: Some(identity),
+                identity: Some(identity.to_string()),
                 uri: req.uri().clone(),
                 version: req.version(),
                 headers: req.headers().clone(),
@@ -440,7 +441,7 @@ mod tests {
             backend: ServiceRef::new("web-primary", "default", 80),
             endpoint: Endpoint {
                 addr: "127.0.0.1:9000".parse().unwrap(),
-                identity: identity.map(str::to_string),
+                identity: identity.map(Name::from),
                 deployment: "".into(),
             },
             request,

@@ -406,8 +406,8 @@ impl Outbound {
         let labels = TcpLabels {
             direction: "outbound",
             authority: service.authority(),
-            dst_service: backend.name.clone(),
-            dst_namespace: backend.namespace.clone(),
+            dst_service: backend.name.to_string(),
+            dst_namespace: backend.namespace.to_string(),
             tls: if endpoint.identity.is_some() {
                 "true"
             } else {
@@ -431,7 +431,7 @@ impl Outbound {
                 let Some(credentials) = &self.credentials else {
                     return Err(TcpError::NoIdentity {
                         addr,
-                        identity: identity.clone(),
+                        identity: identity.to_string(),
                     });
                 };
                 let config = crate::tls::opaque_client_config(credentials, identity)
@@ -579,7 +579,7 @@ endpoints:
         let backends = tcp_backends(&tables, &ServiceRef::new("db", "default", 5432));
         let names: Vec<(String, u32)> = backends
             .iter()
-            .map(|b| (b.service.name.clone(), b.weight))
+            .map(|b| (b.service.name.to_string(), b.weight))
             .collect();
         assert_eq!(
             names,

@@ -143,7 +143,7 @@ fn request_host<B>(req: &Request<B>, service_port: u16) -> (String, u16) {
 fn redirect_response<B>(redirect: &Redirect, route: &Route, req: &Request<B>) -> Response<Body> {
     let (host, port) = request_host(req, route.service.port);
     let host = if host.is_empty() {
-        route.service.name.clone()
+        route.service.name.to_string()
     } else {
         host
     };

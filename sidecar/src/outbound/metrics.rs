@@ -93,7 +93,7 @@ where
             event.route = labels.route.to_string();
             event.backend = Some(format!("{}.{}", req.backend.name, req.backend.namespace));
             event.endpoint = Some(req.endpoint.addr);
-            event.dst_identity.clone_from(&req.endpoint.identity);
+            event.dst_identity = req.endpoint.identity.as_deref().map(String::from);
             Box::new(event)
         });
         // One branch while tracing is off.
@@ -162,7 +162,7 @@ fn client_span<B>(
     }
     span.set(attr::TLS, req.endpoint.identity.is_some());
     if let Some(id) = &req.endpoint.identity {
-        span.set(attr::PEER_IDENTITY, id.clone());
+        span.set(attr::PEER_IDENTITY, id.to_string());
     }
     Some(Box::new(span))
 }

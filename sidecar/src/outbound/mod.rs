@@ -244,8 +244,8 @@ impl Outbound {
             TcpLabels {
                 direction: "outbound",
                 authority: service.authority(),
-                dst_service: service.name.clone(),
-                dst_namespace: service.namespace.clone(),
+                dst_service: service.name.to_string(),
+                dst_namespace: service.namespace.to_string(),
                 tls: "",
             }
         });
@@ -444,7 +444,7 @@ endpoints:
     ) -> tower::util::BoxCloneService<Attempt, Response<Body>, Error> {
         let (attempts, bodies) = (attempts.clone(), bodies.clone());
         tower::util::BoxCloneService::new(tower::service_fn(move |req: Attempt| {
-            attempts.lock().unwrap().push(req.backend.name.clone());
+            attempts.lock().unwrap().push(req.backend.name.to_string());
             let bodies = bodies.clone();
             async move {
                 let name = req.backend.name.clone();

@@ -94,7 +94,7 @@ impl Route {
             let name = if rule.name.is_empty() {
                 format!("rule-{i}")
             } else {
-                rule.name.clone()
+                rule.name.to_string()
             };
             Self::named(service, rule.clone(), name)
         }))
@@ -183,7 +183,7 @@ pub(crate) mod mk {
         request: http::Result<Request<B>>,
     ) -> Routed<B> {
         let rule: RouteRule = serde_yaml::from_str(rule).unwrap();
-        let name = rule.name.clone();
+        let name = rule.name.to_string();
         Routed {
             route: Arc::new(Route::named(web(), rule, name)),
             tables: tables.clone(),
