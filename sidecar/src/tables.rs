@@ -64,8 +64,8 @@ impl Tables {
     }
 
     /// The tables in their wire form (a [`StaticConfig`]'s shape), for `/config`: written
-    /// from the tables as they are. A copy of 10,000 routes and endpoints first took 11 MB
-    /// more heap, which the allocator then kept.
+    /// from the tables as they are. A copy of 10,000 routes and endpoints first left the
+    /// proxy's RSS 4.7 MB higher after one request, which the allocator then kept.
     pub fn config_view(&self) -> ConfigView<'_> {
         ConfigView(self)
     }
