@@ -149,18 +149,6 @@ impl From<String> for Name {
     }
 }
 
-impl From<Arc<str>> for Name {
-    fn from(s: Arc<str>) -> Self {
-        Self(s)
-    }
-}
-
-impl From<&Name> for Name {
-    fn from(s: &Name) -> Self {
-        s.clone()
-    }
-}
-
 impl From<Name> for Arc<str> {
     fn from(n: Name) -> Self {
         n.0
