@@ -222,9 +222,10 @@ pub struct RouteRule {
     /// Timeout for the whole request including retries, in milliseconds; none means no timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
-    /// Retry policy; none means no retries.
+    /// Retry policy; none means no retries. Boxed: most rules have none, and a rule is held
+    /// for every route table a proxy knows (inline, it was a quarter of the rule's size).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry: Option<RetryPolicy>,
+    pub retry: Option<Box<RetryPolicy>>,
 }
 
 /// Conditions that must all hold for a request to match.

@@ -56,7 +56,8 @@ pub struct RouteRegexError {
 #[derive(Clone, Debug)]
 pub struct CompiledRoutes {
     table: RouteTable,
-    /// Per rule, per match: compiled (path, headers, query) regexes where the match uses them.
+    /// Per rule, per match: compiled (path, headers, query) regexes where the match uses them;
+    /// empty when no rule has a match.
     regexes: Vec<Vec<MatchRegexes>>,
 }
 
@@ -74,6 +75,14 @@ fn anchored(pattern: &str) -> Result<regex::Regex, regex::Error> {
 impl CompiledRoutes {
     /// Compiles a table; a bad regex is an error naming the route and rule.
     pub fn new(table: RouteTable) -> Result<Self, RouteRegexError> {
+        // A table whose rules match every request (a catch-all or a plain split, the common
+        // case) keeps no list: `route` reads it only for a rule with matches.
+        if table.rules.iter().all(|r| r.matches.is_empty()) {
+            return Ok(Self {
+                table,
+                regexes: Vec::new(),
+            });
+        }
         let mut regexes = Vec::with_capacity(table.rules.len());
         for (i, rule) in table.rules.iter().enumerate() {
             let err = |pattern: &str, source| RouteRegexError {

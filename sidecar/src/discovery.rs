@@ -129,7 +129,9 @@ impl Discovery {
                     this.watch_authority(&meshed.service);
                 }
                 this.tables.send_modify(|t| {
-                    Arc::make_mut(t).addresses.insert(addr, update.value);
+                    Arc::make_mut(t)
+                        .addresses
+                        .insert(addr, update.value.map(crate::tables::Address::answered));
                 });
             })
             .await;

@@ -581,10 +581,14 @@ fn load_tables(config: &Config) -> Result<Tables, BadConfig> {
     })?;
     let parsed = parse_static_config(&text, path)?;
     drop(text);
-    Tables::from_config(parsed).map_err(|source| BadConfig::Routes {
+    let tables = Tables::from_config(parsed).map_err(|source| BadConfig::Routes {
         path: path.clone(),
         source,
-    })
+    })?;
+    // The config's names are decoded and shared; what discovery decodes later need not be
+    // shared with them, and the set that found them is freed.
+    mesh_core::Name::release_interned();
+    Ok(tables)
 }
 
 /// Parses a static config, YAML or JSON. JSON (what generators write; YAML takes it too) is

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use mesh_core::proxy_api::{Endpoint, MeshAddress, RouteRule, ServiceRef, WeightedBackend};
+use mesh_core::proxy_api::{Endpoint, RouteRule, ServiceRef, WeightedBackend};
 use mesh_core::routing::pick_backend;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -69,10 +69,10 @@ pub enum Destination {
 /// Where a connection to the original destination `orig` goes, by what `tables` know of it.
 pub fn destination(orig: SocketAddr, tables: &Tables) -> Destination {
     match tables.addresses.get(&orig) {
-        Some(Some(MeshAddress { service, endpoint })) => Destination::Meshed {
+        Some(Some(known)) => Destination::Meshed {
             addr: orig,
-            service: service.clone(),
-            endpoint: endpoint.clone(),
+            service: known.service.clone(),
+            endpoint: known.endpoint(orig, tables).cloned(),
         },
         _ => Destination::Passthrough(orig),
     }

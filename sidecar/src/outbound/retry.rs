@@ -129,7 +129,12 @@ where
             request,
         } = req;
         let (parts, body) = request.into_parts();
-        let policy = route.rule.retry.clone().filter(|p| p.max_retries > 0);
+        let policy = route
+            .rule
+            .retry
+            .as_deref()
+            .filter(|p| p.max_retries > 0)
+            .cloned();
         let length = parts
             .headers
             .get(CONTENT_LENGTH)
