@@ -90,9 +90,14 @@ impl Discovery {
                         }
                     }
                 }
+                // The table is the authority's, whatever parent it names: the tables are
+                // looked up by the authority asked for.
                 let compiled = update
                     .value
-                    .map(CompiledRoutes::new)
+                    .map(|mut table| {
+                        table.parent = key.clone();
+                        CompiledRoutes::new(table)
+                    })
                     .transpose()
                     .map_err(|e| tracing::warn!(%key, error = %e, "ignoring route table"));
                 if let Ok(compiled) = compiled {
@@ -100,7 +105,7 @@ impl Discovery {
                         let t = Arc::make_mut(t);
                         t.answered_routes.insert(key.clone());
                         match compiled {
-                            Some(c) => t.routes.insert(key, crate::tables::ServiceRoutes::new(c)),
+                            Some(c) => t.routes.insert(crate::tables::ServiceRoutes::new(c)),
                             None => t.routes.remove(&key),
                         };
                     });

@@ -288,12 +288,9 @@ endpoints:
             "{parent: web.default:80, rules: [{name: api, backends: [{service: web-primary.default:80, weight: 1}]}]}",
         )
         .unwrap();
-        changed.routes.insert(
-            web.clone(),
-            crate::tables::ServiceRoutes::new(
-                mesh_core::routing::CompiledRoutes::new(table).unwrap(),
-            ),
-        );
+        changed.routes.insert(crate::tables::ServiceRoutes::new(
+            mesh_core::routing::CompiledRoutes::new(table).unwrap(),
+        ));
         let after = select(&changed, "/api/a");
         assert!(!Arc::ptr_eq(&first, &after));
         assert_eq!(after.rule.backends[0].service.name, "web-primary");
