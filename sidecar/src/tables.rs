@@ -29,7 +29,7 @@ pub struct Tables {
 
 /// What a meshed address is, as the tables hold it: a [`MeshAddress`] that does not copy an
 /// endpoint the tables already list. A static config makes an entry for every endpoint it
-/// lists; as copies, 10,000 of them were 3 MB of the proxy's heap.
+/// lists; holding copies, the index of 10,000 endpoints was 3 MB of the proxy's heap.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Address {
     /// The service the address belongs to.
@@ -99,10 +99,10 @@ impl Tables {
     /// copied, which at 10,000 entries would leave the copies' holes in the heap.
     ///
     /// Each map is built at once from all its entries, which packs its nodes full; inserted one
-    /// at a time in order, a B-tree's nodes stay about half full (10,000 routes and endpoints
-    /// took 2.5 MB more). As when inserting, a later entry for the same key wins, except that a
-    /// service's own address wins over an endpoint that shares it, and the first endpoint
-    /// listed at an address wins over later ones.
+    /// at a time in order, a B-tree's nodes stay a little over half full (a full node splits
+    /// 6 + 5, and the left half is not filled again). As when inserting, a later entry for the
+    /// same key wins, except that a service's own address wins over an endpoint that shares it,
+    /// and the first endpoint listed at an address wins over later ones.
     pub fn from_config(config: StaticConfig) -> Result<Self, RouteRegexError> {
         let routes = config
             .routes
