@@ -32,7 +32,7 @@ use std::{
 use mesh_test_support::node::Node;
 
 mod support;
-use support::{REGISTRY, build_and_import_images, kubectl, mesh, mesh_apply, text};
+use support::{REGISTRY, build_and_import_images, kubectl, mesh_apply, wait_for_mesh_check};
 
 /// The directory `scripts/conformance --build` prints: `conformance.test`, `crds.yaml`,
 /// `echo-advanced.oci.tar`.
@@ -82,18 +82,6 @@ const FEATURES: &[&str] = &[
 
 /// The core features of both profiles: the bounded run claims only these.
 const CORE_FEATURES: &[&str] = &["Mesh", "HTTPRoute", "GRPCRoute"];
-
-/// Polls `f` every second until it returns `Some`, for at most `limit`.
-fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
 
 /// The suite's build directory, or `None` (with the reason printed) when it is not there and
 /// this is not CI.
@@ -149,12 +137,7 @@ fn install(node: &Node, dir: &Path) {
             VERSION,
         ],
     );
-    let mut last = String::new();
-    poll("mesh check passes", Duration::from_secs(180), || {
-        let out = mesh(node, &["check"]);
-        last = text(&out);
-        out.status.success().then_some(())
-    });
+    wait_for_mesh_check(node, Duration::from_secs(180));
 }
 
 /// Runs the suite with `features` claimed; returns whether it passed, and its report.

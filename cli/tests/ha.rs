@@ -23,7 +23,8 @@ use serde_json::Value;
 
 mod support;
 use support::{
-    REGISTRY, build_and_import_images, canary_phase, kubectl, mesh_apply, text, watch_rollout,
+    REGISTRY, build_and_import_images, canary_phase, kubectl, mesh_apply, text, wait_for_rollout,
+    watch_rollout,
 };
 
 const VERSION: &str = "ha";
@@ -155,17 +156,7 @@ async fn the_leaders_pod_dies_mid_promotion_and_the_rollout_finishes_once() {
             VERSION,
         ],
     );
-    kubectl(
-        node,
-        &[
-            "-n",
-            "mesh-system",
-            "rollout",
-            "status",
-            "deployment/mesh-rollout-controller",
-            "--timeout=300s",
-        ],
-    );
+    wait_for_rollout(node, "mesh-system", "mesh-rollout-controller", "115s");
     let replicas = kubectl(
         node,
         &[

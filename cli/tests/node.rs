@@ -26,7 +26,8 @@ use mesh_test_support::node::{BUSYBOX_IMAGE, NODE_IP, Node};
 
 mod support;
 use support::{
-    REGISTRY, build_and_import_images, canary_phase, kubectl, mesh, mesh_apply, text, watch_rollout,
+    REGISTRY, build_and_import_images, canary_phase, kubectl, mesh, mesh_apply, text,
+    wait_for_mesh_check, wait_for_rollout, watch_rollout,
 };
 
 const VERSION: &str = "dev";
@@ -257,12 +258,7 @@ fn the_mesh_installs_rolls_out_enforces_policy_and_survives_its_control_plane() 
             &format!("http://{NODE_IP}:9090"),
         ],
     );
-    let mut last = String::new();
-    poll("mesh check passes", Duration::from_secs(180), || {
-        let out = mesh(node, &["check"]);
-        last = text(&out);
-        out.status.success().then_some(())
-    });
+    let last = wait_for_mesh_check(node, Duration::from_secs(180));
     eprintln!(
         "install: `mesh install | kubectl apply -f -` to a passing `mesh check` in {:?}\n{last}",
         applied.elapsed()
@@ -276,17 +272,7 @@ fn the_mesh_installs_rolls_out_enforces_policy_and_survives_its_control_plane() 
     );
     node.apply_text(&workloads()).unwrap();
     for d in ["backend", "frontend", "policy-target", "loadgen"] {
-        kubectl(
-            node,
-            &[
-                "-n",
-                NS,
-                "rollout",
-                "status",
-                &format!("deployment/{d}"),
-                "--timeout=180s",
-            ],
-        );
+        wait_for_rollout(node, NS, d, "115s");
     }
     let containers = kubectl(
         node,
@@ -334,17 +320,7 @@ spec:
         )
         .then_some(())
     });
-    kubectl(
-        node,
-        &[
-            "-n",
-            NS,
-            "rollout",
-            "status",
-            "deployment/backend-primary",
-            "--timeout=180s",
-        ],
-    );
+    wait_for_rollout(node, NS, "backend-primary", "115s");
 
     let rollout = Instant::now();
     set_backend_image(node, &format!("{VERSION}-v2"));

@@ -33,7 +33,10 @@
 //! hierarchy beside them and no systemd, so the kubelet and runc use the `cgroupfs` driver and the
 //! kubelet needs `failCgroupV1: false`; the sandbox cannot lower `oom_score_adj`, so containerd's
 //! CRI runs with `restrict_oom_score_adj`; the disk may be fuller than the kubelet's default
-//! eviction thresholds, which are lowered so pods are not evicted for it.
+//! eviction thresholds, which are set to absolute sizes so pods are not evicted for it. A
+//! percentage would not do: 1% of a large, shared disk is gigabytes, and a node under disk
+//! pressure taints itself and leaves every pod Pending. [`Node::start`] refuses to start with
+//! less than [`MIN_FREE_DISK`] free, naming the directory and what is free.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -146,6 +149,7 @@ impl Node {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("mesh-node-{}-{n}", std::process::id());
         let dir = std::env::temp_dir().join(&name);
+        check_free_disk(&std::env::temp_dir())?;
         std::fs::create_dir_all(dir.join("logs"))
             .map_err(HarnessError::io(format!("creating {}", dir.display())))?;
         let logs = dir.join("logs");
@@ -751,11 +755,12 @@ state = "{d}/containerd/state"
                 "resolvConf": write(dir, "resolv.conf", "nameserver 127.0.0.1\n")?,
                 "failSwapOn": false,
                 // A developer's disk may be fuller than the defaults tolerate; evicting test
-                // pods for it would only confuse.
+                // pods for it would only confuse. Sizes, not percentages: 1% of a large shared
+                // disk is gigabytes.
                 "evictionHard": {
                     "memory.available": "1Mi",
-                    "nodefs.available": "1%",
-                    "imagefs.available": "1%",
+                    "nodefs.available": EVICTION_FREE_DISK,
+                    "imagefs.available": EVICTION_FREE_DISK,
                     "nodefs.inodesFree": "1%",
                 },
                 // Images are imported, never pulled: garbage collection must not remove them.
@@ -793,6 +798,41 @@ state = "{d}/containerd/state"
             kube_proxy,
         })
     }
+}
+
+/// What the kubelet keeps free on the node's disk before it evicts pods and taints the node.
+const EVICTION_FREE_DISK: &str = "256Mi";
+
+/// The free space [`Node::start`] asks for in the temporary directory: the node's images, container
+/// layers, etcd and logs take about half of it, and the rest keeps well clear of
+/// [`EVICTION_FREE_DISK`].
+pub const MIN_FREE_DISK: u64 = 2 << 30;
+
+/// Fails, naming `dir` and what is free there, when its filesystem has less than
+/// [`MIN_FREE_DISK`] available to this user.
+fn check_free_disk(dir: &Path) -> Result<()> {
+    let fs = rustix::fs::statvfs(dir).map_err(|e| HarnessError::Io {
+        context: format!("reading the free space of {}", dir.display()),
+        source: e.into(),
+    })?;
+    enough_free_disk(dir, fs.f_bavail.saturating_mul(fs.f_frsize))
+}
+
+/// Fails, naming `dir` and `free`, when `free` is less than [`MIN_FREE_DISK`].
+fn enough_free_disk(dir: &Path, free: u64) -> Result<()> {
+    if free < MIN_FREE_DISK {
+        return Err(HarnessError::Command {
+            command: "starting a test node".into(),
+            detail: format!(
+                "{} has {} MiB free; a node needs at least {} MiB (set TMPDIR to a roomier \
+                 filesystem or free some space)",
+                dir.display(),
+                free >> 20,
+                MIN_FREE_DISK >> 20
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Polls `ready` until it returns true, failing after the startup timeout (at least two minutes)
@@ -907,4 +947,25 @@ fn run_with_limit(cmd: &mut Command, stdin: Option<&[u8]>) -> Result<Output> {
 )]
 fn pause(d: Duration) {
     std::thread::sleep(d);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_is_refused_on_a_full_disk_with_what_is_free() {
+        let dir = Path::new("/tmp");
+        let err = enough_free_disk(dir, 842 << 20).unwrap_err().to_string();
+        assert!(err.contains("/tmp has 842 MiB free"), "{err}");
+        assert!(err.contains("at least 2048 MiB"), "{err}");
+        enough_free_disk(dir, MIN_FREE_DISK).unwrap();
+    }
+
+    #[test]
+    fn a_directory_that_cannot_be_read_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = check_free_disk(&dir.path().join("missing")).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
 }

@@ -6,7 +6,7 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use mesh_test_support::{node::Node, process::workspace_bin};
@@ -46,6 +46,64 @@ pub fn mesh_apply(node: &Node, args: &[&str]) {
 pub fn kubectl(node: &Node, args: &[&str]) -> String {
     node.kubectl(args)
         .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
+}
+
+/// What a stuck install leaves to read: the node's conditions and taints (a node under disk
+/// pressure leaves every pod Pending), every pod, and the recent events of `namespace`.
+pub fn cluster_state(node: &Node, namespace: &str) -> String {
+    let run = |args: &[&str]| {
+        node.kubectl(args)
+            .unwrap_or_else(|e| format!("kubectl {args:?}: {e}"))
+    };
+    let mut out = String::new();
+    for args in [
+        &[
+            "get",
+            "nodes",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} taints={.spec.taints}{range .status.conditions[*]}{\"\\n  \"}{.type}={.status} {.message}{end}{\"\\n\"}{end}",
+        ][..],
+        &["get", "pods", "-A", "-o", "wide"],
+        &["-n", namespace, "get", "events", "--sort-by=.lastTimestamp"],
+    ] {
+        out.push_str(&format!("--- kubectl {}\n{}\n", args.join(" "), run(args)));
+    }
+    out
+}
+
+/// Waits, for at most `limit`, until `mesh check` passes; returns its output. On timeout it
+/// panics with the last output and the cluster's state, so a failure says why.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the tests that install the mesh run kubectl synchronously; nothing else shares their thread"
+)]
+pub fn wait_for_mesh_check(node: &Node, limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let out = mesh(node, &["check"]);
+        let last = text(&out);
+        if out.status.success() {
+            return last;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "mesh check passes: not within {limit:?}\n--- last `mesh check`\n{last}\n{}",
+            cluster_state(node, "mesh-system")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `kubectl rollout status` of a deployment; on failure panics with the cluster's state.
+pub fn wait_for_rollout(node: &Node, namespace: &str, deployment: &str, timeout: &str) {
+    let target = format!("deployment/{deployment}");
+    let limit = format!("--timeout={timeout}");
+    if let Err(e) = node.kubectl(&["-n", namespace, "rollout", "status", &target, &limit]) {
+        panic!(
+            "{target} in {namespace} did not roll out: {e}\n{}",
+            cluster_state(node, namespace)
+        );
+    }
 }
 
 /// `mesh rollout status NAME --watch` against the node, for at most five minutes: exits 0 on a
