@@ -950,10 +950,10 @@ async fn the_binary_killed_mid_rollout_resumes_from_the_status() {
     while phase(&client).await != Some(CanaryPhase::Succeeded) {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "canary is {:?} after the restart; weights {:?}, logs in {}",
-            phase(&client).await,
+            "canary is {} after the restart; weights {:?}\n--- the restarted controller's log\n{}",
+            describe(&client).await,
             traffic.weights(),
-            cluster.kube.dir().display()
+            mesh_test_support::process::tail(&cluster.kube.dir().join("controller-2.log"), 40)
         );
         tokio::time::sleep(mesh_test_support::eventually::POLL_INTERVAL).await;
     }
