@@ -156,7 +156,7 @@ async fn the_leaders_pod_dies_mid_promotion_and_the_rollout_finishes_once() {
             VERSION,
         ],
     );
-    wait_for_rollout(node, "mesh-system", "mesh-rollout-controller", "115s");
+    wait_for_rollout(node, "mesh-system", "mesh-rollout-controller");
     let replicas = kubectl(
         node,
         &[

@@ -272,7 +272,7 @@ fn the_mesh_installs_rolls_out_enforces_policy_and_survives_its_control_plane() 
     );
     node.apply_text(&workloads()).unwrap();
     for d in ["backend", "frontend", "policy-target", "loadgen"] {
-        wait_for_rollout(node, NS, d, "115s");
+        wait_for_rollout(node, NS, d);
     }
     let containers = kubectl(
         node,
@@ -320,7 +320,7 @@ spec:
         )
         .then_some(())
     });
-    wait_for_rollout(node, NS, "backend-primary", "115s");
+    wait_for_rollout(node, NS, "backend-primary");
 
     let rollout = Instant::now();
     set_backend_image(node, &format!("{VERSION}-v2"));

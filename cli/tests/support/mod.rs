@@ -94,11 +94,19 @@ pub fn wait_for_mesh_check(node: &Node, limit: Duration) -> String {
     }
 }
 
-/// `kubectl rollout status` of a deployment; on failure panics with the cluster's state.
-pub fn wait_for_rollout(node: &Node, namespace: &str, deployment: &str, timeout: &str) {
+/// `kubectl rollout status` of a deployment; on failure panics with the cluster's state. It asks
+/// kubectl for 115 s, so kubectl's own message comes before the harness stops any command at
+/// 120 s.
+pub fn wait_for_rollout(node: &Node, namespace: &str, deployment: &str) {
     let target = format!("deployment/{deployment}");
-    let limit = format!("--timeout={timeout}");
-    if let Err(e) = node.kubectl(&["-n", namespace, "rollout", "status", &target, &limit]) {
+    if let Err(e) = node.kubectl(&[
+        "-n",
+        namespace,
+        "rollout",
+        "status",
+        &target,
+        "--timeout=115s",
+    ]) {
         panic!(
             "{target} in {namespace} did not roll out: {e}\n{}",
             cluster_state(node, namespace)
