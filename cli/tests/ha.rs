@@ -23,8 +23,8 @@ use serde_json::Value;
 
 mod support;
 use support::{
-    REGISTRY, build_and_import_images, canary_phase, kubectl, mesh_apply, text, wait_for_rollout,
-    watch_rollout,
+    REGISTRY, build_and_import_images, canary_phase, cluster_state, kubectl, kubectl_section,
+    kubectl_text, mesh_apply, text, wait_for_rollout, watch_rollout,
 };
 
 const VERSION: &str = "ha";
@@ -72,16 +72,12 @@ fn events(node: &Node, reason: &str) -> u64 {
         .sum()
 }
 
-/// What a stuck failover leaves to read: the pods, the Lease, the primary's rollout, and each
-/// controller replica's last log lines.
+/// What a stuck failover leaves to read: the node, every pod and the namespace's events
+/// ([`cluster_state`]), the Lease, the primary's rollout, and each controller replica's last log
+/// lines.
 fn diagnosis(node: &Node) -> String {
-    let run = |args: &[&str]| {
-        node.kubectl(args)
-            .unwrap_or_else(|e| format!("kubectl {args:?}: {e}"))
-    };
-    let mut out = String::new();
+    let mut out = cluster_state(node, NS);
     for args in [
-        &["get", "pods", "-A", "-o", "wide"][..],
         &[
             "-n",
             "mesh-system",
@@ -90,7 +86,7 @@ fn diagnosis(node: &Node) -> String {
             "mesh-rollout-controller",
             "-o",
             "yaml",
-        ],
+        ][..],
         &[
             "-n",
             NS,
@@ -101,20 +97,23 @@ fn diagnosis(node: &Node) -> String {
             "jsonpath={.status}",
         ],
     ] {
-        out.push_str(&format!("--- kubectl {}\n{}\n", args.join(" "), run(args)));
+        out.push_str(&kubectl_section(node, args));
     }
-    let pods = run(&[
-        "-n",
-        "mesh-system",
-        "get",
-        "pods",
-        "-l",
-        "app.kubernetes.io/name=mesh-rollout-controller",
-        "-o",
-        "jsonpath={.items[*].metadata.name}",
-    ]);
+    let pods = kubectl_text(
+        node,
+        &[
+            "-n",
+            "mesh-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=mesh-rollout-controller",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ],
+    );
     for pod in pods.split_whitespace() {
-        let logs = run(&["-n", "mesh-system", "logs", pod, "--tail", "40"]);
+        let logs = kubectl_text(node, &["-n", "mesh-system", "logs", pod, "--tail", "40"]);
         out.push_str(&format!("--- logs of {pod}\n{logs}\n"));
     }
     out

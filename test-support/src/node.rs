@@ -148,8 +148,9 @@ impl Node {
         let bins = NodeBinaries::find()?;
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("mesh-node-{}-{n}", std::process::id());
-        let dir = std::env::temp_dir().join(&name);
-        check_free_disk(&std::env::temp_dir())?;
+        let tmp = std::env::temp_dir();
+        check_free_disk(&tmp)?;
+        let dir = tmp.join(&name);
         std::fs::create_dir_all(dir.join("logs"))
             .map_err(HarnessError::io(format!("creating {}", dir.display())))?;
         let logs = dir.join("logs");

@@ -48,13 +48,24 @@ pub fn kubectl(node: &Node, args: &[&str]) -> String {
         .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
 }
 
+/// kubectl's output, or its error as text: for failure messages, which must not panic on the way.
+pub fn kubectl_text(node: &Node, args: &[&str]) -> String {
+    node.kubectl(args)
+        .unwrap_or_else(|e| format!("kubectl {args:?}: {e}"))
+}
+
+/// A kubectl command line and its output (or error), as a section of a failure message.
+pub fn kubectl_section(node: &Node, args: &[&str]) -> String {
+    format!(
+        "--- kubectl {}\n{}\n",
+        args.join(" "),
+        kubectl_text(node, args)
+    )
+}
+
 /// What a stuck install leaves to read: the node's conditions and taints (a node under disk
 /// pressure leaves every pod Pending), every pod, and the recent events of `namespace`.
 pub fn cluster_state(node: &Node, namespace: &str) -> String {
-    let run = |args: &[&str]| {
-        node.kubectl(args)
-            .unwrap_or_else(|e| format!("kubectl {args:?}: {e}"))
-    };
     let mut out = String::new();
     for args in [
         &[
@@ -66,7 +77,7 @@ pub fn cluster_state(node: &Node, namespace: &str) -> String {
         &["get", "pods", "-A", "-o", "wide"],
         &["-n", namespace, "get", "events", "--sort-by=.lastTimestamp"],
     ] {
-        out.push_str(&format!("--- kubectl {}\n{}\n", args.join(" "), run(args)));
+        out.push_str(&kubectl_section(node, args));
     }
     out
 }
